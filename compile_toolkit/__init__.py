@@ -1,0 +1,1 @@
+"""compile_toolkit: prune, capture, strip and export PyTorch models."""

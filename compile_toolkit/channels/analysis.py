@@ -1,0 +1,239 @@
+"""Channel analysis of a captured graph: which channels are coupled, and which of them can go.
+
+One forward walk asks each op's rule to couple dimensions and to state which output slices are
+exactly zero; one backward walk asks it which input slices no consumer depends on. A channel (a
+connected component of atoms) is removable when, in every non-constant tensor it appears in,
+each of its slices is zero or dead, and no barrier pinned it. See ``shared/ARCHITECTURE.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch.fx import GraphModule, Node
+
+from .atoms import Components
+from .context import Context, Dims, Key, concrete, describe, tensor_meta
+from .rules import Getitem, rule_for
+from .rules.base import full
+
+# Nodes that read only shapes (or nothing) of their inputs: they neither use nor pin channels.
+_SHAPE_ONLY = {
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_numel.default,
+    torch.ops.aten.sym_stride.int,
+}
+
+
+@dataclass
+class ChannelGroup:
+    """A set of coupled channels that are scored and removed together (one layer's outputs,
+    a residual stream, a concatenation). ``carriers`` name each ``parameter:dim`` that holds them."""
+
+    index: int
+    components: np.ndarray  # component ids in this group
+    carriers: list[str]
+    pinned_reason: str | None  # why (some of) its channels must stay
+    prunable: np.ndarray = field(repr=False)  # component ids that pruning may zero
+    removable: int = 0  # how many of its channels the strip pass can remove
+
+    @property
+    def size(self) -> int:
+        return len(self.components)
+
+
+@dataclass
+class ChannelAnalysis:
+    """The solved analysis of one graph module (see :func:`analyze`)."""
+
+    gm: GraphModule
+    ctx: Context
+    components: Components
+    removable: np.ndarray  # component id -> bool
+    groups: list[ChannelGroup]
+
+    def keep(self, key: Key) -> list[np.ndarray | None]:
+        """Indices kept along each dim of a value (``None`` for symbolic dims)."""
+        labels = self.components.labels
+        return [None if a is None else np.flatnonzero(~self.removable[labels[a]]) for a in self.ctx.atoms[key]]
+
+    def kept_shape(self, key: Key) -> list[int | None]:
+        return [None if k is None else len(k) for k in self.keep(key)]
+
+    @property
+    def barriers(self) -> list[str]:
+        """Distinct reasons that kept parameter-carried channels alive."""
+        return sorted({g.pinned_reason for g in self.groups if g.pinned_reason})
+
+
+def analyze(gm: GraphModule) -> ChannelAnalysis:
+    """Run the channel analysis on a graph module from ``torch.export(...).module()``."""
+    values = {n.target: _fetch(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    ctx = Context(values)
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        _forward(ctx, node)
+    for key, dims in ctx.atoms.items():
+        ctx.dead[key] = full(ctx.shapes[key], True)
+    for node in reversed(nodes):
+        _backward(ctx, node)
+    components = ctx.table.solve()
+    removable, seen = _removable(ctx, components)
+    groups = _groups(ctx, components, removable, seen)
+    return ChannelAnalysis(gm, ctx, components, removable, groups)
+
+
+def _fetch(gm: GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _forward(ctx: Context, node: Node) -> None:
+    if node.op == "output":
+        for arg in node.all_input_nodes:
+            for key in ctx.keys_of(arg):
+                if key in ctx.atoms:
+                    ctx.pin_value(key[0], "model output", key[1])
+        return
+    if node.op == "get_attr":
+        value = ctx.values[node.target]
+        if not isinstance(value, torch.Tensor):
+            return
+        _set_value(ctx, node, value, _tied_atoms(ctx, node, value))
+        ctx.zero[(node, None)] = _zero_slices(value)
+        ctx.constant.add(node)
+        return
+    metas = tensor_meta(node.meta.get("val"))
+    if node.op == "placeholder":
+        if metas:
+            ctx.output_counts[node] = None
+            shape = [concrete(s) for s in metas[0].shape]
+            ctx.shapes[(node, None)] = shape
+            ctx.atoms[(node, None)] = [ctx.fresh(s, f"model input {node.name}") for s in shape]
+            ctx.zero[(node, None)] = ctx.no_facts(shape)
+        return
+    if metas is None:
+        if node.op == "call_function" and node.target not in _SHAPE_ONLY:
+            for arg in node.all_input_nodes:  # reads values we cannot follow (e.g. .item())
+                for key in ctx.keys_of(arg):
+                    if key in ctx.atoms:
+                        ctx.pin_value(key[0], f"values read by {describe(node)}", key[1])
+        return
+    single = isinstance(node.meta["val"], torch.Tensor)
+    ctx.output_counts[node] = None if single else len(metas)
+    keys = ctx.keys_of(node)
+    for key, meta in zip(keys, metas):
+        ctx.shapes[key] = [concrete(s) for s in meta.shape]
+    rule = rule_for(node)
+    inputs = node.all_input_nodes
+    if inputs and all(arg in ctx.constant for arg in inputs):
+        ctx.constant.add(node)
+    for key, dims, zeros in zip(keys, rule.couple(ctx, node), rule.zero(ctx, node)):
+        ctx.atoms[key] = dims
+        ctx.zero[key] = zeros
+
+
+def _set_value(ctx: Context, node: Node, value: torch.Tensor, atoms: Dims) -> None:
+    ctx.output_counts[node] = None
+    ctx.shapes[(node, None)] = list(value.shape)
+    ctx.atoms[(node, None)] = atoms
+
+
+def _tied_atoms(ctx: Context, node: Node, value: torch.Tensor) -> Dims:
+    """Atoms for a parameter; every get_attr of the same target (tied weights) shares them."""
+    for other, dims in ctx.atoms.items():
+        if other[0].op == "get_attr" and other[0].target == node.target:
+            return dims
+    return [ctx.table.new(s) for s in value.shape]
+
+
+def _zero_slices(value: torch.Tensor) -> list[np.ndarray]:
+    nonzero = value.detach() != 0
+    masks = []
+    for d in range(value.dim()):
+        others = [k for k in range(value.dim()) if k != d]
+        masks.append(~(nonzero.any(dim=others) if others else nonzero).cpu().numpy())
+    return masks
+
+
+def _backward(ctx: Context, node: Node) -> None:
+    if node.op == "output":
+        for arg in node.all_input_nodes:
+            for key in ctx.keys_of(arg):
+                ctx.mark_live(key[0], key[1])
+        return
+    if node.op != "call_function" or node not in ctx.output_counts:
+        return
+    rule = rule_for(node)
+    ctx.marked = set()
+    rule.dead(ctx, node)
+    if isinstance(rule, Getitem):
+        return
+    for arg in node.all_input_nodes:
+        for key in ctx.keys_of(arg):
+            if key not in ctx.marked:
+                ctx.mark_live(key[0], key[1])
+
+
+def _removable(ctx: Context, components: Components) -> tuple[np.ndarray, np.ndarray]:
+    """(removable, seen in an activation) per component."""
+    labels = components.labels
+    blocked = components.pinned.copy()
+    seen = np.zeros_like(blocked)  # a channel no activation carries (a kernel dim) is not one
+    for key, dims in ctx.atoms.items():
+        if key[0] in ctx.constant:
+            continue  # parameters are sliced along with the activations they meet
+        for atoms, zero, dead in zip(dims, ctx.zero[key], ctx.dead[key]):
+            if atoms is not None:
+                seen[labels[atoms]] = True
+                blocked[labels[atoms[~(zero | dead)]]] = True
+    removable = seen & ~blocked
+    changed = True
+    while changed:  # never empty a dimension: keep one channel of any that would vanish
+        changed = False
+        for dims in ctx.atoms.values():
+            for atoms in dims:
+                if atoms is not None and atoms.size and removable[labels[atoms]].all():
+                    removable[labels[atoms[0]]] = False
+                    changed = True
+    return removable, seen
+
+
+def _groups(ctx: Context, components: Components, removable: np.ndarray, seen: np.ndarray) -> list[ChannelGroup]:
+    """Components that share a dimension form one group; groups are those some parameter carries."""
+    labels = components.labels
+    carriers: dict[int, set[str]] = {}
+    rows, cols = [], []
+    for key, dims in ctx.atoms.items():
+        for d, atoms in enumerate(dims):
+            if atoms is None or not atoms.size:
+                continue
+            comps = np.unique(labels[atoms])
+            rows.append(comps)
+            cols.append(np.full(len(comps), comps[0]))
+            if key[0].op == "get_attr":
+                for c in comps[seen[comps]]:
+                    carriers.setdefault(int(c), set()).add(f"{key[0].target}:{d}")
+    n = components.count
+    graph = coo_matrix((np.ones(sum(map(len, rows)), dtype=np.int8), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    _, set_of = connected_components(graph, directed=False)
+    groups = []
+    for s in np.unique(set_of[list(carriers)]) if carriers else []:
+        comps = np.flatnonzero(set_of == s)
+        names = sorted(set().union(*(carriers.get(int(c), set()) for c in comps)))
+        pinned = [c for c in comps if components.pinned[c]]
+        groups.append(
+            ChannelGroup(
+                index=len(groups),
+                components=comps,
+                carriers=names,
+                pinned_reason=components.reasons[int(pinned[0])] if pinned else None,
+                prunable=np.array([c for c in comps if not components.pinned[c]], dtype=np.int64),
+                removable=int(removable[comps].sum()),
+            )
+        )
+    return groups

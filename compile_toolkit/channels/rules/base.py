@@ -1,0 +1,55 @@
+"""The op-rule protocol and the barrier every op without a rule gets."""
+
+from __future__ import annotations
+
+from torch.fx import Node
+
+from ..context import Context, Dims, Masks, describe, mask
+
+
+class OpRule:
+    """How one ATen op moves channels: coupling, zero facts forward, dead facts backward.
+
+    ``couple`` and ``zero`` return one entry per output value of the node (most ops have one).
+    ``dead`` calls :meth:`Context.mark_dead` for the inputs it can say something about; inputs it
+    leaves out are treated as fully used. ``rewrite`` fixes shape constants in the node's
+    arguments after channels were removed (``new_shapes`` gives each output's kept sizes).
+    """
+
+    def couple(self, ctx: Context, node: Node) -> list[Dims]:
+        raise NotImplementedError
+
+    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+        return [ctx.no_facts(shape) for shape in output_shapes(ctx, node)]
+
+    def dead(self, ctx: Context, node: Node) -> None:
+        """Default: say nothing, so every input is treated as used."""
+
+    def rewrite(self, node: Node, old_shapes: list[list[int | None]], new_shapes: list[list[int | None]]) -> None:
+        """Default: the op has no shape constants."""
+
+
+def output_shapes(ctx: Context, node: Node) -> list[list[int | None]]:
+    count = ctx.output_counts[node]
+    if count is None:
+        return [ctx.shape(node)]
+    return [ctx.shape(node, i) for i in range(count)]
+
+
+class Barrier(OpRule):
+    """An op without a rule: everything it touches is kept, and the report says which op did it."""
+
+    def couple(self, ctx: Context, node: Node) -> list[Dims]:
+        reason = f"no channel rule for {describe(node)}"
+        for arg in node.all_input_nodes:
+            for key in ctx.keys_of(arg):
+                ctx.pin_value(key[0], reason, key[1])
+        return [[ctx.fresh(s, reason) for s in shape] for shape in output_shapes(ctx, node)]
+
+
+def copy_masks(masks: Masks) -> Masks:
+    return [None if m is None else m.copy() for m in masks]
+
+
+def full(shape: list[int | None], fill: bool) -> Masks:
+    return [mask(s, fill) for s in shape]

@@ -1,0 +1,137 @@
+"""Pointwise ops: activations and broadcasting binary ops (residual add, SE multiply, scales).
+
+Broadcasting aligns dimensions from the right. A dimension of full size couples to the output's;
+a size-1 dimension is broadcast over it and pinned (it has nothing to remove).
+"""
+
+from __future__ import annotations
+
+from numbers import Number
+
+import numpy as np
+from torch.fx import Node
+
+from ..context import Context, Dims, Masks, all_dead, describe, mask
+from .base import OpRule, copy_masks, full
+
+
+class Unary(OpRule):
+    """``y = f(x)`` elementwise; ``keeps_zero`` when ``f(0) == 0`` (ReLU, GELU, tanh, dropout)."""
+
+    def __init__(self, keeps_zero: bool) -> None:
+        self.keeps_zero = keeps_zero
+
+    def couple(self, ctx: Context, node: Node) -> list[Dims]:
+        return [list(ctx.dims(node.args[0]))]
+
+    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+        if self.keeps_zero:
+            return [copy_masks(ctx.zeros(node.args[0]))]
+        return [ctx.no_facts(ctx.shape(node))]
+
+    def dead(self, ctx: Context, node: Node) -> None:
+        ctx.mark_dead(node.args[0], copy_masks(ctx.dead_of(node)))
+
+
+def _aligned(rank: int, operand_rank: int, d: int) -> int | None:
+    """The operand dimension broadcast against output dimension ``d``, if it has one."""
+    k = d - (rank - operand_rank)
+    return k if k >= 0 else None
+
+
+class Binary(OpRule):
+    """``out = a (op) b`` with broadcasting.
+
+    ``kind`` says when an output slice is exactly zero: ``"add"`` (add, sub: both operands zero),
+    ``"mul"`` (either operand zero) or ``"div"`` (the numerator zero).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def _operands(self, node: Node) -> list:
+        return list(node.args[:2])
+
+    def couple(self, ctx: Context, node: Node) -> list[Dims]:
+        shape = ctx.shape(node)
+        rank = len(shape)
+        out: Dims = []
+        reason = f"broadcast in {describe(node)}"
+        for d, size in enumerate(shape):
+            carriers = []
+            for arg in self._operands(node):
+                if not isinstance(arg, Node):
+                    continue
+                arg_shape = ctx.shape(arg)
+                k = _aligned(rank, len(arg_shape), d)
+                if k is None:
+                    continue
+                atoms = ctx.dims(arg)[k]
+                if arg_shape[k] == size:
+                    carriers.append(atoms)
+                elif atoms is not None:
+                    ctx.table.pin(atoms, reason)  # size 1 broadcast over the output
+            if not carriers:
+                out.append(ctx.fresh(size, reason))
+                continue
+            for other in carriers[1:]:
+                ctx.join(carriers[0], other, reason)
+            out.append(carriers[0])
+        return [out]
+
+    def _operand_zero(self, ctx: Context, arg, shape: list[int | None]) -> Masks:
+        """The operand's zero facts seen along each output dimension."""
+        if isinstance(arg, Number):
+            return [mask(s, arg == 0) for s in shape]
+        if not isinstance(arg, Node):
+            return [mask(s, False) for s in shape]
+        arg_shape, arg_zero = ctx.shape(arg), ctx.zeros(arg)
+        everywhere = any(m is not None and m.size and m.all() for m in arg_zero)
+        result: Masks = []
+        for d, size in enumerate(shape):
+            k = _aligned(len(shape), len(arg_shape), d)
+            if size is None:
+                result.append(None)
+            elif k is None or arg_zero[k] is None:
+                result.append(np.full(size, everywhere))
+            elif arg_shape[k] == size:
+                result.append(arg_zero[k] | everywhere)
+            else:
+                result.append(np.full(size, bool(arg_zero[k][0]) or everywhere))
+        return result
+
+    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+        shape = ctx.shape(node)
+        a, b = (self._operand_zero(ctx, arg, shape) for arg in self._operands(node))
+        combine = {"add": np.logical_and, "mul": np.logical_or, "div": lambda x, _: x}[self.kind]
+        return [[None if x is None else combine(x, y) for x, y in zip(a, b)]]
+
+    def dead(self, ctx: Context, node: Node) -> None:
+        shape = ctx.shape(node)
+        out_dead = ctx.dead_of(node)
+        operands = self._operands(node)
+        zeros = [self._operand_zero(ctx, arg, shape) for arg in operands]
+        for i, arg in enumerate(operands):
+            if not isinstance(arg, Node):
+                continue
+            ignored = out_dead
+            if self.kind == "mul":  # a slice multiplied by zero does not matter
+                other = zeros[1 - i]
+                ignored = [None if o is None else o | z for o, z in zip(out_dead, other)]
+            ctx.mark_dead(arg, self._to_operand(ctx.shape(arg), shape, ignored))
+
+    @staticmethod
+    def _to_operand(arg_shape: list[int | None], shape: list[int | None], ignored: Masks) -> Masks:
+        if all_dead(ignored):
+            return full(arg_shape, True)
+        result: Masks = []
+        for k, size in enumerate(arg_shape):
+            d = k + len(shape) - len(arg_shape)
+            m = ignored[d]
+            if size is None or m is None:
+                result.append(None)
+            elif size == shape[d]:
+                result.append(m.copy())
+            else:
+                result.append(np.full(size, bool(m.all())))
+        return result

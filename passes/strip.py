@@ -1,0 +1,88 @@
+"""The strip pass: remove channels the analysis proves dead or zero, exactly.
+
+Every parameter, buffer and constant that carries a removed channel is sliced, and every shape
+constant in the graph (view sizes and the like) is rewritten by its op's rule, so the result is
+an ordinary, smaller graph with no gathers or masks left in it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from compile_toolkit.channels.analysis import ChannelAnalysis, analyze
+from compile_toolkit.channels.rules import rule_for
+
+from .base import GraphPass, PassResult
+
+
+class StripPass(GraphPass):
+    name = "strip"
+
+    def __call__(self, gm: GraphModule) -> PassResult:
+        analysis = analyze(gm)
+        removed = int(analysis.removable.sum())
+        details = strip_summary(analysis)
+        if removed:
+            _slice_constants(gm, analysis)
+            _rewrite_shapes(gm, analysis)
+            gm.recompile()
+        return PassResult(gm, bool(removed), details)
+
+
+def strip_summary(analysis: ChannelAnalysis) -> dict:
+    """Per group: channels before and after; plus the barriers that kept channels alive."""
+    groups = [
+        {
+            "carriers": g.carriers,
+            "channels": g.size,
+            "kept": g.size - g.removable,
+            "kept_because": g.pinned_reason,
+        }
+        for g in analysis.groups
+    ]
+    return {
+        "channels_removed": int(analysis.removable.sum()),
+        "groups": groups,
+        "barriers": analysis.barriers,
+    }
+
+
+def _slice_constants(gm: GraphModule, analysis: ChannelAnalysis) -> None:
+    done: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in done or (node, None) not in analysis.ctx.atoms:
+            continue
+        done.add(node.target)
+        value = analysis.ctx.values[node.target]
+        sliced = value
+        for d, index in enumerate(analysis.keep((node, None))):
+            if index is not None and len(index) != value.shape[d]:
+                sliced = sliced.index_select(d, torch.as_tensor(index, dtype=torch.long))
+        if sliced is not value:
+            _assign(gm, node.target, sliced)
+
+
+def _assign(gm: GraphModule, target: str, value: torch.Tensor) -> None:
+    owner_name, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    if name in owner._parameters:
+        old = owner._parameters[name]
+        owner._parameters[name] = nn.Parameter(value.detach().contiguous(), requires_grad=old.requires_grad)
+    elif name in owner._buffers:
+        owner._buffers[name] = value.contiguous()
+    else:
+        setattr(owner, name, value.contiguous())
+
+
+def _rewrite_shapes(gm: GraphModule, analysis: ChannelAnalysis) -> None:
+    ctx = analysis.ctx
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node not in ctx.output_counts:
+            continue
+        keys = ctx.keys_of(node)
+        old = [ctx.shapes[k] for k in keys]
+        new = [analysis.kept_shape(k) for k in keys]
+        if old != new:
+            rule_for(node).rewrite(node, old, new)

@@ -1,0 +1,56 @@
+"""Numerical checks that a rewritten model still computes what its input computed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from compile_toolkit.errors import VerificationError
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+def outputs_of(fn: Callable, inputs: Sequence[Inputs]) -> list[list[torch.Tensor]]:
+    with torch.inference_mode():
+        return [[t.detach().clone() for t in tree_leaves(fn(*x)) if isinstance(t, torch.Tensor)] for x in inputs]
+
+
+def relative_error(reference: list[list[torch.Tensor]], candidate: list[list[torch.Tensor]]) -> float:
+    """max |a - b| / max |a| over all outputs: scale-free, so one tolerance fits every model."""
+    worst = 0.0
+    for ref_outs, cand_outs in zip(reference, candidate, strict=True):
+        for ref, cand in zip(ref_outs, cand_outs, strict=True):
+            if ref.shape != cand.shape:
+                return float("inf")
+            scale = ref.abs().max().item() if ref.numel() else 0.0
+            diff = (ref.double() - cand.double()).abs().max().item() if ref.numel() else 0.0
+            worst = max(worst, diff / max(scale, 1e-12))
+    return worst
+
+
+def check_close(
+    reference: list[list[torch.Tensor]], candidate: Callable, inputs: Sequence[Inputs], rtol: float, what: str
+) -> float:
+    """Raise :class:`VerificationError` naming ``what`` when ``candidate`` drifts from ``reference``."""
+    error = relative_error(reference, outputs_of(candidate, inputs))
+    if not error <= rtol:
+        raise VerificationError(f"{what} changed the model's outputs: max relative error {error:.3g} > {rtol:g}")
+    return error
+
+
+def sample_inputs(example_inputs: Inputs, count: int = 2, seed: int = 0) -> list[Inputs]:
+    """The example inputs plus ``count`` seeded random inputs of the same shapes and scale."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = [tuple(example_inputs)]
+    for _ in range(count):
+        samples.append(tuple(_like(t, generator) for t in example_inputs))
+    return samples
+
+
+def _like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if not t.is_floating_point():
+        return t.clone()
+    noise = torch.randn(t.shape, generator=generator, dtype=t.dtype)
+    return noise * (t.std() if t.numel() > 1 else 1.0) + t.mean()
