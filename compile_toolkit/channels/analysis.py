@@ -145,10 +145,9 @@ def _set_value(ctx: Context, node: Node, value: torch.Tensor, atoms: Dims) -> No
 
 def _tied_atoms(ctx: Context, node: Node, value: torch.Tensor) -> Dims:
     """Atoms for a parameter; every get_attr of the same target (tied weights) shares them."""
-    for other, dims in ctx.atoms.items():
-        if other[0].op == "get_attr" and other[0].target == node.target:
-            return dims
-    return [ctx.table.new(s) for s in value.shape]
+    if node.target not in ctx.attr_atoms:
+        ctx.attr_atoms[node.target] = [ctx.table.new(s) for s in value.shape]
+    return ctx.attr_atoms[node.target]
 
 
 def _zero_slices(value: torch.Tensor) -> list[np.ndarray]:

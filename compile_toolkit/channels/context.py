@@ -60,6 +60,7 @@ class Context:
         self.table = AtomTable()
         self.values = values  # get_attr target -> real tensor
         self.atoms: dict[Key, Dims] = {}
+        self.attr_atoms: dict[str, Dims] = {}  # get_attr target -> atoms (tied weights share)
         self.zero: dict[Key, Masks] = {}
         self.dead: dict[Key, Masks] = {}
         self.shapes: dict[Key, list[int | None]] = {}

@@ -81,6 +81,21 @@ class Conv(OpRule):
         spatial = [ctx.fresh(s, reason) for s in ctx.shape(node)[2:]]
         return [[x_dims[0], w_dims[0], *spatial]]
 
+    def rewrite(self, node: Node, old_shapes, new_shapes) -> None:
+        """A depthwise convolution has one group per channel: its group count follows them."""
+        _, _, _, groups, _ = self._args(node)
+        channels = new_shapes[0][1]
+        if groups == 1 or channels == old_shapes[0][1]:
+            return
+        if "groups" in node.kwargs:
+            node.update_kwarg("groups", channels)
+            return
+        schema = node.target._schema.arguments
+        position = next(i for i, a in enumerate(schema) if a.name == "groups")
+        args = list(node.args) + [schema[i].default_value for i in range(len(node.args), position + 1)]
+        args[position] = channels
+        node.args = tuple(args)
+
     def zero(self, ctx: Context, node: Node) -> list[Masks]:
         x, w, b, _, _ = self._args(node)
         shape = ctx.shape(node)

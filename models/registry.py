@@ -1,0 +1,246 @@
+"""Turn a model spec string into a module, example inputs and (when known) its data set.
+
+Every command of the toolkit starts from a spec, so this is where user mistakes surface: each one
+raises :class:`CtkError` with a single line naming the spec, file, key or shape at fault.
+Weights are only ever read from safetensors files; nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compile_toolkit.errors import CtkError
+
+from .digits import Dataset, load_digits_dataset
+from .digits_resnet import DigitsResNet
+
+DEFAULT_SPEC = "digits-resnet"
+DEFAULT_WEIGHTS = Path(__file__).parent / "digits_resnet.safetensors"
+DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
+DIGITS_EXAMPLE_BATCH = 8
+INPUT_SEED = 0
+INIT_SEED = 0
+VALID_SPECS = "'digits-resnet', 'torchvision:<name>' or 'path/to/file.py:factory'"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture: ``module`` is in eval mode and runs on ``example_inputs``."""
+
+    name: str
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    dataset: Dataset | None
+
+
+def load_model(
+    spec: str = DEFAULT_SPEC,
+    weights: str | Path | None = None,
+    input_shape: tuple[int, ...] | str | None = None,
+) -> LoadedModel:
+    """Build the model named by ``spec``, optionally load safetensors ``weights``, check it runs.
+
+    ``input_shape`` (a tuple, or text for :func:`parse_input_shape`) overrides the example input
+    shape; ``file.py:factory`` specs require it.
+    """
+    if input_shape is not None:
+        input_shape = _check_shape(input_shape)
+    if spec == DEFAULT_SPEC:
+        loaded = _load_digits_resnet(weights is None, input_shape)
+    elif spec.startswith("torchvision:"):
+        loaded = _load_torchvision(spec, input_shape or DEFAULT_IMAGE_SHAPE)
+    elif _is_file_spec(spec):
+        loaded = _load_factory(spec, input_shape)
+    else:
+        raise CtkError(f"unknown model {spec!r}: use {VALID_SPECS}")
+    if weights is not None:
+        load_safetensors_weights(loaded.module, weights)
+    loaded.module.eval()
+    _check_forward(loaded)
+    return loaded
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """Parse ``"1,3,224,224"`` or ``"1x3x224x224"`` into a tuple of positive ints."""
+    parts = re.split(r"\s*[,xX]\s*", text.strip())
+    if not all(re.fullmatch(r"[0-9]+", p) and int(p) > 0 for p in parts):
+        raise CtkError(
+            f"malformed input shape {text!r}: "
+            "expected positive integers like 1,3,224,224 or 1x3x224x224"
+        )
+    return tuple(int(p) for p in parts)
+
+
+def load_safetensors_weights(module: nn.Module, path: str | Path) -> None:
+    """Load a safetensors state dict into ``module``, requiring every key and shape to match."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CtkError(f"weights file not found: {path}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = _first_line(exc)
+        raise CtkError(f"weights file {path} is not a valid safetensors file: {reason}") from exc
+    problem = _state_dict_mismatch(module.state_dict(), state)
+    if problem:
+        raise CtkError(f"weights {path} do not match the model: {problem}")
+    module.load_state_dict(state, strict=True)
+
+
+def _load_digits_resnet(
+    with_default_weights: bool, input_shape: tuple[int, ...] | None
+) -> LoadedModel:
+    """The built-in model; its trained weights are skipped when the caller brings its own.
+
+    Example inputs are real test images when the shape allows, else seeded uniform noise in the
+    images' [0, 1] range.
+    """
+    module = DigitsResNet()
+    if with_default_weights:
+        if not DEFAULT_WEIGHTS.is_file():
+            raise CtkError(
+                f"built-in weights {DEFAULT_WEIGHTS} are missing: run tools/train_default_model.py"
+            )
+        load_safetensors_weights(module, DEFAULT_WEIGHTS)
+    dataset = load_digits_dataset()
+    shape = input_shape or (DIGITS_EXAMPLE_BATCH, *dataset.x_test.shape[1:])
+    if shape[1:] == tuple(dataset.x_test.shape[1:]) and shape[0] <= len(dataset.x_test):
+        example = dataset.x_test[: shape[0]].clone()
+    else:
+        example = torch.rand(shape, generator=torch.Generator().manual_seed(INPUT_SEED))
+    return LoadedModel(DEFAULT_SPEC, module, (example,), dataset)
+
+
+def _load_torchvision(spec: str, input_shape: tuple[int, ...]) -> LoadedModel:
+    """A torchvision architecture with seeded random weights (nothing is downloaded)."""
+    import torchvision
+
+    name = spec.split(":", 1)[1]
+    if name not in torchvision.models.list_models():
+        raise CtkError(
+            f"unknown torchvision model {name!r} in {spec!r}: "
+            "see torchvision.models.list_models() for valid names"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        module = torchvision.models.get_model(name, weights=None)
+    return LoadedModel(spec, module, (_random_input(input_shape),), None)
+
+
+def _is_file_spec(spec: str) -> bool:
+    path, sep, factory = spec.rpartition(":")
+    return bool(sep) and path.endswith(".py") and bool(factory)
+
+
+def _load_factory(spec: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
+    """Import a user's Python file by path and call its factory (seeded) to build the module."""
+    file_text, _, factory_name = spec.rpartition(":")
+    path = Path(file_text).expanduser()
+    if input_shape is None:
+        raise CtkError(f"model {spec!r} needs an input shape (--input-shape, e.g. 1,3,224,224)")
+    if not path.is_file():
+        raise CtkError(f"model file not found: {path}")
+    source_module = _import_file(path)
+    factory = getattr(source_module, factory_name, None)
+    if factory is None:
+        raise CtkError(f"model file {path} has no function {factory_name!r}")
+    if not callable(factory):
+        raise CtkError(f"{factory_name!r} in {path} is not callable")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        try:
+            module = factory()
+        except Exception as exc:
+            raise CtkError(
+                f"factory {factory_name!r} in {path} failed: "
+                f"{type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
+    if not isinstance(module, nn.Module):
+        raise CtkError(
+            f"factory {factory_name!r} in {path} returned {type(module).__name__}, "
+            "not a torch.nn.Module"
+        )
+    return LoadedModel(spec, module, (_random_input(input_shape),), None)
+
+
+def _import_file(path: Path) -> types.ModuleType:
+    """Import ``path`` under a name unique to its location, registered so tracing can find it."""
+    resolved = path.resolve()
+    name = "_ctk_user_model_" + hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise CtkError(f"cannot import model file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        raise CtkError(f"model file {path} failed to import: {reason}") from exc
+    return module
+
+
+def _check_shape(shape: tuple[int, ...] | str) -> tuple[int, ...]:
+    """Reject shapes that are not a non-empty sequence of positive ints; parse shape strings."""
+    if isinstance(shape, str):
+        return parse_input_shape(shape)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = ()
+    if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        raise CtkError(
+            f"malformed input shape {shape!r}: expected positive integers like (1, 3, 224, 224)"
+        )
+    return dims
+
+
+def _random_input(shape: tuple[int, ...]) -> torch.Tensor:
+    """Seeded standard-normal input, so every load of a spec sees the same example."""
+    generator = torch.Generator().manual_seed(INPUT_SEED)
+    return torch.randn(shape, generator=generator)
+
+
+def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """Describe the first missing, unexpected or mis-shaped key; empty when they match."""
+    for key, tensor in expected.items():
+        if key not in given:
+            return f"missing key {key!r} (shape {list(tensor.shape)})"
+    for key, tensor in given.items():
+        if key not in expected:
+            return f"unexpected key {key!r} (shape {list(tensor.shape)})"
+    for key, tensor in expected.items():
+        if given[key].shape != tensor.shape:
+            got, want = list(given[key].shape), list(tensor.shape)
+            return f"key {key!r} has shape {got}, model expects {want}"
+    return ""
+
+
+def _check_forward(loaded: LoadedModel) -> None:
+    """Run the example inputs once, so a shape the model cannot take fails here, clearly."""
+    try:
+        with torch.no_grad():
+            loaded.module(*loaded.example_inputs)
+    except Exception as exc:
+        shapes = ", ".join(str(list(t.shape)) for t in loaded.example_inputs)
+        raise CtkError(
+            f"input shape {shapes} does not fit model {loaded.name!r}: {_first_line(exc)}"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

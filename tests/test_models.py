@@ -1,0 +1,178 @@
+"""The model registry, the digits data set and the committed default model."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from compile_toolkit.errors import CtkError
+from compile_toolkit.models import (
+    DigitsResNet,
+    LoadedModel,
+    load_digits_dataset,
+    load_model,
+    parse_input_shape,
+)
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
+FACTORY_SOURCE = """
+import torch
+from torch import nn
+
+def build():
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+def not_a_module():
+    return 42
+
+def explodes():
+    raise RuntimeError("factory blew up")
+
+BROKEN = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def default_model() -> LoadedModel:
+    return load_model()
+
+
+@pytest.fixture
+def factory_file(tmp_path: Path) -> Path:
+    path = tmp_path / "my_model.py"
+    path.write_text(FACTORY_SOURCE)
+    return path
+
+
+def test_split_is_fixed_and_stratified() -> None:
+    data = load_digits_dataset()
+    assert data.x_train.shape == (1347, 1, 8, 8) and data.x_test.shape == (450, 1, 8, 8)
+    assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
+    assert data.x_train.min() == 0.0 and data.x_train.max() == 1.0
+    test_counts = Counter(data.y_test.tolist())
+    all_counts = Counter(data.y_train.tolist()) + test_counts
+    for label, total in all_counts.items():
+        assert abs(test_counts[label] - total * 0.25) <= 1
+    load_digits_dataset.cache_clear()
+    again = load_digits_dataset()
+    assert torch.equal(again.x_test, data.x_test) and torch.equal(again.y_train, data.y_train)
+
+
+def test_default_model_reaches_recorded_accuracy(default_model: LoadedModel) -> None:
+    recorded = json.loads((MODELS_DIR / "digits_resnet.json").read_text())
+    data = default_model.dataset
+    assert default_model.name == "digits-resnet" and not default_model.module.training
+    with torch.no_grad():
+        predicted = default_model.module(data.x_test).argmax(dim=1)
+    accuracy = (predicted == data.y_test).sum().item() / len(data.y_test)
+    assert accuracy == pytest.approx(recorded["test_accuracy"], abs=1e-6)
+    assert accuracy >= 0.97
+    assert recorded["params"] == sum(p.numel() for p in default_model.module.parameters())
+    (example,) = default_model.example_inputs
+    assert torch.equal(example, data.x_test[:8])
+
+
+def test_digits_resnet_graph_has_cat_and_residual_adds(default_model: LoadedModel) -> None:
+    graph = torch.export.export(default_model.module, default_model.example_inputs).graph
+    targets = Counter(str(node.target) for node in graph.nodes if node.op == "call_function")
+    assert targets["aten.cat.default"] == 1
+    assert targets["aten.add.Tensor"] == 2
+    assert targets["aten.view.default"] + targets["aten.flatten.using_ints"] >= 1
+    assert sum(p.numel() for p in DigitsResNet().parameters()) < 200_000
+
+
+def test_torchvision_spec_builds_resnet18() -> None:
+    loaded = load_model("torchvision:resnet18", input_shape=(2, 3, 64, 64))
+    with torch.no_grad():
+        out = loaded.module(*loaded.example_inputs)
+    assert out.shape == (2, 1000) and loaded.dataset is None
+    again = load_model("torchvision:resnet18", input_shape=(2, 3, 64, 64))
+    assert torch.equal(again.module.fc.weight, loaded.module.fc.weight)
+
+
+def test_file_factory_spec_and_weights(factory_file: Path, tmp_path: Path) -> None:
+    loaded = load_model(f"{factory_file}:build", input_shape="4x6")
+    assert loaded.example_inputs[0].shape == (4, 6) and not loaded.module.training
+    weights = tmp_path / "w.safetensors"
+    state = {k: torch.full_like(v, 0.5) for k, v in loaded.module.state_dict().items()}
+    save_file(state, str(weights))
+    reloaded = load_model(f"{factory_file}:build", weights=str(weights), input_shape=(4, 6))
+    assert torch.equal(reloaded.module[0].weight, torch.full((5, 6), 0.5))
+
+
+@pytest.mark.parametrize(
+    ("text", "shape"),
+    [("1,3,224,224", (1, 3, 224, 224)), ("1x3x224x224", (1, 3, 224, 224)), (" 8 , 1 ", (8, 1))],
+)
+def test_parse_input_shape(text: str, shape: tuple[int, ...]) -> None:
+    assert parse_input_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["", "1,,3", "1;3", "0x3", "-1,3", "a,b", "1.5,2"])
+def test_parse_input_shape_rejects(text: str) -> None:
+    with pytest.raises(CtkError, match="malformed input shape"):
+        parse_input_shape(text)
+
+
+def _bad_safetensors(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.safetensors"
+    state = {k: v.clone() for k, v in DigitsResNet().state_dict().items()}
+    if kind == "corrupt":
+        path.write_bytes(b"\x00\x01 definitely not safetensors")
+        return path
+    if kind == "missing_key":
+        del state["fc2.bias"]
+    elif kind == "unexpected_key":
+        state["extra.weight"] = torch.zeros(3)
+    elif kind == "wrong_shape":
+        state["fc2.weight"] = torch.zeros(7, 64)
+    save_file(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("corrupt", r"corrupt\.safetensors is not a valid safetensors file"),
+        ("missing_key", r"missing key 'fc2\.bias' \(shape \[10\]\)"),
+        ("unexpected_key", r"unexpected key 'extra\.weight'"),
+        ("wrong_shape", r"'fc2\.weight' has shape \[7, 64\], model expects \[10, 64\]"),
+    ],
+)
+def test_bad_weights_are_named(tmp_path: Path, kind: str, message: str) -> None:
+    with pytest.raises(CtkError, match=message):
+        load_model(weights=str(_bad_safetensors(tmp_path, kind)))
+
+
+BAD_SPECS = [
+    ("resnet9000", {}, r"unknown model 'resnet9000': use 'digits-resnet', 'torchvision:<name>'"),
+    ("{file}", {}, r"unknown model '.*my_model\.py': use"),
+    ("torchvision:resnet9000", {}, r"unknown torchvision model 'resnet9000'.*list_models\(\)"),
+    ("{dir}/nope.py:build", {"input_shape": (1, 6)}, r"model file not found: .*nope\.py"),
+    ("{file}:missing", {"input_shape": (1, 6)}, r"has no function 'missing'"),
+    ("{file}:BROKEN", {"input_shape": (1, 6)}, r"'BROKEN' in .* is not callable"),
+    ("{file}:not_a_module", {"input_shape": (1, 6)}, r"returned int, not a torch\.nn\.Module"),
+    ("{file}:explodes", {"input_shape": (1, 6)}, r"'explodes' .* RuntimeError: factory blew up"),
+    ("{file}:build", {}, r"needs an input shape"),
+    ("{file}:build", {"input_shape": (1, 7)}, r"input shape \[1, 7\] does not fit model .*mat1"),
+    ("digits-resnet", {"input_shape": (2, 3, 8, 8)}, r"\[2, 3, 8, 8\] does not fit .*digits-resnet"),
+    ("digits-resnet", {"input_shape": (1, 0, 8)}, r"malformed input shape \(1, 0, 8\)"),
+    ("digits-resnet", {"weights": "{dir}/absent.safetensors"}, r"weights file not found: .*absent"),
+]
+
+
+@pytest.mark.parametrize(("spec", "kwargs", "message"), BAD_SPECS)
+def test_bad_specs_are_named(
+    factory_file: Path, spec: str, kwargs: dict[str, object], message: str
+) -> None:
+    fill = {"file": str(factory_file), "dir": str(factory_file.parent)}
+    kwargs = {k: v.format(**fill) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(CtkError, match=message) as info:
+        load_model(spec.format(**fill), **kwargs)
+    assert "\n" not in str(info.value)
