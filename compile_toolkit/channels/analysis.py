@@ -191,15 +191,23 @@ def _removable(ctx: Context, components: Components) -> tuple[np.ndarray, np.nda
                 seen[labels[atoms]] = True
                 blocked[labels[atoms[~(zero | dead)]]] = True
     removable = seen & ~blocked
+    keep_one_per_dim(ctx, labels, removable)
+    return removable, seen
+
+
+def keep_one_per_dim(ctx: Context, labels: np.ndarray, remove: np.ndarray, scores: np.ndarray | None = None) -> None:
+    """Never empty a dimension: where every channel of one would go, keep one (the best-scoring)."""
     changed = True
-    while changed:  # never empty a dimension: keep one channel of any that would vanish
+    while changed:
         changed = False
         for dims in ctx.atoms.values():
             for atoms in dims:
-                if atoms is not None and atoms.size and removable[labels[atoms]].all():
-                    removable[labels[atoms[0]]] = False
+                if atoms is None or not atoms.size:
+                    continue
+                comps = labels[atoms]
+                if remove[comps].all():
+                    remove[comps[np.argmax(scores[comps])] if scores is not None else comps[0]] = False
                     changed = True
-    return removable, seen
 
 
 def _groups(ctx: Context, components: Components, removable: np.ndarray, seen: np.ndarray) -> list[ChannelGroup]:

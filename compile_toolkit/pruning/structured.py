@@ -16,6 +16,7 @@ from torch import nn
 
 from ..capture import capture
 from ..channels import ChannelAnalysis, ChannelGroup, analyze
+from ..channels.analysis import keep_one_per_dim
 from ..errors import CtkError
 from .masks import Masks, apply_masks
 
@@ -57,19 +58,22 @@ def prune(
 ) -> PruneReport:
     """Zero ``sparsity`` of the channels of every prunable group, in place, lowest importance first.
 
-    ``importance``: ``l1``/``l2`` magnitude summed over every parameter slice that carries the
-    channel, or ``random`` (a baseline). ``round_to`` keeps kept-channel counts at a multiple.
+    ``importance``: ``l1``/``l2`` magnitude of every parameter slice that carries the channel,
+    each divided by that parameter's mean slice magnitude and summed, or ``random`` (a baseline). ``round_to`` keeps kept-channel counts at a multiple.
     """
     _check_options(sparsity, structure, importance, round_to)
     analysis = analyze(capture(model, example_inputs).module())
     params = _parameters(analysis)
     scores = _scores(analysis, params, importance, seed)
     pruned = np.zeros(analysis.components.count, dtype=bool)
-    groups = []
     for group in analysis.groups:
         chosen = _choose(group, scores, sparsity, round_to)
         pruned[chosen] = True
-        groups.append({"carriers": group.carriers, "channels": group.size, "pruned": len(chosen)})
+    keep_one_per_dim(analysis.ctx, analysis.components.labels, pruned, scores)
+    groups = [
+        {"carriers": g.carriers, "channels": g.size, "pruned": int(pruned[g.components].sum())}
+        for g in analysis.groups
+    ]
     masks = _masks(analysis, params, pruned)
     apply_masks(model, masks)
     return PruneReport(
@@ -83,9 +87,13 @@ def prune(
     )
 
 
-def _check_options(sparsity: float, structure: str, importance: str, round_to: int) -> None:
-    if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
+def check_sparsity(sparsity: float) -> None:
+    if isinstance(sparsity, bool) or not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
         raise CtkError(f"sparsity must be in [0, 1), got {sparsity!r}")
+
+
+def _check_options(sparsity: float, structure: str, importance: str, round_to: int) -> None:
+    check_sparsity(sparsity)
     if structure not in STRUCTURES:
         raise CtkError(f"unknown structure {structure!r}; choose from {', '.join(STRUCTURES)}")
     if importance not in IMPORTANCES:
@@ -114,8 +122,10 @@ def _scores(analysis: ChannelAnalysis, params: dict[str, torch.Tensor], importan
         magnitude = params[name].detach().abs().double() ** power
         for d, atoms in enumerate(dims):
             others = [k for k in range(magnitude.dim()) if k != d]
-            per_index = magnitude.sum(dim=others) if others else magnitude
-            np.add.at(scores, labels[atoms], per_index.numpy())
+            per_index = (magnitude.sum(dim=others) if others else magnitude).numpy()
+            mean = per_index.mean()
+            if mean > 0:  # each carrier counts equally, whatever its size or scale
+                np.add.at(scores, labels[atoms], per_index / mean)
     return scores
 
 

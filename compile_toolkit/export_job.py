@@ -1,0 +1,152 @@
+"""The main job, ``ctk export --pruned``: load, prune, fine-tune, strip, export, measure, report."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import metrics
+from .errors import CtkError
+from .export import FORMATS, export
+from .finetune import finetune
+from .models import LoadedModel, load_model
+from .models.registry import DEFAULT_SPEC
+from .outdir import staged_folder
+from .pruning import prune
+from .pruning.structured import check_sparsity
+from .report import write_reports
+from .strip import strip
+
+Step = Callable[[str], AbstractContextManager]
+
+DENSE_FORMATS = ("torchscript", "pt2", "onnx")  # sizes for comparison; ONNX also for latency
+
+
+@dataclass
+class ExportJob:
+    """Options of ``ctk export``; the defaults are the main job on the built-in model."""
+
+    model: str = DEFAULT_SPEC
+    weights: str | None = None
+    input_shape: str | None = None
+    pruned: bool = False
+    sparsity: float = 0.5
+    formats: tuple[str, ...] = FORMATS
+    out: str | None = None
+    finetune: bool = True
+    finetune_epochs: int = 3
+    latency_rounds: int = 15
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("ctk-out") / re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model)
+
+    def validate(self) -> None:
+        """Fail on bad options before any heavy work."""
+        check_sparsity(self.sparsity)
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown:
+            raise CtkError(f"unknown format {unknown[0]!r}; valid formats: {', '.join(FORMATS)}")
+        if self.finetune_epochs < 0:
+            raise CtkError(f"finetune epochs must be >= 0, got {self.finetune_epochs}")
+
+
+def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
+    """Run the job and return the report (also written as report.json and report.md)."""
+    job.validate()
+    timed = _timer(job, step)
+    with staged_folder(job.out_dir) as staging:
+        with timed("load model"):
+            loaded = load_model(job.model, job.weights, job.input_shape)
+        dense = copy.deepcopy(loaded.module).eval()
+        report: dict[str, Any] = {"model": loaded.name, "sparsity": job.sparsity if job.pruned else 0.0}
+        with timed("measure dense model"):
+            report["dense"] = _measure(dense, loaded)
+        if job.pruned:
+            report["pruning"] = _prune(job, loaded, timed)
+        with timed("capture and strip"):
+            stripped = strip(loaded.module, loaded.example_inputs)
+        report["strip"] = stripped.meta["ctk_strip"]
+        with timed("measure stripped model"):
+            report["stripped"] = _measure(stripped, loaded)
+        formats = tuple(dict.fromkeys((*job.formats, "onnx")))  # ONNX always: latency is measured in ORT
+        with timed(f"export and verify {', '.join(formats)}"):
+            artifacts = export(stripped, loaded.example_inputs, str(staging), formats, reference=loaded.module)
+        with timed("export dense model for comparison"):
+            dense_artifacts = export(dense, loaded.example_inputs, str(staging / "dense"), DENSE_FORMATS)
+        with timed("ONNX Runtime latency, dense vs stripped"):
+            _latency(report, staging, loaded, job.latency_rounds)
+        report["artifacts"] = [_relative(a.to_dict(), staging) for a in artifacts]
+        report["dense"]["artifacts"] = [_relative(a.to_dict(), staging) for a in dense_artifacts]
+        report["seconds"] = dict(job.seconds)
+        report["environment"] = _environment()
+        write_reports(report, staging)
+    report["out"] = str(job.out_dir)
+    return report
+
+
+def _timer(job: ExportJob, step: Step | None) -> Callable[[str], AbstractContextManager]:
+    @contextlib.contextmanager
+    def timed(name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        with step(name) if step else contextlib.nullcontext():
+            yield
+        job.seconds[name] = round(time.perf_counter() - started, 3)
+
+    return timed
+
+
+def _prune(job: ExportJob, loaded: LoadedModel, timed) -> dict[str, Any]:
+    with timed(f"prune {job.sparsity:.0%} of channels (L1, coupled groups)"):
+        result = prune(loaded.module, loaded.example_inputs, sparsity=job.sparsity, structure="channel")
+    summary = result.to_dict()
+    summary["accuracy_before_finetune"] = _accuracy(loaded.module, loaded)
+    if job.finetune and loaded.dataset is not None and job.finetune_epochs:
+        with timed(f"fine-tune {job.finetune_epochs} epochs with masks held"):
+            summary["finetune_losses"] = finetune(loaded.module, loaded.dataset, result.masks, epochs=job.finetune_epochs)
+    summary["accuracy"] = _accuracy(loaded.module, loaded)
+    return summary
+
+
+def _measure(module: nn.Module, loaded: LoadedModel) -> dict[str, Any]:
+    return {
+        "params": metrics.count_params(module),
+        "flops": metrics.count_flops(module, loaded.example_inputs),
+        "accuracy": _accuracy(module, loaded),
+    }
+
+
+def _accuracy(module: nn.Module, loaded: LoadedModel) -> float | None:
+    if loaded.dataset is None:
+        return None
+    return metrics.accuracy(module, loaded.dataset.x_test, loaded.dataset.y_test)
+
+
+def _latency(report: dict[str, Any], staging: Path, loaded: LoadedModel, rounds: int) -> None:
+    batch1 = tuple(t[:1] for t in loaded.example_inputs)
+    timing = metrics.compare_latency_ms(str(staging / "dense" / "model.onnx"), str(staging / "model.onnx"), batch1, rounds=rounds)
+    report["dense"]["latency_ms"] = timing["a_ms"]
+    report["stripped"]["latency_ms"] = timing["b_ms"]
+    report["speedup"] = timing["ratio"]
+
+
+def _relative(entry: dict[str, Any], staging: Path) -> dict[str, Any]:
+    entry["path"] = str(Path(entry["path"]).relative_to(staging))
+    return entry
+
+
+def _environment() -> dict[str, str]:
+    import onnxruntime
+
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}

@@ -1,0 +1,184 @@
+"""The strip pass removes exactly the channels that are zero or dead, and nothing changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import compile_toolkit as ctk
+from compile_toolkit.capture import capture
+from compile_toolkit.channels import analyze
+from compile_toolkit.errors import VerificationError
+from compile_toolkit.models import load_model
+from compile_toolkit.passes.base import GraphPass, PassResult
+from compile_toolkit.passes.manager import PassManager
+from compile_toolkit.passes.verify import sample_inputs
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_default_model_prune_then_strip_is_exact_and_removes_pruned_channels():
+    loaded = load_model()
+    model, (x,) = loaded.module, loaded.example_inputs
+    report = ctk.prune(model, (x,), sparsity=0.5)
+    assert report.pruned > 0
+    stripped = ctk.strip(model, (x,))
+    summary = stripped.meta["ctk_strip"]
+    assert summary["channels_removed"] == report.pruned
+    kept_by_group = {tuple(g["carriers"]): g["kept"] for g in summary["groups"]}
+    for group in report.groups:
+        assert kept_by_group[tuple(group["carriers"])] == group["channels"] - group["pruned"]
+    with torch.no_grad():
+        for batch in (x, loaded.dataset.x_test[:100], torch.rand(3, 1, 8, 8)):
+            assert rel_error(model(batch), stripped(batch)) < 1e-5
+    assert n_params(stripped) < 0.4 * n_params(model)
+    # the classifier's input features follow the flatten: 4 features per kept channel
+    fc1 = dict(stripped.named_parameters())["fc1.weight"]
+    assert fc1.shape[1] % 4 == 0 and fc1.shape[1] < 256
+
+
+class Residual(nn.Module):
+    """A residual stream with a concatenation and a flatten into a linear layer."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.body = nn.Conv2d(c, c, 3, padding=1)
+        self.side = nn.Conv2d(c, c, 1)
+        self.dw = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.fc = nn.Linear(2 * c * 4, 5)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.stem(x)))
+        y = y + F.relu(self.body(y))
+        y = torch.cat([y, self.side(y)], dim=1)
+        y = F.relu(self.dw(y))
+        y = F.adaptive_avg_pool2d(y, 2)
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def randomize_bn(bn: nn.BatchNorm2d) -> None:
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+
+
+def test_hand_zeroed_channel_in_residual_stream_is_removed_everywhere():
+    model = Residual().eval()
+    randomize_bn(model.bn)
+    with torch.no_grad():  # channel 3 of the stream: zero at every producer, depthwise conv included
+        for w in (model.stem.weight, model.stem.bias, model.bn.weight, model.bn.bias, model.body.weight, model.body.bias):
+            w[3] = 0
+        model.dw.weight[3] = 0
+        model.dw.bias[3] = 0
+    x = torch.randn(2, 3, 8, 8)
+    stripped = ctk.strip(model, (x,))
+    params = dict(stripped.named_parameters())
+    assert params["stem.weight"].shape[0] == 7
+    assert params["body.weight"].shape[:2] == (7, 7)
+    assert params["side.weight"].shape[1] == 7
+    assert params["dw.weight"].shape[0] == 15  # cat of 7 + 8
+    assert params["fc.weight"].shape[1] == 15 * 4
+    assert rel_error(model(x), stripped(torch.clone(x))) < 1e-5
+    y = torch.randn(4, 3, 8, 8)
+    assert rel_error(model(y), stripped(y)) < 1e-5
+
+
+def test_dead_channel_read_by_nobody_is_removed():
+    model = Residual().eval()
+    with torch.no_grad():  # the side conv's output channel 2 is ignored: its dw filter is zero
+        model.dw.weight[8 + 2] = 0
+        model.dw.bias[8 + 2] = 0
+    stripped = ctk.strip(model, (torch.randn(2, 3, 8, 8),))
+    params = dict(stripped.named_parameters())
+    assert params["side.weight"].shape[0] == 7
+    assert params["dw.weight"].shape[0] == 15
+    x = torch.randn(3, 3, 8, 8)
+    assert rel_error(model(x), stripped(x)) < 1e-5
+
+
+def test_bn_shift_keeps_a_zero_conv_channel():
+    """A zeroed filter followed by a BN with a shift is a constant, not zero: it must stay."""
+    model = Residual().eval()
+    randomize_bn(model.bn)
+    with torch.no_grad():
+        model.stem.weight[1] = 0
+        model.stem.bias[1] = 0
+        model.bn.bias[1] = 0.5
+    stripped = ctk.strip(model, (torch.randn(2, 3, 8, 8),))
+    assert stripped.meta["ctk_strip"]["channels_removed"] == 0
+
+
+class Cumsum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.b = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.cumsum(self.a(x), dim=1))
+
+
+def test_unknown_op_is_a_reported_barrier():
+    model = Cumsum().eval()
+    with torch.no_grad():
+        model.a.weight[2] = 0
+        model.a.bias[2] = 0
+    x = torch.randn(2, 3, 4, 4)
+    analysis = analyze(capture(model, (x,)).module())
+    assert any("aten.cumsum at node cumsum" in reason for reason in analysis.barriers)
+    stripped = ctk.strip(model, (x,))
+    assert stripped.meta["ctk_strip"]["channels_removed"] == 0
+    kept = [g for g in stripped.meta["ctk_strip"]["groups"] if "a.weight:0" in g["carriers"]]
+    assert "cumsum" in kept[0]["kept_because"]
+
+
+class ScaleFirst(GraphPass):
+    """A deliberately wrong pass: the pass manager must catch it."""
+
+    name = "broken"
+
+    def __call__(self, gm):
+        with torch.no_grad():
+            next(gm.parameters()).mul_(1.01)
+        return PassResult(gm, True)
+
+
+def test_pass_manager_rejects_a_pass_that_changes_outputs():
+    model = Residual().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = capture(model, (x,)).module()
+    with pytest.raises(VerificationError, match="broken"):
+        PassManager([ScaleFirst()], sample_inputs((x,))).run(gm)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    width=st.integers(2, 12),
+    sparsity=st.sampled_from([0.0, 0.25, 0.5, 0.75]),
+    importance=st.sampled_from(["l1", "l2", "random"]),
+    seed=st.integers(0, 1000),
+)
+def test_prune_then_strip_is_exact_for_generated_models(width, sparsity, importance, seed):
+    torch.manual_seed(seed)
+    model = Residual(width).eval()
+    randomize_bn(model.bn)
+    x = torch.randn(2, 3, 8, 8)
+    report = ctk.prune(model, (x,), sparsity=sparsity, importance=importance, seed=seed)
+    stripped = ctk.strip(model, (x,))
+    assert stripped.meta["ctk_strip"]["channels_removed"] >= report.pruned
+    y = torch.randn(5, 3, 8, 8)
+    assert rel_error(model(y), stripped(y)) < 1e-5
+    if report.pruned:
+        assert n_params(stripped) < n_params(model)
