@@ -9,7 +9,7 @@ ctk.export(stripped, "out/", formats=("torchscript", "pt2", "onnx", "stablehlo")
 """
 
 from .errors import CtkError, VerificationError
-from .export import export
+from .exporters import export
 from .pruning import prune
 from .strip import strip
 

@@ -1,24 +1,117 @@
-"""Capture a model as an ATen-level graph with ``torch.export``, batch dimension dynamic."""
+"""Capture a model as an ATen-level graph with ``torch.export``: the program that channel
+analysis, strip and every exporter start from.
+
+The model is captured once with ``torch.export``, dim 0 of every input marked ``Dim.AUTO`` so the
+artifacts accept any batch size unless the model itself fixes it. XLA needs static shapes, so a
+static-batch twin is captured on demand.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from .errors import CtkError
+from .errors import summary
 
 
-def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ExportedProgram:
-    """``torch.export`` the model in eval mode; dim 0 of every input may vary (``Dim.AUTO``
-    keeps it static where the model itself fixes the batch size)."""
-    dynamic = tuple({0: Dim.AUTO} if t.dim() else None for t in example_inputs)
-    was_training = model.training
-    model.eval()
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run the block with every submodule in eval mode, then restore the flags.
+
+    The flags are set directly because GraphModules from ``ExportedProgram.module()`` refuse
+    ``.eval()`` (their mode is baked into the graph; the flag is then harmless).
+    """
+    modes = [(sub, sub.training) for sub in module.modules()]
+    for sub, _ in modes:
+        sub.training = False
     try:
-        return torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic)
-    except Exception as error:  # export reports user-model problems with many exception types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CtkError(f"torch.export could not capture {type(model).__name__}: {first}") from error
+        yield
     finally:
-        model.train(was_training)
+        for sub, training in modes:
+            sub.training = training
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A model, its example inputs and its ``ExportedProgram`` (batch dynamic where possible)."""
+
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    program: ExportedProgram
+    dynamic_batch: bool
+
+    @property
+    def example_batch(self) -> int:
+        return self.example_inputs[0].shape[0]
+
+    def static_program(self) -> ExportedProgram:
+        """The program with every input shape fixed to the example inputs' shapes."""
+        if not self.dynamic_batch:
+            return self.program
+        return _export(self.module, self.example_inputs, dynamic=False)
+
+
+def capture(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capture:
+    """Capture ``module`` in eval mode, batch dynamic if the model allows it.
+
+    The batch counts as dynamic when ``torch.export`` keeps dim 0 symbolic AND the module itself
+    runs at a second batch size: a GraphModule from a static ``torch.export`` has a batch-free
+    graph but guards that pin the batch, and its artifacts must pin it too. ``torch.export``
+    specialises a dimension whose example size is 1, so a batch-1 example is captured at batch 2.
+    """
+    if not example_inputs or not all(isinstance(t, torch.Tensor) and t.dim()
+                                     for t in example_inputs):
+        raise CtkError("example inputs must be a non-empty tuple of tensors with a batch dimension")
+    example_inputs = tuple(example_inputs)
+    batch = example_inputs[0].shape[0]
+    other = other_batch_size(example_inputs)
+    try:
+        program = _export(module, other if batch == 1 else example_inputs, dynamic=True)
+        dynamic = _has_dynamic_batch(program) and _runs(module, other)
+    except CtkError:
+        if batch != 1:
+            raise
+        dynamic = False  # the model may only run at batch 1: captured as given below
+    if not dynamic:
+        program = _export(module, example_inputs, dynamic=False)
+    return Capture(module, example_inputs, program, dynamic)
+
+
+def other_batch_size(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The same inputs at another batch size: the first row, or the batch repeated if it is 1."""
+    if inputs[0].shape[0] == 1:
+        return tuple(torch.cat([t, t]) for t in inputs)
+    return tuple(t[:1].clone() for t in inputs)
+
+
+def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic: bool) -> ExportedProgram:
+    shapes = tuple({0: Dim.AUTO} for _ in inputs) if dynamic else None
+    try:
+        with eval_mode(module):
+            return torch.export.export(module, inputs, dynamic_shapes=shapes)
+    except Exception as error:  # torch.export reports model problems with many exception types
+        raise CtkError(f"torch.export could not capture {type(module).__name__}: "
+                       f"{summary(error)}") from error
+
+
+def _has_dynamic_batch(program: ExportedProgram) -> bool:
+    """True when dim 0 of every user input is symbolic in the captured graph."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    shapes = [node.meta["val"].shape for node in program.graph.nodes
+              if node.op == "placeholder" and node.name in user_inputs]
+    return bool(shapes) and all(isinstance(shape[0], torch.SymInt) for shape in shapes)
+
+
+def _runs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    try:
+        with eval_mode(module), torch.no_grad():
+            module(*inputs)
+    except Exception:  # any failure means: not at this batch size
+        return False
+    return True

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from rich.console import Console
 
 from .errors import CtkError
-from .export import FORMATS
+from .exporters import FORMATS
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,3 +12,10 @@ class CtkError(Exception):
 
 class VerificationError(CtkError):
     """A transformed model or artifact does not compute what its input computed."""
+
+
+def summary(error: BaseException, lines: int = 1, limit: int = 400) -> str:
+    """``"TypeName: first line(s) of the message"``, cut to ``limit`` characters: exceptions from
+    torch, ONNX and XLA span many lines, and a user-facing error is one line."""
+    text = " ".join([line.strip() for line in str(error).splitlines() if line.strip()][:lines])
+    return f"{type(error).__name__}: {text}"[:limit]

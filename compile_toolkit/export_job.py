@@ -17,7 +17,7 @@ from torch import nn
 
 from . import metrics
 from .errors import CtkError
-from .export import FORMATS, export
+from .exporters import FORMATS, export
 from .finetune import finetune
 from .models import LoadedModel, load_model
 from .models.registry import DEFAULT_SPEC

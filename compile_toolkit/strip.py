@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import capture
+from .capture import capture, eval_mode
 from .passes.dce import DeadCodeElimination
 from .passes.manager import PassManager
 from .passes.strip import StripPass
@@ -29,13 +29,9 @@ def strip(
     The summary (channels removed per group, barriers, error) is in ``result.meta["ctk_strip"]``.
     """
     inputs = list(check_inputs) if check_inputs is not None else sample_inputs(example_inputs)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         reference = outputs_of(model, inputs)
-        gm = capture(model, example_inputs).module()
-    finally:
-        model.train(was_training)
+    gm = capture(model, example_inputs).program.module()
     gm, results = PassManager([StripPass(), DeadCodeElimination()], inputs, rtol).run(gm)
     summary = dict(results[0].details)
     summary["max_relative_error"] = check_close(reference, gm, inputs, rtol, "strip")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compile_toolkit.errors import CtkError
+from compile_toolkit.errors import CtkError, summary
 
 from .digits import Dataset, load_digits_dataset
 from .digits_resnet import DigitsResNet
@@ -91,7 +91,7 @@ def load_safetensors_weights(module: nn.Module, path: str | Path) -> None:
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        reason = _first_line(exc)
+        reason = summary(exc)
         raise CtkError(f"weights file {path} is not a valid safetensors file: {reason}") from exc
     problem = _state_dict_mismatch(module.state_dict(), state)
     if problem:
@@ -163,10 +163,7 @@ def _load_factory(spec: str, input_shape: tuple[int, ...] | None) -> LoadedModel
         try:
             module = factory()
         except Exception as exc:
-            raise CtkError(
-                f"factory {factory_name!r} in {path} failed: "
-                f"{type(exc).__name__}: {_first_line(exc)}"
-            ) from exc
+            raise CtkError(f"factory {factory_name!r} in {path} failed: {summary(exc)}") from exc
     if not isinstance(module, nn.Module):
         raise CtkError(
             f"factory {factory_name!r} in {path} returned {type(module).__name__}, "
@@ -188,7 +185,7 @@ def _import_file(path: Path) -> types.ModuleType:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
-        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        reason = summary(exc)
         raise CtkError(f"model file {path} failed to import: {reason}") from exc
     return module
 
@@ -237,10 +234,5 @@ def _check_forward(loaded: LoadedModel) -> None:
     except Exception as exc:
         shapes = ", ".join(str(list(t.shape)) for t in loaded.example_inputs)
         raise CtkError(
-            f"input shape {shapes} does not fit model {loaded.name!r}: {_first_line(exc)}"
+            f"input shape {shapes} does not fit model {loaded.name!r}: {summary(exc)}"
         ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -136,7 +136,7 @@ def test_unknown_op_is_a_reported_barrier():
         model.a.weight[2] = 0
         model.a.bias[2] = 0
     x = torch.randn(2, 3, 4, 4)
-    analysis = analyze(capture(model, (x,)).module())
+    analysis = analyze(capture(model, (x,)).program.module())
     assert any("aten.cumsum at node cumsum" in reason for reason in analysis.barriers)
     stripped = ctk.strip(model, (x,))
     assert stripped.meta["ctk_strip"]["channels_removed"] == 0
@@ -158,7 +158,7 @@ class ScaleFirst(GraphPass):
 def test_pass_manager_rejects_a_pass_that_changes_outputs():
     model = Residual().eval()
     x = torch.randn(2, 3, 8, 8)
-    gm = capture(model, (x,)).module()
+    gm = capture(model, (x,)).program.module()
     with pytest.raises(VerificationError, match="broken"):
         PassManager([ScaleFirst()], sample_inputs((x,))).run(gm)
 

@@ -12,7 +12,8 @@ Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the
 def apply_masks(model: nn.Module, masks: Masks) -> None:
     """Zero every masked weight in place (after each optimizer step, so pruned weights stay 0)."""
     for name, mask in masks.items():
-        model.get_parameter(name).mul_(mask.to(dtype=torch.bool))
+        param = model.get_parameter(name)
+        param.masked_fill_(~mask.to(device=param.device, dtype=torch.bool), 0)
 
 
 def mask_gradients(model: nn.Module, masks: Masks) -> None:
@@ -20,4 +21,4 @@ def mask_gradients(model: nn.Module, masks: Masks) -> None:
     for name, mask in masks.items():
         grad = model.get_parameter(name).grad
         if grad is not None:
-            grad.mul_(mask)
+            grad.masked_fill_(~mask.to(device=grad.device, dtype=torch.bool), 0)

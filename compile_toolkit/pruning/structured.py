@@ -62,7 +62,7 @@ def prune(
     each divided by that parameter's mean slice magnitude and summed, or ``random`` (a baseline). ``round_to`` keeps kept-channel counts at a multiple.
     """
     _check_options(sparsity, structure, importance, round_to)
-    analysis = analyze(capture(model, example_inputs).module())
+    analysis = analyze(capture(model, example_inputs).program.module())
     params = _parameters(analysis)
     scores = _scores(analysis, params, importance, seed)
     pruned = np.zeros(analysis.components.count, dtype=bool)

@@ -1,0 +1,11 @@
+"""Export a model to TorchScript, torch.export (``.pt2``), ONNX and StableHLO, each artifact
+verified in the runtime that will run it (principle 4 of the architecture).
+
+One module per format (``torchscript``, ``pt2``, ``onnx_format``, ``stablehlo``), ``dispatch``
+for the entry point, ``program`` for the shared capture, ``checks`` for the shared comparison.
+"""
+
+from .artifact import Artifact
+from .dispatch import FORMATS, export
+
+__all__ = ["Artifact", "FORMATS", "export"]

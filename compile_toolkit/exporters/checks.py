@@ -1,0 +1,125 @@
+"""Check inputs, reference outputs and the one comparison every artifact must pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..errors import CtkError, VerificationError
+from ..errors import summary
+from ..capture import eval_mode, other_batch_size
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+def as_inputs(inputs: torch.Tensor | Sequence[torch.Tensor]) -> Inputs:
+    """A positional-input tuple; a bare tensor means one input (not a tuple of its rows)."""
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def flatten_outputs(outputs: object) -> list[torch.Tensor]:
+    """A model's outputs (tensor, tuple, list, dict, nested) as a flat list, in the order that
+    ``torch.export`` and the ONNX exporter use for the graph outputs."""
+    return [leaf for leaf in pytree.tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
+
+
+def random_inputs(example: Inputs, seed: int = 0) -> Inputs:
+    """New inputs with the example's shapes and dtypes: normal floats, integers within the
+    example's range (token ids, labels), random booleans."""
+    generator = torch.Generator().manual_seed(seed)
+    made = []
+    for t in example:
+        if t.dtype == torch.bool:
+            made.append(torch.randint(0, 2, t.shape, generator=generator).bool())
+        elif t.is_floating_point():
+            made.append(torch.randn(t.shape, generator=generator, dtype=t.dtype))
+        else:
+            low, high = int(t.min()), int(t.max()) + 1
+            made.append(torch.randint(low, high, t.shape, generator=generator, dtype=t.dtype))
+    return tuple(made)
+
+
+def shapes_of(inputs: Inputs) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in inputs]
+
+
+@dataclass(frozen=True)
+class CheckSet:
+    """Inputs every artifact runs on, what the reference returned for them, and the bound
+    ``atol + rtol * max|reference|`` that the largest absolute error must stay within."""
+
+    inputs: list[Inputs]
+    expected: list[list[torch.Tensor]]
+    tolerance: float
+
+    def runnable(self, fmt: str, static_shapes: list[tuple[int, ...]] | None) -> list[int]:
+        """Indices of the check inputs an artifact can run: all of them, or for a static-shape
+        artifact those with exactly its input shapes (at least one, or CtkError)."""
+        if static_shapes is None:
+            return list(range(len(self.inputs)))
+        found = [i for i, inputs in enumerate(self.inputs) if shapes_of(inputs) == static_shapes]
+        if not found:
+            raise CtkError(f"{fmt}: the artifact only takes inputs of shapes {static_shapes}, "
+                           "and no check input has them")
+        return found
+
+    def max_error(self, fmt: str, indices: Sequence[int],
+                  outputs: Sequence[Sequence[torch.Tensor]]) -> float:
+        """Largest ``|artifact - reference|`` over the given check inputs and all outputs; raise
+        VerificationError naming ``fmt`` if shapes differ or the error is over tolerance."""
+        worst = 0.0
+        for index, got in zip(indices, outputs, strict=True):
+            want = self.expected[index]
+            batch = self.inputs[index][0].shape[0]
+            if len(got) != len(want):
+                raise VerificationError(f"{fmt}: {len(got)} outputs, reference has {len(want)} "
+                                        f"(check input {index}, batch {batch})")
+            for k, (a, r) in enumerate(zip(got, want, strict=True)):
+                if tuple(a.shape) != tuple(r.shape):
+                    raise VerificationError(
+                        f"{fmt}: output {k} has shape {list(a.shape)}, reference {list(r.shape)} "
+                        f"(check input {index}, batch {batch})")
+                if a.numel():
+                    worst = max(worst, _abs_error(a, r))
+        if not worst <= self.tolerance:
+            raise VerificationError(f"{fmt}: max abs error {worst:.3g} exceeds tolerance "
+                                    f"{self.tolerance:.3g} against the reference")
+        return worst
+
+
+def build_checks(reference: nn.Module, example: Inputs, check_inputs: Sequence[Inputs] | None,
+                 dynamic_batch: bool, atol: float, rtol: float) -> CheckSet:
+    """Check inputs (default: the example and one seeded random input of the same shapes; with a
+    dynamic batch, a second batch size is added if missing: batch 1, or 2 for a batch-1 example)
+    and the reference's outputs on them, computed once for all formats."""
+    inputs = ([as_inputs(c) for c in check_inputs] if check_inputs
+              else [example, random_inputs(example)])
+    if dynamic_batch and len({c[0].shape[0] for c in inputs}) == 1:
+        inputs.append(other_batch_size(inputs[0]))
+    expected = [_reference_outputs(reference, c, index) for index, c in enumerate(inputs)]
+    scale = max((float(t.double().abs().nan_to_num(nan=0.0, posinf=0.0).max())
+                 for out in expected for t in out if t.numel() and t.dtype != torch.bool),
+                default=0.0)
+    return CheckSet(inputs, expected, atol + rtol * scale)
+
+
+def _reference_outputs(reference: nn.Module, inputs: Inputs, index: int) -> list[torch.Tensor]:
+    try:
+        with eval_mode(reference), torch.no_grad():
+            return [t.detach().clone() for t in flatten_outputs(reference(*inputs))]
+    except Exception as error:  # the user's reference model: any failure is theirs to see
+        raise CtkError(f"the reference model fails on check input {index} (shapes "
+                       f"{shapes_of(inputs)}): {summary(error)}") from error
+
+
+def _abs_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Equal values (infinities included) and NaN against NaN count as 0, a NaN against a number
+    as infinity."""
+    a, r = got.detach().cpu().double(), want.detach().cpu().double()
+    same = (a == r) | (a.isnan() & r.isnan())
+    diff = torch.where(same, torch.zeros_like(a), (a - r).abs())
+    return float(diff.nan_to_num(nan=float("inf"), posinf=float("inf")).max())

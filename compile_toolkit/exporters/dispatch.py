@@ -1,0 +1,89 @@
+"""``export()``: capture once, write every requested format, verify each in its own runtime."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from ..errors import CtkError, VerificationError
+from . import onnx_format, pt2, torchscript
+from .artifact import Artifact, size_on_disk
+from .checks import CheckSet, Inputs, as_inputs, build_checks, shapes_of
+from ..errors import summary
+from ..capture import Capture, capture
+from .stablehlo import StableHLOWorker
+from .staging import prepare_out_dir, staged
+
+# Formats that write and verify in this process: each module has FILENAME, RUNTIME, write, run.
+IN_PROCESS: dict[str, ModuleType] = {
+    "torchscript": torchscript, "pt2": pt2, "onnx": onnx_format}
+FORMATS: tuple[str, ...] = ("torchscript", "pt2", "onnx", "stablehlo")
+
+
+def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], out_dir: str,
+           formats: Sequence[str] = FORMATS, reference: nn.Module | None = None,
+           check_inputs: Sequence[Inputs] | None = None, atol: float = 1e-4,
+           rtol: float = 1e-4) -> list[Artifact]:
+    """Write ``module`` to ``out_dir`` in each format and verify every artifact in its runtime.
+
+    The module is captured once with ``torch.export`` (batch dynamic where the model allows it)
+    and evaluated in eval mode. Each artifact must match ``reference`` (default: ``module``) on
+    ``check_inputs`` (default: the example and a seeded random input of the same shapes; with a
+    dynamic batch a second batch size is added) within ``atol + rtol * max|reference|``; else a
+    VerificationError names the format and nothing is left under that format's name. Artifacts
+    appear atomically, only once verified, and come back in the order of ``formats``.
+    """
+    wanted = list(dict.fromkeys([formats] if isinstance(formats, str) else formats))
+    unknown = [name for name in wanted if name not in FORMATS]
+    if unknown:
+        raise CtkError(f"unknown export format(s) {', '.join(map(repr, unknown))}; "
+                       f"valid: {', '.join(FORMATS)}")
+    prepare_out_dir(out_dir)
+    # Started first: its torch_xla import overlaps the capture and the other formats.
+    xla = StableHLOWorker(out_dir) if "stablehlo" in wanted else None
+    try:
+        captured = capture(module, as_inputs(example_inputs))
+        checks = build_checks(reference if reference is not None else module,
+                              captured.example_inputs, check_inputs, captured.dynamic_batch,
+                              atol, rtol)
+        if xla is not None:
+            xla.submit(captured, checks)
+        done = {name: _export_in_process(name, captured, checks, out_dir)
+                for name in wanted if name in IN_PROCESS}
+        if xla is not None:
+            done["stablehlo"] = xla.result(checks)
+    finally:
+        if xla is not None:
+            xla.close()
+    return [done[name] for name in wanted]
+
+
+def _export_in_process(name: str, captured: Capture, checks: CheckSet, out_dir: str) -> Artifact:
+    fmt = IN_PROCESS[name]
+    started = time.perf_counter()
+    static_batch = None if captured.dynamic_batch else captured.example_batch
+    indices = checks.runnable(name, None if captured.dynamic_batch
+                              else shapes_of(captured.example_inputs))
+    with staged(out_dir, fmt.FILENAME) as tmp:
+        try:
+            fmt.write(captured, tmp)
+        except CtkError:
+            raise
+        except Exception as error:
+            raise CtkError(f"{name}: export failed: {summary(error)}") from error
+        try:
+            outputs = fmt.run(tmp, [checks.inputs[i] for i in indices])
+        except CtkError:
+            raise
+        except Exception as error:
+            raise VerificationError(f"{name}: {fmt.RUNTIME} could not run the artifact: "
+                                    f"{summary(error)}") from error
+        max_error = checks.max_error(name, indices, outputs)
+    path = os.path.join(out_dir, fmt.FILENAME)
+    return Artifact(name, path, size_on_disk(path), max_error, fmt.RUNTIME,
+                    static_batch=static_batch, seconds=time.perf_counter() - started)

@@ -1,0 +1,118 @@
+"""What a stripped model costs and how well it still works: parameters, FLOPs, accuracy, and
+ONNX Runtime latency measured so that two models can be compared fairly on a noisy machine."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Sequence
+
+import onnxruntime
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import CtkError
+from .errors import summary
+from .exporters.onnx_format import feeds, session
+
+Inputs = Sequence[torch.Tensor]
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameter elements (shared parameters once; buffers such as BN statistics are
+    not parameters and are not counted)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_flops(module: nn.Module, example_inputs: Inputs) -> int:
+    """FLOPs of one forward pass for ONE sample (the first row of every input), so numbers are
+    per image whatever the example batch. Counted by ``FlopCounterMode`` at the ATen level (a
+    multiply-add is 2 FLOPs; elementwise ops are not counted), which also works on exported
+    GraphModules whose batch is dynamic (one from a static ``torch.export`` refuses batch 1)."""
+    one = tuple(t[:1] for t in example_inputs)
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, torch.no_grad():
+            module(*one)
+    except Exception as error:  # the user's model: any failure at batch 1 is theirs to see
+        raise CtkError(f"count_flops runs {type(module).__name__} on one sample (batch 1) and "
+                       f"it fails: {summary(error)}") from error
+    return int(counter.get_total_flops())
+
+
+def accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Fraction of rows of ``x`` whose arg-max logit equals the label in ``y``, in batches so a
+    whole test set fits in memory."""
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            logits = module(x[start:start + batch_size])
+            correct += int((logits.argmax(dim=1) == y[start:start + batch_size]).sum())
+    return correct / len(x)
+
+
+def default_threads() -> int:
+    """The cores this process may use, at most 2: the latency numbers are meant to be
+    comparable across machines, not to show off a big one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(2, cores or 1))
+
+
+def ort_latency_ms(onnx_path: str, inputs: Inputs, threads: int | None = None,
+                   warmup: int = 10, iters: int = 50) -> float:
+    """Median wall time in ms of ``InferenceSession.run`` on ``inputs`` (CPU provider,
+    ``threads`` intra-op threads, default :func:`default_threads`). The median, because single
+    runs on a shared machine have a long tail of slow outliers."""
+    session, feed = _session(onnx_path, inputs, threads)
+    for _ in range(warmup):
+        session.run(None, feed)
+    return statistics.median(_time_runs(session, feed, iters))
+
+
+def compare_latency_ms(onnx_a: str, onnx_b: str, inputs: Inputs, rounds: int = 20,
+                       threads: int | None = None, warmup: int = 10,
+                       iters: int = 10) -> dict[str, float]:
+    """Latency of model A against model B: ``{"a_ms", "b_ms", "ratio"}`` with the medians of A
+    and of B and the median of the per-round ratios A/B.
+
+    Why not two :func:`ort_latency_ms` calls: on this kind of machine (2 shared cores, frequency
+    scaling, noisy neighbours) whichever model runs first or second is systematically favoured,
+    and the machine's speed drifts over seconds. So each round times ``iters`` runs of both
+    models back to back, alternating the order (A B, B A, A B, ...) so the order bias cancels,
+    and the ratio is taken within each round so the drift, which hits A and B alike, cancels too.
+    """
+    a_session, a_feed = _session(onnx_a, inputs, threads)
+    b_session, b_feed = _session(onnx_b, inputs, threads)
+    for _ in range(warmup):
+        a_session.run(None, a_feed)
+        b_session.run(None, b_feed)
+    a_ms, b_ms = [], []
+    for round_index in range(rounds):
+        if round_index % 2 == 0:
+            a = statistics.median(_time_runs(a_session, a_feed, iters))
+            b = statistics.median(_time_runs(b_session, b_feed, iters))
+        else:
+            b = statistics.median(_time_runs(b_session, b_feed, iters))
+            a = statistics.median(_time_runs(a_session, a_feed, iters))
+        a_ms.append(a)
+        b_ms.append(b)
+    return {"a_ms": statistics.median(a_ms), "b_ms": statistics.median(b_ms),
+            "ratio": statistics.median([a / b for a, b in zip(a_ms, b_ms, strict=True)])}
+
+
+def _session(onnx_path: str, inputs: Inputs,
+             threads: int | None) -> tuple[onnxruntime.InferenceSession, dict[str, object]]:
+    sess = session(onnx_path, threads=threads or default_threads())
+    return sess, feeds(sess, tuple(inputs))
+
+
+def _time_runs(session: onnxruntime.InferenceSession, feed: dict[str, object],
+               iters: int) -> list[float]:
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times

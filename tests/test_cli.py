@@ -1,0 +1,110 @@
+"""The main job end to end in a subprocess, and every bad input's one-line error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compile_toolkit.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("job") / "digits"
+    result = subprocess.run(
+        [sys.executable, "-m", "compile_toolkit", "export", "--pruned", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    return out, result
+
+
+def test_main_job_writes_sane_report(main_job):
+    out, result = main_job
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    dense, stripped = report["dense"], report["stripped"]
+    assert report["model"] == "digits-resnet" and report["sparsity"] == 0.5
+    assert stripped["params"] < 0.4 * dense["params"]
+    assert stripped["flops"] < 0.4 * dense["flops"]
+    assert dense["accuracy"] > 0.97
+    assert stripped["accuracy"] > dense["accuracy"] - 0.03
+    assert stripped["accuracy"] == pytest.approx(report["pruning"]["accuracy"], abs=1 / 450)
+    assert dense["latency_ms"] > 0 and stripped["latency_ms"] > 0
+    formats = {a["format"]: a for a in report["artifacts"]}
+    assert set(formats) == {"torchscript", "pt2", "onnx", "stablehlo"}
+    for artifact in formats.values():
+        assert (out / artifact["path"]).exists()
+        assert artifact["max_abs_error"] < 1e-3
+    assert "report.md" in os.listdir(out) and "| parameters |" in (out / "report.md").read_text()
+    assert "test accuracy" in result.stdout
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    status = main(args)
+    return status, capsys.readouterr().err
+
+
+def assert_clean_failure(status: int, err: str, *needles: str) -> None:
+    assert status != 0
+    lines = [line for line in err.strip().splitlines() if line.startswith("ctk: error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--model", "no-such-model"], ["no-such-model"]),
+        (["--model", "torchvision:resnet_9000"], ["resnet_9000"]),
+        (["--sparsity", "1.0"], ["sparsity", "1.0"]),
+        (["--sparsity", "-0.1"], ["sparsity"]),
+        (["--input-shape", "1,3,32,32"], ["1, 3, 32, 32"]),
+        (["--input-shape", "one,two"], ["one,two"]),
+        (["--formats", "onnx,tflite"], ["tflite"]),
+    ],
+)
+def test_bad_options_fail_cleanly(tmp_path, capsys, args, needles):
+    out = tmp_path / "out"
+    status, err = run_cli(["export", "--pruned", "--out", str(out), *args], capsys)
+    assert_clean_failure(status, err, *needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_and_corrupt_weights_fail_cleanly(tmp_path, capsys):
+    out = tmp_path / "out"
+    status, err = run_cli(["export", "--out", str(out), "--weights", str(tmp_path / "nope.safetensors")], capsys)
+    assert_clean_failure(status, err, "nope.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00\x01not a safetensors file")
+    status, err = run_cli(["export", "--out", str(out), "--weights", str(corrupt)], capsys)
+    assert_clean_failure(status, err, "corrupt.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.safetensors"]
+
+
+def test_unwritable_output_folder_fails_cleanly(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    status, err = run_cli(["export", "--out", str(blocker / "out")], capsys)
+    assert_clean_failure(status, err, str(blocker / "out"))
+    status, err = run_cli(["export", "--out", str(blocker)], capsys)
+    assert_clean_failure(status, err, str(blocker))
+    assert blocker.read_text() == "a file where a folder should be"
+
+
+def test_console_script_reports_errors_with_exit_status():
+    ctk = Path(sys.executable).parent / "ctk"
+    result = subprocess.run([str(ctk), "export", "--sparsity", "2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "ctk: error: sparsity must be in [0, 1), got 2.0"
