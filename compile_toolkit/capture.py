@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-from .errors import CtkError
-from .errors import summary
+from .errors import CtkError, summary
 
 
 @contextmanager

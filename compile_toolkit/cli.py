@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
     export.add_argument("--out", help="output folder (default ctk-out/<model>)")
     export.add_argument("--no-finetune", action="store_true", help="skip fine-tuning after pruning")
-    export.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
+    export.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
     export.set_defaults(command=_export)
     return parser
 

@@ -44,7 +44,7 @@ class ExportJob:
     formats: tuple[str, ...] = FORMATS
     out: str | None = None
     finetune: bool = True
-    finetune_epochs: int = 3
+    finetune_epochs: int = 5
     latency_rounds: int = 15
     seconds: dict[str, float] = field(default_factory=dict)
 

@@ -14,15 +14,17 @@ def finetune(
     model: nn.Module,
     dataset: Dataset,
     masks: Masks,
-    epochs: int = 3,
-    lr: float = 1e-3,
+    epochs: int = 5,
+    lr: float = 5e-3,
     batch_size: int = 64,
     seed: int = 0,
 ) -> list[float]:
-    """Train on the training split; pruned weights get no gradient and are re-zeroed after every
+    """Train on the training split (Adam, cosine-decayed learning rate); pruned weights get no gradient and are re-zeroed after every
     step, so the zero pattern strip relies on survives. Returns the mean loss of each epoch."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * -(-len(dataset.x_train) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     loss_fn = nn.CrossEntropyLoss()
     x, y = dataset.x_train, dataset.y_train
     losses = []
@@ -38,6 +40,7 @@ def finetune(
                 loss.backward()
                 mask_gradients(model, masks)
                 optimizer.step()
+                schedule.step()
                 apply_masks(model, masks)
                 total += loss.item() * len(batch)
             losses.append(total / len(x))

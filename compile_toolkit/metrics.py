@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import CtkError
-from .errors import summary
+from .errors import CtkError, summary
 from .exporters.onnx_format import feeds, session
 
 Inputs = Sequence[torch.Tensor]

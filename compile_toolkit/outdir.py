@@ -26,6 +26,7 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
     except OSError as error:
         raise CtkError(f"cannot write output folder {out}: {error.strerror or error}") from error
     try:
@@ -34,6 +35,12 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _replace(staging, out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace(staging: Path, out: Path) -> None:

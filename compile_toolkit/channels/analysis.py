@@ -77,7 +77,7 @@ def analyze(gm: GraphModule) -> ChannelAnalysis:
     nodes = list(gm.graph.nodes)
     for node in nodes:
         _forward(ctx, node)
-    for key, dims in ctx.atoms.items():
+    for key in ctx.atoms:
         ctx.dead[key] = full(ctx.shapes[key], True)
     for node in reversed(nodes):
         _backward(ctx, node)
@@ -126,13 +126,13 @@ def _forward(ctx: Context, node: Node) -> None:
     single = isinstance(node.meta["val"], torch.Tensor)
     ctx.output_counts[node] = None if single else len(metas)
     keys = ctx.keys_of(node)
-    for key, meta in zip(keys, metas):
+    for key, meta in zip(keys, metas, strict=False):
         ctx.shapes[key] = [concrete(s) for s in meta.shape]
     rule = rule_for(node)
     inputs = node.all_input_nodes
     if inputs and all(arg in ctx.constant for arg in inputs):
         ctx.constant.add(node)
-    for key, dims, zeros in zip(keys, rule.couple(ctx, node), rule.zero(ctx, node)):
+    for key, dims, zeros in zip(keys, rule.couple(ctx, node), rule.zero(ctx, node), strict=False):
         ctx.atoms[key] = dims
         ctx.zero[key] = zeros
 
@@ -186,7 +186,7 @@ def _removable(ctx: Context, components: Components) -> tuple[np.ndarray, np.nda
     for key, dims in ctx.atoms.items():
         if key[0] in ctx.constant:
             continue  # parameters are sliced along with the activations they meet
-        for atoms, zero, dead in zip(dims, ctx.zero[key], ctx.dead[key]):
+        for atoms, zero, dead in zip(dims, ctx.zero[key], ctx.dead[key], strict=False):
             if atoms is not None:
                 seen[labels[atoms]] = True
                 blocked[labels[atoms[~(zero | dead)]]] = True

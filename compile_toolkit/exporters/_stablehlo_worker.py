@@ -23,8 +23,8 @@ import sys
 
 import torch
 
-from .checks import flatten_outputs
 from ..errors import summary
+from .checks import flatten_outputs
 from .tensor_files import load_tensor_sets, save_tensor_sets
 
 

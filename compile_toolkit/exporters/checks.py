@@ -9,9 +9,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..errors import CtkError, VerificationError
-from ..errors import summary
 from ..capture import eval_mode, other_batch_size
+from ..errors import CtkError, VerificationError, summary
 
 Inputs = tuple[torch.Tensor, ...]
 

@@ -10,12 +10,11 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from ..errors import CtkError, VerificationError
+from ..capture import Capture, capture
+from ..errors import CtkError, VerificationError, summary
 from . import onnx_format, pt2, torchscript
 from .artifact import Artifact, size_on_disk
 from .checks import CheckSet, Inputs, as_inputs, build_checks, shapes_of
-from ..errors import summary
-from ..capture import Capture, capture
 from .stablehlo import StableHLOWorker
 from .staging import prepare_out_dir, staged
 

@@ -10,9 +10,9 @@ import onnxruntime
 import torch
 from onnx.external_data_helper import uses_external_data
 
+from ..capture import Capture
 from ..errors import CtkError
 from .checks import Inputs
-from ..capture import Capture
 from .staging import remove
 
 FILENAME = "model.onnx"

@@ -17,10 +17,10 @@ import time
 
 import torch
 
+from ..capture import Capture
 from ..errors import CtkError, VerificationError
 from .artifact import Artifact, size_on_disk
 from .checks import CheckSet, shapes_of
-from ..capture import Capture
 from .staging import publish, remove, temp_path
 from .tensor_files import load_tensor_sets, save_tensor_sets
 

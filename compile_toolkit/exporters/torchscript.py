@@ -15,10 +15,9 @@ import warnings
 import torch
 from torch import fx
 
-from ..errors import CtkError, VerificationError
-from .checks import Inputs, flatten_outputs
-from ..errors import summary
 from ..capture import Capture
+from ..errors import CtkError, VerificationError, summary
+from .checks import Inputs, flatten_outputs
 
 FILENAME = "model.pt"
 RUNTIME = f"torch.jit.load (torch {torch.__version__})"

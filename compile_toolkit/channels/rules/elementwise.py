@@ -104,7 +104,7 @@ class Binary(OpRule):
         shape = ctx.shape(node)
         a, b = (self._operand_zero(ctx, arg, shape) for arg in self._operands(node))
         combine = {"add": np.logical_and, "mul": np.logical_or, "div": lambda x, _: x}[self.kind]
-        return [[None if x is None else combine(x, y) for x, y in zip(a, b)]]
+        return [[None if x is None else combine(x, y) for x, y in zip(a, b, strict=False)]]
 
     def dead(self, ctx: Context, node: Node) -> None:
         shape = ctx.shape(node)
@@ -117,7 +117,7 @@ class Binary(OpRule):
             ignored = out_dead
             if self.kind == "mul":  # a slice multiplied by zero does not matter
                 other = zeros[1 - i]
-                ignored = [None if o is None else o | z for o, z in zip(out_dead, other)]
+                ignored = [None if o is None else o | z for o, z in zip(out_dead, other, strict=False)]
             ctx.mark_dead(arg, self._to_operand(ctx.shape(arg), shape, ignored))
 
     @staticmethod

@@ -9,7 +9,6 @@ dimension pin it, since removing an element would change a mean or a max.
 from __future__ import annotations
 
 import math
-import operator
 
 import numpy as np
 from torch.fx import Node
