@@ -45,7 +45,7 @@ class ExportJob:
     out: str | None = None
     finetune: bool = True
     finetune_epochs: int = 5
-    latency_rounds: int = 15
+    latency_rounds: int = 60
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
