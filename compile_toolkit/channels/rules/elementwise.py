@@ -9,6 +9,7 @@ from __future__ import annotations
 from numbers import Number
 
 import numpy as np
+import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask
@@ -135,3 +136,21 @@ class Binary(OpRule):
             else:
                 result.append(np.full(size, bool(m.all())))
         return result
+
+
+aten = torch.ops.aten
+
+RULES: dict[object, OpRule] = {
+    **{
+        op: Unary(keeps_zero=True)
+        for op in (
+            aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.tanh, aten.hardtanh,
+            aten.hardtanh_, aten.hardswish, aten.hardswish_, aten.leaky_relu, aten.elu, aten.neg,
+            aten.dropout, aten.clone, aten.contiguous, aten.alias, aten.detach,
+        )
+    },
+    **{op: Unary(keeps_zero=False) for op in (aten.sigmoid, aten.hardsigmoid, aten.exp)},
+    **{op: Binary("add") for op in (aten.add, aten.add_, aten.sub, aten.sub_)},
+    **{op: Binary("mul") for op in (aten.mul, aten.mul_)},
+    aten.div: Binary("div"),
+}

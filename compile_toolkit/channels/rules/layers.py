@@ -211,3 +211,12 @@ class BatchNorm(OpRule):
         x_dead: Masks = [None if training else out_dead[0]] + [mask(s, False) for s in shape[1:]]
         x_dead[1] = out_dead[1] | scale_zero
         ctx.mark_dead(x, x_dead)
+
+
+aten = torch.ops.aten
+
+RULES: dict[object, OpRule] = {
+    **{op: Conv() for op in (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)},
+    aten.linear: Linear(),
+    aten.batch_norm: BatchNorm(),
+}

@@ -9,8 +9,10 @@ dimension pin it, since removing an element would change a mean or a max.
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
+import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask
@@ -291,3 +293,20 @@ class Reduce(OpRule):
             masks[d] = out_dead[k]
         ctx.mark_dead(node.args[0], masks)
 
+
+
+aten = torch.ops.aten
+
+RULES: dict[object, OpRule] = {
+    operator.getitem: Getitem(),
+    aten.cat: Cat(),
+    aten.view: Reshape(size_arg=1),
+    aten.reshape: Reshape(size_arg=1),
+    aten._unsafe_view: Reshape(size_arg=1),
+    aten.unflatten: Reshape(size_arg=2),
+    **{op: Reshape() for op in (aten.flatten, aten.squeeze, aten.unsqueeze)},
+    **{op: Pool(spatial=1) for op in (aten.adaptive_avg_pool1d, aten.avg_pool1d, aten.max_pool1d)},
+    **{op: Pool(spatial=2) for op in (aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.max_pool2d)},
+    **{op: Pool(spatial=3) for op in (aten.adaptive_avg_pool3d, aten.avg_pool3d, aten.max_pool3d)},
+    **{op: Reduce() for op in (aten.mean, aten.sum, aten.amax)},
+}
