@@ -45,16 +45,30 @@ def _parser() -> argparse.ArgumentParser:
         "export it in every format verified in its runtime, and write report.json and report.md.",
     )
     export.add_argument("--pruned", action="store_true", help="prune channels structurally (and fine-tune) before stripping")
-    export.add_argument("--model", default="digits-resnet", help="digits-resnet (default), torchvision:<name> or path/to/file.py:factory")
-    export.add_argument("--weights", help="a .safetensors state dict for the model")
-    export.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
+    _model_options(export)
     export.add_argument("--sparsity", type=float, default=0.5, help="fraction of channels to prune per group (default 0.5)")
     export.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
     export.add_argument("--out", help="output folder (default ctk-out/<model>)")
     export.add_argument("--no-finetune", action="store_true", help="skip fine-tuning after pruning")
     export.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
     export.set_defaults(command=_export)
+
+    strip = commands.add_parser(
+        "strip",
+        help="show which channels strip removes and what keeps the others",
+        description="Capture a model, strip its zero and dead channels (verified) and print, per coupled "
+        "channel group, how many channels stay; --explain names the op and node that kept each group.",
+    )
+    _model_options(strip)
+    strip.add_argument("--explain", action="store_true", help="list every kept group with the op and node that kept it")
+    strip.set_defaults(command=_strip)
     return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="digits-resnet", help="digits-resnet (default), torchvision:<name> or path/to/file.py:factory")
+    parser.add_argument("--weights", help="a .safetensors state dict for the model")
+    parser.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -78,6 +92,29 @@ def _export(args: argparse.Namespace) -> int:
     for table in console_tables(report):
         out.print(table)
     out.print(f"report: {report['out']}/report.json, {report['out']}/report.md")
+    return 0
+
+
+def _strip(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .models import load_model
+    from .strip import strip
+
+    loaded = load_model(args.model, args.weights, args.input_shape)
+    summary = strip(loaded.module, loaded.example_inputs).meta["ctk_strip"]
+    table = Table(title=f"{loaded.name}: {summary['channels_removed']} channels removed "
+                  f"(max relative error {summary['max_relative_error']:.1e})")
+    for column in ("group (first carrier)", "channels", "kept", "kept because"):
+        table.add_column(column)
+    for group in summary["groups"]:
+        if args.explain or group["kept"] < group["channels"]:
+            reason = group["kept_because"] or ("(in use: not zero or dead)" if group["kept"] else "")
+            table.add_row(group["carriers"][0], str(group["channels"]), str(group["kept"]), reason)
+    console = Console()
+    console.print(table)
+    if args.explain:
+        console.print("barriers: " + ("; ".join(summary["barriers"]) or "none"))
     return 0
 
 

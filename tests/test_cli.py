@@ -108,3 +108,38 @@ def test_console_script_reports_errors_with_exit_status():
     result = subprocess.run([str(ctk), "export", "--sparsity", "2"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "ctk: error: sparsity must be in [0, 1), got 2.0"
+
+
+BARRIER_MODEL = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.b = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.cumsum(self.a(x), dim=1))
+
+
+def build():
+    net = Net()
+    with torch.no_grad():
+        net.a.weight[2] = 0
+        net.a.bias[2] = 0
+    return net
+'''
+
+
+def test_strip_explain_names_the_op_and_node_that_kept_a_group(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    source = tmp_path / "net.py"
+    source.write_text(BARRIER_MODEL)
+    status = main(["strip", "--explain", "--model", f"{source}:build", "--input-shape", "2,3,4,4"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert ": 0 channels" in out
+    assert "no channel rule for aten.cumsum at node cumsum" in out

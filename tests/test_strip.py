@@ -182,3 +182,22 @@ def test_prune_then_strip_is_exact_for_generated_models(width, sparsity, importa
     assert rel_error(model(y), stripped(y)) < 1e-5
     if report.pruned:
         assert n_params(stripped) < n_params(model)
+
+
+def test_torch_nn_utils_prune_masks_are_found_and_stripped():
+    """Zeros made by another tool (torch.nn.utils.prune's weight_orig * weight_mask) count too."""
+    import torch.nn.utils.prune as tprune
+
+    loaded = load_model()
+    model, (x,) = loaded.module, loaded.example_inputs
+    tprune.ln_structured(model.fc2, "weight", amount=0.5, n=1, dim=1)  # half of fc1's neurons unread
+    tprune.ln_structured(model.down.conv2[0], "weight", amount=0.25, n=1, dim=1)
+    stripped = ctk.strip(model, (x,))
+    params = dict(stripped.named_parameters())
+    assert params["fc1.weight"].shape == (32, 256)
+    assert params["fc2.weight_orig"].shape == (10, 32)
+    assert params["down.conv2.0.weight_orig"].shape[1] == 48
+    assert dict(stripped.named_buffers())["fc2.weight_mask"].shape == (10, 32)
+    with torch.no_grad():
+        batch = loaded.dataset.x_test[:64]
+        assert rel_error(model(batch), stripped(batch)) < 1e-5

@@ -26,6 +26,7 @@ _SHAPE_ONLY = {
     torch.ops.aten.sym_size.int,
     torch.ops.aten.sym_numel.default,
     torch.ops.aten.sym_stride.int,
+    torch.ops.aten._assert_tensor_metadata.default,
 }
 
 

@@ -146,7 +146,8 @@ RULES: dict[object, OpRule] = {
         for op in (
             aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.tanh, aten.hardtanh,
             aten.hardtanh_, aten.hardswish, aten.hardswish_, aten.leaky_relu, aten.elu, aten.neg,
-            aten.dropout, aten.clone, aten.contiguous, aten.alias, aten.detach,
+            aten.dropout, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
+            aten.type_as, aten.abs, aten.relu6,
         )
     },
     **{op: Unary(keeps_zero=False) for op in (aten.sigmoid, aten.hardsigmoid, aten.exp)},
