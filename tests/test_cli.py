@@ -50,6 +50,18 @@ def test_main_job_writes_sane_report(main_job):
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
 
 
+def test_stripped_onnx_has_exactly_the_dense_graphs_ops(main_job):
+    """No gathers, slices or reshapes left over from the rewrite: just smaller tensors."""
+    import collections
+
+    import onnx
+
+    out, result = main_job
+    assert result.returncode == 0
+    ops = [collections.Counter(n.op_type for n in onnx.load(str(p)).graph.node) for p in (out / "dense" / "model.onnx", out / "model.onnx")]
+    assert ops[0] == ops[1]
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
     status = main(args)
     return status, capsys.readouterr().err
