@@ -201,3 +201,25 @@ def test_torch_nn_utils_prune_masks_are_found_and_stripped():
     with torch.no_grad():
         batch = loaded.dataset.x_test[:64]
         assert rel_error(model(batch), stripped(batch)) < 1e-5
+
+
+class PowerScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x).pow(3) * torch.cos(x).sum(-1, keepdim=True))
+
+
+def test_pow_with_positive_exponent_keeps_zero_channels_removable():
+    model = PowerScale().eval()
+    with torch.no_grad():
+        model.a.weight[2] = 0
+        model.a.bias[2] = 0
+    stripped = ctk.strip(model, (torch.randn(2, 4),))
+    assert stripped.meta["ctk_strip"]["channels_removed"] == 1
+    assert dict(stripped.named_parameters())["b.weight"].shape == (3, 5)
+    x = torch.randn(5, 4)
+    assert rel_error(model(x), stripped(x)) < 1e-5

@@ -13,7 +13,7 @@ import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import OpRule, copy_masks, full
+from .base import Barrier, OpRule, copy_masks, full
 
 
 class Unary(OpRule):
@@ -32,6 +32,30 @@ class Unary(OpRule):
 
     def dead(self, ctx: Context, node: Node) -> None:
         ctx.mark_dead(node.args[0], copy_masks(ctx.dead_of(node)))
+
+
+class Power(Unary):
+    """``pow(x, exponent)`` with a number exponent: elementwise; zeros stay zero for exponent > 0.
+    A tensor exponent would couple a second operand, so that form is a barrier."""
+
+    def __init__(self) -> None:
+        super().__init__(keeps_zero=False)
+        self._barrier = Barrier()
+
+    def couple(self, ctx: Context, node: Node) -> list[Dims]:
+        if isinstance(node.args[1], Node) or not isinstance(node.args[0], Node):
+            return self._barrier.couple(ctx, node)
+        return super().couple(ctx, node)
+
+    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+        exponent = node.args[1]
+        if isinstance(exponent, Number) and exponent > 0 and isinstance(node.args[0], Node):
+            return [copy_masks(ctx.zeros(node.args[0]))]
+        return [ctx.no_facts(ctx.shape(node))]
+
+    def dead(self, ctx: Context, node: Node) -> None:
+        if not isinstance(node.args[1], Node) and isinstance(node.args[0], Node):
+            super().dead(ctx, node)
 
 
 def _aligned(rank: int, operand_rank: int, d: int) -> int | None:
@@ -147,10 +171,11 @@ RULES: dict[object, OpRule] = {
             aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.tanh, aten.hardtanh,
             aten.hardtanh_, aten.hardswish, aten.hardswish_, aten.leaky_relu, aten.elu, aten.neg,
             aten.dropout, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
-            aten.type_as, aten.abs, aten.relu6,
+            aten.type_as, aten.abs, aten.relu6, aten.sin,
         )
     },
-    **{op: Unary(keeps_zero=False) for op in (aten.sigmoid, aten.hardsigmoid, aten.exp)},
+    **{op: Unary(keeps_zero=False) for op in (aten.sigmoid, aten.hardsigmoid, aten.exp, aten.cos, aten.rsqrt)},
+    aten.pow: Power(),
     **{op: Binary("add") for op in (aten.add, aten.add_, aten.sub, aten.sub_)},
     **{op: Binary("mul") for op in (aten.mul, aten.mul_)},
     aten.div: Binary("div"),
