@@ -3,6 +3,12 @@
 Pruning scores the same groups the strip pass removes: a channel of a residual stream is scored
 over every convolution, norm and linear that carries it, and zeroed in all of them at once, so
 whatever pruning zeros, strip can remove.
+
+``structure="channel"`` prunes every prunable group. ``structure="head"`` prunes what a
+transformer is made of: attention heads (a head, or a key/value head with the query heads that
+share it, is one channel whose atoms are blocks of ``head_dim`` features in the projections) and
+neurons (groups carried only by vectors and matrices, such as MLP hidden units), and leaves
+convolution channels alone.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from torch import nn
 from ..capture import capture
 from ..channels import ChannelAnalysis, ChannelGroup, analyze
 from ..channels.analysis import keep_one_per_dim
+from ..channels.rules.attention import attention_heads
 from ..errors import CtkError
 from .masks import Masks, apply_masks
 
-STRUCTURES = ("channel",)
+STRUCTURES = ("channel", "head")
 IMPORTANCES = ("l1", "l2", "random")
 
 
@@ -58,21 +65,31 @@ def prune(
 ) -> PruneReport:
     """Zero ``sparsity`` of the channels of every prunable group, in place, lowest importance first.
 
-    ``importance``: ``l1``/``l2`` magnitude of every parameter slice that carries the channel,
-    each divided by that parameter's mean slice magnitude and summed, or ``random`` (a baseline). ``round_to`` keeps kept-channel counts at a multiple.
+    ``structure``: ``channel`` (every group) or ``head`` (attention heads and neurons only; a
+    model without attention heads is an error). ``importance``: ``l1``/``l2`` magnitude of every
+    parameter slice that carries the channel, each divided by that parameter's mean slice
+    magnitude and summed, or ``random`` (a baseline). ``round_to`` keeps kept-channel counts at a
+    multiple. Each group in the report has a ``kind``: ``head``, ``neuron``, ``channel`` or ``buffer``
+    (carried by no parameter, never pruned).
     """
     _check_options(sparsity, structure, importance, round_to)
     analysis = analyze(capture(model, example_inputs).program.module())
     params = _parameters(analysis)
     scores = _scores(analysis, params, importance, seed)
+    heads = _head_components(analysis)
+    if structure == "head" and not heads.any():
+        raise CtkError(f"structure='head' needs attention heads, and {type(model).__name__} has none "
+                       "(no scaled_dot_product_attention, no product of two activations over a heads dim); "
+                       "use structure='channel'")
+    kinds = [_kind(g, params, heads) for g in analysis.groups]
     pruned = np.zeros(analysis.components.count, dtype=bool)
-    for group in analysis.groups:
-        chosen = _choose(group, scores, sparsity, round_to)
-        pruned[chosen] = True
+    for group, kind in zip(analysis.groups, kinds, strict=True):
+        size, candidates = _candidates(group, kind, structure, heads)
+        pruned[_choose(size, candidates, scores, sparsity, round_to)] = True
     keep_one_per_dim(analysis.ctx, analysis.components.labels, pruned, scores)
     groups = [
-        {"carriers": g.carriers, "channels": g.size, "pruned": int(pruned[g.components].sum())}
-        for g in analysis.groups
+        {"carriers": g.carriers, "kind": kind, "channels": g.size, "pruned": int(pruned[g.components].sum())}
+        for g, kind in zip(analysis.groups, kinds, strict=True)
     ]
     masks = _masks(analysis, params, pruned)
     apply_masks(model, masks)
@@ -129,15 +146,47 @@ def _scores(analysis: ChannelAnalysis, params: dict[str, torch.Tensor], importan
     return scores
 
 
-def _choose(group: ChannelGroup, scores: np.ndarray, sparsity: float, round_to: int) -> np.ndarray:
-    """The lowest-scoring prunable channels, leaving a multiple of ``round_to`` (at least one)."""
-    keep = group.size - math.floor(sparsity * group.size)
-    keep = min(group.size, max(round_to, math.ceil(keep / round_to) * round_to))
-    remove = min(group.size - keep, len(group.prunable))
+def _head_components(analysis: ChannelAnalysis) -> np.ndarray:
+    """Component id -> whether it is an attention head (see :func:`attention_heads`)."""
+    heads = np.zeros(analysis.components.count, dtype=bool)
+    for atoms in attention_heads(analysis.ctx, analysis.gm.graph.nodes):
+        heads[analysis.components.labels[atoms]] = True
+    return heads
+
+
+def _kind(group: ChannelGroup, params: dict[str, torch.Tensor], heads: np.ndarray) -> str:
+    """``head`` if the group holds attention heads, ``neuron`` if only vectors and matrices carry
+    it (linear layers, their biases, norms), ``channel`` otherwise (convolutions), ``buffer`` when
+    no parameter carries it."""
+    ranks = {params[name].dim() for name in (c.rpartition(":")[0] for c in group.carriers) if name in params}
+    if not ranks:
+        return "buffer"
+    if heads[group.components].any():
+        return "head"
+    return "neuron" if max(ranks) <= 2 else "channel"
+
+
+def _candidates(group: ChannelGroup, kind: str, structure: str, heads: np.ndarray) -> tuple[int, np.ndarray]:
+    """(channel count, prunable channels) of a group under ``structure``: ``head`` takes the heads
+    of head groups and every channel of neuron groups. A group no parameter carries is left
+    alone: zeroing it would change nothing."""
+    if kind == "buffer" or (structure == "head" and kind == "channel"):
+        return group.size, np.zeros(0, dtype=np.int64)
+    if structure == "head" and kind == "head":
+        return int(heads[group.components].sum()), group.prunable[heads[group.prunable]]
+    return group.size, group.prunable
+
+
+def _choose(size: int, prunable: np.ndarray, scores: np.ndarray, sparsity: float, round_to: int) -> np.ndarray:
+    """The lowest-scoring ``prunable`` channels of a group of ``size``, leaving a multiple of
+    ``round_to`` (at least one)."""
+    keep = size - math.floor(sparsity * size)
+    keep = min(size, max(round_to, math.ceil(keep / round_to) * round_to))
+    remove = min(size - keep, len(prunable))
     if remove <= 0:
         return np.zeros(0, dtype=np.int64)
-    order = np.argsort(scores[group.prunable], kind="stable")
-    return group.prunable[order[:remove]]
+    order = np.argsort(scores[prunable], kind="stable")
+    return prunable[order[:remove]]
 
 
 def _masks(analysis: ChannelAnalysis, params: dict[str, torch.Tensor], pruned: np.ndarray) -> Masks:
