@@ -103,8 +103,7 @@ def _strip(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, args.weights, args.input_shape)
     summary = strip(loaded.module, loaded.example_inputs).meta["ctk_strip"]
-    table = Table(title=f"{loaded.name}: {summary['channels_removed']} channels removed "
-                  f"(max relative error {summary['max_relative_error']:.1e})")
+    table = Table()
     for column in ("group (first carrier)", "channels", "kept", "kept because"):
         table.add_column(column)
     for group in summary["groups"]:
@@ -112,6 +111,11 @@ def _strip(args: argparse.Namespace) -> int:
             reason = group["kept_because"] or ("(in use: not zero or dead)" if group["kept"] else "")
             table.add_row(group["carriers"][0], str(group["channels"]), str(group["kept"]), reason)
     console = Console()
+    console.print(
+        f"{loaded.name}: {summary['channels_removed']} channels removed "
+        f"(max relative error {summary['max_relative_error']:.1e})",
+        soft_wrap=True,
+    )
     console.print(table)
     if args.explain:
         console.print("barriers: " + ("; ".join(summary["barriers"]) or "none"))
