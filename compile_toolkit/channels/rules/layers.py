@@ -1,22 +1,30 @@
-"""Layers with weights: convolution, linear, batch norm.
+"""Layers with weights: convolution (dense, grouped, depthwise, transposed), linear, and the
+dropout family (no weights, but layers: identity in eval, channel-wise in training).
 
 A weight's input dimension couples to the input's channel dimension; its output dimension (and
 the bias) owns the output's channels. Zero facts need the weight's actual nonzero pattern, so
 these rules read constant weights; a weight computed in the graph falls back to its zero facts.
+Norms are in :mod:`.norms`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import OpRule, full
+from .base import Barrier, OpRule, copy_masks, full
+from .shape import argument, set_argument
 
 
 def _nonzero_rows_cols(ctx: Context, weight: Node) -> np.ndarray:
     """``[out, in]`` bool: which (output, input) pairs of a weight are not all zero."""
+    pairs = ctx.nonzero_pairs(weight) if hasattr(ctx, "nonzero_pairs") else None  # cached per constant
+    if pairs is not None:
+        return pairs
     value = ctx.value(weight)
     if value is not None:
         flat = value.detach().reshape(value.shape[0], value.shape[1], -1)
@@ -34,99 +42,163 @@ def _zero_vector(ctx: Context, bias, size: int) -> np.ndarray:
     return ctx.zeros(bias)[0]
 
 
-def _pin_all(ctx: Context, node: Node, reason: str) -> None:
-    for arg in node.all_input_nodes:
-        ctx.pin_value(arg, reason)
+@dataclass(frozen=True)
+class ConvSpec:
+    """What a convolution node computes, from its arguments and the shapes it was captured with.
+
+    ``kind``: ``"dense"`` (one group), ``"depthwise"`` (one input channel per group, any channel
+    multiplier) or ``"grouped"`` (several input channels per group).
+    """
+
+    x: Node
+    w: Node
+    b: Node | None
+    groups: int
+    transposed: bool
+    in_channels: int
+    out_channels: int
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_channels // self.groups
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def kind(self) -> str:
+        if self.groups == 1:
+            return "dense"
+        return "depthwise" if self.in_per_group == 1 else "grouped"
+
+
+def conv_spec(node: Node, shape_of) -> ConvSpec:
+    """``shape_of(node)`` gives a value's shape (the context's, or the captured metadata's)."""
+    x, w, b = argument(node, "input"), argument(node, "weight"), argument(node, "bias")
+    transposed = bool(argument(node, "transposed", False))
+    if node.target.overloadpacket in _TRANSPOSED:
+        transposed = True
+    groups = int(argument(node, "groups", 1))
+    w_shape = shape_of(w)
+    out_channels = w_shape[1] * groups if transposed else w_shape[0]
+    return ConvSpec(x, w, b if isinstance(b, Node) else None, groups, transposed, shape_of(x)[1], out_channels)
+
+
+def _meta_shape(node: Node) -> list[int]:
+    return list(node.meta["val"].shape)
 
 
 class Conv(OpRule):
-    """``conv{1,2,3}d`` and ``convolution``; dense (groups=1) and depthwise convolutions.
+    """``conv{1,2,3}d``, ``conv_transpose{1,2,3}d`` and ``convolution``, any group count.
 
-    Other grouped and transposed convolutions are barriers for now (they need per-group maps).
+    The weight is ``[out, in/groups, *k]``, or ``[in, out/groups, *k]`` when transposed. A dense
+    convolution couples the input's channels to the weight's input dimension and its output
+    channels are the weight's output dimension. Groups must stay equal in size, so:
+
+    - grouped (several input channels per group): input position ``j`` of every group is one
+      channel, and output position ``i`` of every group is one channel; the group count stays;
+    - depthwise (one input channel per group, with any channel multiplier ``m``): input channel
+      ``g`` and its ``m`` outputs are one channel; removing it removes a group, and the group count
+      is rewritten.
     """
 
-    def _args(self, node: Node) -> tuple[Node, Node, Node | None, int, bool]:
-        args = list(node.args) + [None] * 9
-        if node.target.overloadpacket is torch.ops.aten.convolution:
-            transposed, groups = bool(args[6]), int(args[8])
-        else:
-            transposed, groups = False, int(node.kwargs.get("groups", args[6] if args[6] is not None else 1))
-        return args[0], args[1], args[2], groups, transposed
-
-    def _kind(self, ctx: Context, node: Node) -> str:
-        x, w, _, groups, transposed = self._args(node)
-        if transposed:
-            return "other"
-        if groups == 1:
-            return "dense"
-        in_channels, out_channels = ctx.shape(x)[1], ctx.shape(w)[0]
-        if groups == in_channels == out_channels and ctx.shape(w)[1] == 1:
-            return "depthwise"
-        return "other"
-
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
-        x, w, b, _, _ = self._args(node)
-        kind = self._kind(ctx, node)
+        spec = conv_spec(node, ctx.shape)
+        if _unbatched(ctx, spec):
+            return Barrier().couple(ctx, node)
         reason = f"spatial dim of {describe(node)}"
-        x_dims, w_dims = ctx.dims(x), ctx.dims(w)
-        if kind == "other":
-            _pin_all(ctx, node, f"grouped/transposed convolution {describe(node)}")
-        elif kind == "dense":
-            ctx.join(x_dims[1], w_dims[1], reason)
+        x_in, w_dims = ctx.dims(spec.x)[1], ctx.dims(spec.w)
+        w_in, w_out = (w_dims[0], w_dims[1]) if spec.transposed else (w_dims[1], w_dims[0])
+        groups, kind = spec.groups, spec.kind
+        if kind == "depthwise":
+            ctx.table.pin(w_in if not spec.transposed else w_out, f"per-group dim of {describe(node)}")
+            if spec.transposed:  # weight [groups, m]: row g is input channel g; its m outputs follow it
+                ctx.join(x_in, w_in, reason)
+                out = np.repeat(x_in, spec.out_per_group) if x_in is not None else None
+            else:  # weight [groups * m, 1]: block g of m rows reads input channel g
+                blocks = w_out.reshape(groups, spec.out_per_group)
+                for col in range(blocks.shape[1]):
+                    ctx.join(x_in, blocks[:, col].copy(), reason)
+                out = w_out
         else:
-            ctx.join(x_dims[1], w_dims[0], reason)
-            ctx.table.pin(w_dims[1], reason)
-        if b is not None:
-            ctx.join(w_dims[0], ctx.dims(b)[0], reason)
+            if x_in is not None and kind == "grouped":
+                _join_blocks(ctx, x_in, groups, reason)
+            if spec.transposed:
+                ctx.join(x_in, w_in, reason)
+                out = np.tile(w_out, groups)
+            else:
+                ctx.join(x_in if kind == "dense" else x_in[: spec.in_per_group], w_in, reason)
+                if kind == "grouped":
+                    _join_blocks(ctx, w_out, groups, reason)
+                out = w_out
+        if spec.b is not None:
+            ctx.join(out, ctx.dims(spec.b)[0], reason)
         spatial = [ctx.fresh(s, reason) for s in ctx.shape(node)[2:]]
-        return [[x_dims[0], w_dims[0], *spatial]]
+        return [[ctx.dims(spec.x)[0], out, *spatial]]
 
     def rewrite(self, node: Node, old_shapes, new_shapes) -> None:
-        """A depthwise convolution has one group per channel: its group count follows them."""
-        _, _, _, groups, _ = self._args(node)
-        channels = new_shapes[0][1]
-        if groups == 1 or channels == old_shapes[0][1]:
-            return
-        if "groups" in node.kwargs:
-            node.update_kwarg("groups", channels)
-            return
-        schema = node.target._schema.arguments
-        position = next(i for i, a in enumerate(schema) if a.name == "groups")
-        args = list(node.args) + [schema[i].default_value for i in range(len(node.args), position + 1)]
-        args[position] = channels
-        node.args = tuple(args)
+        """Removing a depthwise channel removes its group: the group count follows."""
+        spec = conv_spec(node, _meta_shape)
+        old, new = old_shapes[0][1], new_shapes[0][1]
+        if spec.kind == "depthwise" and old != new:
+            set_argument(node, "groups", spec.groups * new // old)
 
     def zero(self, ctx: Context, node: Node) -> list[Masks]:
-        x, w, b, _, _ = self._args(node)
+        spec = conv_spec(node, ctx.shape)
         shape = ctx.shape(node)
         out = ctx.no_facts(shape)
-        kind = self._kind(ctx, node)
-        if kind == "other":
+        if _unbatched(ctx, spec):
             return [out]
-        x_zero = ctx.zeros(x)[1]
-        bias_zero = _zero_vector(ctx, b, shape[1])
-        if kind == "dense":
-            live = _nonzero_rows_cols(ctx, w) & ~x_zero[None, :]
-            out[1] = ~live.any(1) & bias_zero
-        else:
-            out[1] = (ctx.zeros(w)[0] | x_zero) & bias_zero
+        live = _connections(ctx, spec) & ~ctx.zeros(spec.x)[1][None, :]
+        out[1] = ~live.any(1) & _zero_vector(ctx, spec.b, shape[1])
         return [out]
 
     def dead(self, ctx: Context, node: Node) -> None:
-        x, w, _, _, _ = self._args(node)
-        out_dead = ctx.dead_of(node)
-        x_shape = ctx.shape(x)
-        if all_dead(out_dead):
-            ctx.mark_dead(x, full(x_shape, True))
+        spec = conv_spec(node, ctx.shape)
+        if _unbatched(ctx, spec):
             return
-        kind = self._kind(ctx, node)
+        out_dead = ctx.dead_of(node)
+        x_shape = ctx.shape(spec.x)
+        if all_dead(out_dead):
+            ctx.mark_dead(spec.x, full(x_shape, True))
+            return
         x_dead = [out_dead[0]] + [mask(s, False) for s in x_shape[1:]]
-        if kind == "dense":
-            used = _nonzero_rows_cols(ctx, w) & ~out_dead[1][:, None]
-            x_dead[1] = ~used.any(0)
-        elif kind == "depthwise":
-            x_dead[1] = out_dead[1] | ctx.zeros(w)[0]
-        ctx.mark_dead(x, x_dead)
+        used = _connections(ctx, spec) & ~out_dead[1][:, None]
+        x_dead[1] = ~used.any(0)
+        ctx.mark_dead(spec.x, x_dead)
+
+
+_TRANSPOSED = {torch.ops.aten.conv_transpose1d, torch.ops.aten.conv_transpose2d, torch.ops.aten.conv_transpose3d}
+
+
+def _unbatched(ctx: Context, spec: ConvSpec) -> bool:
+    """An input without a batch dim (``[C, *spatial]``): rare, and left to the barrier."""
+    return len(ctx.shape(spec.x)) != len(ctx.shape(spec.w))
+
+
+def _join_blocks(ctx: Context, atoms: np.ndarray, groups: int, reason: str) -> None:
+    """Couple position ``i`` of every one of ``groups`` equal blocks."""
+    blocks = atoms.reshape(groups, -1)
+    for g in range(1, groups):
+        ctx.join(blocks[0], blocks[g], reason)
+
+
+def _connections(ctx: Context, spec: ConvSpec) -> np.ndarray:
+    """``[out_channels, in_channels]`` bool: which output channels read which input channels
+    through a weight slice that is not all zero."""
+    nonzero = _nonzero_rows_cols(ctx, spec.w)  # [out, in/g] or, transposed, [in, out/g]
+    groups = spec.groups
+    if groups == 1:
+        return nonzero.T if spec.transposed else nonzero
+    if spec.transposed:
+        per_group = nonzero.reshape(groups, spec.in_per_group, spec.out_per_group).transpose(0, 2, 1)
+    else:
+        per_group = nonzero.reshape(groups, spec.out_per_group, spec.in_per_group)
+    conn = np.zeros((groups, spec.out_per_group, groups, spec.in_per_group), dtype=bool)
+    index = np.arange(groups)
+    conn[index, :, index, :] = per_group
+    return conn.reshape(spec.out_channels, spec.in_channels)
 
 
 class Linear(OpRule):
@@ -161,62 +233,41 @@ class Linear(OpRule):
         ctx.mark_dead(x, [*out_dead[:-1], ~used.any(0)])
 
 
-class BatchNorm(OpRule):
-    """``batch_norm``: every per-channel parameter and statistic rides with its channel.
+class Dropout(OpRule):
+    """``dropout``-like ops ``(input, p, train)``: identity when not training. In training, plain
+    and feature (channel-wise) dropout multiply by a random mask, so zeros stay zero; alpha
+    dropout also shifts, so it keeps no zero facts then. Either way each channel stays itself."""
 
-    A channel is zero after the norm when its scale and shift are both zero, or when its input is
-    zero and the shift it adds is zero too. With a zero scale the input is ignored (dead).
-    """
-
-    def _params(self, ctx: Context, node: Node) -> tuple[Node, list, bool]:
-        args = list(node.args) + [None] * 9
-        return args[0], args[1:5], bool(args[5])
+    def __init__(self, keeps_zero_in_training: bool) -> None:
+        self.keeps_zero_in_training = keeps_zero_in_training
 
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
-        x, params, _ = self._params(ctx, node)
-        dims = ctx.dims(x)
-        reason = f"channels of {describe(node)}"
-        for p in params:
-            if isinstance(p, Node):
-                ctx.join(dims[1], ctx.dims(p)[0], reason)
-        return [list(dims)]
-
-    def _scale_shift_zero(self, ctx: Context, node: Node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(scale zero, shift zero, zero input stays zero) per channel."""
-        x, (weight, bias, mean, _), training = self._params(ctx, node)
-        channels = ctx.shape(x)[1]
-        scale_zero = np.zeros(channels, dtype=bool) if weight is None else _zero_vector(ctx, weight, channels)
-        shift_zero = _zero_vector(ctx, bias, channels)
-        if training or mean is None:
-            centre_zero = np.ones(channels, dtype=bool)  # batch statistics of a zero channel are zero
-        else:
-            centre_zero = _zero_vector(ctx, mean, channels) | scale_zero
-        return scale_zero, shift_zero, centre_zero
+        return [list(ctx.dims(node.args[0]))]
 
     def zero(self, ctx: Context, node: Node) -> list[Masks]:
-        x = node.args[0]
-        out = ctx.no_facts(ctx.shape(node))
-        scale_zero, shift_zero, centre_zero = self._scale_shift_zero(ctx, node)
-        out[1] = shift_zero & (scale_zero | (ctx.zeros(x)[1] & centre_zero))
-        return [out]
+        train = argument(node, "train", True)
+        if train is False or self.keeps_zero_in_training:
+            return [copy_masks(ctx.zeros(node.args[0]))]
+        return [ctx.no_facts(ctx.shape(node))]
 
     def dead(self, ctx: Context, node: Node) -> None:
-        x, _, training = self._params(ctx, node)
-        out_dead = ctx.dead_of(node)
-        shape = ctx.shape(x)
-        if all_dead(out_dead):
-            ctx.mark_dead(x, full(shape, True))
-            return
-        scale_zero = self._scale_shift_zero(ctx, node)[0]
-        x_dead: Masks = [None if training else out_dead[0]] + [mask(s, False) for s in shape[1:]]
-        x_dead[1] = out_dead[1] | scale_zero
-        ctx.mark_dead(x, x_dead)
+        ctx.mark_dead(node.args[0], copy_masks(ctx.dead_of(node)))
 
 
 aten = torch.ops.aten
 
 RULES: dict[object, OpRule] = {
-    **{op: Conv() for op in (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)},
+    **{
+        op: Conv()
+        for op in (
+            aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution,
+            aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,
+        )
+    },
     aten.linear: Linear(),
-    aten.batch_norm: BatchNorm(),
+    **{op: Dropout(keeps_zero_in_training=True) for op in (aten.dropout_, aten.feature_dropout, aten.feature_dropout_)},
+    **{
+        op: Dropout(keeps_zero_in_training=False)
+        for op in (aten.alpha_dropout, aten.alpha_dropout_, aten.feature_alpha_dropout, aten.feature_alpha_dropout_)
+    },
 }

@@ -12,6 +12,7 @@ import math
 import operator
 
 import numpy as np
+import sympy
 import torch
 from torch.fx import Node
 
@@ -21,6 +22,31 @@ from .base import OpRule, copy_masks, full
 
 def _dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
+
+
+def argument(node: Node, name: str, default=None):
+    """An ATen op's argument by schema name, whether passed by position, by keyword or defaulted
+    (``default`` if the op has no such argument or no default for it)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    for i, arg in enumerate(node.target._schema.arguments):
+        if arg.name == name:
+            if i < len(node.args):
+                return node.args[i]
+            return arg.default_value if arg.has_default_value() else default
+    return default
+
+
+def set_argument(node: Node, name: str, value) -> None:
+    """Set an ATen op's argument by schema name, keeping how it was passed."""
+    schema = node.target._schema.arguments
+    position = next(i for i, a in enumerate(schema) if a.name == name)
+    if position >= len(node.args):
+        node.update_kwarg(name, value)
+        return
+    args = list(node.args)
+    args[position] = value
+    node.args = tuple(args)
 
 
 class Getitem(OpRule):
@@ -121,13 +147,85 @@ def match_dims(src: list[int | None], dst: list[int | None]) -> list[tuple[list[
     return groups
 
 
+def match_sizes(src: list, dst: list) -> list[tuple[list[int], list[int]]] | None:
+    """:func:`match_dims` for sizes given as ints or sympy expressions in the graph's symbols, so
+    that a symbolic batch merged with static dims pairs up: ``[s0, 3, 3, 49, C] -> [9*s0, 49, C]``
+    gives ``([0, 1, 2], [0]), ([3], [1]), ([4], [2])``."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    try:
+        while i < len(src) or j < len(dst):
+            if i < len(src) and _same(src[i], 1):
+                groups.append(([i], []))
+                i += 1
+            elif j < len(dst) and _same(dst[j], 1):
+                groups.append(([], [j]))
+                j += 1
+            elif i >= len(src) or j >= len(dst):
+                return None
+            else:
+                gi, gj, pi, pj = [i], [j], src[i], dst[j]
+                i, j = i + 1, j + 1
+                while not _same(pi, pj):
+                    if i < len(src) and _grows(pi, pj):
+                        pi, i = pi * src[i], i + 1
+                        gi.append(i - 1)
+                    elif j < len(dst) and _grows(pj, pi):
+                        pj, j = pj * dst[j], j + 1
+                        gj.append(j - 1)
+                    else:
+                        return None
+                groups.append((gi, gj))
+    except (TypeError, ValueError, AttributeError):  # sizes sympy cannot compare
+        return None
+    return groups
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.expand(sympy.sympify(a) - b) == 0
+
+
+def _grows(a, b) -> bool:
+    """Whether a run whose product is ``a`` must take more dims to reach ``b``."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a < b
+    quotient = sympy.cancel(sympy.sympify(b) / a)
+    _, denominator = sympy.fraction(quotient)
+    return denominator == 1 and not (quotient.is_number and quotient <= 1)
+
+
+def _exprs(node: Node) -> list:
+    """A value's sizes from its captured metadata: ints, or sympy expressions for symbolic ones."""
+    return [s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in node.meta["val"].shape]
+
+
+def _pairs(node: Node, src: list[int | None], dst: list[int | None]) -> list[tuple[list[int], list[int]]] | None:
+    """Dim runs of a reshape's input and output, with symbolic sizes compared as expressions."""
+    try:
+        return match_sizes(_exprs(node.args[0]), _exprs(node))
+    except (KeyError, AttributeError):  # no metadata
+        return match_dims(src, dst)
+
+
+def _symbolic(src: list[int | None], dst: list[int | None], gi: list[int], gj: list[int]) -> bool:
+    return any(src[k] is None for k in gi) or any(dst[k] is None for k in gj)
+
+
 class Reshape(OpRule):
     """``view``/``reshape``/``flatten``/``unflatten``/``squeeze``/``unsqueeze``.
 
     One-to-one dimensions keep their atoms. A merge (``flatten``) repeats the outer dimension's
     atoms over the block each index becomes, and pins the inner dimensions. A split (a hidden
     dimension into heads) couples each block of the input into one atom of the outer output
-    dimension and pins the inner ones. Anything else pins every dimension involved.
+    dimension and pins the inner ones. Two kinds of split put the atoms on the second dim instead
+    (position ``j`` of every block of the outer dim is one atom; the outer dim is pinned): a split
+    into two whose inner dim then moves in front of the outer one (a channel shuffle:
+    ``view -> transpose -> view``, so the shuffle's merge maps each kept position to the right
+    channels), and a split into two or three whose outer dim is only ever indexed (``select``,
+    ``unbind``; a fused projection unpacked into ``q, k, v``: each head of the middle dim is one
+    atom, in all three). Anything else pins every dimension involved.
     """
 
     def __init__(self, size_arg: int | None = None) -> None:
@@ -138,15 +236,22 @@ class Reshape(OpRule):
         dims = ctx.dims(node.args[0])
         reason = f"dims merged or split by {describe(node)}"
         out: Dims = [None] * len(dst)
-        groups = match_dims(src, dst)
+        groups = _pairs(node, src, dst)
         if groups is None:
             for atoms in dims:
                 if atoms is not None:
                     ctx.table.pin(atoms, reason)
             return [[ctx.fresh(s, reason) for s in dst]]
         for gi, gj in groups:
-            if not gj:
-                ctx.table.pin(dims[gi[0]], reason)
+            if _symbolic(src, dst, gi, gj) and (len(gi) != 1 or len(gj) != 1):
+                for k in gi:  # static dims merged into (or split from) the batch
+                    if dims[k] is not None:
+                        ctx.table.pin(dims[k], reason)
+                for k in gj:
+                    out[k] = ctx.fresh(dst[k], reason)
+            elif not gj:
+                if dims[gi[0]] is not None:
+                    ctx.table.pin(dims[gi[0]], reason)
             elif not gi:
                 out[gj[0]] = ctx.fresh(dst[gj[0]], reason)
             elif len(gi) == 1 and len(gj) == 1:
@@ -155,6 +260,15 @@ class Reshape(OpRule):
                 for k in gi[1:]:
                     ctx.table.pin(dims[k], reason)
                 out[gj[0]] = np.repeat(dims[gi[0]], math.prod(src[k] for k in gi[1:]))
+            elif len(gi) == 1 and _atoms_on_second(node, gj):  # shuffle; unpacking q, k, v
+                blocks = dims[gi[0]].reshape(dst[gj[0]], dst[gj[1]], -1)
+                for row in range(blocks.shape[0]):
+                    for col in range(blocks.shape[2]):
+                        ctx.join(blocks[0, :, 0], blocks[row, :, col], reason)
+                out[gj[0]] = ctx.fresh(dst[gj[0]], reason)
+                out[gj[1]] = blocks[0, :, 0].copy()
+                if len(gj) == 3:
+                    out[gj[2]] = ctx.fresh(dst[gj[2]], reason)
             elif len(gi) == 1:  # split
                 blocks = dims[gi[0]].reshape(dst[gj[0]], -1)
                 for col in range(1, blocks.shape[1]):
@@ -173,9 +287,11 @@ class Reshape(OpRule):
         src, dst = ctx.shape(node.args[0]), ctx.shape(node)
         zeros = ctx.zeros(node.args[0])
         out = ctx.no_facts(dst)
-        for gi, gj in match_dims(src, dst) or []:
+        for gi, gj in _pairs(node, src, dst) or []:
+            if _symbolic(src, dst, gi, gj):
+                continue
             if len(gi) == 1 and len(gj) == 1:
-                out[gj[0]] = None if zeros[gi[0]] is None else zeros[gi[0]].copy()
+                out[gj[0]] = zeros[gi[0]].copy()
             elif len(gj) == 1 and gi:
                 grid = np.zeros([src[k] for k in gi], dtype=bool)
                 for axis, k in enumerate(gi):
@@ -183,8 +299,10 @@ class Reshape(OpRule):
                     shape[axis] = src[k]
                     grid = grid | zeros[k].reshape(shape)
                 out[gj[0]] = grid.ravel()
-            elif len(gi) == 1 and gj:
-                out[gj[0]] = zeros[gi[0]].reshape(dst[gj[0]], -1).all(1)
+            elif len(gi) == 1 and gj:  # a slice is zero where all its elements are
+                grid = zeros[gi[0]].reshape([dst[k] for k in gj])
+                for axis, k in enumerate(gj):
+                    out[k] = grid.all(axis=tuple(a for a in range(len(gj)) if a != axis))
         return [out]
 
     def dead(self, ctx: Context, node: Node) -> None:
@@ -194,13 +312,22 @@ class Reshape(OpRule):
             ctx.mark_dead(node.args[0], full(src, True))
             return
         masks: Masks = [mask(s, False) for s in src]
-        for gi, gj in match_dims(src, dst) or []:
+        for gi, gj in _pairs(node, src, dst) or []:
+            if _symbolic(src, dst, gi, gj):
+                if len(gi) == 1 and len(gj) == 1:
+                    masks[gi[0]] = out_dead[gj[0]]
+                continue
             if len(gi) == 1 and len(gj) == 1:
                 masks[gi[0]] = out_dead[gj[0]]
             elif len(gj) == 1 and gi:
                 masks[gi[0]] = out_dead[gj[0]].reshape(src[gi[0]], -1).all(1)
-            elif len(gi) == 1 and gj:
-                masks[gi[0]] = np.repeat(out_dead[gj[0]], src[gi[0]] // dst[gj[0]])
+            elif len(gi) == 1 and gj:  # an element is ignored if a slice through it is
+                grid = np.zeros([dst[k] for k in gj], dtype=bool)
+                for axis, k in enumerate(gj):
+                    shape = [1] * len(gj)
+                    shape[axis] = dst[k]
+                    grid = grid | out_dead[k].reshape(shape)
+                masks[gi[0]] = grid.ravel()
         ctx.mark_dead(node.args[0], masks)
 
     def rewrite(self, node: Node, old_shapes, new_shapes) -> None:
@@ -217,6 +344,93 @@ class Reshape(OpRule):
         args = list(node.args)
         args[self.size_arg] = sizes
         node.args = tuple(args)
+
+
+_PASS_THROUGH = {torch.ops.aten.contiguous, torch.ops.aten.clone, torch.ops.aten.alias}
+_PERMUTATIONS = {
+    torch.ops.aten.permute, torch.ops.aten.transpose, torch.ops.aten.swapaxes, torch.ops.aten.swapdims,
+    torch.ops.aten.t, torch.ops.aten.mT, torch.ops.aten.numpy_T, torch.ops.aten.movedim,
+}
+
+
+def _order(node: Node, rank: int) -> list[int]:
+    """Output dim ``k`` is input dim ``order[k]``."""
+    packet = node.target.overloadpacket
+    aten = torch.ops.aten
+    order = list(range(rank))
+    if packet is aten.permute:
+        return [_dim(d, rank) for d in node.args[1]]
+    if packet is aten.numpy_T:
+        return order[::-1]
+    if packet in (aten.t, aten.mT):
+        if rank >= 2:
+            order[-1], order[-2] = order[-2], order[-1]
+        return order
+    if packet is aten.movedim:
+        src, dst = node.args[1], node.args[2]
+        src = [_dim(d, rank) for d in ([src] if isinstance(src, int) else src)]
+        dst = [_dim(d, rank) for d in ([dst] if isinstance(dst, int) else dst)]
+        result: list[int | None] = [None] * rank
+        for s, d in zip(src, dst, strict=True):
+            result[d] = s
+        rest = iter(d for d in range(rank) if d not in src)
+        return [next(rest) if r is None else r for r in result]
+    a, b = _dim(node.args[1], rank), _dim(node.args[2], rank)  # transpose, swapaxes, swapdims
+    order[a], order[b] = order[b], order[a]
+    return order
+
+
+def _packet(node: Node):
+    return getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
+
+
+def _inner_moves_first(node: Node, outer: int, inner: int) -> bool:
+    """Whether every path from ``node`` (through copies) reaches a permutation that puts its dim
+    ``inner`` in front of its dim ``outer``, as a channel shuffle does."""
+    found = False
+    rank = len(node.meta["val"].shape)
+    for user in node.users:
+        while _packet(user) in _PASS_THROUGH:
+            if len(user.users) != 1:
+                return False
+            user = next(iter(user.users))
+        if _packet(user) not in _PERMUTATIONS:
+            return False
+        order = _order(user, rank)
+        if order.index(inner) > order.index(outer):
+            return False
+        found = True
+    return found
+
+
+def _atoms_on_second(node: Node, gj: list[int]) -> bool:
+    """Whether a split into the dims ``gj`` gives its atoms to the second dim (see :class:`Reshape`)."""
+    if len(gj) == 2:
+        return _inner_moves_first(node, gj[0], gj[1]) or _unpacked(node, gj[0])
+    return len(gj) == 3 and _unpacked(node, gj[0])
+
+
+def _unpacked(node: Node, dim: int) -> bool:
+    """Whether every use of ``node`` (through copies and permutations) picks single indices of
+    ``dim`` (``select``, ``unbind``), as ``q, k, v = qkv.reshape(n, l, 3, heads, d).permute(...)``
+    does: the dim is a list of tensors, not a channel dim."""
+    if not node.users:
+        return False
+    rank = len(node.meta["val"].shape)
+    for user in node.users:
+        packet = _packet(user)
+        if packet in _PASS_THROUGH:
+            if not _unpacked(user, dim):
+                return False
+        elif packet in _PERMUTATIONS:
+            if not _unpacked(user, _order(user, rank).index(dim)):
+                return False
+        elif packet in (torch.ops.aten.select, torch.ops.aten.unbind):
+            if _dim(argument(user, "dim", 0), rank) != dim:
+                return False
+        else:
+            return False
+    return True
 
 
 class Pool(OpRule):
