@@ -7,6 +7,7 @@ an ordinary, smaller graph with no gathers or masks left in it.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.fx import GraphModule
@@ -56,12 +57,24 @@ def _slice_constants(gm: GraphModule, analysis: ChannelAnalysis) -> None:
             continue
         done.add(node.target)
         value = analysis.ctx.values[node.target]
-        sliced = value
-        for d, index in enumerate(analysis.keep((node, None))):
-            if index is not None and len(index) != value.shape[d]:
-                sliced = sliced.index_select(d, torch.as_tensor(index, dtype=torch.long))
-        if sliced is not value:
-            _assign(gm, node.target, sliced)
+        cuts = {d: index for d, index in enumerate(analysis.keep((node, None)))
+                if index is not None and len(index) != value.shape[d]}
+        if cuts:
+            _assign(gm, node.target, _select(value.detach(), cuts))
+
+
+def _select(value: torch.Tensor, cuts: dict[int, np.ndarray]) -> torch.Tensor:
+    """``value`` with only the given indices along the given dims: numpy's ``take`` where the
+    dtype allows (on CPU about ten times faster than ``index_select``), else ``index_select``."""
+    try:
+        array = value.numpy()
+    except (TypeError, RuntimeError):  # bfloat16 and other dtypes numpy lacks; not on the CPU
+        for d, index in cuts.items():
+            value = value.index_select(d, torch.as_tensor(index, dtype=torch.long, device=value.device))
+        return value
+    for d, index in cuts.items():
+        array = np.take(array, index, axis=d)
+    return torch.from_numpy(array)
 
 
 def _assign(gm: GraphModule, target: str, value: torch.Tensor) -> None:

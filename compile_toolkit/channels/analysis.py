@@ -105,7 +105,7 @@ def _forward(ctx: Context, node: Node) -> None:
         if not isinstance(value, torch.Tensor):
             return
         _set_value(ctx, node, value, _tied_atoms(ctx, node, value))
-        ctx.zero[(node, None)] = _zero_slices(value)
+        ctx.zero[(node, None)] = ctx.constant_zeros(node)
         ctx.constant.add(node)
         return
     metas = tensor_meta(node.meta.get("val"))
@@ -151,15 +151,6 @@ def _tied_atoms(ctx: Context, node: Node, value: torch.Tensor) -> Dims:
     return ctx.attr_atoms[node.target]
 
 
-def _zero_slices(value: torch.Tensor) -> list[np.ndarray]:
-    nonzero = value.detach() != 0
-    masks = []
-    for d in range(value.dim()):
-        others = [k for k in range(value.dim()) if k != d]
-        masks.append(~(nonzero.any(dim=others) if others else nonzero).cpu().numpy())
-    return masks
-
-
 def _backward(ctx: Context, node: Node) -> None:
     if node.op == "output":
         for arg in node.all_input_nodes:
@@ -197,51 +188,80 @@ def _removable(ctx: Context, components: Components) -> tuple[np.ndarray, np.nda
 
 
 def keep_one_per_dim(ctx: Context, labels: np.ndarray, remove: np.ndarray, scores: np.ndarray | None = None) -> None:
-    """Never empty a dimension: where every channel of one would go, keep one (the best-scoring)."""
-    changed = True
-    while changed:
-        changed = False
-        for dims in ctx.atoms.values():
-            for atoms in dims:
-                if atoms is None or not atoms.size:
-                    continue
-                comps = labels[atoms]
-                if remove[comps].all():
-                    remove[comps[np.argmax(scores[comps])] if scores is not None else comps[0]] = False
-                    changed = True
+    """Never empty a dimension: where every channel of one would go, keep one (the best-scoring).
+
+    Keeping a channel only turns ``remove`` entries off, so it never empties another dimension
+    and a dimension once fixed stays fixed: one pass over the distinct dimensions is enough.
+    """
+    for atoms in _distinct_dims(ctx):
+        comps = labels[atoms]
+        if remove[comps].all():
+            remove[comps[np.argmax(scores[comps])] if scores is not None else comps[0]] = False
+
+
+def _distinct_dims(ctx: Context) -> list[np.ndarray]:
+    """Every non-empty static dimension's atoms, once per array (values that pass a dimension
+    through unchanged, such as activations, share their input's array)."""
+    seen: dict[int, np.ndarray] = {}
+    for dims in ctx.atoms.values():
+        for atoms in dims:
+            if atoms is not None and atoms.size:
+                seen.setdefault(id(atoms), atoms)
+    return list(seen.values())
 
 
 def _groups(ctx: Context, components: Components, removable: np.ndarray, seen: np.ndarray) -> list[ChannelGroup]:
     """Components that share a dimension form one group; groups are those some parameter carries."""
     labels = components.labels
-    carriers: dict[int, set[str]] = {}
-    rows, cols = [], []
-    for key, dims in ctx.atoms.items():
-        for d, atoms in enumerate(dims):
-            if atoms is None or not atoms.size:
-                continue
-            comps = np.unique(labels[atoms])
-            rows.append(comps)
-            cols.append(np.full(len(comps), comps[0]))
-            if key[0].op == "get_attr":
-                for c in comps[seen[comps]]:
-                    carriers.setdefault(int(c), set()).add(f"{key[0].target}:{d}")
+    per_dim = [labels[atoms] for atoms in _distinct_dims(ctx)]
+    rows = np.concatenate(per_dim) if per_dim else np.zeros(0, dtype=np.int64)
+    cols = np.repeat([comps[0] for comps in per_dim], [comps.size for comps in per_dim]).astype(np.int64)
     n = components.count
-    graph = coo_matrix((np.ones(sum(map(len, rows)), dtype=np.int8), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(n, n))
     _, set_of = connected_components(graph, directed=False)
+    carrier_comps, carrier_names, names = _carriers(ctx, labels, seen)
+    sets = np.unique(set_of[carrier_comps])
+    members = _split_by(set_of, np.arange(n), sets)
+    named = _split_by(set_of[carrier_comps], carrier_names, sets)
     groups = []
-    for s in np.unique(set_of[list(carriers)]) if carriers else []:
-        comps = np.flatnonzero(set_of == s)
-        names = sorted(set().union(*(carriers.get(int(c), set()) for c in comps)))
-        pinned = [c for c in comps if components.pinned[c]]
+    for comps, name_ids in zip(members, named, strict=True):
+        pinned = comps[components.pinned[comps]]
         groups.append(
             ChannelGroup(
                 index=len(groups),
                 components=comps,
-                carriers=names,
-                pinned_reason=components.reasons[int(pinned[0])] if pinned else None,
-                prunable=np.array([c for c in comps if not components.pinned[c]], dtype=np.int64),
+                carriers=sorted(names[i] for i in np.unique(name_ids)),
+                pinned_reason=components.reasons[int(pinned[0])] if pinned.size else None,
+                prunable=comps[~components.pinned[comps]].astype(np.int64),
                 removable=int(removable[comps].sum()),
             )
         )
     return groups
+
+
+def _carriers(ctx: Context, labels: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(component, carrier name index) pairs for every ``parameter:dim`` slice that carries a
+    channel some activation also carries, and the carrier names."""
+    index: dict[str, int] = {}
+    comps_of, names_of = [], []
+    for key, dims in ctx.atoms.items():
+        if key[0].op != "get_attr":
+            continue
+        for d, atoms in enumerate(dims):
+            comps = labels[atoms]
+            comps = comps[seen[comps]]
+            if comps.size:
+                name = index.setdefault(f"{key[0].target}:{d}", len(index))
+                comps_of.append(comps)
+                names_of.append(np.full(comps.size, name))
+    if not comps_of:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), []
+    return np.concatenate(comps_of), np.concatenate(names_of), list(index)
+
+
+def _split_by(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> list[np.ndarray]:
+    """For each key in ``wanted``, the ``values`` at its positions in ``keys``, in their order."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts, ends = np.searchsorted(ordered, wanted, "left"), np.searchsorted(ordered, wanted, "right")
+    return [values[order[a:b]] for a, b in zip(starts, ends, strict=True)]

@@ -72,9 +72,11 @@ class AtomTable:
         count, labels = connected_components(graph, directed=False)
         pinned = np.zeros(count, dtype=bool)
         reasons: dict[int, str] = {}
-        for atoms, reason in self._pins:
-            for comp in np.unique(labels[atoms]):
-                if not pinned[comp]:
-                    pinned[comp] = True
-                    reasons[int(comp)] = reason
+        if self._pins:
+            # one vectorised pass: each component's first pin (in pin order) gives its reason
+            comps = labels[np.concatenate([atoms for atoms, _ in self._pins])]
+            which = np.repeat(np.arange(len(self._pins)), [atoms.size for atoms, _ in self._pins])
+            first_comps, first = np.unique(comps, return_index=True)
+            pinned[first_comps] = True
+            reasons = {int(c): self._pins[i][1] for c, i in zip(first_comps, which[first], strict=True)}
         return Components(labels=labels, pinned=pinned, reasons=reasons)

@@ -11,6 +11,7 @@ For each value the context holds, per dimension:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,7 @@ class Context:
         self.constant: set[Node] = set()  # nodes whose values depend on no model input
         self.marked: set[Key] = set()  # inputs the current rule gave dead facts for
         self.output_counts: dict[Node, int | None] = {}  # None: one tensor; n: a tuple of n
+        self._slice_facts: dict[str, tuple[np.ndarray | None, Masks]] = {}  # get_attr target -> facts
 
     def keys_of(self, node: Node) -> list[Key]:
         count = self.output_counts.get(node)
@@ -104,6 +106,27 @@ class Context:
             return self.values[arg.target]
         return None
 
+    def nonzero_pairs(self, arg: Any) -> np.ndarray | None:
+        """``[size0, size1]`` bool for a constant of rank >= 2 (``None`` for anything else):
+        which (dim 0, dim 1) index pairs, e.g. a weight's (output, input) channel pairs, hold a
+        nonzero anywhere in the other dims.
+
+        Read-only and computed once per constant with its zero slices: convolution and linear
+        rules ask for it in both walks, and scanning large weights is most of an analysis.
+        """
+        if not isinstance(arg, Node) or arg.op != "get_attr":
+            return None
+        return self._facts(arg)[0]
+
+    def constant_zeros(self, node: Node) -> Masks:
+        """Zero facts of a constant (fresh arrays): per dim, which slices are all zero."""
+        return [m.copy() for m in self._facts(node)[1]]
+
+    def _facts(self, node: Node) -> tuple[np.ndarray | None, Masks]:
+        if node.target not in self._slice_facts:
+            self._slice_facts[node.target] = slice_facts(self.values[node.target])
+        return self._slice_facts[node.target]
+
     # -- forward zero facts ----------------------------------------------------------------
     def zeros(self, arg: Any, index: int | None = None) -> Masks:
         """Zero facts of an argument; ``None`` arguments have none."""
@@ -130,6 +153,36 @@ class Context:
     def mark_live(self, arg: Any, index: int | None = None) -> None:
         if isinstance(arg, Node) and (arg, index) in self.dead:
             self.mark_dead(arg, [None] * len(self.dead[(arg, index)]), index)
+
+
+def slice_facts(value: torch.Tensor) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """(nonzero (dim 0, dim 1) pairs or ``None`` below rank 2, per-dim all-zero slices).
+
+    One scan of the tensor whatever its rank, in numpy: on CPU its boolean reductions are many
+    times faster than torch's for the small weights of a convnet. A NaN counts as nonzero.
+    """
+    nonzero = _as_array(value.detach().cpu()) != 0
+    if nonzero.ndim < 2:
+        return None, [~nonzero] if nonzero.ndim == 1 else []
+    s0, s1 = nonzero.shape[:2]
+    flat = nonzero.reshape(s0, s1, math.prod(nonzero.shape[2:]))
+    pairs = flat.any(-1) if flat.shape[2] != 1 else flat[:, :, 0].copy()
+    pairs.flags.writeable = False
+    masks = [~pairs.any(1), ~pairs.any(0)]
+    if nonzero.ndim > 2:
+        rest = nonzero.reshape(s0 * s1, *nonzero.shape[2:]).any(0)
+        for d in range(rest.ndim):
+            others = tuple(k for k in range(rest.ndim) if k != d)
+            masks.append(~(rest.any(axis=others) if others else rest))
+    return pairs, masks
+
+
+def _as_array(value: torch.Tensor) -> np.ndarray:
+    """The tensor as numpy; dtypes numpy lacks (bfloat16, float8) as their nonzero pattern."""
+    try:
+        return value.numpy()
+    except TypeError:
+        return (value != 0).numpy()
 
 
 def mask(size: int | None, fill: bool) -> np.ndarray | None:

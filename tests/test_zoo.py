@@ -1,0 +1,144 @@
+"""Every torchvision classification model: prune 40% of its channels, strip, and nothing changes.
+
+One model per architecture family runs in the default suite (the smallest variant at the smallest
+input it takes); every other classification model of torchvision runs under ``-m slow``. Each must
+strip every channel pruning zeroed, compute what the pruned model computes (to 1e-4 of the output's
+largest magnitude, on inputs strip never saw), get smaller in parameters and FLOPs, export to ONNX
+and match the pruned model in ONNX Runtime, with no op left without a channel rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import compile_toolkit as ctk
+from compile_toolkit.metrics import count_flops, count_params
+
+TOLERANCE = 1e-4
+
+# family -> (smallest variant, smallest input side it takes)
+REPRESENTATIVE = {
+    "resnet18": 64,
+    "shufflenet_v2_x0_5": 64,
+    "swin_t": 224,
+    "maxvit_t": 224,
+    "convnext_tiny": 64,
+    "efficientnet_b0": 64,
+    "densenet121": 64,
+    "googlenet": 64,
+    "regnet_x_400mf": 64,
+    "mobilenet_v3_small": 64,
+    "vit_b_32": 224,
+}
+
+# models whose graphs still reach an op without a channel rule: op -> models
+MISSING_RULES: dict[str, list[str]] = {"aten.einsum": ["maxvit_t"]}  # op -> models it still blocks
+
+
+def input_side(name: str) -> int:
+    if name in REPRESENTATIVE:
+        return REPRESENTATIVE[name]
+    if name == "inception_v3":
+        return 75
+    return 224 if name.startswith(("vit_", "swin_", "maxvit_")) else 64
+
+
+def cases(names: list[str], slow: bool) -> list:
+    params = []
+    for name in names:
+        marks = [pytest.mark.slow] if slow else []
+        missing = [op for op, models in MISSING_RULES.items() if name in models]
+        if missing:
+            marks.append(pytest.mark.xfail(strict=True, reason=f"no channel rule for {', '.join(missing)}"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+ALL = torchvision.models.list_models(module=torchvision.models)
+OTHERS = [name for name in ALL if name not in REPRESENTATIVE]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: under ``pytest -n 2`` on two cores, a second thread per worker
+    oversubscribes them and OpenMP's spin-waiting makes each forward 10 to 100 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def mha_fastpath_off() -> Iterator[None]:
+    """``nn.MultiheadAttention`` in eval takes a fused fast path that ``FlopCounterMode`` does not
+    count (a ViT would count 5.9 GFLOPs eager against 8.7 in its graph); off, both count alike."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / a.abs().max()).item()
+
+
+def barrier_ops(reasons: list[str]) -> list[str]:
+    return sorted({m.group(1) for r in reasons if (m := re.match(r"no channel rule for (\S+) at node", r))})
+
+
+def build(name: str) -> nn.Module:
+    """The model with seeded random weights; tensors its init leaves all zero (ViT's head, biases,
+    BN means) get small random values, so no output is zero whatever the input."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point() and not t.any():
+                t.normal_(0, 0.1)
+    return model
+
+
+def prune_strip_export(name: str, tmp_path) -> None:
+    model = build(name)
+    side = input_side(name)
+    x = torch.randn(2, 3, side, side)
+    report = ctk.prune(model, (x,), sparsity=0.4, structure="channel")
+    assert report.pruned > 0
+    stripped = ctk.strip(model, (x,))
+    summary = stripped.meta["ctk_strip"]
+    assert barrier_ops(summary["barriers"]) == []
+    assert summary["channels_removed"] >= report.pruned  # whatever pruning zeroed, strip removes
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(2):
+            y = torch.randn(x.shape, generator=generator)
+            assert rel_error(model(y), stripped(y)) <= TOLERANCE
+    assert count_params(stripped) < count_params(model)
+    with mha_fastpath_off():
+        assert count_flops(stripped, (x,)) < count_flops(model, (x,))
+
+    # ONNX Runtime runs the stripped graph and must match the pruned eager model
+    (artifact,) = ctk.export(stripped, (x,), str(tmp_path / "out"), formats=("onnx",), reference=model)
+    with torch.no_grad():
+        scale = model(x).abs().max().item()
+    assert artifact.max_abs_error <= TOLERANCE * scale
+
+
+@pytest.mark.parametrize("name", cases(list(REPRESENTATIVE), slow=False))
+def test_representative_model_prunes_strips_and_exports_exactly(name, tmp_path):
+    prune_strip_export(name, tmp_path)
+
+
+@pytest.mark.parametrize("name", cases(OTHERS, slow=True))
+def test_every_other_model_prunes_strips_and_exports_exactly(name, tmp_path):
+    prune_strip_export(name, tmp_path)
