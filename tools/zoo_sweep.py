@@ -2,8 +2,9 @@
 """Prune and strip every torchvision classification model, and show what strip removed.
 
 For each model (random weights, eval mode, seeded): ``ctk.prune(sparsity=0.4, structure="channel")``,
-then ``ctk.strip``, then one row: channel groups found and stripped, the ops that were barriers,
-parameter and FLOP ratios (stripped / dense), the max relative error of the stripped model against
+then ``ctk.strip``, then one row: channel groups found and stripped, the ops without a channel rule
+that were barriers, the ops with a rule that still kept some channels ("kept by"), parameter and FLOP
+ratios (stripped / dense), the max relative error of the stripped model against
 the pruned one on two random inputs (relative to the output's max magnitude; must be <= 1e-4),
 whether the ONNX export verified in ONNX Runtime, and the seconds ``ctk.strip`` spent in analysis
 + strip and in ``torch.export``. Each model runs in its own process with a timeout, so a crash, an
@@ -74,6 +75,7 @@ class Row:
     groups_stripped: int = 0
     channels_removed: int = 0
     barrier_ops: list[str] = field(default_factory=list)
+    limiting_ops: list[str] = field(default_factory=list)
     kept_because: list[str] = field(default_factory=list)
     params: int = 0
     params_stripped: int = 0
@@ -137,6 +139,13 @@ def barrier_ops(reasons: list[str]) -> list[str]:
     return sorted({m.group(1) for r in reasons if (m := re.match(r"no channel rule for (\S+) at node", r))})
 
 
+def limiting_ops(reasons: list[str]) -> list[str]:
+    """The ops that have a rule but kept some channels alive (a LayerNorm's normalised dim, a
+    view that merges dims it cannot follow), without the ``aten.`` prefix."""
+    return sorted({m.group(1).removeprefix("aten.") for r in reasons
+                   if not r.startswith("no channel rule") and (m := re.search(r"(\S+) at node", r))})
+
+
 def build(name: str) -> nn.Module:
     """The model with seeded random weights; tensors its init leaves all zero (ViT's head, biases,
     BN means) get small random values, so no output is zero whatever the input."""
@@ -180,6 +189,7 @@ def measure(name: str, size: int | None = None) -> Row:
     row.channels_removed = details["channels_removed"]
     row.kept_because = details["barriers"]
     row.barrier_ops = barrier_ops(details["barriers"])
+    row.limiting_ops = limiting_ops(details["barriers"])
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         checks = [torch.randn(x.shape, generator=generator) for _ in range(2)]
@@ -246,23 +256,23 @@ def table(rows: list[Row], threads: int) -> Table:
     out = Table(title=f"torchvision zoo: prune {SPARSITY} (channel) then strip; "
                       f"{os.cpu_count()} cores, {threads} torch thread(s)")
     for column, justify in [("model", "left"), ("input", "right"), ("groups", "right"), ("stripped", "right"),
-                            ("barrier ops", "left"), ("params", "right"), ("FLOPs", "right"),
+                            ("barrier ops", "left"), ("kept by", "left"), ("params", "right"), ("FLOPs", "right"),
                             ("max rel err", "right"), ("ONNX", "left"), ("strip s", "right"),
                             ("export s", "right"), ("status", "left")]:
         out.add_column(column, justify=justify, overflow="fold")
     for r in rows:
         if r.status in ("ok", "FAIL") and r.groups:
             out.add_row(r.model, str(r.size), str(r.groups), str(r.groups_stripped), ", ".join(r.barrier_ops),
-                        _ratio(r.params_ratio), _ratio(r.flops_ratio),
+                        ", ".join(r.limiting_ops), _ratio(r.params_ratio), _ratio(r.flops_ratio),
                         "" if r.max_rel_error is None else f"{r.max_rel_error:.1e}", r.onnx,
                         f"{r.strip_s:.2f}", f"{r.export_s:.1f}", r.status if not r.reason else f"{r.status}: {r.reason}")
         else:
-            out.add_row(r.model, str(r.size), *[""] * 9, f"{r.status}: {r.reason}")
+            out.add_row(r.model, str(r.size), *[""] * 10, f"{r.status}: {r.reason}")
     done = [r for r in rows if r.status == "ok"]
     counts = ", ".join(f"{sum(r.status == s for r in rows)} {s}" for s in ("ok", "FAIL", "skip", "timeout"))
     out.add_section()
     out.add_row(f"total ({len(rows)})", "", str(sum(r.groups for r in done)), str(sum(r.groups_stripped for r in done)),
-                f"{sum(bool(r.barrier_ops) for r in done)} models with barriers",
+                f"{sum(bool(r.barrier_ops) for r in done)} models with barriers", "",
                 _ratio(_mean([r.params_ratio for r in done])), _ratio(_mean([r.flops_ratio for r in done])),
                 "", f"{sum(r.onnx == 'ok' for r in rows)} ok", f"{sum(r.strip_s for r in rows):.1f}",
                 f"{sum(r.export_s for r in rows):.1f}", counts)
@@ -293,7 +303,7 @@ def main() -> None:
     unknown = sorted(set(names) - set(classification_models()))
     if unknown:
         parser.error(f"not torchvision classification models: {', '.join(unknown)}")
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = Console(width=None if sys.stdout.isatty() else 240)
     rows = []
     for i, name in enumerate(names):
         rows.append(run_one(name, args.size, args.threads, args.timeout))
