@@ -14,6 +14,7 @@ from torch.fx import GraphModule
 
 from compile_toolkit.channels.analysis import ChannelAnalysis, analyze
 from compile_toolkit.channels.rules import rule_for
+from compile_toolkit.channels.rules.base import ShapeChange
 
 from .base import GraphPass, PassResult
 
@@ -97,5 +98,7 @@ def _rewrite_shapes(gm: GraphModule, analysis: ChannelAnalysis) -> None:
         keys = ctx.keys_of(node)
         old = [ctx.shapes[k] for k in keys]
         new = [analysis.kept_shape(k) for k in keys]
-        if old != new:
-            rule_for(node).rewrite(node, old, new)
+        inputs = [(arg, None) for arg in node.all_input_nodes if (arg, None) in ctx.shapes]
+        if old != new or any(ctx.shapes[k] != analysis.kept_shape(k) for k in inputs):
+            change = ShapeChange(old, new, lambda arg: analysis.kept_shape((arg, None)))
+            rule_for(node).rewrite(node, change)

@@ -660,3 +660,64 @@ def test_shuffle_units_strip_exactly_for_generated_zero_patterns(shuffle_graph, 
     removed = StripPass()(gm).details["channels_removed"]
     assert relative_error([[reference]], [[gm(y)]]) < 1e-5
     assert (sum(p.numel() for p in gm.parameters()) < before) == (removed > 0)
+
+
+class EinsumAttention(nn.Module):
+    """MaxViT-style attention written with einsum over (batch, heads, tokens, head_dim)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        scores = torch.einsum("b h i d, b h j d -> b h i j", q, k).softmax(-1)
+        out = torch.einsum("bhij,bhjd->bhid", scores, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def test_einsum_attention_loses_a_head_through_both_products():
+    torch.manual_seed(0)
+    model = EinsumAttention()
+    head_1 = [part * 16 + 4 + d for part in range(3) for d in range(4)]  # head 1 of q, k and v
+    zero_out(model.qkv, head_1)
+    _, shapes, summary = strip_exact(model, torch.randn(2, 5, 16))
+    assert shapes["qkv.weight"] == (36, 16) and shapes["proj.weight"] == (16, 12)
+    assert not any("einsum" in b for b in summary["barriers"])
+
+
+def test_einsum_contracted_label_goes_where_one_operand_is_zero():
+    """``x W^T`` written as einsum: a zero input column of W removes that feature of x's producer."""
+
+    class Bilinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 8)
+            self.w = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x):
+            return torch.einsum("...i,oi->...o", self.fc(x), self.w)
+
+    model = Bilinear()
+    zero_(model.w, (slice(None), [1, 5]))
+    stripped, shapes, _ = strip_exact(model, torch.randn(2, 3, 6))
+    assert shapes["fc.weight"] == (6, 6) and shapes["w"] == (4, 6)
+
+
+@pytest.mark.parametrize(
+    "equation, ranks, operands, output",
+    [
+        ("ij,jk", [2, 2], ["ij", "jk"], "ik"),
+        ("b h i d, b h j d -> b h i j", [4, 4], ["bhid", "bhjd"], "bhij"),
+        ("...i,oi->...o", [3, 2], ["abi", "oi"], "abo"),  # "..." becomes unused letters
+        ("...ij,...jk->...ik", [4, 3], ["abij", "bjk"], "abik"),  # right-aligned
+    ],
+)
+def test_einsum_equations_parse_to_labels(equation, ranks, operands, output):
+    from compile_toolkit.channels.rules.einsum import parse
+
+    eq = parse(equation, ranks)
+    assert eq.operands == operands and eq.output == output

@@ -19,8 +19,8 @@ import torch
 from torch.fx import Node
 
 from ..atoms import Atoms
-from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import OpRule, copy_masks, full
+from ..context import Context, Dims, Masks, all_dead, concrete, describe, mask
+from .base import OpRule, ShapeChange, copy_masks, full
 from .matmul import RULES as MATMUL_RULES
 from .matmul import MatMul
 
@@ -81,9 +81,8 @@ class Attention(OpRule):
     full size and is pinned where it broadcasts (size 1) or spans tokens.
 
     The default ``scale`` is ``1/sqrt(E)``, which removing features of ``q``/``k`` would change.
-    The rule therefore writes the original scale into the call when it first sees it (the same
-    number the op would compute, so the graph means the same): the contracted ``E`` features can
-    then be removed exactly, which a pinned ``E`` would not allow.
+    The rewrite therefore writes the original scale into the call when ``E`` shrinks, so the
+    contracted features can be removed exactly, which a pinned ``E`` would not allow.
     """
 
     def _call(self, ctx: Context, node: Node) -> _Call | None:
@@ -112,7 +111,6 @@ class Attention(OpRule):
             for arg in node.all_input_nodes:
                 ctx.pin_value(arg, reason)
             return [[ctx.fresh(s, reason) for s in ctx.shape(node)]]
-        self._fix_scale(ctx, node)
         qd, kd, vd = ctx.dims(call.q), ctx.dims(call.k), ctx.dims(call.v)
         rank = len(qd)
         heads = f"heads of {describe(node)}"
@@ -129,10 +127,11 @@ class Attention(OpRule):
             self._couple_mask(ctx, node, call, qd)
         return [[*qd[:-1], vd[-1]]]
 
-    def _fix_scale(self, ctx: Context, node: Node) -> None:
-        """Make the default ``1/sqrt(E)`` explicit, so removing ``E`` features keeps it."""
-        features = ctx.shape(node.args[0])[-1]
-        if node.kwargs.get("scale") is None and features is not None:
+    def rewrite(self, node: Node, change: ShapeChange) -> None:
+        """Keep the default ``1/sqrt(E)`` of the original ``E`` when features of ``q`` go."""
+        q = node.args[0]
+        features = concrete(q.meta["val"].shape[-1])
+        if node.kwargs.get("scale") is None and features is not None and change.new_input(q)[-1] != features:
             node.update_kwarg("scale", 1.0 / math.sqrt(features))
 
     def _couple_mask(self, ctx: Context, node: Node, call: _Call, qd: Dims) -> None:

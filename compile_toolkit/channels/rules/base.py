@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, describe, mask
+
+Shape = list[int | None]
+
+
+@dataclass(frozen=True)
+class ShapeChange:
+    """What stripping did to the shapes around one node: ``old``/``new`` per output value, and
+    ``new_input(arg)`` for the kept shape of an input (its ``meta`` still holds the old one)."""
+
+    old: list[Shape]
+    new: list[Shape]
+    new_input: Callable[[Node], Shape]
 
 
 class OpRule:
@@ -13,7 +28,7 @@ class OpRule:
     ``couple`` and ``zero`` return one entry per output value of the node (most ops have one).
     ``dead`` calls :meth:`Context.mark_dead` for the inputs it can say something about; inputs it
     leaves out are treated as fully used. ``rewrite`` fixes shape constants in the node's
-    arguments after channels were removed (``new_shapes`` gives each output's kept sizes).
+    arguments after channels were removed around it (see :class:`ShapeChange`).
     """
 
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
@@ -25,7 +40,7 @@ class OpRule:
     def dead(self, ctx: Context, node: Node) -> None:
         """Default: say nothing, so every input is treated as used."""
 
-    def rewrite(self, node: Node, old_shapes: list[list[int | None]], new_shapes: list[list[int | None]]) -> None:
+    def rewrite(self, node: Node, change: ShapeChange) -> None:
         """Default: the op has no shape constants."""
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import Barrier, OpRule, copy_masks, full
+from .base import Barrier, OpRule, ShapeChange, copy_masks, full
 from .shape import argument, set_argument
 
 
@@ -137,10 +137,10 @@ class Conv(OpRule):
         spatial = [ctx.fresh(s, reason) for s in ctx.shape(node)[2:]]
         return [[ctx.dims(spec.x)[0], out, *spatial]]
 
-    def rewrite(self, node: Node, old_shapes, new_shapes) -> None:
+    def rewrite(self, node: Node, change: ShapeChange) -> None:
         """Removing a depthwise channel removes its group: the group count follows."""
         spec = conv_spec(node, _meta_shape)
-        old, new = old_shapes[0][1], new_shapes[0][1]
+        old, new = change.old[0][1], change.new[0][1]
         if spec.kind == "depthwise" and old != new:
             set_argument(node, "groups", spec.groups * new // old)
 

@@ -19,7 +19,7 @@ import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import Barrier, OpRule, copy_masks, full, output_shapes
+from .base import Barrier, OpRule, ShapeChange, copy_masks, full, output_shapes
 from .shape import _dim, _order, argument, set_argument
 
 
@@ -90,10 +90,10 @@ class Split(OpRule):
             masks[dim] = mask(shape[dim], False)
         ctx.mark_dead(x, masks)
 
-    def rewrite(self, node: Node, old_shapes, new_shapes) -> None:
-        dim = _dim(argument(node, "dim", 0), len(old_shapes[0]))
-        old = [shape[dim] for shape in old_shapes]
-        new = [shape[dim] for shape in new_shapes]
+    def rewrite(self, node: Node, change: ShapeChange) -> None:
+        dim = _dim(argument(node, "dim", 0), len(change.old[0]))
+        old = [shape[dim] for shape in change.old]
+        new = [shape[dim] for shape in change.new]
         if old != new:
             node.target = torch.ops.aten.split_with_sizes.default
             node.args = (node.args[0], new, dim)
@@ -186,10 +186,10 @@ class Slice(OpRule):
             masks[dim][s:e:step] = out_dead[dim]
         ctx.mark_dead(x, masks)
 
-    def rewrite(self, node: Node, old_shapes, new_shapes) -> None:
+    def rewrite(self, node: Node, change: ShapeChange) -> None:
         x = node.args[0]
-        dim = _dim(argument(node, "dim", 0), len(old_shapes[0]))
-        old, new = old_shapes[0][dim], new_shapes[0][dim]
+        dim = _dim(argument(node, "dim", 0), len(change.old[0]))
+        old, new = change.old[0][dim], change.new[0][dim]
         if old is None or old == new:
             return
         s, e, _, _ = self._range(node, _meta_shape(x)[dim])
@@ -362,13 +362,13 @@ class Expand(OpRule):
                 masks.append(np.full(size, bool(m.all())))
         ctx.mark_dead(x, masks)
 
-    def rewrite(self, node: Node, old_shapes, new_shapes) -> None:
+    def rewrite(self, node: Node, change: ShapeChange) -> None:
         if self.like_other:
             return
         sizes = list(argument(node, "size"))
         for d, size in enumerate(sizes):
-            if isinstance(size, int) and size != -1 and old_shapes[0][d] != new_shapes[0][d]:
-                sizes[d] = new_shapes[0][d]
+            if isinstance(size, int) and size != -1 and change.old[0][d] != change.new[0][d]:
+                sizes[d] = change.new[0][d]
         set_argument(node, "size", sizes)
 
 

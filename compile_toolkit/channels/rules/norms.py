@@ -15,7 +15,7 @@ import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import OpRule, full, output_shapes
+from .base import OpRule, ShapeChange, full, output_shapes
 from .layers import _zero_vector
 from .shape import argument, set_argument
 
@@ -139,8 +139,8 @@ class GroupNorm(OpRule):
         x_dead[1] = np.repeat(ignored, per_group)
         ctx.mark_dead(x, x_dead)
 
-    def rewrite(self, node: Node, old_shapes, new_shapes) -> None:
-        old, new = old_shapes[0][1], new_shapes[0][1]
+    def rewrite(self, node: Node, change: ShapeChange) -> None:
+        old, new = change.old[0][1], change.new[0][1]
         if old != new:
             set_argument(node, "num_groups", int(argument(node, "num_groups")) * new // old)
 

@@ -17,7 +17,7 @@ import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import OpRule, copy_masks, full
+from .base import OpRule, ShapeChange, copy_masks, full
 
 
 def _dim(d: int, rank: int) -> int:
@@ -330,11 +330,11 @@ class Reshape(OpRule):
                 masks[gi[0]] = grid.ravel()
         ctx.mark_dead(node.args[0], masks)
 
-    def rewrite(self, node: Node, old_shapes, new_shapes) -> None:
+    def rewrite(self, node: Node, change: ShapeChange) -> None:
         if self.size_arg is None:
             return
         sizes = list(node.args[self.size_arg])
-        old, new = old_shapes[0], new_shapes[0]
+        old, new = change.old[0], change.new[0]
         # view/reshape sizes cover every output dim; unflatten's cover the dims it creates
         first = 0 if self.size_arg == 1 else _dim(node.args[1], len(old) - len(sizes) + 1)
         for k, size in enumerate(sizes):
