@@ -38,9 +38,6 @@ REPRESENTATIVE = {
     "vit_b_32": 224,
 }
 
-# models whose graphs still reach an op without a channel rule: op -> models
-MISSING_RULES: dict[str, list[str]] = {"aten.einsum": ["maxvit_t"]}  # op -> models it still blocks
-
 
 def input_side(name: str) -> int:
     if name in REPRESENTATIVE:
@@ -51,14 +48,8 @@ def input_side(name: str) -> int:
 
 
 def cases(names: list[str], slow: bool) -> list:
-    params = []
-    for name in names:
-        marks = [pytest.mark.slow] if slow else []
-        missing = [op for op, models in MISSING_RULES.items() if name in models]
-        if missing:
-            marks.append(pytest.mark.xfail(strict=True, reason=f"no channel rule for {', '.join(missing)}"))
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+    marks = [pytest.mark.slow] if slow else []
+    return [pytest.param(name, marks=marks, id=name) for name in names]
 
 
 ALL = torchvision.models.list_models(module=torchvision.models)
