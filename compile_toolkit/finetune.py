@@ -1,13 +1,16 @@
-"""Brief fine-tuning after pruning, with the pruning masks held."""
+"""Brief fine-tuning after pruning, with the pruning masks held (and, optionally, sparse training:
+a gradual schedule pruning as it trains, and a sparsity penalty added to the loss)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .models import Dataset
-from .pruning import apply_masks, mask_gradients
-from .pruning.masks import Masks
+from .pruning.masks import Masks, apply_masks, mask_gradients
+from .pruning.sparsifier import Sparsifier
 
 
 def finetune(
@@ -18,16 +21,24 @@ def finetune(
     lr: float = 5e-3,
     batch_size: int = 64,
     seed: int = 0,
+    *,
+    sparsifier: Sparsifier | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> list[float]:
-    """Train on the training split (Adam, cosine-decayed learning rate); pruned weights get no gradient and are re-zeroed after every
-    step, so the zero pattern strip relies on survives. Returns the mean loss of each epoch."""
+    """Train on the training split (Adam, cosine-decayed learning rate); pruned weights get no gradient and are
+    re-zeroed after every step, so the zero pattern strip relies on survives. Returns the mean loss of each epoch.
+
+    ``sparsifier``: its masks are held too, and ``sparsifier.update(step)`` runs before every step (steps count
+    from 0), so a gradual schedule prunes while the network recovers. ``penalty()`` is added to
+    the loss (group lasso, batch-norm L1) to push whole structures towards zero before they are pruned."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * -(-len(dataset.x_train) // batch_size)
+    steps = epochs * steps_per_epoch(dataset, batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     loss_fn = nn.CrossEntropyLoss()
     x, y = dataset.x_train, dataset.y_train
     losses = []
+    step = 0
     model.train()
     try:
         for _ in range(epochs):
@@ -35,15 +46,32 @@ def finetune(
             total = 0.0
             for start in range(0, len(x), batch_size):
                 batch = order[start : start + batch_size]
+                if sparsifier is not None:
+                    sparsifier.update(step)
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x[batch]), y[batch])
+                total += loss.item() * len(batch)
+                if penalty is not None:
+                    loss = loss + penalty()
                 loss.backward()
-                mask_gradients(model, masks)
+                _hold(model, masks, sparsifier, mask_gradients)
                 optimizer.step()
                 schedule.step()
-                apply_masks(model, masks)
-                total += loss.item() * len(batch)
+                _hold(model, masks, sparsifier, apply_masks)
+                step += 1
             losses.append(total / len(x))
     finally:
         model.eval()
     return losses
+
+
+def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
+    return -(-len(dataset.x_train) // batch_size)
+
+
+def _hold(
+    model: nn.Module, masks: Masks, sparsifier: Sparsifier | None, hold: Callable[[nn.Module, Masks], None]
+) -> None:
+    hold(model, masks)
+    if sparsifier is not None:
+        hold(sparsifier.model, sparsifier.masks)

@@ -1,9 +1,17 @@
-"""Masks: which weights pruning zeroed, held zero through fine-tuning."""
+"""Masks: which weights pruning zeroed, held zero through fine-tuning, saved beside the weights."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
+
+from ..errors import CtkError
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the weight is kept
 
@@ -22,3 +30,54 @@ def mask_gradients(model: nn.Module, masks: Masks) -> None:
         grad = model.get_parameter(name).grad
         if grad is not None:
             grad.masked_fill_(~mask.to(device=grad.device, dtype=torch.bool), 0)
+
+
+def save_masks(path: str | Path, masks: Masks, metadata: dict[str, str] | None = None) -> None:
+    """Write masks as safetensors (bool stored as uint8: portable to every safetensors reader).
+    The file is written beside its destination and renamed, so a crash never leaves half a file."""
+    path = Path(path)
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CtkError(f"masks metadata for {path} must map strings to strings")
+    tensors = {name: mask.detach().to(device="cpu", dtype=torch.uint8).contiguous() for name, mask in masks.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_masks(path: str | Path) -> tuple[Masks, dict[str, str]]:
+    """Read masks written by :func:`save_masks` (as bool tensors on the CPU) and their metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise CtkError(f"masks file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            raw = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CtkError(f"masks file {path} is not a valid safetensors file ({error})") from None
+    masks: Masks = {}
+    for name, tensor in raw.items():
+        if tensor.dtype not in (torch.uint8, torch.bool) or bool(((tensor != 0) & (tensor != 1)).any()):
+            raise CtkError(f"masks file {path}: {name!r} is not a 0/1 mask (dtype {tensor.dtype})")
+        masks[name] = tensor.to(torch.bool)
+    return masks, metadata
+
+
+
+def check_masks(model: nn.Module, masks: Masks, source: str) -> None:
+    """Every mask names a parameter of ``model`` and has its shape (``source`` names where the
+    masks came from in the error), so masks from a file never zero the wrong weights."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in params:
+            raise CtkError(f"{source}: mask {name!r} names no parameter of {type(model).__name__}")
+        if tuple(mask.shape) != tuple(params[name].shape):
+            raise CtkError(
+                f"{source}: mask {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(params[name].shape)}"
+            )

@@ -8,12 +8,18 @@ whatever pruning zeros, strip can remove.
 transformer is made of: attention heads (a head, or a key/value head with the query heads that
 share it, is one channel whose atoms are blocks of ``head_dim`` features in the projections) and
 neurons (groups carried only by vectors and matrices, such as MLP hidden units), and leaves
-convolution channels alone.
+convolution channels alone; ``attention_head`` and ``neuron`` prune one of the two.
+
+Importance: ``l1``/``l2`` weight magnitude, ``bn_scale`` (the batch-norm scale ``|gamma|`` of the
+channel, as in network slimming; groups no batch norm carries are left alone), ``taylor`` (first-
+order Taylor estimate of the loss change when the channel is zeroed, ``|sum(grad * weight)|`` over
+every parameter slice that carries it, Molchanov et al. 2019; needs ``calibration``), ``random``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,9 +32,12 @@ from ..channels.analysis import keep_one_per_dim
 from ..channels.rules.attention import attention_heads
 from ..errors import CtkError
 from .masks import Masks, apply_masks
+from .patterns import check_patterns, check_sparsity, matches
 
-STRUCTURES = ("channel", "head")
-IMPORTANCES = ("l1", "l2", "random")
+STRUCTURES = ("channel", "head", "attention_head", "neuron")
+IMPORTANCES = ("l1", "l2", "random", "bn_scale", "taylor")
+
+Calibration = Callable[[nn.Module], torch.Tensor]  # runs the model on calibration data, returns a scalar loss
 
 
 @dataclass
@@ -62,34 +71,52 @@ def prune(
     importance: str = "l1",
     round_to: int = 1,
     seed: int = 0,
+    *,
+    overrides: Mapping[str, float] | None = None,
+    ignore: Sequence[str] = (),
+    calibration: Calibration | None = None,
 ) -> PruneReport:
     """Zero ``sparsity`` of the channels of every prunable group, in place, lowest importance first.
 
-    ``structure``: ``channel`` (every group) or ``head`` (attention heads and neurons only; a
-    model without attention heads is an error). ``importance``: ``l1``/``l2`` magnitude of every
-    parameter slice that carries the channel, each divided by that parameter's mean slice
-    magnitude and summed, or ``random`` (a baseline). ``round_to`` keeps kept-channel counts at a
-    multiple. Each group in the report has a ``kind``: ``head``, ``neuron``, ``channel`` or ``buffer``
-    (carried by no parameter, never pruned).
+    ``structure``: ``channel`` (every group), ``head`` (attention heads and neurons), ``attention_head``
+    or ``neuron`` (one of the two); asking for heads in a model without attention heads is an
+    error. ``importance``: see the module docstring; ``l1``/``l2`` divide each parameter's slice
+    magnitudes by their mean and sum over the parameters, so each carrier counts equally.
+    ``round_to`` keeps kept-channel counts at a multiple. ``overrides`` (name pattern -> sparsity)
+    and ``ignore`` (name patterns) act on whole groups: a group is ignored when any parameter
+    carrying it matches, and takes the first override matching one of its parameters, because a
+    coupled group is zeroed in all its parameters or not at all. ``calibration(model)`` returns a
+    loss whose gradients score ``taylor``. Each group in the report has a ``kind``: ``head``,
+    ``neuron``, ``channel`` or ``buffer`` (carried by no parameter, never pruned).
     """
-    _check_options(sparsity, structure, importance, round_to)
+    _check_options(sparsity, structure, importance, round_to, calibration)
+    overrides = dict(overrides or {})
+    _check_group_patterns([name for name, _ in model.named_parameters()], overrides, ignore)
     analysis = analyze(capture(model, example_inputs).program.module())
     params = _parameters(analysis)
-    scores = _scores(analysis, params, importance, seed)
+    scores, scored = _scores(model, analysis, params, importance, seed, calibration)
     heads = _head_components(analysis)
-    if structure == "head" and not heads.any():
-        raise CtkError(f"structure='head' needs attention heads, and {type(model).__name__} has none "
+    if structure in ("head", "attention_head") and not heads.any():
+        raise CtkError(f"structure={structure!r} needs attention heads, and {type(model).__name__} has none "
                        "(no scaled_dot_product_attention, no product of two activations over a heads dim); "
                        "use structure='channel'")
     kinds = [_kind(g, params, heads) for g in analysis.groups]
+    if structure == "neuron" and "neuron" not in kinds:
+        raise CtkError(f"structure='neuron' needs groups carried only by linear layers, and {type(model).__name__} "
+                       "has none; use structure='channel'")
     pruned = np.zeros(analysis.components.count, dtype=bool)
+    targets = []
     for group, kind in zip(analysis.groups, kinds, strict=True):
+        target = _group_sparsity(group, sparsity, overrides, ignore)
         size, candidates = _candidates(group, kind, structure, heads)
-        pruned[_choose(size, candidates, scores, sparsity, round_to)] = True
-    keep_one_per_dim(analysis.ctx, analysis.components.labels, pruned, scores)
+        candidates = candidates[scored[candidates]]
+        pruned[_choose(size, candidates, scores, target, round_to)] = True
+        targets.append(target)
+    keep_one_per_dim(analysis.ctx, analysis.components.labels, pruned, np.where(scored, scores, -np.inf))
     groups = [
-        {"carriers": g.carriers, "kind": kind, "channels": g.size, "pruned": int(pruned[g.components].sum())}
-        for g, kind in zip(analysis.groups, kinds, strict=True)
+        {"carriers": g.carriers, "kind": kind, "channels": g.size, "pruned": int(pruned[g.components].sum()),
+         "sparsity": target}
+        for g, kind, target in zip(analysis.groups, kinds, targets, strict=True)
     ]
     masks = _masks(analysis, params, pruned)
     apply_masks(model, masks)
@@ -104,12 +131,9 @@ def prune(
     )
 
 
-def check_sparsity(sparsity: float) -> None:
-    if isinstance(sparsity, bool) or not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
-        raise CtkError(f"sparsity must be in [0, 1), got {sparsity!r}")
-
-
-def _check_options(sparsity: float, structure: str, importance: str, round_to: int) -> None:
+def _check_options(
+    sparsity: float, structure: str, importance: str, round_to: int, calibration: Calibration | None
+) -> None:
     check_sparsity(sparsity)
     if structure not in STRUCTURES:
         raise CtkError(f"unknown structure {structure!r}; choose from {', '.join(STRUCTURES)}")
@@ -117,6 +141,28 @@ def _check_options(sparsity: float, structure: str, importance: str, round_to: i
         raise CtkError(f"unknown importance {importance!r}; choose from {', '.join(IMPORTANCES)}")
     if not (isinstance(round_to, int) and round_to >= 1):
         raise CtkError(f"round_to must be a positive integer, got {round_to!r}")
+    if importance == "taylor" and not callable(calibration):
+        raise CtkError(
+            "importance='taylor' needs calibration: a function that runs the model on a batch and returns its loss"
+        )
+
+
+def _check_group_patterns(names: list[str], overrides: dict[str, float], ignore: Sequence[str]) -> None:
+    check_patterns(list(overrides), names, "overrides")
+    check_patterns(ignore, names, "ignore")
+    for pattern, value in overrides.items():
+        check_sparsity(value, f"overrides[{pattern!r}]")
+
+
+def _group_sparsity(group: ChannelGroup, sparsity: float, overrides: dict[str, float], ignore: Sequence[str]) -> float:
+    """``sparsity``, the first override matching a carrier of the group, or 0 if a carrier is ignored."""
+    names = [c.rpartition(":")[0] for c in group.carriers]
+    if any(matches(n, ignore) for n in names):
+        return 0.0
+    for pattern, value in overrides.items():
+        if any(matches(n, [pattern]) for n in names):
+            return float(value)
+    return sparsity
 
 
 def _parameters(analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
@@ -125,25 +171,81 @@ def _parameters(analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
     return {name: v for name, v in analysis.ctx.values.items() if isinstance(v, nn.Parameter)}
 
 
-def _scores(analysis: ChannelAnalysis, params: dict[str, torch.Tensor], importance: str, seed: int) -> np.ndarray:
+def _scores(
+    model: nn.Module,
+    analysis: ChannelAnalysis,
+    params: dict[str, torch.Tensor],
+    importance: str,
+    seed: int,
+    calibration: Calibration | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(score per channel, whether the importance scores it at all): ``bn_scale`` scores only
+    channels a batch norm carries."""
     count = analysis.components.count
     if importance == "random":
-        return np.random.default_rng(seed).random(count)
+        return np.random.default_rng(seed).random(count), np.ones(count, dtype=bool)
+    slices = {
+        "l1": lambda name: params[name].detach().abs().double(),
+        "l2": lambda name: params[name].detach().double() ** 2,
+        "bn_scale": lambda name: params[name].detach().abs().double() if name in _batch_norm_scales(model) else None,
+        "taylor": _taylor_terms(model, params, calibration) if importance == "taylor" else None,
+    }[importance]
     labels = analysis.components.labels
-    scores = np.zeros(count)
-    power = 1 if importance == "l1" else 2
+    scores, scored = np.zeros(count), np.zeros(count, dtype=bool)
+    for name, dims in _carriers(analysis, params):
+        values = slices(name)
+        if values is None:
+            continue
+        for d, atoms in enumerate(dims):
+            if atoms is None:
+                continue
+            others = [k for k in range(values.dim()) if k != d]
+            per_index = (values.sum(dim=others) if others else values).numpy()
+            if importance in ("l1", "l2") and per_index.mean() > 0:
+                per_index = per_index / per_index.mean()  # each carrier counts equally, whatever its size or scale
+            np.add.at(scores, labels[atoms], per_index)
+            scored[labels[atoms]] = True
+    if importance == "taylor":
+        scores = np.abs(scores)  # the signed first-order change, summed over the carriers, then its size
+    return scores, scored
+
+
+def _carriers(analysis: ChannelAnalysis, params: dict[str, torch.Tensor]) -> list[tuple[str, list]]:
+    """(parameter name, atoms per dim), once per parameter."""
+    seen: dict[str, list] = {}
     for key, dims in analysis.ctx.atoms.items():
         name = key[0].target if key[0].op == "get_attr" else None
-        if name not in params:
-            continue
-        magnitude = params[name].detach().abs().double() ** power
-        for d, atoms in enumerate(dims):
-            others = [k for k in range(magnitude.dim()) if k != d]
-            per_index = (magnitude.sum(dim=others) if others else magnitude).numpy()
-            mean = per_index.mean()
-            if mean > 0:  # each carrier counts equally, whatever its size or scale
-                np.add.at(scores, labels[atoms], per_index / mean)
-    return scores
+        if name in params:
+            seen.setdefault(name, dims)
+    return list(seen.items())
+
+
+def _batch_norm_scales(model: nn.Module) -> set[str]:
+    return {f"{prefix}.weight" if prefix else "weight" for prefix, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
+
+
+def _taylor_terms(model: nn.Module, params: dict[str, torch.Tensor], calibration: Calibration) -> Callable:
+    """``grad * weight`` per parameter, from one calibration loss. The model runs in eval mode
+    so calibration leaves batch-norm statistics alone; gradients are returned, never stored."""
+    own = dict(model.named_parameters())
+    names = [n for n in params if n in own]
+    training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            loss = calibration(model)
+            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
+                raise CtkError("calibration must return a scalar loss tensor that depends on the model's parameters")
+            grads = torch.autograd.grad(loss, [own[n] for n in names], allow_unused=True)
+    finally:
+        model.train(training)
+    terms = {
+        n: (g.detach().double() * own[n].detach().double()).cpu()
+        for n, g in zip(names, grads, strict=True)
+        if g is not None
+    }
+    return terms.get
 
 
 def _head_components(analysis: ChannelAnalysis) -> np.ndarray:
@@ -168,11 +270,14 @@ def _kind(group: ChannelGroup, params: dict[str, torch.Tensor], heads: np.ndarra
 
 def _candidates(group: ChannelGroup, kind: str, structure: str, heads: np.ndarray) -> tuple[int, np.ndarray]:
     """(channel count, prunable channels) of a group under ``structure``: ``head`` takes the heads
-    of head groups and every channel of neuron groups. A group no parameter carries is left
-    alone: zeroing it would change nothing."""
-    if kind == "buffer" or (structure == "head" and kind == "channel"):
-        return group.size, np.zeros(0, dtype=np.int64)
-    if structure == "head" and kind == "head":
+    of head groups and every channel of neuron groups, ``attention_head`` and ``neuron`` one of the
+    two. A group no parameter carries is left alone: zeroing it would change nothing."""
+    none = np.zeros(0, dtype=np.int64)
+    if kind == "buffer" or (structure != "channel" and kind == "channel"):
+        return group.size, none
+    if (structure == "neuron" and kind == "head") or (structure == "attention_head" and kind == "neuron"):
+        return group.size, none
+    if structure in ("head", "attention_head") and kind == "head":
         return int(heads[group.components].sum()), group.prunable[heads[group.prunable]]
     return group.size, group.prunable
 

@@ -1,0 +1,111 @@
+"""``ctk prune --recipe file.yaml``: load a model, prune it as the recipe says, write the pruned
+weights and the masks (both safetensors), and show the sparsity of every layer.
+
+The recipe is validated before the model is loaded, and the output folder appears whole or not
+at all. Weights saved from a ``torch.nn.utils.prune`` model (``weight_orig``/``weight_mask``)
+are folded on load, and their masks held through the recipe.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CtkError
+from .models import load_model
+from .models.registry import DEFAULT_SPEC
+from .outdir import staged_folder
+from .pruning import apply_masks, apply_recipe, load_recipe, save_masks
+from .pruning.iterative import combine_masks
+from .pruning.masks import Masks
+from .pruning.torch_prune import fold_pruned_state_dict
+
+WEIGHTS_FILE = "pruned.safetensors"
+MASKS_FILE = "masks.safetensors"
+
+
+@dataclass
+class PruneJob:
+    """Options of ``ctk prune``."""
+
+    recipe: str
+    model: str = DEFAULT_SPEC
+    weights: str | None = None
+    input_shape: str | None = None
+    out: str | None = None
+
+    @property
+    def out_dir(self) -> Path:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model)
+        return Path(self.out) if self.out else Path("ctk-out") / f"{name}-pruned"
+
+
+def run(job: PruneJob) -> dict[str, Any]:
+    """Prune and write ``pruned.safetensors`` and ``masks.safetensors``; return the summary
+    (per-layer and overall sparsity, the files written)."""
+    recipe = load_recipe(job.recipe)
+    loaded = load_model(job.model, None, job.input_shape)
+    held = _load_weights(loaded.module, job.weights) if job.weights else {}
+    result = apply_recipe(loaded.module, loaded.example_inputs, recipe, loaded.dataset)
+    masks = combine_masks(held, result.masks)
+    apply_masks(loaded.module, masks)
+    out = job.out_dir
+    with staged_folder(out) as staging:
+        state = {k: v.detach().contiguous().clone() for k, v in loaded.module.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_FILE), metadata={"model": job.model})
+        save_masks(staging / MASKS_FILE, masks, {"recipe": str(job.recipe), "model": job.model})
+    return {
+        "model": loaded.name,
+        "sparsity": result.sparsity,
+        "layer_sparsity": result.layer_sparsity,
+        "weights": str(out / WEIGHTS_FILE),
+        "masks": str(out / MASKS_FILE),
+    }
+
+
+def _load_weights(module: nn.Module, path: str) -> Masks:
+    """Load a safetensors state dict, folding ``torch.nn.utils.prune`` pairs; return their masks."""
+    if not Path(path).is_file():
+        raise CtkError(f"weights file not found: {path}")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CtkError(f"weights file {path} is not a valid safetensors file ({error})") from None
+    folded, masks = fold_pruned_state_dict(state)
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(folded)), sorted(set(folded) - set(expected))
+    if missing or unexpected:
+        raise CtkError(f"weights {path} do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, value in folded.items():
+        if value.shape != expected[key].shape:
+            raise CtkError(
+                f"weights {path}: {key!r} has shape {tuple(value.shape)}, the model {tuple(expected[key].shape)}"
+            )
+    module.load_state_dict(folded, strict=True)
+    return masks
+
+
+def handle(args: Any) -> int:
+    """The ``ctk prune`` command: run the job and print per-layer sparsity as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = run(
+        PruneJob(recipe=args.recipe, model=args.model, weights=args.weights, input_shape=args.input_shape, out=args.out)
+    )
+    table = Table(title=f"{summary['model']}: sparsity per layer")
+    table.add_column("parameter")
+    table.add_column("sparsity", justify="right")
+    for name, sparsity in summary["layer_sparsity"].items():
+        table.add_row(name, f"{sparsity:.1%}")
+    table.add_row("[bold]all matrices and kernels[/bold]", f"[bold]{summary['sparsity']:.1%}[/bold]")
+    console = Console()
+    console.print(table)
+    console.print(f"weights: {summary['weights']}\nmasks: {summary['masks']}", soft_wrap=True)
+    return 0

@@ -1,0 +1,258 @@
+"""Pruning recipes: one YAML file that says how to prune (method, targets, schedule, ignores,
+per-layer overrides), usable as ``ctk prune --recipe file.yaml`` and from Python.
+
+Every field is checked when the recipe is loaded, and an error names the file and the field
+(``recipe bad.yaml: schedule.final_sparsity must be in [0, 1), got 1.5``), so a mistake is found
+before any model is loaded or trained. Example (see docs/pruning.md for every field)::
+
+    method: magnitude          # magnitude | N:M such as "2:4" | structured
+    scope: global
+    ignore: ["stem.*"]
+    overrides: {"fc2.weight": 0.3}
+    schedule: {type: gradual, final_sparsity: 0.8, end_step: 100, frequency: 10}
+    finetune: {epochs: 5}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import CtkError
+from .iterative import round_schedule
+from .schedule import GradualSchedule
+from .structured import IMPORTANCES, STRUCTURES
+from .unstructured import parse_n_m
+
+SCHEDULE_TYPES = ("one_shot", "iterative", "gradual")
+SCOPES = ("layer", "global")
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. ``method`` is ``magnitude``, an N:M pattern (``n_m`` holds it) or
+    ``structured``; ``schedule`` is the sparsity schedule in steps (``gradual``), rounds
+    (``iterative``) or a single step (``one_shot``)."""
+
+    source: str
+    method: str
+    schedule_type: str
+    schedule: GradualSchedule
+    rounds: int = 1
+    scope: str = "layer"
+    structure: str = "channel"
+    importance: str = "l1"
+    round_to: int = 1
+    targets: tuple[str, ...] = ("*.weight",)
+    ignore: tuple[str, ...] = ()
+    overrides: dict[str, float] = field(default_factory=dict)
+    finetune_epochs: int = 0
+    finetune_lr: float = 5e-3
+    batch_size: int = 64
+    group_lasso: float = 0.0
+    bn_l1: float = 0.0
+    regularization_epochs: int = 0
+    calibration_size: int = 256
+    seed: int = 0
+
+    @property
+    def structured(self) -> bool:
+        return self.method == "structured"
+
+    def error(self, where: str, message: str) -> CtkError:
+        return CtkError(f"recipe {self.source}: {where} {message}")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe (``yaml.safe_load``: a recipe is data, never code)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise CtkError(f"recipe {path}: cannot read it ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise CtkError(f"recipe {path}: not valid YAML{line}") from None
+    return recipe_from_dict(data, str(path))
+
+
+def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
+    """Validate a recipe given as a mapping (the parsed YAML); ``source`` names it in errors."""
+    top = _Fields(data, source, "")
+    method = top.take("method", str)
+    n_m = _method(method, top)
+    schedule_type, schedule, rounds = _schedule_section(
+        _Fields(top.take("schedule", dict), source, "schedule."), method, n_m
+    )
+    options = _method_options(top, method, n_m)
+    options.update(_finetune_section(_Fields(top.take("finetune", dict, {}), source, "finetune."), schedule_type))
+    options.update(_regularization_section(_Fields(top.take("regularization", dict, {}), source, "regularization.")))
+    options["seed"] = top.take("seed", int, 0, minimum=0)
+    top.done()
+    return Recipe(
+        source=source, method=method, schedule_type=schedule_type, schedule=schedule, rounds=rounds, **options
+    )
+
+
+def _schedule_section(fields: _Fields, method: str, n_m: tuple[int, int] | None) -> tuple[str, GradualSchedule, int]:
+    """(type, schedule, rounds) of the ``schedule`` mapping."""
+    schedule_type = fields.take("type", str, "one_shot", choices=SCHEDULE_TYPES)
+    default_final = (n_m[1] - n_m[0]) / n_m[1] if n_m else _REQUIRED
+    final = fields.take("final_sparsity", float, default_final)
+    initial = fields.take("initial_sparsity", float, 0.0)
+    rounds = fields.take("rounds", int, 3) if schedule_type == "iterative" else 1
+    steps = {}
+    if schedule_type == "gradual":
+        steps = {k: fields.take(k, int, d) for k, d in (("start_step", 0), ("end_step", _REQUIRED), ("frequency", 1))}
+    fields.done()
+    schedule = _schedule(schedule_type, final, initial, rounds, steps, fields)
+    if n_m and abs(final - default_final) > 1e-6:
+        fields.fail("final_sparsity", f"must be {default_final:g} for method {method!r}, got {final!r}")
+    if method == "structured" and schedule_type == "gradual":
+        fields.fail(
+            "type",
+            "'gradual' prunes weights during training: use method magnitude or N:M, or 'iterative' for structured",
+        )
+    return schedule_type, schedule, rounds
+
+
+def _method_options(top: _Fields, method: str, n_m: tuple[int, int] | None) -> dict[str, Any]:
+    """The method's own fields (structured and unstructured take different ones), ignores, overrides."""
+    options: dict[str, Any] = {}
+    if method == "structured":
+        options["structure"] = top.take("structure", str, "channel", choices=STRUCTURES)
+        options["importance"] = top.take("importance", str, "l1", choices=IMPORTANCES)
+        options["round_to"] = top.take("round_to", int, 1, minimum=1)
+        options["calibration_size"] = top.take("calibration_size", int, 256, minimum=1)
+    else:
+        options["targets"] = tuple(top.take("targets", list, ["*.weight"], items=str))
+        options["scope"] = top.take("scope", str, "layer", choices=SCOPES)
+    options["ignore"] = tuple(top.take("ignore", list, [], items=str))
+    options["overrides"] = _overrides(top)
+    if n_m and (options["overrides"] or options.get("scope") == "global"):
+        top.fail(
+            "overrides" if options["overrides"] else "scope",
+            f"does not apply to method {method!r} (every layer gets the same pattern)",
+        )
+    return options
+
+
+def _finetune_section(fields: _Fields, schedule_type: str) -> dict[str, Any]:
+    """Fine-tuning is optional after one-shot pruning and required by the schedules that train."""
+    one_shot = schedule_type == "one_shot"
+    options = {
+        "finetune_epochs": fields.take("epochs", int, 0 if one_shot else _REQUIRED, minimum=0 if one_shot else 1),
+        "finetune_lr": fields.take("lr", float, 5e-3, positive=True),
+        "batch_size": fields.take("batch_size", int, 64, minimum=1),
+    }
+    fields.done()
+    return options
+
+
+def _regularization_section(fields: _Fields) -> dict[str, Any]:
+    """Penalty strengths and the epochs of penalised training before pruning."""
+    group_lasso = fields.take("group_lasso", float, 0.0, minimum=0)
+    bn_l1 = fields.take("bn_l1", float, 0.0, minimum=0)
+    penalised = group_lasso > 0 or bn_l1 > 0
+    epochs = fields.take("epochs", int, 1 if penalised else 0, minimum=1 if penalised else 0)
+    if epochs and not penalised:
+        fields.fail("epochs", "needs a penalty: set group_lasso or bn_l1 above 0")
+    fields.done()
+    return {"group_lasso": group_lasso, "bn_l1": bn_l1, "regularization_epochs": epochs}
+
+
+def _method(method: str, top: _Fields) -> tuple[int, int] | None:
+    try:
+        n_m = parse_n_m(method)
+    except CtkError as error:
+        top.fail("method", str(error).removeprefix(f"method {method!r}: "))
+    if n_m is None and method not in ("magnitude", "structured"):
+        top.fail("method", f"must be magnitude, structured or an N:M pattern such as '2:4', got {method!r}")
+    return n_m
+
+
+def _schedule(
+    kind: str, final: float, initial: float, rounds: int, steps: dict[str, int], fields: _Fields
+) -> GradualSchedule:
+    """Build the schedule; its own checks name the field, which gets the ``schedule.`` prefix."""
+    try:
+        if kind == "one_shot":
+            if initial:
+                fields.fail("initial_sparsity", "applies to iterative and gradual schedules only")
+            return GradualSchedule.one_shot(final)
+        if kind == "iterative":
+            return round_schedule(final, rounds, initial)
+        return GradualSchedule(final, initial, **steps)
+    except CtkError as error:
+        raise CtkError(f"recipe {fields.source}: schedule.{error}") from None
+
+
+def _overrides(top: _Fields) -> dict[str, float]:
+    overrides = top.take("overrides", dict, {})
+    for pattern, value in overrides.items():
+        if not isinstance(pattern, str):
+            top.fail("overrides", f"keys must be name patterns (strings), got {pattern!r}")
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
+            top.fail(f"overrides[{pattern!r}]", f"must be a sparsity in [0, 1), got {value!r}")
+    return {k: float(v) for k, v in overrides.items()}
+
+
+class _Fields:
+    """Reads one mapping of the recipe, field by field; unknown fields are errors (a misspelt
+    option silently ignored would prune differently from what the user wrote)."""
+
+    def __init__(self, data: Any, source: str, prefix: str) -> None:
+        self.source, self.prefix = source, prefix
+        if not isinstance(data, Mapping):
+            where = prefix.rstrip(".") or "the top level"
+            raise CtkError(f"recipe {source}: {where} must be a mapping of fields, got {type(data).__name__}")
+        self.data = dict(data)
+        self.seen: set[str] = set()
+
+    def fail(self, key: str, message: str) -> None:
+        raise CtkError(f"recipe {self.source}: {self.prefix}{key} {message}")
+
+    def take(
+        self,
+        key: str,
+        kind: type,
+        default: Any = _REQUIRED,
+        *,
+        choices: tuple[str, ...] = (),
+        minimum: float | None = None,
+        positive: bool = False,
+        items: type | None = None,
+    ) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if default is _REQUIRED:
+                self.fail(key, "is required")
+            return default
+        value = self.data[key]
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            self.fail(key, f"must be {_KIND_NAMES[kind]}, got {value!r}")
+        if choices and value not in choices:
+            self.fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        if (minimum is not None and value < minimum) or (positive and value <= 0):
+            bound = f">= {minimum}" if minimum is not None else "> 0"
+            self.fail(key, f"must be {bound}, got {value!r}")
+        if items is not None and not all(isinstance(v, items) for v in value):
+            self.fail(key, f"must be a list of {_KIND_NAMES[items].split()[-1]}s, got {value!r}")
+        return float(value) if kind is float else value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen, key=str)
+        if unknown:
+            self.fail(str(unknown[0]), f"is not a field here (known: {', '.join(sorted(self.seen))})")
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a mapping"}

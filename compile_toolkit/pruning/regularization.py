@@ -1,0 +1,77 @@
+"""Penalties for sparse training: push whole structures to zero so pruning them costs little.
+
+Both return a function of no arguments that computes ``strength * penalty`` from the current
+weights, to add to the loss each step. Group lasso (Wen et al. 2016, "structured sparsity
+learning") takes the L2 norm of every coupled channel over all the parameters that carry it, so
+it shrinks exactly the sets structured pruning removes; the batch-norm L1 of network slimming
+(Liu et al. 2017) shrinks the per-channel scales that ``importance="bn_scale"`` then ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..capture import capture
+from ..channels import analyze
+from ..errors import CtkError
+
+Penalty = Callable[[], torch.Tensor]
+
+
+def _check_strength(strength: float) -> None:
+    if isinstance(strength, bool) or not (isinstance(strength, (int, float)) and strength >= 0):
+        raise CtkError(f"strength must be a non-negative number, got {strength!r}")
+
+
+def group_lasso(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], strength: float = 1e-4) -> Penalty:
+    """``strength * sum_c sqrt(sum of squares of every weight that carries channel c)`` over the
+    prunable channels of the channel analysis (inputs, outputs and barrier-pinned channels are
+    not penalised: they can never be pruned). The analysis runs once, here."""
+    _check_strength(strength)
+    analysis = analyze(capture(model, example_inputs).program.module())
+    params = dict(model.named_parameters())
+    labels = analysis.components.labels
+    prunable = np.zeros(analysis.components.count, dtype=bool)
+    for group in analysis.groups:
+        prunable[group.prunable] = True
+    slices: list[tuple[nn.Parameter, int, torch.Tensor]] = []
+    seen: set[str] = set()
+    for key, dims in analysis.ctx.atoms.items():
+        name = key[0].target if key[0].op == "get_attr" else None
+        if name not in params or name in seen:
+            continue
+        seen.add(name)
+        for d, atoms in enumerate(dims):
+            if atoms is not None and prunable[labels[atoms]].any():
+                slices.append((params[name], d, torch.as_tensor(labels[atoms], dtype=torch.long)))
+    channels = torch.as_tensor(np.flatnonzero(prunable), dtype=torch.long)
+    count = analysis.components.count
+
+    def penalty() -> torch.Tensor:
+        device = next(iter(params.values())).device
+        squares = torch.zeros(count, device=device)
+        for param, d, index in slices:
+            others = [k for k in range(param.dim()) if k != d]
+            per_index = (param**2).sum(dim=others) if others else param**2
+            squares = squares.index_add(0, index.to(device), per_index.float())
+        # the epsilon keeps the gradient finite at an all-zero channel (its gradient there is 0)
+        return strength * torch.sqrt(squares[channels.to(device)] + 1e-12).sum()
+
+    return penalty
+
+
+def bn_scale_l1(model: nn.Module, strength: float = 1e-4) -> Penalty:
+    """``strength * sum |gamma|`` over every affine batch norm's scale (network slimming)."""
+    _check_strength(strength)
+    scales = [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    if not scales:
+        raise CtkError(f"bn_scale_l1 needs batch norms with a scale, and {type(model).__name__} has none")
+
+    def penalty() -> torch.Tensor:
+        return strength * sum(s.abs().sum() for s in scales)
+
+    return penalty

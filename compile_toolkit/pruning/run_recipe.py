@@ -1,0 +1,164 @@
+"""Carry out a :class:`~compile_toolkit.pruning.recipe.Recipe` on a model: optional penalised
+training, then pruning on the recipe's schedule (one-shot, iterative rounds, or gradual during
+fine-tuning), with the masks held through every optimizer step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..finetune import finetune, steps_per_epoch
+from ..models import Dataset
+from .iterative import iterative
+from .masks import Masks
+from .patterns import zero_fraction
+from .recipe import Recipe
+from .regularization import bn_scale_l1, group_lasso
+from .schedule import GradualSchedule
+from .sparsifier import Sparsifier
+from .structured import PruneReport, prune
+
+
+@dataclass
+class RecipeResult:
+    """The masks the recipe left, the zero fraction of every matrix and kernel, and over all of them."""
+
+    masks: Masks
+    layer_sparsity: dict[str, float]
+    sparsity: float
+    losses: list[list[float]] = field(default_factory=list)
+    reports: list[PruneReport] = field(default_factory=list, repr=False)
+
+
+def apply_recipe(
+    model: nn.Module, example_inputs: tuple[torch.Tensor, ...], recipe: Recipe, dataset: Dataset | None = None
+) -> RecipeResult:
+    """Prune ``model`` in place as ``recipe`` says. Training steps (fine-tuning, iterative and
+    gradual schedules, regularisation, Taylor calibration) need ``dataset``."""
+    _check_dataset(recipe, dataset)
+    losses: list[list[float]] = []
+    if recipe.regularization_epochs:
+        penalty = _penalty(model, example_inputs, recipe)
+        losses.append(
+            finetune(
+                model,
+                dataset,
+                {},
+                recipe.regularization_epochs,
+                recipe.finetune_lr,
+                recipe.batch_size,
+                recipe.seed,
+                penalty=penalty,
+            )
+        )
+    reports: list[PruneReport] = []
+    prune_to = _pruner(model, example_inputs, recipe, dataset, reports)
+    tune = {"lr": recipe.finetune_lr, "batch_size": recipe.batch_size, "seed": recipe.seed}
+    if recipe.schedule_type == "iterative":
+        round_losses, masks = iterative(
+            model, dataset, prune_to, recipe.rounds, recipe.finetune_epochs, recipe.finetune_lr, recipe.seed
+        )
+        losses.extend(round_losses)
+    elif recipe.schedule_type == "gradual":
+        sparsifier = _sparsifier(model, recipe, recipe.schedule)
+        total = recipe.finetune_epochs * steps_per_epoch(dataset, recipe.batch_size)
+        if recipe.schedule.end_step >= total:
+            raise recipe.error(
+                "schedule.end_step",
+                f"must be below the fine-tuning steps (finetune.epochs x batches = "
+                f"{total}), got {recipe.schedule.end_step}",
+            )
+        losses.append(finetune(model, dataset, {}, recipe.finetune_epochs, sparsifier=sparsifier, **tune))
+        masks = sparsifier.masks
+    else:
+        masks = prune_to(0)
+        if recipe.finetune_epochs:
+            losses.append(finetune(model, dataset, masks, recipe.finetune_epochs, **tune))
+    weights = {n: p.detach() for n, p in model.named_parameters() if p.dim() >= 2}
+    return RecipeResult(
+        masks=masks,
+        layer_sparsity={n: zero_fraction([w]) for n, w in weights.items()},
+        sparsity=zero_fraction(list(weights.values())),
+        losses=losses,
+        reports=reports,
+    )
+
+
+def _check_dataset(recipe: Recipe, dataset: Dataset | None) -> None:
+    if dataset is not None:
+        return
+    needs = [
+        ("schedule.type", recipe.schedule_type != "one_shot"),
+        ("finetune.epochs", recipe.finetune_epochs > 0),
+        ("regularization", recipe.regularization_epochs > 0),
+        ("importance", recipe.structured and recipe.importance == "taylor"),
+    ]
+    for where, needed in needs:
+        if needed:
+            raise recipe.error(where, "needs training data, and the model has no dataset")
+
+
+def _penalty(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], recipe: Recipe):
+    terms = []
+    if recipe.group_lasso:
+        terms.append(group_lasso(model, example_inputs, recipe.group_lasso))
+    if recipe.bn_l1:
+        terms.append(bn_scale_l1(model, recipe.bn_l1))
+    return lambda: sum(term() for term in terms)
+
+
+def _sparsifier(model: nn.Module, recipe: Recipe, schedule: GradualSchedule) -> Sparsifier:
+    return Sparsifier(
+        model,
+        schedule,
+        method=recipe.method,
+        scope=recipe.scope,
+        targets=recipe.targets,
+        ignore=recipe.ignore,
+        overrides=recipe.overrides,
+    )
+
+
+def _pruner(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    recipe: Recipe,
+    dataset: Dataset | None,
+    reports: list[PruneReport],
+):
+    """``prune_to(step)``: prune to the schedule's sparsity at ``step`` (a round, or 0 for one-shot)
+    and return the masks so far."""
+    if not recipe.structured:
+        sparsifier = _sparsifier(model, recipe, recipe.schedule)
+
+        def prune_unstructured(step: int) -> Masks:
+            sparsifier.update(step)
+            return dict(sparsifier.masks)
+
+        return prune_unstructured
+    calibration = None
+    if recipe.importance == "taylor":
+        x, y = dataset.x_train[: recipe.calibration_size], dataset.y_train[: recipe.calibration_size]
+        calibration = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+
+    def prune_structured(step: int) -> Masks:
+        reports.append(
+            prune(
+                model,
+                example_inputs,
+                recipe.schedule.sparsity_at(step),
+                recipe.structure,
+                recipe.importance,
+                recipe.round_to,
+                recipe.seed,
+                overrides=recipe.overrides,
+                ignore=recipe.ignore,
+                calibration=calibration,
+            )
+        )
+        return reports[-1].masks
+
+    return prune_structured

@@ -1,0 +1,187 @@
+"""YAML pruning recipes: every bad field is named in one line, every method and schedule of a
+recipe prunes to the numbers it states, and ``ctk prune --recipe`` writes weights and masks."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+import compile_toolkit as ctk
+from compile_toolkit.cli import main
+from compile_toolkit.errors import CtkError
+from compile_toolkit.models import Dataset, load_model
+from compile_toolkit.pruning import apply_recipe, is_n_m_sparse, load_masks, load_recipe, recipe_from_dict
+
+
+def write(tmp_path, text: str, name: str = "recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+BAD = [
+    ("method: magnitude\nschedule: {final_sparsity: 1.5}", r"schedule.final_sparsity must be in \[0, 1\), got 1.5"),
+    ("schedule: {final_sparsity: 0.5}", "method is required"),
+    ("method: lottery\nschedule: {final_sparsity: 0.5}", "method must be magnitude, structured or an N:M pattern"),
+    ("method: '4:2'\nschedule: {final_sparsity: 0.5}", "method an N:M pattern needs 0 < N < M"),
+    ("method: magnitude\nschedul: {final_sparsity: 0.5}", "schedule is required"),
+    ("method: magnitude\nschedule: {final_sparsity: 0.5}\nsparsity: 0.5", "sparsity is not a field here"),
+    ("method: magnitude\nschedule: {type: cosine, final_sparsity: 0.5}",
+     "schedule.type must be one of one_shot, iterative, gradual, got 'cosine'"),
+    ("method: magnitude\nschedule: {type: gradual, final_sparsity: 0.5}\nfinetune: {epochs: 1}",
+     "schedule.end_step is required"),
+    ("method: magnitude\nschedule: {type: gradual, final_sparsity: 0.5, end_step: 10}", "finetune.epochs is required"),
+    ("method: magnitude\nschedule: {type: gradual, final_sparsity: 0.5, end_step: 10, frequency: 0}\n"
+     "finetune: {epochs: 1}", "schedule.frequency must be a positive integer, got 0"),
+    ("method: magnitude\nschedule: {type: iterative, final_sparsity: 0.5, rounds: 0}\nfinetune: {epochs: 1}",
+     "schedule.rounds must be a positive integer, got 0"),
+    ("method: magnitude\nschedule: {final_sparsity: 0.5, end_step: 10}", "schedule.end_step is not a field here"),
+    ("method: magnitude\nschedule: {final_sparsity: 0.5, initial_sparsity: 0.1}",
+     "schedule.initial_sparsity applies to iterative and gradual schedules only"),
+    ("method: structured\nschedule: {type: gradual, final_sparsity: 0.5, end_step: 10}\nfinetune: {epochs: 1}",
+     "schedule.type 'gradual' prunes weights during training"),
+    ("method: magnitude\nimportance: l1\nschedule: {final_sparsity: 0.5}", "importance is not a field here"),
+    ("method: structured\nimportance: l3\nschedule: {final_sparsity: 0.5}",
+     "importance must be one of l1, l2, random, bn_scale, taylor, got 'l3'"),
+    ("method: structured\nround_to: 0\nschedule: {final_sparsity: 0.5}", "round_to must be >= 1, got 0"),
+    ("method: magnitude\nignore: stem\nschedule: {final_sparsity: 0.5}", "ignore must be a list, got 'stem'"),
+    ("method: magnitude\ntargets: [1]\nschedule: {final_sparsity: 0.5}", "targets must be a list of strings"),
+    ("method: magnitude\noverrides: {fc1.weight: 2}\nschedule: {final_sparsity: 0.5}",
+     r"overrides\['fc1.weight'\] must be a sparsity in \[0, 1\), got 2"),
+    ("method: '2:4'\nschedule: {final_sparsity: 0.3}", "schedule.final_sparsity must be 0.5 for method '2:4', got 0.3"),
+    ("method: '2:4'\nscope: global\nschedule: {}", "scope does not apply to method '2:4'"),
+    ("method: magnitude\nschedule: {final_sparsity: 0.5}\nregularization: {group_lasso: -1}",
+     "regularization.group_lasso must be >= 0, got -1"),
+    ("method: magnitude\nschedule: {final_sparsity: 0.5}\nfinetune: {lr: 0}", "finetune.lr must be > 0, got 0"),
+    ("method: magnitude\nschedule: 0.5", "schedule must be a mapping, got 0.5"),
+    ("- method: magnitude", "the top level must be a mapping of fields, got list"),
+    ("method: magnitude\nschedule: {final_sparsity: 0.5", "not valid YAML at line"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD)
+def test_bad_recipes_name_the_file_and_field_in_one_line(tmp_path, text, message):
+    path = write(tmp_path, text, "bad.yaml")
+    with pytest.raises(CtkError, match=f"^recipe {path}: .*{message}") as error:
+        load_recipe(path)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    with pytest.raises(CtkError, match="recipe .*nothing.yaml: cannot read it"):
+        load_recipe(tmp_path / "nothing.yaml")
+
+
+def test_one_shot_magnitude_recipe_prunes_each_layer_as_written():
+    model = mlp()
+    recipe = recipe_from_dict({
+        "method": "magnitude",
+        "targets": ["*.weight"],
+        "ignore": ["4.*"],
+        "overrides": {"2.weight": 0.25},
+        "schedule": {"final_sparsity": 0.75},
+    })
+    result = apply_recipe(model, (torch.randn(2, 20),), recipe)
+    assert result.layer_sparsity == {"0.weight": 0.75, "2.weight": 0.25, "4.weight": 0.0}
+    assert result.sparsity == pytest.approx((480 + 128) / (640 + 512 + 64))
+    assert set(result.masks) == {"0.weight", "2.weight"}
+    with pytest.raises(CtkError, match="recipe <dict>: finetune.epochs needs training data"):
+        apply_recipe(mlp(), (torch.randn(2, 20),), recipe_from_dict({
+            "method": "magnitude", "schedule": {"final_sparsity": 0.5}, "finetune": {"epochs": 1}}))
+
+
+def test_n_m_recipe_gives_valid_masks_and_gradual_recipe_checks_its_steps():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 3))
+    result = apply_recipe(model, (torch.randn(2, 1, 4, 4),), recipe_from_dict({"method": "1:4", "schedule": {}}))
+    assert is_n_m_sparse(model[1].weight, 1, 4) and is_n_m_sparse(model[3].weight, 1, 4)
+    assert result.sparsity == 0.75
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 4, 4, generator=generator), torch.randint(0, 3, (64,), generator=generator)
+    data = Dataset("tiny", x, y, x, y)
+    gradual = {"method": "magnitude", "scope": "global", "finetune": {"epochs": 2, "batch_size": 16},
+               "schedule": {"type": "gradual", "final_sparsity": 0.6, "end_step": 6, "frequency": 2}}
+    result = apply_recipe(model, (x[:2],), recipe_from_dict(gradual), data)
+    weights = [model[1].weight, model[3].weight]
+    assert result.sparsity == pytest.approx(round(0.6 * 456) / 456)  # the global pool reached its target
+    assert all(bool((w[~result.masks[n]] == 0).all()) for w, n in zip(weights, ("1.weight", "3.weight"), strict=True))
+    gradual["schedule"]["end_step"] = 8  # 2 epochs x 4 batches: the schedule would never finish
+    with pytest.raises(CtkError, match="schedule.end_step must be below the fine-tuning steps .* = 8\\), got 8"):
+        apply_recipe(mlp(), (x[:2],), recipe_from_dict(gradual), data)
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return self.fc(F.relu(self.bn2(self.conv2(h))).flatten(1))
+
+
+def test_structured_iterative_recipe_with_network_slimming_strips_exactly():
+    model = ConvBN().eval()
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 4, 4, generator=generator), torch.randint(0, 5, (32,), generator=generator)
+    recipe = recipe_from_dict({
+        "method": "structured", "importance": "bn_scale", "ignore": ["bn2.*"],  # conv2's outputs
+        "schedule": {"type": "iterative", "final_sparsity": 0.5, "rounds": 2},
+        "regularization": {"bn_l1": 1e-3, "epochs": 1},
+        "finetune": {"epochs": 1, "batch_size": 16},
+    })
+    result = apply_recipe(model, (x[:2],), recipe, Dataset("tiny", x, y, x, y))
+    assert [r.pruned for r in result.reports] == [3, 4]  # conv1's 8 channels: floor(0.4375 * 8), then 4
+    assert int((model.bn1.weight == 0).sum()) == 4 and int((model.bn2.weight == 0).sum()) == 0
+    assert len(result.losses) == 3  # one regularised epoch, then one per round
+    stripped = ctk.strip(model, (x[:2],))
+    assert stripped.meta["ctk_strip"]["channels_removed"] == 4
+    with torch.no_grad():
+        assert torch.allclose(model(x), stripped(x), atol=1e-5)
+
+
+def test_cli_prune_writes_weights_and_masks_and_folds_torch_prune_weights(tmp_path, capsys):
+    digits = load_model().module
+    torch_prune.l1_unstructured(digits.fc1, "weight", amount=0.9)
+    torch_mask = digits.fc1.weight_mask.bool().clone()
+    save_file({k: v.contiguous() for k, v in digits.state_dict().items()}, str(tmp_path / "torch_pruned.safetensors"))
+    recipe = write(tmp_path, """
+        method: magnitude
+        ignore: ["stem.*"]
+        overrides: {"fc2.weight": 0.2}
+        schedule: {final_sparsity: 0.5}
+    """)
+    out = tmp_path / "out"
+    weights_file = str(tmp_path / "torch_pruned.safetensors")
+    argv = ["prune", "--recipe", str(recipe), "--weights", weights_file, "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "fc2.weight" in printed and "20.0%" in printed and "all matrices and kernels" in printed
+    weights = load_file(str(out / "pruned.safetensors"))
+    masks, _ = load_masks(out / "masks.safetensors")
+    assert not any(k.endswith(("_orig", "_mask")) for k in weights)
+    for name, mask in masks.items():
+        assert bool((weights[name][~mask] == 0).all()), name
+    assert int((~masks["fc1.weight"]).sum()) == int((~torch_mask).sum())  # already 90% zero: kept as it was
+    assert bool((~masks["fc1.weight"])[~torch_mask].all())
+    assert int((~masks["res.conv1.0.weight"]).sum()) == 32 * 32 * 9 // 2
+    assert int((~masks["fc2.weight"]).sum()) == 128  # 0.2 of 10 x 64
+    assert "stem.0.weight" not in masks
+
+    bad = write(tmp_path, "method: magnitude\nschedule: {final_sparsity: 1.5}\n", "bad.yaml")
+    assert main(["prune", "--recipe", str(bad), "--out", str(tmp_path / "bad-out")]) == 1
+    error = capsys.readouterr().err
+    assert error == f"ctk: error: recipe {bad}: schedule.final_sparsity must be in [0, 1), got 1.5\n"
+    assert not (tmp_path / "bad-out").exists()
