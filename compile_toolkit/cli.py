@@ -16,6 +16,7 @@ from rich.console import Console
 
 from .errors import CtkError
 from .exporters import FORMATS
+from .train_job import add_train_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output folder (default ctk-out/<model>)")
     export.add_argument("--no-finetune", action="store_true", help="skip fine-tuning after pruning")
     export.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
+    export.add_argument("--checkpoint", help="a `ctk train` checkpoint folder: its weights and masks replace pruning here")
     export.set_defaults(command=_export)
 
     strip = commands.add_parser(
@@ -62,6 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(strip)
     strip.add_argument("--explain", action="store_true", help="list every kept group with the op and node that kept it")
     strip.set_defaults(command=_strip)
+    add_train_parser(commands)
+
+    prune = commands.add_parser(
+        "prune",
+        help="prune a model as a YAML recipe says; write pruned weights and masks",
+        description="Prune a model by a recipe (method, targets, schedule, ignores, per-layer overrides; see "
+        "docs/pruning.md), write pruned.safetensors and masks.safetensors, and print the sparsity of every layer.",
+    )
+    _model_options(prune)
+    prune.add_argument("--recipe", required=True, help="the YAML recipe")
+    prune.add_argument("--out", help="output folder (default ctk-out/<model>-pruned)")
+    prune.set_defaults(command=_prune)
     return parser
 
 
@@ -85,6 +99,7 @@ def _export(args: argparse.Namespace) -> int:
         out=args.out,
         finetune=not args.no_finetune,
         finetune_epochs=args.finetune_epochs,
+        checkpoint=args.checkpoint,
     )
     console = Console(stderr=True)
     report = export_job.run(job, step=_progress(console))
@@ -93,6 +108,12 @@ def _export(args: argparse.Namespace) -> int:
         out.print(table)
     out.print(f"report: {report['out']}/report.json, {report['out']}/report.md")
     return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .prune_job import handle
+
+    return handle(args)
 
 
 def _strip(args: argparse.Namespace) -> int:

@@ -20,12 +20,14 @@ from .errors import CtkError
 from .exporters import FORMATS, export
 from .finetune import finetune
 from .models import LoadedModel, load_model
-from .models.registry import DEFAULT_SPEC
+from .models.registry import DEFAULT_SPEC, _state_dict_mismatch
 from .outdir import staged_folder
-from .pruning import prune
+from .pruning import apply_masks, prune
+from .pruning.masks import check_masks
 from .pruning.structured import check_sparsity
 from .report import write_reports
 from .strip import strip
+from .training.checkpoint import Checkpoint, load_checkpoint
 
 Step = Callable[[str], AbstractContextManager]
 
@@ -45,6 +47,7 @@ class ExportJob:
     out: str | None = None
     finetune: bool = True
     finetune_epochs: int = 5
+    checkpoint: str | None = None
     latency_rounds: int = 60
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -60,11 +63,14 @@ class ExportJob:
             raise CtkError(f"unknown format {unknown[0]!r}; valid formats: {', '.join(FORMATS)}")
         if self.finetune_epochs < 0:
             raise CtkError(f"finetune epochs must be >= 0, got {self.finetune_epochs}")
+        if self.checkpoint is not None and self.weights is not None:
+            raise CtkError("--checkpoint brings its own weights: drop --weights")
 
 
 def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
     """Run the job and return the report (also written as report.json and report.md)."""
     job.validate()
+    trained = _read_checkpoint(job) if job.checkpoint is not None else None
     timed = _timer(job, step)
     with staged_folder(job.out_dir) as staging:
         with timed("load model"):
@@ -73,7 +79,11 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         report: dict[str, Any] = {"model": loaded.name, "sparsity": job.sparsity if job.pruned else 0.0}
         with timed("measure dense model"):
             report["dense"] = _measure(dense, loaded)
-        if job.pruned:
+        if trained is not None:
+            with timed(f"load sparse-trained checkpoint {trained.path}"):
+                report["pruning"] = _apply_checkpoint(trained, job, loaded)
+            report["sparsity"] = report["pruning"]["sparsity"]
+        elif job.pruned:
             report["pruning"] = _prune(job, loaded, timed)
         with timed("capture and strip"):
             stripped = strip(loaded.module, loaded.example_inputs)
@@ -117,6 +127,37 @@ def _prune(job: ExportJob, loaded: LoadedModel, timed) -> dict[str, Any]:
             summary["finetune_losses"] = finetune(loaded.module, loaded.dataset, result.masks, epochs=job.finetune_epochs)
     summary["accuracy"] = _accuracy(loaded.module, loaded)
     return summary
+
+
+def _read_checkpoint(job: ExportJob) -> Checkpoint:
+    """The ``ctk train`` checkpoint, read and matched to ``--model`` before any heavy work."""
+    checkpoint = load_checkpoint(job.checkpoint)  # type: ignore[arg-type]
+    trained = checkpoint.meta.get("config", {}).get("model")
+    if trained is not None and trained != job.model:
+        raise CtkError(f"--checkpoint {checkpoint.path} was trained on --model {trained!r}, not {job.model!r}")
+    return checkpoint
+
+
+def _apply_checkpoint(checkpoint: Checkpoint, job: ExportJob, loaded: LoadedModel) -> dict[str, Any]:
+    """Put the checkpoint's weights and masks into the model instead of pruning here: the masks
+    were chosen during training, so re-pruning would throw that work away."""
+    source = f"--checkpoint {checkpoint.path}"
+    problem = _state_dict_mismatch(loaded.module.state_dict(), checkpoint.model_state)
+    if problem:
+        raise CtkError(f"{source} does not fit --model {job.model!r}: {problem}")
+    loaded.module.load_state_dict(checkpoint.model_state, strict=True)
+    masks = checkpoint.sparsifier_state["masks"]
+    check_masks(loaded.module, masks, source)
+    apply_masks(loaded.module, masks)
+    kept = sum(int(mask.sum()) for mask in masks.values())
+    total = sum(mask.numel() for mask in masks.values())
+    return {
+        "checkpoint": str(checkpoint.path),
+        "step": checkpoint.step,
+        "sparsity": 1 - kept / total if total else 0.0,
+        "masked_weights": sorted(masks),
+        "accuracy": _accuracy(loaded.module, loaded),
+    }
 
 
 def _measure(module: nn.Module, loaded: LoadedModel) -> dict[str, Any]:

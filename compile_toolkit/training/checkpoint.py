@@ -1,0 +1,198 @@
+"""Training checkpoints that survive a killed process: written whole or not at all.
+
+A checkpoint is a folder ``step-00000050`` under the checkpoint root holding
+
+- ``model.safetensors``: the model's state dict (CPU tensors, names without a DDP ``module.``),
+- ``masks.safetensors``: the sparsity masks (``export --checkpoint`` reads them with the weights),
+- ``train_state.pt``: optimizer state, the rest of the sparsifier state and the RNG states, read
+  back with ``torch.load(weights_only=True)`` so a checkpoint can never run code,
+- ``meta.json``: the step and the run's options, readable without torch.
+
+The folder is written under a temporary name and renamed into place, then the text file
+``latest`` is replaced (also by rename) to name it. A worker killed at any moment leaves either the
+previous checkpoint or the new one as ``latest``, never a half-written one. Only the newest
+:data:`KEEP` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CtkError, summary
+from ..pruning.masks import load_masks, save_masks
+
+KEEP = 2
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+MASKS_FILE = "masks.safetensors"
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+_STEP_DIR = re.compile(r"step-[0-9]{8}")
+
+
+@dataclass
+class Checkpoint:
+    """One saved training state; ``step`` is the number of optimizer steps already taken."""
+
+    step: int
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    sparsifier_state: dict[str, Any]
+    rng: dict[str, Any]
+    meta: dict[str, Any]
+    path: Path
+
+
+def save_checkpoint(
+    folder: str | os.PathLike,
+    *,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    sparsifier_state: dict[str, Any],
+    rng: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """Write the checkpoint for ``step`` under ``folder`` atomically, point ``latest`` at it, drop old ones.
+
+    ``sparsifier_state["masks"]`` (parameter name -> bool tensor) goes to ``masks.safetensors``;
+    the rest of ``sparsifier_state`` must be plain data (``torch.load(weights_only=True)``-safe).
+    Returns the step folder.
+    """
+    root = Path(folder)
+    name = f"step-{step:08d}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    except OSError as error:
+        raise CtkError(f"cannot write checkpoint folder {root}: {error.strerror or error}") from error
+    try:
+        masks = sparsifier_state.get("masks", {})
+        rest = {key: value for key, value in sparsifier_state.items() if key != "masks"}
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(staging / MODEL_FILE))
+        save_masks(staging / MASKS_FILE, masks)
+        torch.save(
+            {"step": step, "optimizer": optimizer_state, "sparsifier": rest, "rng": rng}, staging / STATE_FILE
+        )
+        (staging / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+        _replace_dir(staging, root / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _write_atomic(root / LATEST, name + "\n")
+    _drop_old(root, keep_name=name)
+    return root / name
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The step folder ``folder/latest`` names, or None when ``folder`` holds no checkpoint yet."""
+    pointer = Path(folder) / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not _STEP_DIR.fullmatch(name) or not (Path(folder) / name).is_dir():
+        raise CtkError(f"checkpoint pointer {pointer} names {name!r}, which is not a checkpoint folder beside it")
+    return Path(folder) / name
+
+
+def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint: a checkpoint root (its ``latest``) or one ``step-*`` folder.
+
+    Nothing is unpickled: tensors come from safetensors and ``train_state.pt`` is read with
+    ``weights_only=True``. A missing or damaged file is a :class:`CtkError` naming it.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise CtkError(f"checkpoint folder {path} does not exist")
+    if not (path / META_FILE).exists():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CtkError(f"checkpoint folder {path} holds no checkpoint (no {LATEST} and no {META_FILE})")
+        path = found
+    meta = _read_meta(path / META_FILE)
+    model_state = _read_safetensors(path / MODEL_FILE)
+    masks, _ = load_masks(path / MASKS_FILE)
+    state_file = path / STATE_FILE
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CtkError(f"checkpoint file {state_file} is missing") from None
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError or EOFError for bad files
+        raise CtkError(f"checkpoint file {state_file} is not a valid training state: {summary(error)}") from error
+    if not isinstance(state, dict) or not {"step", "optimizer", "sparsifier", "rng"} <= state.keys():
+        raise CtkError(f"checkpoint file {state_file} lacks step, optimizer, sparsifier or rng")
+    if state["step"] != meta.get("step"):
+        raise CtkError(f"checkpoint {path}: {STATE_FILE} is at step {state['step']}, {META_FILE} at {meta.get('step')}")
+    return Checkpoint(
+        step=int(state["step"]),
+        model_state=model_state,
+        optimizer_state=state["optimizer"],
+        sparsifier_state={**state["sparsifier"], "masks": masks},
+        rng=state["rng"],
+        meta=meta,
+        path=path,
+    )
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CtkError(f"checkpoint file {path} is missing") from None
+    except (OSError, ValueError) as error:
+        raise CtkError(f"checkpoint file {path} is not valid JSON: {summary(error)}") from error
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CtkError(f"checkpoint file {path} has no integer 'step'")
+    return meta
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CtkError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CtkError(f"checkpoint file {path} is not a valid safetensors file: {summary(error)}") from error
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an existing ``target`` (the same step saved again after a
+    restart) is moved aside first and removed after, so ``target`` is never half there."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _drop_old(root: Path, keep_name: str) -> None:
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name))
+    old = [p for p in steps if p.name != keep_name][: max(len(steps) - KEEP, 0)]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,134 @@
+"""Options of one sparse-training run, shared by every strategy (single process, DDP, SPMD).
+
+One dataclass is the single source of truth for ``ctk train`` and the Python API, so a run
+started from either validates the same way and a checkpoint can record exactly what produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CtkError
+from ..models.registry import DEFAULT_SPEC
+
+STRATEGIES = ("single", "ddp", "spmd")
+OPTIMIZERS = ("sgd", "adam")
+DATASETS = ("digits",)
+
+# Options that change what a resumed run computes: a checkpoint is only resumed under the same values.
+RESUME_KEYS = (
+    "model",
+    "weights",
+    "dataset",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "seed",
+    "max_steps",
+    "final_sparsity",
+    "initial_sparsity",
+    "prune_start",
+    "prune_end",
+    "prune_frequency",
+    "prune_method",
+    "recipe",
+    "sync_batchnorm",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; ``batch_size`` and ``lr`` are for the global batch.
+
+    Under DDP each of the ``W`` ranks trains on ``batch_size / W`` samples per step and gradients
+    are averaged, so a run gives the same updates at any world size: users tune ``batch_size`` and
+    ``lr`` once. The pruning window (``prune_start``, ``prune_end``) is a fraction of the total
+    number of steps, so it scales with ``epochs`` and ``max_steps``.
+    """
+
+    model: str = DEFAULT_SPEC
+    weights: str | None = None
+    dataset: str = "digits"
+    strategy: str = "single"
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_steps: int | None = None
+    final_sparsity: float = 0.5
+    initial_sparsity: float = 0.0
+    prune_start: float = 0.1
+    prune_end: float = 0.7
+    prune_frequency: int = 10
+    prune_method: str = "magnitude"
+    recipe: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
+    resume: bool = False
+    sync_batchnorm: bool = False
+    mesh: str = "1x1"
+    fsdp: bool = False
+    log_dir: str | None = None
+
+    def validate(self) -> None:
+        """Fail on a bad option before any process group, model or data set is built."""
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("dataset", self.dataset, DATASETS)
+        _positive_int("epochs", self.epochs)
+        _positive_int("batch-size", self.batch_size)
+        _positive_int("prune-frequency", self.prune_frequency)
+        _positive_int("checkpoint-every", self.checkpoint_every)
+        if self.max_steps is not None:
+            _positive_int("max-steps", self.max_steps)
+        if not self.lr > 0:
+            raise CtkError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise CtkError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise CtkError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        for name, value in (("sparsity", self.final_sparsity), ("initial-sparsity", self.initial_sparsity)):
+            if not 0 <= value < 1:
+                raise CtkError(f"--{name} must be in [0, 1), got {value}")
+        if self.initial_sparsity > self.final_sparsity:
+            raise CtkError(
+                f"--initial-sparsity {self.initial_sparsity} is above the final --sparsity {self.final_sparsity}"
+            )
+        if not 0 <= self.prune_start <= self.prune_end <= 1:
+            raise CtkError(
+                f"--prune-start and --prune-end must satisfy 0 <= start <= end <= 1 (fractions of the total steps), "
+                f"got {self.prune_start} and {self.prune_end}"
+            )
+        if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", self.mesh):
+            raise CtkError(f"--mesh must look like DATAxMODEL, e.g. 4x1 or 2x2, got {self.mesh!r}")
+        if self.fsdp and self.strategy != "spmd":
+            raise CtkError("--fsdp only applies to --strategy spmd")
+        if self.resume and not self.checkpoint_dir:
+            raise CtkError("--resume needs --checkpoint-dir (the folder to resume from)")
+        if self.recipe is not None:
+            from ..pruning.recipe import load_recipe
+
+            load_recipe(self.recipe)  # names the file and field at fault
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy, recorded in every checkpoint's meta.json."""
+        return dataclasses.asdict(self)
+
+
+def _choice(option: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise CtkError(f"unknown --{option} {value!r}; valid: {', '.join(valid)}")
+
+
+def _positive_int(option: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CtkError(f"--{option} must be a positive integer, got {value!r}")

@@ -1,0 +1,123 @@
+"""What a training run shows and leaves behind: a live bar, a per-step JSON log and a plot.
+
+Only one process (rank 0) reports, so every strategy builds these objects on its reporting rank
+and passes ``None`` elsewhere. The log is rewritten atomically at each checkpoint, so after a
+crash and ``--resume`` it continues from the checkpoint's step with no gap and no duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..errors import CtkError, summary
+
+LOG_FILE = "metrics.json"
+PLOT_FILE = "metrics.png"
+
+
+class StepLog:
+    """Per-step metrics (loss, sparsity, throughput) in memory, written as JSON and a PNG plot."""
+
+    def __init__(self, folder: str | os.PathLike | None, meta: dict[str, Any] | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.meta = dict(meta or {})
+        self.steps: list[dict[str, float]] = []
+
+    def append(self, step: int, loss: float, sparsity: float, samples_per_s: float) -> None:
+        """Record the metrics of optimizer step ``step`` (0-based)."""
+        self.steps.append(
+            {"step": step, "loss": float(loss), "sparsity": float(sparsity), "samples_per_s": float(samples_per_s)}
+        )
+
+    def resume(self, step: int) -> None:
+        """Reload the log written so far and keep the steps before ``step`` (those a checkpoint holds)."""
+        if self.folder is None or not (self.folder / LOG_FILE).is_file():
+            return
+        path = self.folder / LOG_FILE
+        try:
+            previous = json.loads(path.read_text())["steps"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CtkError(f"training log {path} is not a valid metrics log: {summary(error)}") from error
+        self.steps = [entry for entry in previous if entry["step"] < step]
+
+    @property
+    def losses(self) -> list[float]:
+        return [entry["loss"] for entry in self.steps]
+
+    def write(self) -> Path | None:
+        """Write ``metrics.json`` atomically; returns its path (None without a folder)."""
+        if self.folder is None:
+            return None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOG_FILE
+        _write_atomic(path, json.dumps({"meta": self.meta, "steps": self.steps}, indent=1).encode())
+        return path
+
+    def plot(self) -> Path | None:
+        """Plot loss and sparsity against the step into ``metrics.png``; returns its path."""
+        if self.folder is None or not self.steps:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [entry["step"] for entry in self.steps]
+        figure, loss_axis = plt.subplots(figsize=(7, 4))
+        loss_axis.plot(steps, self.losses, color="tab:blue", label="loss")
+        loss_axis.set_xlabel("step")
+        loss_axis.set_ylabel("training loss", color="tab:blue")
+        sparsity_axis = loss_axis.twinx()
+        sparsity_axis.plot(steps, [e["sparsity"] for e in self.steps], color="tab:red", label="sparsity")
+        sparsity_axis.set_ylabel("sparsity", color="tab:red")
+        sparsity_axis.set_ylim(0, 1)
+        figure.suptitle(str(self.meta.get("title", "sparse training")))
+        figure.tight_layout()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / PLOT_FILE
+        fd, tmp = tempfile.mkstemp(prefix=f".{PLOT_FILE}.", suffix=".png", dir=self.folder)
+        os.close(fd)
+        try:
+            figure.savefig(tmp, dpi=100)
+            os.replace(tmp, path)
+        finally:
+            plt.close(figure)
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+
+def progress_bar(console: Console | None = None) -> Progress:
+    """A rich bar: steps done of total, loss, throughput and the current sparsity.
+
+    Update with ``progress.update(task, completed=step, loss=..., samples_per_s=..., sparsity=...)``;
+    the task needs those three fields set when it is added.
+    """
+    return Progress(
+        TextColumn("[bold]train[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[samples_per_s]:.0f} samples/s"),
+        TextColumn("sparsity {task.fields[sparsity]:.1%}"),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        transient=False,
+    )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,189 @@
+"""Sparse training in one process: resume equality, checkpoints, recipes, the CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from compile_toolkit.cli import main
+from compile_toolkit.errors import CtkError
+from compile_toolkit.training import TrainConfig, load_checkpoint, save_checkpoint, train
+from compile_toolkit.training.checkpoint import KEEP, latest_checkpoint
+
+TINY_MODEL = """
+from torch import nn
+
+
+def tiny():
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10)
+    )
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("model") / "tiny.py"
+    path.write_text(TINY_MODEL)
+    return f"{path}:tiny"
+
+
+def _config(spec: str, folder: Path, **options) -> TrainConfig:
+    """12 steps of 256 samples: 5 steps per epoch, so checkpoints fall mid-epoch; masks change every 2 steps."""
+    base = dict(model=spec, batch_size=256, max_steps=12, epochs=3, prune_frequency=2, checkpoint_every=4,
+                checkpoint_dir=str(folder / "ckpt"), log_dir=str(folder / "log"))
+    return TrainConfig(**{**base, **options})
+
+
+def test_resume_mid_epoch_equals_uninterrupted_run(tiny_spec, tmp_path):
+    full = train(_config(tiny_spec, tmp_path / "full"))
+    assert len(full.losses) == 12 and full.sparsity == pytest.approx(0.5, abs=0.01)
+    assert sorted(p.name for p in (tmp_path / "full" / "ckpt").glob("step-*")) == ["step-00000008", "step-00000012"]
+
+    # A run stopped after its step-8 checkpoint (mid-epoch 1) leaves that checkpoint and the log on disk.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "full" / "ckpt" / "step-00000008", stopped / "ckpt" / "step-00000008")
+    (stopped / "ckpt" / "latest").write_text("step-00000008\n")
+    shutil.copytree(tmp_path / "full" / "log", stopped / "log")
+    resumed = train(_config(tiny_spec, stopped, resume=True))
+
+    assert resumed.resumed_from == 8
+    assert resumed.losses == full.losses  # steps 0-7 from the log, 8-11 recomputed: bit-identical
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert all(torch.equal(full.masks[n], resumed.masks[n]) for n in full.masks)
+    log = json.loads((stopped / "log" / "metrics.json").read_text())
+    assert [e["step"] for e in log["steps"]] == list(range(12))
+    assert (stopped / "log" / "metrics.png").stat().st_size > 1000
+
+
+def test_resume_refuses_other_options(tiny_spec, tmp_path):
+    train(_config(tiny_spec, tmp_path, max_steps=4))
+    with pytest.raises(CtkError, match=r"--resume: checkpoint .* trained with lr=0.05, this run has lr=0.1"):
+        train(_config(tiny_spec, tmp_path, max_steps=4, lr=0.1, resume=True))
+
+
+def test_checkpoint_round_trip_keeps_latest_and_drops_old(tmp_path):
+    masks = {"fc.weight": torch.tensor([[True, False], [False, True]])}
+    for step in (5, 10, 15):
+        path = save_checkpoint(
+            tmp_path, step=step, model_state={"fc.weight": torch.full((2, 2), float(step))},
+            optimizer_state={"state": {0: {"momentum_buffer": torch.ones(2, 2)}}, "param_groups": [{"lr": 0.1}]},
+            sparsifier_state={"masks": masks, "step": step, "method": "magnitude"},
+            rng={"torch": torch.get_rng_state().unsqueeze(0)}, meta={"config": {"lr": 0.1}},
+        )
+    assert path == tmp_path / "step-00000015" and latest_checkpoint(tmp_path) == path
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "latest", *[f"step-000000{s}" for s in (10, 15)][-KEEP:]]
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.step == 15 and loaded.meta["config"] == {"lr": 0.1}
+    assert torch.equal(loaded.model_state["fc.weight"], torch.full((2, 2), 15.0))
+    assert torch.equal(loaded.sparsifier_state["masks"]["fc.weight"], masks["fc.weight"])
+    assert loaded.sparsifier_state["step"] == 15 and loaded.optimizer_state["param_groups"][0]["lr"] == 0.1
+    assert torch.equal(load_checkpoint(tmp_path / "step-00000010").model_state["fc.weight"], torch.full((2, 2), 10.0))
+
+
+class _Payload:
+    """Unpickling this creates a folder: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.marker),))
+
+
+def test_checkpoint_never_unpickles_code_and_names_bad_files(tmp_path):
+    path = save_checkpoint(tmp_path, step=1, model_state={"w": torch.zeros(1)}, optimizer_state={},
+                           sparsifier_state={"masks": {}}, rng={}, meta={})
+    marker = tmp_path / "code-ran"
+    (path / "train_state.pt").write_bytes(pickle.dumps({"step": 1, "evil": _Payload(marker)}, protocol=2))
+    with pytest.raises(CtkError, match=r"train_state.pt is not a valid training state"):
+        load_checkpoint(tmp_path)
+    assert not marker.exists()
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CtkError, match=r"model.safetensors is not a valid safetensors file"):
+        load_checkpoint(path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CtkError, match=r"checkpoint folder .*empty holds no checkpoint"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_recipe_sets_method_targets_and_overrides(tiny_spec, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "method: magnitude\nignore: ['0.weight']\noverrides: {'4.weight': 0.75}\n"
+        "schedule: {type: gradual, final_sparsity: 0.5, start_step: 0, end_step: 6, frequency: 2}\n"
+        "finetune: {epochs: 1}\n"  # what `ctk prune` trains for; `ctk train` has its own --epochs
+    )
+    result = train(_config(tiny_spec, tmp_path, recipe=str(recipe), max_steps=8, checkpoint_dir=None, log_dir=None))
+    assert set(result.masks) == {"4.weight"}
+    assert result.layer_sparsity["4.weight"] == pytest.approx(0.75, abs=1 / 5120)
+
+    recipe.write_text("method: structured\nschedule: {type: iterative, final_sparsity: 0.5}\nfinetune: {epochs: 1}\n")
+    with pytest.raises(CtkError, match=r"--recipe .*recipe.yaml: training prunes weights on a gradual or one_shot"):
+        train(_config(tiny_spec, tmp_path, recipe=str(recipe), checkpoint_dir=None, log_dir=None))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--strategy", "pipeline"], "unknown --strategy 'pipeline'; valid: single, ddp, spmd"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+        (["--sparsity", "1.5"], "--sparsity must be in [0, 1), got 1.5"),
+        (["--prune-start", "0.8", "--prune-end", "0.2"], "--prune-start and --prune-end must satisfy"),
+        (["--resume"], "--resume needs --checkpoint-dir"),
+        (["--optimizer", "rmsprop"], "unknown --optimizer 'rmsprop'; valid: sgd, adam"),
+        (["--mesh", "2by2"], "--mesh must look like DATAxMODEL"),
+        (["--recipe", "missing.yaml"], "recipe missing.yaml: cannot read it"),
+        (["--strategy", "ddp"], "--strategy ddp must be started by torchrun"),
+    ],
+)
+def test_bad_train_options_fail_with_one_line(argv, message, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["train", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ctk: error: ") and message in err and err.count("\n") == 1
+
+
+def test_train_cli_then_export_from_checkpoint(tiny_spec, tmp_path, capsys):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert main(["train", "--model", tiny_spec, "--max-steps", "6", "--prune-frequency", "2", "--sparsity", "0.6",
+                 "--checkpoint-dir", str(ckpt), "--log-dir", str(tmp_path / "log")]) == 0
+    printed = capsys.readouterr().out
+    assert f"trained {tiny_spec} (single, 1 process(es)): 6 steps" in printed and "sparsity 60.0%" in printed
+    trained = load_checkpoint(ckpt)
+    assert trained.step == 6 and trained.meta["config"]["final_sparsity"] == 0.6
+
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 1
+    assert f"was trained on --model {tiny_spec!r}, not 'digits-resnet'" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert f"checkpoint folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(ckpt), "--weights", "w.safetensors", "--out", str(out)]) == 1
+    assert "--checkpoint brings its own weights: drop --weights" in capsys.readouterr().err
+
+    assert main(["export", "--pruned", "--checkpoint", str(ckpt), "--model", tiny_spec, "--input-shape", "8,1,8,8",
+                 "--formats", "onnx", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruning"]["step"] == 6 and report["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert [a["format"] for a in report["artifacts"]] == ["onnx"] and report["artifacts"][0]["max_abs_error"] < 1e-4
+
+    # The exported graph computes the checkpoint's model, not the untrained factory model.
+    import onnxruntime
+
+    from compile_toolkit.models import load_digits_dataset, load_model
+
+    model = load_model(tiny_spec, input_shape=(8, 1, 8, 8)).module
+    model.load_state_dict(trained.model_state)
+    images = load_digits_dataset().x_test[:8]
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(exported), model.eval()(images), rtol=1e-4, atol=1e-4)
