@@ -100,5 +100,5 @@ def _rewrite_shapes(gm: GraphModule, analysis: ChannelAnalysis) -> None:
         new = [analysis.kept_shape(k) for k in keys]
         inputs = [(arg, None) for arg in node.all_input_nodes if (arg, None) in ctx.shapes]
         if old != new or any(ctx.shapes[k] != analysis.kept_shape(k) for k in inputs):
-            change = ShapeChange(old, new, lambda arg: analysis.kept_shape((arg, None)))
+            change = ShapeChange(old, new, lambda arg: analysis.keep((arg, None)))
             rule_for(node).rewrite(node, change)

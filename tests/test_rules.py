@@ -315,20 +315,21 @@ class SliceNet(nn.Module):
             part = y[:, -8:-4]
         elif self.how == "narrow":
             part = y.narrow(1, 2, 4)
+        elif self.how == "tail":
+            part = y[:, 6:]
         else:
             part = y[:, ::2]
         return self.b(part) + self.c(y).sum(1, keepdim=True)
 
 
-@pytest.mark.parametrize("how", ["slice", "back", "narrow"])
-def test_slice_keeps_the_positions_in_front_and_rewrites_the_end(how):
+@pytest.mark.parametrize("how", ["slice", "back", "narrow", "tail"])
+def test_slice_loses_positions_inside_in_front_of_and_behind_the_range(how):
     model = SliceNet(how)
-    zero_out(model.a, [3, 8])  # 3 is inside [2, 6), 8 is behind it
-    zero_(model.c.weight[:, 3], slice(None), model.c.weight[:, 8], slice(None))
+    zero_out(model.a, [0, 3, 8])  # one in front of the range, one inside and one behind ([2, 6)) or inside ([6, 10))
+    for position in (0, 3, 8):
+        zero_(model.c.weight[:, position], slice(None))
     stripped, shapes, _ = strip_exact(model, torch.randn(2, 3, 4, 4))
-    assert shapes["b.weight"][1] == 3
-    # a position behind the range goes only when the range is counted from the front
-    assert shapes["a.weight"][0] == (9 if how == "back" else 8)
+    assert shapes["b.weight"][1] == 3 and shapes["a.weight"][0] == 7
 
 
 def test_strided_slice_is_pinned_and_named():
@@ -352,11 +353,11 @@ class SelectNet(nn.Module):
         return self.b(y) * first.unsqueeze(1)
 
 
-def test_select_keeps_the_selected_index_and_those_in_front():
+def test_select_keeps_only_the_selected_index():
     model = SelectNet(unbind=False)
-    zero_out(model.a, [0, 4])  # 0 is in front of the selected 1: pinned; 4 goes
-    _, shapes, summary = strip_exact(model, torch.randn(2, 4))
-    assert shapes["a.weight"][0] == 5 and mentions(summary["barriers"], "aten.select")
+    zero_out(model.a, [0, 4])  # both sides of the selected 1 go; the index moves to 0
+    _, shapes, _ = strip_exact(model, torch.randn(2, 4))
+    assert shapes["a.weight"][0] == 4
 
 
 def test_unbind_pins_the_unbound_dim():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, describe, mask
@@ -14,12 +15,16 @@ Shape = list[int | None]
 
 @dataclass(frozen=True)
 class ShapeChange:
-    """What stripping did to the shapes around one node: ``old``/``new`` per output value, and
-    ``new_input(arg)`` for the kept shape of an input (its ``meta`` still holds the old one)."""
+    """What stripping did around one node: ``old``/``new`` shapes per output value, and
+    ``kept_input(arg)``: the kept indices along each dim of an input (``None`` for a symbolic
+    dim; the input's ``meta`` still describes it whole)."""
 
     old: list[Shape]
     new: list[Shape]
-    new_input: Callable[[Node], Shape]
+    kept_input: Callable[[Node], list[np.ndarray | None]]
+
+    def new_input(self, arg: Node) -> Shape:
+        return [None if k is None else len(k) for k in self.kept_input(arg)]
 
 
 class OpRule:

@@ -113,24 +113,23 @@ def _bound(value: int | None, size: int, default: int) -> int:
 class Slice(OpRule):
     """``slice(x, dim, start, end, step)`` and ``narrow(x, dim, start, length)``.
 
-    With step 1 the output is the input's range ``[s, e)``: the positions before ``s`` are pinned
-    (so ``s`` stays right), and ``e`` (or the length) is rewritten to ``s`` plus the kept count.
-    A start or end counted from the back pins the positions behind the range too. A strided
+    With step 1 the output is the input's range ``[s, e)``, and positions inside, in front of and
+    behind it can all go: the rewrite moves the start to the number of kept positions in front of
+    ``s`` and the end (or length) to the kept count after it, counted from the front. A strided
     slice pins the dim: removing a position would shift every later one across the stride.
     """
 
     def __init__(self, narrow: bool = False) -> None:
         self.narrow = narrow
 
-    def _range(self, node: Node, size: int) -> tuple[int, int, int, bool]:
-        """(s, e, step, from the back)."""
+    def _range(self, node: Node, size: int) -> tuple[int, int, int]:
+        """(s, e, step), counted from the front."""
         if self.narrow:
             start, length = argument(node, "start"), argument(node, "length")
             s = _bound(start, size, 0)
-            return s, s + length, 1, start < 0
+            return s, s + length, 1
         start, end, step = argument(node, "start"), argument(node, "end"), argument(node, "step", 1)
-        back = (start is not None and start < 0) or (end is not None and end < 0)
-        return _bound(start, size, 0), _bound(end, size, size), step, back
+        return _bound(start, size, 0), _bound(end, size, size), step
 
     def _static(self, node: Node) -> bool:
         args = [argument(node, n) for n in (("start", "length") if self.narrow else ("start", "end", "step"))]
@@ -149,12 +148,9 @@ class Slice(OpRule):
                 ctx.table.pin(atoms, reason)
             out[dim] = None if size is None else ctx.fresh(size, reason)
             return [out]
-        s, e, step, back = self._range(node, len(atoms))
+        s, e, step = self._range(node, len(atoms))
         if step != 1:
             ctx.table.pin(atoms, f"strided slice {describe(node)}")
-        ctx.table.pin(atoms[:s], f"positions in front of the slice {describe(node)}")
-        if back:
-            ctx.table.pin(atoms[e:], f"positions behind the slice {describe(node)}")
         out[dim] = atoms[s:e:step]
         return [out]
 
@@ -166,7 +162,7 @@ class Slice(OpRule):
         if zeros[dim] is None or not self._static(node):
             zeros[dim] = mask(size, False)
         else:
-            s, e, step, _ = self._range(node, len(zeros[dim]))
+            s, e, step = self._range(node, len(zeros[dim]))
             zeros[dim] = zeros[dim][s:e:step]
         return [zeros]
 
@@ -181,7 +177,7 @@ class Slice(OpRule):
         elif all_dead(out_dead):
             masks = full(shape, True)
         else:
-            s, e, step, _ = self._range(node, shape[dim])
+            s, e, step = self._range(node, shape[dim])
             masks[dim] = np.ones(shape[dim], dtype=bool)
             masks[dim][s:e:step] = out_dead[dim]
         ctx.mark_dead(x, masks)
@@ -189,48 +185,57 @@ class Slice(OpRule):
     def rewrite(self, node: Node, change: ShapeChange) -> None:
         x = node.args[0]
         dim = _dim(argument(node, "dim", 0), len(change.old[0]))
-        old, new = change.old[0][dim], change.new[0][dim]
-        if old is None or old == new:
+        kept = change.kept_input(x)[dim]
+        if kept is None or not self._static(node):
             return
-        s, e, _, _ = self._range(node, _meta_shape(x)[dim])
+        size = _meta_shape(x)[dim]
+        s, e, _ = self._range(node, size)
+        start, length = int(np.searchsorted(kept, s)), change.new[0][dim]
+        set_argument(node, "start", start)
         if self.narrow:
-            set_argument(node, "start", s)
-            set_argument(node, "length", new)
-            return
-        set_argument(node, "start", s)
-        end = argument(node, "end")
-        if not (end is None or end >= _meta_shape(x)[dim]):  # "to the end" stays right
-            set_argument(node, "end", s + new)
+            set_argument(node, "length", length)
+        elif e < size:  # a range to the end keeps ``end`` as it was: past the end is the end
+            set_argument(node, "end", start + length)
 
 
 class Select(OpRule):
-    """``select(x, dim, index)``: the dim goes away. The selected position and those in front of
-    it (behind it, for an index counted from the back) are pinned, so the index stays right."""
+    """``select(x, dim, index)``: the dim goes away. The selected position is pinned; the others
+    can go, and the rewrite moves the index to the selected position's place among those kept."""
 
-    def _where(self, ctx: Context, node: Node) -> tuple[Node, int, int | None, bool]:
+    def _where(self, ctx: Context, node: Node) -> tuple[Node, int, int | None]:
+        """(input, dim, index counted from the front or ``None`` where unknown)."""
         x = node.args[0]
         shape = ctx.shape(x)
         dim = _dim(argument(node, "dim"), len(shape))
         index = argument(node, "index")
         if not isinstance(index, int) or shape[dim] is None:
-            return x, dim, None, False
-        return x, dim, index + shape[dim] if index < 0 else index, index < 0
+            return x, dim, None
+        return x, dim, index + shape[dim] if index < 0 else index
 
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
-        x, dim, index, back = self._where(ctx, node)
+        x, dim, index = self._where(ctx, node)
         dims = ctx.dims(x)
         reason = f"index of {describe(node)}"
         if dims[dim] is not None:
-            ctx.table.pin(dims[dim] if index is None else dims[dim][index:] if back else dims[dim][: index + 1], reason)
+            ctx.table.pin(dims[dim] if index is None else dims[dim][index : index + 1], reason)
         return [dims[:dim] + dims[dim + 1 :]]
 
+    def rewrite(self, node: Node, change: ShapeChange) -> None:
+        x = node.args[0]
+        dim = _dim(argument(node, "dim"), len(_meta_shape(x)))
+        index = argument(node, "index")
+        kept = change.kept_input(x)[dim]
+        if kept is not None and isinstance(index, int):
+            index = index + _meta_shape(x)[dim] if index < 0 else index
+            set_argument(node, "index", int(np.searchsorted(kept, index)))
+
     def zero(self, ctx: Context, node: Node) -> list[Masks]:
-        x, dim, _, _ = self._where(ctx, node)
+        x, dim, _ = self._where(ctx, node)
         zeros = ctx.zeros(x)
         return [copy_masks(zeros[:dim] + zeros[dim + 1 :])]
 
     def dead(self, ctx: Context, node: Node) -> None:
-        x, dim, index, _ = self._where(ctx, node)
+        x, dim, index = self._where(ctx, node)
         out_dead = ctx.dead_of(node)
         shape = ctx.shape(x)
         if all_dead(out_dead):
