@@ -1,8 +1,9 @@
 """Export a model to TorchScript, torch.export (``.pt2``), ONNX and StableHLO, each artifact
 verified in the runtime that will run it (principle 4 of the architecture).
 
-One module per format (``torchscript``, ``pt2``, ``onnx_format``, ``stablehlo``), ``dispatch``
-for the entry point, ``program`` for the shared capture, ``checks`` for the shared comparison.
+One module per format (``torchscript``, ``pt2``, ``onnx_format``, ``stablehlo``; ``sparse_onnx`` for
+the optional sparse-initializer copy of the ONNX file), ``dispatch`` for the entry point,
+``program`` for the shared capture, ``checks`` for the shared comparison.
 """
 
 from .artifact import Artifact

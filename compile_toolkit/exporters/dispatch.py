@@ -15,6 +15,8 @@ from ..errors import CtkError, VerificationError, summary
 from . import onnx_format, pt2, torchscript
 from .artifact import Artifact, size_on_disk
 from .checks import CheckSet, Inputs, as_inputs, build_checks, shapes_of
+from .sparse_onnx import FORMAT as SPARSE_ONNX
+from .sparse_onnx import export_sparse
 from .stablehlo import StableHLOWorker
 from .staging import prepare_out_dir, staged
 
@@ -27,7 +29,7 @@ FORMATS: tuple[str, ...] = ("torchscript", "pt2", "onnx", "stablehlo")
 def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], out_dir: str,
            formats: Sequence[str] = FORMATS, reference: nn.Module | None = None,
            check_inputs: Sequence[Inputs] | None = None, atol: float = 1e-4,
-           rtol: float = 1e-4) -> list[Artifact]:
+           rtol: float = 1e-4, sparse_onnx: bool = False) -> list[Artifact]:
     """Write ``module`` to ``out_dir`` in each format and verify every artifact in its runtime.
 
     The module is captured once with ``torch.export`` (batch dynamic where the model allows it)
@@ -36,12 +38,19 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     dynamic batch a second batch size is added) within ``atol + rtol * max|reference|``; else a
     VerificationError names the format and nothing is left under that format's name. Artifacts
     appear atomically, only once verified, and come back in the order of ``formats``.
+
+    ``sparse_onnx`` (needs ``onnx`` in ``formats``) also writes ``model.sparse.onnx``, the ONNX
+    model with mostly-zero weights as sparse initializers (smaller file after unstructured
+    pruning; ONNX Runtime densifies them at load), verified like the others and returned right
+    after the ``onnx`` artifact as format ``onnx-sparse``.
     """
     wanted = list(dict.fromkeys([formats] if isinstance(formats, str) else formats))
     unknown = [name for name in wanted if name not in FORMATS]
     if unknown:
         raise CtkError(f"unknown export format(s) {', '.join(map(repr, unknown))}; "
                        f"valid: {', '.join(FORMATS)}")
+    if sparse_onnx and "onnx" not in wanted:
+        raise CtkError("sparse_onnx=True converts the ONNX artifact: add 'onnx' to formats")
     prepare_out_dir(out_dir)
     # Started first: its torch_xla import overlaps the capture and the other formats.
     xla = StableHLOWorker(out_dir) if "stablehlo" in wanted else None
@@ -54,6 +63,9 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
             xla.submit(captured, checks)
         done = {name: _export_in_process(name, captured, checks, out_dir)
                 for name in wanted if name in IN_PROCESS}
+        if sparse_onnx:
+            done[SPARSE_ONNX] = export_sparse(done["onnx"], checks, out_dir)
+            wanted.insert(wanted.index("onnx") + 1, SPARSE_ONNX)
         if xla is not None:
             done["stablehlo"] = xla.result(checks)
     finally:

