@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output folder (default ctk-out/<model>)")
     export.add_argument("--no-finetune", action="store_true", help="skip fine-tuning after pruning")
     export.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
+    export.add_argument("--sparse-onnx", action="store_true",
+                        help="also write model.sparse.onnx, mostly-zero weights stored as sparse initializers "
+                        "(a smaller file after unstructured pruning; ONNX Runtime densifies them at load)")
     export.add_argument("--checkpoint", help="a `ctk train` checkpoint folder: its weights and masks replace pruning here")
     export.set_defaults(command=_export)
 
@@ -100,6 +103,7 @@ def _export(args: argparse.Namespace) -> int:
         finetune=not args.no_finetune,
         finetune_epochs=args.finetune_epochs,
         checkpoint=args.checkpoint,
+        sparse_onnx=args.sparse_onnx,
     )
     console = Console(stderr=True)
     report = export_job.run(job, step=_progress(console))

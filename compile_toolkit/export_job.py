@@ -48,6 +48,7 @@ class ExportJob:
     finetune: bool = True
     finetune_epochs: int = 5
     checkpoint: str | None = None
+    sparse_onnx: bool = False
     latency_rounds: int = 60
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -92,18 +93,30 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
             report["stripped"] = _measure(stripped, loaded)
         formats = tuple(dict.fromkeys((*job.formats, "onnx")))  # ONNX always: latency is measured in ORT
         with timed(f"export and verify {', '.join(formats)}"):
-            artifacts = export(stripped, loaded.example_inputs, str(staging), formats, reference=loaded.module)
+            artifacts = export(stripped, loaded.example_inputs, str(staging), formats, reference=loaded.module,
+                               sparse_onnx=job.sparse_onnx)
         with timed("export dense model for comparison"):
             dense_artifacts = export(dense, loaded.example_inputs, str(staging / "dense"), DENSE_FORMATS)
         with timed("ONNX Runtime latency, dense vs stripped"):
             _latency(report, staging, loaded, job.latency_rounds)
         report["artifacts"] = [_relative(a.to_dict(), staging) for a in artifacts]
+        report.update(_sparse_onnx_ratio(artifacts))
         report["dense"]["artifacts"] = [_relative(a.to_dict(), staging) for a in dense_artifacts]
         report["seconds"] = dict(job.seconds)
         report["environment"] = _environment()
         write_reports(report, staging)
     report["out"] = str(job.out_dir)
     return report
+
+
+def _sparse_onnx_ratio(artifacts: list) -> dict[str, Any]:
+    """``{"sparse_onnx": {...}}`` when the sparse ONNX file was written: its size against the
+    same graph with dense initializers (what unstructured zeros save on disk)."""
+    sizes = {a.format: a.size_bytes for a in artifacts}
+    if "onnx-sparse" not in sizes:
+        return {}
+    dense, sparse = sizes["onnx"], sizes["onnx-sparse"]
+    return {"sparse_onnx": {"onnx_bytes": dense, "sparse_bytes": sparse, "ratio": sparse / dense}}
 
 
 def _timer(job: ExportJob, step: Step | None) -> Callable[[str], AbstractContextManager]:

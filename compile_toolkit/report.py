@@ -24,7 +24,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     dense_sizes = {a["format"]: a["size_bytes"] for a in dense.get("artifacts", [])}
     for artifact in report.get("artifacts", []):
         fmt = artifact["format"]
-        before = dense_sizes.get(fmt)
+        before = dense_sizes.get("onnx" if fmt == "onnx-sparse" else fmt)  # the dense ONNX file, as stored
         rows.append(
             (
                 f"{fmt} size",

@@ -155,12 +155,12 @@ def test_bad_train_options_fail_with_one_line(argv, message, capsys, monkeypatch
 
 def test_train_cli_then_export_from_checkpoint(tiny_spec, tmp_path, capsys):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    assert main(["train", "--model", tiny_spec, "--max-steps", "6", "--prune-frequency", "2", "--sparsity", "0.6",
+    assert main(["train", "--model", tiny_spec, "--max-steps", "6", "--prune-frequency", "2", "--sparsity", "0.8",
                  "--checkpoint-dir", str(ckpt), "--log-dir", str(tmp_path / "log")]) == 0
     printed = capsys.readouterr().out
-    assert f"trained {tiny_spec} (single, 1 process(es)): 6 steps" in printed and "sparsity 60.0%" in printed
+    assert f"trained {tiny_spec} (single, 1 process(es)): 6 steps" in printed and "sparsity 80.0%" in printed
     trained = load_checkpoint(ckpt)
-    assert trained.step == 6 and trained.meta["config"]["final_sparsity"] == 0.6
+    assert trained.step == 6 and trained.meta["config"]["final_sparsity"] == 0.8
 
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 1
     assert f"was trained on --model {tiny_spec!r}, not 'digits-resnet'" in capsys.readouterr().err
@@ -170,10 +170,15 @@ def test_train_cli_then_export_from_checkpoint(tiny_spec, tmp_path, capsys):
     assert "--checkpoint brings its own weights: drop --weights" in capsys.readouterr().err
 
     assert main(["export", "--pruned", "--checkpoint", str(ckpt), "--model", tiny_spec, "--input-shape", "8,1,8,8",
-                 "--formats", "onnx", "--out", str(out)]) == 0
+                 "--formats", "onnx", "--sparse-onnx", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["pruning"]["step"] == 6 and report["sparsity"] == pytest.approx(0.6, abs=1e-3)
-    assert [a["format"] for a in report["artifacts"]] == ["onnx"] and report["artifacts"][0]["max_abs_error"] < 1e-4
+    assert report["pruning"]["step"] == 6 and report["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    onnx, sparse = report["artifacts"]
+    assert (onnx["format"], sparse["format"]) == ("onnx", "onnx-sparse")
+    assert onnx["max_abs_error"] < 1e-4 and sparse["max_abs_error"] < 1e-4
+    # 80% zeros stored as (int64 index, value) pairs: about 0.2 * 12 / 4 = 0.6 of the dense bytes
+    assert report["sparse_onnx"]["ratio"] == pytest.approx(sparse["size_bytes"] / onnx["size_bytes"])
+    assert 0.5 < report["sparse_onnx"]["ratio"] < 0.8
 
     # The exported graph computes the checkpoint's model, not the untrained factory model.
     import onnxruntime
