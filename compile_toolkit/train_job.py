@@ -21,7 +21,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
         help="sparse-train a model (single process, DDP under torchrun, or XLA SPMD) with checkpoints",
-        description="Train a registry model on the digits data set while a gradual magnitude schedule prunes it; "
+        description="Train a registry model on the digits data set while a gradual schedule prunes it "
+        "(weights by magnitude or N:M, or whole channels with --prune-method channel); "
         "write resumable checkpoints (model, masks, optimizer, RNG), a JSON metrics log and a plot. "
         "DDP: torchrun --nproc-per-node N -m compile_toolkit train --strategy ddp ... (see docs/ddp.md). "
         "Export the result with: ctk export --pruned --checkpoint DIR.",
@@ -41,7 +42,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="weight decay (default 0)")
     add("--seed", type=int, default=DEFAULTS.seed, help="seed of the data order and initialisation (default 0)")
     add("--sparsity", type=float, default=DEFAULTS.final_sparsity,
-        help=f"final fraction of zero weights in every conv/linear layer (default {DEFAULTS.final_sparsity})")
+        help=f"final fraction of zero weights in every conv/linear layer, or with --prune-method channel of the "
+        f"channels of every coupled channel group (default {DEFAULTS.final_sparsity})")
     add("--initial-sparsity", type=float, default=DEFAULTS.initial_sparsity, help="sparsity at --prune-start")
     add("--prune-start", type=float, default=DEFAULTS.prune_start,
         help=f"start of pruning, as a fraction of the total steps (default {DEFAULTS.prune_start})")
@@ -49,7 +51,9 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         help=f"step where the final sparsity is reached, as a fraction (default {DEFAULTS.prune_end})")
     add("--prune-frequency", type=int, default=DEFAULTS.prune_frequency,
         help=f"recompute masks every N steps (default {DEFAULTS.prune_frequency})")
-    add("--prune-method", default=DEFAULTS.prune_method, help="magnitude (default) or an N:M pattern such as 2:4")
+    add("--prune-method", default=DEFAULTS.prune_method,
+        help="magnitude (default), an N:M pattern such as 2:4, or channel (whole coupled channel groups, "
+        "L1: the exported checkpoint shrinks)")
     add("--recipe", help="a YAML pruning recipe (docs/pruning.md; gradual or one_shot, magnitude or N:M): its method, "
         "targets, ignores, overrides and schedule (in steps) replace the --sparsity and --prune-* options")
     add("--checkpoint-dir", help="folder for checkpoints (step-*/ and a 'latest' pointer)")
@@ -107,8 +111,9 @@ def run_train(args: argparse.Namespace) -> int:
     out = Console()
     resumed = f", resumed at step {result.resumed_from}" if result.resumed_from is not None else ""
     final_loss = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+    where = f"mesh {config.mesh}" if config.strategy == "spmd" else f"{result.world_size} process(es)"
     out.print(
-        f"trained {config.model} ({config.strategy}, {result.world_size} process(es)): {result.steps} steps{resumed}, "
+        f"trained {config.model} ({config.strategy}, {where}): {result.steps} steps{resumed}, "
         f"final loss {final_loss}, sparsity {result.sparsity:.1%}, {result.samples_per_s:.0f} samples/s",
         soft_wrap=True,
     )

@@ -13,6 +13,9 @@ Usage in a training loop (plain, DDP or XLA)::
 
 Masks are stored in the state dict (and in safetensors files by :meth:`Sparsifier.save`) with
 the last step seen, so a resumed run recomputes nothing and continues bit-for-bit.
+
+``method="channel"`` prunes whole coupled channel groups (as ``ctk.prune`` does) instead of single
+weights, so the trained model really shrinks when ``ctk.strip`` removes them.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ import torch
 from torch import nn
 
 from ..errors import CtkError
+from .channel_groups import channel_plan
 from .masks import Masks, apply_masks, load_masks, mask_gradients, save_masks
 from .patterns import resolve_overrides, select_weights, unwrap, zero_fraction
 from .schedule import GradualSchedule
 from .unstructured import global_magnitude_masks, layer_magnitude_mask, n_m_mask, parse_n_m
 
-METHODS = ("magnitude", "N:M (e.g. 2:4)")
+METHODS = ("magnitude", "channel", "N:M (e.g. 2:4)")
 SCOPES = ("layer", "global")
 
 
@@ -49,25 +53,46 @@ class Sparsifier:
         targets: Sequence[str] = ("*.weight",),
         ignore: Sequence[str] = (),
         overrides: Mapping[str, float] = {},  # noqa: B006 (never mutated; the contract's signature)
+        *,
+        example_inputs: tuple[torch.Tensor, ...] | None = None,
+        round_to: int = 1,
     ) -> None:
         """``targets``/``ignore``: name patterns over the model's matrices and kernels (``dim >= 2``;
         the default ``*.weight`` is every Linear and Conv weight, and embedding tables, which
         ``ignore`` can exclude). ``overrides``: pattern -> final sparsity of
         the layers it matches (pruned per layer on the same schedule shape, outside the global
         pool). ``method``: ``magnitude`` or an N:M pattern such as ``2:4``, pruned along the input
-        dim, whose ``final_sparsity`` must be ``(M - N) / M``."""
+        dim, whose ``final_sparsity`` must be ``(M - N) / M``; or ``channel``: at each update step the
+        lowest-L1 ``floor(s_t * size)`` channels of every coupled channel group are zeroed in every
+        parameter carrying them (``ctk.prune``'s ``l1`` scores and ``round_to``), from a channel
+        analysis of a CPU copy of the model captured once on ``example_inputs`` (needed only by
+        it). There ``targets``/``ignore`` choose groups: a group is pruned when a parameter carrying
+        it matches ``targets`` and none matches ``ignore``."""
         if not isinstance(schedule, GradualSchedule):
             raise CtkError(f"schedule must be a GradualSchedule, got {type(schedule).__name__}")
         if scope not in SCOPES:
             raise CtkError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
         self.n_m = parse_n_m(method) if isinstance(method, str) else None
-        if method != "magnitude" and self.n_m is None:
+        if method not in ("magnitude", "channel") and self.n_m is None:
             raise CtkError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         self.model = unwrap(model)
         self.schedule = schedule
         self.method = method
         self.scope = scope
-        self.weights = select_weights(self.model, targets, ignore)
+        self.round_to = round_to
+        self.plan = None
+        if method == "channel":
+            self._check_channel(example_inputs, overrides)
+            plan = channel_plan(self.model, example_inputs, targets, ignore)
+            if not plan.slices:
+                raise CtkError(f"method 'channel' finds no channel group to prune in {type(self.model).__name__} "
+                               f"(targets {list(targets)}, ignore {list(ignore)}; inputs, outputs and barriers are kept)")
+            self.weights = {n: p for n, p in self.model.named_parameters() if n in plan.slices}
+            self.plan = plan.to(next(iter(self.weights.values())).device)
+        elif round_to != 1:
+            raise CtkError(f"round_to applies to method 'channel', not {method!r}")
+        else:
+            self.weights = select_weights(self.model, targets, ignore)
         self.overrides = resolve_overrides(overrides, list(self.weights))
         if self.n_m is not None:
             self._check_n_m()
@@ -87,6 +112,15 @@ class Sparsifier:
             )
         for name, weight in self.weights.items():
             n_m_mask(weight, n, m, pruned_per_group=0, name=name)  # raises for a shape that has no N:M pattern
+
+    def _check_channel(self, example_inputs: tuple[torch.Tensor, ...] | None, overrides: Mapping[str, float]) -> None:
+        if example_inputs is None:
+            raise CtkError("method 'channel' needs example_inputs: the channel analysis captures the model on them")
+        if self.scope != "layer" or overrides:
+            raise CtkError("method 'channel' prunes every channel group to the schedule's sparsity: "
+                           "use scope 'layer' and no overrides")
+        if isinstance(self.round_to, bool) or not (isinstance(self.round_to, int) and self.round_to >= 1):
+            raise CtkError(f"round_to must be a positive integer, got {self.round_to!r}")
 
     def target_sparsity(self, step: int) -> dict[str, float]:
         """Per-layer sparsity the schedule asks for at ``step`` (global layers share one value)."""
@@ -110,16 +144,17 @@ class Sparsifier:
         self.step = step
         if not self.schedule.is_update_step(step):
             return False
-        new = self._compute(step)
-        changed = False
-        for name, mask in new.items():
-            mask = mask & self.masks[name]
-            changed = changed or not torch.equal(mask, self.masks[name])
-            self.masks[name] = mask
+        new = {name: mask & self.masks[name] for name, mask in self._compute(step).items()}
+        # One read of the device for all masks: on XLA, one graph (reading each mask apart re-runs the
+        # shared mask computation per read, which torch_xla 2.9 can fail with "Executable expected parameter").
+        changed = bool(torch.stack([(mask != self.masks[name]).any() for name, mask in new.items()]).any())
+        self.masks.update(new)
         self.apply()
         return changed
 
     def _compute(self, step: int) -> Masks:
+        if self.plan is not None:
+            return self._channel_masks(step)
         targets = self.target_sparsity(step)
         if self.n_m is not None:
             n, m = self.n_m
@@ -135,6 +170,14 @@ class Sparsifier:
             if name not in pooled:
                 masks[name] = layer_magnitude_mask(weight, targets[name], self.masks[name])
         return masks
+
+    def _channel_masks(self, step: int) -> Masks:
+        """Grow the pruned channels (read back from the masks) to the schedule's count per group."""
+        plan = self.plan
+        assert plan is not None
+        previous = plan.pruned(self.masks)
+        pruned = plan.choose(plan.scores(self.weights), previous, self.schedule.sparsity_at(step), self.round_to)
+        return plan.masks(pruned, {n: w.shape for n, w in self.weights.items()})
 
     def apply(self) -> None:
         """Zero pruned weights; call after optimizer.step()."""
@@ -157,6 +200,7 @@ class Sparsifier:
             "method": self.method,
             "scope": self.scope,
             "overrides": self.overrides,
+            **({"round_to": self.round_to} if self.plan is not None else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -178,9 +222,21 @@ class Sparsifier:
             expected = tuple(self.weights[name].shape)
             if tuple(mask.shape) != expected:
                 raise CtkError(f"{source}: mask {name!r} has shape {tuple(mask.shape)}, the weight {expected}")
-        self.masks = {n: masks[n].to(device=w.device, dtype=torch.bool) for n, w in self.weights.items()}
+        masks = {n: masks[n].to(device=w.device, dtype=torch.bool) for n, w in self.weights.items()}
+        if self.plan is not None:
+            self._check_channel_masks(masks, source)
+        self.masks = masks
         self.step = int(state["step"])
         self.apply()
+
+    def _check_channel_masks(self, masks: Masks, source: str) -> None:
+        """Masks that zero whole channels are rebuilt exactly from the channels they prune."""
+        assert self.plan is not None
+        rebuilt = self.plan.masks(self.plan.pruned(masks), {n: w.shape for n, w in self.weights.items()})
+        differs = torch.stack([(mask != rebuilt[name]).any() for name, mask in masks.items()]).cpu()  # one read
+        if differs.any():
+            name = list(masks)[int(differs.nonzero()[0])]
+            raise CtkError(f"{source}: mask {name!r} does not zero whole channels of this model's channel groups")
 
     def save(self, path: str | Path) -> None:
         """Masks and the schedule position as safetensors (JSON metadata), written atomically."""

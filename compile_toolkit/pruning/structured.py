@@ -18,7 +18,6 @@ every parameter slice that carries it, Molchanov et al. 2019; needs ``calibratio
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +30,7 @@ from ..channels import ChannelAnalysis, ChannelGroup, analyze
 from ..channels.analysis import keep_one_per_dim
 from ..channels.rules.attention import attention_heads
 from ..errors import CtkError
+from .channel_groups import channel_masks, channel_scores, graph_parameters, parameter_slices, removal_count
 from .masks import Masks, apply_masks
 from .patterns import check_patterns, check_sparsity, matches
 
@@ -93,7 +93,7 @@ def prune(
     overrides = dict(overrides or {})
     _check_group_patterns([name for name, _ in model.named_parameters()], overrides, ignore)
     analysis = analyze(capture(model, example_inputs).program.module())
-    params = _parameters(analysis)
+    params = graph_parameters(analysis)
     scores, scored = _scores(model, analysis, params, importance, seed, calibration)
     heads = _head_components(analysis)
     if structure in ("head", "attention_head") and not heads.any():
@@ -165,12 +165,6 @@ def _group_sparsity(group: ChannelGroup, sparsity: float, overrides: dict[str, f
     return sparsity
 
 
-def _parameters(analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
-    """The trainable weights among the graph's constants (buffers such as BN statistics are not
-    scored or zeroed: a channel with zero scale and shift is zero whatever its statistics)."""
-    return {name: v for name, v in analysis.ctx.values.items() if isinstance(v, nn.Parameter)}
-
-
 def _scores(
     model: nn.Module,
     analysis: ChannelAnalysis,
@@ -184,40 +178,18 @@ def _scores(
     count = analysis.components.count
     if importance == "random":
         return np.random.default_rng(seed).random(count), np.ones(count, dtype=bool)
-    slices = {
+    values = {
         "l1": lambda name: params[name].detach().abs().double(),
         "l2": lambda name: params[name].detach().double() ** 2,
         "bn_scale": lambda name: params[name].detach().abs().double() if name in _batch_norm_scales(model) else None,
         "taylor": _taylor_terms(model, params, calibration) if importance == "taylor" else None,
     }[importance]
-    labels = analysis.components.labels
-    scores, scored = np.zeros(count), np.zeros(count, dtype=bool)
-    for name, dims in _carriers(analysis, params):
-        values = slices(name)
-        if values is None:
-            continue
-        for d, atoms in enumerate(dims):
-            if atoms is None:
-                continue
-            others = [k for k in range(values.dim()) if k != d]
-            per_index = (values.sum(dim=others) if others else values).numpy()
-            if importance in ("l1", "l2") and per_index.mean() > 0:
-                per_index = per_index / per_index.mean()  # each carrier counts equally, whatever its size or scale
-            np.add.at(scores, labels[atoms], per_index)
-            scored[labels[atoms]] = True
+    slices = parameter_slices(analysis, params)
+    scores, scored = channel_scores(slices, values, count, normalise=importance in ("l1", "l2"), dtype=torch.float64)
+    scores, scored = scores.numpy(), scored.numpy()
     if importance == "taylor":
         scores = np.abs(scores)  # the signed first-order change, summed over the carriers, then its size
     return scores, scored
-
-
-def _carriers(analysis: ChannelAnalysis, params: dict[str, torch.Tensor]) -> list[tuple[str, list]]:
-    """(parameter name, atoms per dim), once per parameter."""
-    seen: dict[str, list] = {}
-    for key, dims in analysis.ctx.atoms.items():
-        name = key[0].target if key[0].op == "get_attr" else None
-        if name in params:
-            seen.setdefault(name, dims)
-    return list(seen.items())
 
 
 def _batch_norm_scales(model: nn.Module) -> set[str]:
@@ -285,28 +257,15 @@ def _candidates(group: ChannelGroup, kind: str, structure: str, heads: np.ndarra
 def _choose(size: int, prunable: np.ndarray, scores: np.ndarray, sparsity: float, round_to: int) -> np.ndarray:
     """The lowest-scoring ``prunable`` channels of a group of ``size``, leaving a multiple of
     ``round_to`` (at least one)."""
-    keep = size - math.floor(sparsity * size)
-    keep = min(size, max(round_to, math.ceil(keep / round_to) * round_to))
-    remove = min(size - keep, len(prunable))
-    if remove <= 0:
+    remove = removal_count(size, len(prunable), sparsity, round_to)
+    if remove == 0:
         return np.zeros(0, dtype=np.int64)
     order = np.argsort(scores[prunable], kind="stable")
     return prunable[order[:remove]]
 
 
 def _masks(analysis: ChannelAnalysis, params: dict[str, torch.Tensor], pruned: np.ndarray) -> Masks:
-    labels = analysis.components.labels
-    masks: Masks = {}
-    for key, dims in analysis.ctx.atoms.items():
-        name = key[0].target if key[0].op == "get_attr" else None
-        if name not in params or name in masks:
-            continue
-        mask = torch.ones(params[name].shape, dtype=torch.bool)
-        for d, atoms in enumerate(dims):
-            cut = torch.as_tensor(pruned[labels[atoms]])
-            shape = [1] * mask.dim()
-            shape[d] = -1
-            mask &= ~cut.view(shape)
-        if not mask.all():
-            masks[name] = mask
-    return masks
+    """Masks of the parameters a pruned channel touches (the others stay unmasked)."""
+    shapes = {name: value.shape for name, value in params.items()}
+    masks = channel_masks(parameter_slices(analysis, params), torch.as_tensor(pruned), shapes)
+    return {name: mask for name, mask in masks.items() if not mask.all()}

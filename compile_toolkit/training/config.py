@@ -114,6 +114,7 @@ class TrainConfig:
             raise CtkError("--fsdp only applies to --strategy spmd")
         if self.resume and not self.checkpoint_dir:
             raise CtkError("--resume needs --checkpoint-dir (the folder to resume from)")
+        _prune_method(self.prune_method)
         if self.recipe is not None:
             from ..pruning.recipe import load_recipe
 
@@ -127,6 +128,17 @@ class TrainConfig:
 def _choice(option: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise CtkError(f"unknown --{option} {value!r}; valid: {', '.join(valid)}")
+
+
+def _prune_method(method: str) -> None:
+    from ..pruning.unstructured import parse_n_m
+
+    try:
+        n_m = parse_n_m(method)
+    except CtkError as error:  # an N:M pattern with N >= M
+        raise CtkError(f"--prune-method: {error}") from error
+    if method not in ("magnitude", "channel") and n_m is None:
+        raise CtkError(f"unknown --prune-method {method!r}; valid: magnitude, channel, or N:M such as 2:4")
 
 
 def _positive_int(option: str, value: int) -> None:

@@ -137,9 +137,12 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     return min(steps, config.max_steps) if config.max_steps is not None else steps
 
 
-def build_sparsifier(config: TrainConfig, model: nn.Module, steps: int) -> Sparsifier:
+def build_sparsifier(
+    config: TrainConfig, model: nn.Module, steps: int, example_inputs: tuple[torch.Tensor, ...] | None = None
+) -> Sparsifier:
     """The sparsifier of ``config.recipe``, or else the gradual schedule placed on this run's steps
-    (``prune_start``/``prune_end`` are fractions of ``steps``)."""
+    (``prune_start``/``prune_end`` are fractions of ``steps``). ``example_inputs`` (the registry's)
+    let ``--prune-method channel`` capture the model for its channel analysis."""
     if config.recipe is not None:
         return _recipe_sparsifier(config.recipe, model, steps)
     schedule = GradualSchedule(
@@ -150,7 +153,7 @@ def build_sparsifier(config: TrainConfig, model: nn.Module, steps: int) -> Spars
         frequency=config.prune_frequency,
     )
     try:
-        return Sparsifier(model, schedule, method=config.prune_method)
+        return Sparsifier(model, schedule, method=config.prune_method, example_inputs=example_inputs)
     except CtkError as error:
         raise CtkError(f"--prune-method {config.prune_method!r}: {error}") from error
 
@@ -223,12 +226,12 @@ def run_training(config: TrainConfig, replica: Replica, console: Console | None 
     steps = total_steps(config, steps_per_epoch)
 
     model = replica.prepare(loaded.module, config)
-    sparsifier = build_sparsifier(config, model, steps)
+    sparsifier = build_sparsifier(config, model, steps, loaded.example_inputs)
     optimizer = build_optimizer(config, model)
     reporting = replica.rank == 0
     log = StepLog(config.log_dir if reporting else None, meta={"title": f"{loaded.name}, {config.strategy}"})
     start, resumed_from = 0, None
-    checkpoint = _resume_point(config)
+    checkpoint = resume_point(config)
     if checkpoint is not None:
         _restore(checkpoint, config, model, optimizer, sparsifier, replica)
         start = resumed_from = checkpoint.step
@@ -311,7 +314,7 @@ def _train_step(
     return float(replica.mean(loss.detach()).item())
 
 
-def _resume_point(config: TrainConfig) -> Checkpoint | None:
+def resume_point(config: TrainConfig) -> Checkpoint | None:
     """The checkpoint ``--resume`` continues from; none yet (first attempt of a restartable run)
     means a fresh start, so one torchrun command line serves the first run and every restart."""
     if not config.resume or config.checkpoint_dir is None or latest_checkpoint(config.checkpoint_dir) is None:

@@ -37,12 +37,12 @@ from .config import TrainConfig
 from .loop import (
     StepLog,
     TrainResult,
-    _resume_point,
     build_model,
     build_optimizer,
     build_sparsifier,
     epoch_batches,
     progress_bar,
+    resume_point,
     total_steps,
 )
 from .mesh import (
@@ -101,14 +101,14 @@ def train_spmd(config: TrainConfig, console: Console | None = None) -> TrainResu
     if steps_per_epoch == 0:
         raise CtkError(f"--batch-size {config.batch_size} exceeds the {len(dataset.x_train)} training samples")
     steps = total_steps(config, steps_per_epoch)
-    checkpoint = _resume_point(config)
+    checkpoint = resume_point(config)
     model = loaded.module
     if checkpoint is not None:
         _load_weights(model, checkpoint, config)
 
     device = torch_xla.device()
     trained = _place_on_mesh(model, device, mesh, shape, config.fsdp)
-    sparsifier = build_sparsifier(config, model, steps)
+    sparsifier = build_sparsifier(config, model, steps, loaded.example_inputs)
     optimizer = build_optimizer(config, model)
     start, resumed_from = 0, None
     if checkpoint is not None:
