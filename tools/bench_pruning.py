@@ -1,35 +1,50 @@
 #!/usr/bin/env python3
 """Test accuracy against cost on the default digits model: does the pruning criterion matter?
 
-Every row prunes the trained digits-resnet, fine-tunes it with the masks held
-(``compile_toolkit.finetune``, same epochs and seed for every row) and measures test accuracy, once
-with the criterion and once with random importance at the same sparsity, in the same run:
+Every row prunes the trained digits-resnet and measures test accuracy at four points, once with
+the criterion and once with random importance at the same sparsity, in the same run:
 
-- structured (``ctk.prune``, every coupled channel group, L1 vs random), then stripped: the
-  accuracy is the stripped model's and the cost is the real FLOPs ratio dense / stripped;
+- "one-shot": right after pruning; mostly stale batch-norm statistics, near chance for most rows;
+- "one-shot + BN recal": after ``recalibrate_batchnorm`` on 512 training images (no weight update):
+  what the kept weights are worth, the fairest comparison of criteria;
+- after ``--short-epochs`` (1) and ``--epochs`` (5) of fine-tuning with the masks held
+  (``compile_toolkit.finetune``, same seed for every row, each from the pruned model): digits is
+  easy enough that 5 epochs recover about 99% from any mask, random included.
+
+Rows:
+
+- structured (``ctk.prune``, every coupled channel group; L1, Taylor with a cross-entropy batch of
+  256 training images, bn_scale, vs random), then stripped: the last accuracy is the stripped
+  model's and the cost is the real FLOPs ratio dense / stripped. bn_scale leaves groups no batch
+  norm carries alone, so it may remove fewer FLOPs;
 - unstructured magnitude (50/80/90% per layer) and 2:4, against random masks of the same
   sparsity and pattern. Dense kernels do the same FLOPs on zeros, so the cost column states the
   nonzero-weight ratio instead; the sparse ONNX column is the size of ``model.sparse.onnx``
   (sparse initializers) over ``model.onnx``.
 
-Random importance is drawn with several seeds (median, and min..max). Accuracies before
-fine-tuning are shown too: there the criterion's value is plain. Torch runs one intra-op thread
+Random importance is drawn with several seeds (median, and min..max), once per sparsity and
+pattern, shared by the criteria of that sparsity. Torch runs one intra-op thread
 by default: on a shared 2-core machine two OpenMP threads made fine-tuning 6x slower.
 
     .venv/bin/python tools/bench_pruning.py [--structured 0.3,0.5,0.7] [--unstructured 0.5,0.8,0.9,2:4]
-        [--epochs 5] [--random-seeds 2] [--threads 1] [--json results.json]
+        [--criteria l1,taylor,bn_scale] [--epochs 5] [--short-epochs 1] [--random-seeds 2] [--threads 1]
+        [--json results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
@@ -38,27 +53,63 @@ from compile_toolkit.errors import CtkError
 from compile_toolkit.finetune import finetune
 from compile_toolkit.metrics import accuracy, count_flops
 from compile_toolkit.models import LoadedModel, load_model
-from compile_toolkit.pruning import GradualSchedule, Masks, Sparsifier, apply_masks, layer_magnitude_mask, n_m_mask
+from compile_toolkit.pruning import (
+    GradualSchedule,
+    Masks,
+    Sparsifier,
+    apply_masks,
+    layer_magnitude_mask,
+    n_m_mask,
+    recalibrate_batchnorm,
+)
 
 # The stem conv sees one input channel: no 2:4 pattern exists along its input dim, and it holds
 # 288 of ~150k weights. Left dense in every unstructured row so all rows prune the same layers.
 UNSTRUCTURED_IGNORE = ("stem.*",)
+STRUCTURED_CRITERIA = ("l1", "l2", "taylor", "bn_scale")
+RECAL_IMAGES, RECAL_BATCH = 512, 128  # training images for batch-norm re-estimation
+TAYLOR_IMAGES = 256  # training images in the Taylor calibration batch
+ACCURACY_KEYS = ("one_shot", "recalibrated", "short", "accuracy")
 
 
 def test_accuracy(module: nn.Module, loaded: LoadedModel) -> float:
     return accuracy(module, loaded.dataset.x_test, loaded.dataset.y_test)
 
 
-def structured_run(sparsity: float, importance: str, seed: int, epochs: int) -> dict:
-    """Prune channels, fine-tune, strip; accuracy of the stripped model and its FLOPs ratio."""
+def stages(model: nn.Module, loaded: LoadedModel, masks: Masks, epochs: int, short_epochs: int) -> dict:
+    """Test accuracy of the just-pruned ``model``: as is, after batch-norm re-estimation, after
+    ``short_epochs`` of fine-tuning (both on copies), then ``model`` itself is fine-tuned ``epochs``
+    (the caller measures it, possibly stripped). Each fine-tuning starts from the pruned weights."""
+    data = loaded.dataset
+    result = {"one_shot": test_accuracy(model, loaded)}
+    recalibrated = copy.deepcopy(model)
+    recalibrate_batchnorm(recalibrated, data.x_train[:RECAL_IMAGES].split(RECAL_BATCH))
+    result["recalibrated"] = test_accuracy(recalibrated, loaded)
+    short = copy.deepcopy(model)
+    finetune(short, data, masks, epochs=short_epochs, seed=0)
+    result["short"] = test_accuracy(short, loaded)
+    finetune(model, data, masks, epochs=epochs, seed=0)
+    return result
+
+
+def taylor_calibration(loaded: LoadedModel) -> Callable[[nn.Module], torch.Tensor]:
+    """Cross-entropy on the first training images: Taylor scores a channel by the first-order
+    change of this loss when the channel is zeroed."""
+    x, y = loaded.dataset.x_train[:TAYLOR_IMAGES], loaded.dataset.y_train[:TAYLOR_IMAGES]
+    return lambda model: nn.functional.cross_entropy(model(x), y)
+
+
+def structured_run(sparsity: float, importance: str, seed: int, epochs: int, short_epochs: int) -> dict:
+    """Prune channels, measure the stages, strip; the final accuracy is the stripped model's."""
     loaded = load_model()
     model, example = loaded.module, loaded.example_inputs
     dense_flops = count_flops(model, example)
-    report = ctk.prune(model, example, sparsity, structure="channel", importance=importance, seed=seed)
-    one_shot = test_accuracy(model, loaded)
-    finetune(model, loaded.dataset, report.masks, epochs=epochs, seed=0)
+    calibration = taylor_calibration(loaded) if importance == "taylor" else None
+    report = ctk.prune(model, example, sparsity, structure="channel", importance=importance, seed=seed,
+                       calibration=calibration)
+    result = stages(model, loaded, report.masks, epochs, short_epochs)
     stripped = ctk.strip(model, example)
-    return {"accuracy": test_accuracy(stripped, loaded), "one_shot": one_shot,
+    return {**result, "accuracy": test_accuracy(stripped, loaded),
             "flops_ratio": dense_flops / count_flops(stripped, example)}
 
 
@@ -84,15 +135,15 @@ def nonzero_ratio(model: nn.Module) -> float:
     return sum(p.numel() for p in weights) / sum(int(p.count_nonzero()) for p in weights)
 
 
-def unstructured_run(method: str, sparsity: float, seed: int | None, epochs: int, onnx_size: bool) -> dict:
-    """Mask, fine-tune with the masks held; accuracy, nonzero ratio and (optionally) the size of
-    the sparse-initializer ONNX file relative to the dense one."""
+def unstructured_run(method: str, sparsity: float, seed: int | None, epochs: int, short_epochs: int,
+                     onnx_size: bool) -> dict:
+    """Mask, measure the stages; accuracy, nonzero ratio and (optionally) the size of the
+    sparse-initializer ONNX file relative to the dense one."""
     loaded = load_model()
     model = loaded.module
     masks = unstructured_masks(model, method, sparsity, seed)
-    one_shot = test_accuracy(model, loaded)
-    finetune(model, loaded.dataset, masks, epochs=epochs, seed=0)
-    result = {"accuracy": test_accuracy(model, loaded), "one_shot": one_shot, "nonzero_ratio": nonzero_ratio(model)}
+    result = stages(model, loaded, masks, epochs, short_epochs)
+    result.update(accuracy=test_accuracy(model, loaded), nonzero_ratio=nonzero_ratio(model))
     if onnx_size:
         with tempfile.TemporaryDirectory() as tmp:
             dense, sparse = ctk.export(model, loaded.example_inputs, tmp, formats=("onnx",), sparse_onnx=True)
@@ -104,18 +155,23 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
-def bench_row(kind: str, method: str, sparsity: float, epochs: int, seeds: int) -> dict:
-    """One table row: the criterion once, random importance with ``seeds`` seeds."""
+def bench_row(kind: str, method: str, sparsity: float, args: argparse.Namespace, randoms: dict) -> dict:
+    """One table row: the criterion once, random importance with ``args.random_seeds`` seeds
+    (measured once per (kind, pattern, sparsity) and kept in ``randoms`` for the next criterion)."""
+    epochs, short = args.epochs, args.short_epochs
     if kind == "structured":
-        criterion = structured_run(sparsity, "l1", 0, epochs)
-        randoms = [structured_run(sparsity, "random", seed, epochs) for seed in range(seeds)]
+        criterion = structured_run(sparsity, method.split()[0], 0, epochs, short)
+        draw = partial(structured_run, sparsity, "random", epochs=epochs, short_epochs=short)
     else:
-        criterion = unstructured_run(method, sparsity, None, epochs, onnx_size=True)
-        randoms = [unstructured_run(method, sparsity, seed, epochs, onnx_size=False) for seed in range(seeds)]
+        criterion = unstructured_run(method, sparsity, None, epochs, short, onnx_size=True)
+        draw = partial(unstructured_run, method, sparsity, epochs=epochs, short_epochs=short, onnx_size=False)
+    key = (kind, "channels" if kind == "structured" else method, sparsity)
+    if key not in randoms:
+        randoms[key] = [draw(seed) for seed in range(args.random_seeds)]
     cost_key = "flops_ratio" if kind == "structured" else "nonzero_ratio"
     return {
         "kind": kind, "method": method, "sparsity": sparsity, "criterion": criterion,
-        "random": {key: spread([r[key] for r in randoms]) for key in ("accuracy", "one_shot", cost_key)},
+        "random": {k: spread([r[k] for r in randoms[key]]) for k in (*ACCURACY_KEYS, cost_key)},
     }
 
 
@@ -131,7 +187,11 @@ def parse_levels(text: str, option: str) -> list[float]:
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, float]]:
     """(kind, method, sparsity) of every row asked for."""
-    rows = [("structured", "l1 channels", s) for s in parse_levels(args.structured, "--structured")]
+    criteria = [c for c in args.criteria.split(",") if c]
+    unknown = set(criteria) - set(STRUCTURED_CRITERIA)
+    if unknown:
+        raise CtkError(f"--criteria takes {', '.join(STRUCTURED_CRITERIA)}, got {', '.join(sorted(unknown))}")
+    rows = [("structured", f"{c} channels", s) for s in parse_levels(args.structured, "--structured") for c in criteria]
     for part in (p for p in args.unstructured.split(",") if p):
         if part == "2:4":
             rows.append(("unstructured", "2:4", 0.5))
@@ -141,10 +201,13 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, float]]:
 
 
 def table(rows: list[dict], dense_accuracy: float, args: argparse.Namespace) -> Table:
-    out = Table(title=f"digits-resnet: test accuracy (dense {dense_accuracy:.2%}) after pruning + {args.epochs} "
-                      f"fine-tuning epochs; random = median [min..max] of {args.random_seeds} seeds")
-    for column in ("method", "sparsity", "cost reduction", "acc criterion", "acc random",
-                   "one-shot criterion", "one-shot random", "sparse ONNX size"):
+    out = Table(title=escape(f"digits-resnet: test accuracy (dense {dense_accuracy:.2%}), criterion vs random "
+                      f"(median [min..max] of {args.random_seeds} seeds)"))
+    stage_names = {"one_shot": "one-shot", "recalibrated": "one-shot + BN recal", "short": f"{args.short_epochs} ep",
+                   "accuracy": f"{args.epochs} ep"}
+    for column in ("method", "sparsity", "cost reduction",
+                   *(f"{stage_names[k]} {who}" for k in ACCURACY_KEYS for who in ("criterion", "random")),
+                   "sparse ONNX size"):
         out.add_column(column, justify="right")
     for row in rows:
         crit, rand = row["criterion"], row["random"]
@@ -154,8 +217,8 @@ def table(rows: list[dict], dense_accuracy: float, args: argparse.Namespace) -> 
         else:
             cost = f"{crit['nonzero_ratio']:.2f}x nonzero weights (FLOPs 1.00x)"
             size = f"{crit['onnx_size_ratio']:.2f}x"
-        out.add_row(row["method"], f"{row['sparsity']:.0%}", cost, f"{crit['accuracy']:.2%}", _spread(rand["accuracy"]),
-                    f"{crit['one_shot']:.2%}", _spread(rand["one_shot"]), size)
+        accuracies = [text for k in ACCURACY_KEYS for text in (f"{crit[k]:.2%}", _spread(rand[k]))]
+        out.add_row(row["method"], f"{row['sparsity']:.0%}", cost, *accuracies, size)
     return out
 
 
@@ -167,13 +230,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--structured", default="0.3,0.5,0.7", help="channel sparsities (comma-separated; '' for none)")
     parser.add_argument("--unstructured", default="0.5,0.8,0.9,2:4", help="magnitude sparsities and/or 2:4")
+    parser.add_argument("--criteria", default="l1,taylor,bn_scale",
+                        help=f"structured importance criteria (of {', '.join(STRUCTURED_CRITERIA)})")
     parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs for every row")
+    parser.add_argument("--short-epochs", type=int, default=1, help="the short fine-tuning column's epochs")
     parser.add_argument("--random-seeds", type=int, default=2, help="random-importance runs per row")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    if args.epochs < 0 or args.random_seeds < 1 or args.threads < 1:
-        parser.error("--epochs must be >= 0, --random-seeds and --threads >= 1")
+    if args.epochs < 0 or args.short_epochs < 0 or args.random_seeds < 1 or args.threads < 1:
+        parser.error("--epochs and --short-epochs must be >= 0, --random-seeds and --threads >= 1")
     try:
         rows_planned = plan(args)
     except CtkError as error:
@@ -182,14 +248,15 @@ def main() -> None:
     console = Console()
     loaded = load_model()
     dense_accuracy = test_accuracy(loaded.module, loaded)
-    rows = []
+    rows, randoms = [], {}
     for kind, method, sparsity in rows_planned:
         with console.status(f"{kind} {method} {sparsity:.0%}"):
-            rows.append(bench_row(kind, method, sparsity, args.epochs, args.random_seeds))
+            rows.append(bench_row(kind, method, sparsity, args, randoms))
         console.print(json.dumps(rows[-1]))
     console.print(table(rows, dense_accuracy, args))
     if args.json:
-        write_json(Path(args.json), {"dense_accuracy": dense_accuracy, "epochs": args.epochs, "rows": rows})
+        write_json(Path(args.json), {"dense_accuracy": dense_accuracy, "epochs": args.epochs,
+                                     "short_epochs": args.short_epochs, "rows": rows})
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -2,6 +2,7 @@
 
 from .iterative import IterativeResult, iterative, iterative_prune
 from .masks import Masks, apply_masks, load_masks, mask_gradients, save_masks
+from .recalibrate import recalibrate_batchnorm
 from .recipe import Recipe, load_recipe, recipe_from_dict
 from .regularization import bn_scale_l1, group_lasso
 from .run_recipe import RecipeResult, apply_recipe
@@ -35,6 +36,7 @@ __all__ = [
     "mask_gradients",
     "n_m_mask",
     "prune",
+    "recalibrate_batchnorm",
     "recipe_from_dict",
     "save_masks",
 ]
