@@ -158,18 +158,6 @@ def build(name: str) -> nn.Module:
     return model
 
 
-@contextmanager
-def mha_fastpath_off() -> Iterator[None]:
-    """``nn.MultiheadAttention`` in eval takes a fused fast path that ``FlopCounterMode`` does not
-    count (a ViT would count 5.9 GFLOPs eager against 8.7 in its graph); off, both count alike."""
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
-
-
 def measure(name: str, size: int | None = None) -> Row:
     """Prune ``name`` at 0.4, strip it, and measure the result (raises on any failure)."""
     model = build(name)
@@ -195,8 +183,7 @@ def measure(name: str, size: int | None = None) -> Row:
         checks = [torch.randn(x.shape, generator=generator) for _ in range(2)]
         row.max_rel_error = max(relative_error(model(c), stripped(c)) for c in checks)
     row.params, row.params_stripped = count_params(model), count_params(stripped)
-    with mha_fastpath_off():
-        row.flops, row.flops_stripped = count_flops(model, (x,)), count_flops(stripped, (x,))
+    row.flops, row.flops_stripped = count_flops(model, (x,)), count_flops(stripped, (x,))
     with tempfile.TemporaryDirectory() as tmp:
         try:
             (artifact,) = ctk.export(stripped, (x,), os.path.join(tmp, "out"), formats=("onnx",), reference=model)

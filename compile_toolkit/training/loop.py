@@ -137,6 +137,15 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     return min(steps, config.max_steps) if config.max_steps is not None else steps
 
 
+def plan_steps(config: TrainConfig, loaded: LoadedModel) -> tuple[int, int]:
+    """(steps per epoch, total steps) of the global batch over the model's training split."""
+    samples = len(loaded.dataset.x_train)
+    steps_per_epoch = samples // config.batch_size
+    if steps_per_epoch == 0:
+        raise CtkError(f"--batch-size {config.batch_size} exceeds the {samples} training samples")
+    return steps_per_epoch, total_steps(config, steps_per_epoch)
+
+
 def build_sparsifier(
     config: TrainConfig, model: nn.Module, steps: int, example_inputs: tuple[torch.Tensor, ...] | None = None
 ) -> Sparsifier:
@@ -219,11 +228,7 @@ def run_training(config: TrainConfig, replica: Replica, console: Console | None 
     torch.manual_seed(config.seed + replica.rank)
     loaded = build_model(config)
     dataset = loaded.dataset
-    assert dataset is not None
-    steps_per_epoch = len(dataset.x_train) // config.batch_size
-    if steps_per_epoch == 0:
-        raise CtkError(f"--batch-size {config.batch_size} exceeds the {len(dataset.x_train)} training samples")
-    steps = total_steps(config, steps_per_epoch)
+    steps_per_epoch, steps = plan_steps(config, loaded)
 
     model = replica.prepare(loaded.module, config)
     sparsifier = build_sparsifier(config, model, steps, loaded.example_inputs)

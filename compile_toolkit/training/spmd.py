@@ -41,9 +41,9 @@ from .loop import (
     build_optimizer,
     build_sparsifier,
     epoch_batches,
+    plan_steps,
     progress_bar,
     resume_point,
-    total_steps,
 )
 from .mesh import (
     DATA_AXIS,
@@ -96,11 +96,7 @@ def train_spmd(config: TrainConfig, console: Console | None = None) -> TrainResu
     torch.manual_seed(config.seed)
     loaded = build_model(config)
     dataset = loaded.dataset
-    assert dataset is not None
-    steps_per_epoch = len(dataset.x_train) // config.batch_size
-    if steps_per_epoch == 0:
-        raise CtkError(f"--batch-size {config.batch_size} exceeds the {len(dataset.x_train)} training samples")
-    steps = total_steps(config, steps_per_epoch)
+    steps_per_epoch, steps = plan_steps(config, loaded)
     checkpoint = resume_point(config)
     model = loaded.module
     if checkpoint is not None:
