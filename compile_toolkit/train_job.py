@@ -62,6 +62,9 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--resume", action="store_true",
         help="continue from the latest checkpoint in --checkpoint-dir (a fresh start if there is none yet)")
     add("--sync-batchnorm", action="store_true", help="DDP: batch norm over the global batch (SyncBatchNorm)")
+    add("--no-recalibrate-bn", dest="recalibrate_bn", action="store_false",
+        help="keep the batch-norm statistics training left, instead of re-estimating them over the training "
+        "split once a pruning run ends")
     add("--mesh", default=DEFAULTS.mesh, help="SPMD device mesh DATAxMODEL (default 1x1)")
     add("--fsdp", action="store_true", help="SPMD: shard parameters along the data axis (FSDPv2)")
     add("--log-dir", help="folder for metrics.json (per-step loss, sparsity, throughput) and metrics.png")
@@ -94,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         sync_batchnorm=args.sync_batchnorm,
+        recalibrate_bn=args.recalibrate_bn,
         mesh=args.mesh,
         fsdp=args.fsdp,
         log_dir=args.log_dir,
@@ -117,6 +121,9 @@ def run_train(args: argparse.Namespace) -> int:
         f"final loss {final_loss}, sparsity {result.sparsity:.1%}, {result.samples_per_s:.0f} samples/s",
         soft_wrap=True,
     )
+    if result.recalibrated_norms:
+        out.print(f"re-estimated the statistics of {result.recalibrated_norms} batch norm(s) over the training split "
+                  "after pruning (--no-recalibrate-bn to keep training's)", soft_wrap=True)
     if result.checkpoint is not None:
         out.print(f"checkpoint: {result.checkpoint}  (export: ctk export --pruned --checkpoint {config.checkpoint_dir})",
                   soft_wrap=True)

