@@ -123,11 +123,14 @@ def _prune(args: argparse.Namespace) -> int:
 def _strip(args: argparse.Namespace) -> int:
     from rich.table import Table
 
+    from .metrics import count_params
     from .models import load_model
     from .strip import strip
 
     loaded = load_model(args.model, args.weights, args.input_shape)
-    summary = strip(loaded.module, loaded.example_inputs).meta["ctk_strip"]
+    stripped = strip(loaded.module, loaded.example_inputs)
+    summary = stripped.meta["ctk_strip"]
+    before, after = count_params(loaded.module), count_params(stripped)
     table = Table()
     for column in ("group (first carrier)", "channels", "kept", "kept because"):
         table.add_column(column)
@@ -137,8 +140,9 @@ def _strip(args: argparse.Namespace) -> int:
             table.add_row(group["carriers"][0], str(group["channels"]), str(group["kept"]), reason)
     console = Console()
     console.print(
-        f"{loaded.name}: {summary['channels_removed']} channels removed "
-        f"(max relative error {summary['max_relative_error']:.1e})",
+        f"{loaded.name}: {summary['channels_removed']} channels removed (counting each coupled channel once), "
+        f"parameters {before:,} -> {after:,} ({before / max(after, 1):.2f}x fewer), "
+        f"max relative error {summary['max_relative_error']:.1e}",
         soft_wrap=True,
     )
     console.print(table)

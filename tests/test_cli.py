@@ -155,3 +155,14 @@ def test_strip_explain_names_the_op_and_node_that_kept_a_group(tmp_path, capsys,
     assert status == 0
     assert ": 0 channels removed" in out
     assert "no channel rule for aten.cumsum at node cumsum" in out
+
+
+def test_strip_reports_channels_and_parameters_removed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    source = tmp_path / "net.py"
+    source.write_text(BARRIER_MODEL.replace("torch.cumsum(self.a(x), dim=1)", "torch.relu(self.a(x))"))
+    assert main(["strip", "--model", f"{source}:build", "--input-shape", "2,3,4,4"]) == 0
+    # a: 3->6 conv (24 parameters), b: 6->4 (28); channel 2 of a goes: 20 + 24 parameters stay.
+    assert "net.py:build: 1 channels removed (counting each coupled channel once), parameters 52 -> 44 (1.18x fewer)" in (
+        capsys.readouterr().out
+    )
