@@ -1,5 +1,5 @@
 """Channel rules for convolutions, norms, embeddings and layout ops (``rules/layers.py``,
-``rules/norms.py``, ``rules/layout.py``, ``rules/shape.py``).
+``rules/norms.py``, ``rules/layout.py``, ``rules/slicing.py``, ``rules/shape.py``).
 
 Each rule gets a tiny module with hand-zeroed channels: the expected channels go (parameter shapes
 after strip), the outputs do not change (checked at a second batch size), and an unsafe case is
@@ -20,7 +20,7 @@ from torch import nn
 import compile_toolkit as ctk
 from compile_toolkit.capture import capture
 from compile_toolkit.channels import analyze
-from compile_toolkit.channels.rules.shape import argument
+from compile_toolkit.channels.rules.base import argument
 from compile_toolkit.passes.strip import StripPass
 from compile_toolkit.passes.verify import relative_error
 

@@ -20,13 +20,9 @@ from torch.fx import Node
 
 from ..atoms import Atoms
 from ..context import Context, Dims, Masks, all_dead, concrete, describe, mask
-from .base import OpRule, ShapeChange, copy_masks, full
+from .base import OpRule, ShapeChange, copy_masks, full, normalize_dim
 from .matmul import RULES as MATMUL_RULES
 from .matmul import MatMul
-
-
-def _dim(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
 
 
 class Softmax(OpRule):
@@ -34,7 +30,7 @@ class Softmax(OpRule):
 
     def _axis(self, ctx: Context, node: Node) -> int:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
-        return _dim(dim, len(ctx.shape(node)))
+        return normalize_dim(dim, len(ctx.shape(node)))
 
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
         dims = list(ctx.dims(node.args[0]))

@@ -73,3 +73,33 @@ def copy_masks(masks: Masks) -> Masks:
 
 def full(shape: list[int | None], fill: bool) -> Masks:
     return [mask(s, fill) for s in shape]
+
+
+def normalize_dim(d: int, rank: int) -> int:
+    """``d`` counted from the front (a negative dim counts from the back)."""
+    return d + rank if d < 0 else d
+
+
+def argument(node: Node, name: str, default=None):
+    """An ATen op's argument by schema name, whether passed by position, by keyword or defaulted
+    (``default`` if the op has no such argument or no default for it)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    for i, arg in enumerate(node.target._schema.arguments):
+        if arg.name == name:
+            if i < len(node.args):
+                return node.args[i]
+            return arg.default_value if arg.has_default_value() else default
+    return default
+
+
+def set_argument(node: Node, name: str, value) -> None:
+    """Set an ATen op's argument by schema name, keeping how it was passed."""
+    schema = node.target._schema.arguments
+    position = next(i for i, a in enumerate(schema) if a.name == name)
+    if position >= len(node.args):
+        node.update_kwarg(name, value)
+        return
+    args = list(node.args)
+    args[position] = value
+    node.args = tuple(args)

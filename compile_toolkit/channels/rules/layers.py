@@ -16,8 +16,7 @@ import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import Barrier, OpRule, ShapeChange, copy_masks, full
-from .shape import argument, set_argument
+from .base import Barrier, OpRule, ShapeChange, argument, copy_masks, full, set_argument
 
 
 def _nonzero_rows_cols(ctx: Context, weight: Node) -> np.ndarray:

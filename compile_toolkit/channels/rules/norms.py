@@ -15,9 +15,8 @@ import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import OpRule, ShapeChange, full, output_shapes
+from .base import OpRule, ShapeChange, argument, full, output_shapes, set_argument
 from .layers import _zero_vector
-from .shape import argument, set_argument
 
 
 class BatchNorm(OpRule):
