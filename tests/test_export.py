@@ -247,3 +247,49 @@ def test_staged_write_is_all_or_nothing(tmp_path):
             (open(os.path.join(tmp, version), "w")).close()
     assert os.listdir(tmp_path) == ["thing"]
     assert os.listdir(tmp_path / "thing") == ["new"]
+
+
+def test_onnx_weights_over_the_limit_go_beside_the_file(tmp_path, monkeypatch):
+    """Over INLINE_LIMIT (2 GiB in use; 0 here, so every weight counts as large) the weights go to
+    model.onnx.data, verified in ONNX Runtime; a later small export removes the stale data file,
+    and a failed one leaves the published pair as it was."""
+    from compile_toolkit.exporters import onnx_format
+
+    model, x = make_model()
+    monkeypatch.setattr(onnx_format, "INLINE_LIMIT", 0)
+    (artifact,) = export(model, (x,), str(tmp_path), formats=("onnx",))
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
+    graph, data = (tmp_path / "model.onnx").stat().st_size, (tmp_path / "model.onnx.data").stat().st_size
+    assert data > 4 * 8 * 3 * 3 * 3 and artifact.size_bytes == graph + data
+    external = [t for t in onnx.load(artifact.path, load_external_data=False).graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == {
+        "model.onnx.data"}
+    with torch.no_grad():
+        assert (run_artifact(artifact, x) - model(x)).abs().max().item() < TOL
+
+    other, _ = make_model()
+    with torch.no_grad():
+        other.fc.bias += 1.0
+    with pytest.raises(VerificationError, match="onnx: max abs error"):
+        export(other, (x,), str(tmp_path), formats=("onnx",), reference=model)
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
+    with torch.no_grad():
+        assert (run_artifact(artifact, x) - model(x)).abs().max().item() < TOL
+
+    monkeypatch.undo()
+    (artifact,) = export(model, (x,), str(tmp_path), formats=("onnx",))
+    assert os.listdir(tmp_path) == ["model.onnx"]
+    assert artifact.size_bytes == (tmp_path / "model.onnx").stat().st_size
+
+
+@pytest.mark.slow
+def test_onnx_export_of_a_model_over_2_gib(tmp_path):
+    """A real 2.1 GiB model: protobuf cannot hold it, so its weights go to model.onnx.data."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(23_800, 23_800, bias=False)).eval()
+    x = torch.randn(2, 23_800)
+    (artifact,) = export(model, (x,), str(tmp_path), formats=("onnx",))
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
+    assert (tmp_path / "model.onnx").stat().st_size < 2**20 and artifact.size_bytes > 2**31
+    assert artifact.max_abs_error < TOL * max(1.0, model(x).abs().max().item())

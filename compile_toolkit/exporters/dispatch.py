@@ -18,7 +18,7 @@ from .checks import CheckSet, Inputs, as_inputs, build_checks, shapes_of
 from .sparse_onnx import FORMAT as SPARSE_ONNX
 from .sparse_onnx import export_sparse
 from .stablehlo import StableHLOWorker
-from .staging import prepare_out_dir, staged
+from .staging import prepare_out_dir, staged_files
 
 # Formats that write and verify in this process: each module has FILENAME, RUNTIME, write, run.
 IN_PROCESS: dict[str, ModuleType] = {
@@ -80,7 +80,7 @@ def _export_in_process(name: str, captured: Capture, checks: CheckSet, out_dir: 
     static_batch = None if captured.dynamic_batch else captured.example_batch
     indices = checks.runnable(name, None if captured.dynamic_batch
                               else shapes_of(captured.example_inputs))
-    with staged(out_dir, fmt.FILENAME) as tmp:
+    with staged_files(out_dir, fmt.FILENAME, getattr(fmt, "COMPANIONS", ())) as tmp:
         try:
             fmt.write(captured, tmp)
         except CtkError:
@@ -96,5 +96,7 @@ def _export_in_process(name: str, captured: Capture, checks: CheckSet, out_dir: 
                                     f"{summary(error)}") from error
         max_error = checks.max_error(name, indices, outputs)
     path = os.path.join(out_dir, fmt.FILENAME)
-    return Artifact(name, path, size_on_disk(path), max_error, fmt.RUNTIME,
+    size = sum(size_on_disk(os.path.join(out_dir, f)) for f in (fmt.FILENAME, *getattr(fmt, "COMPANIONS", ()))
+               if os.path.lexists(os.path.join(out_dir, f)))
+    return Artifact(name, path, size, max_error, fmt.RUNTIME,
                     static_batch=static_batch, seconds=time.perf_counter() - started)

@@ -1,39 +1,43 @@
-"""``.onnx``: the dynamo-based (onnxscript) exporter, one self-contained file, verified in
-ONNX Runtime."""
+"""``.onnx``: the dynamo-based (onnxscript) exporter, one self-contained file (weights over 2 GiB
+in ``model.onnx.data`` beside it), verified in ONNX Runtime."""
 
 from __future__ import annotations
 
-import os
-
 import onnx
+import onnx_ir as ir
 import onnxruntime
 import torch
-from onnx.external_data_helper import uses_external_data
 
 from ..capture import Capture
 from ..errors import CtkError
 from .checks import Inputs
-from .staging import remove
 
 FILENAME = "model.onnx"
+DATA_FILENAME = "model.onnx.data"  # the weights of a model over INLINE_LIMIT
+COMPANIONS = (DATA_FILENAME,)
+INLINE_LIMIT = 2**31 - 2**26  # 2 GiB, the protobuf limit, less room for the graph itself
 RUNTIME = f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider"
 OPSET = 18
 
 
 def write(capture: Capture, path: str) -> None:
-    """Export the captured program (dynamic batch carried over as a symbolic dim) with the
-    weights embedded, and check the file with ``onnx.checker``."""
+    """Export the captured program (dynamic batch carried over as a symbolic dim) and check the
+    file with ``onnx.checker``. Weights are embedded up to :data:`INLINE_LIMIT` (protobuf refuses
+    a message over 2 GiB); a larger model keeps them in ``model.onnx.data`` beside the file,
+    which ONNX Runtime and ``onnx.load`` read by themselves."""
     program = torch.onnx.export(capture.program, (), dynamo=True, opset_version=OPSET,
                                 verbose=False, optimize=True)
-    program.save(path, external_data=False)
-    model = onnx.load(path, load_external_data=False)
-    external = {entry.value for tensor in model.graph.initializer if uses_external_data(tensor)
-                for entry in tensor.external_data if entry.key == "location"}
-    if external:  # the exporter does this by itself over protobuf's 2 GB limit
-        for location in external:
-            remove(os.path.join(os.path.dirname(path), location))
-        raise CtkError("onnx: the weights do not fit in one file (over 2 GB); not supported")
-    onnx.checker.check_model(model)
+    if initializer_bytes(program.model) > INLINE_LIMIT:
+        ir.save(program.model, path, external_data=DATA_FILENAME)
+    else:
+        program.save(path, external_data=False)
+    onnx.checker.check_model(path)
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes of the model's weights (the part of an ONNX file that grows with the model)."""
+    return sum(value.const_value.nbytes for value in model.graph.initializers.values()
+               if value.const_value is not None)
 
 
 def session(path: str, threads: int | None = None) -> onnxruntime.InferenceSession:

@@ -78,6 +78,10 @@ def export_sparse(dense: Artifact, checks: CheckSet, out_dir: str) -> Artifact:
     except Exception as error:  # a truncated or foreign file at the path the exporter wrote
         raise CtkError(f"{FORMAT}: cannot read {dense.path}: {summary(error)}") from error
     sparsify(model)
+    if model.ByteSize() > onnx_format.INLINE_LIMIT:
+        raise CtkError(f"{FORMAT}: the model is {model.ByteSize() / 2**30:.1f} GiB with sparse initializers, over the "
+                       "2 GiB protobuf allows in one file (sparse initializers are not stored as external data); "
+                       "use model.onnx and its model.onnx.data")
     indices = [i for i in range(len(checks.inputs))
                if dense.static_batch is None or checks.inputs[i][0].shape[0] == dense.static_batch]
     with staged(out_dir, FILENAME) as tmp:

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from ..errors import CtkError
@@ -68,3 +68,29 @@ def staged(out_dir: str, name: str) -> Iterator[str]:
         remove(tmp)
         raise
     publish(tmp, os.path.join(out_dir, name))
+
+
+@contextmanager
+def staged_files(out_dir: str, name: str, companions: Sequence[str] = ()) -> Iterator[str]:
+    """Like :func:`staged`, for an artifact that may come with companion files (ONNX weights as
+    external data): the path yielded is ``name`` inside a fresh hidden folder, where the writer
+    puts any of ``companions`` beside it, so nothing it refers to is read from an older artifact.
+
+    On success every companion written is moved into ``out_dir`` first and ``name`` last, so
+    ``name`` appears only once what it refers to is in place; a companion an older artifact left
+    and this one did not write is deleted. On error the folder goes and ``out_dir`` is as it was.
+    """
+    folder = temp_path(out_dir, name)
+    os.mkdir(folder)
+    try:
+        yield os.path.join(folder, name)
+        written = {c for c in companions if os.path.lexists(os.path.join(folder, c))}
+        for companion in companions:
+            if companion in written:
+                os.replace(os.path.join(folder, companion), os.path.join(out_dir, companion))
+        publish(os.path.join(folder, name), os.path.join(out_dir, name))
+        for companion in companions:
+            if companion not in written:
+                remove(os.path.join(out_dir, companion))
+    finally:
+        remove(folder)
