@@ -110,6 +110,11 @@ class ChannelPlan:
     slices: Slices
     dims: list[torch.Tensor]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the plan's index tensors live (where it scores and chooses channels)."""
+        return next(ids.device for dims in self.slices.values() for _, ids in dims)
+
     def to(self, device: torch.device) -> ChannelPlan:
         return ChannelPlan(
             self.count,

@@ -88,7 +88,7 @@ class Sparsifier:
                 raise CtkError(f"method 'channel' finds no channel group to prune in {type(self.model).__name__} "
                                f"(targets {list(targets)}, ignore {list(ignore)}; inputs, outputs and barriers are kept)")
             self.weights = {n: p for n, p in self.model.named_parameters() if n in plan.slices}
-            self.plan = plan.to(next(iter(self.weights.values())).device)
+            self.plan = plan.to(_plan_device(next(iter(self.weights.values())).device))
         elif round_to != 1:
             raise CtkError(f"round_to applies to method 'channel', not {method!r}")
         else:
@@ -172,12 +172,16 @@ class Sparsifier:
         return masks
 
     def _channel_masks(self, step: int) -> Masks:
-        """Grow the pruned channels (read back from the masks) to the schedule's count per group."""
+        """Grow the pruned channels (read back from the masks) to the schedule's count per group,
+        on the plan's device (the host for XLA weights: see :func:`_plan_device`)."""
         plan = self.plan
         assert plan is not None
-        previous = plan.pruned(self.masks)
-        pruned = plan.choose(plan.scores(self.weights), previous, self.schedule.sparsity_at(step), self.round_to)
-        return plan.masks(pruned, {n: w.shape for n, w in self.weights.items()})
+        here = plan.device
+        weights = {n: w.detach().to(here) for n, w in self.weights.items()}
+        previous = plan.pruned({n: m.to(here) for n, m in self.masks.items()})
+        pruned = plan.choose(plan.scores(weights), previous, self.schedule.sparsity_at(step), self.round_to)
+        masks = plan.masks(pruned, {n: w.shape for n, w in weights.items()})
+        return {n: m.to(self.weights[n].device) for n, m in masks.items()}
 
     def apply(self) -> None:
         """Zero pruned weights; call after optimizer.step()."""
@@ -232,8 +236,10 @@ class Sparsifier:
     def _check_channel_masks(self, masks: Masks, source: str) -> None:
         """Masks that zero whole channels are rebuilt exactly from the channels they prune."""
         assert self.plan is not None
-        rebuilt = self.plan.masks(self.plan.pruned(masks), {n: w.shape for n, w in self.weights.items()})
-        differs = torch.stack([(mask != rebuilt[name]).any() for name, mask in masks.items()]).cpu()  # one read
+        here = self.plan.device
+        rebuilt = self.plan.masks(self.plan.pruned({n: m.to(here) for n, m in masks.items()}),
+                                  {n: w.shape for n, w in self.weights.items()})
+        differs = torch.stack([(mask.to(here) != rebuilt[name]).any() for name, mask in masks.items()]).cpu()  # one read
         if differs.any():
             name = list(masks)[int(differs.nonzero()[0])]
             raise CtkError(f"{source}: mask {name!r} does not zero whole channels of this model's channel groups")
@@ -252,3 +258,11 @@ class Sparsifier:
         except json.JSONDecodeError as error:
             raise CtkError(f"masks file {path}: metadata is not JSON ({error})") from None
         self.load_state_dict({**state, "masks": masks}, source=f"masks file {path}")
+
+
+def _plan_device(device: torch.device) -> torch.device:
+    """Where channels are chosen: with the weights, except on XLA. There the number of channels
+    an update removes changes at every update step, so choosing them on the device would compile
+    a new graph each time (30-60 s each on XLA's CPU backend); on the host it is a few
+    milliseconds, plus one read of the weights per update step."""
+    return torch.device("cpu") if device.type == "xla" else device
