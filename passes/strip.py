@@ -13,7 +13,6 @@ from torch import nn
 from torch.fx import GraphModule
 
 from compile_toolkit.channels.analysis import ChannelAnalysis, analyze
-from compile_toolkit.channels.rules import rule_for
 from compile_toolkit.channels.rules.base import ShapeChange
 
 from .base import GraphPass, PassResult
@@ -101,4 +100,4 @@ def _rewrite_shapes(gm: GraphModule, analysis: ChannelAnalysis) -> None:
         inputs = [(arg, None) for arg in node.all_input_nodes if (arg, None) in ctx.shapes]
         if old != new or any(ctx.shapes[k] != analysis.kept_shape(k) for k in inputs):
             change = ShapeChange(old, new, lambda arg: analysis.keep((arg, None)))
-            rule_for(node).rewrite(node, change)
+            analysis.rules[node].rewrite(node, change)

@@ -722,3 +722,104 @@ def test_einsum_equations_parse_to_labels(equation, ranks, operands, output):
 
     eq = parse(equation, ranks)
     assert eq.operands == operands and eq.output == output
+
+
+# -- in-place writes ----------------------------------------------------------------------------
+
+
+class WriteIntoView(nn.Module):
+    """conv a (6 channels) -> ``y[:, 1:3].add_(1)`` in place -> conv b reads ``y`` after the write."""
+
+    def __init__(self, op: str = "add_") -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        view = y[:, 1:3]
+        view.add_(1.0) if self.op == "add_" else view.zero_()
+        return self.b(y)
+
+
+def test_an_in_place_write_that_others_read_is_a_barrier():
+    """Channel 2 of ``a`` is zero, but the add writes 1 into it and ``b`` reads it: it stays (read as
+    values, the graph would say channel 2 is zero and the strip would change the outputs). Channel
+    4, outside the written view, goes."""
+    model = WriteIntoView()
+    zero_out(model.a, [2, 4])
+    _, shapes, summary = strip_exact(model, torch.randn(2, 3, 4, 4))
+    assert shapes["a.weight"][0] == 5 and summary["channels_removed"] == 1
+    assert mentions(summary["barriers"], "in-place aten.add_ at node add_", "aten.conv2d at node conv2d_1 reads")
+
+
+def test_writing_zeros_in_place_strips_through():
+    """``zero_`` only makes "zero" facts truer: channels 2 (zeroed by the write) and 4 (by hand) go."""
+    model = WriteIntoView(op="zero_")
+    zero_out(model.a, [4])
+    stripped, shapes, summary = strip_exact(model, torch.randn(2, 3, 4, 4))
+    assert summary["barriers"] == ["model input x", "model output"]
+    assert shapes["a.weight"][0] == 5 and shapes["b.weight"][1] == 5  # channel 4; channel 2 is written, kept
+    (channels,) = [n for n in stripped.graph.nodes if n.target == torch.ops.aten.slice.Tensor and n.args[1] == 1]
+    assert channels.args[2:4] == (1, 3)
+
+
+class ZeroedKeyBias(nn.Module):
+    """Swin V2's attention input: ``bias = qkv.bias.clone(); bias[n:2n].zero_(); linear(x, w, bias)``,
+    then 2 heads of 4 features each for q, k and v, and an output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x):
+        bias = self.qkv.bias.clone()
+        bias[8:16].zero_()
+        q, k, v = F.linear(x, self.qkv.weight, bias).reshape(x.shape[0], 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(x.shape[0], 5, 8))
+
+
+def test_zeroed_key_bias_lets_heads_go_and_moves_the_slice():
+    model = ZeroedKeyBias()
+    with torch.no_grad():  # head 1 of q, k and v zeroed, as structure="head" would
+        for third in range(3):
+            model.qkv.weight[8 * third + 4 : 8 * third + 8] = 0
+            model.qkv.bias[8 * third + 4 : 8 * third + 8] = 0
+    stripped, shapes, summary = strip_exact(model, torch.randn(2, 5, 8))
+    assert not [b for b in summary["barriers"] if "in-place" in b or "zero_" in b]
+    assert shapes["qkv.weight"] == (12, 8) and shapes["proj.weight"] == (8, 4)
+    slices = [n for n in stripped.graph.nodes if n.target == torch.ops.aten.slice.Tensor]
+    assert [n.args[2:4] for n in slices] == [(4, 8)]  # the key third of the 12 kept bias values
+
+
+class ReadsAroundWrites(nn.Module):
+    """In-place ops the analysis may read as values, and one it may not (``case``)."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+
+    def forward(self, x):
+        y = x * 2
+        if self.case == "chain":  # relu_ then add_ on the result: every reader goes through the last result
+            return F.relu_(y).add_(1) * 3
+        if self.case == "read_before":  # the view is read before the write: it sees the old values
+            view = y[:, :2]
+            before = view * 3
+            y.add_(1)
+            return before + y[:, 2:]
+        view = y.transpose(0, 1)  # "view_after": a view made before the write, read after it
+        y.mul_(2)
+        return view + 1
+
+
+@pytest.mark.parametrize("case, shared", [("chain", False), ("read_before", False), ("view_after", True)])
+def test_shared_writes_follow_aliases_and_order(case, shared):
+    from compile_toolkit.channels.mutation import shared_writes
+
+    gm = capture(ReadsAroundWrites(case).eval(), (torch.randn(3, 4),)).program.module()
+    found = {writer.name: reader.name for writer, reader in shared_writes(gm.graph).items()}
+    assert bool(found) == shared, found
+    if shared:
+        assert found == {"mul_": "add"}

@@ -18,8 +18,9 @@ from torch.fx import GraphModule, Node
 
 from .atoms import Components
 from .context import Context, Dims, Key, concrete, describe, tensor_meta
+from .mutation import shared_writes
 from .rules import Getitem, rule_for
-from .rules.base import full
+from .rules.base import Barrier, OpRule, full
 
 # Nodes that read only shapes (or nothing) of their inputs: they neither use nor pin channels.
 _SHAPE_ONLY = {
@@ -56,6 +57,7 @@ class ChannelAnalysis:
     components: Components
     removable: np.ndarray  # component id -> bool
     groups: list[ChannelGroup]
+    rules: dict[Node, OpRule]  # the rule each call node was analysed (and is rewritten) with
 
     def keep(self, key: Key) -> list[np.ndarray | None]:
         """Indices kept along each dim of a value (``None`` for symbolic dims)."""
@@ -76,16 +78,28 @@ def analyze(gm: GraphModule) -> ChannelAnalysis:
     values = {n.target: _fetch(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     ctx = Context(values)
     nodes = list(gm.graph.nodes)
+    rules = node_rules(gm)
     for node in nodes:
-        _forward(ctx, node)
+        _forward(ctx, node, rules)
     for key in ctx.atoms:
         ctx.dead[key] = full(ctx.shapes[key], True)
     for node in reversed(nodes):
-        _backward(ctx, node)
+        _backward(ctx, node, rules)
     components = ctx.table.solve()
     removable, seen = _removable(ctx, components)
     groups = _groups(ctx, components, removable, seen)
-    return ChannelAnalysis(gm, ctx, components, removable, groups)
+    return ChannelAnalysis(gm, ctx, components, removable, groups, rules)
+
+
+def node_rules(gm: GraphModule) -> dict[Node, OpRule]:
+    """Each call node's rule: its op's, or a barrier for an in-place write that another node
+    reads around (see :mod:`.mutation`)."""
+    shared = shared_writes(gm.graph)
+    return {
+        node: Barrier(f"in-place {describe(node)} writes memory that {describe(shared[node])} reads")
+        if node in shared else rule_for(node)
+        for node in gm.graph.nodes if node.op == "call_function"
+    }
 
 
 def _fetch(gm: GraphModule, target: str) -> torch.Tensor:
@@ -93,7 +107,7 @@ def _fetch(gm: GraphModule, target: str) -> torch.Tensor:
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
-def _forward(ctx: Context, node: Node) -> None:
+def _forward(ctx: Context, node: Node, rules: dict[Node, OpRule]) -> None:
     if node.op == "output":
         for arg in node.all_input_nodes:
             for key in ctx.keys_of(arg):
@@ -129,7 +143,7 @@ def _forward(ctx: Context, node: Node) -> None:
     keys = ctx.keys_of(node)
     for key, meta in zip(keys, metas, strict=False):
         ctx.shapes[key] = [concrete(s) for s in meta.shape]
-    rule = rule_for(node)
+    rule = rules[node]
     inputs = node.all_input_nodes
     if inputs and all(arg in ctx.constant for arg in inputs):
         ctx.constant.add(node)
@@ -151,7 +165,7 @@ def _tied_atoms(ctx: Context, node: Node, value: torch.Tensor) -> Dims:
     return ctx.attr_atoms[node.target]
 
 
-def _backward(ctx: Context, node: Node) -> None:
+def _backward(ctx: Context, node: Node, rules: dict[Node, OpRule]) -> None:
     if node.op == "output":
         for arg in node.all_input_nodes:
             for key in ctx.keys_of(arg):
@@ -159,7 +173,7 @@ def _backward(ctx: Context, node: Node) -> None:
         return
     if node.op != "call_function" or node not in ctx.output_counts:
         return
-    rule = rule_for(node)
+    rule = rules[node]
     ctx.marked = set()
     rule.dead(ctx, node)
     if isinstance(rule, Getitem):

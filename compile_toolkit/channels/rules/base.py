@@ -57,10 +57,14 @@ def output_shapes(ctx: Context, node: Node) -> list[list[int | None]]:
 
 
 class Barrier(OpRule):
-    """An op without a rule: everything it touches is kept, and the report says which op did it."""
+    """An op without a rule: everything it touches is kept, and the report says which op did it
+    (``reason``, by default "no channel rule for <op> at node <node>")."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        self.reason = reason
 
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
-        reason = f"no channel rule for {describe(node)}"
+        reason = self.reason or f"no channel rule for {describe(node)}"
         for arg in node.all_input_nodes:
             for key in ctx.keys_of(arg):
                 ctx.pin_value(key[0], reason, key[1])

@@ -34,6 +34,21 @@ class Unary(OpRule):
         ctx.mark_dead(node.args[0], copy_masks(ctx.dead_of(node)))
 
 
+class Zeroed(OpRule):
+    """``zero_(x)``: every element becomes 0 (Swin V2 zeroes the key third of its q/k/v bias with
+    ``bias[n:2 * n].zero_()``). Dims pass through, the result is all zero, and no value of the
+    input is used. Writing zeros in place is safe for the analysis (see ``channels/mutation.py``)."""
+
+    def couple(self, ctx: Context, node: Node) -> list[Dims]:
+        return [list(ctx.dims(node.args[0]))]
+
+    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+        return [full(ctx.shape(node), True)]
+
+    def dead(self, ctx: Context, node: Node) -> None:
+        ctx.mark_dead(node.args[0], full(ctx.shape(node.args[0]), True))
+
+
 class Power(Unary):
     """``pow(x, exponent)`` with a number exponent: elementwise; zeros stay zero for exponent > 0.
     A tensor exponent would couple a second operand, so that form is a barrier."""
@@ -176,6 +191,7 @@ RULES: dict[object, OpRule] = {
     },
     **{op: Unary(keeps_zero=False) for op in (aten.sigmoid, aten.hardsigmoid, aten.exp, aten.cos, aten.rsqrt)},
     aten.pow: Power(),
+    aten.zero_: Zeroed(),
     **{op: Binary("add") for op in (aten.add, aten.add_, aten.sub, aten.sub_)},
     **{op: Binary("mul") for op in (aten.mul, aten.mul_)},
     aten.div: Binary("div"),
