@@ -823,3 +823,51 @@ def test_shared_writes_follow_aliases_and_order(case, shared):
     assert bool(found) == shared, found
     if shared:
         assert found == {"mul_": "add"}
+
+
+# -- norms along other dims, clamps -------------------------------------------------------------
+
+
+class NormalizeThenClamp(nn.Module):
+    """conv a (6) -> ``F.normalize`` over the width (Swin V2's cosine attention normalises each
+    head's features the same way) -> clamp -> conv b."""
+
+    def __init__(self, low: float) -> None:
+        super().__init__()
+        self.low = low
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.clamp(F.normalize(self.a(x), dim=-1), min=self.low, max=6.0))
+
+
+@pytest.mark.parametrize("low, kept", [(0.0, 4), (0.5, 6)])
+def test_vector_norm_passes_channels_and_clamp_keeps_zero_only_if_in_range(low, kept):
+    """A zero channel normalised stays zero (0 / max(0, eps)); clamped to [0, 6] it stays zero,
+    to [0.5, 6] it becomes 0.5 and must stay."""
+    model = NormalizeThenClamp(low)
+    zero_out(model.a, [1, 4])
+    _, shapes, summary = strip_exact(model, torch.randn(2, 3, 4, 5))
+    assert shapes["a.weight"][0] == kept and shapes["b.weight"][1] == kept
+    assert summary["barriers"] == ["model input x", "model output"]
+
+
+class DivideByUnguarded(nn.Module):
+    """conv a -> ``y / (|y|.sum(-1) + 1)``: a positive divisor, but not one the rules can prove so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y / (y.abs().sum(-1, keepdim=True) + 1.0))
+
+
+def test_divisor_of_a_zero_channel_is_kept_unless_provably_positive():
+    """0 / d is 0 only where d != 0: the divisor's slice of a zero channel is dead only behind a
+    clamp to a positive minimum (above); here the channel stays, and the result is still exact."""
+    model = DivideByUnguarded()
+    zero_out(model.a, [1])
+    _, shapes, _ = strip_exact(model, torch.randn(2, 3, 4, 5))
+    assert shapes["a.weight"][0] == 6

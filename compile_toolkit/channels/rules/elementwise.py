@@ -13,7 +13,7 @@ import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import Barrier, OpRule, copy_masks, full
+from .base import Barrier, OpRule, argument, copy_masks, full
 
 
 class Unary(OpRule):
@@ -32,6 +32,40 @@ class Unary(OpRule):
 
     def dead(self, ctx: Context, node: Node) -> None:
         ctx.mark_dead(node.args[0], copy_masks(ctx.dead_of(node)))
+
+
+class Clamp(Unary):
+    """``clamp(x, min, max)``/``clamp_min``/``clamp_max`` with number bounds: elementwise; zeros
+    stay zero when the range holds 0 (``F.normalize`` clamps a norm to at least ``eps``, so its zeros
+    do not). Tensor bounds would couple more operands, so that form is a barrier."""
+
+    def __init__(self) -> None:
+        super().__init__(keeps_zero=False)
+        self._barrier = Barrier()
+
+    def _bounds(self, node: Node) -> tuple[object, object]:
+        packet = node.target.overloadpacket
+        if packet is torch.ops.aten.clamp_min:
+            return argument(node, "min"), None
+        if packet is torch.ops.aten.clamp_max:
+            return None, argument(node, "max")
+        return argument(node, "min"), argument(node, "max")
+
+    def couple(self, ctx: Context, node: Node) -> list[Dims]:
+        if any(isinstance(bound, Node) for bound in self._bounds(node)):
+            return self._barrier.couple(ctx, node)
+        return super().couple(ctx, node)
+
+    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+        low, high = self._bounds(node)
+        tensor_bound = isinstance(low, Node) or isinstance(high, Node)
+        if tensor_bound or (low is not None and low > 0) or (high is not None and high < 0):
+            return [ctx.no_facts(ctx.shape(node))]
+        return [copy_masks(ctx.zeros(node.args[0]))]
+
+    def dead(self, ctx: Context, node: Node) -> None:
+        if not any(isinstance(bound, Node) for bound in self._bounds(node)):
+            super().dead(ctx, node)
 
 
 class Zeroed(OpRule):
@@ -155,7 +189,8 @@ class Binary(OpRule):
             if not isinstance(arg, Node):
                 continue
             ignored = out_dead
-            if self.kind == "mul":  # a slice multiplied by zero does not matter
+            if self.kind == "mul" or (self.kind == "div" and i == 1 and _positive(arg)):
+                # a slice multiplied by zero does not matter, nor a (positive) divisor of zero
                 other = zeros[1 - i]
                 ignored = [None if o is None else o | z for o, z in zip(out_dead, other, strict=False)]
             ctx.mark_dead(arg, self._to_operand(ctx.shape(arg), shape, ignored))
@@ -177,6 +212,26 @@ class Binary(OpRule):
         return result
 
 
+# Ops whose every output value is one of their first input's values.
+_SAME_VALUES = {"expand", "expand_as", "view", "reshape", "unsqueeze", "squeeze", "clone", "contiguous", "alias"}
+
+
+def _op(node: Node) -> str | None:
+    target = node.target if node.op == "call_function" else None
+    return target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else None
+
+
+def _positive(node: Node) -> bool:
+    """Whether every value of ``node`` is > 0 whatever the model's input: ``clamp_min(x, eps)``
+    with ``eps > 0`` (how ``F.normalize`` guards its division), seen through expands and views."""
+    while _op(node) in _SAME_VALUES and isinstance(node.args[0], Node):
+        node = node.args[0]
+    if _op(node) not in ("clamp_min", "clamp"):
+        return False
+    low = argument(node, "min")
+    return isinstance(low, (int, float)) and low > 0
+
+
 aten = torch.ops.aten
 
 RULES: dict[object, OpRule] = {
@@ -192,6 +247,7 @@ RULES: dict[object, OpRule] = {
     **{op: Unary(keeps_zero=False) for op in (aten.sigmoid, aten.hardsigmoid, aten.exp, aten.cos, aten.rsqrt)},
     aten.pow: Power(),
     aten.zero_: Zeroed(),
+    **{op: Clamp() for op in (aten.clamp, aten.clamp_min, aten.clamp_max)},
     **{op: Binary("add") for op in (aten.add, aten.add_, aten.sub, aten.sub_)},
     **{op: Binary("mul") for op in (aten.mul, aten.mul_)},
     aten.div: Binary("div"),

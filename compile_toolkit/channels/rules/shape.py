@@ -14,7 +14,7 @@ import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, describe, mask
-from .base import OpRule, copy_masks, normalize_dim
+from .base import OpRule, argument, copy_masks, normalize_dim
 
 
 class Getitem(OpRule):
@@ -111,12 +111,11 @@ class Reduce(OpRule):
 
     def _reduced(self, ctx: Context, node: Node) -> tuple[list[int], bool]:
         rank = len(ctx.shape(node.args[0]))
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = argument(node, "dim")
         if dims is None or dims == []:
             dims = list(range(rank))
         dims = [dims] if isinstance(dims, int) else list(dims)
-        keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
-        return sorted(normalize_dim(d, rank) for d in dims), keepdim
+        return sorted(normalize_dim(d, rank) for d in dims), bool(argument(node, "keepdim", False))
 
     def _out_index(self, ctx: Context, node: Node) -> dict[int, int]:
         """Input dim -> output dim for the dims that survive."""
@@ -152,6 +151,18 @@ class Reduce(OpRule):
         ctx.mark_dead(node.args[0], masks)
 
 
+class Norm(Reduce):
+    """``linalg_vector_norm(x, ord, dim)`` (``F.normalize``, Swin V2's cosine attention): a
+    reduction; a zero slice along a surviving dim has norm 0 for ``ord > 0`` (not for ``ord <= 0``,
+    where norms of zeros are counts or infinities)."""
+
+    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+        order = argument(node, "ord", 2)
+        if isinstance(order, (int, float)) and order > 0:
+            return super().zero(ctx, node)
+        return [ctx.no_facts(ctx.shape(node))]
+
+
 aten = torch.ops.aten
 
 RULES: dict[object, OpRule] = {
@@ -161,4 +172,5 @@ RULES: dict[object, OpRule] = {
     **{op: Pool(spatial=2) for op in (aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.max_pool2d)},
     **{op: Pool(spatial=3) for op in (aten.adaptive_avg_pool3d, aten.avg_pool3d, aten.max_pool3d)},
     **{op: Reduce() for op in (aten.mean, aten.sum, aten.amax)},
+    aten.linalg_vector_norm: Norm(),
 }
