@@ -80,7 +80,8 @@ def _export_in_process(name: str, captured: Capture, checks: CheckSet, out_dir: 
     static_batch = None if captured.dynamic_batch else captured.example_batch
     indices = checks.runnable(name, None if captured.dynamic_batch
                               else shapes_of(captured.example_inputs))
-    with staged_files(out_dir, fmt.FILENAME, getattr(fmt, "COMPANIONS", ())) as tmp:
+    companions = getattr(fmt, "COMPANIONS", ())  # files an artifact may come with (ONNX external data)
+    with staged_files(out_dir, fmt.FILENAME, companions) as tmp:
         try:
             fmt.write(captured, tmp)
         except CtkError:
@@ -96,7 +97,7 @@ def _export_in_process(name: str, captured: Capture, checks: CheckSet, out_dir: 
                                     f"{summary(error)}") from error
         max_error = checks.max_error(name, indices, outputs)
     path = os.path.join(out_dir, fmt.FILENAME)
-    size = sum(size_on_disk(os.path.join(out_dir, f)) for f in (fmt.FILENAME, *getattr(fmt, "COMPANIONS", ()))
+    size = sum(size_on_disk(os.path.join(out_dir, f)) for f in (fmt.FILENAME, *companions)
                if os.path.lexists(os.path.join(out_dir, f)))
     return Artifact(name, path, size, max_error, fmt.RUNTIME,
                     static_batch=static_batch, seconds=time.perf_counter() - started)
