@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--sparsity", type=float, default=0.5, help="fraction of channels to prune per group (default 0.5)")
     export.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
     export.add_argument("--out", help="output folder (default ctk-out/<model>)")
-    export.add_argument("--no-finetune", action="store_true", help="skip fine-tuning after pruning")
+    export.add_argument("--no-finetune", action="store_true",
+                        help="skip fine-tuning after pruning (batch-norm statistics are still re-estimated)")
     export.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
     export.add_argument("--sparse-onnx", action="store_true",
                         help="also write model.sparse.onnx, mostly-zero weights stored as sparse initializers "

@@ -24,6 +24,7 @@ from .models.registry import DEFAULT_SPEC, _state_dict_mismatch
 from .outdir import staged_folder
 from .pruning import apply_masks, prune
 from .pruning.masks import check_masks
+from .pruning.recalibrate import recalibrate_batchnorm
 from .pruning.structured import check_sparsity
 from .report import write_reports
 from .strip import strip
@@ -138,6 +139,11 @@ def _prune(job: ExportJob, loaded: LoadedModel, timed) -> dict[str, Any]:
     if job.finetune and loaded.dataset is not None and job.finetune_epochs:
         with timed(f"fine-tune {job.finetune_epochs} epochs with masks held"):
             summary["finetune_losses"] = finetune(loaded.module, loaded.dataset, result.masks, epochs=job.finetune_epochs)
+    elif loaded.dataset is not None:
+        # Batch norms would keep the dense network's statistics (digits-resnet at 50%: 15% test accuracy
+        # with them, 54% re-estimated); fine-tuning re-estimates them anyway.
+        with timed("re-estimate batch-norm statistics (no fine-tuning)"):
+            summary["batchnorm_recalibrated"] = recalibrate_batchnorm(loaded.module, loaded.dataset.x_train.split(256))
     summary["accuracy"] = _accuracy(loaded.module, loaded)
     return summary
 
