@@ -26,6 +26,7 @@ REPRESENTATIVE = {
     "resnet18": 64,
     "shufflenet_v2_x0_5": 64,
     "swin_t": 224,
+    "swin_v2_t": 224,  # zero_ into a bias slice, cosine attention (F.normalize)
     "maxvit_t": 224,
     "convnext_tiny": 64,
     "efficientnet_b0": 64,
