@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
+from test_structured_training import TinyResidual  # tests/ is on sys.path: pytest's rootdir, or this script's folder
 
 from compile_toolkit.pruning import GradualSchedule, Sparsifier
 
@@ -29,26 +28,10 @@ STEPS = 9
 FAST_XLA_CPU = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-class Residual(nn.Module):
-    """stem -> residual block -> pool -> linear: a 16-channel stream and a 24-channel hidden group."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.conv1, self.bn1 = nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24)
-        self.conv2, self.bn2 = nn.Conv2d(24, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.stem(x)))
-        x = F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-        return self.head(x.mean((2, 3)))
-
-
 def _run(device: torch.device, sync=lambda: None, compiles=lambda: 0) -> tuple[list[dict], list[int]]:
     """The schedule's updates on ``device``; weights scaled by a fixed random factor between steps."""
     torch.manual_seed(0)
-    model = Residual().eval()
+    model = TinyResidual().eval()
     inputs = (torch.randn(2, 1, 8, 8),)
     factors = [{n: 1 + 0.5 * torch.rand_like(p) for n, p in model.named_parameters()} for _ in range(STEPS)]
     model.to(device)

@@ -3,7 +3,8 @@
 Structured pruning scores a channel over every parameter slice that carries it and zeros all of
 those slices at once, so that strip can remove it. ``ctk.prune`` does this once per call (on the
 CPU, any importance) and the ``channel`` method of :class:`~.sparsifier.Sparsifier` at every
-update step of training (on the weights' own device: CPU, CUDA or XLA, torch ops only). Both read
+update step of training (torch ops only, on the plan's device: the weights' own, or the host for
+XLA weights). Both read
 the slices, scores, counts and masks from here, so training prunes exactly what ``ctk.prune`` would.
 """
 
@@ -124,8 +125,12 @@ class ChannelPlan:
         )
 
     def scores(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """L1 importance of every channel, each carrier normalised by its mean (``ctk.prune``'s ``l1``)."""
-        return channel_scores(self.slices, lambda name: params[name].detach().abs().float(), self.count + 1, True)[0]
+        """L1 importance of every channel, each carrier normalised by its mean (``ctk.prune``'s ``l1``);
+        ``params`` on any device, scores on the plan's."""
+        def l1(name: str) -> torch.Tensor:
+            return params[name].detach().to(self.device).abs().float()
+
+        return channel_scores(self.slices, l1, self.count + 1, True)[0]
 
     def choose(self, scores: torch.Tensor, previous: torch.Tensor, sparsity: float, round_to: int) -> torch.Tensor:
         """``previous`` plus the lowest-scoring channels of each group up to its removal count
@@ -147,11 +152,11 @@ class ChannelPlan:
 
     def pruned(self, masks: Masks) -> torch.Tensor:
         """The channels ``masks`` prune: those with no kept element in any slice that carries them.
-        Update steps start from this, so a run resumed from saved masks continues exactly."""
-        device = next(iter(masks.values())).device
-        live = torch.zeros(self.count + 1, dtype=torch.int64, device=device)
+        Update steps start from this, so a run resumed from saved masks continues exactly.
+        ``masks`` on any device, the result on the plan's."""
+        live = torch.zeros(self.count + 1, dtype=torch.int64, device=self.device)
         for name, dims in self.slices.items():
-            mask = masks[name]
+            mask = masks[name].to(self.device)
             for d, ids in dims:
                 others = [k for k in range(mask.dim()) if k != d]
                 live = live.index_add(0, ids, mask.sum(dim=others) if others else mask.long())

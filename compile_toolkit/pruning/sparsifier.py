@@ -176,11 +176,9 @@ class Sparsifier:
         on the plan's device (the host for XLA weights: see :func:`_plan_device`)."""
         plan = self.plan
         assert plan is not None
-        here = plan.device
-        weights = {n: w.detach().to(here) for n, w in self.weights.items()}
-        previous = plan.pruned({n: m.to(here) for n, m in self.masks.items()})
-        pruned = plan.choose(plan.scores(weights), previous, self.schedule.sparsity_at(step), self.round_to)
-        masks = plan.masks(pruned, {n: w.shape for n, w in weights.items()})
+        pruned = plan.choose(plan.scores(self.weights), plan.pruned(self.masks), self.schedule.sparsity_at(step),
+                             self.round_to)
+        masks = plan.masks(pruned, {n: w.shape for n, w in self.weights.items()})
         return {n: m.to(self.weights[n].device) for n, m in masks.items()}
 
     def apply(self) -> None:
@@ -236,10 +234,9 @@ class Sparsifier:
     def _check_channel_masks(self, masks: Masks, source: str) -> None:
         """Masks that zero whole channels are rebuilt exactly from the channels they prune."""
         assert self.plan is not None
-        here = self.plan.device
-        rebuilt = self.plan.masks(self.plan.pruned({n: m.to(here) for n, m in masks.items()}),
-                                  {n: w.shape for n, w in self.weights.items()})
-        differs = torch.stack([(mask.to(here) != rebuilt[name]).any() for name, mask in masks.items()]).cpu()  # one read
+        rebuilt = self.plan.masks(self.plan.pruned(masks), {n: w.shape for n, w in self.weights.items()})
+        differs = torch.stack([(mask.to(self.plan.device) != rebuilt[name]).any()
+                               for name, mask in masks.items()]).cpu()  # one read
         if differs.any():
             name = list(masks)[int(differs.nonzero()[0])]
             raise CtkError(f"{source}: mask {name!r} does not zero whole channels of this model's channel groups")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe, mask
+from ..context import Context, Dims, Masks, all_dead, describe, mask, op_name
 from .base import Barrier, OpRule, argument, copy_masks, full
 
 
@@ -213,20 +213,16 @@ class Binary(OpRule):
 
 
 # Ops whose every output value is one of their first input's values.
-_SAME_VALUES = {"expand", "expand_as", "view", "reshape", "unsqueeze", "squeeze", "clone", "contiguous", "alias"}
-
-
-def _op(node: Node) -> str | None:
-    target = node.target if node.op == "call_function" else None
-    return target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else None
+_SAME_VALUES = {f"aten.{op}" for op in ("expand", "expand_as", "view", "reshape", "unsqueeze", "squeeze", "clone",
+                                         "contiguous", "alias")}
 
 
 def _positive(node: Node) -> bool:
     """Whether every value of ``node`` is > 0 whatever the model's input: ``clamp_min(x, eps)``
     with ``eps > 0`` (how ``F.normalize`` guards its division), seen through expands and views."""
-    while _op(node) in _SAME_VALUES and isinstance(node.args[0], Node):
+    while node.op == "call_function" and op_name(node) in _SAME_VALUES and isinstance(node.args[0], Node):
         node = node.args[0]
-    if _op(node) not in ("clamp_min", "clamp"):
+    if node.op != "call_function" or op_name(node) not in ("aten.clamp_min", "aten.clamp"):
         return False
     low = argument(node, "min")
     return isinstance(low, (int, float)) and low > 0

@@ -123,6 +123,17 @@ def _symbolic(src: list[int | None], dst: list[int | None], gi: list[int], gj: l
     return any(src[k] is None for k in gi) or any(dst[k] is None for k in gj)
 
 
+def _any_along(masks: list[np.ndarray]) -> np.ndarray:
+    """The grid of ``len(masks)`` dims (dim ``k`` as long as ``masks[k]``) that is True wherever
+    the mask of any dim is True at that position."""
+    grid = np.zeros([len(m) for m in masks], dtype=bool)
+    for axis, m in enumerate(masks):
+        shape = [1] * len(masks)
+        shape[axis] = len(m)
+        grid = grid | m.reshape(shape)
+    return grid
+
+
 class Reshape(OpRule):
     """``view``/``reshape``/``flatten``/``unflatten``/``squeeze``/``unsqueeze``.
 
@@ -202,13 +213,8 @@ class Reshape(OpRule):
                 continue
             if len(gi) == 1 and len(gj) == 1:
                 out[gj[0]] = zeros[gi[0]].copy()
-            elif len(gj) == 1 and gi:
-                grid = np.zeros([src[k] for k in gi], dtype=bool)
-                for axis, k in enumerate(gi):
-                    shape = [1] * len(gi)
-                    shape[axis] = src[k]
-                    grid = grid | zeros[k].reshape(shape)
-                out[gj[0]] = grid.ravel()
+            elif len(gj) == 1 and gi:  # a merged element is zero if it is zero along any merged dim
+                out[gj[0]] = _any_along([zeros[k] for k in gi]).ravel()
             elif len(gi) == 1 and gj:  # a slice is zero where all its elements are
                 grid = zeros[gi[0]].reshape([dst[k] for k in gj])
                 for axis, k in enumerate(gj):
@@ -232,12 +238,7 @@ class Reshape(OpRule):
             elif len(gj) == 1 and gi:
                 masks[gi[0]] = out_dead[gj[0]].reshape(src[gi[0]], -1).all(1)
             elif len(gi) == 1 and gj:  # an element is ignored if a slice through it is
-                grid = np.zeros([dst[k] for k in gj], dtype=bool)
-                for axis, k in enumerate(gj):
-                    shape = [1] * len(gj)
-                    shape[axis] = dst[k]
-                    grid = grid | out_dead[k].reshape(shape)
-                masks[gi[0]] = grid.ravel()
+                masks[gi[0]] = _any_along([out_dead[k] for k in gj]).ravel()
         ctx.mark_dead(node.args[0], masks)
 
     def rewrite(self, node: Node, change: ShapeChange) -> None:
