@@ -25,7 +25,7 @@ from compile_toolkit.metrics import count_params
 from compile_toolkit.models import load_digits_dataset, load_model
 from compile_toolkit.pruning import GradualSchedule, Sparsifier
 from compile_toolkit.training import TrainConfig, train
-from compile_toolkit.training.loop import recalibration_indices
+from compile_toolkit.training.run_setup import recalibration_indices
 
 SCHEDULE = GradualSchedule(final_sparsity=0.5, start_step=0, end_step=6, frequency=2)  # updates at 0, 2, 4, 6
 STEPS = 8

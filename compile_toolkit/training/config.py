@@ -52,7 +52,7 @@ class TrainConfig:
     ``lr`` once. The pruning window (``prune_start``, ``prune_end``) is a fraction of the total
     number of steps, so it scales with ``epochs`` and ``max_steps``. ``recalibrate_bn``
     re-estimates batch-norm statistics once a run that pruned anything ends (see
-    :func:`~compile_toolkit.training.loop.recalibrate_after_pruning`).
+    :func:`~compile_toolkit.training.run_setup.recalibrate_after_pruning`).
     """
 
     model: str = DEFAULT_SPEC

@@ -4,7 +4,7 @@ Under SPMD the process sees the whole model and the whole global batch as ordina
 annotations from :mod:`.mesh` say how they are split (batch along ``data``, weights along
 ``model``, with FSDPv2 also along ``fsdp``) and the XLA partitioner turns that into per-device
 programs with the needed collectives. So the loop is the plain single-process loop of
-:mod:`.loop` (same batches from :func:`~.loop.epoch_batches`, same sparsifier, same optimizer)
+:mod:`.loop` (same batches from :func:`~.run_setup.epoch_batches`, same sparsifier, same optimizer)
 and a run on any mesh computes what one device computes, up to float rounding: batch norm even
 sees global-batch statistics without any SyncBatchNorm.
 
@@ -34,19 +34,7 @@ from ..errors import CtkError, summary
 from ..pruning.sparsifier import Sparsifier
 from .checkpoint import Checkpoint, save_checkpoint
 from .config import TrainConfig
-from .loop import (
-    StepLog,
-    TrainResult,
-    build_model,
-    build_optimizer,
-    build_sparsifier,
-    epoch_batches,
-    plan_steps,
-    progress_bar,
-    recalibrate_after_pruning,
-    recalibration_indices,
-    resume_point,
-)
+from .loop import TrainResult, resume_point
 from .mesh import (
     DATA_AXIS,
     FSDP_AXIS,
@@ -57,6 +45,16 @@ from .mesh import (
     shard_parameters,
     sharding_of,
     tensor_parallel_specs,
+)
+from .progress import StepLog, progress_bar
+from .run_setup import (
+    build_model,
+    build_optimizer,
+    build_sparsifier,
+    epoch_batches,
+    plan_steps,
+    recalibrate_after_pruning,
+    recalibration_indices,
 )
 
 if TYPE_CHECKING:

@@ -1,5 +1,6 @@
-"""Layers with weights: convolution (dense, grouped, depthwise, transposed), linear, and the
-dropout family (no weights, but layers: identity in eval, channel-wise in training).
+"""Layers with weights: convolution (dense, grouped, depthwise, transposed), linear, embedding
+(the weight's feature dim owns the output's last dim; indices are not channels), and the dropout
+family (no weights, but layers: identity in eval, channel-wise in training).
 
 A weight's input dimension couples to the input's channel dimension; its output dimension (and
 the bias) owns the output's channels. Zero facts need the weight's actual nonzero pattern, so
@@ -253,6 +254,30 @@ class Dropout(OpRule):
         ctx.mark_dead(node.args[0], copy_masks(ctx.dead_of(node)))
 
 
+class Embedding(OpRule):
+    """``embedding(weight, indices)``: ``[*indices, D]``; the weight's dim 1 owns the output's
+    last dim (a zero column is a zero feature); the indices' dims pass through to the leading
+    dims. Vocabulary rows are not channels and are never removed."""
+
+    def couple(self, ctx: Context, node: Node) -> list[Dims]:
+        weight, indices = node.args[0], node.args[1]
+        return [[*ctx.dims(indices), ctx.dims(weight)[1]]]
+
+    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+        weight, indices = node.args[0], node.args[1]
+        return [[*ctx.no_facts(ctx.shape(indices)), ctx.zeros(weight)[1].copy()]]
+
+    def dead(self, ctx: Context, node: Node) -> None:
+        weight, indices = node.args[0], node.args[1]
+        out_dead = ctx.dead_of(node)
+        if all_dead(out_dead):
+            ctx.mark_dead(indices, full(ctx.shape(indices), True))
+            ctx.mark_dead(weight, full(ctx.shape(weight), True))
+            return
+        ctx.mark_dead(indices, copy_masks(out_dead[:-1]))
+        ctx.mark_dead(weight, [mask(ctx.shape(weight)[0], False), out_dead[-1].copy()])
+
+
 aten = torch.ops.aten
 
 RULES: dict[object, OpRule] = {
@@ -269,4 +294,5 @@ RULES: dict[object, OpRule] = {
         op: Dropout(keeps_zero_in_training=False)
         for op in (aten.alpha_dropout, aten.alpha_dropout_, aten.feature_alpha_dropout, aten.feature_alpha_dropout_)
     },
+    aten.embedding: Embedding(),
 }

@@ -4,7 +4,6 @@
 - ``expand``/``expand_as``/``repeat``: broadcast dims are new, repeated dims tile their atoms.
 - ``pixel_shuffle``/``pixel_unshuffle``: a block of ``r*r`` channels is one output channel.
 - ``roll`` and ``pad``: channels pass through the dims they do not touch; touched dims are pinned.
-- ``embedding``: the weight's feature dim owns the output's last dim; indices are not channels.
 
 Cutting ops (``split``, ``slice``, ``select``, ``unbind``, ``index``) are in ``slicing``.
 """
@@ -349,33 +348,6 @@ class Pad(OpRule):
         ctx.mark_dead(node.args[0], copy_masks(masks))
 
 
-# -- embedding ------------------------------------------------------------------------------
-
-
-class Embedding(OpRule):
-    """``embedding(weight, indices)``: ``[*indices, D]``; the weight's dim 1 owns the output's
-    last dim (a zero column is a zero feature); the indices' dims pass through to the leading
-    dims. Vocabulary rows are not channels and are never removed."""
-
-    def couple(self, ctx: Context, node: Node) -> list[Dims]:
-        weight, indices = node.args[0], node.args[1]
-        return [[*ctx.dims(indices), ctx.dims(weight)[1]]]
-
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
-        weight, indices = node.args[0], node.args[1]
-        return [[*ctx.no_facts(ctx.shape(indices)), ctx.zeros(weight)[1].copy()]]
-
-    def dead(self, ctx: Context, node: Node) -> None:
-        weight, indices = node.args[0], node.args[1]
-        out_dead = ctx.dead_of(node)
-        if all_dead(out_dead):
-            ctx.mark_dead(indices, full(ctx.shape(indices), True))
-            ctx.mark_dead(weight, full(ctx.shape(weight), True))
-            return
-        ctx.mark_dead(indices, copy_masks(out_dead[:-1]))
-        ctx.mark_dead(weight, [mask(ctx.shape(weight)[0], False), out_dead[-1].copy()])
-
-
 aten = torch.ops.aten
 
 RULES: dict[object, OpRule] = {
@@ -398,5 +370,4 @@ RULES: dict[object, OpRule] = {
             aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d,
         )
     },
-    aten.embedding: Embedding(),
 }
