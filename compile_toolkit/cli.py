@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
 
 from rich.console import Console
 
-from .errors import CtkError
+from .errors import CtkError, Terminated
 from .exporters import FORMATS
 from .train_job import add_train_parser
 
@@ -27,13 +28,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.command(args)
+        # Commands that stage an output folder clean up on SIGTERM. Training keeps the default
+        # (die at once): its checkpoints are atomic, and a rank blocked in a collective would not
+        # run a Python handler until the collective times out, stalling torchrun's restarts.
+        with _sigterm_as_interrupt() if args.command in (_export, _prune) else contextlib.nullcontext():
+            return args.command(args)
     except CtkError as error:
         print(f"ctk: error: {error}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("ctk: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("ctk: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while a command runs, so that it cleans up as Ctrl-C
+    does (staging folders removed, workers ended) instead of dying with its files half-written.
+    Only the main thread can set handlers; elsewhere (a caller's thread) SIGTERM keeps its default."""
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--sparsity", type=float, default=0.5, help="fraction of channels to prune per group (default 0.5)")
     export.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
     export.add_argument("--out", help="output folder (default ctk-out/<model>)")
+    _force_option(export)
     export.add_argument("--no-finetune", action="store_true",
                         help="skip fine-tuning after pruning (batch-norm statistics are still re-estimated)")
     export.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
@@ -79,8 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(prune)
     prune.add_argument("--recipe", required=True, help="the YAML recipe")
     prune.add_argument("--out", help="output folder (default ctk-out/<model>-pruned)")
+    _force_option(prune)
     prune.set_defaults(command=_prune)
     return parser
+
+
+def _force_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out even if it holds files this toolkit did not write (they are deleted)")
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +139,7 @@ def _export(args: argparse.Namespace) -> int:
         finetune_epochs=args.finetune_epochs,
         checkpoint=args.checkpoint,
         sparse_onnx=args.sparse_onnx,
+        force=args.force,
     )
     console = Console(stderr=True)
     report = export_job.run(job, step=_progress(console))

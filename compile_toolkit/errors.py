@@ -19,3 +19,8 @@ def summary(error: BaseException, lines: int = 1, limit: int = 400) -> str:
     torch, ONNX and XLA span many lines, and a user-facing error is one line."""
     text = " ".join([line.strip() for line in str(error).splitlines() if line.strip()][:lines])
     return f"{type(error).__name__}: {text}"[:limit]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``kill`` send), raised like Ctrl-C so that the same cleanup
+    runs: staging folders are removed and worker processes are ended."""

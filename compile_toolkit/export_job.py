@@ -50,6 +50,7 @@ class ExportJob:
     finetune_epochs: int = 5
     checkpoint: str | None = None
     sparse_onnx: bool = False
+    force: bool = False
     latency_rounds: int = 60
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -60,6 +61,8 @@ class ExportJob:
     def validate(self) -> None:
         """Fail on bad options before any heavy work."""
         check_sparsity(self.sparsity)
+        if not self.formats:
+            raise CtkError(f"--formats is empty; give one or more of {', '.join(FORMATS)}")
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown:
             raise CtkError(f"unknown format {unknown[0]!r}; valid formats: {', '.join(FORMATS)}")
@@ -74,7 +77,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
     job.validate()
     trained = _read_checkpoint(job) if job.checkpoint is not None else None
     timed = _timer(job, step)
-    with staged_folder(job.out_dir) as staging:
+    with staged_folder(job.out_dir, force=job.force) as staging:
         with timed("load model"):
             loaded = load_model(job.model, job.weights, job.input_shape)
         dense = copy.deepcopy(loaded.module).eval()

@@ -20,7 +20,7 @@ from torch import nn
 from .errors import CtkError
 from .models import load_model
 from .models.registry import DEFAULT_SPEC
-from .outdir import staged_folder
+from .outdir import check_replaceable, staged_folder
 from .pruning import apply_masks, apply_recipe, load_recipe, save_masks
 from .pruning.iterative import combine_masks
 from .pruning.masks import Masks
@@ -39,6 +39,7 @@ class PruneJob:
     weights: str | None = None
     input_shape: str | None = None
     out: str | None = None
+    force: bool = False
 
     @property
     def out_dir(self) -> Path:
@@ -49,6 +50,7 @@ class PruneJob:
 def run(job: PruneJob) -> dict[str, Any]:
     """Prune and write ``pruned.safetensors`` and ``masks.safetensors``; return the summary
     (per-layer and overall sparsity, the files written)."""
+    check_replaceable(job.out_dir, job.force)  # before the pruning, not after it
     recipe = load_recipe(job.recipe)
     loaded = load_model(job.model, None, job.input_shape)
     held = _load_weights(loaded.module, job.weights) if job.weights else {}
@@ -56,7 +58,7 @@ def run(job: PruneJob) -> dict[str, Any]:
     masks = combine_masks(held, result.masks)
     apply_masks(loaded.module, masks)
     out = job.out_dir
-    with staged_folder(out) as staging:
+    with staged_folder(out, force=job.force) as staging:
         state = {k: v.detach().contiguous().clone() for k, v in loaded.module.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"model": job.model})
         save_masks(staging / MASKS_FILE, masks, {"recipe": str(job.recipe), "model": job.model})
@@ -97,7 +99,8 @@ def handle(args: Any) -> int:
     from rich.table import Table
 
     summary = run(
-        PruneJob(recipe=args.recipe, model=args.model, weights=args.weights, input_shape=args.input_shape, out=args.out)
+        PruneJob(recipe=args.recipe, model=args.model, weights=args.weights, input_shape=args.input_shape, out=args.out,
+                 force=args.force)
     )
     table = Table(title=f"{summary['model']}: sparsity per layer")
     table.add_column("parameter")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
 
 import torch
 
@@ -29,6 +31,7 @@ from .tensor_files import load_tensor_sets, save_tensor_sets
 
 
 def main() -> int:
+    _exit_with_parent()
     # Imported here so that importing this module can never load torch_xla into the parent.
     import torch_xla
     from torch_xla.stablehlo import StableHLOGraphModule, exported_program_to_stablehlo
@@ -57,6 +60,19 @@ def main() -> int:
     with open(job["result"], "w") as file:
         json.dump(result, file)
     return 1 if "error" in result else 0
+
+
+def _exit_with_parent() -> None:
+    """End this worker as soon as its parent is gone (killed, even with SIGKILL, which runs no
+    cleanup in the parent): an orphaned XLA export would only burn CPU."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,219 @@
+"""Output folders: the user's files are never deleted, a killed job leaves nothing, and a folder
+that cannot be replaced fails before the work, not after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from compile_toolkit.errors import CtkError
+from compile_toolkit.outdir import MARKER, staged_folder
+
+from test_cli import assert_clean_failure, run_cli  # tests/ is on sys.path (pytest rootdir)
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def _write_output(out: Path, text: str, force: bool = False) -> None:
+    with staged_folder(out, force=force) as staging:
+        (staging / "report.json").write_text(text)
+        (staging / "dense").mkdir()
+        (staging / "dense" / "model.onnx").write_text(text)
+
+
+def test_a_folder_of_the_users_files_survives_and_names_them(tmp_path, capsys):
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "chapter1.tex").write_text("months of work")
+    (out / "figures").mkdir()
+    (out / "figures" / "plot.png").write_bytes(b"\x89PNG")
+    before = _listing(out)
+    status, err = run_cli(["export", "--out", str(out)], capsys)
+    assert_clean_failure(status, err, str(out), "chapter1.tex", "--force")
+    assert _listing(out) == before
+    assert _leftovers(tmp_path) == []
+    status, err = run_cli(["prune", "--recipe", str(tmp_path / "r.yaml"), "--out", str(out)], capsys)
+    assert_clean_failure(status, err, str(out), "chapter1.tex")
+    assert _listing(out) == before
+
+
+def test_force_replaces_a_foreign_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(CtkError, match="old.txt"):
+        _write_output(out, "new")
+    _write_output(out, "new", force=True)
+    assert sorted(_listing(out)) == [MARKER, "dense/model.onnx", "report.json"]
+
+
+def test_empty_folder_and_earlier_outputs_are_replaced(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _write_output(out, "first")  # empty: replaced
+    _write_output(out, "second")  # our own earlier output: replaced
+    assert (out / "report.json").read_text() == "second"
+    assert json.loads((out / MARKER).read_text())["entries"] == ["dense", "report.json"]
+    (out / "my_notes.txt").write_text("the user's")  # added by the user: no longer ours alone
+    with pytest.raises(CtkError, match="my_notes.txt"):
+        _write_output(out, "third")
+    assert (out / "my_notes.txt").read_text() == "the user's" and (out / "report.json").read_text() == "second"
+    assert _leftovers(tmp_path) == []
+
+
+def test_output_of_an_older_version_is_recognised_by_its_report(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"model": "m", "artifacts": [], "environment": {}}))
+    (out / "model.onnx").write_bytes(b"onnx")
+    _write_output(out, "new")
+    assert (out / "report.json").read_text() == "new" and not (out / "model.onnx").exists()
+    (out / MARKER).unlink()
+    (out / "report.json").write_text('{"a report": "of something else"}')
+    with pytest.raises(CtkError, match="did not write"):
+        _write_output(out, "newer")
+
+
+def test_current_folder_and_its_parents_are_refused(tmp_path, monkeypatch, capsys):
+    work = tmp_path / "project" / "src"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(tmp_path)):
+        status, err = run_cli(["export", "--out", out, "--force"], capsys)
+        assert_clean_failure(status, err, "current folder")
+    assert work.is_dir() and _leftovers(work.parent) == []
+
+
+def _immutable(path: Path, on: bool) -> bool:
+    """Make ``path`` unrenameable even for root (``chattr +i``); False where unsupported."""
+    try:
+        result = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True)
+    except FileNotFoundError:
+        return False
+    return result.returncode == 0
+
+
+def test_a_folder_that_cannot_be_replaced_fails_before_the_work(tmp_path):
+    out = tmp_path / "out"
+    _write_output(out, "first")
+    if not _immutable(out, True):
+        pytest.skip("chattr +i is not available here")
+    try:
+        started = []
+        with pytest.raises(CtkError, match=f"{out} cannot be replaced"):
+            with staged_folder(out):
+                started.append(True)  # the job's work: must not run
+        assert started == []
+    finally:
+        _immutable(out, False)
+    assert (out / "report.json").read_text() == "first" and _leftovers(tmp_path) == []
+
+
+def test_a_late_failure_is_one_line_and_leaves_nothing(tmp_path):
+    """The destination changes while the job runs: files put there, or made unreplaceable."""
+    out = tmp_path / "out"
+    _write_output(out, "first")
+    with pytest.raises(CtkError, match="new_file.txt"):
+        with staged_folder(out) as staging:
+            (staging / "report.json").write_text("second")
+            (out / "new_file.txt").write_text("put there during the job")
+    assert (out / "new_file.txt").exists() and (out / "report.json").read_text() == "first"
+    (out / "new_file.txt").unlink()
+    with pytest.raises(CtkError, match="cannot be replaced"):
+        with staged_folder(out) as staging:
+            (staging / "report.json").write_text("second")
+            if not _immutable(out, True):
+                pytest.skip("chattr +i is not available here")
+    _immutable(out, False)
+    assert (out / "report.json").read_text() == "first" and _leftovers(tmp_path) == []
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_staging_of_a_dead_run_is_removed(tmp_path):
+    import socket
+
+    from compile_toolkit.outdir import _host
+
+    out = tmp_path / "out"
+    host = _host()
+    dead = [tmp_path / f".out.tmp-{host}-{_dead_pid()}-1a2b3c4d", tmp_path / f".out.old-{host}-{_dead_pid()}-99aa"]
+    alive = tmp_path / f".out.tmp-{host}-{os.getpid()}-5e6f"  # a run still in progress
+    elsewhere = tmp_path / f".out.tmp-{host}x-{_dead_pid()}-7a8b"  # another host's run: its pid means nothing here
+    other = tmp_path / f".other.tmp-{host}-{_dead_pid()}-0000"  # another output's staging
+    for folder in (*dead, alive, elsewhere, other):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"partial")
+    assert socket.gethostname()
+    _write_output(out, "fresh")
+    assert not any(folder.exists() for folder in dead)
+    assert alive.exists() and elsewhere.exists() and other.exists()
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            status = (proc / "status").read_text()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if ppid == pid:
+            found.append((int(proc.name), cmdline))
+    return found
+
+
+def test_sigterm_during_export_leaves_nothing_and_keeps_the_previous_output(tmp_path):
+    out = tmp_path / "out"
+    _write_output(out, "previous")
+    before = _listing(out)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "compile_toolkit", "export", "--out", str(out), "--formats", "onnx,stablehlo"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    workers: list[tuple[int, str]] = []
+    while not workers and job.poll() is None and time.monotonic() < deadline:
+        workers = [c for c in _children(job.pid) if "_stablehlo_worker" in c[1]]
+        time.sleep(0.05)
+    assert workers, f"the StableHLO worker never started: {job.communicate()[1][-2000:]}"
+    assert _leftovers(tmp_path), "the job should be writing into its staging folder now"
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "ctk: terminated"
+    assert _leftovers(tmp_path) == []
+    assert _listing(out) == before
+    assert not any(Path(f"/proc/{pid}").exists() for pid, _ in workers), "the XLA worker outlived its parent"
+
+
+def test_empty_formats_is_an_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    status, err = run_cli(["export", "--out", str(out), "--formats", ""], capsys)
+    assert_clean_failure(status, err, "--formats")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_sigterm_handler_is_restored_after_a_command(tmp_path, capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    status, _ = run_cli(["export", "--out", str(tmp_path / "o"), "--sparsity", "7"], capsys)
+    assert status == 1 and signal.getsignal(signal.SIGTERM) is before
