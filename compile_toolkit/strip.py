@@ -12,7 +12,7 @@ from .capture import capture, eval_mode
 from .passes.dce import DeadCodeElimination
 from .passes.manager import PassManager
 from .passes.strip import StripPass
-from .passes.verify import Inputs, check_close, outputs_of, sample_inputs
+from .passes.verify import Inputs, check_close, outputs_of, require_no_nan, sample_inputs
 
 
 def strip(
@@ -31,9 +31,11 @@ def strip(
     inputs = list(check_inputs) if check_inputs is not None else sample_inputs(example_inputs)
     with eval_mode(model):
         reference = outputs_of(model, inputs)
+    require_no_nan(reference, "its strip")
     gm = capture(model, example_inputs).program.module()
     gm, results = PassManager([StripPass(), DeadCodeElimination()], inputs, rtol).run(gm)
     summary = dict(results[0].details)
     summary["max_relative_error"] = check_close(reference, gm, inputs, rtol, "strip")
     gm.meta["ctk_strip"] = summary
     return gm
+

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils._pytree import tree_leaves
 
-from compile_toolkit.errors import VerificationError
+from compile_toolkit.errors import CtkError, VerificationError
 
 Inputs = tuple[torch.Tensor, ...]
 
@@ -18,16 +18,31 @@ def outputs_of(fn: Callable, inputs: Sequence[Inputs]) -> list[list[torch.Tensor
 
 
 def relative_error(reference: list[list[torch.Tensor]], candidate: list[list[torch.Tensor]]) -> float:
-    """max |a - b| / max |a| over all outputs: scale-free, so one tolerance fits every model."""
+    """max |a - b| / max |a| over all outputs: scale-free, so one tolerance fits every model.
+
+    Non-finite values must match exactly: a NaN or infinity where the reference has a number (or
+    a different non-finite value) is an infinite error, never a silent 0 (``max(0.0, nan)`` is
+    0.0). Matching NaNs and infinities count as equal; the scale is the largest finite value."""
     worst = 0.0
     for ref_outs, cand_outs in zip(reference, candidate, strict=True):
         for ref, cand in zip(ref_outs, cand_outs, strict=True):
             if ref.shape != cand.shape:
                 return float("inf")
-            scale = ref.abs().max().item() if ref.numel() else 0.0
-            diff = (ref.double() - cand.double()).abs().max().item() if ref.numel() else 0.0
-            worst = max(worst, diff / max(scale, 1e-12))
+            if ref.numel():
+                worst = max(worst, _relative_error(ref.double(), cand.double()))
     return worst
+
+
+def _relative_error(ref: torch.Tensor, cand: torch.Tensor) -> float:
+    finite = ref.isfinite()
+    same = (ref == cand) | (ref.isnan() & cand.isnan())
+    if not bool((finite | same).all()) or not bool(cand[finite].isfinite().all()):
+        return float("inf")
+    if not bool(finite.any()):
+        return 0.0
+    scale = ref[finite].abs().max().item()
+    diff = (ref[finite] - cand[finite]).abs().max().item()
+    return diff / max(scale, 1e-12)
 
 
 def check_close(
@@ -38,6 +53,16 @@ def check_close(
     if not error <= rtol:
         raise VerificationError(f"{what} changed the model's outputs: max relative error {error:.3g} > {rtol:g}")
     return error
+
+
+def require_no_nan(reference: Sequence[Sequence[torch.Tensor]], what: str) -> None:
+    """Refuse a reference that holds NaN: NaN equals nothing, so a check that lets it match itself
+    accepts a broken model, and one that does not rejects every rewrite of it."""
+    for index, outputs in enumerate(reference):
+        for position, output in enumerate(outputs):
+            if output.is_floating_point() and bool(output.isnan().any()):
+                raise CtkError(f"the model outputs NaN on check input {index} (output {position}), so {what} "
+                               "cannot be verified; are there NaN or infinite weights?")
 
 
 def sample_inputs(example_inputs: Inputs, count: int = 2, seed: int = 0) -> list[Inputs]:

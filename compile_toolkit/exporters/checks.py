@@ -11,6 +11,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import eval_mode, other_batch_size
 from ..errors import CtkError, VerificationError, summary
+from ..passes.verify import require_no_nan
 
 Inputs = tuple[torch.Tensor, ...]
 
@@ -100,6 +101,7 @@ def build_checks(reference: nn.Module, example: Inputs, check_inputs: Sequence[I
     if dynamic_batch and len({c[0].shape[0] for c in inputs}) == 1:
         inputs.append(other_batch_size(inputs[0]))
     expected = [_reference_outputs(reference, c, index) for index, c in enumerate(inputs)]
+    require_no_nan(expected, "its artifacts")
     scale = max((float(t.double().abs().nan_to_num(nan=0.0, posinf=0.0).max())
                  for out in expected for t in out if t.numel() and t.dtype != torch.bool),
                 default=0.0)
@@ -116,9 +118,8 @@ def _reference_outputs(reference: nn.Module, inputs: Inputs, index: int) -> list
 
 
 def _abs_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Equal values (infinities included) and NaN against NaN count as 0, a NaN against a number
-    as infinity."""
+    """Equal values (infinities included) count as 0, a NaN or an unmatched infinity as infinity
+    (the reference holds no NaN: :func:`build_checks` refuses one)."""
     a, r = got.detach().cpu().double(), want.detach().cpu().double()
-    same = (a == r) | (a.isnan() & r.isnan())
-    diff = torch.where(same, torch.zeros_like(a), (a - r).abs())
+    diff = torch.where(a == r, torch.zeros_like(a), (a - r).abs())
     return float(diff.nan_to_num(nan=float("inf"), posinf=float("inf")).max())
