@@ -24,12 +24,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"
+NODEPS_LOCK = ROOT / "requirements-nodeps.lock"  # packages whose declared dependencies must not come along
 VENV = ROOT / ".venv"
 READY = ".ctk-ready"
 
 
 def _lock_key() -> str:
     digest = hashlib.sha256(LOCK.read_bytes())
+    digest.update(NODEPS_LOCK.read_bytes())
     digest.update(f"{sys.version_info.major}.{sys.version_info.minor}".encode())
     return digest.hexdigest()[:16]
 
@@ -64,6 +66,7 @@ def ensure_shared_env(key: str) -> Path:
         py = env / "bin" / "python"
         _run(py, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
         _run(py, "-m", "pip", "install", "--quiet", "-r", LOCK)
+        _run(py, "-m", "pip", "install", "--quiet", "--no-deps", "-r", NODEPS_LOCK)
         (env / READY).write_text(key + "\n")
     return env
 
