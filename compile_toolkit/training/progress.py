@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import CtkError, summary
+from ..fileio import temp_file_beside, write_atomic
 
 LOG_FILE = "metrics.json"
 PLOT_FILE = "metrics.png"
@@ -57,7 +57,7 @@ class StepLog:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOG_FILE
-        _write_atomic(path, json.dumps({"meta": self.meta, "steps": self.steps}, indent=1).encode())
+        write_atomic(path, json.dumps({"meta": self.meta, "steps": self.steps}, indent=1).encode())
         return path
 
     def plot(self) -> Path | None:
@@ -82,14 +82,13 @@ class StepLog:
         figure.tight_layout()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / PLOT_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{PLOT_FILE}.", suffix=".png", dir=self.folder)
-        os.close(fd)
+        tmp = temp_file_beside(path)
         try:
             figure.savefig(tmp, dpi=100)
             os.replace(tmp, path)
         finally:
             plt.close(figure)
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         return path
 
 
@@ -111,13 +110,3 @@ def progress_bar(console: Console | None = None) -> Progress:
         transient=False,
     )
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
