@@ -15,6 +15,10 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _PROC_STATUS = Path("/proc/self/status")
 
@@ -81,3 +85,14 @@ def temp_file_beside(path: str | os.PathLike) -> Path:
     os.close(fd)
     give_default_mode(tmp)
     return Path(tmp)
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file``, then the umask's mode: safetensors 0.8 creates the file
+    private (0600) whatever the umask."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    give_default_mode(path)

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import CtkError
+from .fileio import save_safetensors
 from .models import load_model
 from .models.registry import DEFAULT_SPEC
 from .outdir import staged_folder
@@ -58,7 +59,7 @@ def run(job: PruneJob) -> dict[str, Any]:
     out = job.out_dir
     with staged_folder(out) as staging:
         state = {k: v.detach().contiguous().clone() for k, v in loaded.module.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS_FILE), metadata={"model": job.model})
+        save_safetensors(state, staging / WEIGHTS_FILE, {"model": job.model})
         save_masks(staging / MASKS_FILE, masks, {"recipe": str(job.recipe), "model": job.model})
     return {
         "model": loaded.name,

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CtkError
-from ..fileio import temp_file_beside
+from ..fileio import save_safetensors, temp_file_beside
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the weight is kept
 
@@ -42,7 +41,7 @@ def save_masks(path: str | Path, masks: Masks, metadata: dict[str, str] | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_file_beside(path)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

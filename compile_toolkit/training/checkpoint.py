@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import CtkError, summary
-from ..fileio import make_temp_dir, write_atomic
+from ..fileio import make_temp_dir, save_safetensors, write_atomic
 from ..pruning.masks import load_masks, save_masks
 
 KEEP = 2
@@ -89,7 +89,7 @@ def save_checkpoint(
     try:
         masks = sparsifier_state.get("masks", {})
         rest = {key: value for key, value in sparsifier_state.items() if key != "masks"}
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(staging / MODEL_FILE))
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, staging / MODEL_FILE)
         save_masks(staging / MASKS_FILE, masks)
         torch.save(
             {"step": step, "optimizer": optimizer_state, "sparsifier": rest, "rng": rng}, staging / STATE_FILE
