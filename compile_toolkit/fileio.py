@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import CtkError
+
 if TYPE_CHECKING:
     import torch
 
@@ -96,3 +98,18 @@ def save_safetensors(
 
     save_file(tensors, str(path), metadata=metadata)
     give_default_mode(path)
+
+
+def check_output_folder(path: str | os.PathLike, option: str) -> None:
+    """Fail with a :class:`CtkError` naming ``option`` unless ``path`` is a folder, or can be made
+    one, that this process may write into. Long jobs call this before their first step, so a
+    mistyped path fails in a second rather than after the work; nothing is created here."""
+    path = Path(path)
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file, not a folder" if existing == path.absolute() else f"cannot be created: {existing} is a file"
+        raise CtkError(f"{option} {path} {where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CtkError(f"{option} {path} cannot be written: {existing} is not writable")

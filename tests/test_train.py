@@ -248,3 +248,20 @@ def test_no_intact_checkpoint_is_one_error_for_resume_and_export(tiny_spec, tmp_
     assert err == (f"ctk: error: checkpoint {ckpt / 'step-00000008'} is damaged: "
                    "model.safetensors does not match its SHA-256 in manifest.json\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("option", "where", "message"), [
+    ("--log-dir", "notes.txt", "--log-dir {path} is a file, not a folder"),
+    ("--checkpoint-dir", "notes.txt/ckpt", "--checkpoint-dir {path} cannot be created: {file} is a file"),
+])
+def test_output_folder_that_cannot_be_one_fails_before_training(tiny_spec, tmp_path, capsys, option, where, message):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine\n")
+    path = tmp_path / where
+    other = "--checkpoint-dir" if option == "--log-dir" else "--log-dir"
+    argv = ["train", "--model", tiny_spec, "--max-steps", "2", "--batch-size", "256",
+            other, str(tmp_path / "other"), option, str(path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == f"ctk: error: {message.format(path=path, file=file)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and file.read_text() == "mine\n"
