@@ -13,14 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from .errors import CtkError
 from .fileio import save_safetensors
 from .models import load_model
-from .models.registry import DEFAULT_SPEC
+from .models.registry import DEFAULT_SPEC, fit_state_dict, read_safetensors
 from .outdir import staged_folder
 from .pruning import apply_masks, apply_recipe, load_recipe, save_masks
 from .pruning.iterative import combine_masks
@@ -52,7 +49,7 @@ def run(job: PruneJob) -> dict[str, Any]:
     (per-layer and overall sparsity, the files written)."""
     recipe = load_recipe(job.recipe)
     loaded = load_model(job.model, None, job.input_shape)
-    held = _load_weights(loaded.module, job.weights) if job.weights else {}
+    held = _load_weights(loaded.module, job.weights, loaded.notes) if job.weights else {}
     result = apply_recipe(loaded.module, loaded.example_inputs, recipe, loaded.dataset)
     masks = combine_masks(held, result.masks)
     apply_masks(loaded.module, masks)
@@ -67,28 +64,17 @@ def run(job: PruneJob) -> dict[str, Any]:
         "layer_sparsity": result.layer_sparsity,
         "weights": str(out / WEIGHTS_FILE),
         "masks": str(out / MASKS_FILE),
+        "notes": loaded.notes,
     }
 
 
-def _load_weights(module: nn.Module, path: str) -> Masks:
-    """Load a safetensors state dict, folding ``torch.nn.utils.prune`` pairs; return their masks."""
-    if not Path(path).is_file():
-        raise CtkError(f"weights file not found: {path}")
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CtkError(f"weights file {path} is not a valid safetensors file ({error})") from None
-    folded, masks = fold_pruned_state_dict(state)
-    expected = module.state_dict()
-    missing, unexpected = sorted(set(expected) - set(folded)), sorted(set(folded) - set(expected))
-    if missing or unexpected:
-        raise CtkError(f"weights {path} do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for key, value in folded.items():
-        if value.shape != expected[key].shape:
-            raise CtkError(
-                f"weights {path}: {key!r} has shape {tuple(value.shape)}, the model {tuple(expected[key].shape)}"
-            )
-    module.load_state_dict(folded, strict=True)
+def _load_weights(module: nn.Module, path: str, notes: list[str]) -> Masks:
+    """Load a safetensors state dict, folding ``torch.nn.utils.prune`` pairs; return their masks.
+    The folded weights are checked like any others (keys, shapes, NaN/Inf, dtype notes)."""
+    folded, masks = fold_pruned_state_dict(read_safetensors(path))
+    state, converted = fit_state_dict(module, folded, path, f"--weights {path}")
+    module.load_state_dict(state, strict=True)
+    notes += converted
     return masks
 
 
@@ -108,5 +94,7 @@ def handle(args: Any) -> int:
     table.add_row("[bold]all matrices and kernels[/bold]", f"[bold]{summary['sparsity']:.1%}[/bold]")
     console = Console()
     console.print(table)
+    for note in summary["notes"]:
+        console.print(f"note: {note}", soft_wrap=True)
     console.print(f"weights: {summary['weights']}\nmasks: {summary['masks']}", soft_wrap=True)
     return 0
