@@ -23,6 +23,7 @@ from .pruning import apply_masks, apply_recipe, load_recipe, save_masks
 from .pruning.iterative import combine_masks
 from .pruning.masks import Masks
 from .pruning.torch_prune import fold_pruned_state_dict
+from .training.progress import phase_bars
 
 WEIGHTS_FILE = "pruned.safetensors"
 MASKS_FILE = "masks.safetensors"
@@ -50,7 +51,8 @@ def run(job: PruneJob) -> dict[str, Any]:
     recipe = load_recipe(job.recipe)
     loaded = load_model(job.model, None, job.input_shape)
     held = _load_weights(loaded.module, job.weights, loaded.notes) if job.weights else {}
-    result = apply_recipe(loaded.module, loaded.example_inputs, recipe, loaded.dataset)
+    with phase_bars() as phase:
+        result = apply_recipe(loaded.module, loaded.example_inputs, recipe, loaded.dataset, phase)
     masks = combine_masks(held, result.masks)
     apply_masks(loaded.module, masks)
     out = job.out_dir

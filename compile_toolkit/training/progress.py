@@ -7,8 +7,11 @@ crash and ``--resume`` it continues from the checkpoint's step with no gap and n
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,9 @@ from ..fileio import temp_file_beside, write_atomic
 
 LOG_FILE = "metrics.json"
 PLOT_FILE = "metrics.png"
+
+StepProgress = Callable[[int, int, float, float], None]
+"""Told after every optimizer step: (steps done, total steps, loss, samples per second)."""
 
 
 class StepLog:
@@ -92,21 +98,40 @@ class StepLog:
         return path
 
 
-def progress_bar(console: Console | None = None) -> Progress:
-    """A rich bar: steps done of total, loss, throughput and the current sparsity.
+def progress_bar(console: Console | None = None, sparsity: bool = True) -> Progress:
+    """A rich bar per task (named by its description): steps done of total, loss, throughput and,
+    with ``sparsity``, the current sparsity.
 
     Update with ``progress.update(task, completed=step, loss=..., samples_per_s=..., sparsity=...)``;
-    the task needs those three fields set when it is added.
+    the task needs those fields set when it is added.
     """
-    return Progress(
-        TextColumn("[bold]train[/bold]"),
+    columns = [
+        TextColumn("[bold]{task.description}[/bold]"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[samples_per_s]:.0f} samples/s"),
-        TextColumn("sparsity {task.fields[sparsity]:.1%}"),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        transient=False,
-    )
+    ]
+    if sparsity:
+        columns.append(TextColumn("sparsity {task.fields[sparsity]:.1%}"))
+    return Progress(*columns, TimeRemainingColumn(), console=console or Console(stderr=True), transient=False)
+
+
+@contextlib.contextmanager
+def phase_bars(console: Console | None = None) -> Iterator[Callable[[str], StepProgress]]:
+    """Bars for a job that trains in phases (``ctk prune``: penalised training, each round of
+    iterative pruning, fine-tuning), so no long step runs silent: ``phase(name)`` adds a bar
+    named ``name`` and returns the :data:`StepProgress` that moves it."""
+    bar = progress_bar(console, sparsity=False)
+
+    def phase(name: str) -> StepProgress:
+        task = bar.add_task(name, total=None, loss=math.nan, samples_per_s=0.0)
+
+        def update(done: int, total: int, loss: float, samples_per_s: float) -> None:
+            bar.update(task, total=total, completed=done, loss=loss, samples_per_s=samples_per_s)
+
+        return update
+
+    with bar:
+        yield phase
 
