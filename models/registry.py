@@ -131,12 +131,12 @@ def fit_state_dict(
         raise CtkError(f"weights {path} do not match the model: {problem}")
     fitted, converted = {}, Counter()
     for key, tensor in state.items():
-        _check_finite(tensor, key, path)
+        check_finite(tensor, key, f"weights {path}")
         want = expected[key].dtype
         if tensor.dtype != want:
             converted[(tensor.dtype, want)] += 1
             tensor = tensor.to(want)
-            _check_finite(tensor, key, path, f" once converted to {_dtype_name(want)}")
+            check_finite(tensor, key, f"weights {path}", f" once converted to {_dtype_name(want)}")
         fitted[key] = tensor
     notes = [
         f"converted {count} tensor{'s' if count > 1 else ''} from {_dtype_name(a)} to {_dtype_name(b)} ({source})"
@@ -145,11 +145,12 @@ def fit_state_dict(
     return fitted, notes
 
 
-def _check_finite(tensor: torch.Tensor, key: str, path: str | Path, after: str = "") -> None:
+def check_finite(tensor: torch.Tensor, key: str, source: str, after: str = "") -> None:
+    """Fail with a :class:`CtkError` naming ``source`` and the tensor ``key`` if ``tensor`` holds a NaN or Inf."""
     if tensor.is_floating_point() or tensor.is_complex():
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
-            raise CtkError(f"weights {path}: tensor {key!r} has {bad} NaN or Inf value(s) of {tensor.numel()}{after}")
+            raise CtkError(f"{source}: tensor {key!r} has {bad} NaN or Inf value(s) of {tensor.numel()}{after}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

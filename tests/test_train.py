@@ -265,3 +265,12 @@ def test_output_folder_that_cannot_be_one_fails_before_training(tiny_spec, tmp_p
     err = capsys.readouterr().err
     assert err == f"ctk: error: {message.format(path=path, file=file)}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and file.read_text() == "mine\n"
+
+
+def test_checkpoint_with_nan_weights_is_refused_naming_the_tensor(tmp_path):
+    state = {"fc.weight": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])}
+    path = save_checkpoint(tmp_path, step=1, model_state=state, optimizer_state={},
+                           sparsifier_state={"masks": {}}, rng={}, meta={})
+    with pytest.raises(CtkError) as error:
+        load_checkpoint(tmp_path)
+    assert str(error.value) == f"checkpoint file {path / 'model.safetensors'}: tensor 'fc.weight' has 1 NaN or Inf value(s) of 4"

@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 
 from ..errors import CtkError, summary
 from ..fileio import make_temp_dir, save_safetensors, write_atomic
+from ..models.registry import check_finite
 from ..pruning.masks import load_masks, save_masks
 
 KEEP = 2
@@ -231,12 +232,17 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint; a NaN or Inf (a run that diverged) is an error naming the tensor,
+    so neither ``--resume`` nor ``export --checkpoint`` carries it on."""
     if not path.is_file():
         raise CtkError(f"checkpoint file {path} is missing")
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CtkError(f"checkpoint file {path} is not a valid safetensors file: {summary(error)}") from error
+    for key, tensor in state.items():
+        check_finite(tensor, key, f"checkpoint file {path}")
+    return state
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
