@@ -13,18 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CtkError
+from .fileio import save_safetensors
 from .models import load_model
-from .models.registry import DEFAULT_SPEC
+from .models.registry import DEFAULT_SPEC, fit_state_dict, read_safetensors
 from .outdir import check_replaceable, staged_folder
 from .pruning import apply_masks, apply_recipe, load_recipe, save_masks
 from .pruning.iterative import combine_masks
 from .pruning.masks import Masks
 from .pruning.torch_prune import fold_pruned_state_dict
+from .training.progress import phase_bars
 
 WEIGHTS_FILE = "pruned.safetensors"
 MASKS_FILE = "masks.safetensors"
@@ -53,14 +52,15 @@ def run(job: PruneJob) -> dict[str, Any]:
     check_replaceable(job.out_dir, job.force)  # before the pruning, not after it
     recipe = load_recipe(job.recipe)
     loaded = load_model(job.model, None, job.input_shape)
-    held = _load_weights(loaded.module, job.weights) if job.weights else {}
-    result = apply_recipe(loaded.module, loaded.example_inputs, recipe, loaded.dataset)
+    held = _load_weights(loaded.module, job.weights, loaded.notes) if job.weights else {}
+    with phase_bars() as phase:
+        result = apply_recipe(loaded.module, loaded.example_inputs, recipe, loaded.dataset, phase)
     masks = combine_masks(held, result.masks)
     apply_masks(loaded.module, masks)
     out = job.out_dir
     with staged_folder(out, force=job.force) as staging:
         state = {k: v.detach().contiguous().clone() for k, v in loaded.module.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS_FILE), metadata={"model": job.model})
+        save_safetensors(state, staging / WEIGHTS_FILE, {"model": job.model})
         save_masks(staging / MASKS_FILE, masks, {"recipe": str(job.recipe), "model": job.model})
     return {
         "model": loaded.name,
@@ -68,28 +68,17 @@ def run(job: PruneJob) -> dict[str, Any]:
         "layer_sparsity": result.layer_sparsity,
         "weights": str(out / WEIGHTS_FILE),
         "masks": str(out / MASKS_FILE),
+        "notes": loaded.notes,
     }
 
 
-def _load_weights(module: nn.Module, path: str) -> Masks:
-    """Load a safetensors state dict, folding ``torch.nn.utils.prune`` pairs; return their masks."""
-    if not Path(path).is_file():
-        raise CtkError(f"weights file not found: {path}")
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CtkError(f"weights file {path} is not a valid safetensors file ({error})") from None
-    folded, masks = fold_pruned_state_dict(state)
-    expected = module.state_dict()
-    missing, unexpected = sorted(set(expected) - set(folded)), sorted(set(folded) - set(expected))
-    if missing or unexpected:
-        raise CtkError(f"weights {path} do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for key, value in folded.items():
-        if value.shape != expected[key].shape:
-            raise CtkError(
-                f"weights {path}: {key!r} has shape {tuple(value.shape)}, the model {tuple(expected[key].shape)}"
-            )
-    module.load_state_dict(folded, strict=True)
+def _load_weights(module: nn.Module, path: str, notes: list[str]) -> Masks:
+    """Load a safetensors state dict, folding ``torch.nn.utils.prune`` pairs; return their masks.
+    The folded weights are checked like any others (keys, shapes, NaN/Inf, dtype notes)."""
+    folded, masks = fold_pruned_state_dict(read_safetensors(path))
+    state, converted = fit_state_dict(module, folded, path, f"--weights {path}")
+    module.load_state_dict(state, strict=True)
+    notes += converted
     return masks
 
 
@@ -110,5 +99,7 @@ def handle(args: Any) -> int:
     table.add_row("[bold]all matrices and kernels[/bold]", f"[bold]{summary['sparsity']:.1%}[/bold]")
     console = Console()
     console.print(table)
+    for note in summary["notes"]:
+        console.print(f"note: {note}", soft_wrap=True)
     console.print(f"weights: {summary['weights']}\nmasks: {summary['masks']}", soft_wrap=True)
     return 0

@@ -2,17 +2,21 @@
 
 Every command of the toolkit starts from a spec, so this is where user mistakes surface: each one
 raises :class:`CtkError` with a single line naming the spec, file, key or shape at fault.
-Weights are only ever read from safetensors files; nothing here unpickles.
+Weights are only ever read from safetensors files; nothing here unpickles. A ``file.py:factory``
+spec, though, imports and runs that file: it is code, as trusted as any script the user runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import re
 import sys
 import types
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,16 +34,23 @@ DIGITS_EXAMPLE_BATCH = 8
 INPUT_SEED = 0
 INIT_SEED = 0
 VALID_SPECS = "'digits-resnet', 'torchvision:<name>' or 'path/to/file.py:factory'"
+# Example inputs are a few samples; a shape beyond this is a typo, and allocating it would exhaust
+# memory (or get the process killed) before any error could be shown.
+MAX_INPUT_BYTES = 4 << 30
 
 
 @dataclass
 class LoadedModel:
-    """A model ready for capture: ``module`` is in eval mode and runs on ``example_inputs``."""
+    """A model ready for capture: ``module`` is in eval mode and runs on ``example_inputs``.
+
+    ``notes`` says what loading changed that the user did not ask for in so many words (weights
+    converted to the model's dtype), for reports to repeat."""
 
     name: str
     module: nn.Module
     example_inputs: tuple[torch.Tensor, ...]
     dataset: Dataset | None
+    notes: list[str] = field(default_factory=list)
 
 
 def load_model(
@@ -63,7 +74,7 @@ def load_model(
     else:
         raise CtkError(f"unknown model {spec!r}: use {VALID_SPECS}")
     if weights is not None:
-        load_safetensors_weights(loaded.module, weights)
+        loaded.notes += load_safetensors_weights(loaded.module, weights, f"--weights {weights}")
     loaded.module.eval()
     _check_forward(loaded)
     return loaded
@@ -80,8 +91,17 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
-def load_safetensors_weights(module: nn.Module, path: str | Path) -> None:
-    """Load a safetensors state dict into ``module``, requiring every key and shape to match."""
+def load_safetensors_weights(module: nn.Module, path: str | Path, source: str | None = None) -> list[str]:
+    """Load a safetensors state dict into ``module`` (see :func:`fit_state_dict`); returns the
+    notes on what was converted, naming ``source`` (default: the path)."""
+    path = Path(path)
+    state, notes = fit_state_dict(module, read_safetensors(path), path, source or str(path))
+    module.load_state_dict(state, strict=True)
+    return notes
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file; a missing or malformed file is a :class:`CtkError` naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -89,14 +109,52 @@ def load_safetensors_weights(module: nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise CtkError(f"weights file not found: {path}")
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         reason = summary(exc)
         raise CtkError(f"weights file {path} is not a valid safetensors file: {reason}") from exc
-    problem = _state_dict_mismatch(module.state_dict(), state)
+
+
+def fit_state_dict(
+    module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, source: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` (read from ``path``) made ready for ``module.load_state_dict``, and notes naming ``source``.
+
+    Every key and shape must match. A NaN or Inf is an error naming the tensor: it would flow
+    through pruning scores and verification as if it were a weight. Tensors of another dtype than
+    the model's are converted, and each conversion is noted rather than silent: a float16 file
+    loaded into a float32 model computes a little differently from the model it was saved from.
+    """
+    expected = module.state_dict()
+    problem = _state_dict_mismatch(expected, state)
     if problem:
         raise CtkError(f"weights {path} do not match the model: {problem}")
-    module.load_state_dict(state, strict=True)
+    fitted, converted = {}, Counter()
+    for key, tensor in state.items():
+        check_finite(tensor, key, f"weights {path}")
+        want = expected[key].dtype
+        if tensor.dtype != want:
+            converted[(tensor.dtype, want)] += 1
+            tensor = tensor.to(want)
+            check_finite(tensor, key, f"weights {path}", f" once converted to {_dtype_name(want)}")
+        fitted[key] = tensor
+    notes = [
+        f"converted {count} tensor{'s' if count > 1 else ''} from {_dtype_name(a)} to {_dtype_name(b)} ({source})"
+        for (a, b), count in converted.items()
+    ]
+    return fitted, notes
+
+
+def check_finite(tensor: torch.Tensor, key: str, source: str, after: str = "") -> None:
+    """Fail with a :class:`CtkError` naming ``source`` and the tensor ``key`` if ``tensor`` holds a NaN or Inf."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CtkError(f"{source}: tensor {key!r} has {bad} NaN or Inf value(s) of {tensor.numel()}{after}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _load_digits_resnet(
@@ -119,7 +177,7 @@ def _load_digits_resnet(
     if shape[1:] == tuple(dataset.x_test.shape[1:]) and shape[0] <= len(dataset.x_test):
         example = dataset.x_test[: shape[0]].clone()
     else:
-        example = torch.rand(shape, generator=torch.Generator().manual_seed(INPUT_SEED))
+        example = _random_input(shape, torch.rand)
     return LoadedModel(DEFAULT_SPEC, module, (example,), dataset)
 
 
@@ -162,6 +220,8 @@ def _load_factory(spec: str, input_shape: tuple[int, ...] | None) -> LoadedModel
         torch.manual_seed(INIT_SEED)
         try:
             module = factory()
+        except SystemExit as exc:  # sys.exit() in user code must not end the toolkit without a word
+            raise CtkError(f"factory {factory_name!r} in {path} called sys.exit({exc.code!r})") from exc
         except Exception as exc:
             raise CtkError(f"factory {factory_name!r} in {path} failed: {summary(exc)}") from exc
     if not isinstance(module, nn.Module):
@@ -183,9 +243,9 @@ def _import_file(path: Path) -> types.ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         del sys.modules[name]
-        reason = summary(exc)
+        reason = f"it called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else summary(exc)
         raise CtkError(f"model file {path} failed to import: {reason}") from exc
     return module
 
@@ -193,7 +253,7 @@ def _import_file(path: Path) -> types.ModuleType:
 def _check_shape(shape: tuple[int, ...] | str) -> tuple[int, ...]:
     """Reject shapes that are not a non-empty sequence of positive ints; parse shape strings."""
     if isinstance(shape, str):
-        return parse_input_shape(shape)
+        shape = parse_input_shape(shape)
     try:
         dims = tuple(shape)
     except TypeError:
@@ -202,13 +262,22 @@ def _check_shape(shape: tuple[int, ...] | str) -> tuple[int, ...]:
         raise CtkError(
             f"malformed input shape {shape!r}: expected positive integers like (1, 3, 224, 224)"
         )
+    size = math.prod(dims) * 4  # float32
+    if size > MAX_INPUT_BYTES:
+        raise CtkError(
+            f"--input-shape {','.join(map(str, dims))} is {size / 2**30:,.0f} GiB as float32; example inputs "
+            f"are limited to {MAX_INPUT_BYTES >> 30} GiB (a few samples are enough)"
+        )
     return dims
 
 
-def _random_input(shape: tuple[int, ...]) -> torch.Tensor:
-    """Seeded standard-normal input, so every load of a spec sees the same example."""
+def _random_input(shape: tuple[int, ...], draw: Callable[..., torch.Tensor] = torch.randn) -> torch.Tensor:
+    """Seeded input (standard normal, or ``draw``'s distribution), so every load of a spec sees the same example."""
     generator = torch.Generator().manual_seed(INPUT_SEED)
-    return torch.randn(shape, generator=generator)
+    try:
+        return draw(shape, generator=generator)
+    except RuntimeError as exc:  # under MAX_INPUT_BYTES, and still more than this machine can give
+        raise CtkError(f"cannot allocate an example input of shape {list(shape)}: {summary(exc)}") from exc
 
 
 def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from compile_toolkit.cli import main
 from compile_toolkit.errors import CtkError
 from compile_toolkit.models import (
     DigitsResNet,
@@ -18,6 +19,7 @@ from compile_toolkit.models import (
     load_model,
     parse_input_shape,
 )
+from compile_toolkit.models.registry import fit_state_dict
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
@@ -33,6 +35,10 @@ def not_a_module():
 
 def explodes():
     raise RuntimeError("factory blew up")
+
+def quits():
+    import sys
+    sys.exit(3)
 
 BROKEN = 1
 """
@@ -159,6 +165,7 @@ BAD_SPECS = [
     ("{file}:BROKEN", {"input_shape": (1, 6)}, r"'BROKEN' in .* is not callable"),
     ("{file}:not_a_module", {"input_shape": (1, 6)}, r"returned int, not a torch\.nn\.Module"),
     ("{file}:explodes", {"input_shape": (1, 6)}, r"'explodes' .* RuntimeError: factory blew up"),
+    ("{file}:quits", {"input_shape": (1, 6)}, r"factory 'quits' in .*my_model\.py called sys\.exit\(3\)"),
     ("{file}:build", {}, r"needs an input shape"),
     ("{file}:build", {"input_shape": (1, 7)}, r"input shape \[1, 7\] does not fit model .*mat1"),
     ("digits-resnet", {"input_shape": (2, 3, 8, 8)}, r"\[2, 3, 8, 8\] does not fit .*digits-resnet"),
@@ -176,3 +183,65 @@ def test_bad_specs_are_named(
     with pytest.raises(CtkError, match=message) as info:
         load_model(spec.format(**fill), **kwargs)
     assert "\n" not in str(info.value)
+
+
+def _cli_error(tmp_path: Path, capsys, *args: str) -> str:
+    """Run ``ctk prune`` with ``args``; assert it failed with one line and wrote nothing; return the line."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: magnitude\nschedule: {final_sparsity: 0.5}\n")
+    out = tmp_path / "out"
+    assert main(["prune", "--recipe", str(recipe), "--out", str(out), *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ctk: error: ") and err.count("\n") == 1 and not out.exists()
+    return err.removeprefix("ctk: error: ").rstrip("\n")
+
+
+def test_input_shape_too_large_to_allocate_is_one_line(tmp_path: Path, capsys) -> None:
+    line = _cli_error(tmp_path, capsys, "--input-shape", "100000,3,10000,10000")
+    assert line == (
+        "--input-shape 100000,3,10000,10000 is 111,759 GiB as float32; "
+        "example inputs are limited to 4 GiB (a few samples are enough)"
+    )
+
+
+def test_factory_or_model_file_calling_sys_exit_is_one_line(tmp_path: Path, capsys, factory_file: Path) -> None:
+    line = _cli_error(tmp_path, capsys, "--model", f"{factory_file}:quits", "--input-shape", "1,6")
+    assert line == f"factory 'quits' in {factory_file} called sys.exit(3)"
+    leaving = tmp_path / "leaving.py"
+    leaving.write_text("import sys\nsys.exit('not today')\n")
+    line = _cli_error(tmp_path, capsys, "--model", f"{leaving}:build", "--input-shape", "1,6")
+    assert line == f"model file {leaving} failed to import: it called sys.exit('not today')"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named_with_the_tensor(tmp_path: Path, capsys, value: float) -> None:
+    state = {k: v.clone() for k, v in DigitsResNet().state_dict().items()}
+    state["fc2.weight"][3, 4] = value
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    line = _cli_error(tmp_path, capsys, "--weights", str(path))
+    assert line == f"weights {path}: tensor 'fc2.weight' has 1 NaN or Inf value(s) of 640"
+    with pytest.raises(CtkError, match=r"tensor 'fc2\.weight' has 1 NaN or Inf"):
+        load_model(weights=str(path))
+
+
+def test_weights_of_another_dtype_are_converted_with_a_note(tmp_path: Path, capsys) -> None:
+    dense = load_model().module.state_dict()
+    path = tmp_path / "half.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in dense.items()}, str(path))
+    loaded = load_model(weights=str(path))
+    floats = sum(v.is_floating_point() for v in dense.values())
+    assert loaded.notes == [f"converted {floats} tensors from float16 to float32 (--weights {path})"]
+    assert loaded.module.fc2.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.module.fc2.weight, dense["fc2.weight"].half().float(), rtol=0, atol=0)
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: magnitude\nschedule: {final_sparsity: 0.5}\n")
+    assert main(["prune", "--recipe", str(recipe), "--weights", str(path), "--out", str(tmp_path / "out")]) == 0
+    assert f"note: converted {floats} tensors from float16 to float32 (--weights {path})" in capsys.readouterr().out
+
+    big = {k: v.clone() for k, v in DigitsResNet().state_dict().items()}
+    big["fc1.bias"][0] = 1e6  # fits float32, not float16
+    half_model = DigitsResNet().half()
+    with pytest.raises(CtkError, match=r"tensor 'fc1\.bias' has 1 NaN or Inf value\(s\) of 64 once converted to float16"):
+        fit_state_dict(half_model, big, "big.safetensors", "--weights big.safetensors")

@@ -66,6 +66,20 @@ BAD = [
     ("method: magnitude\nschedule: 0.5", "schedule must be a mapping, got 0.5"),
     ("- method: magnitude", "the top level must be a mapping of fields, got list"),
     ("method: magnitude\nschedule: {final_sparsity: 0.5", "not valid YAML at line"),
+    ("method: magnitude\nschedule: {final_sparsity: 0.5}\nfinetune: {epochs: 1000000000}",
+     "finetune.epochs must be <= 1000, got 1000000000"),
+    ("method: magnitude\nschedule: {final_sparsity: 0.5}\nfinetune: {epochs: 1e9}",
+     "finetune.epochs must be an integer, got '1e9'"),  # YAML 1.1 reads 1e9 (no dot) as text
+    ("method: magnitude\nschedule: {type: iterative, final_sparsity: 0.5, rounds: 100000}\nfinetune: {epochs: 1}",
+     "schedule.rounds must be <= 100, got 100000"),
+    ("method: magnitude\nschedule: {final_sparsity: 0.5}\nregularization: {bn_l1: 0.1, epochs: 5000}",
+     "regularization.epochs must be <= 1000, got 5000"),
+    ("method: magnitude\nschedule: {final_sparsity: 0.5}\nfinetune: {lr: -0.1}", "finetune.lr must be > 0, got -0.1"),
+    ("method: magnitude\nschedule: {final_sparsity: 0.5}\nfinetune: {lr: .nan}",
+     "finetune.lr must be a finite number, got nan"),
+    ("method: magnitude\nschedule: {final_sparsity: .inf}", "schedule.final_sparsity must be a finite number, got inf"),
+    ("method: magnitude\nschedule: {final_sparsity: 0.5}\nseed: 100000000000000000000",
+     "seed must be <= 9223372036854775807, got 100000000000000000000"),
 ]
 
 
@@ -75,6 +89,15 @@ def test_bad_recipes_name_the_file_and_field_in_one_line(tmp_path, text, message
     with pytest.raises(CtkError, match=f"^recipe {path}: .*{message}") as error:
         load_recipe(path)
     assert "\n" not in str(error.value)
+
+
+def test_recipe_that_is_not_utf8_is_one_line_naming_the_file(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("method: magnitude  # réglage\nschedule: {final_sparsity: 0.5}\n".encode("latin-1"))
+    out = tmp_path / "out"
+    assert main(["prune", "--recipe", str(path), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"ctk: error: recipe {path}: not UTF-8 text (byte 0xe9 at offset 22)\n"
+    assert not out.exists()
 
 
 def test_missing_recipe_file_is_named(tmp_path):
@@ -185,3 +208,18 @@ def test_cli_prune_writes_weights_and_masks_and_folds_torch_prune_weights(tmp_pa
     error = capsys.readouterr().err
     assert error == f"ctk: error: recipe {bad}: schedule.final_sparsity must be in [0, 1), got 1.5\n"
     assert not (tmp_path / "bad-out").exists()
+
+
+def test_cli_prune_shows_progress_of_every_training_phase(tmp_path, capsys):
+    recipe = write(tmp_path, """
+        method: structured
+        schedule: {type: iterative, final_sparsity: 0.3, rounds: 2}
+        finetune: {epochs: 1}
+        regularization: {bn_l1: 0.0001}
+    """)
+    assert main(["prune", "--recipe", str(recipe), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    steps = -(-1347 // 64)  # one epoch of digits' training split in batches of 64
+    for phase in ("penalised training", "round 1/2: fine-tune", "round 2/2: fine-tune"):
+        line = next(line for line in err.splitlines() if phase in line)
+        assert f"{steps}/{steps}" in line and "loss " in line and "samples/s" in line, line

@@ -14,7 +14,7 @@ import torch
 from compile_toolkit.cli import main
 from compile_toolkit.errors import CtkError
 from compile_toolkit.training import TrainConfig, load_checkpoint, save_checkpoint, train
-from compile_toolkit.training.checkpoint import KEEP, latest_checkpoint
+from compile_toolkit.training.checkpoint import KEEP, latest_checkpoint, write_manifest
 
 TINY_MODEL = """
 from torch import nn
@@ -104,10 +104,12 @@ def test_checkpoint_never_unpickles_code_and_names_bad_files(tmp_path):
                            sparsifier_state={"masks": {}}, rng={}, meta={})
     marker = tmp_path / "code-ran"
     (path / "train_state.pt").write_bytes(pickle.dumps({"step": 1, "evil": _Payload(marker)}, protocol=2))
+    write_manifest(path)  # as an attacker would: the checksums catch damage, not malice
     with pytest.raises(CtkError, match=r"train_state.pt is not a valid training state"):
         load_checkpoint(tmp_path)
     assert not marker.exists()
     (path / "model.safetensors").write_bytes(b"garbage")
+    write_manifest(path)
     with pytest.raises(CtkError, match=r"model.safetensors is not a valid safetensors file"):
         load_checkpoint(path)
     (tmp_path / "empty").mkdir()
@@ -192,3 +194,83 @@ def test_train_cli_then_export_from_checkpoint(tiny_spec, tmp_path, capsys):
     exported = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(exported), model.eval()(images), rtol=1e-4, atol=1e-4)
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # one flipped bit in the last tensor's bytes: the file still parses, only the checksum knows
+        path.write_bytes(data[:-3] + bytes([data[-3] ^ 0x01]) + data[-2:])
+
+
+@pytest.mark.parametrize(("how", "reason"), [
+    ("truncate", "model.safetensors has"), ("flip", "model.safetensors does not match its SHA-256 in manifest.json"),
+])
+def test_resume_skips_a_damaged_newest_checkpoint(tiny_spec, tmp_path, capsys, how, reason):
+    full = train(_config(tiny_spec, tmp_path / "full"))
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "full", stopped)
+    newest = stopped / "ckpt" / "step-00000012"
+    _damage(newest / "model.safetensors", how)
+    capsys.readouterr()
+
+    resumed = train(_config(tiny_spec, stopped, resume=True))
+
+    err = capsys.readouterr().err
+    assert f"ctk: warning: checkpoint {newest} is damaged: {reason}" in err
+    assert f"resuming from the older {stopped / 'ckpt' / 'step-00000008'} instead" in err
+    assert resumed.resumed_from == 8 and resumed.losses == full.losses
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert load_checkpoint(stopped / "ckpt").step == 12  # the damaged one was written again, whole
+
+
+def test_no_intact_checkpoint_is_one_error_for_resume_and_export(tiny_spec, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    train(_config(tiny_spec, tmp_path, max_steps=8))
+    for step in ("step-00000004", "step-00000008"):
+        _damage(ckpt / step / "model.safetensors", "flip")
+    before = sorted(p.name for p in ckpt.iterdir())
+    capsys.readouterr()
+
+    assert main(["train", "--model", tiny_spec, "--max-steps", "8", "--batch-size", "256", "--prune-frequency", "2",
+                 "--checkpoint-every", "4", "--checkpoint-dir", str(ckpt), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ctk: error: --resume: no intact checkpoint in {ckpt}: checkpoint {ckpt / 'step-00000008'}")
+    assert err.count("\n") == 1 and "step-00000004 is damaged" in err
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+
+    out = tmp_path / "out"
+    assert main(["export", "--pruned", "--checkpoint", str(ckpt), "--model", tiny_spec, "--input-shape", "8,1,8,8",
+                 "--formats", "onnx", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"ctk: error: checkpoint {ckpt / 'step-00000008'} is damaged: "
+                   "model.safetensors does not match its SHA-256 in manifest.json\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("option", "where", "message"), [
+    ("--log-dir", "notes.txt", "--log-dir {path} is a file, not a folder"),
+    ("--checkpoint-dir", "notes.txt/ckpt", "--checkpoint-dir {path} cannot be created: {file} is a file"),
+])
+def test_output_folder_that_cannot_be_one_fails_before_training(tiny_spec, tmp_path, capsys, option, where, message):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine\n")
+    path = tmp_path / where
+    other = "--checkpoint-dir" if option == "--log-dir" else "--log-dir"
+    argv = ["train", "--model", tiny_spec, "--max-steps", "2", "--batch-size", "256",
+            other, str(tmp_path / "other"), option, str(path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == f"ctk: error: {message.format(path=path, file=file)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and file.read_text() == "mine\n"
+
+
+def test_checkpoint_with_nan_weights_is_refused_naming_the_tensor(tmp_path):
+    state = {"fc.weight": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])}
+    path = save_checkpoint(tmp_path, step=1, model_state=state, optimizer_state={},
+                           sparsifier_state={"masks": {}}, rng={}, meta={})
+    with pytest.raises(CtkError) as error:
+        load_checkpoint(tmp_path)
+    assert str(error.value) == f"checkpoint file {path / 'model.safetensors'}: tensor 'fc.weight' has 1 NaN or Inf value(s) of 4"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from ..models import Dataset
 from .masks import Masks, apply_masks
 from .schedule import GradualSchedule
 from .structured import PruneReport, prune
+
+if TYPE_CHECKING:
+    from ..training.progress import StepProgress
 
 
 @dataclass
@@ -46,15 +50,18 @@ def iterative(
     epochs: int = 1,
     lr: float = 5e-3,
     seed: int = 0,
+    phase: Callable[[str], StepProgress | None] = lambda _name: None,
 ) -> tuple[list[list[float]], Masks]:
     """Call ``prune_round(r)`` for ``r = 1..rounds`` (it zeroes weights and returns its masks), each
-    followed by ``epochs`` of fine-tuning with every mask so far held. Returns the losses and masks."""
+    followed by ``epochs`` of fine-tuning with every mask so far held. Returns the losses and masks.
+    ``phase(name)`` gives each round's fine-tuning its progress report."""
     masks: Masks = {}
     losses = []
     for r in range(1, rounds + 1):
         masks = combine_masks(masks, prune_round(r))
         apply_masks(model, masks)
-        losses.append(finetune(model, dataset, masks, epochs=epochs, lr=lr, seed=seed + r))
+        progress = phase(f"round {r}/{rounds}: fine-tune")
+        losses.append(finetune(model, dataset, masks, epochs=epochs, lr=lr, seed=seed + r, progress=progress))
     return losses, masks
 
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CtkError
+from ..fileio import save_safetensors, temp_file_beside
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the weight is kept
 
@@ -40,13 +39,12 @@ def save_masks(path: str | Path, masks: Masks, metadata: dict[str, str] | None =
         raise CtkError(f"masks metadata for {path} must map strings to strings")
     tensors = {name: mask.detach().to(device="cpu", dtype=torch.uint8).contiguous() for name, mask in masks.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_file_beside(path)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -67,7 +65,6 @@ def load_masks(path: str | Path) -> tuple[Masks, dict[str, str]]:
             raise CtkError(f"masks file {path}: {name!r} is not a 0/1 mask (dtype {tensor.dtype})")
         masks[name] = tensor.to(torch.bool)
     return masks, metadata
-
 
 
 def check_masks(model: nn.Module, masks: Masks, source: str) -> None:

@@ -15,6 +15,7 @@ before any model is loaded or trained. Example (see docs/pruning.md for every fi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,11 @@ from .unstructured import parse_n_m
 
 SCHEDULE_TYPES = ("one_shot", "iterative", "gradual")
 SCOPES = ("layer", "global")
+# Upper bounds on what makes a run long: far beyond any real recipe, they turn a typo
+# (``epochs: 1000000000``) into an error instead of a job that never ends.
+MAX_EPOCHS = 1000
+MAX_ROUNDS = 100
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
 _REQUIRED = object()
 
 
@@ -72,9 +78,12 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe (``yaml.safe_load``: a recipe is data, never code)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise CtkError(f"recipe {path}: cannot read it ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        raise CtkError(f"recipe {path}: not UTF-8 text (byte 0x{byte:02x} at offset {error.start})") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
@@ -93,7 +102,7 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
     options = _method_options(top, method, n_m)
     options.update(_finetune_section(_Fields(top.take("finetune", dict, {}), source, "finetune."), schedule_type))
     options.update(_regularization_section(_Fields(top.take("regularization", dict, {}), source, "regularization.")))
-    options["seed"] = top.take("seed", int, 0, minimum=0)
+    options["seed"] = top.take("seed", int, 0, minimum=0, maximum=MAX_SEED)
     top.done()
     return Recipe(
         source=source, method=method, schedule_type=schedule_type, schedule=schedule, rounds=rounds, **options
@@ -106,7 +115,7 @@ def _schedule_section(fields: _Fields, method: str, n_m: tuple[int, int] | None)
     default_final = (n_m[1] - n_m[0]) / n_m[1] if n_m else _REQUIRED
     final = fields.take("final_sparsity", float, default_final)
     initial = fields.take("initial_sparsity", float, 0.0)
-    rounds = fields.take("rounds", int, 3) if schedule_type == "iterative" else 1
+    rounds = fields.take("rounds", int, 3, maximum=MAX_ROUNDS) if schedule_type == "iterative" else 1
     steps = {}
     if schedule_type == "gradual":
         steps = {k: fields.take(k, int, d) for k, d in (("start_step", 0), ("end_step", _REQUIRED), ("frequency", 1))}
@@ -147,7 +156,9 @@ def _finetune_section(fields: _Fields, schedule_type: str) -> dict[str, Any]:
     """Fine-tuning is optional after one-shot pruning and required by the schedules that train."""
     one_shot = schedule_type == "one_shot"
     options = {
-        "finetune_epochs": fields.take("epochs", int, 0 if one_shot else _REQUIRED, minimum=0 if one_shot else 1),
+        "finetune_epochs": fields.take(
+            "epochs", int, 0 if one_shot else _REQUIRED, minimum=0 if one_shot else 1, maximum=MAX_EPOCHS
+        ),
         "finetune_lr": fields.take("lr", float, 5e-3, positive=True),
         "batch_size": fields.take("batch_size", int, 64, minimum=1),
     }
@@ -160,7 +171,7 @@ def _regularization_section(fields: _Fields) -> dict[str, Any]:
     group_lasso = fields.take("group_lasso", float, 0.0, minimum=0)
     bn_l1 = fields.take("bn_l1", float, 0.0, minimum=0)
     penalised = group_lasso > 0 or bn_l1 > 0
-    epochs = fields.take("epochs", int, 1 if penalised else 0, minimum=1 if penalised else 0)
+    epochs = fields.take("epochs", int, 1 if penalised else 0, minimum=1 if penalised else 0, maximum=MAX_EPOCHS)
     if epochs and not penalised:
         fields.fail("epochs", "needs a penalty: set group_lasso or bn_l1 above 0")
     fields.done()
@@ -226,6 +237,7 @@ class _Fields:
         *,
         choices: tuple[str, ...] = (),
         minimum: float | None = None,
+        maximum: float | None = None,
         positive: bool = False,
         items: type | None = None,
     ) -> Any:
@@ -237,7 +249,7 @@ class _Fields:
         value = self.data[key]
         ok = isinstance(value, kind) and not isinstance(value, bool)
         if kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not ok:
             self.fail(key, f"must be {_KIND_NAMES[kind]}, got {value!r}")
         if choices and value not in choices:
@@ -245,6 +257,8 @@ class _Fields:
         if (minimum is not None and value < minimum) or (positive and value <= 0):
             bound = f">= {minimum}" if minimum is not None else "> 0"
             self.fail(key, f"must be {bound}, got {value!r}")
+        if maximum is not None and value > maximum:
+            self.fail(key, f"must be <= {maximum}, got {value!r}")
         if items is not None and not all(isinstance(v, items) for v in value):
             self.fail(key, f"must be a list of {_KIND_NAMES[items].split()[-1]}s, got {value!r}")
         return float(value) if kind is float else value
@@ -255,4 +269,4 @@ class _Fields:
             self.fail(str(unknown[0]), f"is not a field here (known: {', '.join(sorted(self.seen))})")
 
 
-_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a mapping"}
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a finite number", list: "a list", dict: "a mapping"}

@@ -4,7 +4,9 @@ fine-tuning), with the masks held through every optimizer step."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,9 @@ from .schedule import GradualSchedule
 from .sparsifier import Sparsifier
 from .structured import PruneReport, prune
 
+if TYPE_CHECKING:
+    from ..training.progress import StepProgress
+
 
 @dataclass
 class RecipeResult:
@@ -34,10 +39,15 @@ class RecipeResult:
 
 
 def apply_recipe(
-    model: nn.Module, example_inputs: tuple[torch.Tensor, ...], recipe: Recipe, dataset: Dataset | None = None
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    recipe: Recipe,
+    dataset: Dataset | None = None,
+    phase: Callable[[str], StepProgress | None] = lambda _name: None,
 ) -> RecipeResult:
     """Prune ``model`` in place as ``recipe`` says. Training steps (fine-tuning, iterative and
-    gradual schedules, regularisation, Taylor calibration) need ``dataset``."""
+    gradual schedules, regularisation, Taylor calibration) need ``dataset``; ``phase(name)`` gives
+    each of them its progress report (:func:`~compile_toolkit.training.progress.phase_bars`)."""
     _check_dataset(recipe, dataset)
     losses: list[list[float]] = []
     if recipe.regularization_epochs:
@@ -52,6 +62,7 @@ def apply_recipe(
                 recipe.batch_size,
                 recipe.seed,
                 penalty=penalty,
+                progress=phase("penalised training"),
             )
         )
     reports: list[PruneReport] = []
@@ -59,7 +70,7 @@ def apply_recipe(
     tune = {"lr": recipe.finetune_lr, "batch_size": recipe.batch_size, "seed": recipe.seed}
     if recipe.schedule_type == "iterative":
         round_losses, masks = iterative(
-            model, dataset, prune_to, recipe.rounds, recipe.finetune_epochs, recipe.finetune_lr, recipe.seed
+            model, dataset, prune_to, recipe.rounds, recipe.finetune_epochs, recipe.finetune_lr, recipe.seed, phase
         )
         losses.extend(round_losses)
     elif recipe.schedule_type == "gradual":
@@ -71,12 +82,13 @@ def apply_recipe(
                 f"must be below the fine-tuning steps (finetune.epochs x batches = "
                 f"{total}), got {recipe.schedule.end_step}",
             )
-        losses.append(finetune(model, dataset, {}, recipe.finetune_epochs, sparsifier=sparsifier, **tune))
+        progress = phase("fine-tune while pruning")
+        losses.append(finetune(model, dataset, {}, recipe.finetune_epochs, sparsifier=sparsifier, progress=progress, **tune))
         masks = sparsifier.masks
     else:
         masks = prune_to(0)
         if recipe.finetune_epochs:
-            losses.append(finetune(model, dataset, masks, recipe.finetune_epochs, **tune))
+            losses.append(finetune(model, dataset, masks, recipe.finetune_epochs, progress=phase("fine-tune"), **tune))
     weights = {n: p.detach() for n, p in model.named_parameters() if p.dim() >= 2}
     return RecipeResult(
         masks=masks,

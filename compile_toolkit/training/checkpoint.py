@@ -6,30 +6,39 @@ A checkpoint is a folder ``step-00000050`` under the checkpoint root holding
 - ``masks.safetensors``: the sparsity masks (``export --checkpoint`` reads them with the weights),
 - ``train_state.pt``: optimizer state, the rest of the sparsifier state and the RNG states, read
   back with ``torch.load(weights_only=True)`` so a checkpoint can never run code,
-- ``meta.json``: the step and the run's options, readable without torch.
+- ``meta.json``: the step and the run's options, readable without torch,
+- ``manifest.json``, written last: the size and SHA-256 of each file above.
 
 The folder is written under a temporary name and renamed into place, then the text file
 ``latest`` is replaced (also by rename) to name it. A worker killed at any moment leaves either the
 previous checkpoint or the new one as ``latest``, never a half-written one. Only the newest
 :data:`KEEP` checkpoints are kept.
+
+Renames do not protect against what happens to the files afterwards (a full disk during a copy,
+a bad sector, a truncated transfer): every load checks the manifest, and ``--resume``
+(:func:`newest_intact_checkpoint`) falls back to the newest checkpoint that is still whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import CtkError, summary
+from ..fileio import make_temp_dir, save_safetensors, write_atomic
+from ..models.registry import check_finite
 from ..pruning.masks import load_masks, save_masks
 
 KEEP = 2
@@ -38,6 +47,7 @@ MODEL_FILE = "model.safetensors"
 MASKS_FILE = "masks.safetensors"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"step-[0-9]{8}")
 
 
@@ -74,23 +84,24 @@ def save_checkpoint(
     name = f"step-{step:08d}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        staging = make_temp_dir(f".{name}.tmp-", root)
     except OSError as error:
         raise CtkError(f"cannot write checkpoint folder {root}: {error.strerror or error}") from error
     try:
         masks = sparsifier_state.get("masks", {})
         rest = {key: value for key, value in sparsifier_state.items() if key != "masks"}
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(staging / MODEL_FILE))
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, staging / MODEL_FILE)
         save_masks(staging / MASKS_FILE, masks)
         torch.save(
             {"step": step, "optimizer": optimizer_state, "sparsifier": rest, "rng": rng}, staging / STATE_FILE
         )
         (staging / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+        write_manifest(staging)
         _replace_dir(staging, root / name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _write_atomic(root / LATEST, name + "\n")
+    write_atomic(root / LATEST, (name + "\n").encode())
     _drop_old(root, keep_name=name)
     return root / name
 
@@ -110,7 +121,8 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint: a checkpoint root (its ``latest``) or one ``step-*`` folder.
 
     Nothing is unpickled: tensors come from safetensors and ``train_state.pt`` is read with
-    ``weights_only=True``. A missing or damaged file is a :class:`CtkError` naming it.
+    ``weights_only=True``. A missing or damaged file (checked against ``manifest.json`` first) is
+    a :class:`CtkError` naming it.
     """
     path = Path(folder)
     if not path.is_dir():
@@ -120,6 +132,7 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
         if found is None:
             raise CtkError(f"checkpoint folder {path} holds no checkpoint (no {LATEST} and no {META_FILE})")
         path = found
+    verify_manifest(path)
     meta = _read_meta(path / META_FILE)
     model_state = _read_safetensors(path / MODEL_FILE)
     masks, _ = load_masks(path / MASKS_FILE)
@@ -145,6 +158,67 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     )
 
 
+def newest_intact_checkpoint(folder: str | os.PathLike, warn: Callable[[str], None]) -> Checkpoint | None:
+    """The newest checkpoint under the root ``folder`` that loads whole, for ``--resume``; None when
+    there is none yet. Each newer damaged one is passed to ``warn`` with the reason, so a run that
+    repeats steps says why; when every one is damaged, a :class:`CtkError` lists them."""
+    root = Path(folder)
+    if not root.is_dir():
+        return None
+    damaged = []
+    for path in sorted(_step_dirs(root), reverse=True):
+        try:
+            checkpoint = load_checkpoint(path)
+        except CtkError as error:
+            damaged.append(str(error))
+            continue
+        for reason in damaged:
+            warn(f"{reason}; resuming from the older {path} instead")
+        return checkpoint
+    if damaged:
+        raise CtkError(f"--resume: no intact checkpoint in {root}: " + "; ".join(damaged))
+    return None
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and SHA-256 of every file in the checkpoint ``folder`` in ``manifest.json``."""
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=2, sort_keys=True))
+
+
+def verify_manifest(folder: Path) -> None:
+    """Fail with a :class:`CtkError` naming the file unless every file ``manifest.json`` lists has
+    its recorded size and SHA-256 (a manifest is only written once every other file is)."""
+    manifest = folder / MANIFEST_FILE
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except FileNotFoundError:
+        raise CtkError(f"checkpoint {folder} is damaged or incomplete: {MANIFEST_FILE} is missing") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CtkError(f"checkpoint {folder} is damaged: {MANIFEST_FILE} is unreadable ({summary(error)})") from error
+    for name, (size, digest) in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise CtkError(f"checkpoint {folder} is damaged: {name} is missing")
+        if path.stat().st_size != size:
+            raise CtkError(f"checkpoint {folder} is damaged: {name} has {path.stat().st_size} bytes, {size} were written")
+        if _sha256(path) != digest:
+            raise CtkError(f"checkpoint {folder} is damaged: {name} does not match its SHA-256 in {MANIFEST_FILE}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
@@ -158,12 +232,17 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint; a NaN or Inf (a run that diverged) is an error naming the tensor,
+    so neither ``--resume`` nor ``export --checkpoint`` carries it on."""
     if not path.is_file():
         raise CtkError(f"checkpoint file {path} is missing")
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CtkError(f"checkpoint file {path} is not a valid safetensors file: {summary(error)}") from error
+    for key, tensor in state.items():
+        check_finite(tensor, key, f"checkpoint file {path}")
+    return state
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
@@ -178,21 +257,12 @@ def _replace_dir(staging: Path, target: Path) -> None:
         os.replace(staging, target)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _step_dirs(root: Path) -> list[Path]:
+    return [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
 
 
 def _drop_old(root: Path, keep_name: str) -> None:
-    steps = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name))
+    steps = sorted(_step_dirs(root))
     old = [p for p in steps if p.name != keep_name][: max(len(steps) - KEEP, 0)]
     for path in old:
         shutil.rmtree(path, ignore_errors=True)

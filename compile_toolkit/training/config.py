@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CtkError
+from ..fileio import check_output_folder
 from ..models.registry import DEFAULT_SPEC
 
 STRATEGIES = ("single", "ddp", "spmd")
@@ -119,6 +120,9 @@ class TrainConfig:
         if self.resume and not self.checkpoint_dir:
             raise CtkError("--resume needs --checkpoint-dir (the folder to resume from)")
         _prune_method(self.prune_method)
+        for option, folder in (("--checkpoint-dir", self.checkpoint_dir), ("--log-dir", self.log_dir)):
+            if folder is not None:
+                check_output_folder(folder, option)
         if self.recipe is not None:
             from ..pruning.recipe import load_recipe
 

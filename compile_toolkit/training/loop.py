@@ -13,6 +13,7 @@ wrapping the model) lives behind :class:`Replica`; a single process is the trivi
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..errors import CtkError, summary
 from ..pruning.masks import Masks
 from ..pruning.sparsifier import Sparsifier
 from . import faults
-from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, newest_intact_checkpoint, save_checkpoint
 from .config import RESUME_KEYS, TrainConfig
 from .progress import StepLog, progress_bar
 from .run_setup import (
@@ -120,7 +121,7 @@ def run_training(config: TrainConfig, replica: Replica, console: Console | None 
     reporting = replica.rank == 0
     log = StepLog(config.log_dir if reporting else None, meta={"title": f"{loaded.name}, {config.strategy}"})
     start, resumed_from = 0, None
-    checkpoint = resume_point(config)
+    checkpoint = resume_point(config, warn=reporting)
     if checkpoint is not None:
         _restore(checkpoint, config, model, optimizer, sparsifier, replica)
         start = resumed_from = checkpoint.step
@@ -208,12 +209,16 @@ def _train_step(
     return float(replica.mean(loss.detach()).item())
 
 
-def resume_point(config: TrainConfig) -> Checkpoint | None:
-    """The checkpoint ``--resume`` continues from; none yet (first attempt of a restartable run)
-    means a fresh start, so one torchrun command line serves the first run and every restart."""
-    if not config.resume or config.checkpoint_dir is None or latest_checkpoint(config.checkpoint_dir) is None:
+def resume_point(config: TrainConfig, warn: bool = True) -> Checkpoint | None:
+    """The checkpoint ``--resume`` continues from: the newest intact one (a damaged newer one is
+    named on stderr when ``warn``: one rank says it for all). None yet (first attempt of a
+    restartable run) means a fresh start, so one torchrun command line serves the first run and
+    every restart."""
+    if not config.resume or config.checkpoint_dir is None:
         return None
-    checkpoint = load_checkpoint(config.checkpoint_dir)
+    checkpoint = newest_intact_checkpoint(config.checkpoint_dir, _warn if warn else lambda _message: None)
+    if checkpoint is None:
+        return None
     saved = checkpoint.meta.get("config", {})
     current = config.to_dict()
     for key in RESUME_KEYS:
@@ -223,6 +228,10 @@ def resume_point(config: TrainConfig) -> Checkpoint | None:
                 f"this run has {key}={current[key]!r}; use the same options or another --checkpoint-dir"
             )
     return checkpoint
+
+
+def _warn(message: str) -> None:
+    print(f"ctk: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _restore(

@@ -7,9 +7,11 @@ crash and ``--resume`` it continues from the checkpoint's step with no gap and n
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
-import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import CtkError, summary
+from ..fileio import temp_file_beside, write_atomic
 
 LOG_FILE = "metrics.json"
 PLOT_FILE = "metrics.png"
+
+StepProgress = Callable[[int, int, float, float], None]
+"""Told after every optimizer step: (steps done, total steps, loss, samples per second)."""
 
 
 class StepLog:
@@ -57,7 +63,7 @@ class StepLog:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOG_FILE
-        _write_atomic(path, json.dumps({"meta": self.meta, "steps": self.steps}, indent=1).encode())
+        write_atomic(path, json.dumps({"meta": self.meta, "steps": self.steps}, indent=1).encode())
         return path
 
     def plot(self) -> Path | None:
@@ -82,42 +88,50 @@ class StepLog:
         figure.tight_layout()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / PLOT_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{PLOT_FILE}.", suffix=".png", dir=self.folder)
-        os.close(fd)
+        tmp = temp_file_beside(path)
         try:
             figure.savefig(tmp, dpi=100)
             os.replace(tmp, path)
         finally:
             plt.close(figure)
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         return path
 
 
-def progress_bar(console: Console | None = None) -> Progress:
-    """A rich bar: steps done of total, loss, throughput and the current sparsity.
+def progress_bar(console: Console | None = None, sparsity: bool = True) -> Progress:
+    """A rich bar per task (named by its description): steps done of total, loss, throughput and,
+    with ``sparsity``, the current sparsity.
 
     Update with ``progress.update(task, completed=step, loss=..., samples_per_s=..., sparsity=...)``;
-    the task needs those three fields set when it is added.
+    the task needs those fields set when it is added.
     """
-    return Progress(
-        TextColumn("[bold]train[/bold]"),
+    columns = [
+        TextColumn("[bold]{task.description}[/bold]"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[samples_per_s]:.0f} samples/s"),
-        TextColumn("sparsity {task.fields[sparsity]:.1%}"),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        transient=False,
-    )
+    ]
+    if sparsity:
+        columns.append(TextColumn("sparsity {task.fields[sparsity]:.1%}"))
+    return Progress(*columns, TimeRemainingColumn(), console=console or Console(stderr=True), transient=False)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@contextlib.contextmanager
+def phase_bars(console: Console | None = None) -> Iterator[Callable[[str], StepProgress]]:
+    """Bars for a job that trains in phases (``ctk prune``: penalised training, each round of
+    iterative pruning, fine-tuning), so no long step runs silent: ``phase(name)`` adds a bar
+    named ``name`` and returns the :data:`StepProgress` that moves it."""
+    bar = progress_bar(console, sparsity=False)
+
+    def phase(name: str) -> StepProgress:
+        task = bar.add_task(name, total=None, loss=math.nan, samples_per_s=0.0)
+
+        def update(done: int, total: int, loss: float, samples_per_s: float) -> None:
+            bar.update(task, total=total, completed=done, loss=loss, samples_per_s=samples_per_s)
+
+        return update
+
+    with bar:
+        yield phase
+
