@@ -146,6 +146,8 @@ def _export(args: argparse.Namespace) -> int:
     out = Console()
     for table in console_tables(report):
         out.print(table)
+    for note in report["notes"]:
+        out.print(f"note: {note}", soft_wrap=True)
     out.print(f"report: {report['out']}/report.json, {report['out']}/report.md")
     return 0
 
@@ -164,6 +166,8 @@ def _strip(args: argparse.Namespace) -> int:
     from .strip import strip
 
     loaded = load_model(args.model, args.weights, args.input_shape)
+    for note in loaded.notes:
+        Console(stderr=True).print(f"note: {note}", soft_wrap=True)
     stripped = strip(loaded.module, loaded.example_inputs)
     summary = stripped.meta["ctk_strip"]
     before, after = count_params(loaded.module), count_params(stripped)

@@ -81,7 +81,8 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         with timed("load model"):
             loaded = load_model(job.model, job.weights, job.input_shape)
         dense = copy.deepcopy(loaded.module).eval()
-        report: dict[str, Any] = {"model": loaded.name, "sparsity": job.sparsity if job.pruned else 0.0}
+        report: dict[str, Any] = {"model": loaded.name, "sparsity": job.sparsity if job.pruned else 0.0,
+                                  "notes": list(loaded.notes)}
         with timed("measure dense model"):
             report["dense"] = _measure(dense, loaded)
         if trained is not None:

@@ -60,6 +60,8 @@ def console_tables(report: dict[str, Any]) -> list[Table]:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# {report['model']}: export report", "", f"Structured sparsity: {report['sparsity']:.0%}", ""]
+    if report.get("notes"):
+        lines += [f"Note: {note}" for note in report["notes"]] + [""]
     lines += ["| | dense | stripped | change |", "|---|---:|---:|---:|"]
     lines += [f"| {' | '.join(row)} |" for row in summary_rows(report)]
     lines += ["", "## Artifacts", "", "| format | path | size | max abs error | runtime |", "|---|---|---:|---:|---|"]

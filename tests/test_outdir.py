@@ -217,3 +217,28 @@ def test_the_sigterm_handler_is_restored_after_a_command(tmp_path, capsys):
     before = signal.getsignal(signal.SIGTERM)
     status, _ = run_cli(["export", "--out", str(tmp_path / "o"), "--sparsity", "7"], capsys)
     assert status == 1 and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_export_follows_the_umask_and_reports_converted_weights(tmp_path):
+    """Every file and folder of an export gets the mode the user's umask gives (0640 / 0750 under
+    027, not mkstemp's private 0600), and the dtype conversion of --weights is in the report."""
+    from safetensors.torch import save_file
+
+    from compile_toolkit.models import load_model
+
+    weights = tmp_path / "half.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_model().module.state_dict().items()},
+              str(weights))
+    out = tmp_path / "out"
+    script = ("import os, sys; os.umask(0o027); from compile_toolkit.cli import main; "
+              f"sys.exit(main(['export', '--out', {str(out)!r}, '--weights', {str(weights)!r}]))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*")}
+    assert "stablehlo" in modes and "model.onnx" in modes
+    wrong = {name: oct(mode) for name, mode in modes.items() if mode != (0o750 if (out / name).is_dir() else 0o640)}
+    assert not wrong
+    assert out.stat().st_mode & 0o777 == 0o750
+    report = json.loads((out / "report.json").read_text())
+    assert report["notes"] and "from float16 to float32" in report["notes"][0]
+    assert "note: converted" in result.stdout
