@@ -7,13 +7,15 @@ an ordinary, smaller graph with no gathers or masks left in it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
-from compile_toolkit.channels.analysis import ChannelAnalysis, analyze
-from compile_toolkit.channels.rules.base import ShapeChange
+from compile_toolkit.channels.analysis import ChannelAnalysis, analyze, failed_rule
+from compile_toolkit.channels.rules.base import Failed, ShapeChange
 
 from .base import GraphPass, PassResult
 
@@ -22,14 +24,18 @@ class StripPass(GraphPass):
     name = "strip"
 
     def __call__(self, gm: GraphModule) -> PassResult:
-        analysis = analyze(gm)
-        removed = int(analysis.removable.sum())
-        details = strip_summary(analysis)
+        failed: dict[Node, Failed] = {}
+        while True:  # a node whose rewrite raises is undone, made a barrier, and analysed again
+            analysis = analyze(gm, failed)
+            removed = int(analysis.removable.sum())
+            fault = _rewrite_shapes(gm, analysis) if removed else None
+            if fault is None:
+                break
+            failed[fault.node] = fault.rule
         if removed:
             _slice_constants(gm, analysis)
-            _rewrite_shapes(gm, analysis)
             gm.recompile()
-        return PassResult(gm, bool(removed), details)
+        return PassResult(gm, bool(removed), strip_summary(analysis))
 
 
 def strip_summary(analysis: ChannelAnalysis) -> dict:
@@ -89,9 +95,20 @@ def _assign(gm: GraphModule, target: str, value: torch.Tensor) -> None:
         setattr(owner, name, value.contiguous())
 
 
-def _rewrite_shapes(gm: GraphModule, analysis: ChannelAnalysis) -> None:
+@dataclass(frozen=True)
+class _Fault:
+    node: Node
+    rule: Failed
+
+
+def _rewrite_shapes(gm: GraphModule, analysis: ChannelAnalysis) -> _Fault | None:
+    """Let each rule fix the shape constants around its node. If one raises, every edit is
+    undone (targets and arguments restored, nodes the rules added erased) and the fault returned,
+    so the graph is exactly as analysed."""
     ctx = analysis.ctx
-    for node in gm.graph.nodes:
+    original = list(gm.graph.nodes)
+    saved = {node: (node.target, node.args, node.kwargs) for node in original}
+    for node in original:
         if node.op != "call_function" or node not in ctx.output_counts:
             continue
         keys = ctx.keys_of(node)
@@ -100,4 +117,17 @@ def _rewrite_shapes(gm: GraphModule, analysis: ChannelAnalysis) -> None:
         inputs = [(arg, None) for arg in node.all_input_nodes if (arg, None) in ctx.shapes]
         if old != new or any(ctx.shapes[k] != analysis.kept_shape(k) for k in inputs):
             change = ShapeChange(old, new, lambda arg: analysis.keep((arg, None)))
-            analysis.rules[node].rewrite(node, change)
+            try:
+                analysis.rules[node].rewrite(node, change)
+            except Exception as error:  # noqa: BLE001 - a failed rewrite is a barrier, not a crash
+                _restore(gm, saved)
+                return _Fault(node, failed_rule(node, "rewriting shapes", error))
+    return None
+
+
+def _restore(gm: GraphModule, saved: dict[Node, tuple]) -> None:
+    for node, (target, args, kwargs) in saved.items():
+        node.target, node.args, node.kwargs = target, args, kwargs
+    for node in reversed(list(gm.graph.nodes)):
+        if node not in saved:
+            gm.graph.erase_node(node)

@@ -8,6 +8,7 @@ each of its slices is zero or dead, and no barrier pinned it. See ``shared/ARCHI
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,11 +17,12 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch.fx import GraphModule, Node
 
+from ..errors import summary
 from .atoms import Components
-from .context import Context, Dims, Key, concrete, describe, tensor_meta
+from .context import Context, Dims, Key, Masks, concrete, describe, tensor_meta
 from .mutation import shared_writes
 from .rules import Getitem, rule_for
-from .rules.base import Barrier, OpRule, full
+from .rules.base import Barrier, Failed, OpRule, full
 
 # Nodes that read only shapes (or nothing) of their inputs: they neither use nor pin channels.
 _SHAPE_ONLY = {
@@ -69,16 +71,23 @@ class ChannelAnalysis:
 
     @property
     def barriers(self) -> list[str]:
-        """Distinct reasons that kept parameter-carried channels alive."""
-        return sorted({g.pinned_reason for g in self.groups if g.pinned_reason})
+        """Distinct reasons that kept parameter-carried channels alive, and every rule that failed
+        (named even where it kept no parameter's channels: it is a bug to fix)."""
+        failed = {rule.reason for rule in self.rules.values() if isinstance(rule, Failed)}
+        return sorted({g.pinned_reason for g in self.groups if g.pinned_reason} | failed)
 
 
-def analyze(gm: GraphModule) -> ChannelAnalysis:
-    """Run the channel analysis on a graph module from ``torch.export(...).module()``."""
+def analyze(gm: GraphModule, overrides: Mapping[Node, OpRule] | None = None) -> ChannelAnalysis:
+    """Run the channel analysis on a graph module from ``torch.export(...).module()``.
+
+    ``overrides`` replace the rules of some nodes (the strip pass makes a node whose shape
+    rewrite failed a barrier and analyses again). A rule that raises becomes a :class:`Failed`
+    barrier naming the op, the node and the error: the analysis never stops on one op.
+    """
     values = {n.target: _fetch(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     ctx = Context(values)
     nodes = list(gm.graph.nodes)
-    rules = node_rules(gm)
+    rules = {**node_rules(gm), **(overrides or {})}
     for node in nodes:
         _forward(ctx, node, rules)
     for key in ctx.atoms:
@@ -93,13 +102,26 @@ def analyze(gm: GraphModule) -> ChannelAnalysis:
 
 def node_rules(gm: GraphModule) -> dict[Node, OpRule]:
     """Each call node's rule: its op's, or a barrier for an in-place write that another node
-    reads around (see :mod:`.mutation`)."""
+    reads around (see :mod:`.mutation`), or for an op whose rule could not be chosen."""
     shared = shared_writes(gm.graph)
-    return {
-        node: Barrier(f"in-place {describe(node)} writes memory that {describe(shared[node])} reads")
-        if node in shared else rule_for(node)
-        for node in gm.graph.nodes if node.op == "call_function"
-    }
+    rules = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node in shared:
+            rules[node] = Barrier(f"in-place {describe(node)} writes memory that {describe(shared[node])} reads")
+            continue
+        try:
+            rules[node] = rule_for(node)
+        except Exception as error:  # noqa: BLE001 - any failure of a rule is a barrier, not a crash
+            rules[node] = failed_rule(node, "choosing its rule", error)
+    return rules
+
+
+def failed_rule(node: Node, step: str, error: BaseException) -> Failed:
+    """The barrier a node gets when its rule raised: the report names op, node and error, and
+    the analysis goes on with everything the node touches kept (principle 3)."""
+    return Failed(f"channel rule for {describe(node)} failed ({step}): {summary(error)}")
 
 
 def _fetch(gm: GraphModule, target: str) -> torch.Tensor:
@@ -119,8 +141,12 @@ def _forward(ctx: Context, node: Node, rules: dict[Node, OpRule]) -> None:
         if not isinstance(value, torch.Tensor):
             return
         _set_value(ctx, node, value, _tied_atoms(ctx, node, value))
-        ctx.zero[(node, None)] = ctx.constant_zeros(node)
         ctx.constant.add(node)
+        try:
+            ctx.zero[(node, None)] = ctx.constant_zeros(node)
+        except Exception as error:  # noqa: BLE001 - an unreadable constant is kept, not a crash
+            ctx.pin_value(node, f"constant {node.target} could not be read: {summary(error)}")
+            ctx.zero[(node, None)] = ctx.no_facts(list(value.shape))
         return
     metas = tensor_meta(node.meta.get("val"))
     if node.op == "placeholder":
@@ -143,13 +169,31 @@ def _forward(ctx: Context, node: Node, rules: dict[Node, OpRule]) -> None:
     keys = ctx.keys_of(node)
     for key, meta in zip(keys, metas, strict=False):
         ctx.shapes[key] = [concrete(s) for s in meta.shape]
-    rule = rules[node]
     inputs = node.all_input_nodes
     if inputs and all(arg in ctx.constant for arg in inputs):
         ctx.constant.add(node)
-    for key, dims, zeros in zip(keys, rule.couple(ctx, node), rule.zero(ctx, node), strict=False):
+    try:
+        facts = _checked(ctx, keys, rules[node].couple(ctx, node), rules[node].zero(ctx, node))
+    except Exception as error:  # noqa: BLE001 - any failure of a rule is a barrier, not a crash
+        rules[node] = failed_rule(node, "coupling and zero facts", error)
+        facts = list(zip(rules[node].couple(ctx, node), rules[node].zero(ctx, node), strict=True))
+    for key, (dims, zeros) in zip(keys, facts, strict=True):
         ctx.atoms[key] = dims
         ctx.zero[key] = zeros
+
+
+def _checked(ctx: Context, keys: list[Key], couplings: list[Dims], zeros: list[Masks]) -> list[tuple[Dims, Masks]]:
+    """A rule's atoms and zero facts, after checking that they fit the node's output shapes (a
+    rule that gets them wrong would corrupt the walks and the strip far from the fault)."""
+    if not len(keys) == len(couplings) == len(zeros):
+        raise ValueError(f"rule gave facts for {len(couplings)}/{len(zeros)} outputs, the node has {len(keys)}")
+    for key, dims, masks in zip(keys, couplings, zeros, strict=True):
+        shape = ctx.shapes[key]
+        sizes = [[None if a is None else a.size for a in dims], [None if m is None else m.size for m in masks]]
+        if any(len(got) != len(shape) or any(None not in (g, s) and g != s for g, s in zip(got, shape, strict=True))
+               for got in sizes):
+            raise ValueError(f"rule's atoms {sizes[0]} or zero facts {sizes[1]} do not fit shape {shape}")
+    return list(zip(couplings, zeros, strict=True))
 
 
 def _set_value(ctx: Context, node: Node, value: torch.Tensor, atoms: Dims) -> None:
@@ -173,10 +217,16 @@ def _backward(ctx: Context, node: Node, rules: dict[Node, OpRule]) -> None:
         return
     if node.op != "call_function" or node not in ctx.output_counts:
         return
-    rule = rules[node]
     ctx.marked = set()
-    rule.dead(ctx, node)
-    if isinstance(rule, Getitem):
+    try:
+        rules[node].dead(ctx, node)
+    except Exception as error:  # noqa: BLE001 - any failure of a rule is a barrier, not a crash
+        rules[node] = failed_rule(node, "dead facts", error)
+        for arg in [node, *node.all_input_nodes]:
+            for key in ctx.keys_of(arg):
+                ctx.pin_value(key[0], rules[node].reason, key[1])
+        ctx.marked = set()  # whatever the rule marked before it failed is overridden: all used
+    if isinstance(rules[node], Getitem):
         return
     for arg in node.all_input_nodes:
         for key in ctx.keys_of(arg):

@@ -1,7 +1,9 @@
-"""The table of op rules, keyed by ATen op (overload packet). An op missing here is a barrier.
+"""The table of op rules, keyed by ATen op (overload packet), and the rule for pointwise ops.
 
 Each module of this package contributes a ``RULES`` table for the ops it understands
 (``elementwise``, ``layers``, ``shape``, ...); a new module is picked up without editing this file.
+An op missing from the tables gets the generic pointwise rule if ATen says it is pointwise
+(:func:`.elementwise.is_pointwise`) and it produces one tensor; any other op is a barrier.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch.fx import Node
 
 from .base import Barrier, OpRule
+from .elementwise import POINTWISE, is_pointwise
 from .shape import Getitem
 
 RULES: dict[object, OpRule] = {}
@@ -24,8 +27,13 @@ _BARRIER = Barrier()
 
 def rule_for(node: Node) -> OpRule:
     target = node.target
-    packet = target.overloadpacket if isinstance(target, torch._ops.OpOverload) else target
-    return RULES.get(packet, _BARRIER)
+    if not isinstance(target, torch._ops.OpOverload):
+        return RULES.get(target, _BARRIER)
+    if target.overloadpacket in RULES:
+        return RULES[target.overloadpacket]
+    if isinstance(node.meta.get("val"), torch.Tensor) and is_pointwise(target):
+        return POINTWISE
+    return _BARRIER
 
 
 __all__ = ["RULES", "Getitem", "OpRule", "rule_for"]

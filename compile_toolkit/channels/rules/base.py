@@ -71,6 +71,11 @@ class Barrier(OpRule):
         return [[ctx.fresh(s, reason) for s in shape] for shape in output_shapes(ctx, node)]
 
 
+class Failed(Barrier):
+    """The barrier that replaces a rule that raised (see ``analysis.failed_rule``): ``reason``
+    names the op, the node and the error."""
+
+
 def copy_masks(masks: Masks) -> Masks:
     return [None if m is None else m.copy() for m in masks]
 

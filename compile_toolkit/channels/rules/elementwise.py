@@ -1,71 +1,39 @@
-"""Pointwise ops: activations and broadcasting binary ops (residual add, SE multiply, scales).
+"""Pointwise ops: activations and broadcasting n-ary ops (residual add, SE multiply, scales).
 
-Broadcasting aligns dimensions from the right. A dimension of full size couples to the output's;
-a size-1 dimension is broadcast over it and pinned (it has nothing to remove).
+Which ops are pointwise comes from ATen itself (:func:`is_pointwise`), and whether one maps zeros
+to zeros from running it on zeros with the node's own arguments, so a new activation needs no
+rule. Broadcasting aligns dimensions from the right. A dimension of full size couples to the
+output's; a size-1 dimension is broadcast over it and pinned (it has nothing to remove).
 """
 
 from __future__ import annotations
 
+import functools
 from numbers import Number
 
 import numpy as np
 import torch
+from torch._decomp import decomposition_table
 from torch.fx import Node
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask, op_name
-from .base import Barrier, OpRule, argument, copy_masks, full
+from .base import OpRule, argument, copy_masks, full
 
 
-class Unary(OpRule):
-    """``y = f(x)`` elementwise; ``keeps_zero`` when ``f(0) == 0`` (ReLU, GELU, tanh, dropout)."""
-
-    def __init__(self, keeps_zero: bool) -> None:
-        self.keeps_zero = keeps_zero
+class Copy(OpRule):
+    """``y = x``, maybe as another dtype or device (``clone``, ``to``, ``detach``, eval dropout):
+    dims, zeros and dead slices pass through. Only the first argument is read for values."""
 
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
         return [list(ctx.dims(node.args[0]))]
 
     def zero(self, ctx: Context, node: Node) -> list[Masks]:
-        if self.keeps_zero:
-            return [copy_masks(ctx.zeros(node.args[0]))]
-        return [ctx.no_facts(ctx.shape(node))]
-
-    def dead(self, ctx: Context, node: Node) -> None:
-        ctx.mark_dead(node.args[0], copy_masks(ctx.dead_of(node)))
-
-
-class Clamp(Unary):
-    """``clamp(x, min, max)``/``clamp_min``/``clamp_max`` with number bounds: elementwise; zeros
-    stay zero when the range holds 0 (``F.normalize`` clamps a norm to at least ``eps``, so its zeros
-    do not). Tensor bounds would couple more operands, so that form is a barrier."""
-
-    def __init__(self) -> None:
-        super().__init__(keeps_zero=False)
-        self._barrier = Barrier()
-
-    def _bounds(self, node: Node) -> tuple[object, object]:
-        packet = node.target.overloadpacket
-        if packet is torch.ops.aten.clamp_min:
-            return argument(node, "min"), None
-        if packet is torch.ops.aten.clamp_max:
-            return None, argument(node, "max")
-        return argument(node, "min"), argument(node, "max")
-
-    def couple(self, ctx: Context, node: Node) -> list[Dims]:
-        if any(isinstance(bound, Node) for bound in self._bounds(node)):
-            return self._barrier.couple(ctx, node)
-        return super().couple(ctx, node)
-
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
-        low, high = self._bounds(node)
-        tensor_bound = isinstance(low, Node) or isinstance(high, Node)
-        if tensor_bound or (low is not None and low > 0) or (high is not None and high < 0):
-            return [ctx.no_facts(ctx.shape(node))]
         return [copy_masks(ctx.zeros(node.args[0]))]
 
     def dead(self, ctx: Context, node: Node) -> None:
-        if not any(isinstance(bound, Node) for bound in self._bounds(node)):
-            super().dead(ctx, node)
+        ctx.mark_dead(node.args[0], copy_masks(ctx.dead_of(node)))
 
 
 class Zeroed(OpRule):
@@ -83,48 +51,22 @@ class Zeroed(OpRule):
         ctx.mark_dead(node.args[0], full(ctx.shape(node.args[0]), True))
 
 
-class Power(Unary):
-    """``pow(x, exponent)`` with a number exponent: elementwise; zeros stay zero for exponent > 0.
-    A tensor exponent would couple a second operand, so that form is a barrier."""
-
-    def __init__(self) -> None:
-        super().__init__(keeps_zero=False)
-        self._barrier = Barrier()
-
-    def couple(self, ctx: Context, node: Node) -> list[Dims]:
-        if isinstance(node.args[1], Node) or not isinstance(node.args[0], Node):
-            return self._barrier.couple(ctx, node)
-        return super().couple(ctx, node)
-
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
-        exponent = node.args[1]
-        if isinstance(exponent, Number) and exponent > 0 and isinstance(node.args[0], Node):
-            return [copy_masks(ctx.zeros(node.args[0]))]
-        return [ctx.no_facts(ctx.shape(node))]
-
-    def dead(self, ctx: Context, node: Node) -> None:
-        if not isinstance(node.args[1], Node) and isinstance(node.args[0], Node):
-            super().dead(ctx, node)
-
-
 def _aligned(rank: int, operand_rank: int, d: int) -> int | None:
     """The operand dimension broadcast against output dimension ``d``, if it has one."""
     k = d - (rank - operand_rank)
     return k if k >= 0 else None
 
 
-class Binary(OpRule):
-    """``out = a (op) b`` with broadcasting.
-
-    ``kind`` says when an output slice is exactly zero: ``"add"`` (add, sub: both operands zero),
-    ``"mul"`` (either operand zero) or ``"div"`` (the numerator zero).
+class Pointwise(OpRule):
+    """An op whose output at each position depends only on its tensor operands at that
+    (broadcast) position. Dims couple as in broadcasting; a slice is zero where every tensor
+    operand is zero there and the op maps zeros to zero (:func:`keeps_zero`: ``leaky_relu(x, 0.2)``
+    does, ``softplus`` or ``add(x, 1)`` do not); a slice no consumer reads is dead in every operand.
     """
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-
     def _operands(self, node: Node) -> list:
-        return list(node.args[:2])
+        flat, _ = tree_flatten((node.args, node.kwargs))
+        return [a for a in flat if isinstance(a, Node) and isinstance(a.meta.get("val"), torch.Tensor)]
 
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
         shape = ctx.shape(node)
@@ -176,24 +118,19 @@ class Binary(OpRule):
 
     def zero(self, ctx: Context, node: Node) -> list[Masks]:
         shape = ctx.shape(node)
-        a, b = (self._operand_zero(ctx, arg, shape) for arg in self._operands(node))
-        combine = {"add": np.logical_and, "mul": np.logical_or, "div": lambda x, _: x}[self.kind]
-        return [[None if x is None else combine(x, y) for x, y in zip(a, b, strict=False)]]
+        if not keeps_zero(node):
+            return [ctx.no_facts(shape)]
+        result = full(shape, True)
+        for arg in self._operands(node):
+            zeros = self._operand_zero(ctx, arg, shape)
+            result = [None if r is None else r & z for r, z in zip(result, zeros, strict=True)]
+        return [result]
 
     def dead(self, ctx: Context, node: Node) -> None:
         shape = ctx.shape(node)
-        out_dead = ctx.dead_of(node)
-        operands = self._operands(node)
-        zeros = [self._operand_zero(ctx, arg, shape) for arg in operands]
-        for i, arg in enumerate(operands):
-            if not isinstance(arg, Node):
-                continue
-            ignored = out_dead
-            if self.kind == "mul" or (self.kind == "div" and i == 1 and _positive(arg)):
-                # a slice multiplied by zero does not matter, nor a (positive) divisor of zero
-                other = zeros[1 - i]
-                ignored = [None if o is None else o | z for o, z in zip(out_dead, other, strict=False)]
-            ctx.mark_dead(arg, self._to_operand(ctx.shape(arg), shape, ignored))
+        for arg in self._operands(node):
+            if isinstance(arg, Node):
+                ctx.mark_dead(arg, self._to_operand(ctx.shape(arg), shape, ctx.dead_of(node)))
 
     @staticmethod
     def _to_operand(arg_shape: list[int | None], shape: list[int | None], ignored: Masks) -> Masks:
@@ -210,6 +147,117 @@ class Binary(OpRule):
             else:
                 result.append(np.full(size, bool(m.all())))
         return result
+
+
+class Binary(Pointwise):
+    """``a * b`` (``kind="mul"``: a slice is zero where either operand is, and a slice of one
+    operand is ignored where the other is zero) or ``a / b`` (``"div"``: zero where the numerator
+    is; a provably positive divisor is ignored where the numerator is zero)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def _operands(self, node: Node) -> list:
+        return list(node.args[:2])
+
+    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+        shape = ctx.shape(node)
+        a, b = (self._operand_zero(ctx, arg, shape) for arg in self._operands(node))
+        combine = np.logical_or if self.kind == "mul" else (lambda x, _: x)
+        return [[None if x is None else combine(x, y) for x, y in zip(a, b, strict=False)]]
+
+    def dead(self, ctx: Context, node: Node) -> None:
+        shape = ctx.shape(node)
+        out_dead = ctx.dead_of(node)
+        operands = self._operands(node)
+        zeros = [self._operand_zero(ctx, arg, shape) for arg in operands]
+        for i, arg in enumerate(operands):
+            if not isinstance(arg, Node):
+                continue
+            ignored = out_dead
+            if self.kind == "mul" or (i == 1 and _positive(arg)):
+                # a slice multiplied by zero does not matter, nor a (positive) divisor of zero
+                other = zeros[1 - i]
+                ignored = [None if o is None else o | z for o, z in zip(out_dead, other, strict=False)]
+            ctx.mark_dead(arg, self._to_operand(ctx.shape(arg), shape, ignored))
+
+
+def keeps_zero(node: Node) -> bool:
+    """Whether the op maps zeros to zeros with this node's other arguments: it is run on zero
+    tensors (one element per dim, the operands' dtypes) in place of its tensor operands. An
+    argument that is not known before the model runs (a symbolic size) or an op that fails on
+    the probe counts as not keeping zero."""
+    def zeros(arg):
+        if not isinstance(arg, Node):
+            return arg
+        value = arg.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"argument {arg.name} is not known before the model runs")
+        return torch.zeros([1] * value.dim(), dtype=value.dtype)
+
+    try:
+        out = node.target(*tree_map(zeros, node.args), **tree_map(zeros, node.kwargs))
+    except Exception:  # noqa: BLE001 - a probe that fails proves nothing: no zero facts
+        return False
+    return isinstance(out, torch.Tensor) and bool((out == 0).all())
+
+
+@functools.cache
+def is_pointwise(op: torch._ops.OpOverload) -> bool:
+    """Whether ``op`` is pointwise, from ATen's own knowledge: the ``pointwise`` tag, else (the
+    tags are incomplete: ``leaky_relu``, ``hardswish`` lack it) the in-place op's functional
+    counterpart (``hardswish_`` -> ``hardswish``), else its decomposition in ``torch._decomp``
+    when every op that traces to is tagged pointwise. Random ops never are."""
+    if torch.Tag.nondeterministic_seeded in op.tags:
+        return False
+    if torch.Tag.pointwise in op.tags:
+        return True
+    functional = _functional(op)
+    if functional is not None:
+        return is_pointwise(functional)
+    return op in decomposition_table and _decomposes_to_pointwise(op)
+
+
+def _functional(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """``aten.relu_.default`` -> ``aten.relu.default`` (ATen names in-place ops with a ``_``)."""
+    name = op.overloadpacket.__name__
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(getattr(torch.ops, op.namespace), name[:-1], None)
+    return getattr(packet, op._overloadname, None) if packet is not None else None
+
+
+def _decomposes_to_pointwise(op: torch._ops.OpOverload) -> bool:
+    """Trace ``op``'s decomposition on one-element float tensors (schema defaults for the other
+    arguments) and check every op it runs is tagged pointwise (directly or as in-place)."""
+    args = []
+    for arg in op._schema.arguments:
+        if arg.kwarg_only:
+            continue
+        if isinstance(arg.type, torch.TensorType):
+            args.append(torch.zeros(1))
+        elif arg.has_default_value():
+            args.append(arg.default_value)
+        else:
+            return False
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+    def run(*values):
+        filled = list(args)
+        for i, v in zip(tensors, values, strict=True):
+            filled[i] = v
+        return decomposition_table[op](*filled)
+
+    try:
+        graph = make_fx(run)(*[args[i] for i in tensors]).graph
+    except Exception:  # noqa: BLE001 - a decomposition that does not trace proves nothing
+        return False
+    ops = [n.target for n in graph.nodes if n.op == "call_function"]
+    return bool(ops) and all(
+        isinstance(t, torch._ops.OpOverload) and t is not op
+        and (torch.Tag.pointwise in t.tags or ((f := _functional(t)) is not None and torch.Tag.pointwise in f.tags))
+        for t in ops
+    )
 
 
 # Ops whose every output value is one of their first input's values.
@@ -230,21 +278,12 @@ def _positive(node: Node) -> bool:
 
 aten = torch.ops.aten
 
+POINTWISE = Pointwise()
+
 RULES: dict[object, OpRule] = {
-    **{
-        op: Unary(keeps_zero=True)
-        for op in (
-            aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.tanh, aten.hardtanh,
-            aten.hardtanh_, aten.hardswish, aten.hardswish_, aten.leaky_relu, aten.elu, aten.neg,
-            aten.dropout, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
-            aten.type_as, aten.abs, aten.relu6, aten.sin,
-        )
-    },
-    **{op: Unary(keeps_zero=False) for op in (aten.sigmoid, aten.hardsigmoid, aten.exp, aten.cos, aten.rsqrt)},
-    aten.pow: Power(),
+    **{op: Copy() for op in (aten.dropout, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
+                             aten.type_as)},
     aten.zero_: Zeroed(),
-    **{op: Clamp() for op in (aten.clamp, aten.clamp_min, aten.clamp_max)},
-    **{op: Binary("add") for op in (aten.add, aten.add_, aten.sub, aten.sub_)},
     **{op: Binary("mul") for op in (aten.mul, aten.mul_)},
     aten.div: Binary("div"),
 }

@@ -1,8 +1,8 @@
-"""Ops that place channel sets side by side, pool or reduce them.
+"""Ops that place channel sets side by side or pool them.
 
-``cat`` places channel sets side by side; pooling keeps channels and makes new spatial positions;
-reductions over a dimension pin it, since removing an element would change a mean or a max.
-Views and reshapes, which merge and split dimensions, are in ``reshape``.
+``cat`` places channel sets side by side; pooling keeps channels and makes new spatial positions.
+Views and reshapes, which merge and split dimensions, are in ``reshape``; reductions in
+``reductions``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch.fx import Node
 
 from ..context import Context, Dims, Masks, describe, mask
-from .base import OpRule, argument, copy_masks, normalize_dim
+from .base import OpRule, copy_masks, normalize_dim
 
 
 class Getitem(OpRule):
@@ -105,64 +105,6 @@ class Pool(OpRule):
         ctx.mark_dead(node.args[0], [*copy_masks(out_dead[:keep]), *(mask(s, False) for s in shape[keep:])])
 
 
-class Reduce(OpRule):
-    """``mean``/``sum``/``amax`` over some dims: the reduced dims are pinned (removing an element
-    would change a mean or a max), the others pass through."""
-
-    def _reduced(self, ctx: Context, node: Node) -> tuple[list[int], bool]:
-        rank = len(ctx.shape(node.args[0]))
-        dims = argument(node, "dim")
-        if dims is None or dims == []:
-            dims = list(range(rank))
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        return sorted(normalize_dim(d, rank) for d in dims), bool(argument(node, "keepdim", False))
-
-    def _out_index(self, ctx: Context, node: Node) -> dict[int, int]:
-        """Input dim -> output dim for the dims that survive."""
-        reduced, keepdim = self._reduced(ctx, node)
-        kept = [d for d in range(len(ctx.shape(node.args[0]))) if keepdim or d not in reduced]
-        return {d: k for k, d in enumerate(kept) if d not in reduced}
-
-    def couple(self, ctx: Context, node: Node) -> list[Dims]:
-        dims = ctx.dims(node.args[0])
-        reason = f"reduced by {describe(node)}"
-        reduced, _ = self._reduced(ctx, node)
-        for d in reduced:
-            if dims[d] is not None:
-                ctx.table.pin(dims[d], reason)
-        index = self._out_index(ctx, node)
-        out: Dims = [ctx.fresh(s, reason) for s in ctx.shape(node)]
-        for d, k in index.items():
-            out[k] = dims[d]
-        return [out]
-
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
-        zeros = ctx.zeros(node.args[0])
-        out = ctx.no_facts(ctx.shape(node))
-        for d, k in self._out_index(ctx, node).items():
-            out[k] = None if zeros[d] is None else zeros[d].copy()
-        return [out]
-
-    def dead(self, ctx: Context, node: Node) -> None:
-        out_dead = ctx.dead_of(node)
-        masks = ctx.no_facts(ctx.shape(node.args[0]))
-        for d, k in self._out_index(ctx, node).items():
-            masks[d] = out_dead[k]
-        ctx.mark_dead(node.args[0], masks)
-
-
-class Norm(Reduce):
-    """``linalg_vector_norm(x, ord, dim)`` (``F.normalize``, Swin V2's cosine attention): a
-    reduction; a zero slice along a surviving dim has norm 0 for ``ord > 0`` (not for ``ord <= 0``,
-    where norms of zeros are counts or infinities)."""
-
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
-        order = argument(node, "ord", 2)
-        if isinstance(order, (int, float)) and order > 0:
-            return super().zero(ctx, node)
-        return [ctx.no_facts(ctx.shape(node))]
-
-
 aten = torch.ops.aten
 
 RULES: dict[object, OpRule] = {
@@ -171,6 +113,4 @@ RULES: dict[object, OpRule] = {
     **{op: Pool(spatial=1) for op in (aten.adaptive_avg_pool1d, aten.avg_pool1d, aten.max_pool1d)},
     **{op: Pool(spatial=2) for op in (aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.max_pool2d)},
     **{op: Pool(spatial=3) for op in (aten.adaptive_avg_pool3d, aten.avg_pool3d, aten.max_pool3d)},
-    **{op: Reduce() for op in (aten.mean, aten.sum, aten.amax)},
-    aten.linalg_vector_norm: Norm(),
 }
