@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--no-finetune", action="store_true",
                         help="skip fine-tuning after pruning (batch-norm statistics are still re-estimated)")
     export.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
+    export.add_argument("--data", help="an image folder (train/<class>/*.png|jpg, val/<class>/...) to fine-tune on "
+                        "and measure top-1 with (default: the model's built-in data, if any)")
+    export.add_argument("--no-distill", action="store_true",
+                        help="fine-tune on the labels alone (default: also distil from the dense model)")
+    export.add_argument("--batch-size", type=int, default=64, help="fine-tuning and evaluation batch (default 64)")
     export.add_argument("--sparse-onnx", action="store_true",
                         help="also write model.sparse.onnx, mostly-zero weights stored as sparse initializers "
                         "(a smaller file after unstructured pruning; ONNX Runtime densifies them at load)")
@@ -118,8 +123,8 @@ def _force_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="digits-resnet", help="digits-resnet (default), torchvision:<name> or path/to/file.py:factory")
-    parser.add_argument("--weights", help="a .safetensors state dict for the model")
+    parser.add_argument("--model", default="digits-resnet", help="digits-resnet (default), torchvision:<name>, timm:<name> or path/to/file.py:factory")
+    parser.add_argument("--weights", help="the model's state dict: .safetensors, or .pt/.pth read with torch.load(weights_only=True)")
     parser.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
 
 
@@ -140,6 +145,9 @@ def _export(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         sparse_onnx=args.sparse_onnx,
         force=args.force,
+        data=args.data,
+        distill=not args.no_distill,
+        batch_size=args.batch_size,
     )
     console = Console(stderr=True)
     report = export_job.run(job, step=_progress(console))

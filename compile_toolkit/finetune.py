@@ -9,18 +9,23 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from .models import Dataset
 from .pruning.masks import Masks, apply_masks, mask_gradients
 from .pruning.sparsifier import Sparsifier
+from .tasks import Task, distillation_loss, model_inputs
 
 if TYPE_CHECKING:  # importing compile_toolkit.training here would import this module back
     from .training.progress import StepProgress
 
+TrainData = Dataset | torch.utils.data.Dataset
+CLASSIFY = Task("classify")
+
 
 def finetune(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: TrainData,
     masks: Masks,
     epochs: int = 5,
     lr: float = 5e-3,
@@ -30,36 +35,44 @@ def finetune(
     sparsifier: Sparsifier | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     progress: StepProgress | None = None,
+    task: Task = CLASSIFY,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.5,
+    temperature: float = 2.0,
+    workers: int = 0,
 ) -> list[float]:
     """Train on the training split (Adam, cosine-decayed learning rate); pruned weights get no gradient and are
-    re-zeroed after every step, so the zero pattern strip relies on survives. Returns the mean loss of each epoch.
+    re-zeroed after every step, so the zero pattern strip relies on survives. Returns the mean task loss of each
+    epoch.
 
+    ``dataset`` is the digits set (its training split) or any map-style data set of the ``task``'s batches
+    (image folders, tokenized text), read in a seeded order. ``teacher`` (the dense model, eval mode) adds
+    knowledge distillation: the loss becomes ``(1 - w) * task + w * KD`` with ``w = distill_weight``; the
+    embed task has no labels and trains against the teacher alone.
     ``sparsifier``: its masks are held too, and ``sparsifier.update(step)`` runs before every step (steps count
     from 0), so a gradual schedule prunes while the network recovers. ``penalty()`` is added to
     the loss (group lasso, batch-norm L1) to push whole structures towards zero before they are pruned.
     ``progress`` is told after every step, so a long fine-tuning shows that it moves."""
-    generator = torch.Generator().manual_seed(seed)
+    loader = training_loader(dataset, batch_size, seed, workers)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * steps_per_epoch(dataset, batch_size)
+    steps = epochs * len(loader)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
-    loss_fn = nn.CrossEntropyLoss()
-    x, y = dataset.x_train, dataset.y_train
+    if teacher is not None:
+        teacher.eval()
     losses = []
     step = 0
     model.train()
     try:
         for _ in range(epochs):
-            order = torch.randperm(len(x), generator=generator)
-            total = 0.0
-            for start in range(0, len(x), batch_size):
+            total, seen = 0.0, 0
+            for batch in loader:
                 tick = time.perf_counter()
-                batch = order[start : start + batch_size]
                 if sparsifier is not None:
                     sparsifier.update(step)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x[batch]), y[batch])
-                value = loss.item()
-                total += value * len(batch)
+                loss, value = _loss(model, batch, task, teacher, distill_weight, temperature)
+                size = _batch_size(batch)
+                total, seen = total + value * size, seen + size
                 if penalty is not None:
                     loss = loss + penalty()
                 loss.backward()
@@ -69,15 +82,49 @@ def finetune(
                 _hold(model, masks, sparsifier, apply_masks)
                 step += 1
                 if progress is not None:
-                    progress(step, steps, value, len(batch) / max(time.perf_counter() - tick, 1e-9))
-            losses.append(total / len(x))
+                    progress(step, steps, value, size / max(time.perf_counter() - tick, 1e-9))
+            losses.append(total / max(seen, 1))
     finally:
         model.eval()
     return losses
 
 
-def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
-    return -(-len(dataset.x_train) // batch_size)
+def training_loader(dataset: TrainData, batch_size: int, seed: int = 0, workers: int = 0) -> DataLoader:
+    """Batches of the training split in a seeded random order (a fresh permutation per epoch),
+    drawn from their own generator so the global RNG (dropout) is left as it was."""
+    if isinstance(dataset, Dataset):
+        dataset = TensorDataset(dataset.x_train, dataset.y_train)
+    order = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=order),
+                      num_workers=workers, generator=torch.Generator().manual_seed(seed))
+
+
+def steps_per_epoch(dataset: TrainData, batch_size: int) -> int:
+    samples = len(dataset.x_train) if isinstance(dataset, Dataset) else len(dataset)
+    return -(-samples // batch_size)
+
+
+def _batch_size(batch: object) -> int:
+    args, kwargs = model_inputs(batch)
+    return len(args[0] if args else next(iter(kwargs.values())))
+
+
+def _loss(model: nn.Module, batch: object, task: Task, teacher: nn.Module | None, weight: float,
+          temperature: float) -> tuple[torch.Tensor, float]:
+    """The training loss and the task loss's value (what the epoch mean reports)."""
+    args, kwargs = model_inputs(batch)
+    outputs = model(*args, **kwargs)
+    if teacher is None:
+        loss = task.loss(outputs, batch)
+        return loss, loss.item()
+    with torch.no_grad():
+        reference = teacher(*args, **kwargs)
+    if task.name == "embed":
+        loss = task.loss(outputs, batch, reference)
+        return loss, loss.item()
+    task_loss = task.loss(outputs, batch)
+    loss = (1 - weight) * task_loss + weight * distillation_loss(outputs, reference, temperature)
+    return loss, task_loss.item()
 
 
 def _hold(

@@ -17,7 +17,7 @@ from torch import nn
 
 from .fileio import save_safetensors
 from .models import load_model
-from .models.registry import DEFAULT_SPEC, fit_state_dict, read_safetensors
+from .models.registry import DEFAULT_SPEC, fit_state_dict, read_weights
 from .outdir import check_replaceable, staged_folder
 from .pruning import apply_masks, apply_recipe, load_recipe, save_masks
 from .pruning.iterative import combine_masks
@@ -75,7 +75,7 @@ def run(job: PruneJob) -> dict[str, Any]:
 def _load_weights(module: nn.Module, path: str, notes: list[str]) -> Masks:
     """Load a safetensors state dict, folding ``torch.nn.utils.prune`` pairs; return their masks.
     The folded weights are checked like any others (keys, shapes, NaN/Inf, dtype notes)."""
-    folded, masks = fold_pruned_state_dict(read_safetensors(path))
+    folded, masks = fold_pruned_state_dict(read_weights(path))
     state, converted = fit_state_dict(module, folded, path, f"--weights {path}")
     module.load_state_dict(state, strict=True)
     notes += converted

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import eval_mode
 from .errors import CtkError
 
 TASKS = ("classify", "causal-lm", "embed")
@@ -98,17 +99,12 @@ class Task:
         """The metric over ``batches`` (eval mode, no gradients): ``{metric: value, "loss": ...}``
         plus ``top5`` for classification with more than five classes."""
         meter = _Meter()
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    args, kwargs = model_inputs(batch)
-                    outputs = model(*args, **kwargs)
-                    dense = reference(*args, **kwargs) if reference is not None and self.name == "embed" else None
-                    self._accumulate(meter, outputs, batch, dense)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), eval_mode(reference or nn.Identity()), torch.no_grad():
+            for batch in batches:
+                args, kwargs = model_inputs(batch)
+                outputs = model(*args, **kwargs)
+                dense = reference(*args, **kwargs) if reference is not None and self.name == "embed" else None
+                self._accumulate(meter, outputs, batch, dense)
         return meter.result(self)
 
     def _accumulate(self, meter: _Meter, outputs: Any, batch: Batch, dense: Any) -> None:

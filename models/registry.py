@@ -33,7 +33,7 @@ DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 DIGITS_EXAMPLE_BATCH = 8
 INPUT_SEED = 0
 INIT_SEED = 0
-VALID_SPECS = "'digits-resnet', 'torchvision:<name>' or 'path/to/file.py:factory'"
+VALID_SPECS = "'digits-resnet', 'torchvision:<name>', 'timm:<name>' or 'path/to/file.py:factory'"
 # Example inputs are a few samples; a shape beyond this is a typo, and allocating it would exhaust
 # memory (or get the process killed) before any error could be shown.
 MAX_INPUT_BYTES = 4 << 30
@@ -57,18 +57,22 @@ def load_model(
     spec: str = DEFAULT_SPEC,
     weights: str | Path | None = None,
     input_shape: tuple[int, ...] | str | None = None,
+    num_classes: int | None = None,
 ) -> LoadedModel:
     """Build the model named by ``spec``, optionally load safetensors ``weights``, check it runs.
 
     ``input_shape`` (a tuple, or text for :func:`parse_input_shape`) overrides the example input
-    shape; ``file.py:factory`` specs require it.
+    shape; ``file.py:factory`` specs require it. ``num_classes`` sizes the classifier of a
+    ``torchvision:``/``timm:`` architecture for the user's data (their default is ImageNet's 1000).
     """
     if input_shape is not None:
         input_shape = _check_shape(input_shape)
     if spec == DEFAULT_SPEC:
         loaded = _load_digits_resnet(weights is None, input_shape)
     elif spec.startswith("torchvision:"):
-        loaded = _load_torchvision(spec, input_shape or DEFAULT_IMAGE_SHAPE)
+        loaded = _load_torchvision(spec, input_shape or DEFAULT_IMAGE_SHAPE, num_classes)
+    elif spec.startswith("timm:"):
+        loaded = _load_timm(spec, input_shape, num_classes)
     elif _is_file_spec(spec):
         loaded = _load_factory(spec, input_shape)
     else:
@@ -95,9 +99,40 @@ def load_safetensors_weights(module: nn.Module, path: str | Path, source: str | 
     """Load a safetensors state dict into ``module`` (see :func:`fit_state_dict`); returns the
     notes on what was converted, naming ``source`` (default: the path)."""
     path = Path(path)
-    state, notes = fit_state_dict(module, read_safetensors(path), path, source or str(path))
+    state, notes = fit_state_dict(module, read_weights(path), path, source or str(path))
     module.load_state_dict(state, strict=True)
     return notes
+
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+_WRAPPERS = ("state_dict", "model", "module")  # keys that training scripts nest a state dict under
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or, for ``.pt``/``.pth``/``.bin`` files, ``torch.load`` with
+    ``weights_only=True`` (tensors and plain containers only: no code runs). Published layouts are
+    taken as they come: a state dict, or one nested under ``state_dict``/``model``, with DDP's
+    ``module.`` prefix dropped."""
+    path = Path(path)
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return read_safetensors(path)
+    if not path.is_file():
+        raise CtkError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for code or unknown types, RuntimeError/EOFError for bad files
+        raise CtkError(f"weights file {path} is not a plain PyTorch state dict (read with weights_only=True): "
+                       f"{summary(exc)}") from exc
+    while isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        nested = next((state[k] for k in _WRAPPERS if isinstance(state.get(k), dict)), None)
+        if nested is None:
+            break
+        state = nested
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CtkError(f"weights file {path} holds no state dict of tensors")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -181,7 +216,7 @@ def _load_digits_resnet(
     return LoadedModel(DEFAULT_SPEC, module, (example,), dataset)
 
 
-def _load_torchvision(spec: str, input_shape: tuple[int, ...]) -> LoadedModel:
+def _load_torchvision(spec: str, input_shape: tuple[int, ...], num_classes: int | None) -> LoadedModel:
     """A torchvision architecture with seeded random weights (nothing is downloaded)."""
     import torchvision
 
@@ -193,8 +228,31 @@ def _load_torchvision(spec: str, input_shape: tuple[int, ...]) -> LoadedModel:
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
-        module = torchvision.models.get_model(name, weights=None)
+        module = torchvision.models.get_model(name, weights=None, **_classes(num_classes))
     return LoadedModel(spec, module, (_random_input(input_shape),), None)
+
+
+def _load_timm(spec: str, input_shape: tuple[int, ...] | None, num_classes: int | None) -> LoadedModel:
+    """A timm architecture with seeded random weights (``pretrained=False``: nothing is downloaded;
+    published timm weights load with ``--weights``). The default input is the model's own size."""
+    import timm
+
+    name = spec.split(":", 1)[1]
+    if not timm.is_model(name):
+        raise CtkError(f"unknown timm model {name!r} in {spec!r}: see timm.list_models() for valid names")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        module = timm.create_model(name, pretrained=False, **_classes(num_classes))
+    shape = input_shape or (1, *module.pretrained_cfg.get("input_size", DEFAULT_IMAGE_SHAPE[1:]))
+    return LoadedModel(spec, module, (_random_input(tuple(shape)),), None)
+
+
+def _classes(num_classes: int | None) -> dict[str, int]:
+    if num_classes is None:
+        return {}
+    if num_classes < 2:
+        raise CtkError(f"a classifier needs at least 2 classes, got {num_classes}")
+    return {"num_classes": num_classes}
 
 
 def _is_file_spec(spec: str) -> bool:

@@ -217,3 +217,37 @@ def test_distillation_loss_is_zero_for_the_teacher_and_grows_with_the_gap():
     tokens = torch.randn(2, 7, 10)  # a language model's [batch, tokens, vocab]: averaged per token
     per_token = distillation_loss(tokens.flatten(0, 1), torch.zeros(14, 10)).item()
     assert distillation_loss(tokens, torch.zeros(2, 7, 10)).item() == pytest.approx(per_token, rel=1e-6)
+
+
+@pytest.mark.parametrize("model", ["timm:resnet18", "torchvision:resnet18"])
+def test_export_pruned_on_an_image_folder_reports_top1_everywhere(tmp_path, model):
+    """The user's own images: fine-tuned on train/, measured on val/ for the dense, pruned and
+    stripped models and for the ONNX file in ONNX Runtime (which must equal the stripped model)."""
+    from compile_toolkit.cli import main
+
+    root = write_image_folder(tmp_path / "digits", per_class=8)
+    out = tmp_path / "out"
+    status = main(["export", "--pruned", "--model", model, "--data", str(root), "--input-shape", "4,3,32,32",
+                   "--finetune-epochs", "2", "--batch-size", "8", "--formats", "onnx", "--out", str(out)])
+    assert status == 0
+    report = json.loads((out / "report.json").read_text())
+    metric = report["metric"]
+    assert metric["name"] == "top1" and metric["split"] == "validation"
+    assert all(0.0 <= metric[k] <= 1.0 for k in ("dense", "pruned", "stripped", "onnx"))
+    assert metric["stripped"] == metric["pruned"] == metric["onnx"]  # strip and ONNX are exact
+    assert report["pruning"]["distilled"] and len(report["pruning"]["finetune_losses"]) == 2
+    assert report["stripped"]["params"] < 0.5 * report["dense"]["params"]
+    assert report["strip"]["channels_removed"] > 0
+
+
+def test_export_with_a_bad_image_folder_writes_nothing(tmp_path, capsys):
+    from compile_toolkit.cli import main
+
+    root = write_image_folder(tmp_path / "digits")
+    (root / "val" / "digit1" / "0.png").write_bytes(b"garbage")
+    out = tmp_path / "out"
+    status = main(["export", "--model", "timm:resnet18", "--data", str(root), "--input-shape", "1,3,32,32",
+                   "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 1 and f"image file {root / 'val' / 'digit1' / '0.png'} cannot be read" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
