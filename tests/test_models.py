@@ -245,3 +245,25 @@ def test_weights_of_another_dtype_are_converted_with_a_note(tmp_path: Path, caps
     half_model = DigitsResNet().half()
     with pytest.raises(CtkError, match=r"tensor 'fc1\.bias' has 1 NaN or Inf value\(s\) of 64 once converted to float16"):
         fit_state_dict(half_model, big, "big.safetensors", "--weights big.safetensors")
+
+
+def test_pytorch_state_dict_files_load_with_weights_only(tmp_path: Path) -> None:
+    """``.pt``/``.pth`` as published (plain, nested under ``state_dict``, DDP's ``module.``
+    prefix) load; a pickle that would run code is refused unrun."""
+    import collections
+
+    source = load_model("timm:resnet18", input_shape=(1, 3, 32, 32), num_classes=3).module
+    with torch.no_grad():
+        source.fc.bias.fill_(0.25)
+    state = source.state_dict()
+    layouts = {"plain.pth": state, "nested.pt": {"state_dict": state, "epoch": 3},
+               "ddp.pth": collections.OrderedDict((f"module.{k}", v) for k, v in state.items())}
+    for name, content in layouts.items():
+        torch.save(content, tmp_path / name)
+        loaded = load_model("timm:resnet18", tmp_path / name, (1, 3, 32, 32), num_classes=3)
+        assert torch.equal(loaded.module.fc.bias, torch.full((3,), 0.25)), name
+    torch.save({"weights": state, "model": torch.nn.Linear(2, 2)}, tmp_path / "evil.pt")  # unpickling runs class code
+    with pytest.raises(CtkError, match=r"evil\.pt is not a plain PyTorch state dict \(read with weights_only=True\)"):
+        load_model("timm:resnet18", tmp_path / "evil.pt", (1, 3, 32, 32), num_classes=3)
+    with pytest.raises(CtkError, match="unknown timm model 'resnet_9000'"):
+        load_model("timm:resnet_9000")
