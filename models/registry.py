@@ -78,7 +78,7 @@ def load_model(
     else:
         raise CtkError(f"unknown model {spec!r}: use {VALID_SPECS}")
     if weights is not None:
-        loaded.notes += load_safetensors_weights(loaded.module, weights, f"--weights {weights}")
+        loaded.notes += load_safetensors_weights(loaded.module, weights, f"--weights {weights}", num_classes)
     loaded.module.eval()
     _check_forward(loaded)
     return loaded
@@ -95,13 +95,36 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
-def load_safetensors_weights(module: nn.Module, path: str | Path, source: str | None = None) -> list[str]:
-    """Load a safetensors state dict into ``module`` (see :func:`fit_state_dict`); returns the
-    notes on what was converted, naming ``source`` (default: the path)."""
+def load_safetensors_weights(module: nn.Module, path: str | Path, source: str | None = None,
+                             num_classes: int | None = None) -> list[str]:
+    """Load a state dict file into ``module`` (see :func:`fit_state_dict`); returns the notes on
+    what was converted, naming ``source`` (default: the path). With ``num_classes`` (the user's
+    data), a classifier published for another number of classes keeps the model's fresh one."""
     path = Path(path)
-    state, notes = fit_state_dict(module, read_weights(path), path, source or str(path))
+    source = source or str(path)
+    state, notes = read_weights(path), []
+    if num_classes is not None:
+        state, notes = _keep_own_classifier(module, state, num_classes, source)
+    state, converted = fit_state_dict(module, state, path, source)
     module.load_state_dict(state, strict=True)
-    return notes
+    return notes + converted
+
+
+def _keep_own_classifier(module: nn.Module, state: dict[str, torch.Tensor], num_classes: int,
+                         source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Fine-tuning ImageNet weights on three classes: the published 1000-way classifier cannot
+    load, every other weight can. Tensors of one layer whose first dim is ``num_classes`` in the
+    model and another size in the file (and otherwise the same shape) keep the model's values."""
+    own = module.state_dict()
+    swapped = [k for k, v in state.items() if k in own and own[k].shape != v.shape and own[k].shape[0] == num_classes
+               and v.dim() == own[k].dim() and v.shape[1:] == own[k].shape[1:]]
+    layers = {k.rpartition(".")[0] for k in swapped}
+    if len(layers) != 1:
+        return state, []
+    published = state[swapped[0]].shape[0]
+    state = {**state, **{k: own[k] for k in swapped}}
+    return state, [f"classifier {layers.pop()} newly initialised for {num_classes} classes "
+                   f"({source} has {published})"]
 
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")

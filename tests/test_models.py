@@ -19,7 +19,7 @@ from compile_toolkit.models import (
     load_model,
     parse_input_shape,
 )
-from compile_toolkit.models.registry import fit_state_dict
+from compile_toolkit.models.registry import fit_state_dict, load_safetensors_weights
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
@@ -267,3 +267,20 @@ def test_pytorch_state_dict_files_load_with_weights_only(tmp_path: Path) -> None
         load_model("timm:resnet18", tmp_path / "evil.pt", (1, 3, 32, 32), num_classes=3)
     with pytest.raises(CtkError, match="unknown timm model 'resnet_9000'"):
         load_model("timm:resnet_9000")
+
+
+def test_published_imagenet_weights_fine_tune_on_fewer_classes(tmp_path: Path) -> None:
+    """Every weight but the 1000-way classifier loads; the classifier is the model's own, noted."""
+    from safetensors.torch import save_file
+
+    imagenet = load_model("timm:resnet18", input_shape=(1, 3, 32, 32)).module
+    with torch.no_grad():
+        imagenet.conv1.weight.mul_(2.0)
+    save_file(imagenet.state_dict(), str(tmp_path / "imagenet.safetensors"))
+    loaded = load_model("timm:resnet18", tmp_path / "imagenet.safetensors", (1, 3, 32, 32), num_classes=3)
+    assert torch.equal(loaded.module.conv1.weight, imagenet.conv1.weight)
+    assert loaded.module.fc.weight.shape == (3, 512)
+    assert loaded.notes == [f"classifier fc newly initialised for 3 classes (--weights {tmp_path / 'imagenet.safetensors'} has 1000)"]
+    with pytest.raises(CtkError, match=r"'fc.weight' has shape \[1000, 512\], model expects \[3, 512\]"):
+        load_safetensors_weights(load_model("timm:resnet18", input_shape=(1, 3, 32, 32), num_classes=3).module,
+                                 tmp_path / "imagenet.safetensors")
