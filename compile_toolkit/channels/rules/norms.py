@@ -39,12 +39,16 @@ class BatchNorm(OpRule):
         return argument(node, "input"), params, input_stats
 
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
-        x, params, _ = self._params(node)
+        x, params, input_stats = self._params(node)
         dims = ctx.dims(x)
         reason = f"channels of {describe(node)}"
         for p in params:
             if isinstance(p, Node):
                 ctx.join(dims[1], ctx.dims(p)[0], reason)
+        if input_stats:  # statistics over every other dim: whatever they carry is read by all of it
+            for d, atoms in enumerate(dims):
+                if d != 1 and atoms is not None:
+                    ctx.table.pin(atoms, f"statistics of {describe(node)} are taken over dim {d}")
         outputs = [list(dims)]
         for shape in output_shapes(ctx, node)[1:]:  # statistics: [C], or empty when not computed
             outputs.append([dims[1]] if shape == [ctx.shape(x)[1]] else [ctx.fresh(s, reason) for s in shape])

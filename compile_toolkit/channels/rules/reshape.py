@@ -257,6 +257,20 @@ class Reshape(OpRule):
         node.args = tuple(args)
 
 
+class ReshapeAs(Reshape):
+    """``reshape_as(x, other)`` (timm's ``StdConv2d`` standardises a kernel as ``[1, out, -1]`` and
+    shapes it back with ``reshape_as(weight)``): a reshape to ``other``'s shape. Only ``other``'s
+    shape is read, so nothing of it is used; each output dim is joined with ``other``'s, so the
+    two lose the same channels and the target shape stays right after the strip."""
+
+    def couple(self, ctx: Context, node: Node) -> list[Dims]:
+        out = super().couple(ctx, node)[0]
+        reason = f"the shape {describe(node)} takes from {describe(node.args[1])}"
+        for atoms, target in zip(out, ctx.dims(node.args[1]), strict=True):
+            ctx.join(atoms, target, reason)
+        return [out]
+
+
 _PASS_THROUGH = {torch.ops.aten.contiguous, torch.ops.aten.clone, torch.ops.aten.alias}
 
 
@@ -320,5 +334,6 @@ RULES: dict[object, OpRule] = {
     aten.reshape: Reshape(size_arg=1),
     aten._unsafe_view: Reshape(size_arg=1),
     aten.unflatten: Reshape(size_arg=2),
+    aten.reshape_as: ReshapeAs(),
     **{op: Reshape() for op in (aten.flatten, aten.squeeze, aten.unsqueeze)},
 }
