@@ -78,7 +78,7 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
             done[SPARSE_ONNX] = export_sparse(done["onnx"], checks, out_dir)
             wanted.insert(wanted.index("onnx") + 1, SPARSE_ONNX)
         if config is not None:
-            done.update(export_int8(captured, checks, out_dir, wanted, config, calibration, metric))
+            done.update(export_int8(captured, out_dir, wanted, config, calibration, metric))
             for name, after in (("onnx-int8", SPARSE_ONNX if sparse_onnx else "onnx"), ("pt2-int8", "pt2")):
                 if name in done:
                     wanted.insert(wanted.index(after) + 1, name)

@@ -26,7 +26,8 @@ class QuantConfig:
     may fall from the float model; ``None`` measures and reports without a limit. When the drop
     is larger and ``mixed_precision`` is on, the layers that lose most are kept in float, at most
     ``max_float_fraction`` of them, until the drop is within the limit.
-    ``nodes_to_exclude``: ONNX node names that always stay in float.
+    ``nodes_to_exclude``: ONNX node names that always stay in float. ``pt2``: also quantize the
+    ``.pt2`` program by PT2E when ``pt2`` is among the exported formats.
     """
 
     dtype: str = "int8"
@@ -37,6 +38,7 @@ class QuantConfig:
     mixed_precision: bool = True
     max_float_fraction: float = 0.5
     nodes_to_exclude: tuple[str, ...] = ()
+    pt2: bool = True
 
     def validate(self) -> QuantConfig:
         """Return self, or raise CtkError naming the first bad field."""
