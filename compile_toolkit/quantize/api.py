@@ -22,7 +22,7 @@ from ..exporters.onnx_format import session
 from .calibration import check_batches, feeds
 from .config import QuantConfig, as_config
 from .evaluate import Metric, fidelity_metric
-from .onnx_int8 import NodeCount, compute_nodes, preprocess, quantize_onnx, resolve_method
+from .onnx_int8 import NodeCount, activation_matmuls, compute_nodes, preprocess, quantize_onnx, resolve_method
 
 SENSITIVITY_SHOWN = 10  # layers listed in the report, most sensitive first
 
@@ -32,7 +32,8 @@ class QuantResult:
     """What :func:`quantize` made and how it scored.
 
     ``metric_drop`` is float score minus int8 score, in the metric's points. ``kept_float`` are
-    the Conv/Gemm/MatMul nodes left in float (asked for, or chosen by sensitivity);
+    the Conv/Gemm/MatMul nodes left in float (asked for, chosen by sensitivity, or, in dynamic
+    int8, ``activation_matmuls``: MatMuls of two activations, which it cannot quantize);
     ``sensitivity`` maps the most sensitive nodes to the fidelity (100 x output cosine to
     float, on the calibration batches) gained by keeping that node alone in float.
     """
@@ -48,6 +49,7 @@ class QuantResult:
     compute_nodes: int
     quantized_nodes: list[str]
     kept_float: list[str]
+    activation_matmuls: list[str]
     qdq_nodes: int
     integer_nodes: int
     sensitivity: dict[str, float] = field(default_factory=dict)
@@ -74,6 +76,7 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
         pre = os.path.join(work, "pre.onnx")
         preprocess(float_onnx, pre)
         method = resolve_method(config, pre)
+        unquantizable = activation_matmuls(pre) if method == "dynamic" else []
         calibration_feeds = feeds([i.name for i in session(pre).get_inputs()], batches)
         cache = os.path.join(work, "calibration.json")
 
@@ -107,7 +110,8 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
         path=out_path, method=method, calibration_method=config.calibration_method if method == "static" else None,
         metric=metric.name, float_score=float_score, int8_score=score, metric_drop=drop,
         max_metric_drop=config.max_metric_drop, compute_nodes=len(count.quantized) + len(count.float_nodes),
-        quantized_nodes=count.quantized, kept_float=count.float_nodes, qdq_nodes=count.qdq,
+        quantized_nodes=count.quantized, kept_float=count.float_nodes,
+        activation_matmuls=unquantizable, qdq_nodes=count.qdq,
         integer_nodes=count.integer, sensitivity=dict(list(ranked.items())[:SENSITIVITY_SHOWN]))
 
 
