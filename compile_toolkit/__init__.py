@@ -4,13 +4,15 @@
 import compile_toolkit as ctk
 report = ctk.prune(model, example_inputs, sparsity=0.5, structure="channel", importance="l1")
 stripped = ctk.strip(model, example_inputs)   # verified, smaller, callable like the model
-ctk.export(stripped, "out/", formats=("torchscript", "pt2", "onnx", "stablehlo"))
+ctk.export(stripped, example_inputs, "out/", formats=("pt2", "onnx"),
+           quantize="int8", calibration=batches)   # + model.int8.onnx, model.int8.pt2
 ```
 """
 
 from .errors import CtkError, VerificationError
 from .exporters import export
 from .pruning import prune
+from .quantize import QuantConfig, quantize
 from .strip import strip
 
-__all__ = ["CtkError", "VerificationError", "export", "prune", "strip"]
+__all__ = ["CtkError", "QuantConfig", "VerificationError", "export", "prune", "quantize", "strip"]

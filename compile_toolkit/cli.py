@@ -90,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="also write model.sparse.onnx, mostly-zero weights stored as sparse initializers "
                         "(a smaller file after unstructured pruning; ONNX Runtime densifies them at load)")
     export.add_argument("--checkpoint", help="a `ctk train` checkpoint folder: its weights and masks replace pruning here")
+    export.add_argument("--quantize", choices=("int8",),
+                        help="also write model.int8.onnx (ONNX Runtime static QDQ int8, calibrated on the training "
+                        "split) and model.int8.pt2 (PT2E), and report test accuracy, size and latency against float")
+    export.add_argument("--calibration-method", default="minmax", choices=("minmax", "entropy", "percentile"),
+                        help="how activation ranges are chosen from the calibration batches (default minmax)")
+    export.add_argument("--max-metric-drop", type=float, default=1.0,
+                        help="points of test accuracy int8 may lose before layers are kept in float, then the job "
+                        "fails (default 1.0)")
     export.set_defaults(command=_export)
 
     strip = commands.add_parser(
@@ -148,6 +156,9 @@ def _export(args: argparse.Namespace) -> int:
         data=args.data,
         distill=not args.no_distill,
         batch_size=args.batch_size,
+        quantize=args.quantize,
+        calibration_method=args.calibration_method,
+        max_metric_drop=args.max_metric_drop,
     )
     console = Console(stderr=True)
     report = export_job.run(job, step=_progress(console))

@@ -26,6 +26,8 @@ from .pruning import apply_masks, prune
 from .pruning.masks import check_masks
 from .pruning.recalibrate import recalibrate_batchnorm
 from .pruning.structured import check_sparsity
+from .quantize import QuantConfig
+from .quantize import job as quantize_job
 from .report import write_reports
 from .strip import strip
 from .training.checkpoint import Checkpoint, load_checkpoint
@@ -56,6 +58,9 @@ class ExportJob:
     distill: bool = True
     batch_size: int = 64
     latency_rounds: int = 60
+    quantize: str | None = None  # "int8": also model.int8.onnx (+ model.int8.pt2), judged on the test split
+    calibration_method: str = "minmax"
+    max_metric_drop: float = 1.0  # points of test accuracy the int8 stripped model may lose
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -76,6 +81,14 @@ class ExportJob:
             raise CtkError(f"finetune epochs must be >= 0, got {self.finetune_epochs}")
         if self.checkpoint is not None and self.weights is not None:
             raise CtkError("--checkpoint brings its own weights: drop --weights")
+        self.quant_config()
+
+    def quant_config(self) -> QuantConfig | None:
+        """The --quantize options as a checked QuantConfig (None without --quantize)."""
+        if self.quantize is None:
+            return None
+        return QuantConfig(dtype=self.quantize, calibration_method=self.calibration_method,
+                           max_metric_drop=self.max_metric_drop).validate()
 
 
 def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
@@ -87,6 +100,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         with timed("load model"):
             loaded, work = load_workload(job.model, job.data, job.weights, job.input_shape, job.batch_size)
         dense = copy.deepcopy(loaded.module).eval()
+        int8, dense_int8 = quantize_job.export_options(loaded, job.quant_config()) if job.quantize else ({}, {})
         report: dict[str, Any] = {"model": loaded.name, "sparsity": job.sparsity if job.pruned else 0.0,
                                   "notes": list(loaded.notes)}
         with timed("measure dense model"):
@@ -105,14 +119,18 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         formats = tuple(dict.fromkeys((*job.formats, "onnx")))  # ONNX always: latency is measured in ORT
         with timed(f"export and verify {', '.join(formats)}"):
             artifacts = export(stripped, loaded.example_inputs, str(staging), formats, reference=loaded.module,
-                               sparse_onnx=job.sparse_onnx)
+                               sparse_onnx=job.sparse_onnx, **int8)
         with timed("export dense model for comparison"):
-            dense_artifacts = export(dense, loaded.example_inputs, str(staging / "dense"), DENSE_FORMATS)
+            dense_artifacts = export(dense, loaded.example_inputs, str(staging / "dense"), DENSE_FORMATS, **dense_int8)
         with timed("ONNX Runtime latency, dense vs stripped"):
             _latency(report, staging, loaded, job.latency_rounds)
         if work is not None:
             with timed(f"measure {work.task.metric} of the ONNX artifact in ONNX Runtime"):
                 report["metric"] = _metric_summary(report, work, next(a for a in artifacts if a.format == "onnx"))
+        if job.quantize:
+            with timed("int8: test accuracy, sizes, latency at batch 1 and 8"):
+                report["quantization"] = quantize_job.section(artifacts, dense_artifacts, staging, loaded,
+                                                              max(2, job.latency_rounds // 4))
         report["artifacts"] = [_relative(a.to_dict(), staging) for a in artifacts]
         report.update(_sparse_onnx_ratio(artifacts))
         report["dense"]["artifacts"] = [_relative(a.to_dict(), staging) for a in dense_artifacts]

@@ -122,3 +122,25 @@ def _time_runs(session: onnxruntime.InferenceSession, feed: dict[str, object],
         session.run(None, feed)
         times.append((time.perf_counter() - start) * 1000.0)
     return times
+
+
+def compare_latency_many(onnx_paths: dict[str, str], inputs: Inputs, rounds: int = 20,
+                         threads: int | None = None, warmup: int = 10,
+                         iters: int = 10) -> dict[str, dict[str, float]]:
+    """:func:`compare_latency_ms` for more than two models: ``{name: {"ms", "speedup"}}``, where
+    ``speedup`` is the median over rounds of (first model's time / this model's time) within the
+    round. The order is reversed every other round (A B C, C B A, ...) so that the position bias
+    of this kind of machine cancels."""
+    sessions = {name: _session(path, inputs, threads) for name, path in onnx_paths.items()}
+    for _ in range(warmup):
+        for session, feed in sessions.values():
+            session.run(None, feed)
+    names = list(sessions)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            times[name].append(statistics.median(_time_runs(*sessions[name], iters)))
+    base = times[names[0]]
+    return {name: {"ms": statistics.median(ts),
+                   "speedup": statistics.median([b / t for b, t in zip(base, ts, strict=True)])}
+            for name, ts in times.items()}

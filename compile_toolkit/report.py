@@ -67,6 +67,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Artifacts", "", "| format | path | size | max abs error | runtime |", "|---|---|---:|---:|---|"]
     for a in report["artifacts"]:
         lines.append(f"| {a['format']} | `{a['path']}` | {_bytes(a['size_bytes'])} | {a['max_abs_error']:.2e} | {a['runtime']} |")
+    lines += _quantization_lines(report.get("quantization"))
     strip = report["strip"]
     lines += ["", "## Strip", "", f"Channels removed: {strip['channels_removed']}; max relative error {strip['max_relative_error']:.2e}.", ""]
     lines += ["| group (first carrier) | channels | kept | kept because |", "|---|---:|---:|---|"]
@@ -75,6 +76,30 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Seconds per step", ""]
     lines += [f"- {name}: {seconds:.2f}" for name, seconds in report.get("seconds", {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def _quantization_lines(section: dict[str, Any] | None) -> list[str]:
+    """The int8 table of ``--quantize``: accuracy, size, latency and deviation per model."""
+    if not section:
+        return []
+    onnx = section["onnx"]
+    kept = ", ".join(f"`{n}`" for n in onnx["kept_float"]) or "none"
+    lines = ["", "## int8", "",
+             f"ONNX: {onnx['method']} int8 ({onnx['calibration_method'] or 'no calibration'}), "
+             f"{len(onnx['quantized_nodes'])} of {onnx['compute_nodes']} Conv/Gemm/MatMul nodes quantized, "
+             f"{onnx['qdq_nodes']} Q/DQ nodes; kept in float: {kept}. {onnx['metric']} drop "
+             f"{onnx['metric_drop']:.2f} points (limit {onnx['max_metric_drop']}). Speedups against float stripped.",
+             "", "| model | test accuracy | size | latency b1 | speedup b1 | latency b8 | speedup b8 | max / mean abs dev |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in section["models"].items():
+        lines.append(f"| {name} | {m['accuracy']:.2%} | {_bytes(m['size_bytes'])} | {m['latency_ms_batch1']:.3f} ms | "
+                     f"{m['speedup_batch1']:.2f}x | {m['latency_ms_batch8']:.3f} ms | {m['speedup_batch8']:.2f}x | "
+                     f"{m['max_abs_deviation']:.3g} / {m['mean_abs_deviation']:.3g} |")
+    pt2 = section["pt2"]
+    lines += ["", f"pt2: {pt2}" if isinstance(pt2, str) else
+              f"pt2 (PT2E, {pt2['quantizer']}): {pt2['quantized_layers']} of {pt2['layers']} conv2d/linear "
+              f"nodes quantized, {pt2['quantize_nodes']} quantize nodes."]
+    return lines
 
 
 def _ratio(before: float, after: float) -> str:

@@ -16,6 +16,7 @@ class Artifact:
     ``static_batch`` is ``None`` when the artifact accepts any batch size, otherwise the only batch
     size it runs at. ``seconds`` is the wall time to write and verify it (for StableHLO: from
     starting its worker process, which runs alongside the capture and the other formats).
+    ``details``: what a transforming export did (int8: the quantizer's node counts and metric).
     """
 
     format: str
@@ -25,10 +26,14 @@ class Artifact:
     runtime: str
     static_batch: int | None = None
     seconds: float = 0.0
+    details: dict[str, object] | None = None
 
     def to_dict(self) -> dict[str, object]:
-        """Plain JSON-ready values, for the manifest."""
-        return dataclasses.asdict(self)
+        """Plain JSON-ready values, for the manifest (``details`` only where there are some)."""
+        entry = dataclasses.asdict(self)
+        if entry["details"] is None:
+            del entry["details"]
+        return entry
 
 
 def size_on_disk(path: str) -> int:

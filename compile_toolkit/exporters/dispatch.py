@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 
 import torch
@@ -14,7 +14,10 @@ from ..capture import Capture, capture
 from ..errors import CtkError, VerificationError, summary
 from . import onnx_format, pt2, torchscript
 from .artifact import Artifact, size_on_disk
+from ..quantize import Metric, QuantConfig
+from ..quantize.config import as_config
 from .checks import CheckSet, Inputs, as_inputs, build_checks, shapes_of
+from .int8 import export_int8
 from .sparse_onnx import FORMAT as SPARSE_ONNX
 from .sparse_onnx import export_sparse
 from .stablehlo import StableHLOWorker
@@ -29,7 +32,8 @@ FORMATS: tuple[str, ...] = ("torchscript", "pt2", "onnx", "stablehlo")
 def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], out_dir: str,
            formats: Sequence[str] = FORMATS, reference: nn.Module | None = None,
            check_inputs: Sequence[Inputs] | None = None, atol: float = 1e-4,
-           rtol: float = 1e-4, sparse_onnx: bool = False) -> list[Artifact]:
+           rtol: float = 1e-4, sparse_onnx: bool = False, quantize: str | QuantConfig | None = None,
+           calibration: Iterable[Inputs] | None = None, metric: Metric | None = None) -> list[Artifact]:
     """Write ``module`` to ``out_dir`` in each format and verify every artifact in its runtime.
 
     The module is captured once with ``torch.export`` (batch dynamic where the model allows it)
@@ -43,6 +47,12 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     model with mostly-zero weights as sparse initializers (smaller file after unstructured
     pruning; ONNX Runtime densifies them at load), verified like the others and returned right
     after the ``onnx`` artifact as format ``onnx-sparse``.
+
+    ``quantize="int8"`` (or a :class:`~compile_toolkit.quantize.QuantConfig`) also writes
+    ``model.int8.onnx`` (format ``onnx-int8``, after ``onnx``) quantized by ONNX Runtime and
+    calibrated on ``calibration`` (input batches), judged by ``metric`` (default: output cosine
+    to float) against ``max_metric_drop``; with ``pt2`` in ``formats`` also ``model.int8.pt2``
+    (``pt2-int8``, after ``pt2``) by torch's PT2E, where it quantizes the graph.
     """
     wanted = list(dict.fromkeys([formats] if isinstance(formats, str) else formats))
     unknown = [name for name in wanted if name not in FORMATS]
@@ -51,6 +61,7 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
                        f"valid: {', '.join(FORMATS)}")
     if sparse_onnx and "onnx" not in wanted:
         raise CtkError("sparse_onnx=True converts the ONNX artifact: add 'onnx' to formats")
+    config = as_config(quantize) if quantize is not None else None
     prepare_out_dir(out_dir)
     # Started first: its torch_xla import overlaps the capture and the other formats.
     xla = StableHLOWorker(out_dir) if "stablehlo" in wanted else None
@@ -66,6 +77,11 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
         if sparse_onnx:
             done[SPARSE_ONNX] = export_sparse(done["onnx"], checks, out_dir)
             wanted.insert(wanted.index("onnx") + 1, SPARSE_ONNX)
+        if config is not None:
+            done.update(export_int8(captured, out_dir, wanted, config, calibration, metric))
+            for name, after in (("onnx-int8", SPARSE_ONNX if sparse_onnx else "onnx"), ("pt2-int8", "pt2")):
+                if name in done:
+                    wanted.insert(wanted.index(after) + 1, name)
         if xla is not None:
             done["stablehlo"] = xla.result(checks)
     finally:

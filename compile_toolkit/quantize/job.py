@@ -1,0 +1,77 @@
+"""``ctk export --pruned --quantize int8``: the calibration data of the job's model, and the
+``quantization`` section of its report (float stripped against int8 stripped and int8 dense)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CtkError
+from ..exporters.artifact import Artifact
+from ..metrics import compare_latency_many
+from ..models import LoadedModel
+from .calibration import Inputs
+from .config import QuantConfig
+from .evaluate import accuracy_metric, deviation
+
+CALIBRATION_IMAGES = 256  # of the training split: ranges settle well before this on digits
+CALIBRATION_BATCH = 8
+
+
+def calibration_batches(loaded: LoadedModel) -> list[Inputs]:
+    """The first :data:`CALIBRATION_IMAGES` training images in batches, or CtkError for a model
+    without a data set (real data for other models is ``--data``, not there yet)."""
+    if loaded.dataset is None:
+        raise CtkError(f"--quantize int8 needs calibration data: --model {loaded.name!r} has no built-in data "
+                       "set (digits-resnet has); use the Python API, ctk.export(..., quantize='int8', "
+                       "calibration=batches)")
+    x = loaded.dataset.x_train[:CALIBRATION_IMAGES]
+    return [(batch,) for batch in x.split(CALIBRATION_BATCH)]
+
+
+def export_options(loaded: LoadedModel, config: QuantConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``export()`` keywords for the stripped model (held to the limit) and the dense one
+    (ONNX only, measured for comparison: its drop does not fail the job)."""
+    batches = calibration_batches(loaded)
+    metric = accuracy_metric(loaded.dataset.x_test, loaded.dataset.y_test)
+    stripped = {"quantize": config, "calibration": batches, "metric": metric}
+    dense = {"quantize": config.with_(max_metric_drop=None, pt2=False), "calibration": batches, "metric": metric}
+    return stripped, dense
+
+
+def section(artifacts: list[Artifact], dense_artifacts: list[Artifact], staging: Path, loaded: LoadedModel,
+            rounds: int) -> dict[str, Any]:
+    """Accuracy on the test split, size, ONNX Runtime latency at batch 1 and 8 (alternated,
+    median of ratios to the float stripped model) and output deviation from the float model, for
+    float dense / float stripped / int8 stripped / int8 dense; plus what the quantizers did."""
+    by_format = {a.format: a for a in artifacts}
+    dense_by_format = {a.format: a for a in dense_artifacts}
+    paths = {"float_stripped": by_format["onnx"].path, "int8_stripped": by_format["onnx-int8"].path,
+             "int8_dense": dense_by_format["onnx-int8"].path, "float_dense": dense_by_format["onnx"].path}
+    x, y = loaded.dataset.x_test, loaded.dataset.y_test
+    test = [(x[i:i + 512],) for i in range(0, len(x), 512)]
+    accuracy = accuracy_metric(x, y)
+    floats = {"float_stripped": paths["float_stripped"], "int8_stripped": paths["float_stripped"],
+              "int8_dense": paths["float_dense"], "float_dense": paths["float_dense"]}
+    models: dict[str, dict[str, Any]] = {
+        name: {"file": os.path.relpath(path, staging), "size_bytes": os.path.getsize(path),
+               "accuracy": accuracy.score(path) / 100, **deviation(floats[name], path, test)}
+        for name, path in paths.items()}
+    for batch in (1, 8):
+        timing = compare_latency_many(paths, (x[:batch],), rounds=rounds)
+        for name, entry in timing.items():
+            models[name][f"latency_ms_batch{batch}"] = entry["ms"]
+            models[name][f"speedup_batch{batch}"] = entry["speedup"]
+    details = by_format["onnx-int8"].details or {}
+    return {
+        "baseline": "float_stripped (speedups are its latency over each model's, median of alternated rounds)",
+        "models": models,
+        "accuracy_drop_points": 100 * (models["float_stripped"]["accuracy"] - models["int8_stripped"]["accuracy"]),
+        "onnx": {k: v for k, v in details.items() if k != "path"},
+        "dense_onnx": {k: v for k, v in (dense_by_format["onnx-int8"].details or {}).items() if k != "path"},
+        "pt2": (by_format["pt2-int8"].details if "pt2-int8" in by_format
+                else details.get("pt2_int8", "not requested (pt2 not in --formats)")),
+    }

@@ -1,0 +1,150 @@
+"""int8 ONNX through ONNX Runtime's own quantizer, and a count of what it really quantized.
+
+The steps are ONNX Runtime's: ``quant_pre_process`` (symbolic shape inference and graph
+optimisation, so the quantizer sees fused, fully shaped nodes), then ``quantize_static`` (QDQ:
+QuantizeLinear/DequantizeLinear around each Conv, Gemm and MatMul, weights per output channel,
+activation ranges from calibration) or ``quantize_dynamic`` (ConvInteger/MatMulInteger with
+activations quantized per batch). Calibration runs once per model: its ranges are cached so the
+mixed-precision search can re-quantize with other layers kept in float without re-calibrating.
+
+A quantizer that skips a node says nothing, so :func:`count_int8` checks the result node by node:
+every Conv/Gemm/MatMul of the float graph is either quantized or on the list of nodes kept in
+float, and :func:`quantize_onnx` raises when one is neither or when nothing was quantized at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from ..errors import CtkError, summary
+from .calibration import Reader
+from .config import QuantConfig
+
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+INTEGER_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
+CALIBRATORS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+ACTIVATIONS = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+_INTEGER_NAME = re.compile(r"^(?P<node>.*?)(?:_MatMul)?_quant$")  # quantize_dynamic's node names
+
+
+@dataclass(frozen=True)
+class NodeCount:
+    """What an int8 graph holds: ``quantized`` and ``float_nodes`` are names of the float graph's
+    Conv/Gemm/MatMul nodes; ``qdq`` counts QuantizeLinear + DequantizeLinear (+ DynamicQuantizeLinear)
+    nodes, ``integer`` the integer-kernel nodes."""
+
+    quantized: list[str] = field(default_factory=list)
+    float_nodes: list[str] = field(default_factory=list)
+    qdq: int = 0
+    integer: int = 0
+
+
+def preprocess(float_path: str, out_path: str) -> None:
+    """ONNX Runtime's pre-processing (shape inference, graph optimisation) into ``out_path``."""
+    try:
+        quant_pre_process(float_path, out_path)
+    except Exception as error:
+        raise CtkError(f"onnx int8: ONNX Runtime's quantization pre-processing failed on {float_path}: "
+                       f"{summary(error)}") from error
+
+
+def compute_nodes(path: str) -> list[str]:
+    """Names of the Conv, Gemm and MatMul nodes: the layers int8 is for."""
+    return [n.name for n in onnx.load(path, load_external_data=False).graph.node if n.op_type in COMPUTE_OPS]
+
+
+def activation_matmuls(path: str) -> list[str]:
+    """MatMul nodes with no constant operand (attention's Q x K^T and P x V): ``quantize_dynamic``
+    quantizes weights ahead of time, so it has nothing to quantize there and leaves them float."""
+    graph = onnx.load(path, load_external_data=False).graph
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and not constants & set(n.input)]
+
+
+def has_conv(path: str) -> bool:
+    return any(n.op_type == "Conv" for n in onnx.load(path, load_external_data=False).graph.node)
+
+
+def resolve_method(config: QuantConfig, pre_path: str) -> str:
+    """``static`` or ``dynamic``: ``auto`` is static where there are convolutions (their activation
+    ranges calibrate well and QDQ convs run as integer kernels), dynamic otherwise (transformers)."""
+    if config.method != "auto":
+        return config.method
+    return "static" if has_conv(pre_path) else "dynamic"
+
+
+def quantize_onnx(pre_path: str, out_path: str, method: str, config: QuantConfig,
+                  feeds: Sequence[dict[str, np.ndarray]] | None, exclude: Sequence[str],
+                  cache_path: str | None) -> NodeCount:
+    """Quantize the pre-processed model into ``out_path`` with ``exclude`` kept in float; return
+    the node count, after checking that every other compute node was quantized."""
+    wanted = compute_nodes(pre_path)
+    unknown = sorted(set(exclude) - set(wanted))
+    if unknown:
+        raise CtkError(f"nodes_to_exclude names {unknown[0]!r}, which is not a Conv/Gemm/MatMul node of the "
+                       f"graph (those are: {', '.join(wanted[:8])}{', ...' if len(wanted) > 8 else ''})")
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs progress and hints at WARNING
+    try:
+        if method == "static":
+            if not feeds:
+                raise CtkError("int8 static quantization needs calibration batches")
+            quantize_static(pre_path, out_path, Reader(list(feeds)), quant_format=QuantFormat.QDQ,
+                            per_channel=config.per_channel, activation_type=ACTIVATIONS[config.activation_type],
+                            weight_type=QuantType.QInt8, calibrate_method=CALIBRATORS[config.calibration_method],
+                            nodes_to_exclude=list(exclude), calibration_cache_path=cache_path)
+        else:
+            quantize_dynamic(pre_path, out_path, per_channel=config.per_channel, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=list(exclude))
+    except CtkError:
+        raise
+    except Exception as error:
+        raise CtkError(f"onnx int8 ({method}): ONNX Runtime's quantizer failed: {summary(error)}") from error
+    finally:
+        logging.getLogger().setLevel(quiet)
+    count = count_int8(out_path, wanted)
+    expected = set(exclude) | set(activation_matmuls(pre_path) if method == "dynamic" else ())
+    silent = sorted(set(count.float_nodes) - expected)
+    if silent:
+        raise CtkError(f"onnx int8 ({method}): the quantizer left {len(silent)} of {len(wanted)} Conv/Gemm/MatMul "
+                       f"nodes in float that were not excluded: {', '.join(silent[:5])}")
+    if not count.quantized:
+        raise CtkError(f"onnx int8 ({method}): no Conv/Gemm/MatMul node was quantized (graph has {len(wanted)})")
+    return count
+
+
+def count_int8(path: str, compute: Sequence[str]) -> NodeCount:
+    """Which of the ``compute`` nodes (names in the float graph) are quantized in ``path``.
+
+    In QDQ form a node is quantized when its data and weight inputs both come from
+    DequantizeLinear; in integer form it has become a ConvInteger/MatMulInteger (named after the
+    original by ``quantize_dynamic``). A node that is neither, or missing, counts as float.
+    """
+    graph = onnx.load(path, load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    by_name = {node.name: node for node in graph.node}
+    integer_of = {m["node"] for node in graph.node if node.op_type in INTEGER_OPS
+                  and (m := _INTEGER_NAME.match(node.name))}
+    quantized, float_nodes = [], []
+    for name in compute:
+        node = by_name.get(name)
+        in_qdq = (node is not None and node.op_type in COMPUTE_OPS and len(node.input) >= 2
+                  and all(getattr(producer.get(i), "op_type", None) == "DequantizeLinear" for i in node.input[:2]))
+        (quantized if in_qdq or name in integer_of else float_nodes).append(name)
+    ops = [node.op_type for node in graph.node]
+    qdq = sum(ops.count(op) for op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"))
+    return NodeCount(quantized, float_nodes, qdq, sum(ops.count(op) for op in INTEGER_OPS))
+
+
+def file_size(path: str) -> int:
+    return os.path.getsize(path)
