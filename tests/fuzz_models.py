@@ -241,7 +241,8 @@ def _conv_branch(draw: Draw, width: int) -> ConvBranch:
         cin = conv.out
         if last:
             break
-    if cin != width or len(convs) == 1:
+    if cin != width or len(convs) == 1 or convs[-1].kind == "depthwise":  # a depthwise conv would tie
+        # the branch's hidden channels to the stream's, so a branch ends with a conv of its own
         convs.append(_conv(draw, cin, width, ("dense", "grouped")))
         norms.append(_norm(draw, width, ("batch", "none")))
         acts.append("none")
