@@ -207,7 +207,8 @@ def _conv(draw: Draw, cin: int, out: int, kinds: Sequence[str]) -> ConvSpec:
     return ConvSpec("dense", out, draw.pick((1, 3)), dilation=draw.pick((1, 1, 2)), bias=draw.int(0, 3) > 0)
 
 
-def _norm(draw: Draw, width: int, kinds: Sequence[str] = ("batch", "batch", "group", "none", "none")) -> NormSpec | None:
+def _norm(draw: Draw, width: int, kinds: Sequence[str] = ("batch", "batch", "group", "none", "none")
+          ) -> NormSpec | None:
     kind = draw.pick(kinds)
     if kind == "none":
         return None
@@ -842,7 +843,8 @@ def apply_zeros(groups: list[Group], model: nn.Module, rng: random.Random) -> No
     weights = [p for p in model.parameters() if p.dim() > 1]
     for p in rng.sample(weights, k=min(len(weights), rng.randint(0, 2))):
         with torch.no_grad():
-            p.masked_fill_(torch.rand(p.shape, generator=torch.Generator().manual_seed(rng.randrange(2**31))) < 0.2, 0.0)
+            noise = torch.rand(p.shape, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+            p.masked_fill_(noise < 0.2, 0.0)
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -868,7 +870,8 @@ def compare(reference: Callable, candidate: Callable, inputs: Sequence[torch.Ten
                 problems.append(f"input {n}: shape {tuple(out.shape)} != {tuple(ref.shape)}")
                 continue
             finite = torch.isfinite(ref)
-            if not torch.equal(finite, torch.isfinite(out)) or not torch.equal(ref[~finite].nan_to_num(), out[~finite].nan_to_num()):
+            same_specials = torch.equal(ref[~finite].nan_to_num(), out[~finite].nan_to_num())
+            if not torch.equal(finite, torch.isfinite(out)) or not same_specials:
                 problems.append(f"input {n}: non-finite values differ")
                 continue
             scale = ref[finite].abs().max().item() if finite.any() else 0.0

@@ -36,7 +36,8 @@ def test_random_architectures_strip_exactly_and_completely(spec: fm.ModelSpec) -
 CONTROL = fm.ModelSpec(
     in_channels=3, size=6,
     stages=(fm.StageSpec(fm.ConvSpec("dense", 6), fm.NormSpec("batch"), (
-        fm.ConvBranch((fm.ConvSpec("dense", 4), fm.ConvSpec("dense", 6)), (fm.NormSpec("batch"), None), ("relu", "none")),
+        fm.ConvBranch((fm.ConvSpec("dense", 4), fm.ConvSpec("dense", 6)), (fm.NormSpec("batch"), None),
+                      ("relu", "none")),
     )),),
     tokens=(), head_pool=2, classes=2, weight_seed=1, zero_seed=3)
 
@@ -48,16 +49,17 @@ def test_control_case_has_removable_channels_that_strip_removes() -> None:
     assert outcome.failures == [] and outcome.checked >= 4 and outcome.removed >= 2
 
 
+_analyze = strip_module.analyze
+
+
 def _patched_analyze(change):
+    """The strip pass's analysis, edited by ``change`` before the pass uses it."""
     def analyze(gm):
-        analysis = strip_module_analyze(gm)
+        analysis = _analyze(gm)
         change(analysis)
         return analysis
 
     return analyze
-
-
-strip_module_analyze = strip_module.analyze
 
 
 def test_oracle_catches_a_strip_that_leaves_a_zero_channel_behind(monkeypatch) -> None:
