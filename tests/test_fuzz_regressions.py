@@ -1,21 +1,15 @@
 """Named regressions from fuzzing the strip pass (``make fuzz``, ``tests/test_fuzz_strip.py``).
 
-Each test is one case the fuzzer found, kept small. A case whose fix belongs to a rule another
-change owns is marked ``xfail(strict=True)``: it fails today, and passes (so turns the strict
-mark into a failure, to be removed) once the fix lands."""
+Each test is one case the fuzzer found, kept small."""
 
 from __future__ import annotations
-
-import pytest
 
 import fuzz_models as fm
 
 
-@pytest.mark.xfail(strict=True, reason="softplus has no channel rule, so it is a barrier: dead hidden "
-                   "channels behind it stay (issue 14: pointwise ops from ATen's torch.Tag.pointwise, "
-                   "owned by the elementwise-rule change)")
 def test_dead_channels_behind_softplus_are_removed() -> None:
-    """Hidden channel 2 of the branch is ignored by the next conv (zeroed input columns): dead,
+    """Softplus had no rule (a barrier) until pointwise ops came from ATen's tags.
+    Hidden channel 2 of the branch is ignored by the next conv (zeroed input columns): dead,
     whatever softplus computes, so it can go; the stream's channels 2 and 3 are zero or dead."""
     spec = fm.ModelSpec(
         in_channels=3, size=4,

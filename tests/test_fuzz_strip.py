@@ -22,7 +22,7 @@ def specs(draw) -> fm.ModelSpec:
     return fm.draw_spec(fm.HypothesisDraw(draw))
 
 
-@settings(max_examples=200, derandomize=True, deadline=None, database=None,
+@settings(max_examples=150, derandomize=True, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(specs())
 def test_random_architectures_strip_exactly_and_completely(spec: fm.ModelSpec) -> None:
