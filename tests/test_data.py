@@ -219,7 +219,7 @@ def test_distillation_loss_is_zero_for_the_teacher_and_grows_with_the_gap():
     assert distillation_loss(tokens, torch.zeros(2, 7, 10)).item() == pytest.approx(per_token, rel=1e-6)
 
 
-@pytest.mark.parametrize("model", ["timm:resnet18", "torchvision:resnet18"])
+@pytest.mark.parametrize("model", ["timm:resnet18", pytest.param("torchvision:resnet18", marks=pytest.mark.slow)])
 def test_export_pruned_on_an_image_folder_reports_top1_everywhere(tmp_path, model):
     """The user's own images: fine-tuned on train/, measured on val/ for the dense, pruned and
     stripped models and for the ONNX file in ONNX Runtime (which must equal the stripped model)."""
@@ -228,14 +228,14 @@ def test_export_pruned_on_an_image_folder_reports_top1_everywhere(tmp_path, mode
     root = write_image_folder(tmp_path / "digits", per_class=8)
     out = tmp_path / "out"
     status = main(["export", "--pruned", "--model", model, "--data", str(root), "--input-shape", "4,3,32,32",
-                   "--finetune-epochs", "2", "--batch-size", "8", "--formats", "onnx", "--out", str(out)])
+                   "--finetune-epochs", "1", "--batch-size", "8", "--formats", "onnx", "--out", str(out)])
     assert status == 0
     report = json.loads((out / "report.json").read_text())
     metric = report["metric"]
     assert metric["name"] == "top1" and metric["split"] == "validation"
     assert all(0.0 <= metric[k] <= 1.0 for k in ("dense", "pruned", "stripped", "onnx"))
     assert metric["stripped"] == metric["pruned"] == metric["onnx"]  # strip and ONNX are exact
-    assert report["pruning"]["distilled"] and len(report["pruning"]["finetune_losses"]) == 2
+    assert report["pruning"]["distilled"] and len(report["pruning"]["finetune_losses"]) == 1
     assert report["stripped"]["params"] < 0.5 * report["dense"]["params"]
     assert report["strip"]["channels_removed"] > 0
 
