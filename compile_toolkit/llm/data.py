@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from pydoc_data.topics import topics
 
 import torch
-from pydoc_data.topics import topics
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import CtkError
