@@ -15,6 +15,7 @@ from compile_toolkit.errors import CtkError
 from compile_toolkit.pruning import apply_masks, is_n_m_sparse
 from compile_toolkit.pruning.llm import prune_llm
 from compile_toolkit.pruning.llm.methods import InputStats, prune_weight
+from compile_toolkit.pruning.llm.structured import prune_llm_structured, remove_identity_blocks
 
 VOCAB = 128
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -178,3 +179,88 @@ def test_default_config_decoders_capture_and_strip(arch):
         reference = model(other, use_cache=False).logits
         got = stripped(other).logits
     assert ((reference - got).abs().max() / reference.abs().max()).item() < 1e-5
+
+
+# -- structured: MLP neurons, key/value groups, whole blocks ---------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("structure", ["neuron", "kv_group"])
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "per-layer"])
+def test_structured_pruning_strips_exactly(arch, structure, uniform):
+    """Half the MLP neurons (128 per layer) or key/value groups (4 per layer, each read by 2 of
+    8 query heads) go; strip removes exactly those and the stripped logits equal the pruned
+    model's on new token ids at batch 3. Uniform widths keep the same count in every layer."""
+    model = tiny(arch, heads=8, kv_heads=4)
+    report = prune_llm_structured(model, calibration(), structure, 0.5, uniform=uniform)
+    per_layer = 128 if structure == "neuron" else 4
+    assert report.total == [per_layer] * 2 and sum(report.kept) == per_layer
+    if uniform:
+        assert report.kept == [per_layer // 2] * 2
+    x = torch.randint(0, VOCAB, (2, 12))
+    stripped = ctk.strip(model, (x,))
+    shapes = {n: tuple(p.shape) for n, p in stripped.named_parameters()}
+    for i, kept in enumerate(report.kept):
+        if structure == "neuron":
+            assert shapes[f"model.layers.{i}.mlp.up_proj.weight"] == (kept, 64)
+            assert shapes[f"model.layers.{i}.mlp.down_proj.weight"] == (64, kept)
+        else:  # head_dim 8; query heads per group 2
+            assert shapes[f"model.layers.{i}.self_attn.k_proj.weight"] == (8 * kept, 64)
+            assert shapes[f"model.layers.{i}.self_attn.q_proj.weight"] == (16 * kept, 64)
+            assert shapes[f"model.layers.{i}.self_attn.o_proj.weight"] == (64, 16 * kept)
+    other = torch.randint(0, VOCAB, (3, 12))
+    with torch.no_grad():
+        reference = model(other, use_cache=False).logits
+        assert ((reference - stripped(other).logits).abs().max() / reference.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("structure", ["neuron", "kv_group"])
+def test_structured_importance_is_measured_on_activations(structure):
+    """Positive control: units made quiet (their up_proj rows, or their group's v_proj rows,
+    scaled by 1e-3) are the ones pruned, in every layer."""
+    model = tiny("llama", heads=8, kv_heads=4)
+    quiet = torch.tensor([5, 17, 40, 99]) if structure == "neuron" else torch.tensor([1, 2])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if structure == "neuron":
+                layer.mlp.up_proj.weight[quiet] *= 1e-3
+            else:
+                rows = (quiet[:, None] * 8 + torch.arange(8)).flatten()
+                layer.self_attn.v_proj.weight[rows] *= 1e-3
+    report = prune_llm_structured(model, calibration(), structure, len(quiet) / (128 if structure == "neuron" else 4))
+    for i in range(2):
+        name = (f"model.layers.{i}.mlp.up_proj.weight" if structure == "neuron"
+                else f"model.layers.{i}.self_attn.k_proj.weight")
+        mask = report.masks[name]
+        pruned = torch.nonzero(~mask.all(dim=1)).flatten()
+        expected = quiet if structure == "neuron" else (quiet[:, None] * 8 + torch.arange(8)).flatten()
+        assert torch.equal(pruned, expected), name
+
+
+def test_block_pruning_removes_the_block_that_changes_its_input_least():
+    """Block 1 of 2 made nearly the identity (its two residual writes scaled by 1e-3) has the
+    lower influence and is pruned; removing the identity block leaves a 1-layer model that
+    computes the same logits, with the cache (use_cache=True) as without it."""
+    model = tiny("qwen2")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(1e-3)
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
+    report = prune_llm_structured(model, calibration(), "block", 0.5)
+    assert report.kept == [1, 0]
+    x = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        before = model(x, use_cache=False).logits
+        assert remove_identity_blocks(model) == [1]
+        assert model.config.num_hidden_layers == len(model.model.layers) == 1
+        assert torch.equal(before, model(x, use_cache=False).logits)
+        assert torch.equal(before, model(x).logits)
+    assert remove_identity_blocks(model) == []
+
+
+def test_structured_bad_input():
+    model = tiny("llama")
+    with pytest.raises(CtkError, match="unknown structured LLM pruning 'head'"):
+        prune_llm_structured(model, calibration(), "head")
+    with pytest.raises(CtkError, match=r"sparsity 0.2 removes no kv_group \(layers have 2\)"):
+        prune_llm_structured(model, calibration(), "kv_group", 0.2)
+    with pytest.raises(CtkError, match="needs calibration_batches"):
+        prune_llm_structured(model, [], "neuron")
+    assert all(int((p == 0).sum()) == 0 for p in model.parameters() if p.dim() == 2)
