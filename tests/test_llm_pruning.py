@@ -8,10 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import compile_toolkit as ctk
 from compile_toolkit.errors import CtkError
+from compile_toolkit.llm import CausalLMLogits
+from compile_toolkit.llm.hf_folder import save_stripped_pretrained
 from compile_toolkit.pruning import apply_masks, is_n_m_sparse
 from compile_toolkit.pruning.llm import prune_llm
 from compile_toolkit.pruning.llm.methods import InputStats, prune_weight
@@ -264,3 +266,31 @@ def test_structured_bad_input():
     with pytest.raises(CtkError, match="needs calibration_batches"):
         prune_llm_structured(model, [], "neuron")
     assert all(int((p == 0).sum()) == 0 for p in model.parameters() if p.dim() == 2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_uniform_widths_save_as_a_transformers_folder(arch, tmp_path):
+    """Half the key/value groups and a quarter of the neurons go in every layer; the stripped
+    model written with save_stripped_pretrained loads with AutoModelForCausalLM (config rewritten)
+    and computes the stripped graph's logits. Per-layer widths are refused in one line."""
+    model = tiny(arch, heads=8, kv_heads=4)
+    prune_llm_structured(model, calibration(), "kv_group", 0.5)
+    prune_llm_structured(model, calibration(), "neuron", 0.25)
+    x = torch.randint(0, VOCAB, (2, 12))
+    stripped = ctk.strip(CausalLMLogits(model), (x,))
+    save_stripped_pretrained(stripped, model, tmp_path / "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    config = loaded.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size) == \
+        (4, 2, 8, 96)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in stripped.parameters())
+    other = torch.randint(0, VOCAB, (3, 12))
+    with torch.no_grad():
+        assert torch.allclose(loaded(other).logits, stripped(other), atol=1e-5)
+
+    uneven = tiny(arch)
+    prune_llm_structured(uneven, calibration(), "neuron", 0.5, uniform=False)
+    with pytest.raises(CtkError, match=r"needs the same intermediate_size in every layer, and the stripped model "
+                                       r"has \[\d+, \d+\]"):
+        save_stripped_pretrained(ctk.strip(uneven, (x,)), uneven, tmp_path / "uneven")
+    assert not (tmp_path / "uneven").exists()

@@ -3,6 +3,7 @@ logits-only wrapper for capture and export. Pruning methods live in
 :mod:`compile_toolkit.pruning.llm`."""
 
 from .data import SPLITS, TokenBlocks, pydoc_blocks, pydoc_topics
+from .hf_folder import save_stripped_pretrained
 from .perplexity import logits_of, perplexity
 from .smollm2 import cache_root, gguf_path, load_smollm2
 from .wrap import CausalLMLogits
@@ -18,4 +19,5 @@ __all__ = [
     "perplexity",
     "pydoc_blocks",
     "pydoc_topics",
+    "save_stripped_pretrained",
 ]
