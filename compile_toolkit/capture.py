@@ -21,19 +21,39 @@ from .errors import CtkError, summary
 
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run the block with every submodule in eval mode, then restore the flags.
+    """Run the block with every submodule in eval mode and no key/value cache, then restore.
 
     The flags are set directly because GraphModules from ``ExportedProgram.module()`` refuse
-    ``.eval()`` (their mode is baked into the graph; the flag is then harmless).
+    ``.eval()`` (their mode is baked into the graph; the flag is then harmless). The cache is
+    off because Hugging Face decoders with their default configs (``use_cache=True``) return a
+    ``DynamicCache``, which ``torch.export`` cannot flatten: what is captured, stripped and
+    verified is the forward pass without a cache (prefill), for models as they come.
     """
     modes = [(sub, sub.training) for sub in module.modules()]
     for sub, _ in modes:
         sub.training = False
     try:
-        yield
+        with without_kv_cache(module):
+            yield
     finally:
         for sub, training in modes:
             sub.training = training
+
+
+@contextmanager
+def without_kv_cache(module: nn.Module) -> Iterator[None]:
+    """Set ``config.use_cache = False`` on every submodule's config (Hugging Face models read it
+    when the call does not say), then restore each value."""
+    configs = {id(c): c for sub in module.modules() if (c := getattr(sub, "config", None)) is not None
+               and isinstance(getattr(c, "use_cache", None), bool)}
+    saved = [(c, c.use_cache) for c in configs.values()]
+    for config, _ in saved:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config, value in saved:
+            config.use_cache = value
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,76 @@
+"""The built-in ``pydoc`` text: Python's own ``pydoc_data.topics`` (about 465k characters of
+English technical prose, shipped with every Python), split into calibration, training and
+held-out parts and packed into fixed-length token blocks for causal language modelling.
+
+Whole topics go to one part, so no document's text is both calibrated or trained on and held
+out. There are only about 80 topics, of very different lengths, so a hash of the name would give
+parts far from their shares; instead topics are dealt in name order, each to the part furthest
+below its share of characters (20% calibration, 65% training, 15% held out). The split is a
+function of the topic set alone: the same on every machine with the same Python. Within a part
+topics are joined with the tokenizer's end-of-text token between them, tokenized once, and cut
+into blocks (the tail shorter than a block is dropped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pydoc_data.topics import topics
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import CtkError
+
+SPLITS = ("calibration", "train", "heldout")
+SHARES = {"calibration": 0.20, "train": 0.65, "heldout": 0.15}
+
+
+def pydoc_topics(split: str) -> list[str]:
+    """The topic texts of one part, in topic-name order."""
+    if split not in SPLITS:
+        raise CtkError(f"unknown pydoc split {split!r}; choose from {', '.join(SPLITS)}")
+    return [topics[name] for name in sorted(topics) if _assignment()[name] == split]
+
+
+@cache
+def _assignment() -> dict[str, str]:
+    """Topic name -> part, dealt greedily by character share."""
+    sizes = dict.fromkeys(SPLITS, 0)
+    assigned = {}
+    for name in sorted(topics):
+        total = sum(sizes.values()) + len(topics[name])
+        part = max(SPLITS, key=lambda s: SHARES[s] * total - sizes[s])
+        assigned[name] = part
+        sizes[part] += len(topics[name])
+    return assigned
+
+
+@dataclass(frozen=True)
+class TokenBlocks:
+    """``blocks``: ``[count, length]`` token ids of one part, each row a training/eval sequence."""
+
+    split: str
+    blocks: torch.Tensor
+
+    def batches(self, batch_size: int) -> list[torch.Tensor]:
+        return list(self.blocks.split(batch_size))
+
+
+def pydoc_blocks(
+    tokenizer: PreTrainedTokenizerBase, split: str, block_size: int = 256, max_blocks: int | None = None
+) -> TokenBlocks:
+    """Token blocks of ``split`` (the first ``max_blocks`` when given), tokenized with ``tokenizer``."""
+    if block_size < 2:
+        raise CtkError(f"block_size must be at least 2 tokens, got {block_size}")
+    separator = tokenizer.eos_token or "\n\n"
+    ids = tokenizer(separator.join(pydoc_topics(split)), return_tensors="pt", verbose=False)["input_ids"][0]
+    count = len(ids) // block_size
+    if max_blocks is not None:
+        if max_blocks > count:
+            raise CtkError(f"the pydoc {split} split has {count} blocks of {block_size} tokens, "
+                           f"{max_blocks} were asked for")
+        count = max_blocks
+    if count == 0:
+        raise CtkError(f"the pydoc {split} split has {len(ids)} tokens, fewer than one block of {block_size}")
+    return TokenBlocks(split, ids[: count * block_size].view(count, block_size).clone())
