@@ -54,8 +54,8 @@ _analyze = strip_module.analyze
 
 def _patched_analyze(change):
     """The strip pass's analysis, edited by ``change`` before the pass uses it."""
-    def analyze(gm):
-        analysis = _analyze(gm)
+    def analyze(gm, *args, **kwargs):
+        analysis = _analyze(gm, *args, **kwargs)
         change(analysis)
         return analysis
 
