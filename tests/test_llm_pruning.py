@@ -294,3 +294,13 @@ def test_uniform_widths_save_as_a_transformers_folder(arch, tmp_path):
                                        r"has \[\d+, \d+\]"):
         save_stripped_pretrained(ctk.strip(uneven, (x,)), uneven, tmp_path / "uneven")
     assert not (tmp_path / "uneven").exists()
+
+
+def test_an_example_input_that_is_a_view_captures():
+    """The first tokens of longer blocks (a view) as example input: the captured program takes
+    any token tensor of that shape, so strip's own check inputs (copies) run through it."""
+    model = tiny("llama")
+    blocks = torch.randint(0, VOCAB, (4, 64))
+    prune_llm_structured(model, calibration(), "neuron", 0.25)
+    stripped = ctk.strip(model, (blocks[:2, :16],))
+    assert stripped.meta["ctk_strip"]["channels_removed"] == 2 * 32
