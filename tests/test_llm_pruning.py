@@ -114,13 +114,13 @@ def test_sparsegpt_reconstructs_a_layer_better_than_magnitude(arch, pattern, lay
 def test_wanda_and_sparsegpt_beat_magnitude_on_activation_outliers(pattern):
     """LLM activations have a few huge feature columns (Dettmers et al. 2022): small weights that
     read them matter more than large weights that read quiet features. Wanda's |W| * ||X|| keeps
-    them, magnitude does not."""
+    them, magnitude does not. Measured: Wanda 0.03x magnitude's error, SparseGPT a little lower."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 64, generator=generator)
     x = torch.randn(512, 64, generator=generator)
     x[:, [3, 17, 40]] *= 30
     errors = reconstruction_errors(weight, x, pattern)
-    assert errors["wanda"] < 0.5 * errors["magnitude"], errors
+    assert errors["wanda"] < 0.1 * errors["magnitude"], errors
     assert errors["sparsegpt"] < errors["wanda"], errors
 
 
