@@ -110,6 +110,10 @@ def other_batch_size(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ..
 
 
 def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic: bool) -> ExportedProgram:
+    # A view (say the first 32 tokens of a longer block) makes torch.export guard on its base's
+    # shape (``input_ids._base.size()[1] != 32``), and the program then fails on any input that is
+    # not such a view with "'NoneType' object has no attribute 'size'": capture a copy instead.
+    inputs = tuple(t.clone() if t._base is not None else t for t in inputs)
     shapes = tuple({0: Dim.AUTO} for _ in inputs) if dynamic else None
     try:
         with eval_mode(module):

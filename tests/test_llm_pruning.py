@@ -114,13 +114,13 @@ def test_sparsegpt_reconstructs_a_layer_better_than_magnitude(arch, pattern, lay
 def test_wanda_and_sparsegpt_beat_magnitude_on_activation_outliers(pattern):
     """LLM activations have a few huge feature columns (Dettmers et al. 2022): small weights that
     read them matter more than large weights that read quiet features. Wanda's |W| * ||X|| keeps
-    them, magnitude does not."""
+    them, magnitude does not. Measured: Wanda 0.03x magnitude's error, SparseGPT a little lower."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 64, generator=generator)
     x = torch.randn(512, 64, generator=generator)
     x[:, [3, 17, 40]] *= 30
     errors = reconstruction_errors(weight, x, pattern)
-    assert errors["wanda"] < 0.5 * errors["magnitude"], errors
+    assert errors["wanda"] < 0.1 * errors["magnitude"], errors
     assert errors["sparsegpt"] < errors["wanda"], errors
 
 
@@ -296,3 +296,13 @@ def test_uniform_widths_save_as_a_transformers_folder(arch, tmp_path):
                                        r"has \[\d+, \d+\]"):
         save_stripped_pretrained(ctk.strip(uneven, (x,)), uneven, tmp_path / "uneven")
     assert not (tmp_path / "uneven").exists()
+
+
+def test_an_example_input_that_is_a_view_captures():
+    """The first tokens of longer blocks (a view) as example input: the captured program takes
+    any token tensor of that shape, so strip's own check inputs (copies) run through it."""
+    model = tiny("llama")
+    blocks = torch.randint(0, VOCAB, (4, 64))
+    prune_llm_structured(model, calibration(), "neuron", 0.25)
+    stripped = ctk.strip(model, (blocks[:2, :16],))
+    assert stripped.meta["ctk_strip"]["channels_removed"] == 2 * 32
