@@ -97,12 +97,12 @@ def test_smollm2_is_cached_and_prunes_and_strips(tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
     assert (folder / "model.safetensors").stat().st_size > 500e6  # fp32, not Q4
     cached, _ = load_smollm2()
-    ids = pydoc_blocks(tokenizer, "heldout", 128, max_blocks=4).blocks
+    ids = pydoc_blocks(tokenizer, "heldout", 256, max_blocks=2).blocks
     with torch.no_grad():
         assert torch.equal(model(ids[:1]).logits, cached(ids[:1]).logits)
     assert model.config.num_key_value_heads == 3 and sum(p.numel() for p in model.parameters()) == 134_515_008
     dense = perplexity(model, [ids])
-    assert 10 < dense < 30
+    assert 12 < dense < 25  # 17.66 on 16 such blocks (docs/results.md)
     calibration = pydoc_blocks(tokenizer, "calibration", 256, max_blocks=8).batches(8)
     results = {}
     for method in ("magnitude", "sparsegpt"):
