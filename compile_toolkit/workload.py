@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .data.images import image_folder, model_preprocessing
+from .data.images import class_names, image_folder, model_preprocessing
 from .data.splits import DataSplits
 from .data.text import READERS
 from .errors import CtkError
@@ -81,7 +81,7 @@ def load_workload(model: str, data: str | None, weights: str | None = None,
                           and any(p.suffix.lower() in READERS for p in root.rglob("*"))):
         raise CtkError(f"--data {root} is text; ctk export reads image folders (train/<class>/, val/<class>/) "
                        "for now, and text through the Python API (compile_toolkit.data.text)")
-    classes = class_folders(root)
+    classes = class_names(root)
     shape = parse_input_shape(input_shape) if isinstance(input_shape, str) else input_shape
     loaded = load_model(model, weights, shape, num_classes=len(classes))
     splits = image_folder(root, model_preprocessing(loaded.module, shape))
@@ -91,17 +91,6 @@ def load_workload(model: str, data: str | None, weights: str | None = None,
     loaded.example_inputs = (images,)
     loaded.dataset = None
     return loaded, work
-
-
-def class_folders(root: Path) -> list[str]:
-    """The class names of ``root/train`` (checked in full when the splits are read)."""
-    train = root / "train"
-    if not train.is_dir():
-        raise CtkError(f"--data {root}: an image folder needs train/<class>/ and val/<class>/ subfolders")
-    classes = sorted(entry.name for entry in train.iterdir() if entry.is_dir())
-    if len(classes) < 2:
-        raise CtkError(f"image folder {train} has {len(classes)} class folder(s); classification needs two or more")
-    return classes
 
 
 class OnnxRuntimeModel(nn.Module):

@@ -76,12 +76,9 @@ def image_folder(root: str | Path, preprocessing: Preprocessing) -> DataSplits:
     from torchvision.datasets import ImageFolder
 
     root = Path(root)
-    if not root.is_dir():
-        raise CtkError(f"--data {root}: no such folder")
+    class_names(root)
     train_dir = root / TRAIN
-    val_dir = next((root / name for name in VAL if (root / name).is_dir()), None)
-    if not train_dir.is_dir() or val_dir is None:
-        raise CtkError(f"--data {root}: an image folder needs train/<class>/ and val/<class>/ subfolders")
+    val_dir = next(root / name for name in VAL if (root / name).is_dir())
     classes = _check_split(train_dir)
     val_classes = _check_split(val_dir)
     if val_classes != classes:
@@ -94,6 +91,23 @@ def image_folder(root: str | Path, preprocessing: Preprocessing) -> DataSplits:
     return DataSplits(name=root.name, train=train, val=val, classes=classes)
 
 
+def class_names(root: str | Path) -> list[str]:
+    """The class folders of ``root/train``, after checking the layout (the images are checked when
+    the splits are read): what sizes a classifier before the model is built."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CtkError(f"--data {root}: no such folder")
+    train_dir = root / TRAIN
+    if not train_dir.is_dir() or not any((root / name).is_dir() for name in VAL):
+        raise CtkError(f"--data {root}: an image folder needs train/<class>/ and val/<class>/ subfolders")
+    classes = sorted(entry.name for entry in train_dir.iterdir() if entry.is_dir())
+    if not classes:
+        raise CtkError(f"image folder {train_dir} has no class folders (expected {train_dir}/<class>/*.png)")
+    if len(classes) < 2:
+        raise CtkError(f"image folder {train_dir} has one class ({classes[0]}); classification needs two or more")
+    return classes
+
+
 def _check_split(folder: Path) -> list[str]:
     """The class names of one split, after checking every class has images that decode."""
     from PIL import Image, UnidentifiedImageError
@@ -101,8 +115,6 @@ def _check_split(folder: Path) -> list[str]:
     classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
     if not classes:
         raise CtkError(f"image folder {folder} has no class folders (expected {folder}/<class>/*.png)")
-    if len(classes) < 2 and folder.name == TRAIN:
-        raise CtkError(f"image folder {folder} has one class ({classes[0]}); classification needs two or more")
     for name in classes:
         files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:

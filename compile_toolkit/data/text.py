@@ -25,10 +25,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import CtkError, summary
+from ..tasks import TASKS
 from .splits import DataSplits
 
 READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-TASKS = ("classify", "causal-lm", "embed")
 
 
 class TensorRows(Dataset):

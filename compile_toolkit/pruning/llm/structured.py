@@ -131,15 +131,8 @@ def _scores(
             tokens[0] += len(x)
 
     target = "mlp.down_proj" if structure == "neuron" else "self_attn.o_proj"
-    handles = [layer.get_submodule(target).register_forward_hook(
-        lambda m, args, _out, i=i: hook(i, m, args[0])) for i, layer in enumerate(layers)]
-    try:
-        with eval_mode(model):
-            for ids in batches:
-                model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _feed(model, batches, [layer.get_submodule(target).register_forward_hook(
+        lambda m, args, _out, i=i: hook(i, m, args[0])) for i, layer in enumerate(layers)])
     return [s / tokens[0] for s in sums]
 
 
@@ -224,8 +217,14 @@ def block_influence(model: nn.Module, layers: nn.ModuleList, batches: Sequence[t
         if i == 0:
             tokens[0] += len(before)
 
-    handles = [layer.register_forward_hook(lambda _m, a, k, o, i=i: hook(i, a, k, o), with_kwargs=True)
-               for i, layer in enumerate(layers)]
+    _feed(model, batches, [layer.register_forward_hook(lambda _m, a, k, o, i=i: hook(i, a, k, o), with_kwargs=True)
+                           for i, layer in enumerate(layers)])
+    return 1 - sums / tokens[0]
+
+
+def _feed(model: nn.Module, batches, handles: list) -> None:
+    """Run the calibration batches through ``model`` (eval mode) for the hooks of ``handles``,
+    then remove the hooks, whatever happened."""
     try:
         with eval_mode(model):
             for ids in batches:
@@ -233,7 +232,6 @@ def block_influence(model: nn.Module, layers: nn.ModuleList, batches: Sequence[t
     finally:
         for handle in handles:
             handle.remove()
-    return 1 - sums / tokens[0]
 
 
 def remove_identity_blocks(model: nn.Module) -> list[int]:
