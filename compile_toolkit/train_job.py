@@ -7,11 +7,13 @@ The same command runs alone (``--strategy single``) or as every worker of a torc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from rich.console import Console
 
-from .training.config import OPTIMIZERS, STRATEGIES, TrainConfig
+from .tasks import TASKS
+from .training.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -21,17 +23,25 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
         help="sparse-train a model (single process, DDP under torchrun, or XLA SPMD) with checkpoints",
-        description="Train a registry model on the digits data set while a gradual schedule prunes it "
+        description="Train a model on your data (an image folder, text files, file.py:factory) or the built-in "
+        "digits set while a gradual schedule prunes it "
         "(weights by magnitude or N:M, or whole channels with --prune-method channel); "
+        "evaluate the task's metric on the validation split every epoch; "
         "write resumable checkpoints (model, masks, optimizer, RNG), a JSON metrics log and a plot. "
         "DDP: torchrun --nproc-per-node N -m compile_toolkit train --strategy ddp ... (see docs/ddp.md). "
         "Export the result with: ctk export --pruned --checkpoint DIR.",
     )
     add = train.add_argument
     add("--strategy", default=DEFAULTS.strategy, help=f"{' | '.join(STRATEGIES)} (default {DEFAULTS.strategy})")
-    add("--model", default=DEFAULTS.model, help="digits-resnet (default) or path/to/file.py:factory taking [N,1,8,8]")
-    add("--weights", help="initial weights (.safetensors); digits-resnet starts from its bundled trained weights")
-    add("--dataset", default=DEFAULTS.dataset, help="training data (default digits, scikit-learn's bundled set)")
+    add("--model", default=DEFAULTS.model,
+        help="digits-resnet (default), torchvision:NAME, timm:NAME, hf:FOLDER or path/to/file.py:factory")
+    add("--weights", help="initial weights (.safetensors, or a .pt/.pth state dict read with weights_only); "
+        "digits-resnet starts from its bundled trained weights")
+    add("--data", "--dataset", dest="data",
+        help="training data: an image folder (train/<class>/, val/<class>/), text files (.txt, .jsonl, .csv, .parquet), "
+        "path/to/file.py:factory returning (train, val) data sets, or digits (default: scikit-learn's bundled set)")
+    add("--task", help=f"{' | '.join(TASKS)} (default: inferred from the model and data)")
+    add("--input-shape", help="model input shape N,C,H,W (image size of the preprocessing; file.py models)")
     add("--epochs", type=int, default=DEFAULTS.epochs, help=f"epochs (default {DEFAULTS.epochs})")
     add("--max-steps", type=int, help="stop after this many optimizer steps (the schedule spans them)")
     add("--batch-size", type=int, default=DEFAULTS.batch_size,
@@ -41,7 +51,23 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--momentum", type=float, default=DEFAULTS.momentum, help=f"SGD momentum (default {DEFAULTS.momentum})")
     add("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="weight decay (default 0)")
     add("--seed", type=int, default=DEFAULTS.seed, help="seed of the data order and initialisation (default 0)")
-    add("--sparsity", type=float, default=DEFAULTS.final_sparsity,
+    add("--lr-schedule", default=DEFAULTS.lr_schedule,
+        help=f"{' | '.join(LR_SCHEDULES)} after the warm-up (default {DEFAULTS.lr_schedule})")
+    add("--warmup-steps", type=int, default=DEFAULTS.warmup_steps, help="linear learning-rate warm-up steps (default 0)")
+    add("--precision", default=DEFAULTS.precision,
+        help=f"{' | '.join(PRECISIONS)}: bf16 runs forward and loss under autocast (CPU, GPU, XLA); default fp32")
+    add("--accumulate", type=int, default=DEFAULTS.accumulate,
+        help="split each process's share of the global batch into N micro-batches (same update, less memory)")
+    add("--workers", type=int, default=DEFAULTS.workers, help="data-loader worker processes (default 0)")
+    add("--distill", action="store_true",
+        help="add knowledge distillation from the starting (dense) model to the task loss")
+    add("--distill-weight", type=float, default=DEFAULTS.distill_weight,
+        help=f"weight of the distillation loss (default {DEFAULTS.distill_weight})")
+    add("--distill-temperature", type=float, default=DEFAULTS.distill_temperature,
+        help=f"softmax temperature of distillation (default {DEFAULTS.distill_temperature})")
+    add("--eval-every", type=int, help="evaluate on the validation split every N steps (default: every epoch)")
+    add("--no-eval", dest="evaluate", action="store_false", help="do not evaluate during training")
+    add("--sparsity", dest="final_sparsity", type=float, default=DEFAULTS.final_sparsity,
         help=f"final fraction of zero weights in every conv/linear layer, or with --prune-method channel of the "
         f"channels of every coupled channel group (default {DEFAULTS.final_sparsity})")
     add("--initial-sparsity", type=float, default=DEFAULTS.initial_sparsity, help="sparsity at --prune-start")
@@ -72,36 +98,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` the parsed options describe."""
-    return TrainConfig(
-        model=args.model,
-        weights=args.weights,
-        dataset=args.dataset,
-        strategy=args.strategy,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        max_steps=args.max_steps,
-        final_sparsity=args.sparsity,
-        initial_sparsity=args.initial_sparsity,
-        prune_start=args.prune_start,
-        prune_end=args.prune_end,
-        prune_frequency=args.prune_frequency,
-        prune_method=args.prune_method,
-        recipe=args.recipe,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        sync_batchnorm=args.sync_batchnorm,
-        recalibrate_bn=args.recalibrate_bn,
-        mesh=args.mesh,
-        fsdp=args.fsdp,
-        log_dir=args.log_dir,
-    )
+    """The :class:`TrainConfig` the parsed options describe (every option's dest is a field name)."""
+    return TrainConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)})
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -121,6 +119,9 @@ def run_train(args: argparse.Namespace) -> int:
         f"final loss {final_loss}, sparsity {result.sparsity:.1%}, {result.samples_per_s:.0f} samples/s",
         soft_wrap=True,
     )
+    if result.metric is not None:
+        shown = ", ".join(f"{name} {value:.4g}" for name, value in result.metric.items() if name != "step")
+        out.print(f"validation after step {result.metric['step']:.0f}: {shown}", soft_wrap=True)
     if result.recalibrated_norms:
         out.print(f"re-estimated the statistics of {result.recalibrated_norms} batch norm(s) over the training split "
                   "after pruning (--no-recalibrate-bn to keep training's)", soft_wrap=True)

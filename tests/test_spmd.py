@@ -15,8 +15,9 @@ Tolerances: losses and weights within 1e-5 absolute (float32 with reductions spl
 across devices, over 8 SGD steps; measured 5e-7 and 3e-8); masks exactly equal. One difference
 is torch_xla's, not SPMD's: its batch norm updates ``running_var`` with the biased batch variance
 where eager PyTorch uses the unbiased one (a factor ``n / (n - 1)``, n = 4096 values per channel
-here), so running variances are compared to eager with a relative tolerance and tightly across
-meshes. The XLA flags below make the CPU compiler about 8x faster on a loaded machine (less
+per batch here; the statistics re-estimated after pruning average the batches' variances), so
+running variances are compared to eager with a relative tolerance and tightly across meshes.
+The XLA flags below make the CPU compiler about 8x faster on a loaded machine (less
 optimisation, same operations); the results stay within the tolerances above.
 """
 
@@ -42,7 +43,7 @@ THIS = Path(__file__).resolve()
 STEPS = 8
 RESUME_STEP = 4
 ATOL = 1e-5
-RUNNING_VAR_RTOL = 1e-4  # eager vs XLA unbiasing, see above; measured 2.4e-5 after 8 steps
+RUNNING_VAR_RTOL = 5e-4  # eager vs XLA unbiasing, see above: 1 / 4095 = 2.4e-4 after the re-estimate
 MESHES = ("2x2", "4x1", "fsdp-2x2")
 FAST_XLA_CPU = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TIMEOUT_S = 400

@@ -25,7 +25,7 @@ from compile_toolkit.metrics import count_params
 from compile_toolkit.models import load_digits_dataset, load_model
 from compile_toolkit.pruning import GradualSchedule, Sparsifier
 from compile_toolkit.training import TrainConfig, train
-from compile_toolkit.training.run_setup import recalibration_indices
+from compile_toolkit.training.batches import plan_steps, recalibration_loader
 
 SCHEDULE = GradualSchedule(final_sparsity=0.5, start_step=0, end_step=6, frequency=2)  # updates at 0, 2, 4, 6
 STEPS = 8
@@ -240,12 +240,17 @@ def test_training_ends_by_reestimating_batch_norm_statistics():
         assert torch.equal(tensor, stale_state[name]), name
     assert not torch.equal(fresh_state["stem.1.running_mean"], stale_state["stem.1.running_mean"])
 
+    # The statistics are the plain average over the re-estimation batches of each batch's mean and variance.
     data = load_digits_dataset()
-    seen = data.x_train[recalibration_indices(fresh.config, len(data.x_train))]
+    plan = plan_steps(len(data.x_train), fresh.config.batch_size, fresh.config.epochs, seed=fresh.config.seed)
+    batches = [x for x, _ in recalibration_loader(torch.utils.data.TensorDataset(data.x_train, data.y_train), plan)]
+    assert len(batches) == len(data.x_train) // fresh.config.batch_size  # the whole training split, in full batches
     with torch.no_grad():
-        stem = fresh.model.stem[0](seen)
-    torch.testing.assert_close(fresh_state["stem.1.running_mean"], stem.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fresh_state["stem.1.running_var"], stem.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        stems = [fresh.model.stem[0](x) for x in batches]
+    mean = torch.stack([s.mean((0, 2, 3)) for s in stems]).mean(0)
+    var = torch.stack([s.var((0, 2, 3)) for s in stems]).mean(0)
+    torch.testing.assert_close(fresh_state["stem.1.running_mean"], mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fresh_state["stem.1.running_var"], var, rtol=1e-5, atol=1e-6)
 
     def accuracy(model: nn.Module) -> float:
         with torch.no_grad():

@@ -10,7 +10,8 @@ at which to compare pruning criteria.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,13 +19,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import CtkError
 
-Batch = torch.Tensor | Sequence[torch.Tensor]
+Batch = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch]) -> int:
     """Reset the running statistics of every batch norm that tracks them and re-estimate them
-    from ``batches`` (a tensor is called as ``model(batch)``, a tuple or list as ``model(*batch)``).
+    from ``batches`` (a tensor is called as ``model(batch)``, a tuple or list as ``model(*batch)``,
+    a dict as ``model(**batch)``; they are read one at a time, so they may come from a loader).
 
     Only the batch norms run in training mode, with ``momentum=None``: the result is the plain
     average over the batches of each batch's mean and unbiased variance, not an exponential
@@ -32,11 +34,12 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch]) -> int:
     off), no gradient is taken and no parameter changes; every module's mode and every batch
     norm's momentum are restored afterwards, even on error. Returns how many batch norms were
     re-estimated (0, and the model untouched, when it has none)."""
-    batches = list(batches)
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
-    if not batches:
+    remaining = iter(batches)
+    first = next(remaining, None)
+    if first is None:
         raise CtkError("recalibrate_batchnorm needs at least one batch")
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
@@ -46,11 +49,20 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch]) -> int:
             norm.reset_running_stats()
             norm.momentum = None
             norm.train()
-        for batch in batches:
-            model(batch) if isinstance(batch, torch.Tensor) else model(*batch)
+        for batch in itertools.chain([first], remaining):
+            _call(model, batch)
     finally:
         for norm, momentum in momenta:
             norm.momentum = momentum
         for module, training in modes:
             module.training = training
     return len(norms)
+
+
+def _call(model: nn.Module, batch: Batch) -> None:
+    if isinstance(batch, torch.Tensor):
+        model(batch)
+    elif isinstance(batch, Mapping):
+        model(**batch)
+    else:
+        model(*batch)

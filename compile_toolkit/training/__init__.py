@@ -5,7 +5,7 @@
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .loop import TrainResult
+from .run import TrainResult
 from .trainer import train
 
 __all__ = ["Checkpoint", "TrainConfig", "TrainResult", "load_checkpoint", "save_checkpoint", "train"]

@@ -14,16 +14,20 @@ from typing import Any
 from ..errors import CtkError
 from ..fileio import check_output_folder
 from ..models.registry import DEFAULT_SPEC
+from ..tasks import TASKS
 
 STRATEGIES = ("single", "ddp", "spmd")
 OPTIMIZERS = ("sgd", "adam")
-DATASETS = ("digits",)
+PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
 
 # Options that change what a resumed run computes: a checkpoint is only resumed under the same values.
 RESUME_KEYS = (
     "model",
     "weights",
-    "dataset",
+    "data",
+    "task",
+    "input_shape",
     "epochs",
     "batch_size",
     "lr",
@@ -41,6 +45,13 @@ RESUME_KEYS = (
     "recipe",
     "sync_batchnorm",
     "recalibrate_bn",
+    "distill",
+    "distill_weight",
+    "distill_temperature",
+    "precision",
+    "accumulate",
+    "warmup_steps",
+    "lr_schedule",
 )
 
 
@@ -52,13 +63,21 @@ class TrainConfig:
     are averaged, so a run gives the same updates at any world size: users tune ``batch_size`` and
     ``lr`` once. The pruning window (``prune_start``, ``prune_end``) is a fraction of the total
     number of steps, so it scales with ``epochs`` and ``max_steps``. ``recalibrate_bn``
-    re-estimates batch-norm statistics once a run that pruned anything ends (see
-    :func:`~compile_toolkit.training.run_setup.recalibrate_after_pruning`).
+    re-estimates batch-norm statistics once a run that pruned anything ends.
+
+    ``data`` is an image folder, text files or ``file.py:factory`` (``None``: the model's own
+    digits set); ``task`` is inferred from the model and data unless given. ``distill`` adds
+    knowledge distillation from the starting (dense) model; ``accumulate`` splits each process's
+    share of the global batch into that many micro-batches (the same update, less memory);
+    ``warmup_steps`` and ``lr_schedule`` shape the learning rate; ``eval_every`` steps (default:
+    every epoch, and at the end) the task's metric on the validation split is logged.
     """
 
     model: str = DEFAULT_SPEC
     weights: str | None = None
-    dataset: str = "digits"
+    data: str | None = None
+    task: str | None = None
+    input_shape: str | None = None
     strategy: str = "single"
     epochs: int = 3
     batch_size: int = 64
@@ -83,16 +102,39 @@ class TrainConfig:
     mesh: str = "1x1"
     fsdp: bool = False
     log_dir: str | None = None
+    distill: bool = False
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
+    precision: str = "fp32"
+    accumulate: int = 1
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    workers: int = 0
+    evaluate: bool = True
+    eval_every: int | None = None
 
     def validate(self) -> None:
         """Fail on a bad option before any process group, model or data set is built."""
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("dataset", self.dataset, DATASETS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.task is not None:
+            _choice("task", self.task, TASKS)
         _positive_int("epochs", self.epochs)
         _positive_int("batch-size", self.batch_size)
         _positive_int("prune-frequency", self.prune_frequency)
         _positive_int("checkpoint-every", self.checkpoint_every)
+        _positive_int("accumulate", self.accumulate)
+        for option, value in (("warmup-steps", self.warmup_steps), ("workers", self.workers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CtkError(f"--{option} must be a non-negative integer, got {value!r}")
+        if self.eval_every is not None:
+            _positive_int("eval-every", self.eval_every)
+        if not 0 <= self.distill_weight <= 1:
+            raise CtkError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
+        if not self.distill_temperature > 0:
+            raise CtkError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if self.max_steps is not None:
             _positive_int("max-steps", self.max_steps)
         if not self.lr > 0:

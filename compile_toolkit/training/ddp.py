@@ -2,7 +2,7 @@
 
 torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous; this module joins the
 process group (NCCL when CUDA is there, gloo otherwise), wraps the model in DDP and supplies the
-collectives the shared loop needs:
+hooks the one loop (:mod:`.loop`) needs:
 
 - the loss shown and logged is the mean over ranks, i.e. the loss of the global batch;
 - at every mask update each rank hashes its masks and the hashes are all-gathered: masks are
@@ -13,6 +13,7 @@ collectives the shared loop needs:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -26,14 +27,17 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import CtkError
 from ..pruning.masks import Masks
 from .config import TrainConfig
-from .loop import Replica, TrainResult, rng_states, run_training
+from .run import TrainResult, run_training
+from .strategy import Strategy, rng_states
 from .sync_batchnorm import convert_sync_batchnorm
 
 TIMEOUT = datetime.timedelta(minutes=10)
 
 
-class DdpReplica(Replica):
+class DdpStrategy(Strategy):
     """This torchrun worker in the default process group."""
+
+    name = "ddp"
 
     def __init__(self) -> None:
         missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR") if name not in os.environ]
@@ -69,6 +73,9 @@ class DdpReplica(Replica):
     def wrap(self, model: nn.Module) -> nn.Module:
         device_ids = [self.local_rank] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
+
+    def no_sync(self, trained: nn.Module) -> contextlib.AbstractContextManager:
+        return trained.no_sync() if isinstance(trained, DistributedDataParallel) else contextlib.nullcontext()
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         total = value.detach().clone()
@@ -130,13 +137,8 @@ def mask_checksum(masks: Masks) -> int:
 
 def train_ddp(config: TrainConfig, console: Console | None = None) -> TrainResult:
     """Train as this torchrun worker; every worker returns the same result, rank 0 writes files."""
-    replica = DdpReplica()
+    strategy = DdpStrategy()
     try:
-        if config.batch_size % replica.world_size:
-            raise CtkError(
-                f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
-                f"{replica.world_size} processes"
-            )
-        return run_training(config, replica, console)
+        return run_training(config, strategy, console)
     finally:
-        replica.close()
+        strategy.close()

@@ -121,11 +121,6 @@ def shard_parameters(model: nn.Module, mesh: Mesh, specs: dict[str, PartitionSpe
             xs.mark_sharding(param, mesh, specs[name])
 
 
-def batch_spec(ndim: int, data_axis: str) -> PartitionSpec:
-    """Split a batch tensor's first dimension along the data axis, keep the rest whole."""
-    return (data_axis,) + (None,) * (ndim - 1)
-
-
 def sharding_of(tensor: torch.Tensor) -> str:
     """The XLA sharding annotation of a device tensor, e.g. ``{devices=[2,1,2]0,2,1,3
     last_tile_dim_replicate}``; ``""`` when it has none. Shown in logs and checked by tests: it is

@@ -29,29 +29,37 @@ StepProgress = Callable[[int, int, float, float], None]
 
 
 class StepLog:
-    """Per-step metrics (loss, sparsity, throughput) in memory, written as JSON and a PNG plot."""
+    """Per-step metrics (loss, sparsity, throughput, learning rate) and the task's metric at each
+    evaluation, in memory, written as JSON and a PNG plot."""
 
     def __init__(self, folder: str | os.PathLike | None, meta: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder) if folder is not None else None
         self.meta = dict(meta or {})
         self.steps: list[dict[str, float]] = []
+        self.evaluations: list[dict[str, float]] = []
 
-    def append(self, step: int, loss: float, sparsity: float, samples_per_s: float) -> None:
+    def append(self, step: int, loss: float, sparsity: float, samples_per_s: float, lr: float | None = None) -> None:
         """Record the metrics of optimizer step ``step`` (0-based)."""
-        self.steps.append(
-            {"step": step, "loss": float(loss), "sparsity": float(sparsity), "samples_per_s": float(samples_per_s)}
-        )
+        entry = {"step": step, "loss": float(loss), "sparsity": float(sparsity), "samples_per_s": float(samples_per_s)}
+        if lr is not None:
+            entry["lr"] = float(lr)
+        self.steps.append(entry)
+
+    def evaluate(self, done: int, metrics: dict[str, float]) -> None:
+        """Record the validation metrics measured after ``done`` steps."""
+        self.evaluations.append({"step": done, **{name: float(value) for name, value in metrics.items()}})
 
     def resume(self, step: int) -> None:
-        """Reload the log written so far and keep the steps before ``step`` (those a checkpoint holds)."""
+        """Reload the log written so far and keep what came before ``step`` (what a checkpoint holds)."""
         if self.folder is None or not (self.folder / LOG_FILE).is_file():
             return
         path = self.folder / LOG_FILE
         try:
-            previous = json.loads(path.read_text())["steps"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            previous = json.loads(path.read_text())
+            self.steps = [entry for entry in previous["steps"] if entry["step"] < step]
+            self.evaluations = [entry for entry in previous.get("evaluations", []) if entry["step"] <= step]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CtkError(f"training log {path} is not a valid metrics log: {summary(error)}") from error
-        self.steps = [entry for entry in previous if entry["step"] < step]
 
     @property
     def losses(self) -> list[float]:
@@ -63,7 +71,8 @@ class StepLog:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOG_FILE
-        write_atomic(path, json.dumps({"meta": self.meta, "steps": self.steps}, indent=1).encode())
+        log = {"meta": self.meta, "steps": self.steps, "evaluations": self.evaluations}
+        write_atomic(path, json.dumps(log, indent=1).encode())
         return path
 
     def plot(self) -> Path | None:
@@ -76,14 +85,21 @@ class StepLog:
         import matplotlib.pyplot as plt
 
         steps = [entry["step"] for entry in self.steps]
-        figure, loss_axis = plt.subplots(figsize=(7, 4))
+        metric = self._metric_name()
+        figure, axes = plt.subplots(2 if metric else 1, 1, figsize=(7, 6 if metric else 4), sharex=True, squeeze=False)
+        loss_axis = axes[0][0]
         loss_axis.plot(steps, self.losses, color="tab:blue", label="loss")
-        loss_axis.set_xlabel("step")
         loss_axis.set_ylabel("training loss", color="tab:blue")
         sparsity_axis = loss_axis.twinx()
         sparsity_axis.plot(steps, [e["sparsity"] for e in self.steps], color="tab:red", label="sparsity")
         sparsity_axis.set_ylabel("sparsity", color="tab:red")
         sparsity_axis.set_ylim(0, 1)
+        if metric:
+            metric_axis = axes[1][0]
+            metric_axis.plot([e["step"] for e in self.evaluations], [e[metric] for e in self.evaluations],
+                             marker="o", color="tab:green")
+            metric_axis.set_ylabel(f"validation {metric}")
+        axes[-1][0].set_xlabel("step")
         figure.suptitle(str(self.meta.get("title", "sparse training")))
         figure.tight_layout()
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -96,6 +112,13 @@ class StepLog:
             plt.close(figure)
             tmp.unlink(missing_ok=True)
         return path
+
+    def _metric_name(self) -> str | None:
+        """The task's headline metric in the evaluations (top1, perplexity or cosine), if any."""
+        for name in ("top1", "perplexity", "cosine"):
+            if self.evaluations and all(name in e for e in self.evaluations):
+                return name
+        return None
 
 
 def progress_bar(console: Console | None = None, sparsity: bool = True) -> Progress:

@@ -8,7 +8,8 @@ from rich.console import Console
 
 from ..errors import CtkError
 from .config import TrainConfig
-from .loop import Replica, TrainResult, run_training
+from .run import TrainResult, run_training
+from .strategy import Strategy
 
 
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
@@ -25,8 +26,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     if config.strategy == "spmd":
         from .spmd import train_spmd
 
-        return train_spmd(config)
+        return train_spmd(config, console)
     world = os.environ.get("WORLD_SIZE", "1")
     if world != "1":
         raise CtkError(f"--strategy single was started as one of {world} torchrun processes; use --strategy ddp")
-    return run_training(config, Replica(), console)
+    return run_training(config, Strategy(), console)
