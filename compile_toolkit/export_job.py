@@ -113,7 +113,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
                                          seq_len=job.seq_len, text_column=job.text_column,
                                          label_column=job.label_column)
         dense = copy.deepcopy(loaded.module).eval()
-        int8, dense_int8 = quantize_job.export_options(loaded, job.quant_config()) if job.quantize else ({}, {})
+        int8, dense_int8 = quantize_job.export_options(loaded, job.quant_config(), work) if job.quantize else ({}, {})
         report: dict[str, Any] = {"model": loaded.name, "sparsity": job.sparsity if job.pruned else 0.0,
                                   "notes": list(loaded.notes)}
         with timed("measure dense model"):
@@ -143,7 +143,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         if job.quantize:
             with timed("int8: test accuracy, sizes, latency at batch 1 and 8"):
                 report["quantization"] = quantize_job.section(artifacts, dense_artifacts, staging, loaded,
-                                                              max(2, job.latency_rounds // 4))
+                                                              max(2, job.latency_rounds // 4), work)
         report["artifacts"] = [_relative(a.to_dict(), staging) for a in artifacts]
         report.update(_sparse_onnx_ratio(artifacts))
         report["dense"]["artifacts"] = [_relative(a.to_dict(), staging) for a in dense_artifacts]

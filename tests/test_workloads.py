@@ -225,3 +225,18 @@ def test_bad_input_is_one_line_naming_it_and_nothing_is_written(tmp_path, data_f
                           capsys)
     assert_clean_failure(status, err, *needles)
     assert status == 1 and not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_quantize_calibrates_on_the_text_data(tmp_path, capsys):
+    """`--quantize int8` with `--data`: calibrated on the training split's token batches and
+    judged on the validation split, where it used to want a built-in data set."""
+    model = bert_classifier(tmp_path / "bert")
+    args = export_args(model, reviews_jsonl(tmp_path / "reviews.jsonl"), tmp_path / "out", "--quantize", "int8")
+    status, err = run_cli(args, capsys)
+    assert status == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    models = report["quantization"]["models"]
+    assert models["float_stripped"]["accuracy"] == report["metric"]["stripped"]
+    assert 0.0 <= models["int8_stripped"]["accuracy"] <= 1.0 and report["quantization"]["onnx"]["quantized_nodes"]
+    assert (tmp_path / "out" / "model.int8.onnx").is_file()
