@@ -66,6 +66,18 @@ def llama_lm(folder: Path) -> Path:
     return folder
 
 
+def bert_encoder(folder: Path) -> Path:
+    """A 2-layer BertModel (no head: its config names no task, so the task is embed), with its tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = save_tokenizer(folder)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
 def reviews_jsonl(path: Path, rows: list[dict[str, str]] | None = None) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows or review_rows()))
     return path
@@ -167,6 +179,18 @@ def test_hf_task_comes_from_the_config_and_task_overrides_it(tmp_path):
     loaded, work = load_workload(f"hf:{model}", text, batch_size=8, task="embed", seq_len=SEQ)
     assert work.task.name == "embed" and type(loaded.module).__name__ == "HiddenStates"
     assert work.evaluate(loaded.module, loaded.module) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_hf_encoder_on_csv_reports_cosine_to_the_dense_model(tmp_path, capsys):
+    """The embed task: no labels, the metric is the mean cosine of the embeddings to the dense
+    model's (1 for the dense model itself), and recovery distils from it."""
+    data = tmp_path / "sentences.csv"
+    data.write_text("sentence\n" + "\n".join(corpus_lines(40)) + "\n")
+    args = export_args(bert_encoder(tmp_path / "encoder"), data, tmp_path / "out", "--text-column", "sentence")
+    metric = exported_metric(args, capsys)
+    assert metric["name"] == "cosine" and metric["dense"] == 1.0
+    assert 0.0 < metric["pruned"] < 1.0 and metric["onnx"] == metric["stripped"] == metric["pruned"]
 
 
 def bad_input(tmp_path: Path, data_file: Path, kind: str) -> tuple[list[str], list[str]]:
