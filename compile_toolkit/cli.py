@@ -16,11 +16,11 @@ from collections.abc import Iterator, Sequence
 from rich.console import Console
 
 from .errors import CtkError, Terminated
-from .exporters import FORMATS
 from .export_job import IMAGE_LR, TEXT_LR
+from .exporters import FORMATS
 from .tasks import TASKS
-from .workload import DEFAULT_SEQ_LEN
 from .train_job import add_train_parser
+from .workload import DEFAULT_SEQ_LEN
 
 
 def main(argv: Sequence[str] | None = None) -> int:

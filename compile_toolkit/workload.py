@@ -247,7 +247,7 @@ class OnnxRuntimeModel(nn.Module):
         self.names = [i.name for i in self.session.get_inputs()]
 
     def forward(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
-        given = {**dict(zip(self.names, inputs)), **named}
+        given = {**dict(zip(self.names, inputs, strict=False)), **named}  # too many inputs: refused below
         if len(inputs) > len(self.names) or set(given) != set(self.names):
             raise CtkError(f"{self.path.name} takes inputs ({', '.join(self.names)}); the batch has "
                            f"{len(inputs)} positional and ({', '.join(named)}) named")

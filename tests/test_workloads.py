@@ -13,7 +13,6 @@ import torch
 from test_cli import assert_clean_failure, run_cli
 from test_data import WORDS, tiny_tokenizer, write_image_folder
 
-from compile_toolkit.errors import CtkError
 from compile_toolkit.workload import load_workload
 
 SEQ = 16

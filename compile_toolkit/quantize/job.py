@@ -32,8 +32,8 @@ def calibration_batches(loaded: LoadedModel, work: Workload | None = None) -> li
         raise CtkError(f"--quantize int8 needs calibration data: --model {loaded.name!r} has no built-in data "
                        "set (digits-resnet has); give --data, or use the Python API, ctk.export(..., "
                        "quantize='int8', calibration=batches)")
-    columns = [torch.cat(c)[:CALIBRATION_IMAGES] for c in zip(*work.calibration_inputs(CALIBRATION_IMAGES))]
-    return list(zip(*(c.split(CALIBRATION_BATCH) for c in columns)))
+    columns = [torch.cat(c)[:CALIBRATION_IMAGES] for c in zip(*work.calibration_inputs(CALIBRATION_IMAGES), strict=True)]
+    return list(zip(*(c.split(CALIBRATION_BATCH) for c in columns), strict=True))
 
 
 def export_options(loaded: LoadedModel, config: QuantConfig,
