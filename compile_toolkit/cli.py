@@ -16,8 +16,11 @@ from collections.abc import Iterator, Sequence
 from rich.console import Console
 
 from .errors import CtkError, Terminated
+from .export_job import IMAGE_LR, TEXT_LR
 from .exporters import FORMATS
+from .tasks import TASKS
 from .train_job import add_train_parser
+from .workload import DEFAULT_SEQ_LEN
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,8 +84,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--no-finetune", action="store_true",
                         help="skip fine-tuning after pruning (batch-norm statistics are still re-estimated)")
     export.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
-    export.add_argument("--data", help="an image folder (train/<class>/*.png|jpg, val/<class>/...) to fine-tune on "
-                        "and measure top-1 with (default: the model's built-in data, if any)")
+    export.add_argument("--data", help="what to fine-tune on and measure with: 'digits' (the default, the built-in "
+                        "model's data), an image folder (train/<class>/*.png|jpg, val/<class>/...), text (a .txt, "
+                        ".jsonl, .csv or .parquet file or folder, tokenized by the hf: model's tokenizer) or "
+                        "path/to/file.py:factory returning (train_dataset, val_dataset)")
+    export.add_argument("--task", choices=TASKS, help="what the model does with the data, and the metric reported "
+                        "(top-1, perplexity, cosine to the dense model); default: what an hf: folder was saved for, "
+                        "else classify")
+    export.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                        help=f"tokens per text sample: causal-lm blocks, classify/embed rows padded or cut "
+                        f"(default {DEFAULT_SEQ_LEN})")
+    export.add_argument("--text-column", default="text", help="column of .jsonl/.csv/.parquet text (default text)")
+    export.add_argument("--label-column", default="label", help="column of the classification labels (default label)")
+    export.add_argument("--lr", type=float, help=f"fine-tuning learning rate (Adam; default {IMAGE_LR:g}, "
+                        f"{TEXT_LR:g} for text)")
     export.add_argument("--no-distill", action="store_true",
                         help="fine-tune on the labels alone (default: also distil from the dense model)")
     export.add_argument("--batch-size", type=int, default=64, help="fine-tuning and evaluation batch (default 64)")
@@ -131,7 +146,8 @@ def _force_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="digits-resnet", help="digits-resnet (default), torchvision:<name>, timm:<name> or path/to/file.py:factory")
+    parser.add_argument("--model", default="digits-resnet", help="digits-resnet (default), torchvision:<name>, "
+                        "timm:<name>, hf:<folder> (a local Hugging Face folder) or path/to/file.py:factory")
     parser.add_argument("--weights", help="the model's state dict: .safetensors, or .pt/.pth read with torch.load(weights_only=True)")
     parser.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
 
@@ -154,6 +170,11 @@ def _export(args: argparse.Namespace) -> int:
         sparse_onnx=args.sparse_onnx,
         force=args.force,
         data=args.data,
+        task=args.task,
+        seq_len=args.seq_len,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        lr=args.lr,
         distill=not args.no_distill,
         batch_size=args.batch_size,
         quantize=args.quantize,

@@ -31,11 +31,13 @@ from .quantize import job as quantize_job
 from .report import write_reports
 from .strip import strip
 from .training.checkpoint import Checkpoint, load_checkpoint
-from .workload import OnnxRuntimeModel, Workload, load_workload
+from .workload import DEFAULT_SEQ_LEN, OnnxRuntimeModel, PositionalInputs, Workload, load_workload
 
 Step = Callable[[str], AbstractContextManager]
 
 DENSE_FORMATS = ("torchscript", "pt2", "onnx")  # sizes for comparison; ONNX also for latency
+IMAGE_LR, TEXT_LR = 5e-3, 1e-4  # Adam; a pretrained transformer forgets at the small convnets' rate
+METRIC_DIGITS = 4  # significant digits of report.json's metric: ONNX Runtime equals PyTorch to these
 
 
 @dataclass
@@ -55,6 +57,11 @@ class ExportJob:
     sparse_onnx: bool = False
     force: bool = False
     data: str | None = None
+    task: str | None = None  # classify | causal-lm | embed; default: what the model was saved for
+    seq_len: int = DEFAULT_SEQ_LEN
+    text_column: str = "text"
+    label_column: str = "label"
+    lr: float | None = None  # default: IMAGE_LR, or TEXT_LR for text data (pretrained transformers)
     distill: bool = True
     batch_size: int = 64
     latency_rounds: int = 60
@@ -79,6 +86,10 @@ class ExportJob:
             raise CtkError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.finetune_epochs < 0:
             raise CtkError(f"finetune epochs must be >= 0, got {self.finetune_epochs}")
+        if self.lr is not None and not self.lr > 0:
+            raise CtkError(f"--lr must be positive, got {self.lr}")
+        if self.seq_len < 2:
+            raise CtkError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
         if self.checkpoint is not None and self.weights is not None:
             raise CtkError("--checkpoint brings its own weights: drop --weights")
         self.quant_config()
@@ -98,16 +109,18 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
     timed = _timer(job, step)
     with staged_folder(job.out_dir, force=job.force) as staging:
         with timed("load model"):
-            loaded, work = load_workload(job.model, job.data, job.weights, job.input_shape, job.batch_size)
+            loaded, work = load_workload(job.model, job.data, job.weights, job.input_shape, job.batch_size, job.task,
+                                         seq_len=job.seq_len, text_column=job.text_column,
+                                         label_column=job.label_column)
         dense = copy.deepcopy(loaded.module).eval()
-        int8, dense_int8 = quantize_job.export_options(loaded, job.quant_config()) if job.quantize else ({}, {})
+        int8, dense_int8 = quantize_job.export_options(loaded, job.quant_config(), work) if job.quantize else ({}, {})
         report: dict[str, Any] = {"model": loaded.name, "sparsity": job.sparsity if job.pruned else 0.0,
                                   "notes": list(loaded.notes)}
         with timed("measure dense model"):
-            report["dense"] = _measure(dense, loaded, work)
+            report["dense"] = _measure(dense, loaded, work, dense)
         if trained is not None:
             with timed(f"load sparse-trained checkpoint {trained.path}"):
-                report["pruning"] = _apply_checkpoint(trained, job, loaded, work)
+                report["pruning"] = _apply_checkpoint(trained, job, loaded, work, dense)
             report["sparsity"] = report["pruning"]["sparsity"]
         elif job.pruned:
             report["pruning"] = _prune(job, loaded, work, dense, timed)
@@ -115,7 +128,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
             stripped = strip(loaded.module, loaded.example_inputs)
         report["strip"] = stripped.meta["ctk_strip"]
         with timed("measure stripped model"):
-            report["stripped"] = _measure(stripped, loaded, work)
+            report["stripped"] = _measure(PositionalInputs(stripped), loaded, work, dense)
         formats = tuple(dict.fromkeys((*job.formats, "onnx")))  # ONNX always: latency is measured in ORT
         with timed(f"export and verify {', '.join(formats)}"):
             artifacts = export(stripped, loaded.example_inputs, str(staging), formats, reference=loaded.module,
@@ -126,11 +139,11 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
             _latency(report, staging, loaded, job.latency_rounds)
         if work is not None:
             with timed(f"measure {work.task.metric} of the ONNX artifact in ONNX Runtime"):
-                report["metric"] = _metric_summary(report, work, next(a for a in artifacts if a.format == "onnx"))
+                report["metric"] = _metric_summary(report, work, next(a for a in artifacts if a.format == "onnx"), dense)
         if job.quantize:
             with timed("int8: test accuracy, sizes, latency at batch 1 and 8"):
                 report["quantization"] = quantize_job.section(artifacts, dense_artifacts, staging, loaded,
-                                                              max(2, job.latency_rounds // 4))
+                                                              max(2, job.latency_rounds // 4), work)
         report["artifacts"] = [_relative(a.to_dict(), staging) for a in artifacts]
         report.update(_sparse_onnx_ratio(artifacts))
         report["dense"]["artifacts"] = [_relative(a.to_dict(), staging) for a in dense_artifacts]
@@ -166,21 +179,29 @@ def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn
     with timed(f"prune {job.sparsity:.0%} of channels (L1, coupled groups)"):
         result = prune(loaded.module, loaded.example_inputs, sparsity=job.sparsity, structure="channel")
     summary = result.to_dict()
-    summary["accuracy_before_finetune"] = _metric(loaded.module, work)
+    summary["accuracy_before_finetune"] = _metric(loaded.module, work, dense)
     if job.finetune and work is not None and job.finetune_epochs:
-        how = " from the dense model (distillation)" if job.distill else ""
+        distill = job.distill or work.task.name == "embed"  # embeddings have no labels: the teacher is the target
+        how = " from the dense model (distillation)" if distill else ""
         with timed(f"fine-tune {job.finetune_epochs} epochs with masks held{how}"):
             summary["finetune_losses"] = finetune(loaded.module, work.splits.train, result.masks,
-                                                  epochs=job.finetune_epochs, batch_size=job.batch_size,
-                                                  task=work.task, teacher=dense if job.distill else None)
-        summary["distilled"] = job.distill
+                                                  epochs=job.finetune_epochs, lr=_lr(job, work),
+                                                  batch_size=job.batch_size, task=work.task,
+                                                  teacher=dense if distill else None)
+        summary["distilled"] = distill
     elif work is not None:
         # Batch norms would keep the dense network's statistics (digits-resnet at 50%: 15% test accuracy
         # with them, 54% re-estimated); fine-tuning re-estimates them anyway.
         with timed("re-estimate batch-norm statistics (no fine-tuning)"):
             summary["batchnorm_recalibrated"] = recalibrate_batchnorm(loaded.module, work.calibration_inputs())
-    summary["accuracy"] = _metric(loaded.module, work)
+    summary["accuracy"] = _metric(loaded.module, work, dense)
     return summary
+
+
+def _lr(job: ExportJob, work: Workload) -> float:
+    if job.lr is not None:
+        return job.lr
+    return TEXT_LR if isinstance(work.splits.val[0], dict) else IMAGE_LR  # token dicts: a transformer
 
 
 def _read_checkpoint(job: ExportJob) -> Checkpoint:
@@ -193,7 +214,7 @@ def _read_checkpoint(job: ExportJob) -> Checkpoint:
 
 
 def _apply_checkpoint(checkpoint: Checkpoint, job: ExportJob, loaded: LoadedModel,
-                      work: Workload | None) -> dict[str, Any]:
+                      work: Workload | None, dense: nn.Module) -> dict[str, Any]:
     """Put the checkpoint's weights and masks into the model instead of pruning here: the masks
     were chosen during training, so re-pruning would throw that work away."""
     source = f"--checkpoint {checkpoint.path}"
@@ -211,36 +232,35 @@ def _apply_checkpoint(checkpoint: Checkpoint, job: ExportJob, loaded: LoadedMode
         "step": checkpoint.step,
         "sparsity": 1 - kept / total if total else 0.0,
         "masked_weights": sorted(masks),
-        "accuracy": _metric(loaded.module, work),
+        "accuracy": _metric(loaded.module, work, dense),
     }
 
 
-def _measure(module: nn.Module, loaded: LoadedModel, work: Workload | None) -> dict[str, Any]:
+def _measure(module: nn.Module, loaded: LoadedModel, work: Workload | None, dense: nn.Module) -> dict[str, Any]:
     return {
         "params": metrics.count_params(module),
         "flops": metrics.count_flops(module, loaded.example_inputs),
-        "accuracy": _metric(module, work),
+        "accuracy": _metric(module, work, dense),
     }
 
 
-def _metric(module: nn.Module, work: Workload | None) -> float | None:
-    return work.evaluate(module) if work is not None else None
+def _metric(module: nn.Module, work: Workload | None, dense: nn.Module) -> float | None:
+    """The task's metric on the validation split; the embed task's is the cosine to ``dense``."""
+    return work.evaluate(module, dense) if work is not None else None
 
 
-def _metric_summary(report: dict[str, Any], work: Workload, onnx: Artifact) -> dict[str, Any]:
+def _metric_summary(report: dict[str, Any], work: Workload, onnx: Artifact, dense: nn.Module) -> dict[str, Any]:
     """The task's metric on the validation split for the dense, pruned and stripped models and
-    for the ONNX file as ONNX Runtime runs it (a static-batch file reads full batches only)."""
+    for the ONNX file as ONNX Runtime runs it (a static-batch file reads full batches only), to
+    :data:`METRIC_DIGITS` significant digits: float rounding below them is no difference in the
+    metric, so the ONNX value reads equal to the stripped model's."""
     static = onnx.static_batch
     loader = work.val_loader(static, drop_last=True) if static else work.val_loader()
-    onnx_value = work.task.evaluate(OnnxRuntimeModel(onnx.path), loader)[work.task.metric]
-    return {
-        "name": work.task.metric,
-        "split": "validation",
-        "dense": report["dense"]["accuracy"],
-        "pruned": report.get("pruning", {}).get("accuracy"),
-        "stripped": report["stripped"]["accuracy"],
-        "onnx": onnx_value,
-    }
+    onnx_value = work.task.evaluate(OnnxRuntimeModel(onnx.path), loader, dense)[work.task.metric]
+    values = {"dense": report["dense"]["accuracy"], "pruned": report.get("pruning", {}).get("accuracy"),
+              "stripped": report["stripped"]["accuracy"], "onnx": onnx_value}
+    rounded = {k: None if v is None else float(f"{v:.{METRIC_DIGITS}g}") for k, v in values.items()}
+    return {"name": work.task.metric, "split": "validation", **rounded}
 
 
 def _latency(report: dict[str, Any], staging: Path, loaded: LoadedModel, rounds: int) -> None:

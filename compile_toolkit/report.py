@@ -38,10 +38,17 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ("ORT latency, batch 1", f"{dense['latency_ms']:.3f} ms", f"{stripped['latency_ms']:.3f} ms", f"{report['speedup']:.2f}x faster")
         )
     if dense.get("accuracy") is not None:
+        label, form = METRIC_ROWS[report.get("metric", {}).get("name", "top1")]
         pruned = report.get("pruning", {}).get("accuracy")
-        middle = f" (pruned {pruned:.2%})" if pruned is not None else ""
-        rows.append(("test accuracy", f"{dense['accuracy']:.2%}", f"{stripped['accuracy']:.2%}{middle}", f"{stripped['accuracy'] - dense['accuracy']:+.2%}"))
+        middle = f" (pruned {pruned:{form}})" if pruned is not None else ""
+        rows.append((label, f"{dense['accuracy']:{form}}", f"{stripped['accuracy']:{form}}{middle}",
+                     f"{stripped['accuracy'] - dense['accuracy']:+{form}}"))
     return rows
+
+
+# the task metric's row: label and format (report.json's metric.name; digits and image folders: top1)
+METRIC_ROWS = {"top1": ("test accuracy", ".2%"), "perplexity": ("perplexity (validation)", ".2f"),
+               "cosine": ("cosine to dense (validation)", ".4f")}
 
 
 def console_tables(report: dict[str, Any]) -> list[Table]:

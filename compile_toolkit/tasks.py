@@ -126,6 +126,25 @@ class Task:
         if logits.shape[-1] > 5:
             meter.add("top5", float((top == labels[:, None]).any(dim=-1).sum()), len(labels))
 
+    def output_problem(self, outputs: Any, inputs: tuple[torch.Tensor, ...]) -> str:
+        """Why ``outputs`` (of the model on ``inputs``) are not what this task reads; empty when
+        they are: checked once on a real batch, so a mismatch fails before any training."""
+        found = getattr(outputs, "logits", getattr(outputs, "last_hidden_state", outputs))
+        shape = list(found.shape) if isinstance(found, torch.Tensor) else type(outputs).__name__
+        batch = inputs[0].shape[0]
+        if self.name == "classify":
+            want = self.num_classes or "classes"
+            fits = isinstance(found, torch.Tensor) and found.dim() == 2 and found.shape[0] == batch and (
+                self.num_classes is None or found.shape[1] == self.num_classes)
+            need = f"logits [batch, {want}]"
+        else:
+            tokens = inputs[0].shape[1] if inputs[0].dim() == 2 else None
+            fits = isinstance(found, torch.Tensor) and found.dim() == 3 and tokens is not None and (
+                tuple(found.shape[:2]) == (batch, tokens))
+            need = "logits [batch, tokens, vocabulary]" if self.name == "causal-lm" else "hidden states [batch, tokens, features]"
+            need += " of token-id inputs [batch, tokens]"
+        return "" if fits else f"it returns {shape}, and {self.name} needs {need}"
+
     def _check_logits(self, logits: torch.Tensor) -> None:
         if logits.dim() != 2 or (self.num_classes is not None and logits.shape[-1] != self.num_classes):
             raise CtkError(f"the model returns logits of shape {list(logits.shape)}; the data has "

@@ -1,9 +1,12 @@
 """A workload: the user's model together with their data and task, as the jobs consume it.
 
-``ctk export --data folder`` and the built-in digits set end up the same shape here: data
-splits, a :class:`~compile_toolkit.tasks.Task`, example inputs drawn from the real validation
-images, and one way to measure the task's metric on a module or on an exported ONNX file. The
-jobs never ask which data set they hold.
+``--data`` is the built-in digits set (``digits``, the default), an image folder, text files
+(``.txt``/``.jsonl``/``.csv``/``.parquet``, or a folder of them, tokenized with the ``hf:``
+model's tokenizer) or ``file.py:factory`` returning ``(train_dataset, val_dataset)``. Each ends up
+the same shape here: data splits, a :class:`~compile_toolkit.tasks.Task`, example inputs drawn
+from the real validation split, and one way to measure the task's metric on a module or on an
+exported ONNX file. The jobs never ask which data set they hold. Every check that can fail on the
+user's data runs here, before any heavy work, so a bad input is one line and nothing written.
 """
 
 from __future__ import annotations
@@ -11,22 +14,26 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .capture import eval_mode
 from .data.images import class_names, image_folder, model_preprocessing
 from .data.splits import DataSplits
-from .data.text import READERS
-from .errors import CtkError
-from .models import LoadedModel, load_model
-from .models.registry import parse_input_shape
+from .data.text import READERS, text_files
+from .errors import CtkError, summary
+from .models import LoadedModel, load_digits_dataset, load_model
 from .models.digits import Dataset
+from .models.registry import call_factory, hf_folder, hf_task, hf_tokenizer, is_factory_spec, parse_input_shape
 from .tasks import Task, model_inputs
 
 EXAMPLE_BATCH = 8
 CALIBRATION_SAMPLES = 512  # batch-norm re-estimation after pruning
+DEFAULT_SEQ_LEN = 128
+DIGITS = "digits"
 
 
 @dataclass
@@ -41,20 +48,26 @@ class Workload:
         return DataLoader(self.splits.val, batch_size=batch_size or self.batch_size, drop_last=drop_last)
 
     def evaluate(self, module: nn.Module, reference: nn.Module | None = None) -> float:
-        """The task's metric on the validation split."""
+        """The task's metric on the validation split (``embed`` compares with ``reference``, the dense model)."""
         return self.task.evaluate(module, self.val_loader(), reference)[self.task.metric]
 
     def calibration_inputs(self, samples: int = CALIBRATION_SAMPLES) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Model inputs from the training split, in order, ``samples`` at most (no labels used)."""
+        """Model inputs of the training split, in order, ``samples`` at most (no labels used), as
+        positional tuples: images, or the token tensors in the data set's order (``input_ids``,
+        ``attention_mask``: the order the ``hf:`` wrappers and their ONNX files take them in)."""
         seen = 0
         for batch in DataLoader(self.splits.train, batch_size=self.batch_size):
             if seen >= samples:
                 return
-            args, kwargs = model_inputs(batch)
-            if kwargs:
-                raise CtkError("batch-norm re-estimation takes positional image batches, not token dicts")
-            seen += len(args[0])
-            yield args
+            inputs = positional(batch)
+            seen += len(inputs[0])
+            yield inputs
+
+
+def positional(batch: Any) -> tuple[torch.Tensor, ...]:
+    """A batch's model inputs as one positional tuple (what capture and the exporters take)."""
+    args, kwargs = model_inputs(batch)
+    return (*args, *kwargs.values())
 
 
 def digits_workload(dataset: Dataset) -> Workload:
@@ -66,36 +79,160 @@ def digits_workload(dataset: Dataset) -> Workload:
 
 
 def load_workload(model: str, data: str | None, weights: str | None = None,
-                  input_shape: tuple[int, ...] | str | None = None, batch_size: int = 64) -> tuple[LoadedModel, Workload | None]:
-    """The model, and the workload of ``data`` (an image folder) or of the model's built-in data.
+                  input_shape: tuple[int, ...] | str | None = None, batch_size: int = 64,
+                  task: str | None = None, *, seq_len: int = DEFAULT_SEQ_LEN, text_column: str = "text",
+                  label_column: str = "label") -> tuple[LoadedModel, Workload | None]:
+    """The model, and the workload of ``data`` (see the module docstring) for ``task`` (default:
+    what the model was saved for, else classification).
 
-    With ``data``, a ``torchvision:``/``timm:`` classifier is built with one output per class
-    folder, images are preprocessed the model's way, and the example inputs are real validation
-    images, so everything measured afterwards (FLOPs, latency, verification) sees real inputs.
+    With data, the model is sized for it (one output per class), its example inputs become a real
+    validation batch, so everything measured afterwards (FLOPs, latency, verification) sees real
+    inputs, and its output is checked to fit the task. Without data a model with no built-in
+    data set gets no workload (``None``): it can be stripped and exported, not measured.
     """
-    if data is None:
-        loaded = load_model(model, weights, input_shape)
-        return loaded, digits_workload(loaded.dataset) if loaded.dataset is not None else None
-    root = Path(data)
-    if root.is_file() or (root.is_dir() and not (root / "train").is_dir()
-                          and any(p.suffix.lower() in READERS for p in root.rglob("*"))):
-        raise CtkError(f"--data {root} is text; ctk export reads image folders (train/<class>/, val/<class>/) "
-                       "for now, and text through the Python API (compile_toolkit.data.text)")
-    classes = class_names(root)
+    if task is not None:
+        Task(task)  # an unknown name is an error before anything loads
     shape = parse_input_shape(input_shape) if isinstance(input_shape, str) else input_shape
+    if data is None or data == DIGITS:
+        return _digits(model, data, weights, shape, batch_size, task)
+    if is_factory_spec(data):
+        return _factory_data(model, data, weights, shape, batch_size, task)
+    path = Path(data)
+    if _is_text(path):
+        return _text(model, path, weights, shape, batch_size, task, seq_len, text_column, label_column)
+    return _images(model, path, weights, shape, batch_size, task)
+
+
+def _is_text(path: Path) -> bool:
+    """A text file, or a folder of text files that is not an image folder (no ``train/`` folder)."""
+    if path.is_file():
+        return True
+    return path.is_dir() and not (path / "train").is_dir() and any(p.suffix.lower() in READERS for p in path.rglob("*"))
+
+
+def _digits(model: str, data: str | None, weights: str | None, shape: tuple[int, ...] | None, batch_size: int,
+            task: str | None) -> tuple[LoadedModel, Workload | None]:
+    if task not in (None, "classify"):
+        raise CtkError(f"--task {task} does not fit the digits data set (labelled images: --task classify)")
+    if data is None:
+        loaded = load_model(model, weights, shape)
+        if loaded.dataset is None:
+            return loaded, None
+    else:
+        digits = load_digits_dataset()
+        loaded = load_model(model, weights, shape or (EXAMPLE_BATCH, *digits.x_test.shape[1:]),
+                            num_classes=None if model == "digits-resnet" else digits.num_classes)
+        loaded.dataset = digits
+    work = digits_workload(loaded.dataset)
+    work.batch_size = batch_size
+    _check_sizes(work.splits, batch_size, data or DIGITS)
+    return loaded, work
+
+
+def _images(model: str, root: Path, weights: str | None, shape: tuple[int, ...] | None, batch_size: int,
+            task: str | None) -> tuple[LoadedModel, Workload]:
+    """An image folder: a ``torchvision:``/``timm:`` classifier gets one output per class folder and
+    the model's own preprocessing."""
+    if task not in (None, "classify"):
+        raise CtkError(f"--task {task} does not fit --data {root}: an image folder is labelled images (--task classify)")
+    classes = class_names(root)
     loaded = load_model(model, weights, shape, num_classes=len(classes))
     splits = image_folder(root, model_preprocessing(loaded.module, shape))
-    work = Workload(splits, Task("classify", len(classes)), batch_size)
-    batch = shape[0] if shape else EXAMPLE_BATCH
-    images = next(iter(work.val_loader(batch)))[0]
-    loaded.example_inputs = (images,)
+    return loaded, _workload(loaded, splits, Task("classify", len(classes)), batch_size, shape, str(root))
+
+
+def _text(model: str, path: Path, weights: str | None, shape: tuple[int, ...] | None, batch_size: int,
+          task: str | None, seq_len: int, text_column: str, label_column: str) -> tuple[LoadedModel, Workload]:
+    """Text tokenized with the ``hf:`` folder's own tokenizer, shaped for the task."""
+    if not model.startswith("hf:"):
+        raise CtkError(f"--data {path} is text, tokenized with the model's tokenizer, and --model {model} brings "
+                       "none: use an hf:<folder> model (its folder carries the tokenizer)")
+    task = task or hf_task(model)
+    tokenizer = hf_tokenizer(model)
+    if tokenizer is None:
+        raise CtkError(f"--model {model}: the folder {hf_folder(model)} has no tokenizer (tokenizer.json, "
+                       f"tokenizer_config.json), and --data {path} is text to tokenize")
+    splits = text_files(path, tokenizer, task, seq_len, text_column, label_column)
+    loaded = load_model(model, weights, None, num_classes=splits.num_classes, task=task)
+    return loaded, _workload(loaded, splits, Task(task, splits.num_classes), batch_size, shape, str(path))
+
+
+def _factory_data(model: str, spec: str, weights: str | None, shape: tuple[int, ...] | None, batch_size: int,
+                  task: str | None) -> tuple[LoadedModel, Workload]:
+    """``file.py:factory`` returning ``(train_dataset, val_dataset)`` of the task's batches
+    (``(inputs, label)`` pairs or dicts of tensors); a ``classes`` attribute on the training set
+    sizes a classifier."""
+    made = call_factory(spec, "data")
+    if not (isinstance(made, tuple) and len(made) == 2 and all(_is_dataset(d) for d in made)):
+        raise CtkError(f"--data {spec} returned {type(made).__name__}; it must return (train_dataset, val_dataset), "
+                       "map-style data sets (__len__ and __getitem__)")
+    classes = getattr(made[0], "classes", None)
+    classes = [str(c) for c in classes] if classes is not None else None
+    example = positional(next(iter(DataLoader(made[1], batch_size=EXAMPLE_BATCH)))) if len(made[1]) else None
+    images = example is not None and example[0].is_floating_point() and not model.startswith("hf:")
+    loaded = load_model(model, weights, shape or (tuple(example[0].shape) if images else None),
+                        num_classes=len(classes) if classes else None, task=task)
+    name = task or loaded.task or "classify"
+    splits = DataSplits(Path(spec.rpartition(":")[0]).stem, made[0], made[1], classes)
+    return loaded, _workload(loaded, splits, Task(name, splits.num_classes), batch_size, shape, spec)
+
+
+def _is_dataset(value: object) -> bool:
+    return hasattr(value, "__len__") and hasattr(value, "__getitem__")
+
+
+def _workload(loaded: LoadedModel, splits: DataSplits, task: Task, batch_size: int,
+              shape: tuple[int, ...] | None, data: str) -> Workload:
+    """The workload of ``splits``, with ``loaded``'s example inputs replaced by a real validation
+    batch (``--input-shape``'s batch size, else :data:`EXAMPLE_BATCH`) and checked to fit ``task``."""
+    _check_sizes(splits, batch_size, data)
+    work = Workload(splits, task, batch_size)
+    loaded.example_inputs = positional(next(iter(work.val_loader(shape[0] if shape else EXAMPLE_BATCH))))
     loaded.dataset = None
-    return loaded, work
+    _check_fits(loaded, task, data)
+    return work
+
+
+def _check_sizes(splits: DataSplits, batch_size: int, data: str) -> None:
+    if len(splits.val) == 0:
+        raise CtkError(f"--data {data} has an empty validation split: nothing to measure the model on")
+    if batch_size > len(splits.train):
+        raise CtkError(f"--batch-size {batch_size} is larger than the training split of --data {data} "
+                       f"({len(splits.train)} samples)")
+
+
+def _check_fits(loaded: LoadedModel, task: Task, data: str) -> None:
+    """Run one validation batch, so a model that cannot take the data, or whose output is not what
+    the task reads, fails here in one line instead of after pruning."""
+    try:
+        with eval_mode(loaded.module), torch.no_grad():
+            outputs = loaded.module(*loaded.example_inputs)
+    except Exception as exc:  # the user's model on the user's data: theirs to see, in one line
+        shapes = ", ".join(str(list(t.shape)) for t in loaded.example_inputs)
+        raise CtkError(f"--model {loaded.name} cannot run a batch of --data {data} (inputs {shapes}): "
+                       f"{summary(exc)}") from exc
+    problem = task.output_problem(outputs, loaded.example_inputs)
+    if problem:
+        raise CtkError(f"--task {task.name} does not fit --model {loaded.name}: {problem}")
+
+
+class PositionalInputs(nn.Module):
+    """``module`` called with a tokenized batch's tensors by position, in the batch's order (the
+    order :func:`positional` made the example inputs in): a GraphModule from ``torch.export``, such
+    as the stripped model, takes no keyword arguments."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs: torch.Tensor, **named: torch.Tensor) -> Any:
+        return self.module(*inputs, *named.values())
 
 
 class OnnxRuntimeModel(nn.Module):
     """An ONNX file run by ONNX Runtime behind a module's call, so the task measures the artifact
-    with the same code it measures PyTorch modules with."""
+    with the same code it measures PyTorch modules with. Inputs come by position or by the ONNX
+    input's name (a tokenized batch: ``input_ids=..., attention_mask=...``)."""
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
@@ -105,9 +242,14 @@ class OnnxRuntimeModel(nn.Module):
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = default_threads()
+        self.path = Path(path)
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.names, inputs, strict=True)}
+    def forward(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
+        given = {**dict(zip(self.names, inputs, strict=False)), **named}  # too many inputs: refused below
+        if len(inputs) > len(self.names) or set(given) != set(self.names):
+            raise CtkError(f"{self.path.name} takes inputs ({', '.join(self.names)}); the batch has "
+                           f"{len(inputs)} positional and ({', '.join(named)}) named")
+        feeds = {name: given[name].detach().cpu().numpy() for name in self.names}
         return torch.from_numpy(self.session.run(None, feeds)[0])

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,10 @@ DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 DIGITS_EXAMPLE_BATCH = 8
 INPUT_SEED = 0
 INIT_SEED = 0
-VALID_SPECS = "'digits-resnet', 'torchvision:<name>', 'timm:<name>' or 'path/to/file.py:factory'"
+VALID_SPECS = "'digits-resnet', 'torchvision:<name>', 'timm:<name>', 'hf:<folder>' or 'path/to/file.py:factory'"
+HF_EXAMPLE_SHAPE = (2, 16)  # token ids [batch, tokens] until the data brings real ones
+HF_AUTO_CLASSES = {"classify": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM",
+                   "embed": "AutoModel"}
 # Example inputs are a few samples; a shape beyond this is a typo, and allocating it would exhaust
 # memory (or get the process killed) before any error could be shown.
 MAX_INPUT_BYTES = 4 << 30
@@ -44,13 +48,16 @@ class LoadedModel:
     """A model ready for capture: ``module`` is in eval mode and runs on ``example_inputs``.
 
     ``notes`` says what loading changed that the user did not ask for in so many words (weights
-    converted to the model's dtype), for reports to repeat."""
+    converted to the model's dtype), for reports to repeat. ``task`` is the task the model was
+    built for when the spec says (``hf:`` folders), and ``tokenizer`` the one it came with."""
 
     name: str
     module: nn.Module
     example_inputs: tuple[torch.Tensor, ...]
     dataset: Dataset | None
     notes: list[str] = field(default_factory=list)
+    task: str | None = None
+    tokenizer: Any = None
 
 
 def load_model(
@@ -58,12 +65,15 @@ def load_model(
     weights: str | Path | None = None,
     input_shape: tuple[int, ...] | str | None = None,
     num_classes: int | None = None,
+    task: str | None = None,
 ) -> LoadedModel:
     """Build the model named by ``spec``, optionally load safetensors ``weights``, check it runs.
 
     ``input_shape`` (a tuple, or text for :func:`parse_input_shape`) overrides the example input
     shape; ``file.py:factory`` specs require it. ``num_classes`` sizes the classifier of a
-    ``torchvision:``/``timm:`` architecture for the user's data (their default is ImageNet's 1000).
+    ``torchvision:``/``timm:``/``hf:`` model for the user's data (their default is ImageNet's
+    1000, or the folder's labels). ``task`` picks the head of an ``hf:`` folder (default: the
+    one its config names, see :func:`hf_task`).
     """
     if input_shape is not None:
         input_shape = _check_shape(input_shape)
@@ -73,12 +83,15 @@ def load_model(
         loaded = _load_torchvision(spec, input_shape or DEFAULT_IMAGE_SHAPE, num_classes)
     elif spec.startswith("timm:"):
         loaded = _load_timm(spec, input_shape, num_classes)
-    elif _is_file_spec(spec):
+    elif spec.startswith("hf:"):
+        loaded = _load_hf(spec, task, input_shape, num_classes)
+    elif is_factory_spec(spec):
         loaded = _load_factory(spec, input_shape)
     else:
         raise CtkError(f"unknown model {spec!r}: use {VALID_SPECS}")
     if weights is not None:
-        loaded.notes += load_safetensors_weights(loaded.module, weights, f"--weights {weights}", num_classes)
+        target = loaded.module.model if spec.startswith("hf:") else loaded.module  # not the wrapper's names
+        loaded.notes += load_safetensors_weights(target, weights, f"--weights {weights}", num_classes)
     loaded.module.eval()
     _check_forward(loaded)
     return loaded
@@ -278,48 +291,138 @@ def _classes(num_classes: int | None) -> dict[str, int]:
     return {"num_classes": num_classes}
 
 
-def _is_file_spec(spec: str) -> bool:
-    path, sep, factory = spec.rpartition(":")
-    return bool(sep) and path.endswith(".py") and bool(factory)
+def hf_folder(spec: str) -> Path:
+    """The folder of an ``hf:<folder>`` spec, checked to be a Hugging Face model folder."""
+    folder = Path(spec.split(":", 1)[1]).expanduser()
+    if not folder.is_dir():
+        raise CtkError(f"--model {spec}: no such folder {folder}")
+    if not (folder / "config.json").is_file():
+        raise CtkError(f"--model {spec}: {folder} has no config.json (a folder written by save_pretrained)")
+    return folder
+
+
+def hf_task(spec: str) -> str:
+    """The task the folder's config was saved for: ``architectures`` ending in
+    ``ForSequenceClassification`` -> classify, ``ForCausalLM``/``LMHeadModel`` -> causal-lm, anything
+    else (a base model such as ``BertModel``) -> embed."""
+    architectures = _hf_config(spec).get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "classify"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal-lm"
+    return "embed"
+
+
+def _hf_config(spec: str) -> dict[str, Any]:
+    import json
+
+    path = hf_folder(spec) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CtkError(f"--model {spec}: {path} is not a JSON config: {summary(exc)}") from exc
+    if not isinstance(config, dict):
+        raise CtkError(f"--model {spec}: {path} is not a JSON object")
+    return config
+
+
+def hf_tokenizer(spec: str) -> Any:
+    """The tokenizer saved in the folder, or ``None`` when it has none (read locally only)."""
+    from transformers import AutoTokenizer
+
+    folder = hf_folder(spec)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                                                       "tokenizer.model")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CtkError(f"--model {spec}: the tokenizer in {folder} cannot be read: {summary(exc)}") from exc
+
+
+def _load_hf(spec: str, task: str | None, input_shape: tuple[int, ...] | None,
+             num_classes: int | None) -> LoadedModel:
+    """A local Hugging Face folder through the Auto class of ``task``, wrapped to return the one
+    tensor the task reads (see :mod:`compile_toolkit.llm.wrap`); nothing is downloaded. A
+    classifier saved for another number of labels gets a fresh head for ``num_classes``."""
+    import transformers
+
+    from compile_toolkit.llm.wrap import CausalLMLogits, HiddenStates, SequenceLogits
+
+    folder, task = hf_folder(spec), task or hf_task(spec)
+    if task not in HF_AUTO_CLASSES:
+        raise CtkError(f"--task {task!r} does not fit --model {spec}; hf: folders take {', '.join(HF_AUTO_CLASSES)}")
+    auto = getattr(transformers, HF_AUTO_CLASSES[task])
+    options: dict[str, Any] = {"num_labels": num_classes, "ignore_mismatched_sizes": True} if num_classes else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)  # a head the folder lacks starts from seeded weights
+        try:
+            model = auto.from_pretrained(str(folder), local_files_only=True, **options)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CtkError(f"--task {task} does not fit --model {spec}: {HF_AUTO_CLASSES[task]} cannot load it: "
+                           f"{summary(exc)}") from exc
+    wrapper = {"classify": SequenceLogits, "causal-lm": CausalLMLogits, "embed": HiddenStates}[task]
+    notes = []
+    saved = len(_hf_config(spec).get("id2label") or {}) if hf_task(spec) == "classify" else None
+    if num_classes and saved and saved != num_classes:
+        notes.append(f"classifier head newly initialised for {num_classes} classes ({folder} has {saved})")
+    tokenizer = hf_tokenizer(spec)
+    if task == "classify" and model.config.pad_token_id is None and tokenizer is not None:
+        # a decoder classifies at the last token before padding, which it finds by this id
+        model.config.pad_token_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    shape = input_shape or HF_EXAMPLE_SHAPE
+    if len(shape) != 2:
+        raise CtkError(f"--input-shape {','.join(map(str, shape))} is not token ids [batch, tokens] for --model {spec}")
+    generator = torch.Generator().manual_seed(INPUT_SEED)
+    ids = torch.randint(0, model.config.vocab_size, shape, generator=generator)
+    return LoadedModel(spec, wrapper(model), (ids, torch.ones_like(ids)), None, notes, task, tokenizer)
 
 
 def _load_factory(spec: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
     """Import a user's Python file by path and call its factory (seeded) to build the module."""
-    file_text, _, factory_name = spec.rpartition(":")
-    path = Path(file_text).expanduser()
     if input_shape is None:
         raise CtkError(f"model {spec!r} needs an input shape (--input-shape, e.g. 1,3,224,224)")
+    module = call_factory(spec, "model")
+    if not isinstance(module, nn.Module):
+        raise CtkError(f"factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module")
+    return LoadedModel(spec, module, (_random_input(input_shape),), None)
+
+
+def call_factory(spec: str, kind: str) -> Any:
+    """Import the file of a ``path/to/file.py:factory`` spec and return what its factory returns
+    (called seeded, so every run builds the same); ``kind`` ("model", "data") names the file in errors."""
+    file_text, _, factory_name = spec.rpartition(":")
+    path = Path(file_text).expanduser()
     if not path.is_file():
-        raise CtkError(f"model file not found: {path}")
-    source_module = _import_file(path)
-    factory = getattr(source_module, factory_name, None)
+        raise CtkError(f"{kind} file not found: {path}")
+    factory = getattr(_import_file(path, kind), factory_name, None)
     if factory is None:
-        raise CtkError(f"model file {path} has no function {factory_name!r}")
+        raise CtkError(f"{kind} file {path} has no function {factory_name!r}")
     if not callable(factory):
         raise CtkError(f"{factory_name!r} in {path} is not callable")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
         try:
-            module = factory()
+            return factory()
         except SystemExit as exc:  # sys.exit() in user code must not end the toolkit without a word
             raise CtkError(f"factory {factory_name!r} in {path} called sys.exit({exc.code!r})") from exc
         except Exception as exc:
             raise CtkError(f"factory {factory_name!r} in {path} failed: {summary(exc)}") from exc
-    if not isinstance(module, nn.Module):
-        raise CtkError(
-            f"factory {factory_name!r} in {path} returned {type(module).__name__}, "
-            "not a torch.nn.Module"
-        )
-    return LoadedModel(spec, module, (_random_input(input_shape),), None)
 
 
-def _import_file(path: Path) -> types.ModuleType:
+def is_factory_spec(spec: str) -> bool:
+    """Whether ``spec`` reads ``path/to/file.py:factory``."""
+    path, sep, factory = spec.rpartition(":")
+    return bool(sep) and path.endswith(".py") and bool(factory)
+
+
+def _import_file(path: Path, kind: str) -> types.ModuleType:
     """Import ``path`` under a name unique to its location, registered so tracing can find it."""
     resolved = path.resolve()
     name = "_ctk_user_model_" + hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, resolved)
     if spec is None or spec.loader is None:
-        raise CtkError(f"cannot import model file {path}")
+        raise CtkError(f"cannot import {kind} file {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -327,7 +430,7 @@ def _import_file(path: Path) -> types.ModuleType:
     except (Exception, SystemExit) as exc:
         del sys.modules[name]
         reason = f"it called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else summary(exc)
-        raise CtkError(f"model file {path} failed to import: {reason}") from exc
+        raise CtkError(f"{kind} file {path} failed to import: {reason}") from exc
     return module
 
 

@@ -55,7 +55,7 @@ def text_files(path: str | Path, tokenizer: Any, task: str, block_size: int = 12
     if tokenizer is None:
         raise CtkError(f"--data {path} is text, and the model brings no tokenizer (an hf: folder carries one)")
     if block_size < 2:
-        raise CtkError(f"--block-size must be at least 2 tokens, got {block_size}")
+        raise CtkError(f"--seq-len must be at least 2 tokens, got {block_size}")
     if not 0 < val_fraction < 1:
         raise CtkError(f"the validation fraction must be in (0, 1), got {val_fraction}")
     train_files, val_files = _split_files(path)
@@ -128,7 +128,7 @@ def _blocks(train_rows: dict[str, list], val_rows: dict[str, list] | None, token
         train_ids, val_ids = train_ids[:-held], train_ids[-held:]
     if len(train_ids) == 0 or len(val_ids) == 0:
         raise CtkError(f"--data {path} makes too few blocks of {block_size} tokens for a training and a "
-                       "validation part; add text or lower --block-size")
+                       "validation part; add text or lower --seq-len")
     return (TensorRows({"input_ids": train_ids, "labels": train_ids}),
             TensorRows({"input_ids": val_ids, "labels": val_ids}))
 

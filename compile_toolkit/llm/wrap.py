@@ -1,4 +1,12 @@
-"""A causal language model as a function of token ids to logits, for capture and export."""
+"""Hugging Face models as functions of token tensors to one tensor, for capture and export.
+
+``transformers`` models return output objects (and decoders a ``DynamicCache``), which neither
+``torch.export`` nor the exporters' runtimes take. Each wrapper returns the one tensor its task
+reads: logits of a causal LM or a sequence classifier, or the encoder's last hidden states. The
+arguments are positional-or-keyword, so a tokenized batch dict (``input_ids``,
+``attention_mask``) and an example-input tuple call them alike, and the ONNX inputs get those
+names.
+"""
 
 from __future__ import annotations
 
@@ -14,5 +22,28 @@ class CausalLMLogits(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class SequenceLogits(nn.Module):
+    """``input_ids, attention_mask [B, T] -> logits [B, classes]`` of a sequence classifier."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+class HiddenStates(nn.Module):
+    """``input_ids, attention_mask [B, T] -> last_hidden_state [B, T, F]`` of a base model, the
+    tensor the embed task mean-pools."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -13,6 +13,7 @@ from ..errors import CtkError
 from ..exporters.artifact import Artifact
 from ..metrics import compare_latency_many
 from ..models import LoadedModel
+from ..workload import OnnxRuntimeModel, Workload, positional
 from .calibration import Inputs
 from .config import QuantConfig
 from .evaluate import accuracy_metric, deviation
@@ -21,47 +22,61 @@ CALIBRATION_IMAGES = 256  # of the training split: ranges settle well before thi
 CALIBRATION_BATCH = 8
 
 
-def calibration_batches(loaded: LoadedModel) -> list[Inputs]:
-    """The first :data:`CALIBRATION_IMAGES` training images in batches, or CtkError for a model
-    without a data set (real data for other models is ``--data``, not there yet)."""
-    if loaded.dataset is None:
+def calibration_batches(loaded: LoadedModel, work: Workload | None = None) -> list[Inputs]:
+    """The model inputs of the first :data:`CALIBRATION_IMAGES` training samples in batches: of the
+    built-in data set, else of the ``--data`` workload; CtkError for a model with neither."""
+    if loaded.dataset is not None:
+        x = loaded.dataset.x_train[:CALIBRATION_IMAGES]
+        return [(batch,) for batch in x.split(CALIBRATION_BATCH)]
+    if work is None:
         raise CtkError(f"--quantize int8 needs calibration data: --model {loaded.name!r} has no built-in data "
-                       "set (digits-resnet has); use the Python API, ctk.export(..., quantize='int8', "
-                       "calibration=batches)")
-    x = loaded.dataset.x_train[:CALIBRATION_IMAGES]
-    return [(batch,) for batch in x.split(CALIBRATION_BATCH)]
+                       "set (digits-resnet has); give --data, or use the Python API, ctk.export(..., "
+                       "quantize='int8', calibration=batches)")
+    columns = [torch.cat(c)[:CALIBRATION_IMAGES] for c in zip(*work.calibration_inputs(CALIBRATION_IMAGES), strict=True)]
+    return list(zip(*(c.split(CALIBRATION_BATCH) for c in columns), strict=True))
 
 
-def export_options(loaded: LoadedModel, config: QuantConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def export_options(loaded: LoadedModel, config: QuantConfig,
+                   work: Workload | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``export()`` keywords for the stripped model (held to the limit) and the dense one
-    (ONNX only, measured for comparison: its drop does not fail the job)."""
-    batches = calibration_batches(loaded)
-    metric = accuracy_metric(loaded.dataset.x_test, loaded.dataset.y_test)
+    (ONNX only, measured for comparison: its drop does not fail the job). Judged by test accuracy
+    on the built-in data set, else (``--data``) by output cosine to float on the calibration batches."""
+    batches = calibration_batches(loaded, work)
+    metric = accuracy_metric(loaded.dataset.x_test, loaded.dataset.y_test) if loaded.dataset is not None else None
     stripped = {"quantize": config, "calibration": batches, "metric": metric}
     dense = {"quantize": config.with_(max_metric_drop=None, pt2=False), "calibration": batches, "metric": metric}
     return stripped, dense
 
 
 def section(artifacts: list[Artifact], dense_artifacts: list[Artifact], staging: Path, loaded: LoadedModel,
-            rounds: int) -> dict[str, Any]:
-    """Accuracy on the test split, size, ONNX Runtime latency at batch 1 and 8 (alternated,
-    median of ratios to the float stripped model) and output deviation from the float model, for
-    float dense / float stripped / int8 stripped / int8 dense; plus what the quantizers did."""
+            rounds: int, work: Workload | None = None) -> dict[str, Any]:
+    """Accuracy on the test split (with ``--data``: the task's metric on its validation split),
+    size, ONNX Runtime latency at batch 1 and 8 (alternated, median of ratios to the float
+    stripped model) and output deviation from the float model, for float dense / float stripped /
+    int8 stripped / int8 dense; plus what the quantizers did."""
     by_format = {a.format: a for a in artifacts}
     dense_by_format = {a.format: a for a in dense_artifacts}
     paths = {"float_stripped": by_format["onnx"].path, "int8_stripped": by_format["onnx-int8"].path,
              "int8_dense": dense_by_format["onnx-int8"].path, "float_dense": dense_by_format["onnx"].path}
-    x, y = loaded.dataset.x_test, loaded.dataset.y_test
-    test = [(x[i:i + 512],) for i in range(0, len(x), 512)]
-    accuracy = accuracy_metric(x, y)
     floats = {"float_stripped": paths["float_stripped"], "int8_stripped": paths["float_stripped"],
               "int8_dense": paths["float_dense"], "float_dense": paths["float_dense"]}
+    if loaded.dataset is not None:
+        x, y = loaded.dataset.x_test, loaded.dataset.y_test
+        test, first = [(x[i:i + 512],) for i in range(0, len(x), 512)], (x,)
+        accuracy = accuracy_metric(x, y)
+        scores = {name: accuracy.score(path) / 100 for name, path in paths.items()}
+    else:  # the --data workload; embeddings are compared with the float model's (the dense of each)
+        test = [positional(batch) for batch in work.val_loader()]
+        first = test[0]
+        scores = {name: work.task.evaluate(OnnxRuntimeModel(path), work.val_loader(),
+                                           OnnxRuntimeModel(floats[name]))[work.task.metric]
+                  for name, path in paths.items()}
     models: dict[str, dict[str, Any]] = {
         name: {"file": os.path.relpath(path, staging), "size_bytes": os.path.getsize(path),
-               "accuracy": accuracy.score(path) / 100, **deviation(floats[name], path, test)}
+               "accuracy": scores[name], **deviation(floats[name], path, test)}
         for name, path in paths.items()}
     for batch in (1, 8):
-        timing = compare_latency_many(paths, (x[:batch],), rounds=rounds)
+        timing = compare_latency_many(paths, tuple(t[:batch] for t in first), rounds=rounds)
         for name, entry in timing.items():
             models[name][f"latency_ms_batch{batch}"] = entry["ms"]
             models[name][f"speedup_batch{batch}"] = entry["speedup"]
