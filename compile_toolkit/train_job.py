@@ -42,6 +42,10 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         "path/to/file.py:factory returning (train, val) data sets, or digits (default: scikit-learn's bundled set)")
     add("--task", help=f"{' | '.join(TASKS)} (default: inferred from the model and data)")
     add("--input-shape", help="model input shape N,C,H,W (image size of the preprocessing; file.py models)")
+    add("--seq-len", type=int, default=DEFAULTS.seq_len,
+        help=f"tokens per text sample: causal-lm blocks, classify/embed rows padded or cut (default {DEFAULTS.seq_len})")
+    add("--text-column", default=DEFAULTS.text_column, help="column of .jsonl/.csv/.parquet text (default text)")
+    add("--label-column", default=DEFAULTS.label_column, help="column of the classification labels (default label)")
     add("--epochs", type=int, default=DEFAULTS.epochs, help=f"epochs (default {DEFAULTS.epochs})")
     add("--max-steps", type=int, help="stop after this many optimizer steps (the schedule spans them)")
     add("--batch-size", type=int, default=DEFAULTS.batch_size,

@@ -179,3 +179,21 @@ def test_a_model_that_does_not_fit_the_task_is_named(tmp_path, capsys):
     assert main(["train", "--model", f"{path}:mlp", "--max-steps", "1"]) != 0
     err = capsys.readouterr().err
     assert f"--model '{path}:mlp'" in err and "[batch, 10]" in err
+
+
+@pytest.mark.parametrize(("builder", "data", "metric"), [("llama_lm", "corpus_txt", "perplexity"),
+                                                         ("bert_classifier", "reviews_jsonl", "top1")])
+def test_hf_models_train_on_text_files(builder, data, metric, tmp_path):
+    """A tiny `save_pretrained` folder trained on the user's text: blocks of tokens for a causal LM,
+    (text, label) rows for a classifier; the task comes from the folder's config."""
+    import test_workloads
+
+    model = getattr(test_workloads, builder)(tmp_path / "model")
+    text = getattr(test_workloads, data)(tmp_path / f"data.{'txt' if data == 'corpus_txt' else 'jsonl'}")
+    result = train(TrainConfig(model=f"hf:{model}", data=str(text), seq_len=16, batch_size=4, max_steps=4,
+                               lr=1e-3, optimizer="adam", final_sparsity=0.3, prune_frequency=2, distill=True,
+                               log_dir=str(tmp_path / "log")))
+    assert len(result.losses) == 4 and all(math.isfinite(loss) for loss in result.losses)
+    assert result.losses[-1] < result.losses[0]
+    assert result.metric is not None and math.isfinite(result.metric[metric])
+    assert result.sparsity == pytest.approx(0.3, abs=0.02)

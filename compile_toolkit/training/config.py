@@ -28,6 +28,9 @@ RESUME_KEYS = (
     "data",
     "task",
     "input_shape",
+    "seq_len",
+    "text_column",
+    "label_column",
     "epochs",
     "batch_size",
     "lr",
@@ -78,6 +81,9 @@ class TrainConfig:
     data: str | None = None
     task: str | None = None
     input_shape: str | None = None
+    seq_len: int = 128
+    text_column: str = "text"
+    label_column: str = "label"
     strategy: str = "single"
     epochs: int = 3
     batch_size: int = 64
@@ -126,6 +132,7 @@ class TrainConfig:
         _positive_int("prune-frequency", self.prune_frequency)
         _positive_int("checkpoint-every", self.checkpoint_every)
         _positive_int("accumulate", self.accumulate)
+        _positive_int("seq-len", self.seq_len)
         for option, value in (("warmup-steps", self.warmup_steps), ("workers", self.workers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise CtkError(f"--{option} must be a non-negative integer, got {value!r}")

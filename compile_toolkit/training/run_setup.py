@@ -40,7 +40,9 @@ def build_parts(config: TrainConfig) -> RunParts:
         assert loaded.dataset is not None
         workload = digits_workload(loaded.dataset)
     else:
-        loaded, found = load_workload(config.model, config.data, config.weights, config.input_shape, config.batch_size)
+        loaded, found = load_workload(config.model, config.data, config.weights, config.input_shape, config.batch_size,
+                                      config.task, seq_len=config.seq_len, text_column=config.text_column,
+                                      label_column=config.label_column)
         assert found is not None
         workload = found
     _check_fits(config, loaded, workload)
