@@ -197,3 +197,20 @@ def test_hf_models_train_on_text_files(builder, data, metric, tmp_path):
     assert result.losses[-1] < result.losses[0]
     assert result.metric is not None and math.isfinite(result.metric[metric])
     assert result.sparsity == pytest.approx(0.3, abs=0.02)
+
+
+def test_train_on_an_image_folder_then_export_the_checkpoint_with_its_metric(images, tmp_path):
+    """The user's flow: sparse-train a timm model on their images, then strip and export the
+    checkpoint; the report gives top-1 on val/ for the dense start, the trained checkpoint, the
+    stripped model and the ONNX file (equal to the stripped model)."""
+    model, shape = "timm:resnet10t", "8,3,32,32"
+    result = train(_image_config(model, images, tmp_path, prune_method="channel", max_steps=6,
+                                 checkpoint_dir=str(tmp_path / "ckpt")))
+    out = tmp_path / "out"
+    assert main(["export", "--pruned", "--checkpoint", str(tmp_path / "ckpt"), "--model", model, "--data", str(images),
+                 "--input-shape", shape, "--batch-size", "8", "--formats", "onnx", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    metric = report["metric"]
+    assert metric["name"] == "top1" and metric["stripped"] == metric["pruned"] == metric["onnx"]
+    assert metric["pruned"] == pytest.approx(result.metric["top1"], abs=1e-4)  # the checkpoint's own accuracy
+    assert report["stripped"]["params"] < 0.7 * report["dense"]["params"]
