@@ -219,7 +219,7 @@ def test_cli_prune_shows_progress_of_every_training_phase(tmp_path, capsys):
     """)
     assert main(["prune", "--recipe", str(recipe), "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
-    steps = -(-1347 // 64)  # one epoch of digits' training split in batches of 64
+    steps = 1347 // 64  # one epoch of digits' training split in full batches of 64
     for phase in ("penalised training", "round 1/2: fine-tune", "round 2/2: fine-tune"):
         line = next(line for line in err.splitlines() if phase in line)
         assert f"{steps}/{steps}" in line and "loss " in line and "samples/s" in line, line
