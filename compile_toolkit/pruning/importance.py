@@ -21,7 +21,7 @@ Michel et al. 2019). See docs/pruning.md for when each wins.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -215,9 +215,10 @@ def mask_gradient(ctx: ScoreContext) -> Scores:
     dim of the Linear and convolution weights after it; for a head, the output projection's
     columns), as Michel et al. 2019 score heads. With a loss: ``|dL/dgate|``. With input batches
     and no labels the distance to the unpruned outputs has zero gradient there, so the score is
-    the squared gradient of the outputs themselves, ``sum over batches of (d <z, f(x)> / dgate)^2``
-    with a seeded Gaussian probe ``z`` per batch: in expectation ``||df/dgate||^2``, the second-
-    order estimate of the squared output change when the channel is removed. Channels no Linear
+    the squared gradient of the outputs themselves, ``sum of (d <z, f(x)> / dgate)^2``
+    over the examples, with a seeded Gaussian probe ``z`` per example: in expectation
+    ``||df/dgate||^2``, the second-order estimate of the squared output change when the channel
+    is removed. One backward pass per example. Channels no Linear
     or convolution reads are not scored (kept)."""
     gates = _read_slices(ctx.model, ctx.slices)
     if callable(ctx.calibration):
@@ -225,12 +226,33 @@ def mask_gradient(ctx: ScoreContext) -> Scores:
         scores, scored = channel_scores(gates, terms.get, ctx.count, normalise=False, dtype=torch.float64)
         return scores.abs().numpy(), scored.numpy()
     generator = torch.Generator().manual_seed(ctx.seed)
-    total, scored = torch.zeros(ctx.count, dtype=torch.float64), torch.zeros(ctx.count, dtype=torch.bool)
-    for batch in _batches(ctx.calibration):
-        terms = _grad_times_weight(ctx, lambda model, batch=batch: _probe(_outputs(model, batch), generator), gates)
-        scores, scored = channel_scores(gates, terms.get, ctx.count, normalise=False, dtype=torch.float64)
-        total += scores**2
-    return total.numpy(), scored.numpy()
+    total = torch.zeros(ctx.count, dtype=torch.float64)
+    for example in _examples(_batches(ctx.calibration)):
+        terms = _grad_times_weight(ctx, lambda model, x=example: _probe(_outputs(model, x), generator), gates)
+        total += channel_scores(gates, terms.get, ctx.count, normalise=False, dtype=torch.float64)[0] ** 2
+    return total.numpy(), _read_channels(gates, ctx.count)
+
+
+def _examples(batches: list[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Each batch split into its examples along the first dim, when every input has that dim
+    with one size (else the batch whole). One probe of a batch of B examples mixes them, so its
+    square is a single noisy sample; one probe per example gives B independent ones for the same
+    work (measured on all-MiniLM-L6-v2: 16-sentence batches did not beat random at 30% of heads)."""
+    for batch in batches:
+        sizes = {t.shape[0] if isinstance(t, torch.Tensor) and t.dim() else None for t in batch}
+        if len(sizes) == 1 and None not in sizes:
+            yield from (tuple(t[i:i + 1] for t in batch) for i in range(sizes.pop()))
+        else:
+            yield batch
+
+
+def _read_channels(gates: Slices, count: int) -> np.ndarray:
+    """Whether a gate slice reads each channel."""
+    scored = np.zeros(count, dtype=bool)
+    for dims in gates.values():
+        for _, ids in dims:
+            scored[ids.numpy()] = True
+    return scored
 
 
 def _batches(calibration: Iterable[Inputs]) -> list[tuple[torch.Tensor, ...]]:
