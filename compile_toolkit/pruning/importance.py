@@ -22,6 +22,7 @@ Michel et al. 2019). See docs/pruning.md for when each wins.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,17 +179,15 @@ def _grad_times_weight(ctx: ScoreContext, loss: Loss, names: Iterable[str] | Non
             for n, g in zip(names, grads, strict=True) if g is not None}
 
 
-class _eval:
+@contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
     """Run a block with the model in eval mode, restoring its mode after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.training = model, model.training
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.training)
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 # -- data: what a channel does to the outputs -------------------------------------------------------
@@ -203,7 +202,7 @@ def ablation(ctx: ScoreContext) -> Scores:
     scores, scored = np.zeros(ctx.count), np.zeros(ctx.count, dtype=bool)
     own = dict(ctx.model.named_parameters())
     for channel, places in _places(ctx.slices, ctx.candidates).items():
-        with _zeroed([(own[name], d, index) for name, d, index in places if name in own]):
+        with _zeroed([(own[name], d, index.to(own[name].device)) for name, d, index in places if name in own]):
             scores[channel] = measure() - base
         scored[channel] = True
     return scores, scored
@@ -310,24 +309,19 @@ def _places(slices: Slices, candidates: np.ndarray) -> dict[int, list[tuple[str,
     return {c: p for c, p in places.items() if p}
 
 
-class _zeroed:
+@contextmanager
+@torch.no_grad()
+def _zeroed(places: list[tuple[torch.Tensor, int, torch.Tensor]]) -> Iterator[None]:
     """Zero ``(parameter, dim, indices)`` slices for a block and restore them exactly after."""
-
-    def __init__(self, places: list[tuple[torch.Tensor, int, torch.Tensor]]) -> None:
-        self.places = places
-        self.saved: list[torch.Tensor] = []
-
-    @torch.no_grad()
-    def __enter__(self) -> None:
-        for param, d, index in self.places:
-            index = index.to(param.device)
-            self.saved.append(param.index_select(d, index).clone())
+    saved = []
+    try:
+        for param, d, index in places:
+            saved.append((param, d, index, param.index_select(d, index).clone()))
             param.index_fill_(d, index, 0)
-
-    @torch.no_grad()
-    def __exit__(self, *exc: object) -> None:
-        for (param, d, index), saved in reversed(list(zip(self.places, self.saved, strict=True))):
-            param.index_copy_(d, index.to(param.device), saved)
+        yield
+    finally:
+        for param, d, index, values in reversed(saved):
+            param.index_copy_(d, index, values)
 
 
 def _read_slices(model: nn.Module, slices: Slices) -> Slices:
