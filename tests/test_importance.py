@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_pruning_methods import check_strip
+from test_pruning_methods import ConvBN, check_strip
 from torch import nn
 
 import compile_toolkit as ctk
@@ -129,6 +129,19 @@ def test_data_criteria_prune_the_head_that_contributes_least_where_magnitude_kee
     assert stripped.meta["ctk_strip"]["channels_removed"] == report.pruned
     with torch.no_grad():
         assert torch.allclose(stripped(*data[1]), model(*data[1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("criterion", DATA)
+def test_data_criteria_prune_convolution_channels_from_input_batches_and_strip_exactly(criterion):
+    """Channel groups in general: the residual channels of two conv-BN layers (read by the second
+    conv and the classifier) and the classifier's hidden neurons, scored from unlabelled batches."""
+    generator = torch.Generator().manual_seed(3)
+    data = [torch.randn(4, 3, 4, 4, generator=generator) for _ in range(2)]  # one-input model: plain tensors
+    model = ConvBN().eval()
+    report = ctk.prune(model, (data[0],), sparsity=0.5, importance=criterion, calibration=data)
+    by_carrier = {c: g for g in report.groups for c in g["carriers"]}
+    assert by_carrier["conv1.weight:0"]["pruned"] == 4 and by_carrier["fc1.weight:0"]["pruned"] == 8
+    check_strip(model, data[1], report)
 
 
 def test_registry_rejects_duplicates_unknown_names_and_missing_calibration(monkeypatch):
