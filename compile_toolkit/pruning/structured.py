@@ -35,7 +35,7 @@ from .masks import Masks, apply_masks
 from .patterns import check_patterns, check_sparsity, matches
 
 STRUCTURES = ("channel", "head", "attention_head", "neuron")
-IMPORTANCES = importance_names()
+IMPORTANCES = importance_names()  # the built-in criteria (recipes check names against these)
 # The criterion measured on data: on pretrained transformers it beats weight magnitude and random
 # choice (docs/pruning.md); needs calibration inputs only, no labels.
 DATA_IMPORTANCE = "mask_gradient"
@@ -89,8 +89,9 @@ def prune(
     coupled group is zeroed in all its parameters or not at all. ``calibration`` is what the
     criterion measures on: a function ``calibration(model) -> scalar loss`` (``taylor``; also
     ``ablation`` and ``mask_gradient``), or an iterable of model-input batches, no labels
-    (``ablation``, ``mask_gradient``: the distance to the unpruned model's outputs). Each group in the report has a ``kind``: ``head``,
-    ``neuron``, ``channel`` or ``buffer`` (carried by no parameter, never pruned).
+    (``ablation``, ``mask_gradient``: the distance to the unpruned model's outputs). Each group
+    in the report has a ``kind``: ``head``, ``neuron``, ``channel`` or ``buffer`` (carried by no
+    parameter, never pruned).
     """
     _check_options(sparsity, structure, importance, round_to, calibration)
     overrides = dict(overrides or {})
