@@ -77,6 +77,9 @@ IMPORTANCES = ("l1", "taylor", DATA_IMPORTANCE, "ablation", "random")
 DEFAULT_IMPORTANCES = ("l1", "taylor", DATA_IMPORTANCE, "random")  # ablation: 3 min per row, --importances
 ONLY = {"ablation": ("attention_head",)}  # one calibration pass per channel: heads, not 9,216 neurons
 RANDOM_SEEDS = (0, 1, 2)
+# Strip's check, relative to the largest output: float32 through six LayerNorm'd layers; Taylor's
+# 30% of heads stripped to 1.7e-5 (measured), past the default 1e-5.
+STRIP_RTOL = 1e-4
 TEMPERATURE = 0.05  # of the contrastive calibration loss (sentence-transformers' scale 20)
 PROSE = re.compile(r"[A-Za-z][a-z]*\b(?!\().*\.")  # a sentence, not a signature such as "f(x) -> y"
 
@@ -177,7 +180,7 @@ def bench_one(structure: str, sparsity: float, importance: str, seed: int, args:
     report = ctk.prune(model, example, sparsity, structure=structure, importance=importance, seed=seed,
                        calibration=calibration_for(importance, data))
     prune_s = time.perf_counter() - start
-    stripped = ctk.strip(model, example)
+    stripped = ctk.strip(model, example, rtol=STRIP_RTOL)
     cosine = (embed(stripped, data["ids"], data["mask"]) * data["dense"]).sum(-1)
     row = {
         "structure": structure, "sparsity": sparsity, "importance": importance, "seed": seed,
