@@ -88,9 +88,10 @@ def test_bench_minilm_quick(tmp_path):
     assert summary["random"] == {"median": randoms[1], "min": randoms[0], "max": randoms[2]}
     assert summary["margin_over_random"]["mask_gradient"] == pytest.approx(cosine["mask_gradient"] - randoms[1])
     # Deterministic (seeded random and probes, gradients on fixed sentences): the criteria that use
-    # data keep more of the embedding than random's median (measured: MARGINS).
-    assert summary["margin_over_random"]["taylor"] > 0.01
-    assert summary["margin_over_random"]["mask_gradient"] > 0.01
+    # data keep more of the embedding than random's median (measured: Taylor 0.970, mask_gradient
+    # 0.974, random 0.941, range 0.940-0.944).
+    assert summary["margin_over_random"]["taylor"] > 0.015
+    assert summary["margin_over_random"]["mask_gradient"] > 0.02
 
 
 def test_bench_sparse_training_quick(tmp_path):
