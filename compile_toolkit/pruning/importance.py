@@ -135,6 +135,12 @@ def l2(ctx: ScoreContext) -> Scores:
     return _weight_scores(ctx, lambda name: ctx.params[name].detach().double() ** 2, normalise=True)
 
 
+@register_importance("random")
+def random(ctx: ScoreContext) -> Scores:
+    """Seeded uniform scores: the baseline every criterion must beat."""
+    return np.random.default_rng(ctx.seed).random(ctx.count), np.ones(ctx.count, dtype=bool)
+
+
 @register_importance("bn_scale")
 def bn_scale(ctx: ScoreContext) -> Scores:
     """``|gamma|`` of the batch norms carrying the channel (network slimming); channels no batch
@@ -143,12 +149,6 @@ def bn_scale(ctx: ScoreContext) -> Scores:
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
     return _weight_scores(ctx, lambda name: ctx.params[name].detach().abs().double() if name in scales else None,
                           normalise=False)
-
-
-@register_importance("random")
-def random(ctx: ScoreContext) -> Scores:
-    """Seeded uniform scores: the baseline every criterion must beat."""
-    return np.random.default_rng(ctx.seed).random(ctx.count), np.ones(ctx.count, dtype=bool)
 
 
 # -- a loss --------------------------------------------------------------------------------------

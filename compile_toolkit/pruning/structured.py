@@ -10,8 +10,8 @@ share it, is one channel whose atoms are blocks of ``head_dim`` features in the 
 neurons (groups carried only by vectors and matrices, such as MLP hidden units), and leaves
 convolution channels alone; ``attention_head`` and ``neuron`` prune one of the two.
 
-Importance: a criterion registered by name in :mod:`.importance` (``l1``, ``l2``, ``bn_scale``,
-``taylor``, ``random``, ``ablation``, ``mask_gradient``); :data:`DATA_IMPORTANCE` is the one to use
+Importance: a criterion registered by name in :mod:`.importance` (``l1``, ``l2``, ``random``,
+``bn_scale``, ``taylor``, ``ablation``, ``mask_gradient``); :data:`DATA_IMPORTANCE` is the one to use
 when calibration inputs are at hand.
 """
 
@@ -30,12 +30,14 @@ from ..channels.analysis import keep_one_per_dim
 from ..channels.rules.attention import attention_heads
 from ..errors import CtkError
 from .channel_groups import channel_masks, graph_parameters, parameter_slices, removal_count
-from .importance import Calibration, ScoreContext, importance_criterion, importance_names
+from .importance import Calibration, ScoreContext, importance_criterion
 from .masks import Masks, apply_masks
 from .patterns import check_patterns, check_sparsity, matches
 
 STRUCTURES = ("channel", "head", "attention_head", "neuron")
-IMPORTANCES = importance_names()  # the built-in criteria (recipes check names against these)
+# The criteria a recipe can run (run_recipe supplies Taylor's loss, no input batches); ctk.prune
+# takes every registered one (importance.importance_names()).
+IMPORTANCES = ("l1", "l2", "random", "bn_scale", "taylor")
 # The criterion measured on data: on pretrained transformers it beats weight magnitude and random
 # choice (docs/pruning.md); needs calibration inputs only, no labels.
 DATA_IMPORTANCE = "mask_gradient"
