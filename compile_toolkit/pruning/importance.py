@@ -217,8 +217,8 @@ def mask_gradient(ctx: ScoreContext) -> Scores:
     the squared gradient of the outputs themselves, ``sum of (d <z, f(x)> / dgate)^2``
     over the examples, with a seeded Gaussian probe ``z`` per example: in expectation
     ``||df/dgate||^2``, the second-order estimate of the squared output change when the channel
-    is removed. One backward pass per example. Channels no Linear
-    or convolution reads are not scored (kept)."""
+    is removed. One backward pass per example. Channels no Linear or convolution reads are not
+    scored (kept)."""
     gates = _read_slices(ctx.model, ctx.slices)
     if callable(ctx.calibration):
         terms = _grad_times_weight(ctx, lambda model: _checked_loss(ctx.calibration(model)), gates)
@@ -236,7 +236,8 @@ def _examples(batches: list[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.T
     """Each batch split into its examples along the first dim, when every input has that dim
     with one size (else the batch whole). One probe of a batch of B examples mixes them, so its
     square is a single noisy sample; one probe per example gives B independent ones for the same
-    work (measured on all-MiniLM-L6-v2: 16-sentence batches did not beat random at 30% of heads)."""
+    work (all-MiniLM-L6-v2, 30% of heads, mean cosine to dense: 0.900 with one probe per
+    16-sentence batch, 0.921 with one per sentence)."""
     for batch in batches:
         sizes = {t.shape[0] if isinstance(t, torch.Tensor) and t.dim() else None for t in batch}
         if len(sizes) == 1 and None not in sizes:
