@@ -143,7 +143,7 @@ def test_n_m_checker_rejects_dense_and_misaligned_weights():
 
 
 # -- structured importances and structures -------------------------------------------------------
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "taylor", "random"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "taylor", "random", "ablation", "mask_gradient"])
 def test_structured_importances_reach_the_group_sparsity_and_strip_exactly(importance):
     model = ConvBN().eval()
     x = torch.randn(4, 3, 4, 4)

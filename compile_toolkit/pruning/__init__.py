@@ -1,5 +1,6 @@
 """Pruning: choose structures, set them to zero, and keep them zero while training."""
 
+from .importance import register_importance
 from .iterative import IterativeResult, iterative, iterative_prune
 from .masks import Masks, apply_masks, load_masks, mask_gradients, save_masks
 from .recalibrate import recalibrate_batchnorm
@@ -8,11 +9,12 @@ from .regularization import bn_scale_l1, group_lasso
 from .run_recipe import RecipeResult, apply_recipe
 from .schedule import GradualSchedule
 from .sparsifier import Sparsifier
-from .structured import PruneReport, prune
+from .structured import DATA_IMPORTANCE, PruneReport, prune
 from .torch_prune import fold_pruned_state_dict, fold_torch_prune
 from .unstructured import global_magnitude_masks, is_n_m_sparse, layer_magnitude_mask, n_m_mask
 
 __all__ = [
+    "DATA_IMPORTANCE",
     "GradualSchedule",
     "IterativeResult",
     "Masks",
@@ -38,5 +40,6 @@ __all__ = [
     "prune",
     "recalibrate_batchnorm",
     "recipe_from_dict",
+    "register_importance",
     "save_masks",
 ]

@@ -10,15 +10,14 @@ share it, is one channel whose atoms are blocks of ``head_dim`` features in the 
 neurons (groups carried only by vectors and matrices, such as MLP hidden units), and leaves
 convolution channels alone; ``attention_head`` and ``neuron`` prune one of the two.
 
-Importance: ``l1``/``l2`` weight magnitude, ``bn_scale`` (the batch-norm scale ``|gamma|`` of the
-channel, as in network slimming; groups no batch norm carries are left alone), ``taylor`` (first-
-order Taylor estimate of the loss change when the channel is zeroed, ``|sum(grad * weight)|`` over
-every parameter slice that carries it, Molchanov et al. 2019; needs ``calibration``), ``random``.
+Importance: a criterion registered by name in :mod:`.importance` (``l1``, ``l2``, ``random``,
+``bn_scale``, ``taylor``, ``ablation``, ``mask_gradient``); :data:`DATA_IMPORTANCE` is the one to use
+when calibration inputs are at hand.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,14 +29,18 @@ from ..channels import ChannelAnalysis, ChannelGroup, analyze
 from ..channels.analysis import keep_one_per_dim
 from ..channels.rules.attention import attention_heads
 from ..errors import CtkError
-from .channel_groups import channel_masks, channel_scores, graph_parameters, parameter_slices, removal_count
+from .channel_groups import channel_masks, graph_parameters, parameter_slices, removal_count
+from .importance import Calibration, ScoreContext, importance_criterion
 from .masks import Masks, apply_masks
 from .patterns import check_patterns, check_sparsity, matches
 
 STRUCTURES = ("channel", "head", "attention_head", "neuron")
+# The criteria a recipe can run (run_recipe supplies Taylor's loss, no input batches); ctk.prune
+# takes every registered one (importance.importance_names()).
 IMPORTANCES = ("l1", "l2", "random", "bn_scale", "taylor")
-
-Calibration = Callable[[nn.Module], torch.Tensor]  # runs the model on calibration data, returns a scalar loss
+# The criterion measured on data: on pretrained transformers it beats weight magnitude and random
+# choice (docs/pruning.md); needs calibration inputs only, no labels.
+DATA_IMPORTANCE = "mask_gradient"
 
 
 @dataclass
@@ -85,16 +88,18 @@ def prune(
     ``round_to`` keeps kept-channel counts at a multiple. ``overrides`` (name pattern -> sparsity)
     and ``ignore`` (name patterns) act on whole groups: a group is ignored when any parameter
     carrying it matches, and takes the first override matching one of its parameters, because a
-    coupled group is zeroed in all its parameters or not at all. ``calibration(model)`` returns a
-    loss whose gradients score ``taylor``. Each group in the report has a ``kind``: ``head``,
-    ``neuron``, ``channel`` or ``buffer`` (carried by no parameter, never pruned).
+    coupled group is zeroed in all its parameters or not at all. ``calibration`` is what the
+    criterion measures on: a function ``calibration(model) -> scalar loss`` (``taylor``; also
+    ``ablation`` and ``mask_gradient``), or an iterable of model-input batches, no labels
+    (``ablation``, ``mask_gradient``: the distance to the unpruned model's outputs). Each group
+    in the report has a ``kind``: ``head``, ``neuron``, ``channel`` or ``buffer`` (carried by no
+    parameter, never pruned).
     """
     _check_options(sparsity, structure, importance, round_to, calibration)
     overrides = dict(overrides or {})
     _check_group_patterns([name for name, _ in model.named_parameters()], overrides, ignore)
     analysis = analyze(capture(model, example_inputs).program.module())
     params = graph_parameters(analysis)
-    scores, scored = _scores(model, analysis, params, importance, seed, calibration)
     heads = _head_components(analysis)
     if structure in ("head", "attention_head") and not heads.any():
         raise CtkError(f"structure={structure!r} needs attention heads, and {type(model).__name__} has none "
@@ -104,14 +109,15 @@ def prune(
     if structure == "neuron" and "neuron" not in kinds:
         raise CtkError(f"structure='neuron' needs groups carried only by linear layers, and {type(model).__name__} "
                        "has none; use structure='channel'")
+    targets = [_group_sparsity(group, sparsity, overrides, ignore) for group in analysis.groups]
+    plans = [_candidates(g, kind, structure, heads) for g, kind in zip(analysis.groups, kinds, strict=True)]
+    wanted = [channels for (_, channels), target in zip(plans, targets, strict=True) if target > 0]
+    context = ScoreContext(model, analysis, params, parameter_slices(analysis, params),
+                           np.concatenate([np.zeros(0, dtype=np.int64), *wanted]), seed, calibration)
+    scores, scored = importance_criterion(importance).score(context)
     pruned = np.zeros(analysis.components.count, dtype=bool)
-    targets = []
-    for group, kind in zip(analysis.groups, kinds, strict=True):
-        target = _group_sparsity(group, sparsity, overrides, ignore)
-        size, candidates = _candidates(group, kind, structure, heads)
-        candidates = candidates[scored[candidates]]
-        pruned[_choose(size, candidates, scores, target, round_to)] = True
-        targets.append(target)
+    for (size, channels), target in zip(plans, targets, strict=True):
+        pruned[_choose(size, channels[scored[channels]], scores, target, round_to)] = True
     keep_one_per_dim(analysis.ctx, analysis.components.labels, pruned, np.where(scored, scores, -np.inf))
     groups = [
         {"carriers": g.carriers, "kind": kind, "channels": g.size, "pruned": int(pruned[g.components].sum()),
@@ -137,14 +143,9 @@ def _check_options(
     check_sparsity(sparsity)
     if structure not in STRUCTURES:
         raise CtkError(f"unknown structure {structure!r}; choose from {', '.join(STRUCTURES)}")
-    if importance not in IMPORTANCES:
-        raise CtkError(f"unknown importance {importance!r}; choose from {', '.join(IMPORTANCES)}")
     if not (isinstance(round_to, int) and round_to >= 1):
         raise CtkError(f"round_to must be a positive integer, got {round_to!r}")
-    if importance == "taylor" and not callable(calibration):
-        raise CtkError(
-            "importance='taylor' needs calibration: a function that runs the model on a batch and returns its loss"
-        )
+    importance_criterion(importance).check(calibration)
 
 
 def _check_group_patterns(names: list[str], overrides: dict[str, float], ignore: Sequence[str]) -> None:
@@ -163,61 +164,6 @@ def _group_sparsity(group: ChannelGroup, sparsity: float, overrides: dict[str, f
         if any(matches(n, [pattern]) for n in names):
             return float(value)
     return sparsity
-
-
-def _scores(
-    model: nn.Module,
-    analysis: ChannelAnalysis,
-    params: dict[str, torch.Tensor],
-    importance: str,
-    seed: int,
-    calibration: Calibration | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(score per channel, whether the importance scores it at all): ``bn_scale`` scores only
-    channels a batch norm carries."""
-    count = analysis.components.count
-    if importance == "random":
-        return np.random.default_rng(seed).random(count), np.ones(count, dtype=bool)
-    values = {
-        "l1": lambda name: params[name].detach().abs().double(),
-        "l2": lambda name: params[name].detach().double() ** 2,
-        "bn_scale": lambda name: params[name].detach().abs().double() if name in _batch_norm_scales(model) else None,
-        "taylor": _taylor_terms(model, params, calibration) if importance == "taylor" else None,
-    }[importance]
-    slices = parameter_slices(analysis, params)
-    scores, scored = channel_scores(slices, values, count, normalise=importance in ("l1", "l2"), dtype=torch.float64)
-    scores, scored = scores.numpy(), scored.numpy()
-    if importance == "taylor":
-        scores = np.abs(scores)  # the signed first-order change, summed over the carriers, then its size
-    return scores, scored
-
-
-def _batch_norm_scales(model: nn.Module) -> set[str]:
-    return {f"{prefix}.weight" if prefix else "weight" for prefix, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
-
-
-def _taylor_terms(model: nn.Module, params: dict[str, torch.Tensor], calibration: Calibration) -> Callable:
-    """``grad * weight`` per parameter, from one calibration loss. The model runs in eval mode
-    so calibration leaves batch-norm statistics alone; gradients are returned, never stored."""
-    own = dict(model.named_parameters())
-    names = [n for n in params if n in own]
-    training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            loss = calibration(model)
-            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
-                raise CtkError("calibration must return a scalar loss tensor that depends on the model's parameters")
-            grads = torch.autograd.grad(loss, [own[n] for n in names], allow_unused=True)
-    finally:
-        model.train(training)
-    terms = {
-        n: (g.detach().double() * own[n].detach().double()).cpu()
-        for n, g in zip(names, grads, strict=True)
-        if g is not None
-    }
-    return terms.get
 
 
 def _head_components(analysis: ChannelAnalysis) -> np.ndarray:
