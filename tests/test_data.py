@@ -236,6 +236,7 @@ def test_export_pruned_on_an_image_folder_reports_top1_everywhere(tmp_path, mode
     assert all(0.0 <= metric[k] <= 1.0 for k in ("dense", "pruned", "stripped", "onnx"))
     assert metric["stripped"] == metric["pruned"] == metric["onnx"]  # strip and ONNX are exact
     assert report["pruning"]["distilled"] and len(report["pruning"]["finetune_losses"]) == 1
+    assert report["pruning"]["importance"] == "mask_gradient"  # the user's data ranks the channels
     assert report["stripped"]["params"] < 0.5 * report["dense"]["params"]
     assert report["strip"]["channels_removed"] > 0
 
