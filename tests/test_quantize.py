@@ -88,7 +88,7 @@ def test_pt2e_artifact_loads_and_runs_quantized(int8_job, digits):
 def test_tight_threshold_fails_cleanly_with_nothing_written(tmp_path, capsys, monkeypatch, digits):
     """Calibrated on images scaled to 1/1000 every activation saturates: int8 loses whatever is
     kept in float (at most half of the layers), and the job must fail before writing anything."""
-    monkeypatch.setattr(quantize_job, "calibration_batches", lambda loaded: [(digits.x_train[:8] * 1e-3,)])
+    monkeypatch.setattr(quantize_job, "calibration_batches", lambda loaded, work=None: [(digits.x_train[:8] * 1e-3,)])
     out = tmp_path / "out"
     status = main(["export", "--pruned", "--sparsity", "0.3", "--no-finetune", "--quantize", "int8",
                    "--formats", "onnx", "--max-metric-drop", "0", "--out", str(out)])
