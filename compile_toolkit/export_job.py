@@ -18,7 +18,6 @@ from torch import nn
 from . import metrics
 from .errors import CtkError
 from .exporters import FORMATS, Artifact, export
-from .finetune import finetune
 from .models import LoadedModel
 from .models.registry import DEFAULT_SPEC, _state_dict_mismatch
 from .outdir import staged_folder
@@ -31,6 +30,7 @@ from .quantize import job as quantize_job
 from .report import write_reports
 from .strip import strip
 from .training.checkpoint import Checkpoint, load_checkpoint
+from .training.finetune import finetune
 from .workload import DEFAULT_SEQ_LEN, OnnxRuntimeModel, PositionalInputs, Workload, load_workload
 
 Step = Callable[[str], AbstractContextManager]

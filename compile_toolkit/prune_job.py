@@ -19,10 +19,10 @@ from .fileio import save_safetensors
 from .models import load_model
 from .models.registry import DEFAULT_SPEC, fit_state_dict, read_weights
 from .outdir import check_replaceable, staged_folder
-from .pruning import apply_masks, apply_recipe, load_recipe, save_masks
-from .pruning.iterative import combine_masks
-from .pruning.masks import Masks
+from .pruning import apply_masks, load_recipe, save_masks
+from .pruning.masks import Masks, combine_masks
 from .pruning.torch_prune import fold_pruned_state_dict
+from .training import apply_recipe
 from .training.progress import phase_bars
 
 WEIGHTS_FILE = "pruned.safetensors"

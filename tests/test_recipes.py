@@ -16,7 +16,8 @@ import compile_toolkit as ctk
 from compile_toolkit.cli import main
 from compile_toolkit.errors import CtkError
 from compile_toolkit.models import Dataset, load_model
-from compile_toolkit.pruning import apply_recipe, is_n_m_sparse, load_masks, load_recipe, recipe_from_dict
+from compile_toolkit.pruning import is_n_m_sparse, load_masks, load_recipe, recipe_from_dict
+from compile_toolkit.training import apply_recipe
 
 
 def write(tmp_path, text: str, name: str = "recipe.yaml"):

@@ -16,9 +16,9 @@ from torch import nn
 
 import compile_toolkit as ctk
 from compile_toolkit.errors import CtkError
-from compile_toolkit.finetune import finetune
 from compile_toolkit.models import Dataset
-from compile_toolkit.pruning import GradualSchedule, Sparsifier, group_lasso, is_n_m_sparse, iterative_prune
+from compile_toolkit.pruning import GradualSchedule, Sparsifier, group_lasso, is_n_m_sparse
+from compile_toolkit.training import finetune, iterative_prune
 
 
 def mlp() -> nn.Module:

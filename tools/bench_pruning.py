@@ -8,7 +8,7 @@ the criterion and once with random importance at the same sparsity, in the same 
 - "one-shot + BN recal": after ``recalibrate_batchnorm`` on 512 training images (no weight update):
   what the kept weights are worth, the fairest comparison of criteria;
 - after ``--short-epochs`` (1) and ``--epochs`` (5) of fine-tuning with the masks held
-  (``compile_toolkit.finetune``, same seed for every row, each from the pruned model): digits is
+  (``compile_toolkit.training.finetune``, same seed for every row, each from the pruned model): digits is
   easy enough that 5 epochs recover about 99% from any mask, random included.
 
 Rows:
@@ -50,7 +50,6 @@ from torch import nn
 
 import compile_toolkit as ctk
 from compile_toolkit.errors import CtkError
-from compile_toolkit.finetune import finetune
 from compile_toolkit.metrics import accuracy, count_flops
 from compile_toolkit.models import LoadedModel, load_model
 from compile_toolkit.pruning import (
@@ -62,6 +61,7 @@ from compile_toolkit.pruning import (
     n_m_mask,
     recalibrate_batchnorm,
 )
+from compile_toolkit.training import finetune
 
 # The stem conv sees one input channel: no 2:4 pattern exists along its input dim, and it holds
 # 288 of ~150k weights. Left dense in every unstructured row so all rows prune the same layers.

@@ -28,9 +28,9 @@ from rich.console import Console
 from rich.table import Table
 
 import compile_toolkit as ctk
-from compile_toolkit.finetune import finetune
 from compile_toolkit.llm.data import pydoc_topics
 from compile_toolkit.pruning.recalibrate import recalibrate_batchnorm
+from compile_toolkit.training import finetune
 from compile_toolkit.workload import load_workload
 
 MIN_CHARS = 40  # a paragraph, not a heading or a code fragment's line

@@ -78,3 +78,11 @@ def check_masks(model: nn.Module, masks: Masks, source: str) -> None:
             raise CtkError(
                 f"{source}: mask {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(params[name].shape)}"
             )
+
+
+def combine_masks(first: Masks, second: Masks) -> Masks:
+    """Weights kept by both (a name missing from one is kept by it)."""
+    combined = dict(first)
+    for name, mask in second.items():
+        combined[name] = combined[name] & mask.to(combined[name].device) if name in combined else mask
+    return combined

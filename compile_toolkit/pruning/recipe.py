@@ -24,8 +24,7 @@ from typing import Any
 import yaml
 
 from ..errors import CtkError
-from .iterative import round_schedule
-from .schedule import GradualSchedule
+from .schedule import GradualSchedule, round_schedule
 from .structured import IMPORTANCES, STRUCTURES
 from .unstructured import parse_n_m
 

@@ -67,3 +67,10 @@ class GradualSchedule:
     def one_shot(cls, sparsity: float, step: int = 0) -> GradualSchedule:
         """Prune to ``sparsity`` at ``step`` at once."""
         return cls(final_sparsity=sparsity, start_step=step, end_step=step, frequency=1)
+
+
+def round_schedule(final_sparsity: float, rounds: int, initial_sparsity: float = 0.0) -> GradualSchedule:
+    """The cubic schedule with one step per round."""
+    if isinstance(rounds, bool) or not (isinstance(rounds, int) and rounds >= 1):
+        raise CtkError(f"rounds must be a positive integer, got {rounds!r}")
+    return GradualSchedule(final_sparsity, initial_sparsity, start_step=0, end_step=rounds, frequency=1)

@@ -32,7 +32,6 @@ from .config import PRECISIONS
 from .strategy import Strategy
 
 
-
 @dataclass
 class Objective:
     """What a step minimises: the task's loss, mixed with distillation from a (dense) ``teacher``

@@ -31,7 +31,7 @@ from ..tasks import model_inputs
 from .batches import plan_steps, recalibration_loader
 from .checkpoint import Checkpoint, newest_intact_checkpoint, save_checkpoint
 from .config import RESUME_KEYS, TrainConfig
-from .loop import Listener, LrSchedule, Loop, Objective, StepRecord
+from .loop import Listener, Loop, LrSchedule, Objective, StepRecord
 from .progress import StepLog, progress_bar
 from .run_setup import RunParts, build_optimizer, build_parts, build_sparsifier
 from .strategy import Strategy, to_cpu

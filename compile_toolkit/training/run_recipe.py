@@ -6,25 +6,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..finetune import finetune, steps_per_epoch
 from ..models import Dataset
+from ..pruning.masks import Masks
+from ..pruning.patterns import zero_fraction
+from ..pruning.recipe import Recipe
+from ..pruning.regularization import bn_scale_l1, group_lasso
+from ..pruning.schedule import GradualSchedule
+from ..pruning.sparsifier import Sparsifier
+from ..pruning.structured import PruneReport, prune
+from .finetune import finetune, steps_per_epoch
 from .iterative import iterative
-from .masks import Masks
-from .patterns import zero_fraction
-from .recipe import Recipe
-from .regularization import bn_scale_l1, group_lasso
-from .schedule import GradualSchedule
-from .sparsifier import Sparsifier
-from .structured import PruneReport, prune
-
-if TYPE_CHECKING:
-    from ..training.progress import StepProgress
+from .progress import StepProgress
 
 
 @dataclass

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..errors import CtkError
-from ..finetune import finetune
 from ..models import Dataset
-from .masks import Masks, apply_masks
-from .schedule import GradualSchedule
-from .structured import PruneReport, prune
-
-if TYPE_CHECKING:
-    from ..training.progress import StepProgress
+from ..pruning.masks import Masks, apply_masks, combine_masks
+from ..pruning.schedule import round_schedule
+from ..pruning.structured import PruneReport, prune
+from .finetune import finetune
+from .progress import StepProgress
 
 
 @dataclass
@@ -33,13 +29,6 @@ class IterativeResult:
     losses: list[list[float]]
     masks: Masks
     reports: list[PruneReport] = field(default_factory=list, repr=False)
-
-
-def round_schedule(final_sparsity: float, rounds: int, initial_sparsity: float = 0.0) -> GradualSchedule:
-    """The cubic schedule with one step per round."""
-    if isinstance(rounds, bool) or not (isinstance(rounds, int) and rounds >= 1):
-        raise CtkError(f"rounds must be a positive integer, got {rounds!r}")
-    return GradualSchedule(final_sparsity, initial_sparsity, start_step=0, end_step=rounds, frequency=1)
 
 
 def iterative(
@@ -87,11 +76,3 @@ def iterative_prune(
 
     losses, masks = iterative(model, dataset, prune_round, rounds, epochs=epochs, lr=lr, seed=seed)
     return IterativeResult([schedule.sparsity_at(r) for r in range(1, rounds + 1)], losses, masks, reports)
-
-
-def combine_masks(first: Masks, second: Masks) -> Masks:
-    """Weights kept by both (a name missing from one is kept by it)."""
-    combined = dict(first)
-    for name, mask in second.items():
-        combined[name] = combined[name] & mask.to(combined[name].device) if name in combined else mask
-    return combined

@@ -1,24 +1,23 @@
 """Brief fine-tuning after pruning, with the pruning masks held (and, optionally, sparse training:
 a gradual schedule pruning as it trains, and a sparsity penalty added to the loss): the one
-training loop of :mod:`compile_toolkit.training.loop`, in this process."""
+training loop of :mod:`.loop`, in this process."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .models import Dataset
-from .pruning.masks import Masks
-from .pruning.sparsifier import Sparsifier
-from .tasks import Task
-
-if TYPE_CHECKING:  # importing compile_toolkit.training here would import this module back
-    from .training.loop import StepRecord
-    from .training.progress import StepProgress
+from ..models import Dataset
+from ..pruning.masks import Masks
+from ..pruning.sparsifier import Sparsifier
+from ..tasks import Task
+from .batches import plan_steps
+from .loop import Listener, Loop, LrSchedule, Objective, StepRecord
+from .progress import StepProgress
+from .strategy import Strategy
 
 TrainData = Dataset | torch.utils.data.Dataset
 CLASSIFY = Task("classify")
@@ -59,10 +58,6 @@ def finetune(
     from 0), so a gradual schedule prunes while the network recovers. ``penalty()`` is added to
     the loss (group lasso, batch-norm L1) to push whole structures towards zero before they are pruned.
     ``progress`` is told after every step, so a long fine-tuning shows that it moves."""
-    from .training.batches import plan_steps
-    from .training.loop import Listener, Loop, LrSchedule, Objective
-    from .training.strategy import Strategy
-
     data = TensorDataset(dataset.x_train, dataset.y_train) if isinstance(dataset, Dataset) else dataset
     device = next(model.parameters()).device
     plan = plan_steps(len(data), min(batch_size, len(data)), epochs, max_steps, seed)
