@@ -92,9 +92,9 @@ def prune_strip_export(name: str, tmp_path) -> None:
     report = ctk.prune(model, (x,), sparsity=0.4, structure="channel")
     assert report.pruned > 0
     stripped = ctk.strip(model, (x,))
-    summary = stripped.meta["ctk_strip"]
-    assert barrier_ops(summary["barriers"]) == []
-    assert summary["channels_removed"] >= report.pruned  # whatever pruning zeroed, strip removes
+    summary = ctk.strip_summary(stripped)
+    assert barrier_ops(summary.barriers) == []
+    assert summary.channels_removed >= report.pruned  # whatever pruning zeroed, strip removes
 
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -171,13 +171,13 @@ def measure(name: str, size: int | None = None) -> Row:
     with timed(capture_module, "_export", totals, "export"), timed(StripPass, "__call__", totals, "strip"):
         stripped = ctk.strip(model, (x,))
     row.strip_s, row.export_s = totals["strip"], totals["export"]
-    details = stripped.meta["ctk_strip"]
-    row.groups = len(details["groups"])
-    row.groups_stripped = sum(g["kept"] < g["channels"] for g in details["groups"])
-    row.channels_removed = details["channels_removed"]
-    row.kept_because = details["barriers"]
-    row.barrier_ops = barrier_ops(details["barriers"])
-    row.limiting_ops = limiting_ops(details["barriers"])
+    details = ctk.strip_summary(stripped)
+    row.groups = len(details.groups)
+    row.groups_stripped = sum(g.kept < g.channels for g in details.groups)
+    row.channels_removed = details.channels_removed
+    row.kept_because = details.barriers
+    row.barrier_ops = barrier_ops(details.barriers)
+    row.limiting_ops = limiting_ops(details.barriers)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         checks = [torch.randn(x.shape, generator=generator) for _ in range(2)]
