@@ -87,17 +87,21 @@ class Context:
 
     def join(self, a: Atoms | None, b: Atoms | None, reason: str) -> None:
         """Couple two dimensions; a static one coupled with a symbolic one is pinned."""
-        if a is None and b is None:
-            return
         if a is None or b is None:
-            self.table.pin(a if b is None else b, reason)
+            self.pin(a if b is None else b, reason)
             return
         self.table.join(a, b)
 
+    def pin(self, atoms: Atoms | None, reason: str) -> None:
+        """Keep every channel of a dimension, for ``reason``. A symbolic dimension (``None``,
+        the batch) has no atoms and carries no channels, so there is nothing to pin: rules pass
+        any dimension without checking."""
+        if atoms is not None:
+            self.table.pin(atoms, reason)
+
     def pin_value(self, arg: Node, reason: str, index: int | None = None) -> None:
         for atoms in self.atoms.get((arg, index), []):
-            if atoms is not None:
-                self.table.pin(atoms, reason)
+            self.pin(atoms, reason)
 
     # -- tensor values ---------------------------------------------------------------------
     def value(self, arg: Any) -> torch.Tensor | None:

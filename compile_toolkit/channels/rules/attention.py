@@ -35,8 +35,7 @@ class Softmax(OpRule):
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
         dims = list(ctx.dims(node.args[0]))
         axis = self._axis(ctx, node)
-        if dims[axis] is not None:
-            ctx.table.pin(dims[axis], f"normalised dim of {describe(node)}")
+        ctx.pin(dims[axis], f"normalised dim of {describe(node)}")
         return [dims]
 
     def dead(self, ctx: Context, node: Node) -> None:
@@ -116,8 +115,7 @@ class Attention(OpRule):
             ctx.join(qd[d], _repeat(kd[d], call.group_at(d)), heads)
         ctx.join(kd[-2], vd[-2], tokens)
         for atoms in (qd[-2], kd[-2]):
-            if atoms is not None:
-                ctx.table.pin(atoms, tokens)
+            ctx.pin(atoms, tokens)
         ctx.join(qd[-1], kd[-1], f"contracted features of {describe(node)}")
         if call.attn_mask is not None:
             self._couple_mask(ctx, node, call, qd)
@@ -137,8 +135,8 @@ class Attention(OpRule):
             d = j + rank - len(mask_shape)
             if 0 <= d < rank - 2 and mask_shape[j] == shape[d]:
                 ctx.join(qd[d], atoms, f"heads of {describe(node)}")
-            elif atoms is not None:
-                ctx.table.pin(atoms, f"attention mask of {describe(node)} (tokens or broadcast)")
+            else:
+                ctx.pin(atoms, f"attention mask of {describe(node)} (tokens or broadcast)")
 
     def heads(self, ctx: Context, node: Node) -> list[Atoms]:
         """The query heads (dim -3) of a call on ``[..., H, L, E]`` tensors."""

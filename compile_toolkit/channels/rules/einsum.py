@@ -67,8 +67,7 @@ class Einsum(OpRule):
         for labels, op in zip(eq.operands, operands, strict=True):
             for label, atoms, size in zip(labels, ctx.dims(op), ctx.shape(op), strict=True):
                 if size != sizes[label]:
-                    if atoms is not None:
-                        ctx.table.pin(atoms, reason)
+                    ctx.pin(atoms, reason)
                 elif label in carrier:
                     ctx.join(carrier[label], atoms, f"label {label!r} of {describe(node)}")
                 else:

@@ -85,8 +85,8 @@ class Pointwise(OpRule):
                 atoms = ctx.dims(arg)[k]
                 if arg_shape[k] == size:
                     carriers.append(atoms)
-                elif atoms is not None:
-                    ctx.table.pin(atoms, reason)  # size 1 broadcast over the output
+                else:
+                    ctx.pin(atoms, reason)  # size 1 broadcast over the output
             if not carriers:
                 out.append(ctx.fresh(size, reason))
                 continue

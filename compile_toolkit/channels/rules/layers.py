@@ -112,7 +112,7 @@ class Conv(OpRule):
         w_in, w_out = (w_dims[0], w_dims[1]) if spec.transposed else (w_dims[1], w_dims[0])
         groups, kind = spec.groups, spec.kind
         if kind == "depthwise":
-            ctx.table.pin(w_in if not spec.transposed else w_out, f"per-group dim of {describe(node)}")
+            ctx.pin(w_in if not spec.transposed else w_out, f"per-group dim of {describe(node)}")
             if spec.transposed:  # weight [groups, m]: row g is input channel g; its m outputs follow it
                 ctx.join(x_in, w_in, reason)
                 out = np.repeat(x_in, spec.out_per_group) if x_in is not None else None

@@ -102,8 +102,8 @@ class Expand(OpRule):
                     ctx.join(dims[k], other[d], reason)
                 out.append(dims[k])
                 continue
-            if k >= 0 and dims[k] is not None:
-                ctx.table.pin(dims[k], reason)
+            if k >= 0:
+                ctx.pin(dims[k], reason)
             out.append(other[d] if other is not None else ctx.fresh(size, reason))
         return [out]
 
@@ -172,8 +172,7 @@ class Repeat(OpRule):
             if atoms is not None and isinstance(r, int):
                 out.append(np.tile(atoms, r))
             else:
-                if atoms is not None:
-                    ctx.table.pin(atoms, reason)
+                ctx.pin(atoms, reason)
                 out.append(ctx.fresh(shape[k + lead], reason))
         return [out]
 
@@ -219,8 +218,7 @@ class PixelShuffle(OpRule):
         block = self._block(node)
         reason = f"spatial dim of {describe(node)}"
         for atoms in dims[-2:]:
-            if atoms is not None:
-                ctx.table.pin(atoms, reason)
+            ctx.pin(atoms, reason)
         channels = dims[-3]
         if self.unshuffle:
             out = np.repeat(channels, block)
@@ -268,8 +266,7 @@ class Roll(OpRule):
         out: Dims = []
         for d, atoms in enumerate(dims):
             if rolled is None or d in rolled:
-                if atoms is not None:
-                    ctx.table.pin(atoms, reason)
+                ctx.pin(atoms, reason)
                 out.append(None if atoms is None else np.roll(atoms, rolled[d]) if rolled else atoms)
             else:
                 out.append(atoms)
@@ -320,8 +317,7 @@ class Pad(OpRule):
         out: Dims = []
         for d, atoms in enumerate(dims):
             if touched is None or d in touched:
-                if atoms is not None:
-                    ctx.table.pin(atoms, reason)
+                ctx.pin(atoms, reason)
                 out.append(ctx.fresh(shape[d], reason) if shape[d] != ctx.shape(node.args[0])[d] else atoms)
             else:
                 out.append(atoms)

@@ -112,8 +112,8 @@ class MatMul(OpRule):
             for k, d in op.to_out.items():
                 if arg_shape[k] == shape[d]:
                     carriers[d].append(dims[k])
-                elif dims[k] is not None:
-                    ctx.table.pin(dims[k], reason)  # size 1 broadcast over the output
+                else:
+                    ctx.pin(dims[k], reason)  # size 1 broadcast over the output
         out: Dims = []
         for d, size in enumerate(shape):
             if not carriers[d]:

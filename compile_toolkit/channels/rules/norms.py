@@ -47,8 +47,8 @@ class BatchNorm(OpRule):
                 ctx.join(dims[1], ctx.dims(p)[0], reason)
         if input_stats:  # statistics over every other dim: whatever they carry is read by all of it
             for d, atoms in enumerate(dims):
-                if d != 1 and atoms is not None:
-                    ctx.table.pin(atoms, f"statistics of {describe(node)} are taken over dim {d}")
+                if d != 1:
+                    ctx.pin(atoms, f"statistics of {describe(node)} are taken over dim {d}")
         outputs = [list(dims)]
         for shape in output_shapes(ctx, node)[1:]:  # statistics: [C], or empty when not computed
             outputs.append([dims[1]] if shape == [ctx.shape(x)[1]] else [ctx.fresh(s, reason) for s in shape])
@@ -110,7 +110,7 @@ class GroupNorm(OpRule):
             if isinstance(p, Node):
                 ctx.join(dims[1], ctx.dims(p)[0], reason)
         if groups == 1:
-            ctx.table.pin(dims[1], f"{describe(node)} with one group: every channel shares the statistics")
+            ctx.pin(dims[1], f"{describe(node)} with one group: every channel shares the statistics")
         else:
             blocks = dims[1].reshape(groups, per_group)
             for col in range(1, per_group):
@@ -166,8 +166,7 @@ class LayerNorm(OpRule):
         lead = len(dims) - k
         pin = f"normalised dim of {describe(node)}: removing a feature changes the others' statistics"
         for d in range(lead, len(dims)):
-            if dims[d] is not None:
-                ctx.table.pin(dims[d], pin)
+            ctx.pin(dims[d], pin)
             for p in (weight, bias):
                 if isinstance(p, Node):
                     ctx.join(dims[d], ctx.dims(p)[d - lead], pin)

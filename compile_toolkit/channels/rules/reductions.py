@@ -53,8 +53,7 @@ class Reduce(OpRule):
         reason = f"reduced by {describe(node)}"
         if self.pins(ctx, node):
             for d in self._reduced(ctx, node)[0]:
-                if dims[d] is not None:
-                    ctx.table.pin(dims[d], reason)
+                ctx.pin(dims[d], reason)
         outputs = []
         for shape in output_shapes(ctx, node):
             out: Dims = [ctx.fresh(s, reason) for s in shape]

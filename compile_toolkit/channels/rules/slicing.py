@@ -48,8 +48,7 @@ class Split(OpRule):
             out = list(dims)
             if dims[dim] is None or size is None:
                 out[dim] = None if size is None else ctx.fresh(size, reason)
-                if dims[dim] is not None:
-                    ctx.table.pin(dims[dim], reason)
+                ctx.pin(dims[dim], reason)
             else:
                 out[dim] = dims[dim][offset : offset + size]
                 offset += size
@@ -139,13 +138,12 @@ class Slice(OpRule):
         atoms = dims[dim]
         reason = f"sliced by {describe(node)}"
         if atoms is None or not self._static(node):
-            if atoms is not None:
-                ctx.table.pin(atoms, reason)
+            ctx.pin(atoms, reason)
             out[dim] = None if size is None else ctx.fresh(size, reason)
             return [out]
         s, e, step = self._range(node, len(atoms))
         if step != 1:
-            ctx.table.pin(atoms, f"strided slice {describe(node)}")
+            ctx.pin(atoms, f"strided slice {describe(node)}")
         out[dim] = atoms[s:e:step]
         return [out]
 
@@ -211,8 +209,8 @@ class Select(OpRule):
         x, dim, index = self._where(ctx, node)
         dims = ctx.dims(x)
         reason = f"index of {describe(node)}"
-        if dims[dim] is not None:
-            ctx.table.pin(dims[dim] if index is None else dims[dim][index : index + 1], reason)
+        atoms = dims[dim]
+        ctx.pin(atoms if index is None or atoms is None else atoms[index : index + 1], reason)
         return [dims[:dim] + dims[dim + 1 :]]
 
     def rewrite(self, node: Node, change: ShapeChange) -> None:
@@ -249,8 +247,7 @@ class Unbind(OpRule):
         x = node.args[0]
         dims = ctx.dims(x)
         dim = normalize_dim(argument(node, "dim", 0), len(dims))
-        if dims[dim] is not None:
-            ctx.table.pin(dims[dim], f"unbound by {describe(node)}")
+        ctx.pin(dims[dim], f"unbound by {describe(node)}")
         return [dims[:dim] + dims[dim + 1 :] for _ in output_shapes(ctx, node)]
 
     def zero(self, ctx: Context, node: Node) -> list[Masks]:
@@ -301,8 +298,7 @@ class Index(OpRule):
         _, indexed, _, _ = self._layout(ctx, node)
         dims = ctx.dims(x)
         for d in indexed:
-            if dims[d] is not None:
-                ctx.table.pin(dims[d], reason)
+            ctx.pin(dims[d], reason)
         for index in node.args[1]:
             if isinstance(index, Node):
                 ctx.pin_value(index, reason)
