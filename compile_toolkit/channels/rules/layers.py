@@ -21,14 +21,12 @@ from .base import Barrier, OpRule, ShapeChange, argument, copy_masks, full, set_
 
 
 def _nonzero_rows_cols(ctx: Context, weight: Node) -> np.ndarray:
-    """``[out, in]`` bool: which (output, input) pairs of a weight are not all zero."""
-    pairs = ctx.nonzero_pairs(weight) if hasattr(ctx, "nonzero_pairs") else None  # cached per constant
+    """``[out, in]`` bool: which (output, input) pairs of a weight are not all zero. A constant
+    weight's pairs are scanned once and cached by the context; a weight computed in the graph
+    has only its zero rows and columns to go by."""
+    pairs = ctx.nonzero_pairs(weight)
     if pairs is not None:
         return pairs
-    value = ctx.value(weight)
-    if value is not None:
-        flat = value.detach().reshape(value.shape[0], value.shape[1], -1)
-        return (flat != 0).any(-1).cpu().numpy()
     rows_zero, cols_zero = ctx.zeros(weight)[:2]
     return ~(rows_zero[:, None] | cols_zero[None, :])
 
