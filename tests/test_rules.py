@@ -530,7 +530,9 @@ def test_embedding_feature_columns_go_and_vocabulary_rows_stay():
     assert shapes["emb.weight"] == (10, 7) and shapes["fc.weight"] == (3, 7)
 
 
-@pytest.mark.parametrize("dropout", [nn.Dropout(inplace=True), nn.Dropout2d(), nn.AlphaDropout(), nn.FeatureAlphaDropout()])
+@pytest.mark.parametrize(
+    "dropout", [nn.Dropout(), nn.Dropout(inplace=True), nn.Dropout2d(), nn.AlphaDropout(), nn.FeatureAlphaDropout()]
+)
 def test_dropout_variants_pass_channels(dropout):
     model = NormNet(dropout)
     zero_out(model.a, [3])

@@ -23,7 +23,7 @@ from .base import OpRule, argument, copy_masks, full
 
 
 class Copy(OpRule):
-    """``y = x``, maybe as another dtype or device (``clone``, ``to``, ``detach``, eval dropout):
+    """``y = x``, maybe as another dtype or device (``clone``, ``to``, ``detach``):
     dims, zeros and dead slices pass through. Only the first argument is read for values."""
 
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
@@ -281,7 +281,7 @@ aten = torch.ops.aten
 POINTWISE = Pointwise()
 
 RULES: dict[object, OpRule] = {
-    **{op: Copy() for op in (aten.dropout, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
+    **{op: Copy() for op in (aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
                              aten.type_as)},
     aten.zero_: Zeroed(),
     **{op: Binary("mul") for op in (aten.mul, aten.mul_)},

@@ -287,7 +287,10 @@ RULES: dict[object, OpRule] = {
         )
     },
     aten.linear: Linear(),
-    **{op: Dropout(keeps_zero_in_training=True) for op in (aten.dropout_, aten.feature_dropout, aten.feature_dropout_)},
+    **{
+        op: Dropout(keeps_zero_in_training=True)
+        for op in (aten.dropout, aten.dropout_, aten.feature_dropout, aten.feature_dropout_)
+    },
     **{
         op: Dropout(keeps_zero_in_training=False)
         for op in (aten.alpha_dropout, aten.alpha_dropout_, aten.feature_alpha_dropout, aten.feature_alpha_dropout_)
