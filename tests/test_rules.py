@@ -20,7 +20,8 @@ from torch import nn
 import compile_toolkit as ctk
 from compile_toolkit.capture import capture
 from compile_toolkit.channels import analyze
-from compile_toolkit.channels.rules.base import argument
+from compile_toolkit.channels.rules import merge_tables
+from compile_toolkit.channels.rules.base import Barrier, argument
 from compile_toolkit.passes.strip import StripPass
 from compile_toolkit.passes.verify import relative_error
 
@@ -873,3 +874,15 @@ def test_divisor_of_a_zero_channel_is_kept_unless_provably_positive():
     zero_out(model.a, [1])
     _, shapes, _ = strip_exact(model, torch.randn(2, 3, 4, 5))
     assert shapes["a.weight"][0] == 6
+
+
+# -- the rule table ----------------------------------------------------------------------------------
+def test_rule_tables_merge_and_refuse_an_op_with_two_rules():
+    """Positive control first: distinct ops merge; then the same op from a second module fails,
+    naming both modules, where ``dict.update`` let the later one win silently."""
+    aten = torch.ops.aten
+    first, second = Barrier(), Barrier()
+    merged = merge_tables([("one", {aten.cumsum: first}), ("two", {aten.cumprod: second})])
+    assert merged == {aten.cumsum: first, aten.cumprod: second}
+    with pytest.raises(ValueError, match="aten.cumsum has a rule in both one and two"):
+        merge_tables([("one", {aten.cumsum: first}), ("two", {aten.cumsum: second})])
