@@ -257,15 +257,16 @@ def keep_one_per_dim(ctx: Context, labels: np.ndarray, remove: np.ndarray, score
     Keeping a channel only turns ``remove`` entries off, so it never empties another dimension
     and a dimension once fixed stays fixed: one pass over the distinct dimensions is enough.
     """
-    for atoms in _distinct_dims(ctx):
+    for atoms in distinct_dims(ctx):
         comps = labels[atoms]
         if remove[comps].all():
             remove[comps[np.argmax(scores[comps])] if scores is not None else comps[0]] = False
 
 
-def _distinct_dims(ctx: Context) -> list[np.ndarray]:
+def distinct_dims(ctx: Context) -> list[np.ndarray]:
     """Every non-empty static dimension's atoms, once per array (values that pass a dimension
-    through unchanged, such as activations, share their input's array)."""
+    through unchanged, such as activations, share their input's array). Public because pruning
+    walks the same dimensions when it keeps one channel per dimension."""
     seen: dict[int, np.ndarray] = {}
     for dims in ctx.atoms.values():
         for atoms in dims:
@@ -277,7 +278,7 @@ def _distinct_dims(ctx: Context) -> list[np.ndarray]:
 def _groups(ctx: Context, components: Components, removable: np.ndarray, seen: np.ndarray) -> list[ChannelGroup]:
     """Components that share a dimension form one group; groups are those some parameter carries."""
     labels = components.labels
-    per_dim = [labels[atoms] for atoms in _distinct_dims(ctx)]
+    per_dim = [labels[atoms] for atoms in distinct_dims(ctx)]
     rows = np.concatenate(per_dim) if per_dim else np.zeros(0, dtype=np.int64)
     cols = np.repeat([comps[0] for comps in per_dim], [comps.size for comps in per_dim]).astype(np.int64)
     n = components.count

@@ -31,7 +31,9 @@ def _nonzero_rows_cols(ctx: Context, weight: Node) -> np.ndarray:
     return ~(rows_zero[:, None] | cols_zero[None, :])
 
 
-def _zero_vector(ctx: Context, bias, size: int) -> np.ndarray:
+def zero_vector(ctx: Context, bias: Node | None, size: int) -> np.ndarray:
+    """Per channel, whether a per-channel vector (a bias, a norm's scale, shift or mean) is zero;
+    an absent one (``None``) counts as zero everywhere. Norms share it (:mod:`.norms`)."""
     if bias is None:
         return np.ones(size, dtype=bool)
     value = ctx.value(bias)
@@ -149,7 +151,7 @@ class Conv(OpRule):
         if _unbatched(ctx, spec):
             return [out]
         live = _connections(ctx, spec) & ~ctx.zeros(spec.x)[1][None, :]
-        out[1] = ~live.any(1) & _zero_vector(ctx, spec.b, shape[1])
+        out[1] = ~live.any(1) & zero_vector(ctx, spec.b, shape[1])
         return [out]
 
     def dead(self, ctx: Context, node: Node) -> None:
@@ -218,7 +220,7 @@ class Linear(OpRule):
         shape = ctx.shape(node)
         out = ctx.no_facts(shape)
         live = _nonzero_rows_cols(ctx, w) & ~ctx.zeros(x)[-1][None, :]
-        out[-1] = ~live.any(1) & _zero_vector(ctx, b, shape[-1])
+        out[-1] = ~live.any(1) & zero_vector(ctx, b, shape[-1])
         return [out]
 
     def dead(self, ctx: Context, node: Node) -> None:

@@ -16,7 +16,7 @@ from torch.fx import Node
 
 from ..context import Context, Dims, Masks, all_dead, describe, mask
 from .base import OpRule, ShapeChange, argument, full, output_shapes, set_argument
-from .layers import _zero_vector
+from .layers import zero_vector
 
 
 class BatchNorm(OpRule):
@@ -58,12 +58,12 @@ class BatchNorm(OpRule):
         """(scale zero, shift zero, zero input stays zero) per channel."""
         x, (weight, bias, mean, _), input_stats = self._params(node)
         channels = ctx.shape(x)[1]
-        scale_zero = np.zeros(channels, dtype=bool) if weight is None else _zero_vector(ctx, weight, channels)
-        shift_zero = _zero_vector(ctx, bias, channels)
+        scale_zero = np.zeros(channels, dtype=bool) if weight is None else zero_vector(ctx, weight, channels)
+        shift_zero = zero_vector(ctx, bias, channels)
         if input_stats or mean is None:
             centre_zero = np.ones(channels, dtype=bool)  # statistics of a zero channel are zero
         else:
-            centre_zero = _zero_vector(ctx, mean, channels) | scale_zero
+            centre_zero = zero_vector(ctx, mean, channels) | scale_zero
         return scale_zero, shift_zero, centre_zero
 
     def zero(self, ctx: Context, node: Node) -> list[Masks]:
@@ -120,14 +120,14 @@ class GroupNorm(OpRule):
     def _scale_zero(self, ctx: Context, node: Node) -> np.ndarray:
         x, _, _, weight, _ = self._args(ctx, node)
         channels = ctx.shape(x)[1]
-        return np.zeros(channels, dtype=bool) if weight is None else _zero_vector(ctx, weight, channels)
+        return np.zeros(channels, dtype=bool) if weight is None else zero_vector(ctx, weight, channels)
 
     def zero(self, ctx: Context, node: Node) -> list[Masks]:
         x, groups, per_group, _, bias = self._args(ctx, node)
         channels = ctx.shape(x)[1]
         out = ctx.no_facts(ctx.shape(node))
         group_zero = np.repeat(ctx.zeros(x)[1].reshape(groups, per_group).all(1), per_group)
-        out[1] = _zero_vector(ctx, bias, channels) & (self._scale_zero(ctx, node) | group_zero)
+        out[1] = zero_vector(ctx, bias, channels) & (self._scale_zero(ctx, node) | group_zero)
         return [out]
 
     def dead(self, ctx: Context, node: Node) -> None:
