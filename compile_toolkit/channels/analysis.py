@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import summary
 from .atoms import Components
-from .context import Context, Dims, Key, Masks, concrete, describe, tensor_meta
+from .context import Context, DimFacts, Dims, Key, concrete, describe, tensor_meta
 from .mutation import shared_writes
 from .rules import Getitem, rule_for
 from .rules.base import Barrier, Failed, OpRule, full
@@ -182,7 +182,7 @@ def _forward(ctx: Context, node: Node, rules: dict[Node, OpRule]) -> None:
         ctx.zero[key] = zeros
 
 
-def _checked(ctx: Context, keys: list[Key], couplings: list[Dims], zeros: list[Masks]) -> list[tuple[Dims, Masks]]:
+def _checked(ctx: Context, keys: list[Key], couplings: list[Dims], zeros: list[DimFacts]) -> list[tuple[Dims, DimFacts]]:
     """A rule's atoms and zero facts, after checking that they fit the node's output shapes (a
     rule that gets them wrong would corrupt the walks and the strip far from the fault)."""
     if not len(keys) == len(couplings) == len(zeros):

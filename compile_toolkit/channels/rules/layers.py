@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import Barrier, OpRule, ShapeChange, argument, copy_masks, full, set_argument
+from ..context import Context, DimFacts, Dims, all_dead, describe, mask
+from .base import Barrier, OpRule, ShapeChange, argument, copy_facts, full, set_argument
 
 
 def _nonzero_rows_cols(ctx: Context, weight: Node) -> np.ndarray:
@@ -144,7 +144,7 @@ class Conv(OpRule):
         if spec.kind == "depthwise" and old != new:
             set_argument(node, "groups", spec.groups * new // old)
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         spec = conv_spec(node, ctx.shape)
         shape = ctx.shape(node)
         out = ctx.no_facts(shape)
@@ -214,7 +214,7 @@ class Linear(OpRule):
             ctx.join(w_dims[0], ctx.dims(b)[0], reason)
         return [[*x_dims[:-1], w_dims[0]]]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else None
         shape = ctx.shape(node)
@@ -244,14 +244,14 @@ class Dropout(OpRule):
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
         return [list(ctx.dims(node.args[0]))]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         train = argument(node, "train", True)
         if train is False or self.keeps_zero_in_training:
-            return [copy_masks(ctx.zeros(node.args[0]))]
+            return [copy_facts(ctx.zeros(node.args[0]))]
         return [ctx.no_facts(ctx.shape(node))]
 
     def dead(self, ctx: Context, node: Node) -> None:
-        ctx.mark_dead(node.args[0], copy_masks(ctx.dead_of(node)))
+        ctx.mark_dead(node.args[0], copy_facts(ctx.dead_of(node)))
 
 
 class Embedding(OpRule):
@@ -263,7 +263,7 @@ class Embedding(OpRule):
         weight, indices = node.args[0], node.args[1]
         return [[*ctx.dims(indices), ctx.dims(weight)[1]]]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         weight, indices = node.args[0], node.args[1]
         return [[*ctx.no_facts(ctx.shape(indices)), ctx.zeros(weight)[1].copy()]]
 
@@ -274,7 +274,7 @@ class Embedding(OpRule):
             ctx.mark_dead(indices, full(ctx.shape(indices), True))
             ctx.mark_dead(weight, full(ctx.shape(weight), True))
             return
-        ctx.mark_dead(indices, copy_masks(out_dead[:-1]))
+        ctx.mark_dead(indices, copy_facts(out_dead[:-1]))
         ctx.mark_dead(weight, [mask(ctx.shape(weight)[0], False), out_dead[-1].copy()])
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe, mask
+from ..context import Context, DimFacts, Dims, all_dead, describe, mask
 from .base import OpRule, ShapeChange, argument, full, output_shapes, set_argument
 from .layers import zero_vector
 
@@ -66,7 +66,7 @@ class BatchNorm(OpRule):
             centre_zero = zero_vector(ctx, mean, channels) | scale_zero
         return scale_zero, shift_zero, centre_zero
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x = argument(node, "input")
         shapes = output_shapes(ctx, node)
         out = ctx.no_facts(shapes[0])
@@ -84,7 +84,7 @@ class BatchNorm(OpRule):
             ctx.mark_dead(x, full(shape, True))
             return
         scale_zero = self._scale_shift_zero(ctx, node)[0]
-        x_dead: Masks = [None if input_stats or stats_dead else out_dead[0]] + [mask(s, False) for s in shape[1:]]
+        x_dead: DimFacts = [None if input_stats or stats_dead else out_dead[0]] + [mask(s, False) for s in shape[1:]]
         x_dead[1] = np.logical_and.reduce([out_dead[1] | scale_zero, *stats_dead])
         ctx.mark_dead(x, x_dead)
 
@@ -122,7 +122,7 @@ class GroupNorm(OpRule):
         channels = ctx.shape(x)[1]
         return np.zeros(channels, dtype=bool) if weight is None else zero_vector(ctx, weight, channels)
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x, groups, per_group, _, bias = self._args(ctx, node)
         channels = ctx.shape(x)[1]
         out = ctx.no_facts(ctx.shape(node))
@@ -138,7 +138,7 @@ class GroupNorm(OpRule):
             ctx.mark_dead(x, full(shape, True))
             return
         ignored = (out_dead[1] | self._scale_zero(ctx, node)).reshape(groups, per_group).all(1)
-        x_dead: Masks = [out_dead[0]] + [mask(s, False) for s in shape[1:]]
+        x_dead: DimFacts = [out_dead[0]] + [mask(s, False) for s in shape[1:]]
         x_dead[1] = np.repeat(ignored, per_group)
         ctx.mark_dead(x, x_dead)
 
@@ -175,7 +175,7 @@ class LayerNorm(OpRule):
             outputs.append([*dims[:lead], *(ctx.fresh(s, pin) for s in shape[lead:])])
         return outputs
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x, k, weight, bias = self._args(ctx, node)
         shapes = output_shapes(ctx, node)
         out = ctx.no_facts(shapes[0])
@@ -200,7 +200,7 @@ class LayerNorm(OpRule):
         if all(all_dead(d) for d in deads):
             ctx.mark_dead(x, full(shape, True))
             return
-        x_dead: Masks = [mask(s, False) for s in shape]
+        x_dead: DimFacts = [mask(s, False) for s in shape]
         for d in range(lead):
             masks = [dead[d] for dead in deads]
             x_dead[d] = None if any(m is None for m in masks) else np.logical_and.reduce(masks)

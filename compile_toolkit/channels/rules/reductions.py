@@ -14,7 +14,7 @@ import math
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe
+from ..context import Context, DimFacts, Dims, all_dead, describe
 from .base import OpRule, ShapeChange, argument, full, normalize_dim, output_shapes
 
 
@@ -62,7 +62,7 @@ class Reduce(OpRule):
             outputs.append(out)
         return outputs
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         zeros = ctx.zeros(node.args[0])
         outputs = []
         for shape in output_shapes(ctx, node):

@@ -14,7 +14,7 @@ import sympy
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe, mask
+from ..context import Context, DimFacts, Dims, all_dead, describe, mask
 from .base import OpRule, ShapeChange, argument, full, normalize_dim
 from .layout import PERMUTATIONS, permutation_order
 
@@ -201,7 +201,7 @@ class Reshape(OpRule):
                     out[k] = ctx.fresh(dst[k], reason)
         return [out]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         src, dst = ctx.shape(node.args[0]), ctx.shape(node)
         zeros = ctx.zeros(node.args[0])
         out = ctx.no_facts(dst)
@@ -224,7 +224,7 @@ class Reshape(OpRule):
         if all_dead(out_dead):
             ctx.mark_dead(node.args[0], full(src, True))
             return
-        masks: Masks = [mask(s, False) for s in src]
+        masks: DimFacts = [mask(s, False) for s in src]
         for gi, gj in _pairs(node, src, dst) or []:
             if _symbolic(src, dst, gi, gj):
                 if len(gi) == 1 and len(gj) == 1:
