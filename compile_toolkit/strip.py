@@ -9,19 +9,19 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import capture, eval_mode
+from .capture import Inputs, capture, eval_mode
 from .errors import CtkError
 from .passes.dce import DeadCodeElimination
 from .passes.manager import PassManager
 from .passes.strip import StripPass, StripSummary
-from .passes.verify import Inputs, check_close, outputs_of, require_no_nan, sample_inputs
+from .passes.verify import check_close, outputs_of, require_no_nan, sample_inputs
 
 _SUMMARY_KEY = "ctk_strip"  # where in ``GraphModule.meta`` (which deep copies keep) the summary lives
 
 
 def strip(
     model: nn.Module,
-    example_inputs: tuple[torch.Tensor, ...],
+    example_inputs: Inputs,
     check_inputs: Sequence[Inputs] | None = None,
     rtol: float = 1e-5,
 ) -> GraphModule:

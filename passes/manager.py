@@ -8,10 +8,11 @@ from dataclasses import replace
 import torch
 from torch.fx import GraphModule
 
+from compile_toolkit.capture import Inputs
 from compile_toolkit.errors import CtkError
 
 from .base import GraphPass, PassResult
-from .verify import Inputs, check_close, outputs_of
+from .verify import check_close, outputs_of
 
 Outputs = list[list[torch.Tensor]]
 

@@ -7,9 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils._pytree import tree_leaves
 
+from compile_toolkit.capture import Inputs
 from compile_toolkit.errors import CtkError, VerificationError
-
-Inputs = tuple[torch.Tensor, ...]
 
 
 def outputs_of(fn: Callable, inputs: Sequence[Inputs]) -> list[list[torch.Tensor]]:
