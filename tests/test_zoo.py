@@ -9,12 +9,11 @@ and match the pruned model in ONNX Runtime, with no op left without a channel ru
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
 import torchvision
-from torch import nn
+from zoo_models import barrier_ops, build
 
 import compile_toolkit as ctk
 from compile_toolkit.metrics import count_flops, count_params
@@ -67,22 +66,6 @@ def one_thread():
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / a.abs().max()).item()
-
-
-def barrier_ops(reasons: list[str]) -> list[str]:
-    return sorted({m.group(1) for r in reasons if (m := re.match(r"no channel rule for (\S+) at node", r))})
-
-
-def build(name: str) -> nn.Module:
-    """The model with seeded random weights; tensors its init leaves all zero (ViT's head, biases,
-    BN means) get small random values, so no output is zero whatever the input."""
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point() and not t.any():
-                t.normal_(0, 0.1)
-    return model
 
 
 def prune_strip_export(name: str, tmp_path) -> None:
