@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from conftest import rel_error
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,10 +33,6 @@ from compile_toolkit.pruning import (
     n_m_mask,
     save_masks,
 )
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 class ConvBN(nn.Module):

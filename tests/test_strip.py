@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from conftest import rel_error
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,10 +18,6 @@ from compile_toolkit.models import load_model
 from compile_toolkit.passes.base import GraphPass, PassResult
 from compile_toolkit.passes.manager import PassManager
 from compile_toolkit.passes.verify import sample_inputs
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 def n_params(m: nn.Module) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from conftest import rel_error
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,13 +29,6 @@ from transformers import (
 import compile_toolkit as ctk
 from compile_toolkit.errors import CtkError
 from compile_toolkit.exporters.onnx_format import run as run_onnx
-
-
-def rel_error(reference, candidate) -> float:
-    """max |a - b| / max |a| over a tensor or a tuple of tensors."""
-    if isinstance(reference, torch.Tensor):
-        return ((reference - candidate).abs().max() / reference.abs().max()).item()
-    return max(rel_error(a, b) for a, b in zip(reference, candidate, strict=True))
 
 
 def params(module: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -9,7 +9,7 @@ and match the pruned model in ONNX Runtime, with no op left without a channel ru
 
 from __future__ import annotations
 
-
+from conftest import rel_error
 import pytest
 import torch
 import torchvision
@@ -62,10 +62,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / a.abs().max()).item()
 
 
 def prune_strip_export(name: str, tmp_path) -> None:
