@@ -3,7 +3,8 @@
 One forward walk asks each op's rule to couple dimensions and to state which output slices are
 exactly zero; one backward walk asks it which input slices no consumer depends on. A channel (a
 connected component of atoms) is removable when, in every non-constant tensor it appears in,
-each of its slices is zero or dead, and no barrier pinned it. See ``shared/ARCHITECTURE.md``.
+each of its slices is zero or dead, and no barrier pinned it. See ``docs/architecture.md``
+(the channel analysis, and how to add an op rule).
 """
 
 from __future__ import annotations
