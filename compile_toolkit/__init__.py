@@ -11,8 +11,12 @@ ctk.export(stripped, example_inputs, "out/", formats=("pt2", "onnx"),
 
 from .errors import CtkError, VerificationError
 from .exporters import export
+from .passes.strip import StripSummary
 from .pruning import prune
 from .quantize import QuantConfig, quantize
-from .strip import strip
+from .strip import strip, strip_summary
 
-__all__ = ["CtkError", "QuantConfig", "VerificationError", "export", "prune", "quantize", "strip"]
+__all__ = [
+    "CtkError", "QuantConfig", "StripSummary", "VerificationError", "export", "prune", "quantize", "strip",
+    "strip_summary",
+]

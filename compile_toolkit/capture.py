@@ -18,6 +18,8 @@ from torch.export import Dim, ExportedProgram
 
 from .errors import CtkError, summary
 
+Inputs = tuple[torch.Tensor, ...]  # a model's positional inputs as torch.export takes them; the one such type
+
 
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
@@ -61,7 +63,7 @@ class Capture:
     """A model, its example inputs and its ``ExportedProgram`` (batch dynamic where possible)."""
 
     module: nn.Module
-    example_inputs: tuple[torch.Tensor, ...]
+    example_inputs: Inputs
     program: ExportedProgram
     dynamic_batch: bool
 
@@ -76,7 +78,7 @@ class Capture:
         return _export(self.module, self.example_inputs, dynamic=False)
 
 
-def capture(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capture:
+def capture(module: nn.Module, example_inputs: Inputs) -> Capture:
     """Capture ``module`` in eval mode, batch dynamic if the model allows it.
 
     The batch counts as dynamic when ``torch.export`` keeps dim 0 symbolic AND the module itself
@@ -102,14 +104,14 @@ def capture(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capt
     return Capture(module, example_inputs, program, dynamic)
 
 
-def other_batch_size(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+def other_batch_size(inputs: Inputs) -> Inputs:
     """The same inputs at another batch size: the first row, or the batch repeated if it is 1."""
     if inputs[0].shape[0] == 1:
         return tuple(torch.cat([t, t]) for t in inputs)
     return tuple(t[:1].clone() for t in inputs)
 
 
-def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic: bool) -> ExportedProgram:
+def _export(module: nn.Module, inputs: Inputs, dynamic: bool) -> ExportedProgram:
     # A view (say the first 32 tokens of a longer block) makes torch.export guard on its base's
     # shape (``input_ids._base.size()[1] != 32``), and the program then fails on any input that is
     # not such a view with "'NoneType' object has no attribute 'size'": capture a copy instead.
@@ -131,7 +133,7 @@ def _has_dynamic_batch(program: ExportedProgram) -> bool:
     return bool(shapes) and all(isinstance(shape[0], torch.SymInt) for shape in shapes)
 
 
-def _runs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+def _runs(module: nn.Module, inputs: Inputs) -> bool:
     try:
         with eval_mode(module), torch.no_grad():
             module(*inputs)

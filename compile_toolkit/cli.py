@@ -203,31 +203,31 @@ def _strip(args: argparse.Namespace) -> int:
 
     from .metrics import count_params
     from .models import load_model
-    from .strip import strip
+    from .strip import strip, strip_summary
 
     loaded = load_model(args.model, args.weights, args.input_shape)
     for note in loaded.notes:
         Console(stderr=True).print(f"note: {note}", soft_wrap=True)
     stripped = strip(loaded.module, loaded.example_inputs)
-    summary = stripped.meta["ctk_strip"]
+    summary = strip_summary(stripped)
     before, after = count_params(loaded.module), count_params(stripped)
     table = Table()
     for column in ("group (first carrier)", "channels", "kept", "kept because"):
         table.add_column(column)
-    for group in summary["groups"]:
-        if args.explain or group["kept"] < group["channels"]:
-            reason = group["kept_because"] or ("(in use: not zero or dead)" if group["kept"] else "")
-            table.add_row(group["carriers"][0], str(group["channels"]), str(group["kept"]), reason)
+    for group in summary.groups:
+        if args.explain or group.kept < group.channels:
+            reason = group.kept_because or ("(in use: not zero or dead)" if group.kept else "")
+            table.add_row(group.carriers[0], str(group.channels), str(group.kept), reason)
     console = Console()
     console.print(
-        f"{loaded.name}: {summary['channels_removed']} channels removed (counting each coupled channel once), "
+        f"{loaded.name}: {summary.channels_removed} channels removed (counting each coupled channel once), "
         f"parameters {before:,} -> {after:,} ({before / max(after, 1):.2f}x fewer), "
-        f"max relative error {summary['max_relative_error']:.1e}",
+        f"max relative error {summary.max_relative_error:.1e}",
         soft_wrap=True,
     )
     console.print(table)
     if args.explain:
-        console.print("barriers: " + ("; ".join(summary["barriers"]) or "none"))
+        console.print("barriers: " + ("; ".join(summary.barriers) or "none"))
     return 0
 
 

@@ -28,7 +28,7 @@ from .pruning.structured import DATA_IMPORTANCE, check_sparsity
 from .quantize import QuantConfig
 from .quantize import job as quantize_job
 from .report import write_reports
-from .strip import strip
+from .strip import strip, strip_summary
 from .training.checkpoint import Checkpoint, load_checkpoint
 from .training.finetune import finetune
 from .workload import DEFAULT_SEQ_LEN, OnnxRuntimeModel, PositionalInputs, Workload, load_workload
@@ -127,7 +127,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
             report["pruning"] = _prune(job, loaded, work, dense, timed)
         with timed("capture and strip"):
             stripped = strip(loaded.module, loaded.example_inputs)
-        report["strip"] = stripped.meta["ctk_strip"]
+        report["strip"] = strip_summary(stripped).to_dict()
         with timed("measure stripped model"):
             report["stripped"] = _measure(PositionalInputs(stripped), loaded, work, dense)
         formats = tuple(dict.fromkeys((*job.formats, "onnx")))  # ONNX always: latency is measured in ORT

@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Sequence
 
 import onnxruntime
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .capture import Inputs
 from .errors import CtkError, summary
 from .exporters.onnx_format import feeds, session
-
-Inputs = Sequence[torch.Tensor]
 
 
 def count_params(module: nn.Module) -> int:

@@ -7,7 +7,8 @@ an ordinary, smaller graph with no gathers or masks left in it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,25 +36,38 @@ class StripPass(GraphPass):
         if removed:
             _slice_constants(gm, analysis)
             gm.recompile()
-        return PassResult(gm, bool(removed), strip_summary(analysis))
+        return PassResult(gm, bool(removed), StripSummary.of(analysis))
 
 
-def strip_summary(analysis: ChannelAnalysis) -> dict:
-    """Per group: channels before and after; plus the barriers that kept channels alive."""
-    groups = [
-        {
-            "carriers": g.carriers,
-            "channels": g.size,
-            "kept": g.size - g.removable,
-            "kept_because": g.pinned_reason,
-        }
-        for g in analysis.groups
-    ]
-    return {
-        "channels_removed": int(analysis.removable.sum()),
-        "groups": groups,
-        "barriers": analysis.barriers,
-    }
+@dataclass(frozen=True)
+class StripGroup:
+    """One coupled channel group: the parameters that carry it, its channels before and after,
+    and the barrier that kept its channels (``None`` when nothing pinned them)."""
+
+    carriers: list[str]
+    channels: int
+    kept: int
+    kept_because: str | None
+
+
+@dataclass(frozen=True)
+class StripSummary:
+    """What a strip removed and what kept the rest; ``max_relative_error`` is the stripped
+    module's error against the original model, ``None`` until ``ctk.strip`` has measured it."""
+
+    channels_removed: int
+    groups: list[StripGroup] = field(default_factory=list)
+    barriers: list[str] = field(default_factory=list)
+    max_relative_error: float | None = None
+
+    @classmethod
+    def of(cls, analysis: ChannelAnalysis) -> StripSummary:
+        groups = [StripGroup(g.carriers, g.size, g.size - g.removable, g.pinned_reason) for g in analysis.groups]
+        return cls(int(analysis.removable.sum()), groups, analysis.barriers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able form that reports (``report.json``) store."""
+        return asdict(self)
 
 
 def _slice_constants(gm: GraphModule, analysis: ChannelAnalysis) -> None:

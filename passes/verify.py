@@ -7,9 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils._pytree import tree_leaves
 
+from compile_toolkit.capture import Inputs
 from compile_toolkit.errors import CtkError, VerificationError
-
-Inputs = tuple[torch.Tensor, ...]
 
 
 def outputs_of(fn: Callable, inputs: Sequence[Inputs]) -> list[list[torch.Tensor]]:
@@ -47,12 +46,14 @@ def _relative_error(ref: torch.Tensor, cand: torch.Tensor) -> float:
 
 def check_close(
     reference: list[list[torch.Tensor]], candidate: Callable, inputs: Sequence[Inputs], rtol: float, what: str
-) -> float:
-    """Raise :class:`VerificationError` naming ``what`` when ``candidate`` drifts from ``reference``."""
-    error = relative_error(reference, outputs_of(candidate, inputs))
+) -> tuple[float, list[list[torch.Tensor]]]:
+    """Raise :class:`VerificationError` naming ``what`` when ``candidate`` drifts from ``reference``;
+    else the error and ``candidate``'s outputs (the reference for whatever runs on it next)."""
+    outputs = outputs_of(candidate, inputs)
+    error = relative_error(reference, outputs)
     if not error <= rtol:
         raise VerificationError(f"{what} changed the model's outputs: max relative error {error:.3g} > {rtol:g}")
-    return error
+    return error, outputs
 
 
 def require_no_nan(reference: Sequence[Sequence[torch.Tensor]], what: str) -> None:

@@ -29,11 +29,14 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # compile_toolkit itself is imported where a case runs
+    from compile_toolkit.passes.strip import StripSummary
 
 T = TypeVar("T")
 
@@ -881,7 +884,7 @@ def compare(reference: Callable, candidate: Callable, inputs: Sequence[torch.Ten
     return problems
 
 
-def check_oracle(case: Case, stripped: nn.Module, summary: dict) -> Outcome:
+def check_oracle(case: Case, stripped: nn.Module, summary: StripSummary) -> Outcome:
     """Every parameter dim that carries a group with removable channels must have lost them:
     stripped size <= size - (indices of removable channels) + one class per segment that is
     entirely removable (the analysis keeps one channel of a dim it would empty), unless the
@@ -889,7 +892,7 @@ def check_oracle(case: Case, stripped: nn.Module, summary: dict) -> Outcome:
     outcome = Outcome()
     names = {id(p): n for n, p in case.model.named_parameters()}
     after = dict(stripped.named_parameters())
-    excuses = {carrier: g["kept_because"] for g in summary["groups"] for carrier in g["carriers"]}
+    excuses = {carrier: g.kept_because for g in summary.groups for carrier in g.carriers}
     for g in case.groups:
         if not g.removable or g.normalised:
             continue
@@ -928,6 +931,7 @@ def run_case(spec: ModelSpec, strip: Callable | None = None) -> Outcome:
     import traceback
 
     from compile_toolkit.strip import strip as ctk_strip
+    from compile_toolkit.strip import strip_summary
 
     case = build(spec)
     try:
@@ -935,8 +939,8 @@ def run_case(spec: ModelSpec, strip: Callable | None = None) -> Outcome:
     except Exception as error:  # noqa: BLE001 - any exception is a finding, reported with its trace
         tail = "".join(traceback.format_exception(error)[-3:]).strip()
         return Outcome(failures=[f"strip raised {type(error).__name__}: {tail}"])
-    summary = stripped.meta["ctk_strip"]
+    summary = strip_summary(stripped)
     outcome = check_oracle(case, stripped, summary)
-    outcome.removed = summary["channels_removed"]
+    outcome.removed = summary.channels_removed
     outcome.failures += compare(case.model, stripped, fresh_inputs(case))
     return outcome

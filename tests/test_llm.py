@@ -115,4 +115,4 @@ def test_smollm2_is_cached_and_prunes_and_strips(tmp_path, monkeypatch):
     assert report.kept == [2] * 30
     stripped = ctk.strip(CausalLMLogits(cached), (ids[:2, :32],))
     k_proj = dict(stripped.named_parameters())["model.model.layers.0.self_attn.k_proj.weight"]
-    assert tuple(k_proj.shape) == (128, 576) and math.isfinite(stripped.meta["ctk_strip"]["max_relative_error"])
+    assert tuple(k_proj.shape) == (128, 576) and math.isfinite(ctk.strip_summary(stripped).max_relative_error)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import onnx
 import pytest
 import torch
@@ -35,7 +37,8 @@ def test_count_flops_on_exported_graph_module():
     x = torch.randn(3, 1, 6, 6)
     gm = torch.export.export(model, (x,), dynamic_shapes=({0: Dim.AUTO},)).module()
     # each of the 4 x 4 x 4 outputs is a 9-term dot product: 2 * 9 FLOPs
-    assert count_flops(gm, (x,)) == count_flops(model, (x,)) == 4 * 4 * 4 * 2 * 9
+    assert count_flops(model, (x,)) == 4 * 4 * 4 * 2 * 9
+    assert count_flops(gm, (x,)) == count_flops(model, (x,))
 
 
 def test_count_flops_names_a_model_pinned_to_its_batch():
@@ -65,7 +68,8 @@ def matmul_onnx(tmp_path):
 
 def test_ort_latency_is_positive(matmul_onnx):
     ms = ort_latency_ms(matmul_onnx, (torch.randn(32, 64),), threads=1, warmup=2, iters=5)
-    assert 0 < ms < 1000
+    assert ms > 0
+    assert math.isfinite(ms)
 
 
 def test_same_file_twice_has_ratio_near_one(matmul_onnx):

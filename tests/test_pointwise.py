@@ -61,16 +61,16 @@ def test_activation_without_a_rule_that_keeps_zero_strips_zero_and_dead_channels
     act, op = KEEP_ZERO[name]
     assert op not in RULES
     _, shapes, summary = stripped(act)
-    assert summary["channels_removed"] == 3
+    assert summary.channels_removed == 3
     assert shapes["a.weight"][0] == 5 and shapes["b.weight"][1] == 5
-    assert not [r for r in summary["barriers"] if "no channel rule" in r or "failed" in r]
+    assert not [r for r in summary.barriers if "no channel rule" in r or "failed" in r]
 
 
 @pytest.mark.parametrize("name", NOT_ZERO)
 def test_activation_that_does_not_keep_zero_lets_only_dead_channels_go(name):
     act, _ = NOT_ZERO[name]
     _, shapes, summary = stripped(act)
-    assert summary["channels_removed"] == 1  # f(0) != 0: the zero channels feed b
+    assert summary.channels_removed == 1  # f(0) != 0: the zero channels feed b
     assert shapes["a.weight"][0] == 7 and shapes["b.weight"][1] == 7
 
 
@@ -97,5 +97,5 @@ def test_an_op_that_is_not_pointwise_stays_a_named_barrier():
     model = Cumsum()
     zero_out(model.a, [1, 5])
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 5, 5))
-    assert summary["channels_removed"] == 0 and shapes["a.weight"][0] == 8
-    assert any("no channel rule for aten.cumsum" in r for r in summary["barriers"])
+    assert summary.channels_removed == 0 and shapes["a.weight"][0] == 8
+    assert any("no channel rule for aten.cumsum" in r for r in summary.barriers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from conftest import rel_error
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,10 +33,6 @@ from compile_toolkit.pruning import (
     n_m_mask,
     save_masks,
 )
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 class ConvBN(nn.Module):
@@ -65,7 +62,7 @@ class ConvBN(nn.Module):
 
 def check_strip(model: nn.Module, x: torch.Tensor, report) -> nn.Module:
     stripped = ctk.strip(model, (x,))
-    assert stripped.meta["ctk_strip"]["channels_removed"] == report.pruned
+    assert ctk.strip_summary(stripped).channels_removed == report.pruned
     other = torch.randn(3, *x.shape[1:])
     with torch.no_grad():
         assert rel_error(model(other), stripped(other)) < 1e-5
@@ -285,7 +282,7 @@ def test_torch_prune_reparametrisation_is_folded_into_masks_and_strips_exactly()
         for bn in (model.bn1, model.bn2):
             bn.weight[both], bn.bias[both] = 0, 0
     stripped = ctk.strip(model, (x,))
-    assert stripped.meta["ctk_strip"]["channels_removed"] == int(both.sum())
+    assert ctk.strip_summary(stripped).channels_removed == int(both.sum())
     with torch.no_grad():
         assert rel_error(model(x), stripped(x)) < 1e-5
 
@@ -323,6 +320,6 @@ def test_strip_after_unstructured_pruning_removes_dead_neurons_exactly(method, s
     assert (dead > 0) == (method == "magnitude")
     x = torch.randn(4, 20)
     stripped = ctk.strip(model, (x,))
-    assert stripped.meta["ctk_strip"]["channels_removed"] == dead
+    assert ctk.strip_summary(stripped).channels_removed == dead
     with torch.no_grad():
         assert rel_error(model(x), stripped(x)) < 1e-5

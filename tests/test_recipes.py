@@ -171,7 +171,7 @@ def test_structured_iterative_recipe_with_network_slimming_strips_exactly():
     assert int((model.bn1.weight == 0).sum()) == 4 and int((model.bn2.weight == 0).sum()) == 0
     assert len(result.losses) == 3  # one regularised epoch, then one per round
     stripped = ctk.strip(model, (x[:2],))
-    assert stripped.meta["ctk_strip"]["channels_removed"] == 4
+    assert ctk.strip_summary(stripped).channels_removed == 4
     with torch.no_grad():
         assert torch.allclose(model(x), stripped(x), atol=1e-5)
 

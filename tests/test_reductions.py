@@ -68,7 +68,7 @@ def pw2_input_columns(shapes) -> int:
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_mean_over_channels_loses_zero_channels_as_a_sum_over_the_dense_count(channels_last):
     stripped, shapes, summary = strip_exact(grn_block(channels_last), torch.randn(2, 3, 5, 5))
-    assert summary["channels_removed"] == 2
+    assert summary.channels_removed == 2
     assert shapes["pw1.weight"][0] == 6 and pw2_input_columns(shapes) == 6
     assert shapes["grn.gamma"] == ((1, 1, 1, 6) if channels_last else (1, 6, 1, 1))
     targets = [n.target for n in stripped.graph.nodes]
@@ -81,7 +81,7 @@ def test_a_dead_but_nonzero_channel_is_still_read_by_the_mean():
     model = grn_block(channels_last=True)
     zero_(model.pw2.weight[:, 3], slice(None))  # nobody downstream reads channel 3 ...
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 5, 5))
-    assert summary["channels_removed"] == 2  # ... but the mean over channels does: it stays
+    assert summary.channels_removed == 2  # ... but the mean over channels does: it stays
     assert pw2_input_columns(shapes) == 6
 
 
@@ -102,9 +102,9 @@ def test_zero_channels_leave_sums_and_means_but_not_maxima_or_deviations(reduce,
     model = ChannelSum(reduce)
     zero_out(model.a, [2, 6])
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 4, 4))
-    assert summary["channels_removed"] == removed and shapes["a.weight"][0] == 8 - removed
+    assert summary.channels_removed == removed and shapes["a.weight"][0] == 8 - removed
     if not removed:
-        assert any(f"reduced by aten.{reduce}" in r for r in summary["barriers"])
+        assert any(f"reduced by aten.{reduce}" in r for r in summary.barriers)
 
 
 # -- weight standardisation ---------------------------------------------------------------------
@@ -150,6 +150,6 @@ def test_weight_standardised_conv_loses_zero_output_channels_and_keeps_its_input
     zero_out(model.std, [2, 6])  # standardising a zero row keeps it zero
     zero_out(model.stem, [1])  # a zero input channel: dropping its weight column would change the statistics
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 5, 5))
-    assert summary["channels_removed"] == 2
+    assert summary.channels_removed == 2
     assert shapes["std.weight"] == (6, 6, 3, 3) and shapes["std.bias"] == (6,) and shapes["head.weight"][1] == 6
     assert shapes["stem.weight"][0] == 6

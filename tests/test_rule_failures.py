@@ -64,7 +64,7 @@ def raising(step: str, target=torch.ops.aten.index.Tensor):
 
 def test_integer_buffer_bias_table_strips():
     _, shapes, summary = strip_exact(pruned(), torch.randn(2, 3, 3, 3))
-    assert summary["channels_removed"] == 3
+    assert summary.channels_removed == 3
     assert shapes["table"] == (5, 3) and shapes["a.weight"][0] == 3 and shapes["c.weight"][0] == 4
 
 
@@ -72,15 +72,15 @@ def test_integer_buffer_bias_table_strips():
 def test_a_rule_that_raises_is_a_reported_barrier(monkeypatch, step):
     monkeypatch.setattr(channel_analysis, "rule_for", raising(step))
     _, shapes, summary = strip_exact(pruned(), torch.randn(2, 3, 3, 3))
-    assert summary["channels_removed"] == 2  # the table's channel stays, the branch's go
+    assert summary.channels_removed == 2  # the table's channel stays, the branch's go
     assert shapes["table"] == (5, 4) and shapes["a.weight"][0] == 4 and shapes["c.weight"][0] == 4
-    failed = [r for r in summary["barriers"] if "failed" in r]
+    failed = [r for r in summary.barriers if "failed" in r]
     assert len(failed) == 1 and "aten.index at node index" in failed[0] and ERROR in failed[0]
 
 
 def test_a_rewrite_that_raises_is_undone_and_reported(monkeypatch):
     monkeypatch.setattr(channel_analysis, "rule_for", raising("rewrite", torch.ops.aten.conv2d.default))
     _, shapes, summary = strip_exact(pruned(), torch.randn(2, 3, 3, 3))
-    failed = [r for r in summary["barriers"] if "failed (rewriting shapes)" in r]
+    failed = [r for r in summary.barriers if "failed (rewriting shapes)" in r]
     assert failed and all("aten.conv2d" in r and ERROR in r for r in failed)
-    assert summary["channels_removed"] == 0 and shapes["c.weight"][0] == 6
+    assert summary.channels_removed == 0 and shapes["c.weight"][0] == 6

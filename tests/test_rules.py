@@ -20,7 +20,8 @@ from torch import nn
 import compile_toolkit as ctk
 from compile_toolkit.capture import capture
 from compile_toolkit.channels import analyze
-from compile_toolkit.channels.rules.base import argument
+from compile_toolkit.channels.rules import merge_tables
+from compile_toolkit.channels.rules.base import Barrier, argument
 from compile_toolkit.passes.strip import StripPass
 from compile_toolkit.passes.verify import relative_error
 
@@ -47,7 +48,7 @@ def strip_exact(model: nn.Module, x: torch.Tensor, batch: int = 3):
     y = torch.randn(batch, *x.shape[1:])
     with torch.no_grad():
         assert relative_error([[model(y)]], [[stripped(y)]]) < 1e-5
-    return stripped, {k: tuple(v.shape) for k, v in stripped.state_dict().items()}, stripped.meta["ctk_strip"]
+    return stripped, {k: tuple(v.shape) for k, v in stripped.state_dict().items()}, ctk.strip_summary(stripped)
 
 
 def barriers(model: nn.Module, x: torch.Tensor) -> list[str]:
@@ -102,7 +103,7 @@ def test_grouped_conv_keeps_a_position_zero_in_one_group_only():
     zero_out(model.a, [1])  # group 0 only: removing it would make the groups unequal
     zero_out(model.g, [8])
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 6, 6))
-    assert summary["channels_removed"] == 0 and shapes["g.weight"][:2] == (12, 4)
+    assert summary.channels_removed == 0 and shapes["g.weight"][:2] == (12, 4)
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -121,7 +122,7 @@ def test_depthwise_multiplier_output_alone_is_kept():
     model = GroupedNet(c_in=6, c_out=12, groups=6)
     zero_out(model.g, [4])  # one of input channel 2's two outputs: its group must stay whole
     _, _, summary = strip_exact(model, torch.randn(2, 3, 6, 6))
-    assert summary["channels_removed"] == 0
+    assert summary.channels_removed == 0
 
 
 @pytest.mark.parametrize("dims", [1, 3])
@@ -148,8 +149,8 @@ def test_decomposed_graph_convolution_and_native_batch_norm():
     y = torch.randn(3, 3, 8, 8)
     reference = gm(y)
     result = StripPass()(gm)
-    assert result.details["channels_removed"] == 1
-    assert all(reason.startswith("model ") for reason in result.details["barriers"])
+    assert result.details.channels_removed == 1
+    assert all(reason.startswith("model ") for reason in result.details.barriers)
     assert gm.get_parameter("3.weight").shape[:2] == (6, 3)
     assert relative_error([[reference]], [[gm(y)]]) < 1e-5
 
@@ -221,7 +222,7 @@ def test_group_norm_keeps_part_of_a_group_and_pins_a_single_group():
     zero_out(model.a, [2])  # half a group: it enters its group's statistics
     zero_(model.norm.bias, [2], model.norm.weight, [2])
     _, _, summary = strip_exact(model, torch.randn(2, 3, 6, 6))
-    assert summary["channels_removed"] == 0
+    assert summary.channels_removed == 0
     assert mentions(barriers(NormNet(nn.GroupNorm(1, 8)), torch.randn(2, 3, 6, 6)), "aten.group_norm", "one group")
 
 
@@ -243,9 +244,9 @@ def test_layer_norm_pins_normalised_features_with_a_reason():
     zero_out(model[1], [3])
     x = torch.randn(2, 5)
     _, _, summary = strip_exact(model, x)
-    assert summary["channels_removed"] == 0
-    assert mentions(summary["barriers"], "aten.layer_norm", "statistics")
-    assert not mentions(summary["barriers"], "no channel rule")
+    assert summary.channels_removed == 0
+    assert mentions(summary.barriers, "aten.layer_norm", "statistics")
+    assert not mentions(summary.barriers, "no channel rule")
 
 
 def test_layer_norm_leading_dims_pass_through():
@@ -337,7 +338,7 @@ def test_strided_slice_is_pinned_and_named():
     zero_out(model.a, [4])
     zero_(model.c.weight[:, 4], slice(None))
     _, _, summary = strip_exact(model, torch.randn(2, 3, 4, 4))
-    assert summary["channels_removed"] == 0 and mentions(summary["barriers"], "strided slice aten.slice")
+    assert summary.channels_removed == 0 and mentions(summary.barriers, "strided slice aten.slice")
 
 
 class SelectNet(nn.Module):
@@ -364,7 +365,7 @@ def test_unbind_pins_the_unbound_dim():
     model = SelectNet(unbind=True)
     zero_out(model.a, [4])
     _, _, summary = strip_exact(model, torch.randn(2, 4))
-    assert summary["channels_removed"] == 0 and mentions(summary["barriers"], "unbound by aten.unbind")
+    assert summary.channels_removed == 0 and mentions(summary.barriers, "unbound by aten.unbind")
 
 
 # -- permute, expand, repeat, shuffle --------------------------------------------------------------
@@ -402,7 +403,7 @@ def test_layout_ops_carry_channels(how):
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 4, 4))
     assert shapes["a.weight"][0] == 6
     assert shapes["b.weight"][1] == {"repeat": 12, "permute": 7, "movedim": 7}.get(how, 6)
-    assert not mentions(summary["barriers"], "no channel rule")
+    assert not mentions(summary.barriers, "no channel rule")
 
 
 class Shuffle(nn.Module):
@@ -431,7 +432,7 @@ def test_channel_shuffle_removes_a_position_of_every_group(groups):
     # channel 1 alone would break the groups: kept
     model = Shuffle(groups)
     zero_out(model.a, [1])
-    assert strip_exact(model, torch.randn(2, 3, 4, 4))[2]["channels_removed"] == 0
+    assert strip_exact(model, torch.randn(2, 3, 4, 4))[2].channels_removed == 0
 
 
 def test_channel_shuffle_maps_kept_channels_to_the_right_consumers():
@@ -466,7 +467,7 @@ def test_pixel_shuffle_and_unshuffle_move_blocks_of_channels():
     assert shapes["a.weight"][0] == 2 and shapes["b.weight"][1] == 8
     model = PixelNet(unshuffle=False)
     zero_out(model.a, [4])  # part of a block: kept
-    assert strip_exact(model, torch.randn(2, 3, 4, 4))[2]["channels_removed"] == 0
+    assert strip_exact(model, torch.randn(2, 3, 4, 4))[2].channels_removed == 0
 
 
 # -- roll, pad, embedding, dropout ------------------------------------------------------------------
@@ -504,7 +505,7 @@ def test_roll_and_pad_of_the_channel_dim_are_pinned(how, op):
     model = PadRollNet(how)
     zero_out(model.a, [3])
     _, _, summary = strip_exact(model, torch.randn(2, 3, 5, 5))
-    assert summary["channels_removed"] == 0 and mentions(summary["barriers"], op)
+    assert summary.channels_removed == 0 and mentions(summary.barriers, op)
 
 
 class EmbedNet(nn.Module):
@@ -530,12 +531,14 @@ def test_embedding_feature_columns_go_and_vocabulary_rows_stay():
     assert shapes["emb.weight"] == (10, 7) and shapes["fc.weight"] == (3, 7)
 
 
-@pytest.mark.parametrize("dropout", [nn.Dropout(inplace=True), nn.Dropout2d(), nn.AlphaDropout(), nn.FeatureAlphaDropout()])
+@pytest.mark.parametrize(
+    "dropout", [nn.Dropout(), nn.Dropout(inplace=True), nn.Dropout2d(), nn.AlphaDropout(), nn.FeatureAlphaDropout()]
+)
 def test_dropout_variants_pass_channels(dropout):
     model = NormNet(dropout)
     zero_out(model.a, [3])
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 4, 4))
-    assert shapes["a.weight"][0] == 7 and not mentions(summary["barriers"], "no channel rule")
+    assert shapes["a.weight"][0] == 7 and not mentions(summary.barriers, "no channel rule")
 
 
 class Windows(nn.Module):
@@ -561,7 +564,7 @@ def test_window_partition_into_the_batch_keeps_channels_free():
     zero_out(model.fc, [5])
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 4, 4))
     assert shapes["a.weight"][0] == 7 and shapes["fc.weight"] == (7, 7) and shapes["b.weight"][1] == 7
-    assert all(reason.startswith("model ") for reason in summary["barriers"])
+    assert all(reason.startswith("model ") for reason in summary.barriers)
 
 
 class FusedQKV(nn.Module):
@@ -587,7 +590,7 @@ def test_fused_qkv_unpacked_by_index_removes_a_head_from_q_k_and_v():
     for part in (head_1[:4], head_1[6:7]):  # the head's query alone, one feature of its key
         model = FusedQKV()
         zero_out(model.qkv, part)
-        assert strip_exact(model, torch.randn(2, 6, 8))[2]["channels_removed"] == 0
+        assert strip_exact(model, torch.randn(2, 6, 8))[2].channels_removed == 0
 
 
 class BiasTable(nn.Module):
@@ -610,7 +613,7 @@ def test_index_passes_the_dims_it_does_not_index():
     zero_(model.table[:, 2], slice(None))
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 3, 3))
     assert shapes["table"] == (5, 3) and shapes["a.weight"][0] == 3 and shapes["b.weight"][1] == 3
-    assert all(reason.startswith("model ") for reason in summary["barriers"])
+    assert all(reason.startswith("model ") for reason in summary.barriers)
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -658,7 +661,7 @@ def test_shuffle_units_strip_exactly_for_generated_zero_patterns(shuffle_graph, 
     y = torch.randn(3, 3, 4, 4)
     reference = gm(y)
     before = sum(p.numel() for p in gm.parameters())
-    removed = StripPass()(gm).details["channels_removed"]
+    removed = StripPass()(gm).details.channels_removed
     assert relative_error([[reference]], [[gm(y)]]) < 1e-5
     assert (sum(p.numel() for p in gm.parameters()) < before) == (removed > 0)
 
@@ -687,7 +690,7 @@ def test_einsum_attention_loses_a_head_through_both_products():
     zero_out(model.qkv, head_1)
     _, shapes, summary = strip_exact(model, torch.randn(2, 5, 16))
     assert shapes["qkv.weight"] == (36, 16) and shapes["proj.weight"] == (16, 12)
-    assert not any("einsum" in b for b in summary["barriers"])
+    assert not any("einsum" in b for b in summary.barriers)
 
 
 def test_einsum_contracted_label_goes_where_one_operand_is_zero():
@@ -749,8 +752,8 @@ def test_an_in_place_write_that_others_read_is_a_barrier():
     model = WriteIntoView()
     zero_out(model.a, [2, 4])
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 4, 4))
-    assert shapes["a.weight"][0] == 5 and summary["channels_removed"] == 1
-    assert mentions(summary["barriers"], "in-place aten.add_ at node add_", "aten.conv2d at node conv2d_1 reads")
+    assert shapes["a.weight"][0] == 5 and summary.channels_removed == 1
+    assert mentions(summary.barriers, "in-place aten.add_ at node add_", "aten.conv2d at node conv2d_1 reads")
 
 
 def test_writing_zeros_in_place_strips_through():
@@ -758,7 +761,7 @@ def test_writing_zeros_in_place_strips_through():
     model = WriteIntoView(op="zero_")
     zero_out(model.a, [4])
     stripped, shapes, summary = strip_exact(model, torch.randn(2, 3, 4, 4))
-    assert summary["barriers"] == ["model input x", "model output"]
+    assert summary.barriers == ["model input x", "model output"]
     assert shapes["a.weight"][0] == 5 and shapes["b.weight"][1] == 5  # channel 4; channel 2 is written, kept
     (channels,) = [n for n in stripped.graph.nodes if n.target == torch.ops.aten.slice.Tensor and n.args[1] == 1]
     assert channels.args[2:4] == (1, 3)
@@ -787,7 +790,7 @@ def test_zeroed_key_bias_lets_heads_go_and_moves_the_slice():
             model.qkv.weight[8 * third + 4 : 8 * third + 8] = 0
             model.qkv.bias[8 * third + 4 : 8 * third + 8] = 0
     stripped, shapes, summary = strip_exact(model, torch.randn(2, 5, 8))
-    assert not [b for b in summary["barriers"] if "in-place" in b or "zero_" in b]
+    assert not [b for b in summary.barriers if "in-place" in b or "zero_" in b]
     assert shapes["qkv.weight"] == (12, 8) and shapes["proj.weight"] == (8, 4)
     slices = [n for n in stripped.graph.nodes if n.target == torch.ops.aten.slice.Tensor]
     assert [n.args[2:4] for n in slices] == [(4, 8)]  # the key third of the 12 kept bias values
@@ -849,7 +852,7 @@ def test_vector_norm_passes_channels_and_clamp_keeps_zero_only_if_in_range(low, 
     zero_out(model.a, [1, 4])
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 4, 5))
     assert shapes["a.weight"][0] == kept and shapes["b.weight"][1] == kept
-    assert summary["barriers"] == ["model input x", "model output"]
+    assert summary.barriers == ["model input x", "model output"]
 
 
 class DivideByUnguarded(nn.Module):
@@ -871,3 +874,15 @@ def test_divisor_of_a_zero_channel_is_kept_unless_provably_positive():
     zero_out(model.a, [1])
     _, shapes, _ = strip_exact(model, torch.randn(2, 3, 4, 5))
     assert shapes["a.weight"][0] == 6
+
+
+# -- the rule table ----------------------------------------------------------------------------------
+def test_rule_tables_merge_and_refuse_an_op_with_two_rules():
+    """Positive control first: distinct ops merge; then the same op from a second module fails,
+    naming both modules, where ``dict.update`` let the later one win silently."""
+    aten = torch.ops.aten
+    first, second = Barrier(), Barrier()
+    merged = merge_tables([("one", {aten.cumsum: first}), ("two", {aten.cumprod: second})])
+    assert merged == {aten.cumsum: first, aten.cumprod: second}
+    with pytest.raises(ValueError, match="aten.cumsum has a rule in both one and two"):
+        merge_tables([("one", {aten.cumsum: first}), ("two", {aten.cumsum: second})])

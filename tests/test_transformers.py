@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from conftest import rel_error
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,13 +29,6 @@ from transformers import (
 import compile_toolkit as ctk
 from compile_toolkit.errors import CtkError
 from compile_toolkit.exporters.onnx_format import run as run_onnx
-
-
-def rel_error(reference, candidate) -> float:
-    """max |a - b| / max |a| over a tensor or a tuple of tensors."""
-    if isinstance(reference, torch.Tensor):
-        return ((reference - candidate).abs().max() / reference.abs().max()).item()
-    return max(rel_error(a, b) for a, b in zip(reference, candidate, strict=True))
 
 
 def params(module: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -115,7 +109,7 @@ def test_zero_queries_alone_keep_the_head():
     model = SelfAttention().eval()
     zero_((model.q.weight, slice(0, 4)), (model.q.bias, slice(0, 4)))
     stripped = ctk.strip(model, (torch.randn(2, 5, 16),))
-    assert stripped.meta["ctk_strip"]["channels_removed"] == 0
+    assert ctk.strip_summary(stripped).channels_removed == 0
 
 
 def test_grouped_query_heads_go_with_their_key_value_head():
@@ -131,7 +125,7 @@ def test_grouped_query_heads_go_with_their_key_value_head():
 
     model = SelfAttention(heads=4, kv_heads=2).eval()
     zero_((model.q.weight, slice(0, 4)), (model.q.bias, slice(0, 4)), (model.o.weight, (slice(None), slice(0, 4))))
-    assert ctk.strip(model, (torch.randn(2, 5, 16),)).meta["ctk_strip"]["channels_removed"] == 0
+    assert ctk.strip_summary(ctk.strip(model, (torch.randn(2, 5, 16),))).channels_removed == 0
 
 
 def test_per_head_mask_is_sliced_with_its_head():
@@ -218,10 +212,10 @@ def test_softmax_pins_its_dim_and_passes_the_others(op):
     a feature the next layer ignores is dead through it."""
     features = SoftmaxOver(op, dim=-1).eval()
     zero_((features.a.weight, 2), (features.a.bias, 2))
-    summary = ctk.strip(features, (torch.randn(2, 5, 4),)).meta["ctk_strip"]
-    assert summary["channels_removed"] == 0
-    kept = next(g for g in summary["groups"] if "a.weight:0" in g["carriers"])
-    assert f"{op.__name__} at node" in kept["kept_because"]
+    summary = ctk.strip_summary(ctk.strip(features, (torch.randn(2, 5, 4),)))
+    assert summary.channels_removed == 0
+    kept = next(g for g in summary.groups if "a.weight:0" in g.carriers)
+    assert f"{op.__name__} at node" in kept.kept_because
 
     tokens = SoftmaxOver(op, dim=1).eval()
     zero_((tokens.b.weight, (slice(None), 2)))
@@ -251,7 +245,7 @@ def test_head_structure_prunes_heads_and_neurons_only():
         report = ctk.prune(model, (x,), sparsity=0.5, structure=structure)
         groups[structure] = {carrier: g for g in report.groups for carrier in g["carriers"]}
         stripped = check_strip(model, x)
-        assert stripped.meta["ctk_strip"]["channels_removed"] == report.pruned
+        assert ctk.strip_summary(stripped).channels_removed == report.pruned
     heads, neurons, stem = (groups["head"][c] for c in ("block.q.weight:0", "block.up.weight:0", "stem.weight:0"))
     assert (heads["kind"], heads["channels"], heads["pruned"]) == ("head", 4, 2)
     assert (neurons["kind"], neurons["channels"], neurons["pruned"]) == ("neuron", 32, 16)
@@ -353,7 +347,8 @@ def test_hugging_face_heads_and_neurons_are_stripped_exactly(name, attn, structu
     x = inputs(2)
     report = ctk.prune(model, (x,), sparsity=0.5, structure=structure)
     stripped = ctk.strip(model, (x,))
-    assert stripped.meta["ctk_strip"]["channels_removed"] == report.pruned > 0
+    assert report.pruned > 0
+    assert ctk.strip_summary(stripped).channels_removed == report.pruned
     p = params(stripped)
     for parameter, shape in HEADS_AND_NEURONS[name].items():
         assert p[parameter] == shape, parameter

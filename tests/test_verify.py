@@ -69,15 +69,15 @@ def test_pass_manager_rejects_a_pass_that_makes_outputs_non_finite(value):
     model, x = Net().eval(), torch.randn(4, 6)
     gm = capture(model, (x,)).program.module()
     with pytest.raises(VerificationError, match="'poison'.*inf"):
-        PassManager([PoisonOneWeight(value)], sample_inputs((x,))).run(gm)
+        PassManager([PoisonOneWeight(value)], sample_inputs((x,)))(gm)
 
 
 def test_pass_manager_accepts_a_pass_that_changes_nothing_numerically():
     """Positive control: the same harmless-looking edit with the value the weight already has."""
     model, x = Net().eval(), torch.randn(4, 6)
     gm = capture(model, (x,)).program.module()
-    _, results = PassManager([PoisonOneWeight(model.b.weight[0, 0].item())], sample_inputs((x,))).run(gm)
-    assert results[0].details["max_relative_error"] == 0.0
+    result = PassManager([PoisonOneWeight(model.b.weight[0, 0].item())], sample_inputs((x,)))(gm)
+    assert result.details["poison"].max_relative_error == 0.0
 
 
 def test_strip_refuses_a_model_with_nan_weights():
@@ -96,3 +96,56 @@ def test_export_refuses_a_reference_that_outputs_nan(tmp_path):
     with pytest.raises(CtkError, match="outputs NaN"):
         export(model, (x,), str(tmp_path / "out"), formats=("onnx",))
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+class Unchanged(GraphPass):
+    """A pass that looks at the graph and changes nothing (``in_place`` as given)."""
+
+    def __init__(self, name: str, in_place: bool) -> None:
+        self.name, self.in_place = name, in_place
+
+    def __call__(self, gm):
+        return PassResult(gm, False)
+
+
+def test_pass_manager_nests_and_names_the_failing_pass_and_the_passes_before_it():
+    model, x = Net().eval(), torch.randn(4, 6)
+    gm = capture(model, (x,)).program.module()
+    inputs = sample_inputs((x,))
+    inner = PassManager([Unchanged("look", True), PoisonOneWeight(NAN)], inputs, name="inner")
+    outer = PassManager([Unchanged("first", True), inner], inputs, name="outer")
+    with pytest.raises(VerificationError) as caught:
+        outer(gm)
+    message = str(caught.value)
+    assert message.startswith("outer: pass 'inner' failed (passes before it: 'first')")
+    assert "inner: pass 'poison' failed (passes before it: 'look')" in message
+
+
+def test_nested_pass_manager_results_are_taken_by_name():
+    model, x = Net().eval(), torch.randn(4, 6)
+    gm = capture(model, (x,)).program.module()
+    inputs = sample_inputs((x,))
+    inner = PassManager([PoisonOneWeight(model.b.weight[0, 0].item())], inputs, name="inner")
+    result = PassManager([Unchanged("first", True), inner], inputs)(gm)
+    assert result.modified
+    assert result.details["inner"].details["poison"].max_relative_error == 0.0
+    assert not result.details["first"].modified
+
+
+def test_pass_manager_rejects_two_passes_of_one_name():
+    with pytest.raises(ValueError, match="unique"):
+        PassManager([Unchanged("a", True), Unchanged("a", False)], [])
+
+
+@pytest.mark.parametrize("in_place, snapshots", [(False, 0), (True, 1)])
+def test_pass_manager_snapshots_reference_outputs_only_for_in_place_passes(monkeypatch, in_place, snapshots):
+    """An unmodifying pass that leaves its input alone costs no forward pass; the positive
+    control, the same pass declared in place, gets its snapshot."""
+    from compile_toolkit.passes import manager
+
+    model, x = Net().eval(), torch.randn(4, 6)
+    gm = capture(model, (x,)).program.module()
+    calls = []
+    monkeypatch.setattr(manager, "outputs_of", lambda fn, inputs: calls.append(fn) or [])
+    PassManager([Unchanged("look", in_place)], sample_inputs((x,)))(gm)
+    assert len(calls) == snapshots

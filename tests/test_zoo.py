@@ -9,12 +9,11 @@ and match the pruned model in ONNX Runtime, with no op left without a channel ru
 
 from __future__ import annotations
 
-import re
-
+from conftest import rel_error
 import pytest
 import torch
 import torchvision
-from torch import nn
+from zoo_models import barrier_ops, build
 
 import compile_toolkit as ctk
 from compile_toolkit.metrics import count_flops, count_params
@@ -65,26 +64,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / a.abs().max()).item()
-
-
-def barrier_ops(reasons: list[str]) -> list[str]:
-    return sorted({m.group(1) for r in reasons if (m := re.match(r"no channel rule for (\S+) at node", r))})
-
-
-def build(name: str) -> nn.Module:
-    """The model with seeded random weights; tensors its init leaves all zero (ViT's head, biases,
-    BN means) get small random values, so no output is zero whatever the input."""
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point() and not t.any():
-                t.normal_(0, 0.1)
-    return model
-
-
 def prune_strip_export(name: str, tmp_path) -> None:
     model = build(name)
     side = input_side(name)
@@ -92,9 +71,9 @@ def prune_strip_export(name: str, tmp_path) -> None:
     report = ctk.prune(model, (x,), sparsity=0.4, structure="channel")
     assert report.pruned > 0
     stripped = ctk.strip(model, (x,))
-    summary = stripped.meta["ctk_strip"]
-    assert barrier_ops(summary["barriers"]) == []
-    assert summary["channels_removed"] >= report.pruned  # whatever pruning zeroed, strip removes
+    summary = ctk.strip_summary(stripped)
+    assert barrier_ops(summary.barriers) == []
+    assert summary.channels_removed >= report.pruned  # whatever pruning zeroed, strip removes
 
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():

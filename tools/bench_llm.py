@@ -82,7 +82,7 @@ def main() -> None:
             row["kept_per_layer"] = report.kept[0]
             stripped = ctk.strip(model, example)
             row["parameters"] = nonzero_parameters(stripped)
-            row["strip_error"] = stripped.meta["ctk_strip"]["max_relative_error"]
+            row["strip_error"] = ctk.strip_summary(stripped).max_relative_error
         else:
             method, pattern = next((m, p) for m, p in UNSTRUCTURED if name == f"{m}-{p or '50%'}")
             report = prune_llm(model, calibration if method != "magnitude" else (), method, 0.5, pattern)

@@ -34,7 +34,6 @@ import torch
 import torchvision
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import compile_toolkit as ctk
@@ -42,6 +41,9 @@ from compile_toolkit import capture as capture_module
 from compile_toolkit.errors import summary
 from compile_toolkit.metrics import count_flops, count_params
 from compile_toolkit.passes.strip import StripPass
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from zoo_models import barrier_ops, build  # noqa: E402 - the zoo test builds the same models
 
 SPARSITY = 0.4
 TOLERANCE = 1e-4  # max |stripped - pruned| over max |pruned|
@@ -134,28 +136,11 @@ def relative_error(reference: object, candidate: object) -> float:
     return worst
 
 
-def barrier_ops(reasons: list[str]) -> list[str]:
-    """The ops without a channel rule among the reasons that kept channels alive."""
-    return sorted({m.group(1) for r in reasons if (m := re.match(r"no channel rule for (\S+) at node", r))})
-
-
 def limiting_ops(reasons: list[str]) -> list[str]:
     """The ops that have a rule but kept some channels alive (a LayerNorm's normalised dim, a
     view that merges dims it cannot follow), without the ``aten.`` prefix."""
     return sorted({m.group(1).removeprefix("aten.") for r in reasons
                    if not r.startswith("no channel rule") and (m := re.search(r"(\S+) at node", r))})
-
-
-def build(name: str) -> nn.Module:
-    """The model with seeded random weights; tensors its init leaves all zero (ViT's head, biases,
-    BN means) get small random values, so no output is zero whatever the input."""
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point() and not t.any():
-                t.normal_(0, 0.1)
-    return model
 
 
 def measure(name: str, size: int | None = None) -> Row:
@@ -171,13 +156,13 @@ def measure(name: str, size: int | None = None) -> Row:
     with timed(capture_module, "_export", totals, "export"), timed(StripPass, "__call__", totals, "strip"):
         stripped = ctk.strip(model, (x,))
     row.strip_s, row.export_s = totals["strip"], totals["export"]
-    details = stripped.meta["ctk_strip"]
-    row.groups = len(details["groups"])
-    row.groups_stripped = sum(g["kept"] < g["channels"] for g in details["groups"])
-    row.channels_removed = details["channels_removed"]
-    row.kept_because = details["barriers"]
-    row.barrier_ops = barrier_ops(details["barriers"])
-    row.limiting_ops = limiting_ops(details["barriers"])
+    details = ctk.strip_summary(stripped)
+    row.groups = len(details.groups)
+    row.groups_stripped = sum(g.kept < g.channels for g in details.groups)
+    row.channels_removed = details.channels_removed
+    row.kept_because = details.barriers
+    row.barrier_ops = barrier_ops(details.barriers)
+    row.limiting_ops = limiting_ops(details.barriers)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         checks = [torch.randn(x.shape, generator=generator) for _ in range(2)]

@@ -3,7 +3,8 @@
 One forward walk asks each op's rule to couple dimensions and to state which output slices are
 exactly zero; one backward walk asks it which input slices no consumer depends on. A channel (a
 connected component of atoms) is removable when, in every non-constant tensor it appears in,
-each of its slices is zero or dead, and no barrier pinned it. See ``shared/ARCHITECTURE.md``.
+each of its slices is zero or dead, and no barrier pinned it. See ``docs/architecture.md``
+(the channel analysis, and how to add an op rule).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import summary
 from .atoms import Components
-from .context import Context, Dims, Key, Masks, concrete, describe, tensor_meta
+from .context import Context, DimFacts, Dims, Key, concrete, describe, tensor_meta
 from .mutation import shared_writes
 from .rules import Getitem, rule_for
 from .rules.base import Barrier, Failed, OpRule, full
@@ -182,7 +183,7 @@ def _forward(ctx: Context, node: Node, rules: dict[Node, OpRule]) -> None:
         ctx.zero[key] = zeros
 
 
-def _checked(ctx: Context, keys: list[Key], couplings: list[Dims], zeros: list[Masks]) -> list[tuple[Dims, Masks]]:
+def _checked(ctx: Context, keys: list[Key], couplings: list[Dims], zeros: list[DimFacts]) -> list[tuple[Dims, DimFacts]]:
     """A rule's atoms and zero facts, after checking that they fit the node's output shapes (a
     rule that gets them wrong would corrupt the walks and the strip far from the fault)."""
     if not len(keys) == len(couplings) == len(zeros):
@@ -257,15 +258,16 @@ def keep_one_per_dim(ctx: Context, labels: np.ndarray, remove: np.ndarray, score
     Keeping a channel only turns ``remove`` entries off, so it never empties another dimension
     and a dimension once fixed stays fixed: one pass over the distinct dimensions is enough.
     """
-    for atoms in _distinct_dims(ctx):
+    for atoms in distinct_dims(ctx):
         comps = labels[atoms]
         if remove[comps].all():
             remove[comps[np.argmax(scores[comps])] if scores is not None else comps[0]] = False
 
 
-def _distinct_dims(ctx: Context) -> list[np.ndarray]:
+def distinct_dims(ctx: Context) -> list[np.ndarray]:
     """Every non-empty static dimension's atoms, once per array (values that pass a dimension
-    through unchanged, such as activations, share their input's array)."""
+    through unchanged, such as activations, share their input's array). Public because pruning
+    walks the same dimensions when it keeps one channel per dimension."""
     seen: dict[int, np.ndarray] = {}
     for dims in ctx.atoms.values():
         for atoms in dims:
@@ -277,7 +279,7 @@ def _distinct_dims(ctx: Context) -> list[np.ndarray]:
 def _groups(ctx: Context, components: Components, removable: np.ndarray, seen: np.ndarray) -> list[ChannelGroup]:
     """Components that share a dimension form one group; groups are those some parameter carries."""
     labels = components.labels
-    per_dim = [labels[atoms] for atoms in _distinct_dims(ctx)]
+    per_dim = [labels[atoms] for atoms in distinct_dims(ctx)]
     rows = np.concatenate(per_dim) if per_dim else np.zeros(0, dtype=np.int64)
     cols = np.repeat([comps[0] for comps in per_dim], [comps.size for comps in per_dim]).astype(np.int64)
     n = components.count

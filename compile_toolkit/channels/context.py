@@ -22,7 +22,9 @@ from .atoms import Atoms, AtomTable
 
 Key = tuple[Node, int | None]
 Dims = list[Atoms | None]
-Masks = list[np.ndarray | None]
+# One fact per dimension, per index: ``True`` where the slice is zero (``zero``) or ignored (``dead``).
+# Not pruning's ``Masks`` (per parameter, ``True`` = kept): the two are read the opposite way.
+DimFacts = list[np.ndarray | None]
 
 
 def describe(node: Node) -> str:
@@ -62,13 +64,13 @@ class Context:
         self.values = values  # get_attr target -> real tensor
         self.atoms: dict[Key, Dims] = {}
         self.attr_atoms: dict[str, Dims] = {}  # get_attr target -> atoms (tied weights share)
-        self.zero: dict[Key, Masks] = {}
-        self.dead: dict[Key, Masks] = {}
+        self.zero: dict[Key, DimFacts] = {}
+        self.dead: dict[Key, DimFacts] = {}
         self.shapes: dict[Key, list[int | None]] = {}
         self.constant: set[Node] = set()  # nodes whose values depend on no model input
         self.marked: set[Key] = set()  # inputs the current rule gave dead facts for
         self.output_counts: dict[Node, int | None] = {}  # None: one tensor; n: a tuple of n
-        self._slice_facts: dict[str, tuple[np.ndarray | None, Masks]] = {}  # get_attr target -> facts
+        self._slice_facts: dict[str, tuple[np.ndarray | None, DimFacts]] = {}  # get_attr target -> facts
 
     def keys_of(self, node: Node) -> list[Key]:
         count = self.output_counts.get(node)
@@ -87,17 +89,21 @@ class Context:
 
     def join(self, a: Atoms | None, b: Atoms | None, reason: str) -> None:
         """Couple two dimensions; a static one coupled with a symbolic one is pinned."""
-        if a is None and b is None:
-            return
         if a is None or b is None:
-            self.table.pin(a if b is None else b, reason)
+            self.pin(a if b is None else b, reason)
             return
         self.table.join(a, b)
 
+    def pin(self, atoms: Atoms | None, reason: str) -> None:
+        """Keep every channel of a dimension, for ``reason``. A symbolic dimension (``None``,
+        the batch) has no atoms and carries no channels, so there is nothing to pin: rules pass
+        any dimension without checking."""
+        if atoms is not None:
+            self.table.pin(atoms, reason)
+
     def pin_value(self, arg: Node, reason: str, index: int | None = None) -> None:
         for atoms in self.atoms.get((arg, index), []):
-            if atoms is not None:
-                self.table.pin(atoms, reason)
+            self.pin(atoms, reason)
 
     # -- tensor values ---------------------------------------------------------------------
     def value(self, arg: Any) -> torch.Tensor | None:
@@ -118,28 +124,28 @@ class Context:
             return None
         return self._facts(arg)[0]
 
-    def constant_zeros(self, node: Node) -> Masks:
+    def constant_zeros(self, node: Node) -> DimFacts:
         """Zero facts of a constant (fresh arrays): per dim, which slices are all zero."""
         return [m.copy() for m in self._facts(node)[1]]
 
-    def _facts(self, node: Node) -> tuple[np.ndarray | None, Masks]:
+    def _facts(self, node: Node) -> tuple[np.ndarray | None, DimFacts]:
         if node.target not in self._slice_facts:
             self._slice_facts[node.target] = slice_facts(self.values[node.target])
         return self._slice_facts[node.target]
 
     # -- forward zero facts ----------------------------------------------------------------
-    def zeros(self, arg: Any, index: int | None = None) -> Masks:
+    def zeros(self, arg: Any, index: int | None = None) -> DimFacts:
         """Zero facts of an argument; ``None`` arguments have none."""
         return self.zero[(arg, index)]
 
-    def no_facts(self, shape: list[int | None]) -> Masks:
+    def no_facts(self, shape: list[int | None]) -> DimFacts:
         return [None if s is None else np.zeros(s, dtype=bool) for s in shape]
 
     # -- backward dead facts ---------------------------------------------------------------
-    def dead_of(self, node: Node, index: int | None = None) -> Masks:
+    def dead_of(self, node: Node, index: int | None = None) -> DimFacts:
         return self.dead[(node, index)]
 
-    def mark_dead(self, arg: Any, masks: Masks, index: int | None = None) -> None:
+    def mark_dead(self, arg: Any, masks: DimFacts, index: int | None = None) -> None:
         """AND a consumer's view into ``arg``'s dead facts (every consumer must ignore a slice)."""
         if not isinstance(arg, Node) or (arg, index) not in self.dead:
             return
@@ -189,6 +195,6 @@ def mask(size: int | None, fill: bool) -> np.ndarray | None:
     return None if size is None else np.full(size, fill, dtype=bool)
 
 
-def all_dead(masks: Masks) -> bool:
+def all_dead(masks: DimFacts) -> bool:
     """A value is wholly ignored if every index of some dimension is ignored."""
     return any(m is not None and m.size and m.all() for m in masks)

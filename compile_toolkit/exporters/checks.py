@@ -9,11 +9,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..capture import eval_mode, other_batch_size
+from ..capture import Inputs, eval_mode, other_batch_size
 from ..errors import CtkError, VerificationError, summary
 from ..passes.verify import require_no_nan
-
-Inputs = tuple[torch.Tensor, ...]
 
 
 def as_inputs(inputs: torch.Tensor | Sequence[torch.Tensor]) -> Inputs:

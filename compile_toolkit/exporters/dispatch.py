@@ -10,13 +10,13 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from ..capture import Capture, capture
+from ..capture import Capture, Inputs, capture
 from ..errors import CtkError, VerificationError, summary
 from . import onnx_format, pt2, torchscript
 from .artifact import Artifact, size_on_disk
 from ..quantize import Metric, QuantConfig
 from ..quantize.config import as_config
-from .checks import CheckSet, Inputs, as_inputs, build_checks, shapes_of
+from .checks import CheckSet, as_inputs, build_checks, shapes_of
 from .int8 import export_int8
 from .sparse_onnx import FORMAT as SPARSE_ONNX
 from .sparse_onnx import export_sparse

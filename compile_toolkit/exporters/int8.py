@@ -17,10 +17,10 @@ from collections.abc import Iterable
 
 import torch
 
-from ..capture import Capture, capture
+from ..capture import Capture, Inputs, capture
 from ..errors import CtkError
 from ..quantize import Metric, QuantConfig, quantize
-from ..quantize.calibration import Inputs, check_batches
+from ..quantize.calibration import check_batches
 from ..quantize.evaluate import deviation, run_onnx
 from ..quantize.pt2_int8 import quantize_program
 from . import onnx_format, pt2

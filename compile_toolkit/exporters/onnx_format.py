@@ -8,9 +8,8 @@ import onnx_ir as ir
 import onnxruntime
 import torch
 
-from ..capture import Capture
+from ..capture import Capture, Inputs
 from ..errors import CtkError
-from .checks import Inputs
 
 FILENAME = "model.onnx"
 DATA_FILENAME = "model.onnx.data"  # the weights of a model over INLINE_LIMIT

@@ -6,8 +6,8 @@ import warnings
 
 import torch
 
-from ..capture import Capture
-from .checks import Inputs, flatten_outputs
+from ..capture import Capture, Inputs
+from .checks import flatten_outputs
 
 FILENAME = "model.pt2"
 RUNTIME = f"torch.export.load (torch {torch.__version__})"

@@ -15,9 +15,9 @@ import warnings
 import torch
 from torch import fx
 
-from ..capture import Capture
+from ..capture import Capture, Inputs
 from ..errors import CtkError, VerificationError, summary
-from .checks import Inputs, flatten_outputs
+from .checks import flatten_outputs
 
 FILENAME = "model.pt"
 RUNTIME = f"torch.jit.load (torch {torch.__version__})"

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..capture import capture
 from ..channels import ChannelAnalysis, analyze
-from ..channels.analysis import _distinct_dims  # the dimensions keep_one_per_dim walks
+from ..channels.analysis import distinct_dims  # the dimensions keep_one_per_dim walks
 from ..errors import CtkError, summary
 from .masks import Masks
 from .patterns import check_patterns, matches
@@ -213,7 +213,7 @@ def _local_slices(slices: Slices, local: np.ndarray, count: int) -> Slices:
 def _whole_dims(analysis: ChannelAnalysis, local: np.ndarray, count: int) -> list[torch.Tensor]:
     """Every distinct dimension all of whose channels may be pruned (others can never empty)."""
     seen: dict[tuple[int, ...], torch.Tensor] = {}
-    for atoms in _distinct_dims(analysis.ctx):
+    for atoms in distinct_dims(analysis.ctx):
         ids = local[analysis.components.labels[atoms]]
         if (ids < count).all():
             seen.setdefault(tuple(ids.tolist()), torch.as_tensor(ids))

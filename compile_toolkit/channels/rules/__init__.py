@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch.fx import Node
@@ -18,9 +19,26 @@ from .base import Barrier, OpRule
 from .elementwise import POINTWISE, is_pointwise
 from .shape import Getitem
 
-RULES: dict[object, OpRule] = {}
-for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    RULES.update(getattr(importlib.import_module(f"{__name__}.{_module}"), "RULES", {}))
+
+def merge_tables(tables: Iterable[tuple[str, Mapping[object, OpRule]]]) -> dict[object, OpRule]:
+    """One table from ``(module name, RULES)`` pairs. An op in two tables is an error naming both
+    modules: merged silently, whichever module sorts later would override the other's rule."""
+    merged: dict[object, OpRule] = {}
+    owner: dict[object, str] = {}
+    for name, table in tables:
+        for op, rule in table.items():
+            if op in merged:
+                raise ValueError(f"{op} has a rule in both {owner[op]} and {name}: keep one")
+            merged[op], owner[op] = rule, name
+    return merged
+
+
+def _module_tables() -> Iterable[tuple[str, Mapping[object, OpRule]]]:
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        yield module, getattr(importlib.import_module(f"{__name__}.{module}"), "RULES", {})
+
+
+RULES: dict[object, OpRule] = merge_tables(_module_tables())
 
 _BARRIER = Barrier()
 
@@ -36,4 +54,4 @@ def rule_for(node: Node) -> OpRule:
     return _BARRIER
 
 
-__all__ = ["RULES", "Getitem", "OpRule", "rule_for"]
+__all__ = ["RULES", "Getitem", "OpRule", "merge_tables", "rule_for"]

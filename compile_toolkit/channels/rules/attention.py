@@ -19,8 +19,8 @@ import torch
 from torch.fx import Node
 
 from ..atoms import Atoms
-from ..context import Context, Dims, Masks, all_dead, concrete, describe, mask
-from .base import OpRule, ShapeChange, copy_masks, full, normalize_dim
+from ..context import Context, DimFacts, Dims, all_dead, concrete, describe, mask
+from .base import OpRule, ShapeChange, copy_facts, full, normalize_dim
 from .matmul import RULES as MATMUL_RULES
 from .matmul import MatMul
 
@@ -35,8 +35,7 @@ class Softmax(OpRule):
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
         dims = list(ctx.dims(node.args[0]))
         axis = self._axis(ctx, node)
-        if dims[axis] is not None:
-            ctx.table.pin(dims[axis], f"normalised dim of {describe(node)}")
+        ctx.pin(dims[axis], f"normalised dim of {describe(node)}")
         return [dims]
 
     def dead(self, ctx: Context, node: Node) -> None:
@@ -46,7 +45,7 @@ class Softmax(OpRule):
         if all_dead(out_dead):
             ctx.mark_dead(node.args[0], full(ctx.shape(node), True))
             return
-        masks = copy_masks(out_dead)
+        masks = copy_facts(out_dead)
         axis = self._axis(ctx, node)
         masks[axis] = mask(ctx.shape(node)[axis], False)
         ctx.mark_dead(node.args[0], masks)
@@ -116,8 +115,7 @@ class Attention(OpRule):
             ctx.join(qd[d], _repeat(kd[d], call.group_at(d)), heads)
         ctx.join(kd[-2], vd[-2], tokens)
         for atoms in (qd[-2], kd[-2]):
-            if atoms is not None:
-                ctx.table.pin(atoms, tokens)
+            ctx.pin(atoms, tokens)
         ctx.join(qd[-1], kd[-1], f"contracted features of {describe(node)}")
         if call.attn_mask is not None:
             self._couple_mask(ctx, node, call, qd)
@@ -137,8 +135,8 @@ class Attention(OpRule):
             d = j + rank - len(mask_shape)
             if 0 <= d < rank - 2 and mask_shape[j] == shape[d]:
                 ctx.join(qd[d], atoms, f"heads of {describe(node)}")
-            elif atoms is not None:
-                ctx.table.pin(atoms, f"attention mask of {describe(node)} (tokens or broadcast)")
+            else:
+                ctx.pin(atoms, f"attention mask of {describe(node)} (tokens or broadcast)")
 
     def heads(self, ctx: Context, node: Node) -> list[Atoms]:
         """The query heads (dim -3) of a call on ``[..., H, L, E]`` tensors."""
@@ -147,7 +145,7 @@ class Attention(OpRule):
         return [] if atoms is None or atoms.size < 2 else [atoms]
 
     # -- zero facts --------------------------------------------------------------------------
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         """Only a zero slice of ``v`` gives a zero output (softmax weights are never all zero)."""
         call = self._call(ctx, node)
         shape = ctx.shape(node)
@@ -184,10 +182,10 @@ class Attention(OpRule):
         v_heads = (_grouped(m, call.group_at(d)) for d, m in enumerate(out_dead[:-2]))
         v = [*v_heads, mask(ctx.shape(call.v)[-2], False), out_dead[-1]]
         for arg, masks in ((call.q, q), (call.k, k), (call.v, v)):
-            ctx.mark_dead(arg, copy_masks(masks))
+            ctx.mark_dead(arg, copy_facts(masks))
         if call.attn_mask is not None:
             mask_shape = ctx.shape(call.attn_mask)
-            masks: Masks = [mask(s, False) for s in mask_shape]
+            masks: DimFacts = [mask(s, False) for s in mask_shape]
             for j, size in enumerate(mask_shape):
                 d = j + rank - len(mask_shape)
                 seen = ignored[d] if 0 <= d < rank - 2 else out_dead[-2] if d == rank - 2 else None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, describe, mask
+from ..context import Context, DimFacts, Dims, describe, mask
 
 Shape = list[int | None]
 
@@ -39,7 +39,7 @@ class OpRule:
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
         raise NotImplementedError
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         return [ctx.no_facts(shape) for shape in output_shapes(ctx, node)]
 
     def dead(self, ctx: Context, node: Node) -> None:
@@ -76,11 +76,11 @@ class Failed(Barrier):
     names the op, the node and the error."""
 
 
-def copy_masks(masks: Masks) -> Masks:
+def copy_facts(masks: DimFacts) -> DimFacts:
     return [None if m is None else m.copy() for m in masks]
 
 
-def full(shape: list[int | None], fill: bool) -> Masks:
+def full(shape: list[int | None], fill: bool) -> DimFacts:
     return [mask(s, fill) for s in shape]
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe, mask
+from ..context import Context, DimFacts, Dims, all_dead, describe, mask
 from .base import OpRule, full
 
 
@@ -67,8 +67,7 @@ class Einsum(OpRule):
         for labels, op in zip(eq.operands, operands, strict=True):
             for label, atoms, size in zip(labels, ctx.dims(op), ctx.shape(op), strict=True):
                 if size != sizes[label]:
-                    if atoms is not None:
-                        ctx.table.pin(atoms, reason)
+                    ctx.pin(atoms, reason)
                 elif label in carrier:
                     ctx.join(carrier[label], atoms, f"label {label!r} of {describe(node)}")
                 else:
@@ -76,7 +75,7 @@ class Einsum(OpRule):
         return [[carrier[label] if label in carrier else ctx.fresh(size, reason)
                  for label, size in zip(eq.output, shape, strict=True)]]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         eq, operands = self._equation(ctx, node)
         shape = ctx.shape(node)
         if any(all_dead(ctx.zeros(op)) for op in operands):
@@ -97,7 +96,7 @@ class Einsum(OpRule):
                 ctx.mark_dead(op, full(ctx.shape(op), True))
             return
         for i, (labels, op) in enumerate(zip(eq.operands, operands, strict=True)):
-            masks: Masks = [mask(size, False) for size in ctx.shape(op)]
+            masks: DimFacts = [mask(size, False) for size in ctx.shape(op)]
             for d, (label, size) in enumerate(zip(labels, ctx.shape(op), strict=True)):
                 if size is None:
                     continue

@@ -18,22 +18,22 @@ from torch.fx import Node
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..context import Context, Dims, Masks, all_dead, describe, mask, op_name
-from .base import OpRule, argument, copy_masks, full
+from ..context import Context, DimFacts, Dims, all_dead, describe, mask, op_name
+from .base import OpRule, argument, copy_facts, full
 
 
 class Copy(OpRule):
-    """``y = x``, maybe as another dtype or device (``clone``, ``to``, ``detach``, eval dropout):
+    """``y = x``, maybe as another dtype or device (``clone``, ``to``, ``detach``):
     dims, zeros and dead slices pass through. Only the first argument is read for values."""
 
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
         return [list(ctx.dims(node.args[0]))]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
-        return [copy_masks(ctx.zeros(node.args[0]))]
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
+        return [copy_facts(ctx.zeros(node.args[0]))]
 
     def dead(self, ctx: Context, node: Node) -> None:
-        ctx.mark_dead(node.args[0], copy_masks(ctx.dead_of(node)))
+        ctx.mark_dead(node.args[0], copy_facts(ctx.dead_of(node)))
 
 
 class Zeroed(OpRule):
@@ -44,7 +44,7 @@ class Zeroed(OpRule):
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
         return [list(ctx.dims(node.args[0]))]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         return [full(ctx.shape(node), True)]
 
     def dead(self, ctx: Context, node: Node) -> None:
@@ -85,8 +85,8 @@ class Pointwise(OpRule):
                 atoms = ctx.dims(arg)[k]
                 if arg_shape[k] == size:
                     carriers.append(atoms)
-                elif atoms is not None:
-                    ctx.table.pin(atoms, reason)  # size 1 broadcast over the output
+                else:
+                    ctx.pin(atoms, reason)  # size 1 broadcast over the output
             if not carriers:
                 out.append(ctx.fresh(size, reason))
                 continue
@@ -95,7 +95,7 @@ class Pointwise(OpRule):
             out.append(carriers[0])
         return [out]
 
-    def _operand_zero(self, ctx: Context, arg, shape: list[int | None]) -> Masks:
+    def _operand_zero(self, ctx: Context, arg, shape: list[int | None]) -> DimFacts:
         """The operand's zero facts seen along each output dimension."""
         if isinstance(arg, Number):
             return [mask(s, arg == 0) for s in shape]
@@ -103,7 +103,7 @@ class Pointwise(OpRule):
             return [mask(s, False) for s in shape]
         arg_shape, arg_zero = ctx.shape(arg), ctx.zeros(arg)
         everywhere = any(m is not None and m.size and m.all() for m in arg_zero)
-        result: Masks = []
+        result: DimFacts = []
         for d, size in enumerate(shape):
             k = _aligned(len(shape), len(arg_shape), d)
             if size is None:
@@ -116,7 +116,7 @@ class Pointwise(OpRule):
                 result.append(np.full(size, bool(arg_zero[k][0]) or everywhere))
         return result
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         shape = ctx.shape(node)
         if not keeps_zero(node):
             return [ctx.no_facts(shape)]
@@ -133,10 +133,10 @@ class Pointwise(OpRule):
                 ctx.mark_dead(arg, self._to_operand(ctx.shape(arg), shape, ctx.dead_of(node)))
 
     @staticmethod
-    def _to_operand(arg_shape: list[int | None], shape: list[int | None], ignored: Masks) -> Masks:
+    def _to_operand(arg_shape: list[int | None], shape: list[int | None], ignored: DimFacts) -> DimFacts:
         if all_dead(ignored):
             return full(arg_shape, True)
-        result: Masks = []
+        result: DimFacts = []
         for k, size in enumerate(arg_shape):
             d = k + len(shape) - len(arg_shape)
             m = ignored[d]
@@ -160,7 +160,7 @@ class Binary(Pointwise):
     def _operands(self, node: Node) -> list:
         return list(node.args[:2])
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         shape = ctx.shape(node)
         a, b = (self._operand_zero(ctx, arg, shape) for arg in self._operands(node))
         combine = np.logical_or if self.kind == "mul" else (lambda x, _: x)
@@ -281,7 +281,7 @@ aten = torch.ops.aten
 POINTWISE = Pointwise()
 
 RULES: dict[object, OpRule] = {
-    **{op: Copy() for op in (aten.dropout, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
+    **{op: Copy() for op in (aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
                              aten.type_as)},
     aten.zero_: Zeroed(),
     **{op: Binary("mul") for op in (aten.mul, aten.mul_)},

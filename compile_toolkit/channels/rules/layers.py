@@ -16,24 +16,24 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import Barrier, OpRule, ShapeChange, argument, copy_masks, full, set_argument
+from ..context import Context, DimFacts, Dims, all_dead, describe, mask
+from .base import Barrier, OpRule, ShapeChange, argument, copy_facts, full, set_argument
 
 
 def _nonzero_rows_cols(ctx: Context, weight: Node) -> np.ndarray:
-    """``[out, in]`` bool: which (output, input) pairs of a weight are not all zero."""
-    pairs = ctx.nonzero_pairs(weight) if hasattr(ctx, "nonzero_pairs") else None  # cached per constant
+    """``[out, in]`` bool: which (output, input) pairs of a weight are not all zero. A constant
+    weight's pairs are scanned once and cached by the context; a weight computed in the graph
+    has only its zero rows and columns to go by."""
+    pairs = ctx.nonzero_pairs(weight)
     if pairs is not None:
         return pairs
-    value = ctx.value(weight)
-    if value is not None:
-        flat = value.detach().reshape(value.shape[0], value.shape[1], -1)
-        return (flat != 0).any(-1).cpu().numpy()
     rows_zero, cols_zero = ctx.zeros(weight)[:2]
     return ~(rows_zero[:, None] | cols_zero[None, :])
 
 
-def _zero_vector(ctx: Context, bias, size: int) -> np.ndarray:
+def zero_vector(ctx: Context, bias: Node | None, size: int) -> np.ndarray:
+    """Per channel, whether a per-channel vector (a bias, a norm's scale, shift or mean) is zero;
+    an absent one (``None``) counts as zero everywhere. Norms share it (:mod:`.norms`)."""
     if bias is None:
         return np.ones(size, dtype=bool)
     value = ctx.value(bias)
@@ -112,7 +112,7 @@ class Conv(OpRule):
         w_in, w_out = (w_dims[0], w_dims[1]) if spec.transposed else (w_dims[1], w_dims[0])
         groups, kind = spec.groups, spec.kind
         if kind == "depthwise":
-            ctx.table.pin(w_in if not spec.transposed else w_out, f"per-group dim of {describe(node)}")
+            ctx.pin(w_in if not spec.transposed else w_out, f"per-group dim of {describe(node)}")
             if spec.transposed:  # weight [groups, m]: row g is input channel g; its m outputs follow it
                 ctx.join(x_in, w_in, reason)
                 out = np.repeat(x_in, spec.out_per_group) if x_in is not None else None
@@ -144,14 +144,14 @@ class Conv(OpRule):
         if spec.kind == "depthwise" and old != new:
             set_argument(node, "groups", spec.groups * new // old)
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         spec = conv_spec(node, ctx.shape)
         shape = ctx.shape(node)
         out = ctx.no_facts(shape)
         if _unbatched(ctx, spec):
             return [out]
         live = _connections(ctx, spec) & ~ctx.zeros(spec.x)[1][None, :]
-        out[1] = ~live.any(1) & _zero_vector(ctx, spec.b, shape[1])
+        out[1] = ~live.any(1) & zero_vector(ctx, spec.b, shape[1])
         return [out]
 
     def dead(self, ctx: Context, node: Node) -> None:
@@ -214,13 +214,13 @@ class Linear(OpRule):
             ctx.join(w_dims[0], ctx.dims(b)[0], reason)
         return [[*x_dims[:-1], w_dims[0]]]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else None
         shape = ctx.shape(node)
         out = ctx.no_facts(shape)
         live = _nonzero_rows_cols(ctx, w) & ~ctx.zeros(x)[-1][None, :]
-        out[-1] = ~live.any(1) & _zero_vector(ctx, b, shape[-1])
+        out[-1] = ~live.any(1) & zero_vector(ctx, b, shape[-1])
         return [out]
 
     def dead(self, ctx: Context, node: Node) -> None:
@@ -244,14 +244,14 @@ class Dropout(OpRule):
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
         return [list(ctx.dims(node.args[0]))]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         train = argument(node, "train", True)
         if train is False or self.keeps_zero_in_training:
-            return [copy_masks(ctx.zeros(node.args[0]))]
+            return [copy_facts(ctx.zeros(node.args[0]))]
         return [ctx.no_facts(ctx.shape(node))]
 
     def dead(self, ctx: Context, node: Node) -> None:
-        ctx.mark_dead(node.args[0], copy_masks(ctx.dead_of(node)))
+        ctx.mark_dead(node.args[0], copy_facts(ctx.dead_of(node)))
 
 
 class Embedding(OpRule):
@@ -263,7 +263,7 @@ class Embedding(OpRule):
         weight, indices = node.args[0], node.args[1]
         return [[*ctx.dims(indices), ctx.dims(weight)[1]]]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         weight, indices = node.args[0], node.args[1]
         return [[*ctx.no_facts(ctx.shape(indices)), ctx.zeros(weight)[1].copy()]]
 
@@ -274,7 +274,7 @@ class Embedding(OpRule):
             ctx.mark_dead(indices, full(ctx.shape(indices), True))
             ctx.mark_dead(weight, full(ctx.shape(weight), True))
             return
-        ctx.mark_dead(indices, copy_masks(out_dead[:-1]))
+        ctx.mark_dead(indices, copy_facts(out_dead[:-1]))
         ctx.mark_dead(weight, [mask(ctx.shape(weight)[0], False), out_dead[-1].copy()])
 
 
@@ -289,7 +289,10 @@ RULES: dict[object, OpRule] = {
         )
     },
     aten.linear: Linear(),
-    **{op: Dropout(keeps_zero_in_training=True) for op in (aten.dropout_, aten.feature_dropout, aten.feature_dropout_)},
+    **{
+        op: Dropout(keeps_zero_in_training=True)
+        for op in (aten.dropout, aten.dropout_, aten.feature_dropout, aten.feature_dropout_)
+    },
     **{
         op: Dropout(keeps_zero_in_training=False)
         for op in (aten.alpha_dropout, aten.alpha_dropout_, aten.feature_alpha_dropout, aten.feature_alpha_dropout_)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import OpRule, ShapeChange, argument, copy_masks, full, normalize_dim, set_argument
+from ..context import Context, DimFacts, Dims, all_dead, describe, mask
+from .base import OpRule, ShapeChange, argument, copy_facts, full, normalize_dim, set_argument
 
 # -- permutations ---------------------------------------------------------------------------
 
@@ -60,14 +60,14 @@ class Permute(OpRule):
         dims = ctx.dims(node.args[0])
         return [[dims[d] for d in permutation_order(node, len(dims))]]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         zeros = ctx.zeros(node.args[0])
-        return [copy_masks([zeros[d] for d in permutation_order(node, len(zeros))])]
+        return [copy_facts([zeros[d] for d in permutation_order(node, len(zeros))])]
 
     def dead(self, ctx: Context, node: Node) -> None:
         out_dead = ctx.dead_of(node)
         order = permutation_order(node, len(out_dead))
-        masks: Masks = [None] * len(order)
+        masks: DimFacts = [None] * len(order)
         for k, d in enumerate(order):
             masks[d] = None if out_dead[k] is None else out_dead[k].copy()
         ctx.mark_dead(node.args[0], masks)
@@ -76,7 +76,7 @@ class Permute(OpRule):
 # -- broadcasting and repetition -----------------------------------------------------------
 
 
-def _everywhere(zeros: Masks) -> bool:
+def _everywhere(zeros: DimFacts) -> bool:
     return any(m is not None and m.size and m.all() for m in zeros)
 
 
@@ -102,17 +102,17 @@ class Expand(OpRule):
                     ctx.join(dims[k], other[d], reason)
                 out.append(dims[k])
                 continue
-            if k >= 0 and dims[k] is not None:
-                ctx.table.pin(dims[k], reason)
+            if k >= 0:
+                ctx.pin(dims[k], reason)
             out.append(other[d] if other is not None else ctx.fresh(size, reason))
         return [out]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x = node.args[0]
         x_shape, zeros, shape = ctx.shape(x), ctx.zeros(x), ctx.shape(node)
         lead = len(shape) - len(x_shape)
         everywhere = _everywhere(zeros)
-        out: Masks = []
+        out: DimFacts = []
         for d, size in enumerate(shape):
             k = d - lead
             if size is None:
@@ -132,7 +132,7 @@ class Expand(OpRule):
             ctx.mark_dead(x, full(x_shape, True))
             return
         lead = len(shape) - len(x_shape)
-        masks: Masks = []
+        masks: DimFacts = []
         for k, size in enumerate(x_shape):
             m = out_dead[k + lead]
             if size is None or m is None:
@@ -172,16 +172,15 @@ class Repeat(OpRule):
             if atoms is not None and isinstance(r, int):
                 out.append(np.tile(atoms, r))
             else:
-                if atoms is not None:
-                    ctx.table.pin(atoms, reason)
+                ctx.pin(atoms, reason)
                 out.append(ctx.fresh(shape[k + lead], reason))
         return [out]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x, repeats, lead = self._repeats(ctx, node)
         zeros, shape = ctx.zeros(x), ctx.shape(node)
         everywhere = _everywhere(zeros)
-        out: Masks = [mask(shape[d], everywhere) for d in range(lead)]
+        out: DimFacts = [mask(shape[d], everywhere) for d in range(lead)]
         for k, m in enumerate(zeros):
             r = repeats[k + lead]
             out.append(np.tile(m, r) if m is not None and isinstance(r, int) else mask(shape[k + lead], everywhere))
@@ -193,7 +192,7 @@ class Repeat(OpRule):
         if all_dead(out_dead):
             ctx.mark_dead(x, full(shape, True))
             return
-        masks: Masks = []
+        masks: DimFacts = []
         for k, size in enumerate(shape):
             m, r = out_dead[k + lead], repeats[k + lead]
             masks.append(m.reshape(r, size).all(0) if m is not None and size is not None and isinstance(r, int) else None)
@@ -219,8 +218,7 @@ class PixelShuffle(OpRule):
         block = self._block(node)
         reason = f"spatial dim of {describe(node)}"
         for atoms in dims[-2:]:
-            if atoms is not None:
-                ctx.table.pin(atoms, reason)
+            ctx.pin(atoms, reason)
         channels = dims[-3]
         if self.unshuffle:
             out = np.repeat(channels, block)
@@ -231,11 +229,11 @@ class PixelShuffle(OpRule):
             out = blocks[:, 0].copy()
         return [[*dims[:-3], out, *(ctx.fresh(s, reason) for s in ctx.shape(node)[-2:])]]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         zeros = ctx.zeros(node.args[0])
         block = self._block(node)
         channels = np.repeat(zeros[-3], block) if self.unshuffle else zeros[-3].reshape(-1, block).all(1)
-        return [[*copy_masks(zeros[:-3]), channels, *(mask(s, False) for s in ctx.shape(node)[-2:])]]
+        return [[*copy_facts(zeros[:-3]), channels, *(mask(s, False) for s in ctx.shape(node)[-2:])]]
 
     def dead(self, ctx: Context, node: Node) -> None:
         out_dead = ctx.dead_of(node)
@@ -245,7 +243,7 @@ class PixelShuffle(OpRule):
             return
         block = self._block(node)
         channels = out_dead[-3].reshape(-1, block).all(1) if self.unshuffle else np.repeat(out_dead[-3], block)
-        ctx.mark_dead(node.args[0], [*copy_masks(out_dead[:-3]), channels, *(mask(s, False) for s in shape[-2:])])
+        ctx.mark_dead(node.args[0], [*copy_facts(out_dead[:-3]), channels, *(mask(s, False) for s in shape[-2:])])
 
 
 # -- roll, pad ------------------------------------------------------------------------------
@@ -268,14 +266,13 @@ class Roll(OpRule):
         out: Dims = []
         for d, atoms in enumerate(dims):
             if rolled is None or d in rolled:
-                if atoms is not None:
-                    ctx.table.pin(atoms, reason)
+                ctx.pin(atoms, reason)
                 out.append(None if atoms is None else np.roll(atoms, rolled[d]) if rolled else atoms)
             else:
                 out.append(atoms)
         return [out]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         zeros = ctx.zeros(node.args[0])
         rolled = self._shifts(node, len(zeros))
         if rolled is None:
@@ -320,14 +317,13 @@ class Pad(OpRule):
         out: Dims = []
         for d, atoms in enumerate(dims):
             if touched is None or d in touched:
-                if atoms is not None:
-                    ctx.table.pin(atoms, reason)
+                ctx.pin(atoms, reason)
                 out.append(ctx.fresh(shape[d], reason) if shape[d] != ctx.shape(node.args[0])[d] else atoms)
             else:
                 out.append(atoms)
         return [out]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         zeros, shape = ctx.zeros(node.args[0]), ctx.shape(node)
         touched = self._touched(node, len(zeros))
         out = ctx.no_facts(shape)
@@ -345,7 +341,7 @@ class Pad(OpRule):
             ctx.mark_dead(node.args[0], full(shape, True))
             return
         masks = [mask(s, False) if touched is None or d in touched else out_dead[d] for d, s in enumerate(shape)]
-        ctx.mark_dead(node.args[0], copy_masks(masks))
+        ctx.mark_dead(node.args[0], copy_facts(masks))
 
 
 aten = torch.ops.aten

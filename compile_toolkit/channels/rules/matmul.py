@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe, mask
+from ..context import Context, DimFacts, Dims, all_dead, describe, mask
 from .base import OpRule, full
 
 
@@ -112,8 +112,8 @@ class MatMul(OpRule):
             for k, d in op.to_out.items():
                 if arg_shape[k] == shape[d]:
                     carriers[d].append(dims[k])
-                elif dims[k] is not None:
-                    ctx.table.pin(dims[k], reason)  # size 1 broadcast over the output
+                else:
+                    ctx.pin(dims[k], reason)  # size 1 broadcast over the output
         out: Dims = []
         for d, size in enumerate(shape):
             if not carriers[d]:
@@ -135,7 +135,7 @@ class MatMul(OpRule):
         return [] if atoms is None or atoms.size < 2 else [atoms]
 
     # -- zero facts --------------------------------------------------------------------------
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         p = self._product(ctx, node)
         shape = ctx.shape(node)
         if p.alpha == 0:
@@ -147,14 +147,14 @@ class MatMul(OpRule):
         bias = _projected_zero(ctx, p.bias, shape)
         return [[None if x is None else x & y for x, y in zip(product, bias, strict=True)]]
 
-    def _product_zero(self, ctx: Context, p: Product, shape: list[int | None]) -> Masks:
+    def _product_zero(self, ctx: Context, p: Product, shape: list[int | None]) -> DimFacts:
         """Zero slices of ``a @ b``: rows and columns from the bool product of both operands'
         nonzero patterns, batch slices where either operand's batch slice is zero."""
         reach = _pattern(ctx, p.a).astype(np.int64) @ _pattern(ctx, p.b).astype(np.int64) > 0
         if not reach.any():
             return full(shape, True)
         a_zero, b_zero = (_projected_zero(ctx, op, shape) for op in p.factors)
-        out: Masks = [None if x is None else x | y for x, y in zip(a_zero, b_zero, strict=True)]
+        out: DimFacts = [None if x is None else x | y for x, y in zip(a_zero, b_zero, strict=True)]
         for d, zero in ((p.out_row, ~reach.any(1)), (p.out_col, ~reach.any(0))):
             if d is not None and shape[d] is not None:
                 out[d] = zero
@@ -195,7 +195,7 @@ class MatMul(OpRule):
             ctx.mark_dead(op.node, masks)
 
 
-def _live(out_dead: Masks, d: int | None) -> np.ndarray:
+def _live(out_dead: DimFacts, d: int | None) -> np.ndarray:
     """Which output rows (or columns) something depends on; one live index for a missing or
     symbolic dim, matching :func:`_pattern`."""
     if d is None or out_dead[d] is None:
@@ -229,12 +229,12 @@ def _pattern(ctx: Context, op: Operand) -> np.ndarray:
     return ~(row[:, None] | col[None, :])
 
 
-def _projected_zero(ctx: Context, op: Operand, shape: list[int | None]) -> Masks:
+def _projected_zero(ctx: Context, op: Operand, shape: list[int | None]) -> DimFacts:
     """An operand's zero facts seen along each output dim it broadcasts against (``False``
     elsewhere); a wholly zero operand is zero everywhere."""
     arg_shape, zeros = ctx.shape(op.node), ctx.zeros(op.node)
     everywhere = any(m is not None and m.size and m.all() for m in zeros)
-    out: Masks = [mask(s, everywhere) for s in shape]
+    out: DimFacts = [mask(s, everywhere) for s in shape]
     for k, d in op.to_out.items():
         if shape[d] is None or zeros[k] is None:
             continue
@@ -243,11 +243,11 @@ def _projected_zero(ctx: Context, op: Operand, shape: list[int | None]) -> Masks
     return out
 
 
-def _to_operand(ctx: Context, op: Operand, ignored: Masks) -> Masks:
+def _to_operand(ctx: Context, op: Operand, ignored: DimFacts) -> DimFacts:
     """Output slices nothing depends on, mapped back to the operand's dims: a full-size dim takes
     them as they are, a broadcast size-1 dim only when every output slice is ignored."""
     arg_shape = ctx.shape(op.node)
-    masks: Masks = [mask(s, False) for s in arg_shape]
+    masks: DimFacts = [mask(s, False) for s in arg_shape]
     for k, d in op.to_out.items():
         if arg_shape[k] is None or ignored[d] is None:
             continue

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe, mask
+from ..context import Context, DimFacts, Dims, all_dead, describe, mask
 from .base import OpRule, ShapeChange, argument, full, output_shapes, set_argument
-from .layers import _zero_vector
+from .layers import zero_vector
 
 
 class BatchNorm(OpRule):
@@ -47,8 +47,8 @@ class BatchNorm(OpRule):
                 ctx.join(dims[1], ctx.dims(p)[0], reason)
         if input_stats:  # statistics over every other dim: whatever they carry is read by all of it
             for d, atoms in enumerate(dims):
-                if d != 1 and atoms is not None:
-                    ctx.table.pin(atoms, f"statistics of {describe(node)} are taken over dim {d}")
+                if d != 1:
+                    ctx.pin(atoms, f"statistics of {describe(node)} are taken over dim {d}")
         outputs = [list(dims)]
         for shape in output_shapes(ctx, node)[1:]:  # statistics: [C], or empty when not computed
             outputs.append([dims[1]] if shape == [ctx.shape(x)[1]] else [ctx.fresh(s, reason) for s in shape])
@@ -58,15 +58,15 @@ class BatchNorm(OpRule):
         """(scale zero, shift zero, zero input stays zero) per channel."""
         x, (weight, bias, mean, _), input_stats = self._params(node)
         channels = ctx.shape(x)[1]
-        scale_zero = np.zeros(channels, dtype=bool) if weight is None else _zero_vector(ctx, weight, channels)
-        shift_zero = _zero_vector(ctx, bias, channels)
+        scale_zero = np.zeros(channels, dtype=bool) if weight is None else zero_vector(ctx, weight, channels)
+        shift_zero = zero_vector(ctx, bias, channels)
         if input_stats or mean is None:
             centre_zero = np.ones(channels, dtype=bool)  # statistics of a zero channel are zero
         else:
-            centre_zero = _zero_vector(ctx, mean, channels) | scale_zero
+            centre_zero = zero_vector(ctx, mean, channels) | scale_zero
         return scale_zero, shift_zero, centre_zero
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x = argument(node, "input")
         shapes = output_shapes(ctx, node)
         out = ctx.no_facts(shapes[0])
@@ -84,7 +84,7 @@ class BatchNorm(OpRule):
             ctx.mark_dead(x, full(shape, True))
             return
         scale_zero = self._scale_shift_zero(ctx, node)[0]
-        x_dead: Masks = [None if input_stats or stats_dead else out_dead[0]] + [mask(s, False) for s in shape[1:]]
+        x_dead: DimFacts = [None if input_stats or stats_dead else out_dead[0]] + [mask(s, False) for s in shape[1:]]
         x_dead[1] = np.logical_and.reduce([out_dead[1] | scale_zero, *stats_dead])
         ctx.mark_dead(x, x_dead)
 
@@ -110,7 +110,7 @@ class GroupNorm(OpRule):
             if isinstance(p, Node):
                 ctx.join(dims[1], ctx.dims(p)[0], reason)
         if groups == 1:
-            ctx.table.pin(dims[1], f"{describe(node)} with one group: every channel shares the statistics")
+            ctx.pin(dims[1], f"{describe(node)} with one group: every channel shares the statistics")
         else:
             blocks = dims[1].reshape(groups, per_group)
             for col in range(1, per_group):
@@ -120,14 +120,14 @@ class GroupNorm(OpRule):
     def _scale_zero(self, ctx: Context, node: Node) -> np.ndarray:
         x, _, _, weight, _ = self._args(ctx, node)
         channels = ctx.shape(x)[1]
-        return np.zeros(channels, dtype=bool) if weight is None else _zero_vector(ctx, weight, channels)
+        return np.zeros(channels, dtype=bool) if weight is None else zero_vector(ctx, weight, channels)
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x, groups, per_group, _, bias = self._args(ctx, node)
         channels = ctx.shape(x)[1]
         out = ctx.no_facts(ctx.shape(node))
         group_zero = np.repeat(ctx.zeros(x)[1].reshape(groups, per_group).all(1), per_group)
-        out[1] = _zero_vector(ctx, bias, channels) & (self._scale_zero(ctx, node) | group_zero)
+        out[1] = zero_vector(ctx, bias, channels) & (self._scale_zero(ctx, node) | group_zero)
         return [out]
 
     def dead(self, ctx: Context, node: Node) -> None:
@@ -138,7 +138,7 @@ class GroupNorm(OpRule):
             ctx.mark_dead(x, full(shape, True))
             return
         ignored = (out_dead[1] | self._scale_zero(ctx, node)).reshape(groups, per_group).all(1)
-        x_dead: Masks = [out_dead[0]] + [mask(s, False) for s in shape[1:]]
+        x_dead: DimFacts = [out_dead[0]] + [mask(s, False) for s in shape[1:]]
         x_dead[1] = np.repeat(ignored, per_group)
         ctx.mark_dead(x, x_dead)
 
@@ -166,8 +166,7 @@ class LayerNorm(OpRule):
         lead = len(dims) - k
         pin = f"normalised dim of {describe(node)}: removing a feature changes the others' statistics"
         for d in range(lead, len(dims)):
-            if dims[d] is not None:
-                ctx.table.pin(dims[d], pin)
+            ctx.pin(dims[d], pin)
             for p in (weight, bias):
                 if isinstance(p, Node):
                     ctx.join(dims[d], ctx.dims(p)[d - lead], pin)
@@ -176,7 +175,7 @@ class LayerNorm(OpRule):
             outputs.append([*dims[:lead], *(ctx.fresh(s, pin) for s in shape[lead:])])
         return outputs
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x, k, weight, bias = self._args(ctx, node)
         shapes = output_shapes(ctx, node)
         out = ctx.no_facts(shapes[0])
@@ -201,7 +200,7 @@ class LayerNorm(OpRule):
         if all(all_dead(d) for d in deads):
             ctx.mark_dead(x, full(shape, True))
             return
-        x_dead: Masks = [mask(s, False) for s in shape]
+        x_dead: DimFacts = [mask(s, False) for s in shape]
         for d in range(lead):
             masks = [dead[d] for dead in deads]
             x_dead[d] = None if any(m is None for m in masks) else np.logical_and.reduce(masks)

@@ -14,7 +14,7 @@ import math
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe
+from ..context import Context, DimFacts, Dims, all_dead, describe
 from .base import OpRule, ShapeChange, argument, full, normalize_dim, output_shapes
 
 
@@ -53,8 +53,7 @@ class Reduce(OpRule):
         reason = f"reduced by {describe(node)}"
         if self.pins(ctx, node):
             for d in self._reduced(ctx, node)[0]:
-                if dims[d] is not None:
-                    ctx.table.pin(dims[d], reason)
+                ctx.pin(dims[d], reason)
         outputs = []
         for shape in output_shapes(ctx, node):
             out: Dims = [ctx.fresh(s, reason) for s in shape]
@@ -63,7 +62,7 @@ class Reduce(OpRule):
             outputs.append(out)
         return outputs
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         zeros = ctx.zeros(node.args[0])
         outputs = []
         for shape in output_shapes(ctx, node):

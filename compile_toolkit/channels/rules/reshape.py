@@ -14,7 +14,7 @@ import sympy
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe, mask
+from ..context import Context, DimFacts, Dims, all_dead, describe, mask
 from .base import OpRule, ShapeChange, argument, full, normalize_dim
 from .layout import PERMUTATIONS, permutation_order
 
@@ -160,26 +160,23 @@ class Reshape(OpRule):
         groups = _pairs(node, src, dst)
         if groups is None:
             for atoms in dims:
-                if atoms is not None:
-                    ctx.table.pin(atoms, reason)
+                ctx.pin(atoms, reason)
             return [[ctx.fresh(s, reason) for s in dst]]
         for gi, gj in groups:
             if _symbolic(src, dst, gi, gj) and (len(gi) != 1 or len(gj) != 1):
                 for k in gi:  # static dims merged into (or split from) the batch
-                    if dims[k] is not None:
-                        ctx.table.pin(dims[k], reason)
+                    ctx.pin(dims[k], reason)
                 for k in gj:
                     out[k] = ctx.fresh(dst[k], reason)
             elif not gj:
-                if dims[gi[0]] is not None:
-                    ctx.table.pin(dims[gi[0]], reason)
+                ctx.pin(dims[gi[0]], reason)
             elif not gi:
                 out[gj[0]] = ctx.fresh(dst[gj[0]], reason)
             elif len(gi) == 1 and len(gj) == 1:
                 out[gj[0]] = dims[gi[0]]
             elif len(gj) == 1:  # merge
                 for k in gi[1:]:
-                    ctx.table.pin(dims[k], reason)
+                    ctx.pin(dims[k], reason)
                 out[gj[0]] = np.repeat(dims[gi[0]], math.prod(src[k] for k in gi[1:]))
             elif len(gi) == 1 and _atoms_on_second(node, gj):  # shuffle; unpacking q, k, v
                 blocks = dims[gi[0]].reshape(dst[gj[0]], dst[gj[1]], -1)
@@ -199,12 +196,12 @@ class Reshape(OpRule):
                     out[k] = ctx.fresh(dst[k], reason)
             else:
                 for k in gi:
-                    ctx.table.pin(dims[k], reason)
+                    ctx.pin(dims[k], reason)
                 for k in gj:
                     out[k] = ctx.fresh(dst[k], reason)
         return [out]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         src, dst = ctx.shape(node.args[0]), ctx.shape(node)
         zeros = ctx.zeros(node.args[0])
         out = ctx.no_facts(dst)
@@ -227,7 +224,7 @@ class Reshape(OpRule):
         if all_dead(out_dead):
             ctx.mark_dead(node.args[0], full(src, True))
             return
-        masks: Masks = [mask(s, False) for s in src]
+        masks: DimFacts = [mask(s, False) for s in src]
         for gi, gj in _pairs(node, src, dst) or []:
             if _symbolic(src, dst, gi, gj):
                 if len(gi) == 1 and len(gj) == 1:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, describe, mask
-from .base import OpRule, copy_masks, normalize_dim
+from ..context import Context, DimFacts, Dims, describe, mask
+from .base import OpRule, copy_facts, normalize_dim
 
 
 class Getitem(OpRule):
@@ -23,11 +23,11 @@ class Getitem(OpRule):
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
         return [list(ctx.dims(node.args[0], node.args[1]))]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
-        return [copy_masks(ctx.zeros(node.args[0], node.args[1]))]
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
+        return [copy_facts(ctx.zeros(node.args[0], node.args[1]))]
 
     def dead(self, ctx: Context, node: Node) -> None:
-        ctx.mark_dead(node.args[0], copy_masks(ctx.dead_of(node)), node.args[1])
+        ctx.mark_dead(node.args[0], copy_facts(ctx.dead_of(node)), node.args[1])
 
 
 class Cat(OpRule):
@@ -52,9 +52,9 @@ class Cat(OpRule):
             out.append(first[d])
         return [out]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         tensors, dim = self._args(ctx, node)
-        out: Masks = []
+        out: DimFacts = []
         for d in range(len(ctx.shape(node))):
             masks = [ctx.zeros(t)[d] for t in tensors]
             if any(m is None for m in masks):
@@ -71,7 +71,7 @@ class Cat(OpRule):
         offset = 0
         for t in tensors:
             size = ctx.shape(t)[dim]
-            masks = copy_masks(out_dead)
+            masks = copy_facts(out_dead)
             masks[dim] = out_dead[dim][offset : offset + size]
             offset += size
             ctx.mark_dead(t, masks)
@@ -92,17 +92,17 @@ class Pool(OpRule):
         reason = f"spatial dim of {describe(node)}"
         return [[*dims[:keep], *(ctx.fresh(s, reason) for s in ctx.shape(node)[keep:])]]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         zeros = ctx.zeros(node.args[0])
         keep = len(zeros) - self.spatial
         shape = ctx.shape(node)
-        return [[*copy_masks(zeros[:keep]), *(mask(s, False) for s in shape[keep:])]]
+        return [[*copy_facts(zeros[:keep]), *(mask(s, False) for s in shape[keep:])]]
 
     def dead(self, ctx: Context, node: Node) -> None:
         out_dead = ctx.dead_of(node)
         shape = ctx.shape(node.args[0])
         keep = len(shape) - self.spatial
-        ctx.mark_dead(node.args[0], [*copy_masks(out_dead[:keep]), *(mask(s, False) for s in shape[keep:])])
+        ctx.mark_dead(node.args[0], [*copy_facts(out_dead[:keep]), *(mask(s, False) for s in shape[keep:])])
 
 
 aten = torch.ops.aten

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..context import Context, Dims, Masks, all_dead, describe, mask
-from .base import Barrier, OpRule, ShapeChange, argument, copy_masks, full, normalize_dim, output_shapes, set_argument
+from ..context import Context, DimFacts, Dims, all_dead, describe, mask
+from .base import Barrier, OpRule, ShapeChange, argument, copy_facts, full, normalize_dim, output_shapes, set_argument
 
 
 def _meta_shape(node: Node) -> list:
@@ -48,20 +48,19 @@ class Split(OpRule):
             out = list(dims)
             if dims[dim] is None or size is None:
                 out[dim] = None if size is None else ctx.fresh(size, reason)
-                if dims[dim] is not None:
-                    ctx.table.pin(dims[dim], reason)
+                ctx.pin(dims[dim], reason)
             else:
                 out[dim] = dims[dim][offset : offset + size]
                 offset += size
             outputs.append(out)
         return outputs
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x, dim, sizes = self._pieces(ctx, node)
         zeros = ctx.zeros(x)
         outputs, offset = [], 0
         for size in sizes:
-            out = copy_masks(zeros)
+            out = copy_facts(zeros)
             if zeros[dim] is None or size is None:
                 out[dim] = mask(size, False)
             else:
@@ -78,7 +77,7 @@ class Split(OpRule):
         if not used:
             ctx.mark_dead(x, full(shape, True))
             return
-        masks: Masks = [_and([d[k] for d in used]) if k != dim else None for k in range(len(shape))]
+        masks: DimFacts = [_and([d[k] for d in used]) if k != dim else None for k in range(len(shape))]
         if shape[dim] is not None and all(s is not None for s in sizes):
             masks[dim] = np.concatenate([mask(s, True) if all_dead(d) else d[dim] for s, d in zip(sizes, deads, strict=True)])
         else:
@@ -139,19 +138,18 @@ class Slice(OpRule):
         atoms = dims[dim]
         reason = f"sliced by {describe(node)}"
         if atoms is None or not self._static(node):
-            if atoms is not None:
-                ctx.table.pin(atoms, reason)
+            ctx.pin(atoms, reason)
             out[dim] = None if size is None else ctx.fresh(size, reason)
             return [out]
         s, e, step = self._range(node, len(atoms))
         if step != 1:
-            ctx.table.pin(atoms, f"strided slice {describe(node)}")
+            ctx.pin(atoms, f"strided slice {describe(node)}")
         out[dim] = atoms[s:e:step]
         return [out]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x = node.args[0]
-        zeros = copy_masks(ctx.zeros(x))
+        zeros = copy_facts(ctx.zeros(x))
         dim = normalize_dim(argument(node, "dim", 0), len(zeros))
         size = ctx.shape(node)[dim]
         if zeros[dim] is None or not self._static(node):
@@ -166,7 +164,7 @@ class Slice(OpRule):
         out_dead = ctx.dead_of(node)
         shape = ctx.shape(x)
         dim = normalize_dim(argument(node, "dim", 0), len(shape))
-        masks = copy_masks(out_dead)
+        masks = copy_facts(out_dead)
         if shape[dim] is None or not self._static(node):
             masks[dim] = mask(shape[dim], False)
         elif all_dead(out_dead):
@@ -211,8 +209,8 @@ class Select(OpRule):
         x, dim, index = self._where(ctx, node)
         dims = ctx.dims(x)
         reason = f"index of {describe(node)}"
-        if dims[dim] is not None:
-            ctx.table.pin(dims[dim] if index is None else dims[dim][index : index + 1], reason)
+        atoms = dims[dim]
+        ctx.pin(atoms if index is None or atoms is None else atoms[index : index + 1], reason)
         return [dims[:dim] + dims[dim + 1 :]]
 
     def rewrite(self, node: Node, change: ShapeChange) -> None:
@@ -224,10 +222,10 @@ class Select(OpRule):
             index = index + _meta_shape(x)[dim] if index < 0 else index
             set_argument(node, "index", int(np.searchsorted(kept, index)))
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x, dim, _ = self._where(ctx, node)
         zeros = ctx.zeros(x)
-        return [copy_masks(zeros[:dim] + zeros[dim + 1 :])]
+        return [copy_facts(zeros[:dim] + zeros[dim + 1 :])]
 
     def dead(self, ctx: Context, node: Node) -> None:
         x, dim, index = self._where(ctx, node)
@@ -239,7 +237,7 @@ class Select(OpRule):
         along = mask(shape[dim], index is not None)
         if index is not None:
             along[index] = False
-        ctx.mark_dead(x, [*copy_masks(out_dead[:dim]), along, *copy_masks(out_dead[dim:])])
+        ctx.mark_dead(x, [*copy_facts(out_dead[:dim]), along, *copy_facts(out_dead[dim:])])
 
 
 class Unbind(OpRule):
@@ -249,15 +247,14 @@ class Unbind(OpRule):
         x = node.args[0]
         dims = ctx.dims(x)
         dim = normalize_dim(argument(node, "dim", 0), len(dims))
-        if dims[dim] is not None:
-            ctx.table.pin(dims[dim], f"unbound by {describe(node)}")
+        ctx.pin(dims[dim], f"unbound by {describe(node)}")
         return [dims[:dim] + dims[dim + 1 :] for _ in output_shapes(ctx, node)]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         x = node.args[0]
         zeros = ctx.zeros(x)
         dim = normalize_dim(argument(node, "dim", 0), len(zeros))
-        return [copy_masks(zeros[:dim] + zeros[dim + 1 :]) for _ in output_shapes(ctx, node)]
+        return [copy_facts(zeros[:dim] + zeros[dim + 1 :]) for _ in output_shapes(ctx, node)]
 
     def dead(self, ctx: Context, node: Node) -> None:
         x = node.args[0]
@@ -301,8 +298,7 @@ class Index(OpRule):
         _, indexed, _, _ = self._layout(ctx, node)
         dims = ctx.dims(x)
         for d in indexed:
-            if dims[d] is not None:
-                ctx.table.pin(dims[d], reason)
+            ctx.pin(dims[d], reason)
         for index in node.args[1]:
             if isinstance(index, Node):
                 ctx.pin_value(index, reason)
@@ -311,7 +307,7 @@ class Index(OpRule):
             out[k] = dims[d]
         return [out]
 
-    def zero(self, ctx: Context, node: Node) -> list[Masks]:
+    def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         zeros = ctx.zeros(node.args[0])
         out = ctx.no_facts(ctx.shape(node))
         for d, k in [] if _masked(node) else self._passed(ctx, node):
