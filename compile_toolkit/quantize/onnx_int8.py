@@ -7,6 +7,14 @@ activation ranges from calibration) or ``quantize_dynamic`` (ConvInteger/MatMulI
 activations quantized per batch). Calibration runs once per model: its ranges are cached so the
 mixed-precision search can re-quantize with other layers kept in float without re-calibrating.
 
+Keeping a node in float means more than ONNX Runtime's ``nodes_to_exclude`` does: that leaves
+the node's weights and arithmetic in float, but its input still passes through the
+QuantizeLinear/DequantizeLinear pair that the *producer* put on its own output, so a layer
+excluded because its input has outliers still reads the rounded input and gains nothing.
+:func:`float_inputs` therefore rewires each excluded node to read the float tensors
+behind those pairs, up to the nearest Conv/Gemm/MatMul outputs (which then also stay float on
+that path).
+
 A quantizer that skips a node says nothing, so :func:`count_int8` checks the result node by node:
 every Conv/Gemm/MatMul of the float graph is either quantized or on the list of nodes kept in
 float, and :func:`quantize_onnx` raises when one is neither or when nothing was quantized at all.
@@ -63,6 +71,15 @@ def compute_nodes(path: str) -> list[str]:
     return [n.name for n in onnx.load(path, load_external_data=False).graph.node if n.op_type in COMPUTE_OPS]
 
 
+def weight_names(path: str, nodes: Sequence[str]) -> dict[str, str]:
+    """The initializer each of ``nodes`` reads as its second input (its weight), by node name:
+    the parameter name of the model, where a report reader recognises the layer."""
+    graph = onnx.load(path, load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    return {n.name: n.input[1] for n in graph.node
+            if n.name in set(nodes) and len(n.input) > 1 and n.input[1] in initializers}
+
+
 def activation_matmuls(path: str) -> list[str]:
     """MatMul nodes with no constant operand (attention's Q x K^T and P x V): ``quantize_dynamic``
     quantizes weights ahead of time, so it has nothing to quantize there and leaves them float."""
@@ -102,7 +119,10 @@ def quantize_onnx(pre_path: str, out_path: str, method: str, config: QuantConfig
             quantize_static(pre_path, out_path, Reader(list(feeds)), quant_format=QuantFormat.QDQ,
                             per_channel=config.per_channel, activation_type=ACTIVATIONS[config.activation_type],
                             weight_type=QuantType.QInt8, calibrate_method=CALIBRATORS[config.calibration_method],
-                            nodes_to_exclude=list(exclude), calibration_cache_path=cache_path)
+                            nodes_to_exclude=list(exclude), calibration_cache_path=cache_path,
+                            extra_options={"QDQKeepRemovableActivations": bool(exclude)})
+            if exclude:
+                float_inputs(out_path, exclude)
         else:
             quantize_dynamic(pre_path, out_path, per_channel=config.per_channel, weight_type=QuantType.QInt8,
                              nodes_to_exclude=list(exclude))
@@ -121,6 +141,47 @@ def quantize_onnx(pre_path: str, out_path: str, method: str, config: QuantConfig
     if not count.quantized:
         raise CtkError(f"onnx int8 ({method}): no Conv/Gemm/MatMul node was quantized (graph has {len(wanted)})")
     return count
+
+
+def float_inputs(path: str, exclude: Sequence[str]) -> None:
+    """Rewire the ``exclude`` nodes of the QDQ model at ``path`` to read float tensors: every
+    ``DequantizeLinear(QuantizeLinear(t))`` input becomes ``t``, and the same is done for the
+    nodes that compute ``t``, up to Conv/Gemm/MatMul outputs and graph inputs. Other consumers
+    keep their quantized copy. Exact only with the Relu/Clip nodes kept
+    (``QDQKeepRemovableActivations``): otherwise the Q node is the Relu and ``t`` is before it."""
+    model = onnx.load(path)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    pending = [node for node in model.graph.node if node.name in set(exclude)]
+    visited = set()
+    while pending:
+        node = pending.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        for index, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            node.input[index] = q.input[0]
+            source = producer.get(q.input[0])
+            if source is not None and source.op_type not in COMPUTE_OPS:
+                pending.append(source)
+    _drop_dead_nodes(model.graph)
+    onnx.save(model, path)
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove the Q/DQ pairs nothing reads any more, and their scales and zero points."""
+    while True:
+        used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+        dead = [node for node in graph.node if not used & set(node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    for initializer in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(initializer)
 
 
 def count_int8(path: str, compute: Sequence[str]) -> NodeCount:
