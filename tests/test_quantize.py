@@ -211,3 +211,30 @@ def test_bad_quantize_options_fail_before_any_work(tmp_path, capsys):
     assert "max metric drop must be >= 0" in capsys.readouterr().err
     with pytest.raises(ctk.CtkError, match="calibration_method 'median'"):
         QuantConfig(calibration_method="median").validate()
+
+
+def test_static_int8_leaves_layernorm_and_where_in_float(tmp_path):
+    """A transformer's LayerNorm reads the residual stream, whose outlier channels would take the
+    whole per-tensor range (all-MiniLM-L6-v2's static embeddings: cosine 0.35); the masked
+    Where holds -inf. Only the compute ops (and value-moving ops) get Q/DQ."""
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.norm, self.down = torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 16)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.norm(self.up(x))
+            return self.down(torch.where(mask.unsqueeze(-1), hidden, -1e4))
+
+    x = torch.randn(4, 8, 16)
+    mask = torch.rand(4, 8) > 0.3
+    ctk.export(Block().eval(), (x, mask), str(tmp_path), formats=("onnx",))
+    result = quantize(str(tmp_path / "model.onnx"), str(tmp_path / "q.onnx"), [(x, mask)],
+                      QuantConfig(method="static", max_metric_drop=None))
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    kept = [n for n in graph.node if n.op_type in ("LayerNormalization", "Where")]
+    assert {n.op_type for n in kept} == {"LayerNormalization", "Where"}
+    assert all(producer.get(i) != "DequantizeLinear" for n in kept for i in n.input)
+    assert result.kept_float == [] and len(result.quantized_nodes) == 2 == result.compute_nodes
