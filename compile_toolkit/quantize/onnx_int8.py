@@ -82,9 +82,10 @@ def compute_nodes(path: str) -> list[str]:
 
 
 def layer_names(path: str, nodes: Sequence[str]) -> dict[str, str]:
-    """The module each of ``nodes`` was exported from (``res.conv2.0``), by node name, where torch's
-    ONNX exporter recorded it (``pkg.torch.onnx.name_scopes`` metadata, whose last entry is the op
-    itself): ``node_Conv_125`` says nothing to a reader. Read from the exported file, since
+    """The module each of ``nodes`` was exported from (``bert.encoder.layer.0.output.dense``; a
+    conv with its batch norm folded in carries the norm's, ``res.conv2.1``), by node name, where
+    torch's ONNX exporter recorded it (``pkg.torch.onnx.name_scopes`` metadata, whose last entry is
+    the op itself): ``node_MatMul_139`` says nothing to a reader. Read from the exported file, since
     ONNX Runtime's pre-processing drops node metadata (it keeps the names)."""
     names = {}
     for node in onnx.load(path, load_external_data=False).graph.node:
