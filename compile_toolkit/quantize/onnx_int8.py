@@ -189,16 +189,21 @@ def float_inputs(path: str, exclude: Sequence[str]) -> None:
     onnx.save(model, path)
 
 
+_QDQ_SUFFIXES = ("_scale", "_zero_point")  # quantize_static's names for a tensor's Q/DQ parameters
+
+
 def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
-    """Remove the Q/DQ pairs nothing reads any more, and their scales and zero points."""
+    """Remove the Q/DQ pairs nothing reads any more, and their scales and zero points (only
+    those: another unread node may be read by a subgraph, which ``node.input`` does not show)."""
     while True:
         used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
-        dead = [node for node in graph.node if not used & set(node.output)]
+        dead = [node for node in graph.node
+                if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not used & set(node.output)]
         if not dead:
             break
         for node in dead:
             graph.node.remove(node)
-    for initializer in [i for i in graph.initializer if i.name not in used]:
+    for initializer in [i for i in graph.initializer if i.name not in used and i.name.endswith(_QDQ_SUFFIXES)]:
         graph.initializer.remove(initializer)
 
 
