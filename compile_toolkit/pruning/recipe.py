@@ -195,7 +195,7 @@ def _quantize_section(fields: _Fields) -> QuantConfig:
                                        choices=CALIBRATION_METHODS),
         activation_type=fields.take("activation_type", str, defaults.activation_type, choices=ACTIVATION_TYPES),
         per_channel=fields.take("per_channel", bool, defaults.per_channel),
-        max_metric_drop=None if limit is None else fields.take("max_metric_drop", float, limit, minimum=0),
+        max_metric_drop=None if limit is None else fields.take("max_metric_drop", float, defaults.max_metric_drop, minimum=0),
         mixed_precision=fields.take("mixed_precision", bool, defaults.mixed_precision),
         max_float_fraction=fields.take("max_float_fraction", float, defaults.max_float_fraction, minimum=0),
         nodes_to_exclude=tuple(fields.take("nodes_to_exclude", list, [], items=str)),
