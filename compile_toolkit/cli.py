@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--max-metric-drop", type=float, default=1.0,
                         help="points of test accuracy int8 may lose before layers are kept in float, then the job "
                         "fails (default 1.0)")
+    export.add_argument("--recipe", help="a YAML recipe whose quantize: section sets the int8 options "
+                        "(docs/quantization.md); its pruning is `ctk prune --recipe`'s, pass that as --weights")
     export.set_defaults(command=_export)
 
     strip = commands.add_parser(
@@ -180,6 +182,7 @@ def _export(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         calibration_method=args.calibration_method,
         max_metric_drop=args.max_metric_drop,
+        recipe=args.recipe,
     )
     console = Console(stderr=True)
     report = export_job.run(job, step=_progress(console))

@@ -24,6 +24,7 @@ from .outdir import staged_folder
 from .pruning import apply_masks, prune
 from .pruning.masks import check_masks
 from .pruning.recalibrate import recalibrate_batchnorm
+from .pruning.recipe import load_recipe
 from .pruning.structured import DATA_IMPORTANCE, check_sparsity
 from .quantize import QuantConfig
 from .quantize import job as quantize_job
@@ -69,6 +70,7 @@ class ExportJob:
     quantize: str | None = None  # "int8": also model.int8.onnx (+ model.int8.pt2), judged on the test split
     calibration_method: str = "minmax"
     max_metric_drop: float = 1.0  # points of test accuracy the int8 stripped model may lose
+    recipe: str | None = None  # a YAML recipe whose quantize: section replaces the three options above
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -96,7 +98,10 @@ class ExportJob:
         self.quant_config()
 
     def quant_config(self) -> QuantConfig | None:
-        """The --quantize options as a checked QuantConfig (None without --quantize)."""
+        """The --quantize options (or the --recipe's quantize: section) as a checked QuantConfig
+        (None without either)."""
+        if self.recipe is not None:
+            return _recipe_quant_config(self)
         if self.quantize is None:
             return None
         return QuantConfig(dtype=self.quantize, calibration_method=self.calibration_method,
@@ -114,7 +119,8 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
                                          seq_len=job.seq_len, text_column=job.text_column,
                                          label_column=job.label_column)
         dense = copy.deepcopy(loaded.module).eval()
-        int8, dense_int8 = quantize_job.export_options(loaded, job.quant_config(), work) if job.quantize else ({}, {})
+        quant_config = job.quant_config()
+        int8, dense_int8 = quantize_job.export_options(loaded, quant_config, work) if quant_config else ({}, {})
         report: dict[str, Any] = {"model": loaded.name, "sparsity": job.sparsity if job.pruned else 0.0,
                                   "notes": list(loaded.notes)}
         with timed("measure dense model"):
@@ -141,7 +147,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         if work is not None:
             with timed(f"measure {work.task.metric} of the ONNX artifact in ONNX Runtime"):
                 report["metric"] = _metric_summary(report, work, next(a for a in artifacts if a.format == "onnx"), dense)
-        if job.quantize:
+        if quant_config:
             with timed("int8: test accuracy, sizes, latency at batch 1 and 8"):
                 report["quantization"] = quantize_job.section(artifacts, dense_artifacts, staging, loaded,
                                                               max(2, job.latency_rounds // 4), work)
@@ -214,6 +220,18 @@ def _lr(job: ExportJob, work: Workload) -> float:
     if job.lr is not None:
         return job.lr
     return TEXT_LR if isinstance(work.splits.val[0], dict) else IMAGE_LR  # token dicts: a transformer
+
+
+def _recipe_quant_config(job: ExportJob) -> QuantConfig:
+    """The recipe's quantize: section. Export prunes by --sparsity, not by a recipe (that is
+    `ctk prune --recipe`, whose weights come here as --weights), so --pruned would ignore half of it."""
+    if job.pruned:
+        raise CtkError(f"--recipe {job.recipe}: ctk export takes only its quantize: section; prune by the recipe "
+                       "with `ctk prune --recipe` and pass its pruned.safetensors as --weights, without --pruned")
+    config = load_recipe(job.recipe).quantize
+    if config is None:
+        raise CtkError(f"--recipe {job.recipe} has no quantize: section (the only one ctk export reads)")
+    return config
 
 
 def _read_checkpoint(job: ExportJob) -> Checkpoint:

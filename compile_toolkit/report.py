@@ -90,7 +90,8 @@ def _quantization_lines(section: dict[str, Any] | None) -> list[str]:
     if not section:
         return []
     onnx = section["onnx"]
-    kept = ", ".join(f"`{n}`" for n in onnx["kept_float"]) or "none"
+    layers = onnx.get("kept_float_layers", {})
+    kept = ", ".join(f"`{n}`" + (f" ({layers[n]})" if n in layers else "") for n in onnx["kept_float"]) or "none"
     lines = ["", "## int8", "",
              f"ONNX: {onnx['method']} int8 ({onnx['calibration_method'] or 'no calibration'}), "
              f"{len(onnx['quantized_nodes'])} of {onnx['compute_nodes']} Conv/Gemm/MatMul nodes quantized, "

@@ -15,9 +15,8 @@ import torch
 import compile_toolkit as ctk
 from compile_toolkit.cli import main
 from compile_toolkit.models import load_model
-from compile_toolkit.quantize import Metric, QuantConfig, accuracy_metric, quantize
+from compile_toolkit.quantize import Metric, QuantConfig, accuracy_metric, onnx_int8, quantize
 from compile_toolkit.quantize import job as quantize_job
-from compile_toolkit.quantize import onnx_int8
 
 # 30% without fine-tuning (batch norms re-estimated): 96% test accuracy, the quickest honest job.
 JOB = ["export", "--pruned", "--sparsity", "0.3", "--no-finetune", "--quantize", "int8", "--formats", "onnx,pt2"]
@@ -118,6 +117,41 @@ def test_mixed_precision_keeps_the_layer_the_metric_needs_in_float(int8_job, tmp
     assert len(result.quantized_nodes) == 10 - len(result.kept_float)
 
 
+def _int8_hostile_stripped_digits(scale: float = 1e4) -> tuple[torch.nn.Module, torch.Tensor]:
+    """digits-resnet with one channel of ``res.conv1``'s output multiplied by ``scale`` and the
+    matching input weights of ``res.conv2`` divided by it (float computes the same: ReLU is
+    positively homogeneous), then 30% of channels pruned and stripped. ``res.conv2`` now reads an
+    activation whose per-tensor int8 range is ``scale`` times too wide for its other channels."""
+    loaded = load_model("digits-resnet")
+    model = loaded.module
+    with torch.no_grad():
+        model.res.conv1[1].weight[3] *= scale
+        model.res.conv1[1].bias[3] *= scale
+        model.res.conv2[0].weight[:, 3] /= scale
+    ctk.prune(model, loaded.example_inputs, sparsity=0.3, structure="channel")
+    return ctk.strip(model, loaded.example_inputs), loaded.example_inputs
+
+
+def test_mixed_precision_keeps_exactly_the_int8_hostile_layer_in_float(tmp_path, digits):
+    """Positive control with the task metric: all-int8 collapses; the search must keep
+    ``res.conv2`` (and only it) in float, reading its input in float, and recover accuracy."""
+    stripped, example = _int8_hostile_stripped_digits()
+    metric = accuracy_metric(digits.x_test, digits.y_test)
+    artifacts = ctk.export(stripped, example, str(tmp_path / "out"), formats=("onnx",),
+                           quantize=QuantConfig(max_metric_drop=1.0), calibration=_calibration(digits, 256),
+                           metric=metric)
+    details = artifacts[-1].details
+    path = tmp_path / "out" / "model.int8.onnx"
+    hostile = details["kept_float"]
+    assert len(hostile) == 1 and details["kept_float_layers"][hostile[0]].startswith("res.conv2.")  # conv or its BN
+    assert list(details["sensitivity"])[0] == hostile[0]
+    assert _float_compute_nodes(path) == hostile and len(details["quantized_nodes"]) == 9
+    assert details["metric_drop"] <= 1.0 and metric.score(str(path)) == pytest.approx(details["int8_score"])
+    all_int8 = quantize(str(tmp_path / "out" / "model.onnx"), str(tmp_path / "all.onnx"), _calibration(digits, 256),
+                        QuantConfig(max_metric_drop=None), metric=metric)
+    assert all_int8.metric_drop > 10 and all_int8.kept_float == []
+
+
 def test_nodes_to_exclude_and_dynamic_int8(int8_job, tmp_path, digits):
     float_path = str(int8_job / "model.onnx")
     first = onnx_int8.compute_nodes(float_path)[0]
@@ -178,3 +212,30 @@ def test_bad_quantize_options_fail_before_any_work(tmp_path, capsys):
     assert "max metric drop must be >= 0" in capsys.readouterr().err
     with pytest.raises(ctk.CtkError, match="calibration_method 'median'"):
         QuantConfig(calibration_method="median").validate()
+
+
+def test_static_int8_leaves_layernorm_and_where_in_float(tmp_path):
+    """A transformer's LayerNorm reads the residual stream, whose outlier channels would take the
+    whole per-tensor range (all-MiniLM-L6-v2's static embeddings: cosine 0.35); the masked
+    Where holds -inf. Only the compute ops (and value-moving ops) get Q/DQ."""
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.norm, self.down = torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 16)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.norm(self.up(x))
+            return self.down(torch.where(mask.unsqueeze(-1), hidden, -1e4))
+
+    x = torch.randn(4, 8, 16)
+    mask = torch.rand(4, 8) > 0.3
+    ctk.export(Block().eval(), (x, mask), str(tmp_path), formats=("onnx",))
+    result = quantize(str(tmp_path / "model.onnx"), str(tmp_path / "q.onnx"), [(x, mask)],
+                      QuantConfig(method="static", max_metric_drop=None))
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    kept = [n for n in graph.node if n.op_type in ("LayerNormalization", "Where")]
+    assert {n.op_type for n in kept} == {"LayerNormalization", "Where"}
+    assert all(producer.get(i) != "DequantizeLinear" for n in kept for i in n.input)
+    assert result.kept_float == [] and len(result.quantized_nodes) == 2 == result.compute_nodes

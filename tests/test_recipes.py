@@ -3,6 +3,7 @@ recipe prunes to the numbers it states, and ``ctk prune --recipe`` writes weight
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -30,6 +31,7 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
+ONE_SHOT = "method: magnitude\nschedule: {final_sparsity: 0.5}\n"
 BAD = [
     ("method: magnitude\nschedule: {final_sparsity: 1.5}", r"schedule.final_sparsity must be in \[0, 1\), got 1.5"),
     ("schedule: {final_sparsity: 0.5}", "method is required"),
@@ -81,6 +83,18 @@ BAD = [
     ("method: magnitude\nschedule: {final_sparsity: .inf}", "schedule.final_sparsity must be a finite number, got inf"),
     ("method: magnitude\nschedule: {final_sparsity: 0.5}\nseed: 100000000000000000000",
      "seed must be <= 9223372036854775807, got 100000000000000000000"),
+    (f"{ONE_SHOT}quantize: int8", "quantize must be a mapping, got 'int8'"),
+    (f"{ONE_SHOT}quantize: {{method: qat}}", "quantize.method must be one of auto, static, dynamic, got 'qat'"),
+    (f"{ONE_SHOT}quantize: {{dtype: int4}}", "quantize.dtype must be one of int8, got 'int4'"),
+    (f"{ONE_SHOT}quantize: {{calibration_method: median}}",
+     "quantize.calibration_method must be one of minmax, entropy, percentile, got 'median'"),
+    (f"{ONE_SHOT}quantize: {{max_metric_drop: -1}}", "quantize.max_metric_drop must be >= 0, got -1"),
+    (f"{ONE_SHOT}quantize: {{max_metric_drop: one}}", "quantize.max_metric_drop must be a finite number, got 'one'"),
+    (f"{ONE_SHOT}quantize: {{max_float_fraction: 1}}", r"quantize.max_float_fraction must be < 1 \(some layers"),
+    (f"{ONE_SHOT}quantize: {{per_channel: 1}}", "quantize.per_channel must be true or false, got 1"),
+    (f"{ONE_SHOT}quantize: {{nodes_to_exclude: node_Conv_0}}", "quantize.nodes_to_exclude must be a list, got"),
+    (f"{ONE_SHOT}quantize: {{activation_type: int16}}", "quantize.activation_type must be one of uint8, int8"),
+    (f"{ONE_SHOT}quantize: {{calibration: minmax}}", "quantize.calibration is not a field here"),
 ]
 
 
@@ -224,3 +238,24 @@ def test_cli_prune_shows_progress_of_every_training_phase(tmp_path, capsys):
     for phase in ("penalised training", "round 1/2: fine-tune", "round 2/2: fine-tune"):
         line = next(line for line in err.splitlines() if phase in line)
         assert f"{steps}/{steps}" in line and "loss " in line and "samples/s" in line, line
+
+
+def test_cli_export_takes_the_int8_options_from_the_recipes_quantize_section(tmp_path):
+    recipe = write(tmp_path, ONE_SHOT + "quantize: {calibration_method: percentile, max_metric_drop: 2.5, pt2: false}\n")
+    out = tmp_path / "out"
+    assert main(["export", "--recipe", str(recipe), "--formats", "onnx,pt2", "--out", str(out)]) == 0
+    section = json.loads((out / "report.json").read_text())["quantization"]
+    assert section["onnx"]["calibration_method"] == "percentile" and section["onnx"]["max_metric_drop"] == 2.5
+    assert (out / "model.int8.onnx").exists() and not (out / "model.int8.pt2").exists()
+
+
+@pytest.mark.parametrize(("text", "flags", "message"), [
+    (ONE_SHOT, [], "has no quantize: section"),
+    (ONE_SHOT + "quantize: {}\n", ["--pruned"], "ctk export takes only its quantize: section"),
+    (ONE_SHOT + "quantize: {method: qat}\n", [], "quantize.method must be one of"),
+])
+def test_cli_export_recipe_errors_come_before_any_work(tmp_path, capsys, text, flags, message):
+    recipe = write(tmp_path, text)
+    assert main(["export", "--recipe", str(recipe), *flags, "--out", str(tmp_path / "out")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

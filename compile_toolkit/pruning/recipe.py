@@ -11,6 +11,7 @@ before any model is loaded or trained. Example (see docs/pruning.md for every fi
     overrides: {"fc2.weight": 0.3}
     schedule: {type: gradual, final_sparsity: 0.8, end_step: 100, frequency: 10}
     finetune: {epochs: 5}
+    quantize: {calibration_method: percentile, max_metric_drop: 0.5}   # ctk export --recipe
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import yaml
 
 from ..errors import CtkError
+from ..quantize.config import ACTIVATION_TYPES, CALIBRATION_METHODS, DTYPES, METHODS, QuantConfig
 from .schedule import GradualSchedule, round_schedule
 from .structured import IMPORTANCES, STRUCTURES
 from .unstructured import parse_n_m
@@ -64,6 +66,7 @@ class Recipe:
     regularization_epochs: int = 0
     calibration_size: int = 256
     seed: int = 0
+    quantize: QuantConfig | None = None
 
     @property
     def structured(self) -> bool:
@@ -102,6 +105,8 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
     options.update(_finetune_section(_Fields(top.take("finetune", dict, {}), source, "finetune."), schedule_type))
     options.update(_regularization_section(_Fields(top.take("regularization", dict, {}), source, "regularization.")))
     options["seed"] = top.take("seed", int, 0, minimum=0, maximum=MAX_SEED)
+    quantize = top.take("quantize", dict, None)
+    options["quantize"] = None if quantize is None else _quantize_section(_Fields(quantize, source, "quantize."))
     top.done()
     return Recipe(
         source=source, method=method, schedule_type=schedule_type, schedule=schedule, rounds=rounds, **options
@@ -177,6 +182,31 @@ def _regularization_section(fields: _Fields) -> dict[str, Any]:
     return {"group_lasso": group_lasso, "bn_l1": bn_l1, "regularization_epochs": epochs}
 
 
+def _quantize_section(fields: _Fields) -> QuantConfig:
+    """int8 after strip (docs/quantization.md): the :class:`QuantConfig` fields, by the same names.
+    ``max_metric_drop: null`` measures without a limit."""
+    defaults = QuantConfig()
+    limit = fields.data.get("max_metric_drop", defaults.max_metric_drop)
+    config = QuantConfig(
+        dtype=fields.take("dtype", str, defaults.dtype, choices=DTYPES),
+        method=fields.take("method", str, defaults.method, choices=METHODS),
+        calibration_method=fields.take("calibration_method", str, defaults.calibration_method,
+                                       choices=CALIBRATION_METHODS),
+        activation_type=fields.take("activation_type", str, defaults.activation_type, choices=ACTIVATION_TYPES),
+        per_channel=fields.take("per_channel", bool, defaults.per_channel),
+        max_metric_drop=None if limit is None else fields.take("max_metric_drop", float, defaults.max_metric_drop, minimum=0),
+        mixed_precision=fields.take("mixed_precision", bool, defaults.mixed_precision),
+        max_float_fraction=fields.take("max_float_fraction", float, defaults.max_float_fraction, minimum=0),
+        nodes_to_exclude=tuple(fields.take("nodes_to_exclude", list, [], items=str)),
+        pt2=fields.take("pt2", bool, defaults.pt2),
+    )
+    fields.seen.add("max_metric_drop")
+    fields.done()
+    if config.max_float_fraction >= 1:
+        fields.fail("max_float_fraction", f"must be < 1 (some layers must be int8), got {config.max_float_fraction!r}")
+    return config
+
+
 def _method(method: str, top: _Fields) -> tuple[int, int] | None:
     try:
         n_m = parse_n_m(method)
@@ -246,7 +276,7 @@ class _Fields:
                 self.fail(key, "is required")
             return default
         value = self.data[key]
-        ok = isinstance(value, kind) and not isinstance(value, bool)
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
         if kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not ok:
@@ -268,4 +298,4 @@ class _Fields:
             self.fail(str(unknown[0]), f"is not a field here (known: {', '.join(sorted(self.seen))})")
 
 
-_KIND_NAMES = {str: "a string", int: "an integer", float: "a finite number", list: "a list", dict: "a mapping"}
+_KIND_NAMES = {bool: "true or false", str: "a string", int: "an integer", float: "a finite number", list: "a list", dict: "a mapping"}

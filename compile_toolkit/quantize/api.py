@@ -22,7 +22,15 @@ from ..exporters.onnx_format import session
 from .calibration import check_batches, feeds
 from .config import QuantConfig, as_config
 from .evaluate import Metric, fidelity_metric
-from .onnx_int8 import NodeCount, activation_matmuls, compute_nodes, preprocess, quantize_onnx, resolve_method
+from .onnx_int8 import (
+    NodeCount,
+    activation_matmuls,
+    compute_nodes,
+    layer_names,
+    preprocess,
+    quantize_onnx,
+    resolve_method,
+)
 
 SENSITIVITY_SHOWN = 10  # layers listed in the report, most sensitive first
 
@@ -34,6 +42,7 @@ class QuantResult:
     ``metric_drop`` is float score minus int8 score, in the metric's points. ``kept_float`` are
     the Conv/Gemm/MatMul nodes left in float (asked for, chosen by sensitivity, or, in dynamic
     int8, ``activation_matmuls``: MatMuls of two activations, which it cannot quantize);
+    ``kept_float_layers`` names the module each kept node came from, where the exporter said;
     ``sensitivity`` maps the most sensitive nodes to the fidelity (100 x output cosine to
     float, on the calibration batches) gained by keeping that node alone in float.
     """
@@ -52,6 +61,7 @@ class QuantResult:
     activation_matmuls: list[str]
     qdq_nodes: int
     integer_nodes: int
+    kept_float_layers: dict[str, str] = field(default_factory=dict)
     sensitivity: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
@@ -105,6 +115,7 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
             kept = f" with {len(exclude)} layers kept in float" if exclude else ""
             raise CtkError(f"int8 ({method}) {metric.name} drops {drop:.2f} points ({float_score:.2f} -> {score:.2f})"
                            f"{kept}, more than --max-metric-drop {config.max_metric_drop:g}")
+        kept_layers = layer_names(float_onnx, count.float_nodes)
         shutil.copyfile(path, out_path)
     return QuantResult(
         path=out_path, method=method, calibration_method=config.calibration_method if method == "static" else None,
@@ -112,7 +123,8 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
         max_metric_drop=config.max_metric_drop, compute_nodes=len(count.quantized) + len(count.float_nodes),
         quantized_nodes=count.quantized, kept_float=count.float_nodes,
         activation_matmuls=unquantizable, qdq_nodes=count.qdq,
-        integer_nodes=count.integer, sensitivity=dict(list(ranked.items())[:SENSITIVITY_SHOWN]))
+        integer_nodes=count.integer, kept_float_layers=kept_layers,
+        sensitivity=dict(list(ranked.items())[:SENSITIVITY_SHOWN]))
 
 
 def _over(drop: float, config: QuantConfig) -> bool:

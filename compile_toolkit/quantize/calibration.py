@@ -39,7 +39,7 @@ def check_batches(batches: Iterable[torch.Tensor | Sequence[torch.Tensor]] | Non
             if not isinstance(got, torch.Tensor):
                 raise CtkError(f"calibration batch {index}, input {position}: a {type(got).__name__}, not a tensor")
             fits = (got.dtype == _DTYPES.get(kind, got.dtype) and got.dim() == len(shape)
-                    and all(not isinstance(want, int) or want == size for size, want in zip(got.shape, shape)))
+                    and all(not isinstance(want, int) or want == size for size, want in zip(got.shape, shape, strict=True)))
             if not fits:
                 expected = [d if isinstance(d, int) else "N" for d in shape]
                 raise CtkError(f"calibration batch {index}, input {position} ({name}): shape {list(got.shape)} "

@@ -7,6 +7,14 @@ activation ranges from calibration) or ``quantize_dynamic`` (ConvInteger/MatMulI
 activations quantized per batch). Calibration runs once per model: its ranges are cached so the
 mixed-precision search can re-quantize with other layers kept in float without re-calibrating.
 
+Keeping a node in float means more than ONNX Runtime's ``nodes_to_exclude`` does: that leaves
+the node's weights and arithmetic in float, but its input still passes through the
+QuantizeLinear/DequantizeLinear pair that the *producer* put on its own output, so a layer
+excluded because its input has outliers still reads the rounded input and gains nothing.
+:func:`float_inputs` therefore rewires each excluded node to read the float tensors
+behind those pairs, up to the nearest Conv/Gemm/MatMul outputs (which then also stay float on
+that path).
+
 A quantizer that skips a node says nothing, so :func:`count_int8` checks the result node by node:
 every Conv/Gemm/MatMul of the float graph is either quantized or on the list of nodes kept in
 float, and :func:`quantize_onnx` raises when one is neither or when nothing was quantized at all.
@@ -14,6 +22,7 @@ float, and :func:`quantize_onnx` raises when one is neither or when nothing was 
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import re
@@ -30,6 +39,15 @@ from .calibration import Reader
 from .config import QuantConfig
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+# What static int8 puts Q/DQ around: the compute ops, Gather (an embedding table is a weight:
+# int8 makes all-MiniLM-L6-v2's file 2.7x smaller), and the ops that only move, select or clip
+# values (exact in int8 given an int8 input), so integer kernels chain through them. Not, although
+# ONNX Runtime's default would: LayerNormalization, whose input is a transformer's residual stream
+# (a few outlier channels take the whole per-tensor range: MiniLM's static int8 embeddings had
+# cosine 0.35 to float with it, 0.94 without), nor the other normalizations, Where (an attention
+# mask's -3.4e38), CumSum and TopK, which compute values of their own.
+STATIC_OPS = (*COMPUTE_OPS, "ConvTranspose", "Gather", "Relu", "Clip", "MaxPool", "AveragePool", "Pad", "Resize",
+              "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split")
 INTEGER_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
 CALIBRATORS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -61,6 +79,22 @@ def preprocess(float_path: str, out_path: str) -> None:
 def compute_nodes(path: str) -> list[str]:
     """Names of the Conv, Gemm and MatMul nodes: the layers int8 is for."""
     return [n.name for n in onnx.load(path, load_external_data=False).graph.node if n.op_type in COMPUTE_OPS]
+
+
+def layer_names(path: str, nodes: Sequence[str]) -> dict[str, str]:
+    """The module each of ``nodes`` was exported from (``bert.encoder.layer.0.output.dense``; a
+    conv with its batch norm folded in carries the norm's, ``res.conv2.1``), by node name, where
+    torch's ONNX exporter recorded it (``pkg.torch.onnx.name_scopes`` metadata, whose last entry is
+    the op itself): ``node_MatMul_139`` says nothing to a reader. Read from the exported file, since
+    ONNX Runtime's pre-processing drops node metadata (it keeps the names)."""
+    names = {}
+    for node in onnx.load(path, load_external_data=False).graph.node:
+        scopes = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes")
+        if node.name in set(nodes) and scopes:
+            scope = ast.literal_eval(scopes)
+            if len(scope) >= 2 and scope[-2]:
+                names[node.name] = scope[-2]
+    return names
 
 
 def activation_matmuls(path: str) -> list[str]:
@@ -102,7 +136,11 @@ def quantize_onnx(pre_path: str, out_path: str, method: str, config: QuantConfig
             quantize_static(pre_path, out_path, Reader(list(feeds)), quant_format=QuantFormat.QDQ,
                             per_channel=config.per_channel, activation_type=ACTIVATIONS[config.activation_type],
                             weight_type=QuantType.QInt8, calibrate_method=CALIBRATORS[config.calibration_method],
-                            nodes_to_exclude=list(exclude), calibration_cache_path=cache_path)
+                            op_types_to_quantize=list(STATIC_OPS), nodes_to_exclude=list(exclude),
+                            calibration_cache_path=cache_path,
+                            extra_options={"QDQKeepRemovableActivations": bool(exclude)})
+            if exclude:
+                float_inputs(out_path, exclude)
         else:
             quantize_dynamic(pre_path, out_path, per_channel=config.per_channel, weight_type=QuantType.QInt8,
                              nodes_to_exclude=list(exclude))
@@ -121,6 +159,52 @@ def quantize_onnx(pre_path: str, out_path: str, method: str, config: QuantConfig
     if not count.quantized:
         raise CtkError(f"onnx int8 ({method}): no Conv/Gemm/MatMul node was quantized (graph has {len(wanted)})")
     return count
+
+
+def float_inputs(path: str, exclude: Sequence[str]) -> None:
+    """Rewire the ``exclude`` nodes of the QDQ model at ``path`` to read float tensors: every
+    ``DequantizeLinear(QuantizeLinear(t))`` input becomes ``t``, and the same is done for the
+    nodes that compute ``t``, up to Conv/Gemm/MatMul outputs and graph inputs. Other consumers
+    keep their quantized copy. Exact only with the Relu/Clip nodes kept
+    (``QDQKeepRemovableActivations``): otherwise the Q node is the Relu and ``t`` is before it."""
+    model = onnx.load(path)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    pending = [node for node in model.graph.node if node.name in set(exclude)]
+    visited = set()
+    while pending:
+        node = pending.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        for index, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            node.input[index] = q.input[0]
+            source = producer.get(q.input[0])
+            if source is not None and source.op_type not in COMPUTE_OPS:
+                pending.append(source)
+    _drop_dead_nodes(model.graph)
+    onnx.save(model, path)
+
+
+_QDQ_SUFFIXES = ("_scale", "_zero_point")  # quantize_static's names for a tensor's Q/DQ parameters
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove the Q/DQ pairs nothing reads any more, and their scales and zero points (only
+    those: another unread node may be read by a subgraph, which ``node.input`` does not show)."""
+    while True:
+        used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+        dead = [node for node in graph.node
+                if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not used & set(node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    for initializer in [i for i in graph.initializer if i.name not in used and i.name.endswith(_QDQ_SUFFIXES)]:
+        graph.initializer.remove(initializer)
 
 
 def count_int8(path: str, compute: Sequence[str]) -> NodeCount:
