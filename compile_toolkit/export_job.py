@@ -19,7 +19,7 @@ from . import metrics
 from .errors import CtkError
 from .exporters import FORMATS, Artifact, export
 from .models import LoadedModel
-from .models.registry import DEFAULT_SPEC, _state_dict_mismatch
+from .models.registry import DEFAULT_SPEC, state_dict_mismatch
 from .outdir import staged_folder
 from .pruning import apply_masks, prune
 from .pruning.masks import check_masks
@@ -248,7 +248,7 @@ def _apply_checkpoint(checkpoint: Checkpoint, job: ExportJob, loaded: LoadedMode
     """Put the checkpoint's weights and masks into the model instead of pruning here: the masks
     were chosen during training, so re-pruning would throw that work away."""
     source = f"--checkpoint {checkpoint.path}"
-    problem = _state_dict_mismatch(loaded.module.state_dict(), checkpoint.model_state)
+    problem = state_dict_mismatch(loaded.module.state_dict(), checkpoint.model_state)
     if problem:
         raise CtkError(f"{source} does not fit --model {job.model!r}: {problem}")
     loaded.module.load_state_dict(checkpoint.model_state, strict=True)

@@ -197,7 +197,7 @@ def fit_state_dict(
     loaded into a float32 model computes a little differently from the model it was saved from.
     """
     expected = module.state_dict()
-    problem = _state_dict_mismatch(expected, state)
+    problem = state_dict_mismatch(expected, state)
     if problem:
         raise CtkError(f"weights {path} do not match the model: {problem}")
     fitted, converted = {}, Counter()
@@ -464,7 +464,7 @@ def _random_input(shape: tuple[int, ...], draw: Callable[..., torch.Tensor] = to
         raise CtkError(f"cannot allocate an example input of shape {list(shape)}: {summary(exc)}") from exc
 
 
-def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+def state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
     """Describe the first missing, unexpected or mis-shaped key; empty when they match."""
     for key, tensor in expected.items():
         if key not in given:
