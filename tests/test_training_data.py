@@ -5,6 +5,7 @@ the learning-rate schedule, loader workers and distillation, each checked by wha
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -214,3 +215,32 @@ def test_train_on_an_image_folder_then_export_the_checkpoint_with_its_metric(ima
     assert metric["name"] == "top1" and metric["stripped"] == metric["pruned"] == metric["onnx"]
     assert metric["pruned"] == pytest.approx(result.metric["top1"], abs=1e-4)  # the checkpoint's own accuracy
     assert report["stripped"]["params"] < 0.7 * report["dense"]["params"]
+
+
+def test_sync_batchnorm_keeps_timm_fused_activations_and_refuses_unknown_subclasses():
+    """timm's BatchNormAct2d normalises, then drops and activates: converting it for gloo DDP must keep
+    both (the model computes the same), and a subclass it does not know is refused, not stripped."""
+    import timm
+    from torch import nn
+
+    from compile_toolkit.training.sync_batchnorm import GlooSyncBatchNorm, convert_sync_batchnorm
+
+    model = timm.create_model("mobilenetv3_small_050", num_classes=3)
+    x = torch.randn(4, 3, 32, 32)
+    for mode in ("eval", "train"):
+        torch.manual_seed(0)
+        reference = timm.create_model("mobilenetv3_small_050", num_classes=3)
+        reference.load_state_dict(model.state_dict())
+        getattr(reference, mode)()
+        expected = reference(x)
+        converted = convert_sync_batchnorm(copy.deepcopy(model))
+        getattr(converted, mode)()
+        assert sum(isinstance(m, GlooSyncBatchNorm) for m in converted.modules()) == 34
+        torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-6)
+
+    class ScaledNorm(nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(CtkError, match="--sync-batchnorm cannot convert .*ScaledNorm"):
+        convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), ScaledNorm(4)))

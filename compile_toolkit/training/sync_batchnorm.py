@@ -17,15 +17,34 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..errors import CtkError
+
+PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
 
 class GlooSyncBatchNorm(_BatchNorm):
-    """Batch norm whose training statistics cover the batch of every rank (any device, any backend)."""
+    """Batch norm whose training statistics cover the batch of every rank (any device, any backend).
+
+    ``after`` holds what a fused norm-and-activation layer (timm's ``BatchNormAct2d``: ``drop``
+    then ``act``) applies to the normalised output, so converting it keeps the activation."""
+
+    def __init__(self, *args: object, after: tuple[tuple[str, nn.Module], ...] = (), **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.after = [name for name, _ in after]
+        for name, module in after:
+            self.add_module(name, module)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = self._normalise(input)
+        for name in self.after:
+            out = getattr(self, name)(out)
+        return out
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _normalise(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input)
@@ -58,10 +77,14 @@ class GlooSyncBatchNorm(_BatchNorm):
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm1d/2d/3d in ``module`` by a :class:`GlooSyncBatchNorm` sharing its
-    parameters and buffers (state-dict names unchanged, so checkpoints load into the plain model)."""
+    parameters and buffers (state-dict names unchanged, so checkpoints load into the plain model).
+
+    A batch norm subclass that does more than normalise would silently lose it: timm's fused
+    norm-and-activation (``drop`` then ``act``) keeps both; any other subclass is refused by name."""
     if isinstance(module, _BatchNorm) and not isinstance(module, GlooSyncBatchNorm):
         converted = GlooSyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+            after=_fused_after(module),
         )
         if module.affine:
             converted.weight = module.weight
@@ -75,3 +98,13 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child))
     return module
+
+
+def _fused_after(norm: _BatchNorm) -> tuple[tuple[str, nn.Module], ...]:
+    if type(norm) in PLAIN_NORMS:
+        return ()
+    if type(norm).__name__ == "BatchNormAct2d" and isinstance(getattr(norm, "act", None), nn.Module) \
+            and isinstance(getattr(norm, "drop", None), nn.Module):
+        return (("drop", norm.drop), ("act", norm.act))
+    raise CtkError(f"--sync-batchnorm cannot convert {type(norm).__module__}.{type(norm).__name__}: it is a batch norm "
+                   "subclass whose extra behaviour would be lost; train without --sync-batchnorm")
