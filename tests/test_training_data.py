@@ -80,13 +80,13 @@ def _ddp(spec: str, images: Path, folder: Path, options: dict) -> subprocess.Com
     return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-@pytest.mark.parametrize("model", ["cnn", "torchvision:resnet18"])
+@pytest.mark.parametrize("model", ["cnn", "torchvision:resnet18", "timm:resnet10t"])
 def test_two_gloo_ranks_train_an_image_folder_like_one_process(model, images, tmp_path):
     """DistributedSampler over the image folder: 2 ranks x 4 images are the 8 images one process reads,
     so with SyncBatchNorm both train the same function (float summation order aside): a wrong shard
     of the data shows in the first loss, wrong gradient averaging in the second and in the weights.
 
-    ResNet-18 is held to its losses and masks only: on 8 images of 32 px its batch norms amplify
+    The ResNets are held to their losses and masks only: on 8 images of 32 px its batch norms amplify
     float rounding about 30x per step (measured, unpruned: 4e-7, 9e-6, 3e-5, 2e-3 loss difference
     over 4 steps), and its weights after 2 steps differ by up to 1.2e-4."""
     if model == "cnn":
