@@ -33,6 +33,7 @@ from .training.progress import phase_bars
 
 WEIGHTS_FILE = "pruned.safetensors"
 MASKS_FILE = "masks.safetensors"
+CALIBRATION_BATCH = 8  # sequences per forward pass while calibrating a language model
 
 
 @dataclass
@@ -104,7 +105,8 @@ def _prune_once(job: PruneJob) -> tuple[LoadedModel, Masks, float, dict[str, flo
     from .workload import load_workload
 
     if job.data is not None or is_gguf_spec(job.model):
-        loaded, work = load_workload(job.model, job.data, None, job.input_shape, seq_len=job.seq_len)
+        loaded, work = load_workload(job.model, job.data, None, job.input_shape, CALIBRATION_BATCH,
+                                     seq_len=job.seq_len)
     else:
         loaded, work = load_model(job.model, None, job.input_shape), None
     held = _held_masks(loaded, job.weights)

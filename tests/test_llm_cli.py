@@ -57,7 +57,9 @@ def test_structured_export_writes_a_transformers_folder(tmp_path, capsys, struct
 
 
 def test_per_layer_widths_skip_hf_and_write_the_rest(tmp_path, capsys):
-    args, out = export_lm(tmp_path, "--structure", "neuron", "--per-layer", "--formats", "hf,onnx,pt2")
+    """Neurons ranked across layers keep 47 and 49 of 64: no transformers config has that, so hf
+    is skipped with the reason (report and notes) and ONNX and .pt2 are still written."""
+    args, out = export_lm(tmp_path, "--structure", "neuron", "--sparsity", "0.25", "--per-layer", "--formats", "hf,onnx,pt2")
     status, err = run_cli(args, capsys)
     assert status == 0, err
     report = report_of(out)
@@ -100,10 +102,10 @@ def test_block_pruning_removes_decoder_layers(tmp_path, capsys):
 
 
 def odd_llama(folder: Path) -> Path:
-    """A Llama folder of width 36 (4 heads of 9 over 2 key/value heads): no multiple of 8."""
+    """A Llama folder of width 36 (2 heads of 18 over 1 key/value head): no multiple of 8."""
     tokenizer = save_tokenizer(folder)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=36, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
