@@ -86,14 +86,17 @@ class PruneOptions:
         """Whether the language-model pruner reads calibration text."""
         return self.on_causal_lm() and self.method != "magnitude"
 
+    def llm_importance(self) -> str:
+        """The calibrated importance a causal LM's structures are scored by."""
+        return self.importance or (INFLUENCE if self.structure == "block" else ACTIVATION)
+
     def describe(self, causal_lm: bool) -> str:
         """What the pruning step does, for progress lines and ``report.json``'s timings."""
         if self.method is not None:
             what = f"{self.pattern} N:M" if self.pattern else f"{self.sparsity:.0%} of weights"
             return f"prune {what} of the decoder linears ({self.method})"
         if causal_lm and self.on_causal_lm():
-            importance = self.importance or (INFLUENCE if self.structure == "block" else ACTIVATION)
-            return f"prune {self.sparsity:.0%} of {self.structure}s ({importance} on calibration text)"
+            return f"prune {self.sparsity:.0%} of {self.structure}s ({self.llm_importance()} on calibration text)"
         return f"prune {self.sparsity:.0%} of {self.structure or 'channel'}s ({self.importance or 'L1'}, coupled groups)"
 
 
@@ -135,7 +138,7 @@ def prune_with(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], opti
         masks.update(_prefixed(report.masks))
         steps.append(report.to_dict())
     summary = {"structure": options.structure, "sparsity": options.sparsity, "uniform": not options.per_layer,
-               "importance": options.importance or (INFLUENCE if options.structure == "block" else ACTIVATION),
+               "importance": options.llm_importance(),
                "steps": steps, "seconds": sum(s["seconds"] for s in steps)}
     return Pruned(_with_samples(summary, tokens), masks, blocks=options.structure == "block")
 
