@@ -155,6 +155,22 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys, kind):
     assert not out.exists()
 
 
+def test_hf_format_of_a_model_with_tied_embeddings(tmp_path):
+    """SmolLM2 ties its head to its embedding, and the captured graph names the one parameter
+    lm_head.weight: the folder stores it as the embedding and computes the stripped logits."""
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    prune_llm_structured(model, [torch.randint(0, 96, (4, 32))], "neuron", 0.25)
+    example = torch.randint(0, 96, (2, 12))
+    wrapped = CausalLMLogits(model)
+    stripped = ctk.strip(wrapped, (example,))
+    (artifact,) = ctk.export(stripped, (example,), str(tmp_path), formats=("hf",), reference=wrapped, pretrained=model)
+    assert artifact.max_abs_error < 1e-5
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.intermediate_size == 96
+
+
 def greedy(step, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy decoding by re-running the whole prefix each step (``step``: ids -> logits)."""
     ids = prompt

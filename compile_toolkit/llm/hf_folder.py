@@ -67,11 +67,16 @@ def stripped_config(stripped: nn.Module, model: PreTrainedModel) -> tuple[Pretra
 
 
 def _parameters(stripped: nn.Module, model: PreTrainedModel) -> dict:
-    """The stripped parameters under ``model``'s own names (a wrapper's ``model.`` prefix dropped)."""
+    """The stripped parameters under ``model``'s own names (a wrapper's ``model.`` prefix dropped).
+    A tied head and embedding are one parameter, which the captured graph may name either way
+    (``torch.export`` keeps ``lm_head.weight`` for SmolLM2): it is stored as the embedding."""
     names = set(dict(model.named_parameters()))
     found = dict(stripped.named_parameters())
+    embedding = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
     for prefix in ("", "model."):
         renamed = {n[len(prefix):]: p.detach() for n, p in found.items() if n.startswith(prefix)}
+        if model.config.tie_word_embeddings and embedding not in renamed and "lm_head.weight" in renamed:
+            renamed[embedding] = renamed.pop("lm_head.weight")
         if names - set(renamed) <= {"lm_head.weight"}:  # a tied head is the embedding
             return renamed
     raise CtkError(f"the stripped module's parameters are not those of {type(model).__name__} "
