@@ -2,7 +2,8 @@
 analysis, strip and every exporter start from.
 
 The model is captured once with ``torch.export``, dim 0 of every input marked ``Dim.AUTO`` so the
-artifacts accept any batch size unless the model itself fixes it. XLA needs static shapes, so a
+artifacts accept any batch size unless the model itself fixes it, and dim 1 of token inputs
+(integer tensors) too, so a language model's artifacts take any sequence length. XLA needs static shapes, so a
 static-batch twin is captured on demand.
 """
 
@@ -116,13 +117,22 @@ def _export(module: nn.Module, inputs: Inputs, dynamic: bool) -> ExportedProgram
     # shape (``input_ids._base.size()[1] != 32``), and the program then fails on any input that is
     # not such a view with "'NoneType' object has no attribute 'size'": capture a copy instead.
     inputs = tuple(t.clone() if t._base is not None else t for t in inputs)
-    shapes = tuple({0: Dim.AUTO} for _ in inputs) if dynamic else None
+    shapes = tuple(_dynamic_dims(t) for t in inputs) if dynamic else None
     try:
         with eval_mode(module):
             return torch.export.export(module, inputs, dynamic_shapes=shapes)
     except Exception as error:  # torch.export reports model problems with many exception types
         raise CtkError(f"torch.export could not capture {type(module).__name__}: "
                        f"{summary(error)}") from error
+
+
+def _dynamic_dims(tensor: torch.Tensor) -> dict[int, object]:
+    """The batch, and for token ids and masks (integer ``[batch, tokens, ...]``) the sequence too:
+    a language model's artifacts then take prompts of any length (``Dim.AUTO`` keeps a dim static
+    where the model fixes it)."""
+    if tensor.dim() >= 2 and not tensor.is_floating_point() and tensor.dtype != torch.bool:
+        return {0: Dim.AUTO, 1: Dim.AUTO}
+    return {0: Dim.AUTO}
 
 
 def _has_dynamic_batch(program: ExportedProgram) -> bool:

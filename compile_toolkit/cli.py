@@ -17,7 +17,7 @@ from rich.console import Console
 
 from .errors import CtkError, Terminated
 from .export_job import IMAGE_LR, TEXT_LR
-from .exporters import FORMATS
+from .exporters import ALL_FORMATS, FORMATS
 from .tasks import TASKS
 from .train_job import add_train_parser
 from .workload import DEFAULT_SEQ_LEN
@@ -75,10 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Load a model, optionally prune and fine-tune it, strip its dead channels exactly, "
         "export it in every format verified in its runtime, and write report.json and report.md.",
     )
-    export.add_argument("--pruned", action="store_true", help="prune channels structurally (and fine-tune) before stripping")
+    export.add_argument("--pruned", action="store_true", help="prune (channels by default; see --structure, "
+                        "--method) and fine-tune before stripping")
     _model_options(export)
     export.add_argument("--sparsity", type=float, default=0.5, help="fraction of channels to prune per group (default 0.5)")
-    export.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
+    _pruning_options(export)
+    export.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(ALL_FORMATS)} "
+                        f"(default {','.join(FORMATS)}; hf: a transformers folder of a causal LM with uniform widths)")
     export.add_argument("--out", help="output folder (default ctk-out/<model>)")
     _force_option(export)
     export.add_argument("--no-finetune", action="store_true",
@@ -135,11 +138,39 @@ def _parser() -> argparse.ArgumentParser:
         "docs/pruning.md), write pruned.safetensors and masks.safetensors, and print the sparsity of every layer.",
     )
     _model_options(prune)
-    prune.add_argument("--recipe", required=True, help="the YAML recipe")
+    prune.add_argument("--recipe", help="the YAML recipe (or prune once with --structure/--method and --sparsity)")
+    prune.add_argument("--sparsity", type=float, default=0.5, help="fraction to prune without a recipe (default 0.5)")
+    _pruning_options(prune)
+    prune.add_argument("--data", help="calibration text for language models: pydoc (the built-in set; the default for "
+                       "GGUF decoders) or a text file/folder tokenized by the model's tokenizer")
+    prune.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                       help=f"tokens per calibration sequence (default {DEFAULT_SEQ_LEN})")
     prune.add_argument("--out", help="output folder (default ctk-out/<model>-pruned)")
     _force_option(prune)
     prune.set_defaults(command=_prune)
     return parser
+
+
+def _pruning_options(parser: argparse.ArgumentParser) -> None:
+    """What to prune and how: shared by ``export --pruned`` and ``prune`` (compile_toolkit/pruning/llm/plan.py)."""
+    from .pruning.llm.plan import ACTIVATION, INFLUENCE, STRUCTURES
+
+    parser.add_argument("--structure", choices=STRUCTURES,
+                        help="channel (default: coupled channel groups), head (attention heads and MLP neurons), "
+                        "attention_head, neuron or block (whole decoder blocks); on a causal LM heads are whole "
+                        "key/value groups with their query heads, so the model stays grouped-query")
+    parser.add_argument("--importance", help=f"how structures are scored: {ACTIVATION} (a causal LM's default: "
+                        f"mean |activation| on calibration text), {INFLUENCE} (blocks), or a weight criterion such "
+                        "as l1 (the default elsewhere), l2, random")
+    parser.add_argument("--method", help="prune single weights of a causal LM's decoder layers: magnitude, wanda "
+                        "or sparsegpt (unstructured at --sparsity, or N:M with --pattern)")
+    parser.add_argument("--pattern", help="N:M sparsity with --method, e.g. 2:4 or 4:8 (N kept of every M inputs)")
+    parser.add_argument("--calibration-samples", type=int,
+                        help="sequences of text calibrating wanda, sparsegpt and activation importance "
+                        "(default 128, or all the data has if fewer)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="let each decoder layer keep its own width (ranked across layers); the hf format "
+                        "then cannot be written")
 
 
 def _force_option(parser: argparse.ArgumentParser) -> None:
@@ -164,6 +195,12 @@ def _export(args: argparse.Namespace) -> int:
         input_shape=args.input_shape,
         pruned=args.pruned,
         sparsity=args.sparsity,
+        structure=args.structure,
+        importance=args.importance,
+        method=args.method,
+        pattern=args.pattern,
+        calibration_samples=args.calibration_samples,
+        per_layer=args.per_layer,
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
         out=args.out,
         finetune=not args.no_finetune,

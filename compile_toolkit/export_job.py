@@ -17,15 +17,17 @@ from torch import nn
 
 from . import metrics
 from .errors import CtkError
-from .exporters import FORMATS, Artifact, export
+from .exporters import ALL_FORMATS, FORMATS, Artifact, export
+from .exporters import hf as hf_format
 from .models import LoadedModel
 from .models.registry import DEFAULT_SPEC, state_dict_mismatch
 from .outdir import staged_folder
-from .pruning import apply_masks, prune
+from .pruning import apply_masks
+from .pruning.llm.plan import PruneOptions, finish, is_causal_lm, prune_with
 from .pruning.masks import check_masks
 from .pruning.recalibrate import recalibrate_batchnorm
 from .pruning.recipe import load_recipe
-from .pruning.structured import DATA_IMPORTANCE, check_sparsity
+from .pruning.structured import check_sparsity
 from .quantize import QuantConfig
 from .quantize import job as quantize_job
 from .report import write_reports
@@ -51,6 +53,12 @@ class ExportJob:
     input_shape: str | None = None
     pruned: bool = False
     sparsity: float = 0.5
+    structure: str | None = None  # None: channel (or unstructured with method); see pruning/llm/plan.py
+    importance: str | None = None
+    method: str | None = None  # magnitude | wanda | sparsegpt: single weights of a causal LM
+    pattern: str | None = None  # N:M with method
+    calibration_samples: int | None = None
+    per_layer: bool = False
     formats: tuple[str, ...] = FORMATS
     out: str | None = None
     finetune: bool = True
@@ -77,14 +85,25 @@ class ExportJob:
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("ctk-out") / re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model)
 
+    def prune_options(self) -> PruneOptions:
+        return PruneOptions(self.sparsity, self.structure, self.importance, self.method, self.pattern,
+                            self.calibration_samples, self.per_layer)
+
     def validate(self) -> None:
         """Fail on bad options before any heavy work."""
         check_sparsity(self.sparsity)
         if not self.formats:
-            raise CtkError(f"--formats is empty; give one or more of {', '.join(FORMATS)}")
-        unknown = [f for f in self.formats if f not in FORMATS]
+            raise CtkError(f"--formats is empty; give one or more of {', '.join(ALL_FORMATS)}")
+        unknown = [f for f in self.formats if f not in ALL_FORMATS]
         if unknown:
-            raise CtkError(f"unknown format {unknown[0]!r}; valid formats: {', '.join(FORMATS)}")
+            raise CtkError(f"unknown format {unknown[0]!r}; valid formats: {', '.join(ALL_FORMATS)}")
+        self.prune_options().validate()
+        given = [name for name, value in (("--structure", self.structure), ("--importance", self.importance),
+                                          ("--method", self.method), ("--pattern", self.pattern),
+                                          ("--calibration-samples", self.calibration_samples),
+                                          ("--per-layer", self.per_layer)) if value]
+        if given and not self.pruned:
+            raise CtkError(f"{given[0]} says how to prune: add --pruned")
         if self.batch_size < 1:
             raise CtkError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.finetune_epochs < 0:
@@ -118,6 +137,9 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
             loaded, work = load_workload(job.model, job.data, job.weights, job.input_shape, job.batch_size, job.task,
                                          seq_len=job.seq_len, text_column=job.text_column,
                                          label_column=job.label_column)
+        if "hf" in job.formats and not is_causal_lm(loaded.module):
+            raise CtkError(f"--formats hf writes a transformers causal LM folder; --model {job.model} is not one "
+                           "(smollm2-135m, a GGUF decoder or an hf: causal LM)")
         dense = copy.deepcopy(loaded.module).eval()
         quant_config = job.quant_config()
         int8, dense_int8 = quantize_job.export_options(loaded, quant_config, work) if quant_config else ({}, {})
@@ -136,10 +158,11 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         report["strip"] = strip_summary(stripped).to_dict()
         with timed("measure stripped model"):
             report["stripped"] = _measure(PositionalInputs(stripped), loaded, work, dense)
-        formats = tuple(dict.fromkeys((*job.formats, "onnx")))  # ONNX always: latency is measured in ORT
+        formats = _formats(job, stripped, loaded, report)
         with timed(f"export and verify {', '.join(formats)}"):
             artifacts = export(stripped, loaded.example_inputs, str(staging), formats, reference=loaded.module,
-                               sparse_onnx=job.sparse_onnx, **int8)
+                               sparse_onnx=job.sparse_onnx, pretrained=getattr(loaded.module, "model", None),
+                               tokenizer=loaded.tokenizer, **int8)
         with timed("export dense model for comparison"):
             dense_artifacts = export(dense, loaded.example_inputs, str(staging / "dense"), DENSE_FORMATS, **dense_int8)
         with timed("ONNX Runtime latency, dense vs stripped"):
@@ -159,6 +182,19 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         write_reports(report, staging)
     report["out"] = str(job.out_dir)
     return report
+
+
+def _formats(job: ExportJob, stripped: nn.Module, loaded: LoadedModel, report: dict[str, Any]) -> tuple[str, ...]:
+    """The formats to write: ONNX always (latency is measured in ONNX Runtime), and ``hf`` only
+    when a ``transformers`` config describes the stripped widths; otherwise it is skipped with
+    the reason in ``report["skipped"]`` and the notes, and the other formats are still written."""
+    formats = tuple(dict.fromkeys((*job.formats, "onnx")))
+    reason = hf_format.problem(stripped, loaded.module.model) if "hf" in formats else ""
+    if reason:
+        report["skipped"] = {"hf": reason}
+        report["notes"].append(f"hf folder not written: {reason}")
+        formats = tuple(f for f in formats if f != "hf")
+    return formats
 
 
 def _sparse_onnx_ratio(artifacts: list) -> dict[str, Any]:
@@ -183,11 +219,14 @@ def _timer(job: ExportJob, step: Step | None) -> Callable[[str], AbstractContext
 
 
 def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn.Module, timed) -> dict[str, Any]:
-    importance, calibration = _importance(job, work)
-    with timed(f"prune {job.sparsity:.0%} of channels ({importance}, coupled groups)"):
-        result = prune(loaded.module, loaded.example_inputs, sparsity=job.sparsity, structure="channel",
-                       importance=importance, calibration=calibration)
-    summary = result.to_dict()
+    """Prune as the options say (:mod:`compile_toolkit.pruning.llm.plan`), then fine-tune with
+    the masks held (or re-estimate batch norms); block pruning's identity blocks go last."""
+    options = job.prune_options()
+    calibration = _importance_inputs(job, work)
+    with timed(options.describe(is_causal_lm(loaded.module), calibrated=calibration is not None)):
+        result = prune_with(loaded.module, loaded.example_inputs, options,
+                            work.token_batches if work is not None else None, calibration)
+    summary = result.summary
     summary["accuracy_before_finetune"] = _metric(loaded.module, work, dense)
     if job.finetune and work is not None and job.finetune_epochs:
         distill = job.distill or work.task.name == "embed"  # embeddings have no labels: the teacher is the target
@@ -203,17 +242,20 @@ def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn
         # with them, 54% re-estimated); fine-tuning re-estimates them anyway.
         with timed("re-estimate batch-norm statistics (no fine-tuning)"):
             summary["batchnorm_recalibrated"] = recalibrate_batchnorm(loaded.module, work.calibration_inputs())
+    removed = finish(loaded.module, result)
+    if removed:
+        summary["removed_blocks"] = removed
     summary["accuracy"] = _metric(loaded.module, work, dense)
     return summary
 
 
-def _importance(job: ExportJob, work: Workload | None) -> tuple[str, list[tuple[torch.Tensor, ...]] | None]:
-    """What ranks the channels: with the user's ``--data``, how much the output depends on each
-    channel on their training inputs (on pretrained MiniLM it beats L1 and random, which L1 does
-    not for heads: docs/pruning.md); the built-in digits job keeps L1, its published baseline."""
+def _importance_inputs(job: ExportJob, work: Workload | None) -> list[tuple[torch.Tensor, ...]] | None:
+    """Training inputs that rank the channels when the user gives ``--data``: how much the output
+    depends on each channel on their inputs (on pretrained MiniLM it beats L1 and random, which L1
+    does not for heads: docs/pruning.md). The built-in digits job keeps L1, its published baseline."""
     if job.data is None or work is None:
-        return "l1", None
-    return DATA_IMPORTANCE, list(work.calibration_inputs(IMPORTANCE_SAMPLES))
+        return None
+    return list(work.calibration_inputs(IMPORTANCE_SAMPLES))
 
 
 def _lr(job: ExportJob, work: Workload) -> float:

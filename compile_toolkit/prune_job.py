@@ -1,8 +1,12 @@
 """``ctk prune --recipe file.yaml``: load a model, prune it as the recipe says, write the pruned
-weights and the masks (both safetensors), and show the sparsity of every layer.
+weights and the masks (both safetensors), and show the sparsity of every layer. Without a recipe,
+``--structure``/``--method``/``--importance``/``--pattern`` and ``--sparsity`` prune once, as
+``ctk export --pruned`` does (:mod:`compile_toolkit.pruning.llm.plan`; language models calibrate
+on ``--data``, ``pydoc`` by default for GGUF decoders).
 
-The recipe is validated before the model is loaded, and the output folder appears whole or not
-at all. Weights saved from a ``torch.nn.utils.prune`` model (``weight_orig``/``weight_mask``)
+The recipe and the options are validated before the model is loaded, and the output folder
+appears whole or not at all. A language model's weights and masks are written under the
+``transformers`` model's own names, so ``--weights pruned.safetensors`` loads them back. Weights saved from a ``torch.nn.utils.prune`` model (``weight_orig``/``weight_mask``)
 are folded on load, and their masks held through the recipe.
 """
 
@@ -15,11 +19,13 @@ from typing import Any
 
 from torch import nn
 
+from .errors import CtkError
 from .fileio import save_safetensors
-from .models import load_model
-from .models.registry import DEFAULT_SPEC, fit_state_dict, read_weights
+from .models import LoadedModel, load_model
+from .models.registry import DEFAULT_SPEC, fit_state_dict, is_gguf_spec, read_weights
 from .outdir import check_replaceable, staged_folder
 from .pruning import apply_masks, load_recipe, save_masks
+from .pruning.llm.plan import PruneOptions, is_causal_lm, prune_with
 from .pruning.masks import Masks, combine_masks
 from .pruning.torch_prune import fold_pruned_state_dict
 from .training import apply_recipe
@@ -27,18 +33,22 @@ from .training.progress import phase_bars
 
 WEIGHTS_FILE = "pruned.safetensors"
 MASKS_FILE = "masks.safetensors"
+CALIBRATION_BATCH = 8  # sequences per forward pass while calibrating a language model
 
 
 @dataclass
 class PruneJob:
     """Options of ``ctk prune``."""
 
-    recipe: str
+    recipe: str | None = None
     model: str = DEFAULT_SPEC
     weights: str | None = None
     input_shape: str | None = None
     out: str | None = None
     force: bool = False
+    options: PruneOptions | None = None  # without a recipe: prune once as these say
+    data: str | None = None  # calibration text of a language model
+    seq_len: int = 128
 
     @property
     def out_dir(self) -> Path:
@@ -49,27 +59,84 @@ class PruneJob:
 def run(job: PruneJob) -> dict[str, Any]:
     """Prune and write ``pruned.safetensors`` and ``masks.safetensors``; return the summary
     (per-layer and overall sparsity, the files written)."""
+    _check_how(job)
     check_replaceable(job.out_dir, job.force)  # before the pruning, not after it
-    recipe = load_recipe(job.recipe)
-    loaded = load_model(job.model, None, job.input_shape)
-    held = _load_weights(loaded.module, job.weights, loaded.notes) if job.weights else {}
-    with phase_bars() as phase:
-        result = apply_recipe(loaded.module, loaded.example_inputs, recipe, loaded.dataset, phase)
-    masks = combine_masks(held, result.masks)
+    if job.recipe is None:
+        loaded, masks, sparsity, layers = _prune_once(job)
+        how = {"pruning": job.options.describe(is_causal_lm(loaded.module))}  # type: ignore[union-attr]
+    else:
+        recipe = load_recipe(job.recipe)
+        loaded = load_model(job.model, None, job.input_shape)
+        held = _held_masks(loaded, job.weights)
+        with phase_bars() as phase:
+            result = apply_recipe(loaded.module, loaded.example_inputs, recipe, loaded.dataset, phase)
+        masks = combine_masks(held, result.masks)
+        sparsity, layers = result.sparsity, result.layer_sparsity
+        how = {"recipe": str(job.recipe)}
     apply_masks(loaded.module, masks)
     out = job.out_dir
     with staged_folder(out, force=job.force) as staging:
-        state = {k: v.detach().contiguous().clone() for k, v in loaded.module.state_dict().items()}
+        state = {k: v.detach().contiguous().clone() for k, v in _target(loaded).state_dict().items()}
         save_safetensors(state, staging / WEIGHTS_FILE, {"model": job.model})
-        save_masks(staging / MASKS_FILE, masks, {"recipe": str(job.recipe), "model": job.model})
+        save_masks(staging / MASKS_FILE, _unwrapped(loaded, masks), {**how, "model": job.model})
     return {
         "model": loaded.name,
-        "sparsity": result.sparsity,
-        "layer_sparsity": result.layer_sparsity,
+        "sparsity": sparsity,
+        "layer_sparsity": layers,
         "weights": str(out / WEIGHTS_FILE),
         "masks": str(out / MASKS_FILE),
         "notes": loaded.notes,
     }
+
+
+def _check_how(job: PruneJob) -> None:
+    """One way to prune: a recipe, or the options; checked before anything loads."""
+    if job.recipe is not None and job.options is not None:
+        raise CtkError("--recipe says how to prune: drop --structure/--method/--importance/--pattern, "
+                       "or drop --recipe")
+    if job.recipe is None and job.options is None:
+        raise CtkError("say how to prune: --recipe file.yaml, or --structure/--method with --sparsity")
+    if job.options is not None:
+        job.options.validate()
+
+
+def _prune_once(job: PruneJob) -> tuple[LoadedModel, Masks, float, dict[str, float]]:
+    """Prune as ``job.options`` say; language models calibrate on ``job.data``."""
+    from .workload import load_workload
+
+    if job.data is not None or is_gguf_spec(job.model):
+        loaded, work = load_workload(job.model, job.data, None, job.input_shape, CALIBRATION_BATCH,
+                                     seq_len=job.seq_len)
+    else:
+        loaded, work = load_model(job.model, None, job.input_shape), None
+    held = _held_masks(loaded, job.weights)
+    pruned = prune_with(loaded.module, loaded.example_inputs, job.options,  # type: ignore[arg-type]
+                        work.token_batches if work is not None else None)
+    masks = combine_masks(held, pruned.masks)
+    weights = {name: mask for name, mask in masks.items() if name.endswith("weight") and mask.dim() > 1}
+    layers = {name: 1 - mask.float().mean().item() for name, mask in weights.items()}
+    total = sum(m.numel() for m in weights.values())
+    sparsity = sum(int((~m).sum()) for m in weights.values()) / total if total else 0.0
+    return loaded, masks, sparsity, layers
+
+
+def _target(loaded: LoadedModel) -> nn.Module:
+    """The module whose names the files use: a task wrapper's ``transformers`` model (the names
+    ``--weights`` loads), else the model itself."""
+    return loaded.module.model if loaded.task else loaded.module
+
+
+def _held_masks(loaded: LoadedModel, weights: str | None) -> Masks:
+    """Load ``--weights`` into the model; the ``torch.nn.utils.prune`` masks they carry, under
+    the names of ``loaded.module`` (what pruning's masks use)."""
+    if weights is None:
+        return {}
+    held = _load_weights(_target(loaded), weights, loaded.notes)
+    return {f"model.{k}": v for k, v in held.items()} if loaded.task else held
+
+
+def _unwrapped(loaded: LoadedModel, masks: Masks) -> Masks:
+    return {k.removeprefix("model."): v for k, v in masks.items()} if loaded.task else masks
 
 
 def _load_weights(module: nn.Module, path: str, notes: list[str]) -> Masks:
@@ -87,9 +154,12 @@ def handle(args: Any) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    given = [args.structure, args.method, args.importance, args.pattern, args.calibration_samples, args.per_layer]
+    options = (PruneOptions(args.sparsity, args.structure, args.importance, args.method, args.pattern,
+                            args.calibration_samples, args.per_layer) if any(given) else None)
     summary = run(
         PruneJob(recipe=args.recipe, model=args.model, weights=args.weights, input_shape=args.input_shape, out=args.out,
-                 force=args.force)
+                 force=args.force, options=options, data=args.data, seq_len=args.seq_len)
     )
     table = Table(title=f"{summary['model']}: sparsity per layer")
     table.add_column("parameter")

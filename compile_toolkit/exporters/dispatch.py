@@ -12,28 +12,30 @@ from torch import nn
 
 from ..capture import Capture, Inputs, capture
 from ..errors import CtkError, VerificationError, summary
-from . import onnx_format, pt2, torchscript
-from .artifact import Artifact, size_on_disk
 from ..quantize import Metric, QuantConfig
 from ..quantize.config import as_config
+from . import hf, onnx_format, pt2, torchscript
+from .artifact import Artifact, size_on_disk
 from .checks import CheckSet, as_inputs, build_checks, shapes_of
 from .int8 import export_int8
 from .sparse_onnx import FORMAT as SPARSE_ONNX
 from .sparse_onnx import export_sparse
 from .stablehlo import StableHLOWorker
-from .staging import prepare_out_dir, staged_files
+from .staging import prepare_out_dir, staged, staged_files
 
 # Formats that write and verify in this process: each module has FILENAME, RUNTIME, write, run.
 IN_PROCESS: dict[str, ModuleType] = {
     "torchscript": torchscript, "pt2": pt2, "onnx": onnx_format}
-FORMATS: tuple[str, ...] = ("torchscript", "pt2", "onnx", "stablehlo")
+FORMATS: tuple[str, ...] = ("torchscript", "pt2", "onnx", "stablehlo")  # the default set: any model
+ALL_FORMATS: tuple[str, ...] = (*FORMATS, "hf")  # hf: a transformers causal LM only (``pretrained``)
 
 
 def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], out_dir: str,
            formats: Sequence[str] = FORMATS, reference: nn.Module | None = None,
            check_inputs: Sequence[Inputs] | None = None, atol: float = 1e-4,
            rtol: float = 1e-4, sparse_onnx: bool = False, quantize: str | QuantConfig | None = None,
-           calibration: Iterable[Inputs] | None = None, metric: Metric | None = None) -> list[Artifact]:
+           calibration: Iterable[Inputs] | None = None, metric: Metric | None = None,
+           pretrained: nn.Module | None = None, tokenizer: object = None) -> list[Artifact]:
     """Write ``module`` to ``out_dir`` in each format and verify every artifact in its runtime.
 
     The module is captured once with ``torch.export`` (batch dynamic where the model allows it)
@@ -53,12 +55,18 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     calibrated on ``calibration`` (input batches), judged by ``metric`` (default: output cosine
     to float) against ``max_metric_drop``; with ``pt2`` in ``formats`` also ``model.int8.pt2``
     (``pt2-int8``, after ``pt2``) by torch's PT2E, where it quantizes the graph.
+
+    ``hf`` writes ``module`` (stripped from the ``transformers`` causal LM ``pretrained``) as a
+    ``transformers`` folder with ``tokenizer`` beside it, verified through
+    ``AutoModelForCausalLM`` (see :mod:`.hf`).
     """
     wanted = list(dict.fromkeys([formats] if isinstance(formats, str) else formats))
-    unknown = [name for name in wanted if name not in FORMATS]
+    unknown = [name for name in wanted if name not in ALL_FORMATS]
     if unknown:
         raise CtkError(f"unknown export format(s) {', '.join(map(repr, unknown))}; "
-                       f"valid: {', '.join(FORMATS)}")
+                       f"valid: {', '.join(ALL_FORMATS)}")
+    if "hf" in wanted and (reason := hf.problem(module, pretrained)):
+        raise CtkError(f"hf: {reason}")
     if sparse_onnx and "onnx" not in wanted:
         raise CtkError("sparse_onnx=True converts the ONNX artifact: add 'onnx' to formats")
     config = as_config(quantize) if quantize is not None else None
@@ -82,6 +90,8 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
             for name, after in (("onnx-int8", SPARSE_ONNX if sparse_onnx else "onnx"), ("pt2-int8", "pt2")):
                 if name in done:
                     wanted.insert(wanted.index(after) + 1, name)
+        if "hf" in wanted:
+            done["hf"] = _export_hf(module, pretrained, tokenizer, checks, out_dir)
         if xla is not None:
             done["stablehlo"] = xla.result(checks)
     finally:
@@ -117,3 +127,17 @@ def _export_in_process(name: str, captured: Capture, checks: CheckSet, out_dir: 
                if os.path.lexists(os.path.join(out_dir, f)))
     return Artifact(name, path, size, max_error, fmt.RUNTIME,
                     static_batch=static_batch, seconds=time.perf_counter() - started)
+
+
+def _export_hf(module: nn.Module, pretrained: nn.Module, tokenizer: object, checks: CheckSet, out_dir: str) -> Artifact:
+    started = time.perf_counter()
+    indices = list(range(len(checks.inputs)))
+    with staged(out_dir, hf.FILENAME) as tmp:
+        hf.write(module, pretrained, tokenizer, tmp)
+        try:
+            outputs = hf.run(tmp, checks.inputs)
+        except Exception as error:
+            raise VerificationError(f"hf: {hf.RUNTIME} could not run the folder: {summary(error)}") from error
+        max_error = checks.max_error("hf", indices, outputs)
+    path = os.path.join(out_dir, hf.FILENAME)
+    return Artifact("hf", path, size_on_disk(path), max_error, hf.RUNTIME, seconds=time.perf_counter() - started)

