@@ -145,3 +145,16 @@ def test_lower_layers_do_not_import_upper_ones(lower, upper):
     offending = sorted(f"{name} -> {t}" for name, targets in graph.items() if name.startswith(lower)
                        for t in targets if t.startswith(upper))
     assert offending == []
+
+
+def test_importing_the_package_does_not_load_torch_xla():
+    """``xr.use_spmd()`` cannot be undone and torch_xla claims devices when loaded: only the SPMD
+    strategy (and the StableHLO worker process) may import it. transformers loads it with its
+    models, so the hf exporter imports those only when it runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, compile_toolkit.cli, compile_toolkit.training; print('torch_xla' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
