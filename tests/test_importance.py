@@ -126,7 +126,7 @@ def test_data_criteria_prune_the_head_that_contributes_least_where_magnitude_kee
                        calibration=data)
     assert pruned_heads(model) == [0]
     stripped = ctk.strip(model, data[0])
-    assert stripped.meta["ctk_strip"]["channels_removed"] == report.pruned
+    assert ctk.strip_summary(stripped).channels_removed == report.pruned
     with torch.no_grad():
         assert torch.allclose(stripped(*data[1]), model(*data[1]), atol=1e-5)
 
