@@ -157,7 +157,7 @@ def test_bad_weights_are_named(tmp_path: Path, kind: str, message: str) -> None:
 
 
 BAD_SPECS = [
-    ("resnet9000", {}, r"unknown model 'resnet9000': use 'digits-resnet', 'torchvision:<name>'"),
+    ("resnet9000", {}, r"unknown model 'resnet9000': use 'digits-resnet', 'smollm2-135m', 'torchvision:<name>'"),
     ("{file}", {}, r"unknown model '.*my_model\.py': use"),
     ("torchvision:resnet9000", {}, r"unknown torchvision model 'resnet9000'.*list_models\(\)"),
     ("{dir}/nope.py:build", {"input_shape": (1, 6)}, r"model file not found: .*nope\.py"),
