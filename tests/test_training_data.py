@@ -244,3 +244,15 @@ def test_sync_batchnorm_keeps_timm_fused_activations_and_refuses_unknown_subclas
 
     with pytest.raises(CtkError, match="--sync-batchnorm cannot convert .*ScaledNorm"):
         convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), ScaledNorm(4)))
+
+
+def test_evaluating_during_training_does_not_change_the_run(tmp_path):
+    """Dropout draws from the global RNG; an evaluation between steps must not shift that stream, so a
+    run with evaluations trains exactly like one without."""
+    path = tmp_path / "dropout.py"
+    path.write_text(MLP.replace("nn.ReLU(),", "nn.ReLU(), nn.Dropout(0.5),"))
+    spec = f"{path}:mlp"
+    quiet = train(_digits(spec, evaluate=False))
+    measured = train(_digits(spec, evaluate=True, eval_every=2))
+    assert measured.losses == quiet.losses
+    assert len(measured.evaluations) == 3

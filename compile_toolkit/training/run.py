@@ -181,7 +181,9 @@ class _Run(Listener):
         """The task's metric on the validation split, with a bar; every rank evaluates the whole
         split (no collectives), rank 0 logs it."""
         work = self.parts.workload
-        loader = DataLoader(work.splits.val, batch_size=max(1, self.config.batch_size // self.strategy.world_size))
+        # Its own generator: a loader draws its seed from the global RNG otherwise, shifting dropout's stream.
+        loader = DataLoader(work.splits.val, batch_size=max(1, self.config.batch_size // self.strategy.world_size),
+                            generator=torch.Generator())
         batches = self.strategy.eval_batches(loader)
         if self.bar is not None:
             batches = _advancing(batches, self.bar, self.bar.add_task(
