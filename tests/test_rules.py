@@ -123,6 +123,10 @@ def test_depthwise_multiplier_output_alone_is_kept():
     zero_out(model.g, [4])  # one of input channel 2's two outputs: its group must stay whole
     _, _, summary = strip_exact(model, torch.randn(2, 3, 6, 6))
     assert summary.channels_removed == 0
+    control = GroupedNet(c_in=6, c_out=12, groups=6)  # positive control: the whole group of input channel 2
+    zero_out(control.a, [2])
+    zero_(control.g.bias, [4, 5])
+    assert strip_exact(control, torch.randn(2, 3, 6, 6))[2].channels_removed > 0
 
 
 @pytest.mark.parametrize("dims", [1, 3])
@@ -224,6 +228,11 @@ def test_group_norm_keeps_part_of_a_group_and_pins_a_single_group():
     _, _, summary = strip_exact(model, torch.randn(2, 3, 6, 6))
     assert summary.channels_removed == 0
     assert mentions(barriers(NormNet(nn.GroupNorm(1, 8)), torch.randn(2, 3, 6, 6)), "aten.group_norm", "one group")
+    control = NormNet(nn.GroupNorm(4, 8))  # positive control: a whole group (channels 2 and 3) goes
+    zero_out(control.a, [2, 3])
+    zero_(control.norm.bias, [2, 3], control.norm.weight, [2, 3])
+    _, shapes, summary = strip_exact(control, torch.randn(2, 3, 6, 6))
+    assert summary.channels_removed > 0 and shapes["norm.weight"] == (6,)
 
 
 @pytest.mark.parametrize("running", [False, True])
