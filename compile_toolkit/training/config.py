@@ -138,10 +138,7 @@ class TrainConfig:
                 raise CtkError(f"--{option} must be a non-negative integer, got {value!r}")
         if self.eval_every is not None:
             _positive_int("eval-every", self.eval_every)
-        if not 0 <= self.distill_weight <= 1:
-            raise CtkError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
-        if not self.distill_temperature > 0:
-            raise CtkError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        check_distillation(self.distill_weight, self.distill_temperature)
         if self.max_steps is not None:
             _positive_int("max-steps", self.max_steps)
         if not self.lr > 0:
@@ -180,6 +177,14 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy, recorded in every checkpoint's meta.json."""
         return dataclasses.asdict(self)
+
+
+def check_distillation(weight: float, temperature: float) -> None:
+    """The mix weight of the distillation loss and its softmax temperature (CLI and Python API)."""
+    if not 0 <= weight <= 1:
+        raise CtkError(f"--distill-weight must be in [0, 1], got {weight}")
+    if not temperature > 0:
+        raise CtkError(f"--distill-temperature must be positive, got {temperature}")
 
 
 def _choice(option: str, value: str, valid: tuple[str, ...]) -> None:

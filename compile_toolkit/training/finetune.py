@@ -82,4 +82,4 @@ def finetune(
 def steps_per_epoch(dataset: TrainData, batch_size: int) -> int:
     """Optimizer steps per epoch of :func:`finetune` (full batches only)."""
     samples = len(dataset.x_train) if isinstance(dataset, Dataset) else len(dataset)  # type: ignore[arg-type]
-    return max(1, samples // batch_size)
+    return plan_steps(samples, min(batch_size, samples), 1).steps_per_epoch

@@ -28,7 +28,7 @@ from ..pruning.sparsifier import Sparsifier
 from ..tasks import Task, distillation_loss, model_inputs
 from . import faults
 from .batches import StepLoader, StepPlan
-from .config import PRECISIONS
+from .config import PRECISIONS, check_distillation
 from .strategy import Strategy
 
 
@@ -45,10 +45,7 @@ class Objective:
     penalty: Callable[[], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.distill_weight <= 1:
-            raise CtkError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
-        if self.temperature <= 0:
-            raise CtkError(f"--distill-temperature must be positive, got {self.temperature}")
+        check_distillation(self.distill_weight, self.temperature)
         if self.task.name == "embed" and self.teacher is None:
             raise CtkError("the embed task trains against the dense model's embeddings: it needs distillation")
 

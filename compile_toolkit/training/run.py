@@ -137,8 +137,7 @@ class _Run(Listener):
         self.saved: Path | None = None
         self.recalibrated = 0
         self.task_id: Any = None
-        plan = loop.plan
-        self.eval_every = config.eval_every or plan.steps_per_epoch
+        self.eval_every = config.eval_every or loop.plan.steps_per_epoch
 
     def add_bar(self, start: int, sparsity: float) -> None:
         if self.bar is not None:

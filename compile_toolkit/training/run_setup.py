@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..errors import CtkError
 from ..models import LoadedModel, load_digits_dataset, load_model
@@ -34,17 +35,17 @@ def build_parts(config: TrainConfig) -> RunParts:
     Without data (or ``digits``), ``digits-resnet`` trains on its own digits set from its bundled
     trained weights (unless ``config.weights``), and a ``file.py:factory`` model on digits images
     ``[N, 1, 8, 8]``; ``torchvision:``/``timm:``/``hf:`` models need ``--data``. The model's output
-    is checked against the task on one validation batch before any step."""
-    if config.data in (None, "digits"):
-        loaded = _digits_model(config)
-        assert loaded.dataset is not None
-        workload = digits_workload(loaded.dataset)
-    else:
+    is checked against the task on one validation batch before any step (``load_workload`` checks
+    the user's data itself)."""
+    if config.data not in (None, "digits"):
         loaded, found = load_workload(config.model, config.data, config.weights, config.input_shape, config.batch_size,
                                       config.task, seq_len=config.seq_len, text_column=config.text_column,
                                       label_column=config.label_column)
         assert found is not None
-        workload = found
+        return RunParts(loaded, found)
+    loaded = _digits_model(config)
+    assert loaded.dataset is not None
+    workload = digits_workload(loaded.dataset)
     _check_fits(config, loaded, workload)
     return RunParts(loaded, workload)
 
@@ -62,21 +63,15 @@ def _digits_model(config: TrainConfig) -> LoadedModel:
 
 
 def _check_fits(config: TrainConfig, loaded: LoadedModel, workload: Workload) -> None:
-    """One validation sample through the model and the task's loss: a model whose output does not
-    fit the task fails here, naming the model, not minutes into training."""
-    from torch.utils.data import DataLoader
-
-    from ..tasks import model_inputs
-
+    """Two digits through the model and the task's loss: a ``file.py`` model whose output does not
+    fit the ten classes fails here, naming the model, not minutes into training."""
     batch = next(iter(DataLoader(workload.splits.val, batch_size=2)))
-    args, kwargs = model_inputs(batch)
     with torch.no_grad():
-        outputs = loaded.module(*args, **kwargs)
-        try:
-            if workload.task.name != "embed":
-                workload.task.loss(outputs, batch)
-        except CtkError as error:
-            raise CtkError(f"--model {config.model!r}: {error}") from error
+        outputs = loaded.module(batch[0])
+    try:
+        workload.task.loss(outputs, batch)
+    except CtkError as error:
+        raise CtkError(f"--model {config.model!r}: {error}") from error
 
 
 def build_sparsifier(
