@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -21,7 +20,7 @@ from .exporters import ALL_FORMATS, FORMATS, Artifact, export
 from .exporters import hf as hf_format
 from .models import LoadedModel
 from .models.registry import DEFAULT_SPEC, state_dict_mismatch
-from .outdir import staged_folder
+from .outdir import default_out, staged_folder
 from .pruning import apply_masks
 from .pruning.llm.plan import PruneOptions, finish, is_causal_lm, prune_with
 from .pruning.masks import check_masks
@@ -83,7 +82,7 @@ class ExportJob:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("ctk-out") / re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model)
+        return Path(self.out) if self.out else default_out(self.model)
 
     def prune_options(self) -> PruneOptions:
         return PruneOptions(self.sparsity, self.structure, self.importance, self.method, self.pattern,

@@ -1,9 +1,14 @@
-"""Files and folders the toolkit writes: atomic, and with the modes the user's umask asks for.
+"""Files and folders the toolkit writes: atomic, durable, and with the modes the user's umask asks for.
 
-``tempfile.mkstemp`` and ``mkdtemp`` create private entries (0600 and 0700) whatever the umask,
-so anything written through them and renamed into place would come out private while files a
-plain ``open()`` wrote beside them are not. Everything here gives such entries the mode
-``open()``/``mkdir()`` would have given them (``0o666 & ~umask``, ``0o777 & ~umask``).
+Every file or folder the toolkit publishes (output folders, artifacts, checkpoints, masks, the
+training log and plot, the model cache) is written under a hidden sibling name and put in place
+by :func:`replace_path`: its data is flushed to disk before the rename and the rename itself after,
+so neither a crash nor a power cut leaves a half-written file under the final name. Sibling names
+carry the host and process id (``.NAME.tmp-HOST-PID-TOKEN``), so leftovers of a killed run can be
+told from a live run's (:func:`compile_toolkit.outdir.remove_stale_staging`).
+
+Files and folders come out with the mode ``open()``/``mkdir()`` give them (``0o666 & ~umask``,
+``0o777 & ~umask``), also where a library creates them private (safetensors writes 0600).
 
 The umask is read without ever being changed: ``os.umask(0)`` followed by ``os.umask(old)`` opens a
 window in which any other thread of the process creates world-writable files.
@@ -11,9 +16,14 @@ window in which any other thread of the process creates world-writable files.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import secrets
+import shutil
+import socket
 import subprocess
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,47 +56,106 @@ def current_umask() -> int:
 
 
 def give_default_mode(path: str | os.PathLike) -> None:
-    """Set ``path`` (a file or folder made by ``mkstemp``/``mkdtemp``) to the mode ``open()`` or
+    """Set ``path`` (a file or folder some library created private) to the mode ``open()`` or
     ``mkdir()`` would have created it with under the current umask."""
     path = Path(path)
     full = 0o777 if path.is_dir() else 0o666
     path.chmod(full & ~current_umask())
 
 
-def make_temp_dir(prefix: str, parent: str | os.PathLike) -> Path:
-    """A new empty folder under ``parent`` (``mkdtemp``) with an ordinary folder's mode, for
-    staging a folder that is later renamed into place."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    give_default_mode(folder)
-    return folder
+def host_name() -> str:
+    """This machine's name as it appears in sibling names (letters, digits and ``_`` only)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname()) or "host"
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all: into a temporary file beside it, flushed to
-    disk, given an ordinary file's mode, then renamed over ``path``."""
+def sibling_path(final: str | os.PathLike, kind: str) -> Path:
+    """A fresh hidden name beside ``final``: ``.NAME.KIND-HOST-PID-TOKEN`` (not created)."""
+    final = Path(final)
+    return final.parent / f".{final.name}.{kind}-{host_name()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Delete a file, link or folder tree if it exists."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or every file and folder in a folder tree, to disk: a rename is only as
+    durable as the data written before it."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        for root, _, files in os.walk(path):
+            for name in files:
+                _fsync(Path(root) / name)
+            _fsync(Path(root))
+    elif path.is_file():
+        _fsync(path)
+
+
+def replace_path(staged: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the fully written ``staged`` (a file or a folder) in place of ``final``, durably.
+
+    ``os.replace`` cannot replace a non-empty folder, so an existing folder at ``final`` is moved
+    aside for the instant of the swap, put back if the swap fails, and deleted after.
+    """
+    staged, final = Path(staged), Path(final)
+    fsync_path(staged)
+    aside = None
+    if final.is_dir() and not final.is_symlink():
+        aside = sibling_path(final, "old")
+        os.replace(final, aside)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        give_default_mode(tmp)
-        os.replace(tmp, path)
+        os.replace(staged, final)
+    except OSError:
+        if aside is not None and not os.path.lexists(final):
+            os.replace(aside, final)
+        raise
+    _fsync(final.parent)
+    if aside is not None:
+        remove_path(aside)
+
+
+@contextlib.contextmanager
+def staged_path(final: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
+    """Yield a hidden path beside ``final`` to write into; when the block succeeds it replaces
+    ``final`` (:func:`replace_path`), when it raises it is removed and ``final`` is as it was.
+
+    With ``folder`` the path is an empty folder made with the umask's mode; otherwise it is left
+    for the writer to create (``open()`` applies the umask; some writers insist on creating it).
+    """
+    tmp = sibling_path(final, "tmp")
+    if folder:
+        tmp.mkdir()
+    try:
+        yield tmp
+        replace_path(tmp, final)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        remove_path(tmp)
         raise
 
 
-def temp_file_beside(path: str | os.PathLike) -> Path:
-    """An empty temporary file next to ``path`` with an ordinary file's mode, for writers that
-    take a file name (safetensors, matplotlib); the caller renames it over ``path`` when written
-    and removes it on failure."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    give_default_mode(tmp)
-    return Path(tmp)
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all."""
+    with staged_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _fsync(path: Path) -> None:
+    """``fsync`` one file or folder; folders cannot be opened for it on some systems (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_safetensors(

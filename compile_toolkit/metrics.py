@@ -131,8 +131,8 @@ def compare_latency_many(onnx_paths: dict[str, str], inputs: Inputs, rounds: int
     of this kind of machine cancels."""
     sessions = {name: _session(path, inputs, threads) for name, path in onnx_paths.items()}
     for _ in range(warmup):
-        for session, feed in sessions.values():
-            session.run(None, feed)
+        for ort_session, feed in sessions.values():
+            ort_session.run(None, feed)
     names = list(sessions)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):

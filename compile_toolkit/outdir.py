@@ -21,13 +21,12 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import CtkError
+from .fileio import host_name, remove_path, replace_path, sibling_path
 
 MARKER = ".ctk-output.json"
 LEGACY_REPORT = "report.json"  # outputs of `ctk export` from before the marker
@@ -45,14 +44,22 @@ def staged_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     out = Path(out)
     check_replaceable(out, force)
     remove_stale_staging(out)
-    staging = _make_sibling(out, "tmp")
+    staging = sibling_path(out, "tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as error:
+        raise CtkError(f"cannot write output folder {out}: {error.strerror or error}") from error
     try:
         yield staging
         check_replaceable(out, force)  # again: the user may have put files there while the job ran
         _write_marker(staging)
-        _replace(staging, out)
+        try:
+            replace_path(staging, out)
+        except OSError as error:
+            raise CtkError(f"output folder {out} could not be put in place: {error.strerror or error}") from error
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_path(staging)
         raise
 
 
@@ -75,7 +82,7 @@ def check_replaceable(out: Path, force: bool = False) -> None:
 
 def remove_stale_staging(out: Path) -> list[Path]:
     """Delete this host's staging and moved-aside folders for ``out`` whose process has died."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-{re.escape(_host())}-(\d+)-[A-Za-z0-9_-]+")
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-{re.escape(host_name())}-(\d+)-[A-Za-z0-9_-]+")
     removed = []
     with contextlib.suppress(OSError):
         for entry in out.parent.iterdir():
@@ -121,7 +128,7 @@ def _write_marker(staging: Path) -> None:
 
 def _rehearse_rename(out: Path) -> None:
     """Move ``out`` aside and back: the swap at the end needs exactly this rename to work."""
-    aside = _sibling_name(out, "old")
+    aside = sibling_path(out, "old")
     try:
         os.rename(out, aside)
     except OSError as error:
@@ -129,39 +136,10 @@ def _rehearse_rename(out: Path) -> None:
     os.rename(aside, out)
 
 
-def _make_sibling(out: Path, kind: str) -> Path:
-    """A new empty folder beside ``out``, created with the user's umask (``os.mkdir`` applies it)."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        path = _sibling_name(out, kind)
-        path.mkdir()
-    except OSError as error:
-        raise CtkError(f"cannot write output folder {out}: {error.strerror or error}") from error
-    return path
-
-
-def _sibling_name(out: Path, kind: str) -> Path:
-    return out.parent / f".{out.name}.{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Swap ``staging`` in as ``out``; if the swap fails, put the old ``out`` back."""
-    aside = None
-    try:
-        if out.exists():
-            aside = _sibling_name(out, "old")
-            os.rename(out, aside)
-        os.rename(staging, out)
-    except OSError as error:
-        if aside is not None and not out.exists():
-            os.rename(aside, out)
-        raise CtkError(f"output folder {out} could not be put in place: {error.strerror or error}") from error
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname()) or "host"
+def default_out(model: str, suffix: str = "") -> Path:
+    """``ctk-out/<model><suffix>``: the folder a job writes to when ``--out`` is not given, the
+    model spec made a folder name (a path or ``timm:name`` becomes ``timm_name``)."""
+    return Path("ctk-out") / (re.sub(r"[^A-Za-z0-9_.-]+", "_", model) + suffix)
 
 
 def _alive(pid: int) -> bool:

@@ -12,7 +12,6 @@ are folded on load, and their masks held through the recipe.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from .errors import CtkError
 from .fileio import save_safetensors
 from .models import LoadedModel, load_model
 from .models.registry import DEFAULT_SPEC, fit_state_dict, is_gguf_spec, read_weights
-from .outdir import check_replaceable, staged_folder
+from .outdir import check_replaceable, default_out, staged_folder
 from .pruning import apply_masks, load_recipe, save_masks
 from .pruning.llm.plan import PruneOptions, is_causal_lm, prune_with
 from .pruning.masks import Masks, combine_masks
@@ -52,8 +51,7 @@ class PruneJob:
 
     @property
     def out_dir(self) -> Path:
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model)
-        return Path(self.out) if self.out else Path("ctk-out") / f"{name}-pruned"
+        return Path(self.out) if self.out else default_out(self.model, "-pruned")
 
 
 def run(job: PruneJob) -> dict[str, Any]:

@@ -58,3 +58,46 @@ def test_train_and_prune_outputs_follow_the_umask(umask, tmp_path):
     for name, mode in modes.items():
         want = folder_mode if (tmp_path / name).is_dir() else file_mode
         assert mode == want, f"{name}: {oct(mode)}, want {oct(want)}"
+
+
+def test_staged_path_replaces_a_folder_whole_and_a_failure_leaves_the_old_one(tmp_path, monkeypatch):
+    """The one write-then-rename helper: a folder over an older folder, and every failure (in the
+    writer, or in the swap itself) leaves the older one as it was and no staging name behind."""
+    final = tmp_path / "ckpt"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), fileio.staged_path(final, folder=True) as staging:
+        (staging / "new.txt").write_text("half")
+        raise RuntimeError("writer failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (final / "old.txt").read_text() == "old"
+
+    real_replace = os.replace
+    synced: list[str] = []
+    monkeypatch.setattr(fileio, "_fsync", lambda path: synced.append(Path(path).name))
+
+    def failing_second_replace(src, dst):  # the old folder moves aside, then the swap fails
+        if Path(src).name.startswith(".ckpt.tmp-"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_second_replace)
+    with pytest.raises(OSError), fileio.staged_path(final, folder=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (final / "old.txt").read_text() == "old"
+
+    monkeypatch.setattr(os, "replace", real_replace)
+    synced.clear()
+    with fileio.staged_path(final, folder=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert "new.txt" in synced and tmp_path.name in synced  # data flushed before, the rename after
+
+
+def test_write_atomic_and_staged_files_follow_the_umask(umask, tmp_path):
+    fileio.write_atomic(tmp_path / "a.json", b"{}")
+    with fileio.staged_path(tmp_path / "b.png") as tmp:
+        tmp.write_bytes(b"png")
+    for name in ("a.json", "b.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.png"]

@@ -5,14 +5,13 @@ The positive controls show that both checks fail when the strip is wrong."""
 
 from __future__ import annotations
 
+import fuzz_models as fm
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compile_toolkit.passes.strip as strip_module
-import fuzz_models as fm
 from compile_toolkit.capture import capture
 from compile_toolkit.passes.strip import StripPass
 

@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_cli import assert_clean_failure, run_cli  # tests/ is on sys.path (pytest rootdir)
 
 from compile_toolkit.errors import CtkError
 from compile_toolkit.outdir import MARKER, staged_folder
-
-from test_cli import assert_clean_failure, run_cli  # tests/ is on sys.path (pytest rootdir)
 
 
 def _listing(folder: Path) -> dict[str, bytes]:
@@ -150,10 +149,10 @@ def _dead_pid() -> int:
 def test_stale_staging_of_a_dead_run_is_removed(tmp_path):
     import socket
 
-    from compile_toolkit.outdir import _host
+    from compile_toolkit.fileio import host_name
 
     out = tmp_path / "out"
-    host = _host()
+    host = host_name()
     dead = [tmp_path / f".out.tmp-{host}-{_dead_pid()}-1a2b3c4d", tmp_path / f".out.old-{host}-{_dead_pid()}-99aa"]
     alive = tmp_path / f".out.tmp-{host}-{os.getpid()}-5e6f"  # a run still in progress
     elsewhere = tmp_path / f".out.tmp-{host}x-{_dead_pid()}-7a8b"  # another host's run: its pid means nothing here

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 
-from conftest import rel_error
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file

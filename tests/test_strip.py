@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from conftest import rel_error
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 
-from conftest import rel_error
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_error
 from torch import nn
 from transformers import (
     BertConfig,

@@ -9,10 +9,10 @@ and match the pruned model in ONNX Runtime, with no op left without a channel ru
 
 from __future__ import annotations
 
-from conftest import rel_error
 import pytest
 import torch
 import torchvision
+from conftest import rel_error
 from zoo_models import barrier_ops, build
 
 import compile_toolkit as ctk

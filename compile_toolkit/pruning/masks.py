@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -10,7 +9,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import CtkError
-from ..fileio import save_safetensors, temp_file_beside
+from ..fileio import save_safetensors, staged_path
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the weight is kept
 
@@ -39,13 +38,8 @@ def save_masks(path: str | Path, masks: Masks, metadata: dict[str, str] | None =
         raise CtkError(f"masks metadata for {path} must map strings to strings")
     tensors = {name: mask.detach().to(device="cpu", dtype=torch.uint8).contiguous() for name, mask in masks.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file_beside(path)
-    try:
+    with staged_path(path) as tmp:
         save_safetensors(tensors, tmp, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_masks(path: str | Path) -> tuple[Masks, dict[str, str]]:

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CtkError, summary
-from ..fileio import make_temp_dir, save_safetensors, write_atomic
+from ..fileio import save_safetensors, staged_path, write_atomic
 from ..models.registry import check_finite
 from ..pruning.masks import load_masks, save_masks
 
@@ -84,10 +83,9 @@ def save_checkpoint(
     name = f"step-{step:08d}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        staging = make_temp_dir(f".{name}.tmp-", root)
     except OSError as error:
         raise CtkError(f"cannot write checkpoint folder {root}: {error.strerror or error}") from error
-    try:
+    with staged_path(root / name, folder=True) as staging:
         masks = sparsifier_state.get("masks", {})
         rest = {key: value for key, value in sparsifier_state.items() if key != "masks"}
         save_safetensors({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, staging / MODEL_FILE)
@@ -97,10 +95,6 @@ def save_checkpoint(
         )
         (staging / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
         write_manifest(staging)
-        _replace_dir(staging, root / name)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     write_atomic(root / LATEST, (name + "\n").encode())
     _drop_old(root, keep_name=name)
     return root / name
@@ -243,18 +237,6 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for key, tensor in state.items():
         check_finite(tensor, key, f"checkpoint file {path}")
     return state
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an existing ``target`` (the same step saved again after a
-    restart) is moved aside first and removed after, so ``target`` is never half there."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
 
 
 def _step_dirs(root: Path) -> list[Path]:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import CtkError, summary
-from ..fileio import temp_file_beside, write_atomic
+from ..fileio import staged_path, write_atomic
 
 LOG_FILE = "metrics.json"
 PLOT_FILE = "metrics.png"
@@ -104,13 +104,11 @@ class StepLog:
         figure.tight_layout()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / PLOT_FILE
-        tmp = temp_file_beside(path)
         try:
-            figure.savefig(tmp, dpi=100)
-            os.replace(tmp, path)
+            with staged_path(path) as tmp:
+                figure.savefig(tmp, dpi=100, format="png")
         finally:
             plt.close(figure)
-            tmp.unlink(missing_ok=True)
         return path
 
     def _metric_name(self) -> str | None:
