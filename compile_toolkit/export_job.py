@@ -19,7 +19,8 @@ from .errors import CtkError
 from .exporters import ALL_FORMATS, FORMATS, Artifact, export
 from .exporters import hf as hf_format
 from .models import LoadedModel
-from .models.registry import DEFAULT_SPEC, state_dict_mismatch
+from .models.registry import DEFAULT_SPEC
+from .models.weights import state_dict_mismatch
 from .outdir import default_out, staged_folder
 from .pruning import apply_masks
 from .pruning.llm.plan import PruneOptions, finish, is_causal_lm, prune_with

@@ -21,7 +21,9 @@ from torch import nn
 from .errors import CtkError
 from .fileio import save_safetensors
 from .models import LoadedModel, load_model
-from .models.registry import DEFAULT_SPEC, fit_state_dict, is_gguf_spec, read_weights
+from .models.hf_specs import is_gguf_spec
+from .models.registry import DEFAULT_SPEC
+from .models.weights import fit_state_dict, read_weights
 from .outdir import check_replaceable, default_out, staged_folder
 from .pruning import apply_masks, load_recipe, save_masks
 from .pruning.llm.plan import PruneOptions, is_causal_lm, prune_with

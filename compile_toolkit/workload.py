@@ -29,15 +29,9 @@ from .data.text import READERS, text_files
 from .errors import CtkError, summary
 from .models import LoadedModel, load_digits_dataset, load_model
 from .models.digits import Dataset
-from .models.registry import (
-    call_factory,
-    default_task,
-    hf_folder,
-    hf_tokenizer,
-    is_factory_spec,
-    is_gguf_spec,
-    parse_input_shape,
-)
+from .models.factory import call_factory, is_factory_spec
+from .models.hf_specs import default_task, hf_folder, hf_tokenizer, is_gguf_spec
+from .models.registry import parse_input_shape
 from .tasks import Task, model_inputs
 
 EXAMPLE_BATCH = 8

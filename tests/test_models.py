@@ -19,7 +19,7 @@ from compile_toolkit.models import (
     load_model,
     parse_input_shape,
 )
-from compile_toolkit.models.registry import fit_state_dict, load_safetensors_weights
+from compile_toolkit.models.weights import fit_state_dict, load_safetensors_weights
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 

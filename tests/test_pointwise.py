@@ -84,13 +84,15 @@ def test_pointwise_is_found_where_the_tag_is_missing_and_not_for_other_ops():
 
 
 class Cumsum(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, cumulative: bool = True) -> None:
         super().__init__()
+        self.cumulative = cumulative
         self.a = nn.Conv2d(3, 8, 1)
         self.b = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
-        return self.b(torch.cumsum(self.a(x), dim=1))
+        y = self.a(x)
+        return self.b(torch.cumsum(y, dim=1) if self.cumulative else torch.square(y))
 
 
 def test_an_op_that_is_not_pointwise_stays_a_named_barrier():
@@ -99,3 +101,6 @@ def test_an_op_that_is_not_pointwise_stays_a_named_barrier():
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 5, 5))
     assert summary.channels_removed == 0 and shapes["a.weight"][0] == 8
     assert any("no channel rule for aten.cumsum" in r for r in summary.barriers)
+    control = Cumsum(cumulative=False)  # positive control: a pointwise op in its place lets both channels go
+    zero_out(control.a, [1, 5])
+    assert strip_exact(control, torch.randn(2, 3, 5, 5))[1]["a.weight"][0] == 6

@@ -84,3 +84,5 @@ def test_a_rewrite_that_raises_is_undone_and_reported(monkeypatch):
     failed = [r for r in summary.barriers if "failed (rewriting shapes)" in r]
     assert failed and all("aten.conv2d" in r and ERROR in r for r in failed)
     assert summary.channels_removed == 0 and shapes["c.weight"][0] == 6
+    monkeypatch.undo()  # positive control: the same model with working rules loses its zero channels
+    assert strip_exact(pruned(), torch.randn(2, 3, 3, 3))[2].channels_removed == 3

@@ -104,6 +104,10 @@ def test_grouped_conv_keeps_a_position_zero_in_one_group_only():
     zero_out(model.g, [8])
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 6, 6))
     assert summary.channels_removed == 0 and shapes["g.weight"][:2] == (12, 4)
+    control = GroupedNet(c_in=8, c_out=12, groups=2)  # positive control: the same position in both groups goes
+    zero_out(control.a, [1, 5])
+    zero_out(control.g, [2, 8])
+    assert strip_exact(control, torch.randn(2, 3, 6, 6))[2].channels_removed > 0
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -256,6 +260,9 @@ def test_layer_norm_pins_normalised_features_with_a_reason():
     assert summary.channels_removed == 0
     assert mentions(summary.barriers, "aten.layer_norm", "statistics")
     assert not mentions(summary.barriers, "no channel rule")
+    control = nn.Sequential(nn.Linear(5, 8), nn.Identity(), nn.Linear(8, 3))  # positive control: without the norm
+    zero_out(control[0], [3])
+    assert strip_exact(control, x)[2].channels_removed == 1
 
 
 def test_layer_norm_leading_dims_pass_through():
@@ -348,6 +355,10 @@ def test_strided_slice_is_pinned_and_named():
     zero_(model.c.weight[:, 4], slice(None))
     _, _, summary = strip_exact(model, torch.randn(2, 3, 4, 4))
     assert summary.channels_removed == 0 and mentions(summary.barriers, "strided slice aten.slice")
+    control = SliceNet("slice")  # positive control: the same position under a plain slice goes
+    zero_out(control.a, [4])
+    zero_(control.c.weight[:, 4], slice(None))
+    assert strip_exact(control, torch.randn(2, 3, 4, 4))[2].channels_removed > 0
 
 
 class SelectNet(nn.Module):
@@ -375,6 +386,9 @@ def test_unbind_pins_the_unbound_dim():
     zero_out(model.a, [4])
     _, _, summary = strip_exact(model, torch.randn(2, 4))
     assert summary.channels_removed == 0 and mentions(summary.barriers, "unbound by aten.unbind")
+    control = SelectNet(unbind=False)  # positive control: the same position next to a select goes
+    zero_out(control.a, [4])
+    assert strip_exact(control, torch.randn(2, 4))[2].channels_removed > 0
 
 
 # -- permute, expand, repeat, shuffle --------------------------------------------------------------
@@ -515,6 +529,9 @@ def test_roll_and_pad_of_the_channel_dim_are_pinned(how, op):
     zero_out(model.a, [3])
     _, _, summary = strip_exact(model, torch.randn(2, 3, 5, 5))
     assert summary.channels_removed == 0 and mentions(summary.barriers, op)
+    control = PadRollNet("roll")  # positive control: the same channel under a spatial roll goes
+    zero_out(control.a, [3])
+    assert strip_exact(control, torch.randn(2, 3, 5, 5))[2].channels_removed > 0
 
 
 class EmbedNet(nn.Module):

@@ -36,8 +36,8 @@ from .channel_groups import Slices, channel_scores
 
 Scores = tuple[np.ndarray, np.ndarray]  # (score per channel, whether the criterion scores it)
 Loss = Callable[[nn.Module], torch.Tensor]  # runs the model on calibration data, returns a scalar loss
-Inputs = tuple[torch.Tensor, ...] | torch.Tensor
-Calibration = Loss | Iterable[Inputs]
+Batch = tuple[torch.Tensor, ...] | torch.Tensor  # one calibration batch: its inputs, or the one input
+Calibration = Loss | Iterable[Batch]
 CALIBRATION_KINDS = {
     "loss": "a function that runs the model on a batch and returns its loss",
     "batches": "an iterable of model-input batches (tuples of tensors)",
@@ -255,7 +255,7 @@ def _read_channels(gates: Slices, count: int) -> np.ndarray:
     return scored
 
 
-def _batches(calibration: Iterable[Inputs]) -> list[tuple[torch.Tensor, ...]]:
+def _batches(calibration: Iterable[Batch]) -> list[tuple[torch.Tensor, ...]]:
     batches = [b if isinstance(b, tuple) else tuple(b) if isinstance(b, list) else (b,) for b in calibration]
     if not batches:
         raise CtkError("calibration data is empty: give at least one batch")

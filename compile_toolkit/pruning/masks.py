@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import CtkError
 from ..fileio import save_safetensors, staged_path
+from ..models.weights import state_dict_mismatch
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the weight is kept
 
@@ -64,14 +65,9 @@ def load_masks(path: str | Path) -> tuple[Masks, dict[str, str]]:
 def check_masks(model: nn.Module, masks: Masks, source: str) -> None:
     """Every mask names a parameter of ``model`` and has its shape (``source`` names where the
     masks came from in the error), so masks from a file never zero the wrong weights."""
-    params = dict(model.named_parameters())
-    for name, mask in masks.items():
-        if name not in params:
-            raise CtkError(f"{source}: mask {name!r} names no parameter of {type(model).__name__}")
-        if tuple(mask.shape) != tuple(params[name].shape):
-            raise CtkError(
-                f"{source}: mask {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(params[name].shape)}"
-            )
+    problem = state_dict_mismatch(dict(model.named_parameters()), masks, subset=True)
+    if problem:
+        raise CtkError(f"{source}: masks do not fit {type(model).__name__}: {problem}")
 
 
 def combine_masks(first: Masks, second: Masks) -> Masks:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import CtkError
+from ..models.weights import state_dict_mismatch
 from .channel_groups import channel_plan
 from .masks import Masks, apply_masks, load_masks, mask_gradients, save_masks
 from .patterns import resolve_overrides, select_weights, unwrap, zero_fraction
@@ -217,13 +218,9 @@ class Sparsifier:
             if key in state and state[key] != value:
                 raise CtkError(f"{source} was saved with {key} {state[key]!r}, this sparsifier has {value!r}")
         masks = state["masks"]
-        if set(masks) != set(self.weights):
-            missing, extra = sorted(set(self.weights) - set(masks)), sorted(set(masks) - set(self.weights))
-            raise CtkError(f"{source}: masks do not match the targeted weights (missing {missing}, unexpected {extra})")
-        for name, mask in masks.items():
-            expected = tuple(self.weights[name].shape)
-            if tuple(mask.shape) != expected:
-                raise CtkError(f"{source}: mask {name!r} has shape {tuple(mask.shape)}, the weight {expected}")
+        problem = state_dict_mismatch(self.weights, masks)
+        if problem:
+            raise CtkError(f"{source}: masks do not match the targeted weights: {problem}")
         masks = {n: masks[n].to(device=w.device, dtype=torch.bool) for n, w in self.weights.items()}
         if self.plan is not None:
             self._check_channel_masks(masks, source)

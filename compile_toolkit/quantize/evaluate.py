@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..capture import Inputs
 from ..exporters.onnx_format import session
-from .calibration import Inputs, feeds
+from .calibration import feeds
 
 
 @dataclass(frozen=True)

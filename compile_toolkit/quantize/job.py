@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
+from ..capture import Inputs
 from ..errors import CtkError
 from ..exporters.artifact import Artifact
 from ..metrics import compare_latency_many
 from ..models import LoadedModel
 from ..workload import OnnxRuntimeModel, Workload, positional
-from .calibration import Inputs
 from .config import QuantConfig
 from .evaluate import accuracy_metric, deviation
 

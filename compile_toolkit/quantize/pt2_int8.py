@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.export import ExportedProgram
 
+from ..capture import Inputs
 from ..errors import CtkError, summary
-from .calibration import Inputs
 
 # What X86InductorQuantizer's pattern matcher looks for, keyed by the ATen op it sees.
 _SOURCES = {torch.ops.aten.conv2d.default: F.conv2d, torch.ops.aten.linear.default: F.linear}

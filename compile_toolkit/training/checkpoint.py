@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 from ..errors import CtkError, summary
 from ..fileio import save_safetensors, staged_path, write_atomic
-from ..models.registry import check_finite
+from ..models.weights import check_finite
 from ..pruning.masks import load_masks, save_masks
 
 KEEP = 2

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import CtkError, summary
+from ..models.weights import state_dict_mismatch
 from ..pruning.masks import Masks
 from ..pruning.recalibrate import recalibrate_batchnorm
 from ..pruning.sparsifier import Sparsifier
@@ -242,10 +243,10 @@ def _warn(message: str) -> None:
 
 def _load_weights(model: nn.Module, checkpoint: Checkpoint, config: TrainConfig) -> None:
     """Checkpoint weights into the CPU model, before it is placed (moved, converted, split on a mesh)."""
-    try:
-        model.load_state_dict(checkpoint.model_state, strict=True)
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise CtkError(f"checkpoint {checkpoint.path} does not fit --model {config.model!r}: {summary(error)}") from error
+    problem = state_dict_mismatch(model.state_dict(), checkpoint.model_state)
+    if problem:
+        raise CtkError(f"checkpoint {checkpoint.path} does not fit --model {config.model!r}: {problem}")
+    model.load_state_dict(checkpoint.model_state, strict=True)
 
 
 def _restore_state(checkpoint: Checkpoint, config: TrainConfig, optimizer: torch.optim.Optimizer,

@@ -1,0 +1,44 @@
+"""What every model spec loads to (:class:`LoadedModel`), and the seeded inputs and weights that
+make two loads of one spec the same model on the same example."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compile_toolkit.errors import CtkError, summary
+
+from .digits import Dataset
+
+INPUT_SEED = 0
+INIT_SEED = 0
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture: ``module`` is in eval mode and runs on ``example_inputs``.
+
+    ``notes`` says what loading changed that the user did not ask for in so many words (weights
+    converted to the model's dtype), for reports to repeat. ``task`` is the task the model was
+    built for when the spec says (``hf:`` folders), and ``tokenizer`` the one it came with."""
+
+    name: str
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    dataset: Dataset | None
+    notes: list[str] = field(default_factory=list)
+    task: str | None = None
+    tokenizer: Any = None
+
+
+def random_input(shape: tuple[int, ...], draw: Callable[..., torch.Tensor] = torch.randn) -> torch.Tensor:
+    """Seeded input (standard normal, or ``draw``'s distribution), so every load of a spec sees the same example."""
+    generator = torch.Generator().manual_seed(INPUT_SEED)
+    try:
+        return draw(shape, generator=generator)
+    except RuntimeError as exc:  # under MAX_INPUT_BYTES, and still more than this machine can give
+        raise CtkError(f"cannot allocate an example input of shape {list(shape)}: {summary(exc)}") from exc
