@@ -7,7 +7,7 @@ import copy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class ExportJob:
     calibration_method: str = "minmax"
     max_metric_drop: float = 1.0  # points of test accuracy the int8 stripped model may lose
     recipe: str | None = None  # a YAML recipe whose quantize: section replaces the three options above
-    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def out_dir(self) -> Path:
@@ -131,7 +130,8 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
     """Run the job and return the report (also written as report.json and report.md)."""
     job.validate()
     trained = _read_checkpoint(job) if job.checkpoint is not None else None
-    timed = _timer(job, step)
+    seconds: dict[str, float] = {}
+    timed = _timer(seconds, step)
     with staged_folder(job.out_dir, force=job.force) as staging:
         with timed("load model"):
             loaded, work = load_workload(job.model, job.data, job.weights, job.input_shape, job.batch_size, job.task,
@@ -177,7 +177,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         report["artifacts"] = [_relative(a.to_dict(), staging) for a in artifacts]
         report.update(_sparse_onnx_ratio(artifacts))
         report["dense"]["artifacts"] = [_relative(a.to_dict(), staging) for a in dense_artifacts]
-        report["seconds"] = dict(job.seconds)
+        report["seconds"] = seconds
         report["environment"] = _environment()
         write_reports(report, staging)
     report["out"] = str(job.out_dir)
@@ -207,13 +207,15 @@ def _sparse_onnx_ratio(artifacts: list) -> dict[str, Any]:
     return {"sparse_onnx": {"onnx_bytes": dense, "sparse_bytes": sparse, "ratio": sparse / dense}}
 
 
-def _timer(job: ExportJob, step: Step | None) -> Callable[[str], AbstractContextManager]:
+def _timer(seconds: dict[str, float], step: Step | None) -> Callable[[str], AbstractContextManager]:
+    """``timed(name)``: a block shown as a progress step, its wall time recorded in ``seconds``."""
+
     @contextlib.contextmanager
     def timed(name: str) -> Iterator[None]:
         started = time.perf_counter()
         with step(name) if step else contextlib.nullcontext():
             yield
-        job.seconds[name] = round(time.perf_counter() - started, 3)
+        seconds[name] = round(time.perf_counter() - started, 3)
 
     return timed
 

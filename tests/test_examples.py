@@ -3,10 +3,12 @@ models, and the package docstring's, in a scratch folder (they write ``out/``)."
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import compile_toolkit as ctk
 from compile_toolkit.models import load_model
@@ -60,3 +62,65 @@ def test_language_model_example_runs_on_a_small_llama(tmp_path, monkeypatch):
     assert scope["report"].zeroed > 0 and ctk.strip_summary(scope["stripped"]).channels_removed > 0
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf")
     assert reloaded.config.intermediate_size == 48  # 64 neurons, a quarter removed
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def docs_blocks(name: str, language: str = "python") -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", (DOCS / name).read_text(), re.S)
+
+
+def digits_scope(code: str) -> dict[str, object]:
+    """What the guides' fragments take as given on the built-in model: the model, its inputs and
+    data, a training batch with its loss and optimizer, and (when the fragment names it) the
+    stripped model."""
+    import torch.nn.functional as F
+
+    loaded = load_model()
+    full = loaded.dataset  # a quarter of it where a fragment trains (the recipe's schedule needs the steps)
+    data = full if "recipe" in code else dataclasses.replace(full, x_train=full.x_train[:320], y_train=full.y_train[:320],
+                               x_test=full.x_test[:128], y_test=full.y_test[:128])
+    model = loaded.module.train()
+    scope = {"ctk": ctk, "model": model, "example_inputs": loaded.example_inputs, "dataset": data,
+             "x": data.x_train[:32], "y": data.y_train[:32], "loss_fn": F.cross_entropy, "steps": 3,
+             "optimizer": torch.optim.SGD(model.parameters(), lr=0.01), "images": data.x_train[:32],
+             "batches": [(b,) for b in data.x_train[:32].split(8)], "x_val": data.x_test, "y_val": data.y_test}
+    if "stripped" in code and "stripped =" not in code:
+        scope["stripped"] = ctk.strip(load_model().module, loaded.example_inputs)
+    return scope
+
+
+@pytest.mark.parametrize("guide", ["pruning.md", "quantization.md"])
+def test_every_guide_fragment_runs(guide, tmp_path, monkeypatch):
+    """Each Python fragment of the guide runs as printed, in order (a fragment may use what an
+    earlier one imported), on the built-in model (torchvision's ResNet-18 for the one naming its
+    layers, a 2-layer BERT for attention heads), with recipe.yaml being the guide's own recipe."""
+    from test_workloads import bert_encoder
+
+    from compile_toolkit.pruning import importance
+
+    monkeypatch.chdir(tmp_path)
+    if guide == "pruning.md":
+        (tmp_path / "recipe.yaml").write_text(docs_blocks(guide, "yaml")[0])
+    blocks, carried, ran = docs_blocks(guide), {}, 0
+    for number, code in enumerate(blocks):
+        givens = digits_scope(code)
+        if "layer4" in code:
+            resnet = load_model("torchvision:resnet18", input_shape=(1, 3, 64, 64))
+            givens.update(model=resnet.module, example_inputs=resnet.example_inputs)
+        if "attention_head" in code:
+            bert = load_model(f"hf:{bert_encoder(tmp_path / 'bert')}")
+            vocab = bert.module.model.config.vocab_size
+            ids, mask = torch.randint(0, vocab, (32, 8)), torch.ones(32, 8, dtype=torch.long)
+            givens.update(model=bert.module, example_inputs=bert.example_inputs, ids=ids, mask=mask)
+        scope = {**carried, **givens}
+        try:
+            exec(compile(code, f"<{guide} block {number}>", "exec"), scope)  # noqa: S102 - the fragment is the test
+        finally:
+            importance._REGISTRY.pop("my_score", None)  # the template registers a criterion
+        carried.update({name: value for name, value in scope.items() if name not in givens})
+        ran += 1
+    assert ran == len(blocks) >= (9 if guide == "pruning.md" else 1)
+    if guide == "quantization.md":
+        assert (tmp_path / "out" / "model.int8.onnx").is_file()
