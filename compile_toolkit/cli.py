@@ -233,9 +233,31 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from .prune_job import handle
+    """``ctk prune``: run the job, then print the sparsity of every layer as a table."""
+    from rich.table import Table
 
-    return handle(args)
+    from .prune_job import PruneJob, run
+    from .pruning.llm.plan import PruneOptions
+
+    given = [args.structure, args.method, args.importance, args.pattern, args.calibration_samples, args.per_layer]
+    options = (PruneOptions(args.sparsity, args.structure, args.importance, args.method, args.pattern,
+                            args.calibration_samples, args.per_layer) if any(given) else None)
+    summary = run(
+        PruneJob(recipe=args.recipe, model=args.model, weights=args.weights, input_shape=args.input_shape, out=args.out,
+                 force=args.force, options=options, data=args.data, seq_len=args.seq_len)
+    )
+    table = Table(title=f"{summary['model']}: sparsity per layer")
+    table.add_column("parameter")
+    table.add_column("sparsity", justify="right")
+    for name, sparsity in summary["layer_sparsity"].items():
+        table.add_row(name, f"{sparsity:.1%}")
+    table.add_row("[bold]all matrices and kernels[/bold]", f"[bold]{summary['sparsity']:.1%}[/bold]")
+    console = Console()
+    console.print(table)
+    for note in summary["notes"]:
+        console.print(f"note: {note}", soft_wrap=True)
+    console.print(f"weights: {summary['weights']}\nmasks: {summary['masks']}", soft_wrap=True)
+    return 0
 
 
 def _strip(args: argparse.Namespace) -> int:

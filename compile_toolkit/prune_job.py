@@ -148,28 +148,3 @@ def _load_weights(module: nn.Module, path: str, notes: list[str]) -> Masks:
     notes += converted
     return masks
 
-
-def handle(args: Any) -> int:
-    """The ``ctk prune`` command: run the job and print per-layer sparsity as a table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    given = [args.structure, args.method, args.importance, args.pattern, args.calibration_samples, args.per_layer]
-    options = (PruneOptions(args.sparsity, args.structure, args.importance, args.method, args.pattern,
-                            args.calibration_samples, args.per_layer) if any(given) else None)
-    summary = run(
-        PruneJob(recipe=args.recipe, model=args.model, weights=args.weights, input_shape=args.input_shape, out=args.out,
-                 force=args.force, options=options, data=args.data, seq_len=args.seq_len)
-    )
-    table = Table(title=f"{summary['model']}: sparsity per layer")
-    table.add_column("parameter")
-    table.add_column("sparsity", justify="right")
-    for name, sparsity in summary["layer_sparsity"].items():
-        table.add_row(name, f"{sparsity:.1%}")
-    table.add_row("[bold]all matrices and kernels[/bold]", f"[bold]{summary['sparsity']:.1%}[/bold]")
-    console = Console()
-    console.print(table)
-    for note in summary["notes"]:
-        console.print(f"note: {note}", soft_wrap=True)
-    console.print(f"weights: {summary['weights']}\nmasks: {summary['masks']}", soft_wrap=True)
-    return 0
