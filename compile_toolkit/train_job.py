@@ -22,13 +22,14 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``ctk train`` with its options (defaults from :class:`TrainConfig`)."""
     train = commands.add_parser(
         "train",
-        help="sparse-train a model (single process, DDP under torchrun, or XLA SPMD) with checkpoints",
+        help="sparse-train a model (single process, DDP, FSDP2 or tensor parallel under torchrun, or XLA SPMD) "
+        "with checkpoints",
         description="Train a model on your data (an image folder, text files, file.py:factory) or the built-in "
         "digits set while a gradual schedule prunes it "
         "(weights by magnitude or N:M, or whole channels with --prune-method channel); "
         "evaluate the task's metric on the validation split every epoch; "
         "write resumable checkpoints (model, masks, optimizer, RNG), a JSON metrics log and a plot. "
-        "DDP: torchrun --nproc-per-node N -m compile_toolkit train --strategy ddp ... (see docs/ddp.md). "
+        "Several processes: ctk train --nproc-per-node N --strategy ddp|fsdp|tp ... (see docs/ddp.md, docs/parallel.md). "
         "Export the result with: ctk export --pruned --checkpoint DIR.",
     )
     add = train.add_argument
@@ -95,8 +96,12 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--no-recalibrate-bn", dest="recalibrate_bn", action="store_false",
         help="keep the batch-norm statistics training left, instead of re-estimating them over the training "
         "split once a pruning run ends")
-    add("--mesh", default=DEFAULTS.mesh, help="SPMD device mesh DATAxMODEL (default 1x1)")
+    add("--mesh", default=DEFAULTS.mesh,
+        help="device mesh DATAxMODEL of --strategy spmd and tp (default 1x1; tp: 1x1 puts every rank on the model axis)")
     add("--fsdp", action="store_true", help="SPMD: shard parameters along the data axis (FSDPv2)")
+    add("--cpu-offload", action="store_true", help="fsdp: keep parameter shards, gradients and the optimizer on the CPU")
+    add("--tp-plan", help="tp: a JSON file {module name: \"colwise\" | \"rowwise\"} replacing the plan derived from "
+        "the model")
     add("--log-dir", help="folder for metrics.json (per-step loss, sparsity, throughput) and metrics.png")
     train.set_defaults(command=run_train)
 
