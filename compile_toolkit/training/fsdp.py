@@ -43,7 +43,7 @@ class FsdpStrategy(ShardedStrategy):
         policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} \
             if self.bf16 else {}
         if self.offload:
-            policy["offload_policy"] = CPUOffloadPolicy()
+            policy["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")  # pinning needs CUDA
         shard(model, self.mesh, policy)
 
     def no_sync(self, trained: nn.Module) -> contextlib.AbstractContextManager:
@@ -54,8 +54,17 @@ class FsdpStrategy(ShardedStrategy):
 
 
 def shard(model: nn.Module, mesh: DeviceMesh, policy: dict) -> list[str]:
-    """``fully_shard`` every block of ``model`` (see :func:`blocks`) and then ``model``; returns the blocks' names."""
+    """``fully_shard`` every block of ``model`` (see :func:`blocks`) and then ``model``; returns the blocks' names.
+
+    Under a bf16 ``mp_policy`` each batch norm is its own unit computing in fp32 (its inputs cast
+    up): its running statistics are fp32 buffers, which ``batch_norm`` cannot mix with bf16 weights."""
     names = blocks(model)
+    if "mp_policy" in policy:
+        fp32 = {**policy, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)}
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                fully_shard(module, mesh=mesh, **fp32)
+        names = [name for name in names if not isinstance(model.get_submodule(name), nn.modules.batchnorm._BatchNorm)]
     for name in names:
         fully_shard(model.get_submodule(name), mesh=mesh, **policy)
     fully_shard(model, mesh=mesh, **policy)
