@@ -103,7 +103,11 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--tp-plan", help="tp: a JSON file {module name: \"colwise\" | \"rowwise\"} replacing the plan derived from "
         "the model")
     add("--log-dir", help="folder for metrics.json (per-step loss, sparsity, throughput) and metrics.png")
-    train.set_defaults(command=run_train)
+    add("--nproc-per-node", type=int,
+        help="start N worker processes on this machine under torchrun's elastic agent (ddp, fsdp, tp)")
+    add("--max-restarts", type=int, default=0,
+        help="with --nproc-per-node: restart all workers up to N times when one fails (add --resume)")
+    train.set_defaults(command=run_train, train_parser=train)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -116,6 +120,11 @@ def run_train(args: argparse.Namespace) -> int:
     from .training import train
 
     config = config_from_args(args)
+    if args.nproc_per_node is not None:
+        from .training.launch import launch, worker_argv
+
+        config.validate()  # one error here, not one per worker
+        return launch(worker_argv(args.train_parser, args), args.nproc_per_node, args.max_restarts)
     result = train(config)
     if os.environ.get("RANK", "0") != "0":
         return 0

@@ -59,9 +59,13 @@ def root(tmp_path_factory) -> Path:
     return folder
 
 
-def test_fsdp_two_ranks_hold_half_the_weights_and_train_like_one_process(root):
+@pytest.fixture(scope="module")
+def single(root):
+    return train(TrainConfig(model=f"{root / 'tiny.py'}:tiny", **OPTIONS))
+
+
+def test_fsdp_two_ranks_hold_half_the_weights_and_train_like_one_process(root, single):
     spec = f"{root / 'tiny.py'}:tiny"
-    single = train(TrainConfig(model=spec, **OPTIONS))
     run = torchrun("fsdp", 2, spec, root / "fsdp", OPTIONS)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "(fsdp, 2 process(es))" in run.stdout
@@ -72,11 +76,6 @@ def test_fsdp_two_ranks_hold_half_the_weights_and_train_like_one_process(root):
     assert meta["placements"]["0.weight"] == "S(0) local (4, 1, 3, 3)"
     files = sorted(p.name for p in (root / "fsdp" / "ckpt" / "step-00000012").iterdir())
     assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json", "meta.json", "train_state.pt"]
-
-    diverged = torchrun("fsdp", 2, spec, root / "diverged", OPTIONS, env={"CTK_CORRUPT_MASK_RANK": "1"})
-    assert diverged.returncode != 0
-    assert "ctk: error: sparsity masks differ between ranks at step 1 (checksums rank 0:" in diverged.stderr
-    assert not (root / "diverged" / "ckpt" / "latest").exists()
 
 
 def test_dcp_checkpoint_of_four_ranks_resumes_on_two_and_exports(root, capsys):
@@ -108,3 +107,30 @@ def test_dcp_checkpoint_of_four_ranks_resumes_on_two_and_exports(root, capsys):
     assert main(["train", "--model", spec, *_flags(options), "--checkpoint-dir", str(folder / "ckpt"), "--resume"]) == 1
     assert "was written sharded (DCP) by --strategy fsdp or tp; resume it with such a strategy" in \
         capsys.readouterr().err
+
+
+def test_ctk_train_launches_its_workers_and_restarts_a_killed_one(root, single):
+    """``--nproc-per-node`` runs torchrun's agent in the ``ctk train`` process; rank 1 exits at step
+    6 on the first attempt (the documented fault injection), all restart and resume from step 4.
+    Without restarts, a shard whose mask differs from the one every rank computed stops the run."""
+
+    def ctk_train(folder: Path, restarts: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "compile_toolkit", "train", "--nproc-per-node", "2", "--max-restarts",
+                   str(restarts), "--strategy", "fsdp", "--model", f"{root / 'tiny.py'}:tiny", *_flags(OPTIONS),
+                   "--resume", "--checkpoint-dir", str(folder / "ckpt"), "--log-dir", str(folder / "log")]
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("CTK_")}
+        return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT,
+                              env={**clean, **env})
+
+    run = ctk_train(root / "launched", 1, {"CTK_FAIL_AT_STEP": "6"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "fault injection: rank 1 exits at step 6" in run.stderr
+    assert "resumed at step 4" in run.stdout and "(fsdp, 2 process(es))" in run.stdout
+    assert_same_training(root / "launched", single)
+
+    diverged = ctk_train(root / "diverged", 0, {"CTK_CORRUPT_MASK_RANK": "1"})
+    assert diverged.returncode == 1
+    assert "ctk: error: sparsity masks differ between ranks at step 1 (checksums rank 0:" in diverged.stderr
+    assert "ctk: error: training workers failed after 0 restart(s): rank 0 (exit code 1), rank 1 (exit code 1)" \
+        in diverged.stderr
+    assert not (root / "diverged" / "ckpt" / "latest").exists()
