@@ -145,11 +145,11 @@ class ShardedStrategy(DdpStrategy):
         return model  # fully_shard and parallelize_module change the module in place
 
     def split(self, model: nn.Module) -> None:
-        """Split ``model``'s parameters over the mesh, in place (the subclass's engine)."""
+        """Split ``model``'s parameters (on the CPU) over the mesh, in place, each rank's shards
+        moved to its device (the subclass's engine)."""
         raise NotImplementedError
 
     def shard(self, model: nn.Module, sparsifier: Sparsifier) -> Sparsifier:
-        model.to(self.device)
         self.split(model)
         self.sparsifier = ShardedSparsifier.adopt(sparsifier, model, self.device)
         return self.sparsifier

@@ -85,6 +85,7 @@ class TpStrategy(ShardedStrategy):
             parallelize_module(model, self.mesh["model"], {name: STYLES[style]() for name, style in self.plan.items()})
         if self.fsdp:
             shard(model, self.mesh["data"], {})
+        model.to(self.device)  # what neither split: the replicated layers and the buffers
 
     def no_sync(self, trained: nn.Module) -> contextlib.AbstractContextManager:
         return without_gradient_sync(trained) if self.fsdp else contextlib.nullcontext()
