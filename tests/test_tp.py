@@ -87,3 +87,31 @@ def test_plans_from_the_graph_and_bad_plan_files(tmp_path):
         read_plan(str(tmp_path / "nowhere.json"), model, 2)
     path.write_text('{"6": "rowwise"}')
     assert read_plan(str(path), model, 2) == {"6": "rowwise"}
+
+
+def test_tp_splits_llama_attention_by_key_value_groups_like_one_process(tmp_path):
+    """A transformers Llama (4 heads, 2 key/value groups) on 2 ranks, from the model's own plan: q/k/v
+    split by heads, o_proj by input features, the gated MLP column/row; lm_head stays whole."""
+    from test_workloads import corpus_txt, llama_lm
+
+    from compile_toolkit.workload import load_workload
+
+    model, text = llama_lm(tmp_path / "llama"), corpus_txt(tmp_path / "corpus.txt")
+    options = dict(data=str(text), seq_len=16, batch_size=8, max_steps=6, prune_frequency=2, evaluate=False,
+                   checkpoint_every=6)
+    loaded, _ = load_workload(f"hf:{model}", str(text), None, None, 8, None, seq_len=16)
+    layer = "model.model.layers.0"
+    plan = derive_plan(loaded.module, 2)
+    assert len(plan) == 14 and plan[f"{layer}.self_attn.k_proj"] == "colwise"
+    assert plan[f"{layer}.self_attn.o_proj"] == plan[f"{layer}.mlp.down_proj"] == "rowwise"
+    # 4 ranks do not divide 2 key/value groups: attention stays whole, the MLPs still split.
+    assert sorted(derive_plan(loaded.module, 4)) == sorted(n for n in plan if ".mlp." in n)
+    single = train(TrainConfig(model=f"hf:{model}", **options))
+    run = torchrun("tp", 2, f"hf:{model}", tmp_path / "tp", {k: v for k, v in options.items() if k != "evaluate"},
+                   ("--no-eval",))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "left replicated on the model axis (no column/row pair): model.lm_head" in run.stderr
+    assert_same_training(tmp_path / "tp", single)
+    meta = log_of(tmp_path / "tp")["meta"]
+    assert meta["placements"][f"{layer}.self_attn.k_proj.weight"] == "S(0) local (8, 32)"  # 1 of 2 groups of 8
+    assert meta["local_parameters"][0] < 0.6 * meta["parameters"]

@@ -5,7 +5,9 @@ elementwise operations between them, as in an MLP) the first is column parallel 
 features, and rows of its weight, split over the axis) and the second row parallel (its input
 features split; its partial outputs are summed), so the hidden activation between them is never
 gathered and the pair's output is whole again on every rank. The pairs are found in the model's
-``torch.fx`` graph; every other layer stays replicated, and the log says which. ``--tp-plan
+``torch.fx`` graph, or for a ``transformers`` model taken from its own declared plan (attention
+split by heads and key/value groups, gated MLPs); every other layer stays replicated, and the
+log says which. ``--tp-plan
 file.json`` (``{module name: "colwise" | "rowwise"}``) replaces the derived plan.
 
 The ``data`` axis splits the global batch; with more than one rank on it, FSDP2 shards every
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import operator
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -98,9 +101,13 @@ class TpStrategy(ShardedStrategy):
 
 
 def derive_plan(model: nn.Module, size: int) -> dict[str, str]:
-    """Module name -> ``colwise``/``rowwise`` for every pair of linear layers where the first one's
-    output reaches the second one only through elementwise operations, and ``size`` divides the
-    hidden features. Empty when ``torch.fx`` cannot trace the model (the log says all is replicated)."""
+    """Module name -> ``colwise``/``rowwise``: a ``transformers`` model's own plan (see
+    :func:`transformers_plan`), else every pair of linear layers where the first one's output
+    reaches the second one only through elementwise operations, and ``size`` divides the hidden
+    features. Empty when ``torch.fx`` cannot trace the model (the log says all is replicated)."""
+    found = transformers_plan(model, size)
+    if found is not None:
+        return found
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as error:  # fx raises TraceError, TypeError, NotImplementedError... on dynamic code
@@ -125,6 +132,42 @@ def derive_plan(model: nn.Module, size: int) -> dict[str, str]:
                 break
             current = user
     return plan
+
+
+def transformers_plan(model: nn.Module, size: int) -> dict[str, str] | None:
+    """The plan a ``transformers`` model declares for its base model (``config.base_model_tp_plan``:
+    attention q/k/v column-parallel, split by heads and key/value groups, and the output projection
+    row-parallel; the MLP's gate/up column-, down row-parallel), its ``colwise``/``rowwise`` entries
+    expanded to this model's module names. A block whose layers ``size`` does not divide (heads,
+    key/value heads or features) stays whole. None when no module declares a plan."""
+    for prefix, module in model.named_modules():
+        config = getattr(module, "config", None)
+        declared = getattr(config, "base_model_tp_plan", None)
+        if not declared:
+            continue
+        base_name = getattr(module, "base_model_prefix", "")
+        if isinstance(getattr(module, base_name, None), nn.Module):
+            prefix = f"{prefix}.{base_name}" if prefix else base_name
+        base = model.get_submodule(prefix)
+        heads = getattr(config, "num_attention_heads", size)
+        groups = getattr(config, "num_key_value_heads", None) or heads
+        patterns = [(re.compile(re.escape(key).replace(r"\*", r"[^.]+") + "$"), style)
+                    for key, style in declared.items() if style in STYLES]
+        plan: dict[str, str] = {}
+        for name, layer in base.named_modules():
+            style = next((style for pattern, style in patterns if pattern.match(name)), None)
+            if style is not None and isinstance(layer, nn.Linear):
+                plan[f"{prefix}.{name}" if prefix else name] = style
+        whole = {name.rpartition(".")[0] for name, style in plan.items()
+                 if _indivisible(model.get_submodule(name), style, size)
+                 or ("attn" in name or "attention" in name) and (heads % size or groups % size)}
+        return {name: style for name, style in plan.items() if name.rpartition(".")[0] not in whole}
+    return None
+
+
+def _indivisible(layer: nn.Module, style: str, size: int) -> bool:
+    features = layer.out_features if style == "colwise" else layer.in_features
+    return bool(features % size)
 
 
 def _linear(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Linear | None:
