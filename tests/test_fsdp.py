@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,14 +110,17 @@ def test_dcp_checkpoint_of_four_ranks_resumes_on_two_and_exports(root, capsys):
         capsys.readouterr().err
 
 
-def test_ctk_train_launches_its_workers_and_restarts_a_killed_one(root, single):
+def test_ctk_train_launches_its_workers_and_restarts_a_killed_one(root):
     """``--nproc-per-node`` runs torchrun's agent in the ``ctk train`` process; rank 1 exits at step
     6 on the first attempt (the documented fault injection), all restart and resume from step 4.
+    Steps in 2 micro-batches (FSDP2 reduces the gradients of the last one only), as one process does.
     Without restarts, a shard whose mask differs from the one every rank computed stops the run."""
+    options = {**OPTIONS, "accumulate": 2}
+    single = train(TrainConfig(model=f"{root / 'tiny.py'}:tiny", **options))
 
     def ctk_train(folder: Path, restarts: int, env: dict[str, str]) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "compile_toolkit", "train", "--nproc-per-node", "2", "--max-restarts",
-                   str(restarts), "--strategy", "fsdp", "--model", f"{root / 'tiny.py'}:tiny", *_flags(OPTIONS),
+                   str(restarts), "--strategy", "fsdp", "--model", f"{root / 'tiny.py'}:tiny", *_flags(options),
                    "--resume", "--checkpoint-dir", str(folder / "ckpt"), "--log-dir", str(folder / "log")]
         clean = {k: v for k, v in os.environ.items() if not k.startswith("CTK_")}
         return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT,
@@ -131,6 +135,7 @@ def test_ctk_train_launches_its_workers_and_restarts_a_killed_one(root, single):
     diverged = ctk_train(root / "diverged", 0, {"CTK_CORRUPT_MASK_RANK": "1"})
     assert diverged.returncode == 1
     assert "ctk: error: sparsity masks differ between ranks at step 1 (checksums rank 0:" in diverged.stderr
-    assert "ctk: error: training workers failed after 0 restart(s): rank 0 (exit code 1), rank 1 (exit code 1)" \
-        in diverged.stderr
+    # Which ranks the agent saw fail first varies: the one it stopped has no exit code of its own.
+    assert re.search(r"ctk: error: training workers failed after 0 restart\(s\): rank \d \(exit code 1\)",
+                     diverged.stderr)
     assert not (root / "diverged" / "ckpt" / "latest").exists()

@@ -7,9 +7,9 @@ Under PyTorch's own engines a parameter is a ``DTensor``: each rank holds a shar
 - every mask is a ``DTensor`` with its weight's mesh and placements, so a rank holds the mask of
   exactly the weights it holds, and :func:`~..pruning.masks.apply_masks` and
   :func:`~..pruning.masks.mask_gradients` zero the local shard of the weight and of its gradient;
-- a mask update gathers the full weights (``full_tensor()``, one copy of the targeted weights for
-  the length of the update) and runs the one :class:`~..pruning.sparsifier.Sparsifier`
-  computation on them, so magnitude (layer or global top-k), N:M and coupled channel groups are
+- a mask update gathers the full weights (``full_tensor()``: one at a time on the device for
+  per-layer magnitude and N:M, all of them on the CPU for global magnitude and channel groups)
+  and runs the one :class:`~..pruning.sparsifier.Sparsifier` computation on them, so magnitude (layer or global top-k), N:M and coupled channel groups are
   the masks of the full weights on every rank, ties and all; each rank keeps its shard;
 - the cross-rank check: every rank hashes the full masks it computed and the masks its shards
   assemble to (``full_tensor()`` of the held masks), all ranks all-gather both, and every value
@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import CtkError
@@ -39,8 +38,15 @@ from .sync_batchnorm import convert_sync_batchnorm
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on every rank (a collective for a sharded ``DTensor``)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    """The whole tensor on every rank (a collective for a sharded ``DTensor``). A shard offloaded to
+    the CPU (``--cpu-offload``) is gathered on its mesh's device: NCCL moves no CPU tensors."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    mesh = tensor.device_mesh
+    if tensor.device.type != mesh.device_type:
+        tensor = DTensor.from_local(tensor.to_local().to(mesh.device_type), mesh, tensor.placements,
+                                    shape=tensor.shape, stride=tensor.stride())
+    return tensor.full_tensor()
 
 
 def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -61,38 +67,49 @@ class ShardedSparsifier(Sparsifier):
     decided: int | None = None  # checksum of the full masks this rank computed at the last update
 
     @classmethod
-    def adopt(cls, sparsifier: Sparsifier, model: nn.Module, device: torch.device) -> ShardedSparsifier:
-        """``sparsifier``'s schedule, settings and masks, rebound to ``model``'s (now split) parameters."""
+    def adopt(cls, sparsifier: Sparsifier, model: nn.Module) -> ShardedSparsifier:
+        """``sparsifier``'s schedule, settings and masks (and channel plan, on the CPU), rebound to
+        ``model``'s now split parameters."""
         sharded = cls.__new__(cls)
         sharded.__dict__.update(sparsifier.__dict__)
         sharded.model = model
         sharded.weights = {name: model.get_parameter(name) for name in sparsifier.weights}
         sharded.masks = {name: shard_like(mask, sharded.weights[name]) for name, mask in sparsifier.masks.items()}
-        if sharded.plan is not None:
-            sharded.plan = sharded.plan.to(device)
         sharded.decided = None
         return sharded
 
     @torch.no_grad()
     def update(self, step: int) -> bool:
+        """The base class's masks, computed on full weights: one weight at a time on its device for
+        per-layer magnitude and N:M (one whole weight at a time), all together on the CPU when one
+        choice spans weights (global magnitude, channel groups)."""
         self.step = step
         if not self.schedule.is_update_step(step):
             return False
-        old = {name: full(mask) for name, mask in self.masks.items()}
-        with self._whole(old):
-            computed = self._compute(step)
-        decided = {name: mask.to(old[name].device) & old[name] for name, mask in computed.items()}
-        changed = any(not torch.equal(decided[name], old[name]) for name in decided)
+        names = list(self.weights)
+        alone = self.plan is None and self.scope == "layer"
+        decided: Masks = {}
+        changed = False
+        for group in [[name] for name in names] if alone else [names]:
+            old = {name: full(self.masks[name]) if alone else full(self.masks[name]).cpu() for name in group}
+            with self._whole(old, alone):
+                computed = self._compute(step)
+            for name in group:
+                mask = computed[name].to(old[name].device) & old[name]
+                changed = changed or not torch.equal(mask, old[name])
+                self.masks[name] = shard_like(mask, self.weights[name])
+                decided[name] = mask.cpu()
         self.decided = mask_checksum(decided)
-        self.masks = {name: shard_like(mask, self.weights[name]) for name, mask in decided.items()}
         self.apply()
         return changed
 
     @contextlib.contextmanager
-    def _whole(self, masks: Masks) -> Iterator[None]:
-        """The full weights and ``masks`` in place of the shards while the base class computes."""
+    def _whole(self, masks: Masks, on_device: bool) -> Iterator[None]:
+        """The full weights named by ``masks`` (on their device, or the CPU) and ``masks`` in place of
+        the shards while the base class computes."""
         sharded_weights, sharded_masks = self.weights, self.masks
-        self.weights = {name: full(weight.detach()) for name, weight in sharded_weights.items()}
+        self.weights = {name: full(sharded_weights[name].detach()) if on_device else
+                        full(sharded_weights[name].detach()).cpu() for name in masks}
         self.masks = masks
         try:
             yield
@@ -151,12 +168,12 @@ class ShardedStrategy(DdpStrategy):
 
     def shard(self, model: nn.Module, sparsifier: Sparsifier) -> Sparsifier:
         self.split(model)
-        self.sparsifier = ShardedSparsifier.adopt(sparsifier, model, self.device)
+        self.sparsifier = ShardedSparsifier.adopt(sparsifier, model)
         return self.sparsifier
 
     def check_masks(self, masks: Masks, step: int) -> None:
         decided = self.sparsifier.decided
-        held = mask_checksum({name: full(mask) for name, mask in masks.items()})
+        held = mask_checksum({name: full(mask).cpu() for name, mask in masks.items()})
         mine = torch.tensor([decided if decided is not None else held, held], dtype=torch.int64, device=self.device)
         every = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine)
@@ -178,10 +195,10 @@ class ShardedStrategy(DdpStrategy):
                 "local_parameters": [int(t.item()) for t in every], "placements": placements(model)}
 
     def finish(self, model: nn.Module) -> nn.Module:
-        """An ordinary CPU module with the full weights (every rank gathers them)."""
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        """An ordinary CPU module with the full weights (every rank gathers them one tensor at a time)."""
         plain = self.plain
-        plain.load_state_dict({name: tensor.cpu() for name, tensor in state.items()}, strict=False, assign=True)
+        state = {name: full(tensor).detach().cpu() for name, tensor in model.state_dict().items()}
+        plain.load_state_dict(state, assign=True)
         for name, buffer in model.named_buffers():  # non-persistent ones too (the state dict lacks them)
             owner, _, leaf = name.rpartition(".")
             plain.get_submodule(owner)._buffers[leaf] = full(buffer).detach().cpu()
