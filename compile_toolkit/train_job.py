@@ -22,13 +22,14 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``ctk train`` with its options (defaults from :class:`TrainConfig`)."""
     train = commands.add_parser(
         "train",
-        help="sparse-train a model (single process, DDP under torchrun, or XLA SPMD) with checkpoints",
+        help="sparse-train a model (single process, DDP, FSDP2 or tensor parallel under torchrun, or XLA SPMD) "
+        "with checkpoints",
         description="Train a model on your data (an image folder, text files, file.py:factory) or the built-in "
         "digits set while a gradual schedule prunes it "
         "(weights by magnitude or N:M, or whole channels with --prune-method channel); "
         "evaluate the task's metric on the validation split every epoch; "
         "write resumable checkpoints (model, masks, optimizer, RNG), a JSON metrics log and a plot. "
-        "DDP: torchrun --nproc-per-node N -m compile_toolkit train --strategy ddp ... (see docs/ddp.md). "
+        "Several processes: ctk train --nproc-per-node N --strategy ddp|fsdp|tp ... (see docs/ddp.md, docs/parallel.md). "
         "Export the result with: ctk export --pruned --checkpoint DIR.",
     )
     add = train.add_argument
@@ -95,10 +96,18 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--no-recalibrate-bn", dest="recalibrate_bn", action="store_false",
         help="keep the batch-norm statistics training left, instead of re-estimating them over the training "
         "split once a pruning run ends")
-    add("--mesh", default=DEFAULTS.mesh, help="SPMD device mesh DATAxMODEL (default 1x1)")
+    add("--mesh", default=DEFAULTS.mesh,
+        help="device mesh DATAxMODEL of --strategy spmd and tp (default 1x1; tp: 1x1 puts every rank on the model axis)")
     add("--fsdp", action="store_true", help="SPMD: shard parameters along the data axis (FSDPv2)")
+    add("--cpu-offload", action="store_true", help="fsdp: keep parameter shards, gradients and the optimizer on the CPU")
+    add("--tp-plan", help="tp: a JSON file {module name: \"colwise\" | \"rowwise\"} replacing the plan derived from "
+        "the model")
     add("--log-dir", help="folder for metrics.json (per-step loss, sparsity, throughput) and metrics.png")
-    train.set_defaults(command=run_train)
+    add("--nproc-per-node", type=int,
+        help="start N worker processes on this machine under torchrun's elastic agent (ddp, fsdp, tp)")
+    add("--max-restarts", type=int, default=0,
+        help="with --nproc-per-node: restart all workers up to N times when one fails (add --resume)")
+    train.set_defaults(command=run_train, train_parser=train)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -111,6 +120,11 @@ def run_train(args: argparse.Namespace) -> int:
     from .training import train
 
     config = config_from_args(args)
+    if args.nproc_per_node is not None:
+        from .training.launch import launch, worker_argv
+
+        config.validate()  # one error here, not one per worker
+        return launch(worker_argv(args.train_parser, args), args.nproc_per_node, args.max_restarts)
     result = train(config)
     if os.environ.get("RANK", "0") != "0":
         return 0

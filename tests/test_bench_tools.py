@@ -102,3 +102,16 @@ def test_bench_sparse_training_quick(tmp_path):
     assert result["final_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert result["dense_step_ms"] > 0 and result["sparse_step_ms"] > 0 and result["mask_update_ms"] > 0
     assert -0.9 < result["median_overhead"] < 3.0
+
+
+def test_bench_parallel_quick(tmp_path):
+    result = run_tool("bench_parallel.py", tmp_path, "--width", "32", "--depth", "2", "--rounds", "2", "--steps", "1")
+    ddp, fsdp, tp = result["rows"]
+    total = ddp["total"]
+    assert total == 64 * 32 + 32 + 2 * (2 * 32 + 2 * 32 * 128 + 128 + 32) + 32 * 10 + 10
+    assert ddp["per_rank"] == [total] * 2 and fsdp["per_rank"] == [total // 2] * 2
+    # TP splits fc1 and fc2 of both blocks (fc2's bias stays whole); the rest is replicated.
+    split = 2 * (2 * 32 * 128 + 128)
+    assert tp["plan"] == 4 and tp["split"] == split and tp["per_rank"] == [total - split // 2] * 2
+    assert len(result["rounds"]) == 2 and all(row["ratio_to_ddp"] > 0 for row in result["rows"])
+    assert ddp["ratio_to_ddp"] == 1.0

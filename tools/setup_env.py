@@ -76,13 +76,25 @@ def ensure_clone_venv(shared: Path, key: str) -> None:
     stamp = VENV / READY
     project_key = key + hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
     if stamp.exists() and stamp.read_text().strip() == project_key and (VENV / "bin" / "ctk").exists():
+        write_torchrun(VENV)
         return
     shutil.rmtree(VENV, ignore_errors=True)
     _run(sys.executable, "-m", "venv", "--without-pip", VENV)
     site = _site_packages(VENV)
     (site / "_ctk_shared_env.pth").write_text(f"import site; site.addsitedir({str(_site_packages(shared))!r})\n")
     _run(VENV / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", ROOT)
+    write_torchrun(VENV)
     stamp.write_text(project_key + "\n")
+
+
+def write_torchrun(venv: Path) -> None:
+    """``.venv/bin/torchrun``: torch's console scripts live in the shared env's ``bin``, which an
+    activated ``.venv`` does not put on ``PATH``; this one runs torch's launcher with ``.venv``'s python."""
+    script = venv / "bin" / "torchrun"
+    text = f'#!/bin/sh\nexec "{venv / "bin" / "python"}" -m torch.distributed.run "$@"\n'
+    if not script.exists() or script.read_text() != text:
+        script.write_text(text)
+        script.chmod(0o755)
 
 
 def main() -> None:

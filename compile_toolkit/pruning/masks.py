@@ -19,8 +19,8 @@ Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the
 def apply_masks(model: nn.Module, masks: Masks) -> None:
     """Zero every masked weight in place (after each optimizer step, so pruned weights stay 0)."""
     for name, mask in masks.items():
-        param = model.get_parameter(name)
-        param.masked_fill_(~mask.to(device=param.device, dtype=torch.bool), 0)
+        param = local_tensor(model.get_parameter(name))
+        param.masked_fill_(~local_tensor(mask).to(device=param.device, dtype=torch.bool), 0)
 
 
 def mask_gradients(model: nn.Module, masks: Masks) -> None:
@@ -28,7 +28,16 @@ def mask_gradients(model: nn.Module, masks: Masks) -> None:
     for name, mask in masks.items():
         grad = model.get_parameter(name).grad
         if grad is not None:
-            grad.masked_fill_(~mask.to(device=grad.device, dtype=torch.bool), 0)
+            grad = local_tensor(grad)
+            grad.masked_fill_(~local_tensor(mask).to(device=grad.device, dtype=torch.bool), 0)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded ``DTensor`` (FSDP2, tensor parallel; masks are split like
+    their weights), else ``tensor``: DTensor has no sharding rule for ``masked_fill_``, and the
+    shards line up."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
 
 
 def save_masks(path: str | Path, masks: Masks, metadata: dict[str, str] | None = None) -> None:

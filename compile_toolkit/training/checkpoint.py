@@ -9,6 +9,11 @@ A checkpoint is a folder ``step-00000050`` under the checkpoint root holding
 - ``meta.json``: the step and the run's options, readable without torch,
 - ``manifest.json``, written last: the size and SHA-256 of each file above.
 
+A checkpoint of ``--strategy fsdp``/``tp`` holds, instead of the two safetensors files, the
+``torch.distributed.checkpoint`` (DCP) files every rank wrote for its shards (``.metadata``,
+``__<rank>_0.distcp``: model, optimizer and masks, see :mod:`.dcp`), and ``meta.json`` says
+``"format": "dcp"``; :func:`load_checkpoint` consolidates it on one process (``export --checkpoint``).
+
 The folder is written under a temporary name and renamed into place, then the text file
 ``latest`` is replaced (also by rename) to name it. A worker killed at any moment leaves either the
 previous checkpoint or the new one as ``latest``, never a half-written one. Only the newest
@@ -26,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CtkError, summary
-from ..fileio import save_safetensors, staged_path, write_atomic
+from ..fileio import remove_path, replace_path, save_safetensors, sibling_path, write_atomic
 from ..models.weights import check_finite
 from ..pruning.masks import load_masks, save_masks
 
@@ -47,6 +53,7 @@ MASKS_FILE = "masks.safetensors"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
 _STEP_DIR = re.compile(r"step-[0-9]{8}")
 
 
@@ -80,12 +87,8 @@ def save_checkpoint(
     Returns the step folder.
     """
     root = Path(folder)
-    name = f"step-{step:08d}"
+    staging = staging_folder(root, step)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CtkError(f"cannot write checkpoint folder {root}: {error.strerror or error}") from error
-    with staged_path(root / name, folder=True) as staging:
         masks = sparsifier_state.get("masks", {})
         rest = {key: value for key, value in sparsifier_state.items() if key != "masks"}
         save_safetensors({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, staging / MODEL_FILE)
@@ -94,7 +97,34 @@ def save_checkpoint(
             {"step": step, "optimizer": optimizer_state, "sparsifier": rest, "rng": rng}, staging / STATE_FILE
         )
         (staging / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+    except BaseException:
+        remove_path(staging)
+        raise
+    return commit_checkpoint(staging, root, step)
+
+
+def staging_folder(root: Path, step: int) -> Path:
+    """A new empty hidden folder under ``root`` to write the checkpoint of ``step`` into."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = sibling_path(root / f"step-{step:08d}", "tmp")
+        staging.mkdir()
+    except OSError as error:
+        raise CtkError(f"cannot write checkpoint folder {root}: {error.strerror or error}") from error
+    return staging
+
+
+def commit_checkpoint(staging: Path, root: Path, step: int) -> Path:
+    """Seal the written ``staging`` folder with its manifest, put it in place as ``root/step-*``
+    (flushed to disk, an older copy of the same step replaced whole), point ``latest`` at it and
+    drop old checkpoints; returns the step folder."""
+    name = f"step-{step:08d}"
+    try:
         write_manifest(staging)
+        replace_path(staging, root / name)
+    except BaseException:
+        remove_path(staging)
+        raise
     write_atomic(root / LATEST, (name + "\n").encode())
     _drop_old(root, keep_name=name)
     return root / name
@@ -111,12 +141,14 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return Path(folder) / name
 
 
-def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+def load_checkpoint(folder: str | os.PathLike, consolidate: bool = True) -> Checkpoint:
     """Read a checkpoint: a checkpoint root (its ``latest``) or one ``step-*`` folder.
 
     Nothing is unpickled: tensors come from safetensors and ``train_state.pt`` is read with
     ``weights_only=True``. A missing or damaged file (checked against ``manifest.json`` first) is
-    a :class:`CtkError` naming it.
+    a :class:`CtkError` naming it. A DCP checkpoint (fsdp/tp) is consolidated into full CPU
+    tensors in this process, or with ``consolidate=False`` left for the ranks to load their shards
+    (its ``model_state``, ``optimizer_state`` and masks are then empty).
     """
     path = Path(folder)
     if not path.is_dir():
@@ -128,8 +160,12 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
         path = found
     verify_manifest(path)
     meta = _read_meta(path / META_FILE)
-    model_state = _read_safetensors(path / MODEL_FILE)
-    masks, _ = load_masks(path / MASKS_FILE)
+    optimizer_state: dict[str, Any] = {}
+    if meta.get("format") == "dcp":
+        model_state, masks, optimizer_state = _read_dcp(path) if consolidate else ({}, {}, {})
+    else:
+        model_state = _read_safetensors(path / MODEL_FILE)
+        masks, _ = load_masks(path / MASKS_FILE)
     state_file = path / STATE_FILE
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
@@ -144,7 +180,7 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     return Checkpoint(
         step=int(state["step"]),
         model_state=model_state,
-        optimizer_state=state["optimizer"],
+        optimizer_state=state["optimizer"] or optimizer_state,
         sparsifier_state={**state["sparsifier"], "masks": masks},
         rng=state["rng"],
         meta=meta,
@@ -152,7 +188,8 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     )
 
 
-def newest_intact_checkpoint(folder: str | os.PathLike, warn: Callable[[str], None]) -> Checkpoint | None:
+def newest_intact_checkpoint(folder: str | os.PathLike, warn: Callable[[str], None],
+                             consolidate: bool = True) -> Checkpoint | None:
     """The newest checkpoint under the root ``folder`` that loads whole, for ``--resume``; None when
     there is none yet. Each newer damaged one is passed to ``warn`` with the reason, so a run that
     repeats steps says why; when every one is damaged, a :class:`CtkError` lists them."""
@@ -162,7 +199,7 @@ def newest_intact_checkpoint(folder: str | os.PathLike, warn: Callable[[str], No
     damaged = []
     for path in sorted(_step_dirs(root), reverse=True):
         try:
-            checkpoint = load_checkpoint(path)
+            checkpoint = load_checkpoint(path, consolidate)
         except CtkError as error:
             damaged.append(str(error))
             continue
@@ -237,6 +274,25 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for key, tensor in state.items():
         check_finite(tensor, key, f"checkpoint file {path}")
     return state
+
+
+def _read_dcp(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """The model state, masks and optimizer state of a DCP checkpoint as whole CPU tensors, in one
+    process without a process group (DCP's own ``dcp_to_torch_save``, read back with ``weights_only``)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(prefix="ctk-dcp-") as scratch:
+        consolidated = Path(scratch) / "state.pt"
+        try:
+            dcp_to_torch_save(path, consolidated)
+            state = torch.load(consolidated, map_location="cpu", weights_only=True)
+        except Exception as error:  # DCP raises CheckpointException, RuntimeError or OSError for bad shards
+            raise CtkError(f"checkpoint {path}: its DCP shards do not load: {summary(error)}") from error
+    model_state = state.get("model", {})
+    for key, tensor in model_state.items():
+        check_finite(tensor, key, f"checkpoint {path}")
+    masks = {name: mask.to(torch.bool) for name, mask in state.get("masks", {}).items()}
+    return model_state, masks, state.get("optim", {})
 
 
 def _step_dirs(root: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from ..fileio import check_output_folder
 from ..models.registry import DEFAULT_SPEC
 from ..tasks import TASKS
 
-STRATEGIES = ("single", "ddp", "spmd")
+STRATEGIES = ("single", "ddp", "spmd", "fsdp", "tp")
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -107,6 +107,8 @@ class TrainConfig:
     recalibrate_bn: bool = True
     mesh: str = "1x1"
     fsdp: bool = False
+    cpu_offload: bool = False
+    tp_plan: str | None = None
     log_dir: str | None = None
     distill: bool = False
     distill_weight: float = 0.5
@@ -162,7 +164,11 @@ class TrainConfig:
         if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", self.mesh):
             raise CtkError(f"--mesh must look like DATAxMODEL, e.g. 4x1 or 2x2, got {self.mesh!r}")
         if self.fsdp and self.strategy != "spmd":
-            raise CtkError("--fsdp only applies to --strategy spmd")
+            raise CtkError("--fsdp only applies to --strategy spmd (on GPUs and CPUs: --strategy fsdp)")
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise CtkError("--cpu-offload only applies to --strategy fsdp")
+        if self.tp_plan is not None and self.strategy != "tp":
+            raise CtkError("--tp-plan only applies to --strategy tp")
         if self.resume and not self.checkpoint_dir:
             raise CtkError("--resume needs --checkpoint-dir (the folder to resume from)")
         _prune_method(self.prune_method)

@@ -43,8 +43,8 @@ class DdpStrategy(Strategy):
         missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR") if name not in os.environ]
         if missing:
             raise CtkError(
-                "--strategy ddp must be started by torchrun (missing " + ", ".join(missing) + "), e.g. "
-                "torchrun --nproc-per-node 2 -m compile_toolkit train --strategy ddp"
+                f"--strategy {self.name} must be started by torchrun (missing " + ", ".join(missing) + "), e.g. "
+                f"ctk train --nproc-per-node 2 --strategy {self.name} ..."
             )
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
@@ -56,7 +56,7 @@ class DdpStrategy(Strategy):
             device, backend = torch.device("cpu"), "gloo"
         super().__init__(device)
         self.backend = backend
-        _join_process_group(backend, device, self.rank, self.world_size)
+        join_process_group(backend, device, self.rank, self.world_size)
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -104,7 +104,7 @@ class DdpStrategy(Strategy):
         return gathered
 
 
-def _join_process_group(backend: str, device: torch.device, rank: int, world_size: int) -> None:
+def join_process_group(backend: str, device: torch.device, rank: int, world_size: int) -> None:
     """``init_process_group``, isolated per torchrun restart.
 
     torchrun (2.9) hands every attempt the same agent-hosted TCPStore, which still holds the

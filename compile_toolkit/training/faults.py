@@ -17,7 +17,7 @@ import os
 import sys
 
 from ..errors import CtkError
-from ..pruning.masks import Masks
+from ..pruning.masks import Masks, local_tensor
 
 FAIL_AT_STEP = "CTK_FAIL_AT_STEP"
 FAIL_RANK = "CTK_FAIL_RANK"
@@ -38,10 +38,11 @@ def maybe_fail(step: int, rank: int) -> None:
 
 
 def maybe_corrupt_masks(masks: Masks, rank: int) -> None:
-    """Flip the first entry of the first mask if ``CTK_CORRUPT_MASK_RANK`` names this rank."""
+    """Flip the first entry of the first mask (of this rank's shard) if ``CTK_CORRUPT_MASK_RANK``
+    names this rank."""
     if _int_env(CORRUPT_MASK_RANK) != rank or not masks:
         return
-    mask = masks[sorted(masks)[0]]
+    mask = local_tensor(masks[sorted(masks)[0]])
     mask.view(-1)[0] = ~mask.view(-1)[0]
 
 

@@ -133,12 +133,12 @@ class Loop:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise CtkError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        local = self.plan.batch_size // self.strategy.world_size
+        local = self.plan.batch_size // self.strategy.data_size
         if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) or self.accumulate < 1:
             raise CtkError(f"--accumulate must be a positive integer, got {self.accumulate!r}")
         if local % self.accumulate:
             raise CtkError(f"--accumulate {self.accumulate} must divide each process's batch of {local} samples "
-                           f"(--batch-size {self.plan.batch_size} over {self.strategy.world_size} process(es))")
+                           f"(--batch-size {self.plan.batch_size} over {self.strategy.data_size} process(es))")
 
     def sparsity(self) -> float:
         return self.sparsifier.sparsity() if self.sparsifier is not None else 0.0
@@ -146,7 +146,7 @@ class Loop:
     def run(self, start: int = 0, listener: Listener | None = None) -> None:
         """Steps ``start`` to ``plan.steps``; the model is in training mode meanwhile, eval mode after."""
         listener = listener or Listener()
-        loader = StepLoader(self.data, self.plan, self.strategy.rank, self.strategy.world_size, self.workers)
+        loader = StepLoader(self.data, self.plan, self.strategy.data_rank, self.strategy.data_size, self.workers)
         per_epoch = self.plan.steps_per_epoch
         pending: list[tuple[int, torch.Tensor, float, float]] = []
         sparsity = self.sparsity()

@@ -69,24 +69,30 @@ class TrainResult:
 def run_training(config: TrainConfig, strategy: Strategy, console: Console | None = None) -> TrainResult:
     """Train ``config`` as ``strategy``'s rank (see the module docstring)."""
     started = time.perf_counter()
-    torch.manual_seed(config.seed + strategy.rank)
+    torch.manual_seed(config.seed + strategy.data_rank)
     parts = build_parts(config)
-    if config.batch_size % strategy.world_size:
+    if config.batch_size % strategy.data_size:
         raise CtkError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
-                       f"{strategy.world_size} {'devices of the data axis' if strategy.name == 'spmd' else 'processes'}")
+                       f"{strategy.data_size} {'processes' if strategy.name in ('ddp', 'fsdp') else 'ranks of the data axis'}")
     plan = plan_steps(len(parts.workload.splits.train), config.batch_size, config.epochs, config.max_steps, config.seed)
-    checkpoint = resume_point(config, warn=strategy.rank == 0)
+    checkpoint = resume_point(config, warn=strategy.rank == 0, sharded=strategy.sharded)
     model = parts.loaded.module
     teacher = _teacher(config, model, strategy)
-    if checkpoint is not None:
+    if checkpoint is not None and not strategy.sharded:
         _load_weights(model, checkpoint, config)
     model = strategy.prepare(model, config)
     trained = strategy.wrap(model)
-    sparsifier = build_sparsifier(config, model, plan.steps, parts.loaded.example_inputs)
+    sparsifier = strategy.shard(model, build_sparsifier(config, model, plan.steps, parts.loaded.example_inputs))
     optimizer = build_optimizer(config, model)
     start = 0
     if checkpoint is not None:
-        _restore_state(checkpoint, config, optimizer, sparsifier, strategy)
+        if strategy.sharded:
+            from .dcp import load_sharded
+
+            load_sharded(checkpoint, model, optimizer, sparsifier)  # type: ignore[arg-type]
+        else:
+            _restore_state(checkpoint, config, optimizer, sparsifier)
+        _restore_rng(checkpoint, strategy)
         start = checkpoint.step
     strategy.cut()
     loop = Loop(model, trained, parts.workload.splits.train, plan,
@@ -112,7 +118,7 @@ def run_training(config: TrainConfig, strategy: Strategy, console: Console | Non
         losses=log.losses,
         sparsity=sparsifier.sparsity(),
         model=strategy.finish(model),
-        masks={name: mask.cpu() for name, mask in sparsifier.masks.items()},
+        masks=sparsifier.state_dict()["masks"],
         world_size=strategy.world_size,
         checkpoint=run.saved or (checkpoint.path if checkpoint is not None else None),
         log=log_path,
@@ -172,7 +178,7 @@ class _Run(Listener):
         Every rank takes part (SyncBatchNorm reduces across ranks in the forward)."""
         if not self.config.recalibrate_bn or self.loop.sparsity() == 0:
             return 0
-        loader = recalibration_loader(self.loop.data, self.loop.plan, self.strategy.rank, self.strategy.world_size)
+        loader = recalibration_loader(self.loop.data, self.loop.plan, self.strategy.data_rank, self.strategy.data_size)
         count = recalibrate_batchnorm(self.loop.model, _inputs(self.strategy.batches(loader)))
         self.strategy.cut()
         return count
@@ -182,12 +188,13 @@ class _Run(Listener):
         split (no collectives), rank 0 logs it."""
         work = self.parts.workload
         # Its own generator: a loader draws its seed from the global RNG otherwise, shifting dropout's stream.
-        loader = DataLoader(work.splits.val, batch_size=max(1, self.config.batch_size // self.strategy.world_size),
+        loader = DataLoader(work.splits.val, batch_size=max(1, self.config.batch_size // self.strategy.data_size),
                             generator=torch.Generator())
         batches = self.strategy.eval_batches(loader)
+        sparsity = self.loop.sparsity()  # on every rank: sharded weights count their zeros together
         if self.bar is not None:
             batches = _advancing(batches, self.bar, self.bar.add_task(
-                f"eval @{done}", total=len(loader), loss=float("nan"), samples_per_s=0.0, sparsity=self.loop.sparsity()))
+                f"eval @{done}", total=len(loader), loss=float("nan"), samples_per_s=0.0, sparsity=sparsity))
         metrics = work.task.evaluate(self.loop.model, batches, self.teacher)
         self.log.evaluate(done, metrics)
         self.loop.model.train()
@@ -216,16 +223,22 @@ def _teacher(config: TrainConfig, model: nn.Module, strategy: Strategy) -> nn.Mo
     return strategy.place(teacher)
 
 
-def resume_point(config: TrainConfig, warn: bool = True) -> Checkpoint | None:
+def resume_point(config: TrainConfig, warn: bool = True, sharded: bool = False) -> Checkpoint | None:
     """The checkpoint ``--resume`` continues from: the newest intact one (a damaged newer one is
     named on stderr when ``warn``: one rank says it for all). None yet (first attempt of a
     restartable run) means a fresh start, so one torchrun command line serves the first run and
-    every restart."""
+    every restart. A ``sharded`` strategy (fsdp, tp) resumes DCP checkpoints only, and its ranks
+    load their own shards later; the others resume the whole-tensor checkpoints only."""
     if not config.resume or config.checkpoint_dir is None:
         return None
-    checkpoint = newest_intact_checkpoint(config.checkpoint_dir, _warn if warn else lambda _message: None)
+    checkpoint = newest_intact_checkpoint(config.checkpoint_dir, _warn if warn else lambda _message: None,
+                                          consolidate=not sharded)
     if checkpoint is None:
         return None
+    if (checkpoint.meta.get("format") == "dcp") != sharded:
+        written = "sharded (DCP) by --strategy fsdp or tp" if not sharded else "whole by --strategy single, ddp or spmd"
+        raise CtkError(f"--resume: checkpoint {checkpoint.path} was written {written}; resume it with such a strategy "
+                       f"(or export it with ctk export --checkpoint), or use another --checkpoint-dir")
     saved = checkpoint.meta.get("config", {})
     current = config.to_dict()
     for key in RESUME_KEYS:
@@ -250,15 +263,18 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config: TrainConfig)
 
 
 def _restore_state(checkpoint: Checkpoint, config: TrainConfig, optimizer: torch.optim.Optimizer,
-                   sparsifier: Sparsifier, strategy: Strategy) -> None:
-    """Optimizer state (moved to each parameter's device by ``load_state_dict``), masks and the
-    RNG states; the checkpoint may come from any strategy, world size or mesh."""
+                   sparsifier: Sparsifier) -> None:
+    """Optimizer state (moved to each parameter's device by ``load_state_dict``) and masks; the
+    checkpoint may come from any strategy, world size or mesh."""
     source = f"checkpoint {checkpoint.path}"
     try:
         optimizer.load_state_dict(checkpoint.optimizer_state)
     except (RuntimeError, ValueError, KeyError) as error:
         raise CtkError(f"{source} does not fit --optimizer {config.optimizer!r}: {summary(error)}") from error
     sparsifier.load_state_dict(checkpoint.sparsifier_state, source=source)
+
+
+def _restore_rng(checkpoint: Checkpoint, strategy: Strategy) -> None:
     # Per-rank RNG streams only carry over to the same number of ranks; otherwise the seeds stand.
     states = {name: s for name, s in checkpoint.rng.items() if isinstance(s, torch.Tensor)}
     if "torch" in states and states["torch"].shape[0] == strategy.world_size:
@@ -271,11 +287,16 @@ def _save(config: TrainConfig, step: int, loop: Loop, strategy: Strategy, name: 
     """All ranks gather RNG states; rank 0 writes every tensor from the CPU with plain names, so
     any strategy, world size or mesh can resume it. Returns the step folder (None off rank 0)."""
     rng = strategy.gather_rng()
-    if strategy.rank != 0:
-        return None
     assert loop.sparsifier is not None
     meta = {"model": name, "steps": loop.plan.steps, **strategy.meta(), "sparsity": loop.sparsity(),
             "config": config.to_dict()}
+    if strategy.sharded:
+        from .dcp import save_sharded
+
+        return save_sharded(Path(config.checkpoint_dir), step, loop.model, loop.optimizer,  # type: ignore[arg-type]
+                            loop.sparsifier, rng, meta, strategy.rank)  # type: ignore[arg-type]
+    if strategy.rank != 0:
+        return None
     return save_checkpoint(
         config.checkpoint_dir,  # type: ignore[arg-type]
         step=step,

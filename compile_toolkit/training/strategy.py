@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..pruning.masks import Masks
+from ..pruning.sparsifier import Sparsifier
 from .config import TrainConfig
 
 
@@ -26,6 +27,7 @@ class Strategy:
     rank = 0
     world_size = 1
     log_every = 1  # steps between loss fetches: every fetch waits for the device
+    sharded = False  # parameters split over ranks: checkpoints are DCP shards (:mod:`.dcp`)
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,6 +43,21 @@ class Strategy:
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module to call in the loop (e.g. DDP around ``model``); parameters are shared."""
         return model
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of the global batch this rank reads (tensor-parallel peers read the same)."""
+        return self.rank
+
+    @property
+    def data_size(self) -> int:
+        """How many shares the global batch is split into."""
+        return self.world_size
+
+    def shard(self, model: nn.Module, sparsifier: Sparsifier) -> Sparsifier:
+        """Split ``model``'s parameters over the ranks (FSDP2, tensor parallel), with the masks of
+        the ``sparsifier`` built on the whole model; returns the sparsifier to train with."""
+        return sparsifier
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """The loader's batches on this rank's device."""

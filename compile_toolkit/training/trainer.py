@@ -15,19 +15,28 @@ from .strategy import Strategy
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     """Validate ``config`` and run it with its strategy.
 
-    ``single`` trains in this process (CUDA when available); ``ddp`` expects to be one of the
-    processes torchrun started (see docs/ddp.md); ``spmd`` trains on an XLA device mesh.
+    ``single`` trains in this process (CUDA when available); ``ddp``, ``fsdp`` and ``tp`` expect
+    to be one of the processes torchrun started (see docs/ddp.md, docs/parallel.md); ``spmd``
+    trains on an XLA device mesh.
     """
     config.validate()
     if config.strategy == "ddp":
         from .ddp import train_ddp
 
         return train_ddp(config, console)
+    if config.strategy == "fsdp":
+        from .fsdp import train_fsdp
+
+        return train_fsdp(config, console)
+    if config.strategy == "tp":
+        from .tp import train_tp
+
+        return train_tp(config, console)
     if config.strategy == "spmd":
         from .spmd import train_spmd
 
         return train_spmd(config, console)
     world = os.environ.get("WORLD_SIZE", "1")
     if world != "1":
-        raise CtkError(f"--strategy single was started as one of {world} torchrun processes; use --strategy ddp")
+        raise CtkError(f"--strategy single was started as one of {world} torchrun processes; use --strategy ddp, fsdp or tp")
     return run_training(config, Strategy(), console)
