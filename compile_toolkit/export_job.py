@@ -242,9 +242,7 @@ def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn
         # with them, 54% re-estimated); fine-tuning re-estimates them anyway.
         with timed("re-estimate batch-norm statistics (no fine-tuning)"):
             summary["batchnorm_recalibrated"] = recalibrate_batchnorm(loaded.module, work.calibration_inputs())
-    removed = finish(loaded.module, result)
-    if removed:
-        summary["removed_blocks"] = removed
+    summary.update(finish(loaded.module, result))
     summary["accuracy"] = _metric(loaded.module, work, dense)
     return summary
 

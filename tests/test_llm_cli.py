@@ -34,17 +34,21 @@ def report_of(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.parametrize("structure, sparsity, widths", [("neuron", "0.25", (4, 2, 48)), ("head", "0.5", (2, 1, 32))])
+@pytest.mark.parametrize("structure, sparsity, widths", [("neuron", "0.25", (4, 2, 48)), ("head", "0.5", (2, 1, 32)),
+                                                       ("query_head", "0.5", (2, 2, 64))])
 def test_structured_export_writes_a_transformers_folder(tmp_path, capsys, structure, sparsity, widths):
     """`neuron` 25%: 64 -> 48 MLP neurons; `head` 50%: one of the two key/value groups with its two
-    query heads, and half the neurons. The hf folder's config says so, it loads with
-    AutoModelForCausalLM and computes the ONNX file's logits; the tokenizer is beside it."""
+    query heads, and half the neurons; `query_head` 50%: one of the two query heads of each group,
+    both key/value heads kept. The hf folder's config says so, it loads with AutoModelForCausalLM
+    and computes the ONNX file's logits; the tokenizer is beside it."""
     args, out = export_lm(tmp_path, "--structure", structure, "--sparsity", sparsity, "--formats", "hf,onnx")
     status, err = run_cli(args, capsys)
     assert status == 0, err
     report = report_of(out)
     assert {a["format"] for a in report["artifacts"]} == {"hf", "onnx"} and "skipped" not in report
     assert report["pruning"]["importance"] == "activation" and report["pruning"]["calibration_samples"] > 0
+    if structure == "query_head":
+        assert report["pruning"]["removed_query_heads_per_group"] == [1, 1]
     hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
     config = hf.config
     assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == widths
@@ -125,7 +129,8 @@ def unsupported_gguf(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["n:m width", "sparsegpt calibration", "too few groups", "unsupported gguf",
-                                  "method on an image model", "pattern without method", "hf of an image model"])
+                                  "method on an image model", "query heads of an image model",
+                                  "pattern without method", "hf of an image model"])
 def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys, kind):
     out = tmp_path / "out"
     if kind == "n:m width":
@@ -144,6 +149,9 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys, kind):
     elif kind == "method on an image model":
         args = ["export", "--pruned", "--method", "wanda", "--out", str(out)]
         needles = ["--method wanda prunes the decoder layers of a causal language model", "DigitsResNet"]
+    elif kind == "query heads of an image model":
+        args = ["export", "--pruned", "--structure", "query_head", "--out", str(out)]
+        needles = ["--structure query_head prunes the decoder layers of a causal language model", "DigitsResNet"]
     elif kind == "pattern without method":
         args = ["prune", "--pattern", "2:4", "--out", str(out)]
         needles = ["--pattern 2:4", "give --method"]
