@@ -97,6 +97,22 @@ def test_unstructured_methods_through_export_and_prune(tmp_path, capsys, method,
     assert status == 0, err
 
 
+def test_stablehlo_of_a_pruned_causal_lm_runs_on_the_xla_cpu_device(tmp_path, capsys):
+    """Prefill (the full forward pass) of a Llama with half its key/value groups and neurons
+    stripped, lowered by torch_xla and run on the XLA CPU device against the stripped model; XLA
+    takes static shapes, so the artifact records the example's batch and sequence length."""
+    args, out = export_lm(tmp_path, "--structure", "head", "--sparsity", "0.5", "--no-finetune",
+                          "--formats", "stablehlo")
+    status, err = run_cli(args, capsys)
+    assert status == 0, err
+    artifact = {a["format"]: a for a in report_of(out)["artifacts"]}["stablehlo"]
+    assert artifact["max_abs_error"] < 1e-4
+    assert artifact["runtime"].startswith("torch_xla") and artifact["details"]["static_shapes"][0][1] == SEQ
+    mlir = (out / "stablehlo" / "model.mlir").read_text()
+    assert "stablehlo.dot_general" in mlir and "stablehlo.exponential" in mlir  # matmuls and the softmax
+    assert report_of(out)["stripped"]["params"] < report_of(out)["dense"]["params"]
+
+
 def test_block_pruning_removes_decoder_layers(tmp_path, capsys):
     args, out = export_lm(tmp_path, "--structure", "block", "--formats", "hf,onnx")
     status, err = run_cli(args, capsys)
