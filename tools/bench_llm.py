@@ -25,7 +25,7 @@ embedding counted once), wall time of the pruning method (calibration included) 
 recovery.
 
     .venv/bin/python tools/bench_llm.py [--calibration 16] [--heldout 16] [--block 256] [--threads 2]
-        [--runs dense,magnitude-50%,...] [--distill-steps 50] [--json docs/bench_llm.json]
+        [--runs dense,magnitude-50%,...] [--distill-steps 25] [--json docs/bench_llm.json]
 """
 
 from __future__ import annotations
@@ -122,11 +122,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", default=",".join(run_names()))
-    parser.add_argument("--distill-steps", type=int, default=50, help="0: no recovery")
-    parser.add_argument("--distill-batch", type=int, default=4)
+    parser.add_argument("--distill-steps", type=int, default=25, help="0: no recovery")
+    parser.add_argument("--distill-batch", type=int, default=2)
     parser.add_argument("--distill-block", type=int, default=128)
     parser.add_argument("--latency-tokens", type=int, default=256)
-    parser.add_argument("--latency-rounds", type=int, default=10, help="0: no latency")
+    parser.add_argument("--latency-rounds", type=int, default=8, help="0: no latency")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,9 +145,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         dense_onnx = DenseOnnx(teacher, folder, (heldout[0][:2, :32],))
-        for name in run_names():
-            if name not in wanted:
-                continue
+        unknown = sorted(set(wanted) - set(run_names()))
+        if unknown:
+            parser.error(f"unknown runs {unknown}; choose from {run_names()}")
+        for name in wanted:  # in the order given
             start = time.perf_counter()
             if name == "dense":
                 row = {"run": name, "parameters": nonzero_parameters(teacher), "perplexity": perplexity(teacher, heldout)}
