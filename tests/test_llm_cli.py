@@ -144,7 +144,8 @@ def unsupported_gguf(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["n:m width", "sparsegpt calibration", "too few groups", "unsupported gguf",
+@pytest.mark.parametrize("kind", ["n:m width", "sparsegpt calibration", "too few groups", "too few query heads",
+                                  "unsupported gguf",
                                   "method on an image model", "query heads of an image model",
                                   "pattern without method", "hf of an image model"])
 def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys, kind):
@@ -158,6 +159,10 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys, kind):
     elif kind == "too few groups":
         args, out = export_lm(tmp_path, "--structure", "attention_head", "--sparsity", "0.3")
         needles = ["sparsity 0.3 removes no kv_group (layers have 2)"]
+    elif kind == "too few query heads":
+        args, out = export_lm(tmp_path, "--structure", "query_head", "--sparsity", "0.4")
+        needles = ["sparsity 0.4 removes no query_head", "each key/value group has 2 query heads",
+                   "the same number in every group"]
     elif kind == "unsupported gguf":
         gguf_file = unsupported_gguf(tmp_path / "tiny-gpt2.gguf")
         args = ["export", "--pruned", "--model", str(gguf_file), "--structure", "neuron", "--out", str(out)]
