@@ -54,9 +54,12 @@ STRUCTURED = [("neuron", 0.25), ("neuron", 0.5), ("kv_group", 1 / 3), ("kv_group
 DISTILL_LR = 1e-4  # ctk export's default for a pretrained transformer
 
 
+def structured_names() -> list[str]:
+    return [f"{s}-{round(100 * f)}%" for s, f in STRUCTURED]
+
+
 def run_names() -> list[str]:
-    names = ["dense"] + [f"{m}-{p or '50%'}" for m, p in UNSTRUCTURED]
-    return names + [f"{s}-{round(100 * f)}%" for s, f in STRUCTURED]
+    return ["dense"] + [f"{m}-{p or '50%'}" for m, p in UNSTRUCTURED] + structured_names()
 
 
 def nonzero_parameters(model: torch.nn.Module) -> int:
@@ -104,7 +107,7 @@ def structured_row(name: str, teacher, calibration, heldout, train, dense_onnx: 
     stripped = ctk.strip(wrapped, example)
     row["parameters"] = nonzero_parameters(stripped)
     row["strip_error"] = ctk.strip_summary(stripped).max_relative_error
-    if args.latency_rounds:
+    if args.latency_rounds and name in args.latency_runs.split(","):
         (artifact,) = ctk.export(stripped, example, str(folder / name), formats=("onnx",), reference=wrapped)
         prompt = (heldout[0][:1, : args.latency_tokens],)
         timing = compare_latency_ms(dense_onnx.get(), artifact.path, prompt, rounds=args.latency_rounds,
@@ -127,6 +130,8 @@ def main() -> None:
     parser.add_argument("--distill-block", type=int, default=128)
     parser.add_argument("--latency-tokens", type=int, default=256)
     parser.add_argument("--latency-rounds", type=int, default=8, help="0: no latency")
+    parser.add_argument("--latency-runs", default=",".join(structured_names()),
+                        help="the structured runs whose stripped ONNX file is timed (default: all)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -152,7 +157,7 @@ def main() -> None:
             start = time.perf_counter()
             if name == "dense":
                 row = {"run": name, "parameters": nonzero_parameters(teacher), "perplexity": perplexity(teacher, heldout)}
-            elif name.split("-")[0] in ("neuron", "kv_group", "query_head"):
+            elif name in structured_names():
                 row = structured_row(name, teacher, calibration, heldout, train, dense_onnx, folder, args)
             else:
                 model, _ = load_smollm2()
