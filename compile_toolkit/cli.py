@@ -157,8 +157,9 @@ def _pruning_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--structure", choices=STRUCTURES,
                         help="channel (default: coupled channel groups), head (attention heads and MLP neurons), "
-                        "attention_head, neuron or block (whole decoder blocks); on a causal LM heads are whole "
-                        "key/value groups with their query heads, so the model stays grouped-query")
+                        "attention_head, query_head, neuron or block (whole decoder blocks); on a causal LM "
+                        "attention heads are whole key/value groups with their query heads, query_head the same "
+                        "number of query heads in every group, so the model stays grouped-query")
     parser.add_argument("--importance", help=f"how structures are scored: {ACTIVATION} (a causal LM's default: "
                         f"mean |activation| on calibration text), {INFLUENCE} (blocks), or a weight criterion such "
                         "as l1 (the default elsewhere), l2, random")

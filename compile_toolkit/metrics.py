@@ -77,21 +77,29 @@ def ort_latency_ms(onnx_path: str, inputs: Inputs, threads: int | None = None,
 
 def compare_latency_ms(onnx_a: str, onnx_b: str, inputs: Inputs, rounds: int = 20,
                        threads: int | None = None, warmup: int = 10,
-                       iters: int = 10) -> dict[str, float]:
-    """Latency of model A against model B: ``{"a_ms", "b_ms", "ratio"}`` with the medians of A
-    and of B and the median of the per-round ratios A/B.
+                       iters: int = 10, budget_s: float | None = None) -> dict[str, float]:
+    """Latency of model A against model B: ``{"a_ms", "b_ms", "ratio", "rounds"}`` with the medians
+    of A and of B, the median of the per-round ratios A/B, and the rounds timed.
 
     Why not two :func:`ort_latency_ms` calls: on this kind of machine (2 shared cores, frequency
     scaling, noisy neighbours) whichever model runs first or second is systematically favoured,
     and the machine's speed drifts over seconds. So each round times ``iters`` runs of both
     models back to back, alternating the order (A B, B A, A B, ...) so the order bias cancels,
     and the ratio is taken within each round so the drift, which hits A and B alike, cancels too.
+
+    ``budget_s``: fewer rounds (an even number, at least 4) where ``rounds`` would take longer, as
+    the warm-up's runs time them: 60 rounds of 10 runs suit a small convnet, not a language
+    model's prefill at a fifth of a second a run.
     """
     a_session, a_feed = _session(onnx_a, inputs, threads)
     b_session, b_feed = _session(onnx_b, inputs, threads)
+    started = time.perf_counter()
     for _ in range(warmup):
         a_session.run(None, a_feed)
         b_session.run(None, b_feed)
+    if budget_s is not None and warmup:
+        per_round = (time.perf_counter() - started) / warmup * iters
+        rounds = min(rounds, max(4, int(budget_s / per_round) // 2 * 2))
     a_ms, b_ms = [], []
     for round_index in range(rounds):
         if round_index % 2 == 0:
@@ -103,7 +111,7 @@ def compare_latency_ms(onnx_a: str, onnx_b: str, inputs: Inputs, rounds: int = 2
         a_ms.append(a)
         b_ms.append(b)
     return {"a_ms": statistics.median(a_ms), "b_ms": statistics.median(b_ms),
-            "ratio": statistics.median([a / b for a, b in zip(a_ms, b_ms, strict=True)])}
+            "ratio": statistics.median([a / b for a, b in zip(a_ms, b_ms, strict=True)]), "rounds": rounds}
 
 
 def _session(onnx_path: str, inputs: Inputs,

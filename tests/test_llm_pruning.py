@@ -17,7 +17,11 @@ from compile_toolkit.llm.hf_folder import save_stripped_pretrained
 from compile_toolkit.pruning import apply_masks, is_n_m_sparse
 from compile_toolkit.pruning.llm import prune_llm
 from compile_toolkit.pruning.llm.methods import InputStats, prune_weight
-from compile_toolkit.pruning.llm.structured import prune_llm_structured, remove_identity_blocks
+from compile_toolkit.pruning.llm.structured import (
+    prune_llm_structured,
+    remove_identity_blocks,
+    remove_pruned_query_heads,
+)
 
 VOCAB = 128
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -261,12 +265,96 @@ def test_block_pruning_removes_the_block_that_changes_its_input_least():
     assert remove_identity_blocks(model) == []
 
 
+# -- query heads: the same number in every key/value group -----------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "per-layer"])
+def test_query_head_pruning_keeps_grouped_query_attention(arch, uniform, tmp_path):
+    """8 query heads over 2 key/value groups (4 each), half the query heads pruned: each group of
+    each layer loses the same number (uniform: 2), only q_proj rows and o_proj columns are zeroed.
+    Removing the heads from the module computes the same logits; strip then removes nothing more of
+    the attention (every key/value head stays) and matches the pruned model; the transformers folder
+    says 4 query heads over 2 key/value heads and computes the stripped logits. Per layer, with 3 of
+    4 heads of each group of layer 1 made quiet, layer 1 keeps 1 per group and layer 0 3: that strips
+    too, and the folder is refused."""
+    model = tiny(arch, heads=8, kv_heads=2)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.view(64, 2, 4, 8)[:, :, :3] *= 1e-3
+    dense_kv = model.model.layers[0].self_attn.k_proj.weight.detach().clone()
+    report = prune_llm_structured(model, calibration(), "query_head", 0.5, uniform=uniform)
+    assert report.total == [8, 8]
+    assert report.kept == ([4, 4] if uniform else [6, 2])
+    assert not any("k_proj" in n or "v_proj" in n for n in report.masks)
+    for i, kept in enumerate(report.kept):
+        o_proj = model.model.layers[i].self_attn.o_proj.weight
+        live = o_proj.view(64, 2, 4, 8).any(-1).any(0)  # [group, head]
+        assert live.sum(1).tolist() == [kept // 2] * 2, i
+        q_rows = model.model.layers[i].self_attn.q_proj.weight.view(2, 4, 8, 64).any(-1).any(-1)
+        assert torch.equal(q_rows, live), i
+    x = torch.randint(0, VOCAB, (3, 12))
+    with torch.no_grad():
+        pruned = model(x, use_cache=False).logits
+        assert remove_pruned_query_heads(model) == [(8 - k) // 2 for k in report.kept]
+        assert ((model(x, use_cache=False).logits - pruned).abs().max() / pruned.abs().max()).item() < 1e-6
+    assert torch.equal(model.model.layers[0].self_attn.k_proj.weight, dense_kv)
+    stripped = ctk.strip(CausalLMLogits(model), (x[:2],))
+    shapes = {n: tuple(p.shape) for n, p in stripped.named_parameters()}
+    for i, kept in enumerate(report.kept):
+        assert shapes[f"model.model.layers.{i}.self_attn.q_proj.weight"] == (8 * kept, 64)
+        assert shapes[f"model.model.layers.{i}.self_attn.o_proj.weight"] == (64, 8 * kept)
+        assert shapes[f"model.model.layers.{i}.self_attn.k_proj.weight"] == (16, 64)
+    with torch.no_grad():
+        assert ((stripped(x) - pruned).abs().max() / pruned.abs().max()).item() < 1e-5
+    if not uniform:
+        with pytest.raises(CtkError, match="same num_attention_heads in every layer"):
+            save_stripped_pretrained(stripped, model, tmp_path / "hf")
+        return
+    save_stripped_pretrained(stripped, model, tmp_path / "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads, loaded.config.head_dim) == (4, 2, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, stripped(x), atol=1e-5)
+
+
+def test_query_head_importance_is_measured_on_activations():
+    """Positive control: one query head per group made quiet (its o_proj columns scaled by 1e-3)
+    in every layer is the one pruned there, whatever the group's other heads score."""
+    model = tiny("llama", heads=8, kv_heads=2)
+    quiet = [1, 6]  # head 1 of group 0, head 2 of group 1
+    with torch.no_grad():
+        for layer in model.model.layers:
+            o_proj = layer.self_attn.o_proj.weight.view(64, 8, 8)
+            o_proj[:, quiet] *= 1e-3
+    report = prune_llm_structured(model, calibration(), "query_head", 0.25)
+    for i in range(2):
+        mask = report.masks[f"model.layers.{i}.self_attn.q_proj.weight"]
+        assert torch.nonzero(~mask.view(8, 8, 64).all(-1).all(-1)).flatten().tolist() == quiet, i
+
+
+def test_query_heads_pruned_unevenly_are_refused_by_name():
+    """Zero o_proj columns of one head in group 0 and none in group 1: removing it would leave 3
+    and 4 query heads per group, no grouped-query attention. One line naming the layer; the model
+    is unchanged. A whole zero key/value group is left to strip (it removes the group)."""
+    model = tiny("llama", heads=8, kv_heads=2)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[:, 8:16] = 0  # head 1 (group 0)
+    with pytest.raises(CtkError, match=r"^model.layers.1.self_attn: its key/value groups keep \[3, 4\] live query "
+                                       r"heads; grouped-query attention needs the same number in every group"):
+        remove_pruned_query_heads(model)
+    assert model.model.layers[1].self_attn.q_proj.weight.shape == (64, 64)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[:, :32] = 0  # all of group 0
+    assert remove_pruned_query_heads(model) == [0, 0]
+
+
 def test_structured_bad_input():
     model = tiny("llama")
     with pytest.raises(CtkError, match="unknown structured LLM pruning 'head'"):
         prune_llm_structured(model, calibration(), "head")
     with pytest.raises(CtkError, match=r"sparsity 0.2 removes no kv_group \(layers have 2\)"):
         prune_llm_structured(model, calibration(), "kv_group", 0.2)
+    with pytest.raises(CtkError, match=r"sparsity 0.4 removes no query_head: each key/value group has 2 query heads "
+                                       r"and keeps the same number in every group"):
+        prune_llm_structured(model, calibration(), "query_head", 0.4)
     with pytest.raises(CtkError, match="needs calibration_batches"):
         prune_llm_structured(model, [], "neuron")
     assert all(int((p == 0).sum()) == 0 for p in model.parameters() if p.dim() == 2)

@@ -75,4 +75,11 @@ def test_ort_latency_is_positive(matmul_onnx):
 def test_same_file_twice_has_ratio_near_one(matmul_onnx):
     result = compare_latency_ms(matmul_onnx, matmul_onnx, (torch.randn(256, 64),), rounds=6)
     assert result["a_ms"] > 0 and result["b_ms"] > 0
-    assert 0.5 < result["ratio"] < 2.0
+    assert 0.5 < result["ratio"] < 2.0 and result["rounds"] == 6
+
+
+def test_a_latency_budget_cuts_the_rounds(matmul_onnx):
+    """A budget the warm-up already spends leaves the fewest rounds, 4; a generous one keeps them."""
+    inputs = (torch.randn(256, 64),)
+    assert compare_latency_ms(matmul_onnx, matmul_onnx, inputs, rounds=100, warmup=2, iters=2, budget_s=0)["rounds"] == 4
+    assert compare_latency_ms(matmul_onnx, matmul_onnx, inputs, rounds=6, warmup=2, iters=2, budget_s=60)["rounds"] == 6

@@ -3,7 +3,8 @@ verified on the XLA CPU device.
 
 The XLA work runs in a worker process (see ``_stablehlo_worker``). XLA needs static shapes (the
 unbounded-dynamism mode fails to lower ``max_pool2d``), so the program is exported at the
-example batch and the artifact records it as ``static_batch``.
+example inputs' shapes (a language model's sequence length too): the artifact records the batch
+as ``static_batch`` and every input shape in ``details["static_shapes"]``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class StableHLOWorker:
         self.work = sibling_path(os.path.join(out_dir, DIRNAME), "tmp")
         self.work.mkdir()
         self.indices: list[int] = []
+        self.shapes: list[tuple[int, ...]] = []
         self.static_batch = 0
         self._stderr = open(self._file("stderr.log"), "wb")
         env = dict(os.environ, PJRT_DEVICE="CPU")
@@ -49,7 +51,8 @@ class StableHLOWorker:
 
     def submit(self, capture: Capture, checks: CheckSet) -> None:
         """Hand the worker the static-batch program and the check inputs it can run."""
-        self.indices = checks.runnable(DIRNAME, shapes_of(capture.example_inputs))
+        self.shapes = shapes_of(capture.example_inputs)
+        self.indices = checks.runnable(DIRNAME, self.shapes)
         self.static_batch = capture.example_batch
         with open(self._file("program.pt2"), "wb") as file:
             torch.export.save(capture.static_program(), file)
@@ -78,7 +81,8 @@ class StableHLOWorker:
         final = os.path.join(self.out_dir, DIRNAME)
         replace_path(self._file(DIRNAME), final)
         return Artifact(DIRNAME, final, size_on_disk(final), max_error, report["runtime"],
-                        static_batch=self.static_batch, seconds=time.perf_counter() - self.started)
+                        static_batch=self.static_batch, seconds=time.perf_counter() - self.started,
+                        details={"static_shapes": [list(shape) for shape in self.shapes]})
 
     def close(self) -> None:
         if self.process.poll() is None:

@@ -4,10 +4,11 @@ anything loads, routed to one pruner.
 
 - ``--method magnitude|wanda|sparsegpt`` (with ``--pattern N:M`` for N:M): unstructured pruning
   of a causal LM's decoder linears (:func:`~compile_toolkit.pruning.llm.prune_llm`).
-- ``--structure neuron|attention_head|head|block`` on a causal LM, importance ``activation``
-  (the default there; ``influence`` for blocks): calibrated structured pruning
+- ``--structure neuron|attention_head|query_head|head|block`` on a causal LM, importance
+  ``activation`` (the default there; ``influence`` for blocks): calibrated structured pruning
   (:func:`~compile_toolkit.pruning.llm.structured.prune_llm_structured`): MLP neurons, whole
-  key/value groups with their query heads (``head`` prunes both), or decoder blocks.
+  key/value groups with their query heads (``head`` prunes both), the same number of query heads
+  in every key/value group, or decoder blocks.
 - Anything else (image models, ``--structure channel``, or a weight importance such as ``l1``):
   the graph pruner over coupled channel groups (:func:`~compile_toolkit.pruning.prune`).
 
@@ -29,12 +30,12 @@ from ..masks import Masks
 from ..patterns import check_sparsity
 from ..unstructured import parse_n_m
 from . import METHODS, prune_llm
-from .structured import prune_llm_structured, remove_identity_blocks
+from .structured import prune_llm_structured, remove_identity_blocks, remove_pruned_query_heads
 
-STRUCTURES = ("channel", "head", "attention_head", "neuron", "block")
+STRUCTURES = ("channel", "head", "attention_head", "query_head", "neuron", "block")
 ACTIVATION, INFLUENCE = "activation", "influence"  # the calibrated LLM importances
-_LLM_STRUCTURES = {"neuron": ("neuron",), "attention_head": ("kv_group",), "head": ("kv_group", "neuron"),
-                   "block": ("block",)}
+_LLM_STRUCTURES = {"neuron": ("neuron",), "attention_head": ("kv_group",), "query_head": ("query_head",),
+                   "head": ("kv_group", "neuron"), "block": ("block",)}
 
 Batches = Callable[[int | None], list[torch.Tensor]]  # calibration token batches for a sample count
 
@@ -71,6 +72,9 @@ class PruneOptions:
                                f"({', '.join(METHODS)})")
             if parse_n_m(self.pattern) is None:
                 raise CtkError(f"--pattern must be N:M such as 2:4 or 4:8, got {self.pattern!r}")
+        if self.structure == "query_head" and self.importance not in (None, ACTIVATION):
+            raise CtkError(f"--structure query_head scores heads on calibration text (--importance {ACTIVATION}), "
+                           f"not {self.importance!r}")
         if self.structure == "block" and self.importance not in (None, INFLUENCE):
             raise CtkError(f"--structure block scores blocks by their influence on their input "
                            f"(--importance {INFLUENCE}), not {self.importance!r}")
@@ -109,12 +113,13 @@ class PruneOptions:
 
 @dataclass
 class Pruned:
-    """A pruner's report (JSON-ready), its masks, and whether zeroed blocks are to be removed
-    from the model after fine-tuning (:func:`finish`)."""
+    """A pruner's report (JSON-ready), its masks, and whether zeroed blocks or query heads are to
+    be removed from the model after fine-tuning (:func:`finish`)."""
 
     summary: dict[str, Any]
     masks: Masks
     blocks: bool = False
+    query_heads: bool = False
 
 
 def prune_with(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], options: PruneOptions,
@@ -126,8 +131,8 @@ def prune_with(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], opti
     options.validate()
     inner = getattr(module, "model", None)
     if not (is_causal_lm(module) and options.on_causal_lm()):
-        if options.method is not None or options.structure == "block":
-            what = f"--method {options.method}" if options.method else "--structure block"
+        if options.method is not None or options.structure in ("block", "query_head"):
+            what = f"--method {options.method}" if options.method else f"--structure {options.structure}"
             raise CtkError(f"{what} prunes the decoder layers of a causal language model (smollm2-135m, a GGUF "
                            f"file, an hf: causal LM); {type(module).__name__} is not one")
         return _graph(module, example_inputs, options, calibration)
@@ -148,7 +153,8 @@ def prune_with(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], opti
     summary = {"structure": options.structure, "sparsity": options.sparsity, "uniform": not options.per_layer,
                "importance": options.llm_importance(),
                "steps": steps, "seconds": sum(s["seconds"] for s in steps)}
-    return Pruned(_with_samples(summary, tokens), masks, blocks=options.structure == "block")
+    return Pruned(_with_samples(summary, tokens), masks, blocks=options.structure == "block",
+                  query_heads=options.structure == "query_head")
 
 
 def is_causal_lm(module: nn.Module) -> bool:
@@ -158,10 +164,16 @@ def is_causal_lm(module: nn.Module) -> bool:
     return getattr(inner, "config", None) is not None and hasattr(inner, "lm_head")
 
 
-def finish(module: nn.Module, pruned: Pruned) -> list[int]:
-    """After fine-tuning: delete the decoder blocks block pruning made the identity (their
-    masks hold them at zero until then), so strip and the ``hf`` folder see fewer layers."""
-    return remove_identity_blocks(module.model) if pruned.blocks else []
+def finish(module: nn.Module, pruned: Pruned) -> dict[str, list[int]]:
+    """After fine-tuning: delete the decoder blocks block pruning made the identity, or the query
+    heads query-head pruning zeroed (their masks hold them at zero until then), so strip and the
+    ``hf`` folder see fewer layers or heads. Returns what went, for the report."""
+    done = {}
+    if pruned.blocks:
+        done["removed_blocks"] = remove_identity_blocks(module.model)
+    if pruned.query_heads:
+        done["removed_query_heads_per_group"] = remove_pruned_query_heads(module.model)
+    return done
 
 
 def _graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], options: PruneOptions,

@@ -8,7 +8,10 @@
   scored by the mean norm of its contribution to ``o_proj``'s output, ``||W_o[:, g] x_g||``; it
   loses its ``k_proj``/``v_proj`` rows, its query heads' ``q_proj`` rows and their ``o_proj``
   columns (and biases where the model has them).
-
+- ``query_head``: the same number of query heads in every key/value group (each group keeps
+  ``g - c`` of its ``g`` heads, so the model stays a valid grouped-query model with all its
+  key/value heads), scored like groups by their contribution ``||W_o[:, h] x_h||`` to ``o_proj``;
+  a pruned head loses its ``q_proj`` rows and its ``o_proj`` columns.
 - ``block``: whole decoder layers, scored by the change they make to their input, ``1 -`` the
   mean cosine similarity of each token's hidden state before and after the block (the "block
   influence" of ShortGPT, Men et al. 2024). A pruned block gets zero ``o_proj`` and ``down_proj``
@@ -20,8 +23,13 @@ rewriting the head counts and view sizes in the graph. ``uniform=True`` prunes t
 every layer (the result is still an ordinary ``transformers`` config); ``uniform=False`` ranks
 all layers together by score relative to their layer's mean, keeping at least one per layer.
 
-Pruning the same number of query heads in every group is not offered: the channel analysis
-treats a key/value head and its query heads as one channel, so strip would not remove them.
+Query heads, like blocks, are removed from the module rather than by strip: the channel
+analysis treats a key/value head and the query heads that read it (through ``repeat_kv``'s
+expand and reshape) as one channel, since one atom per index cannot say "position ``r`` of every
+group". :func:`remove_pruned_query_heads` deletes the heads whose ``o_proj`` columns are zero
+(they add nothing to the output, so the model computes the same) from ``q_proj`` and ``o_proj``
+and sets the layer's query heads per group; capture and strip then see an ordinary, smaller
+grouped-query model.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from ..masks import Masks, apply_masks
 from ..patterns import check_sparsity
 from .layers import decoder_layers
 
-STRUCTURES = ("neuron", "kv_group", "block")
+STRUCTURES = ("neuron", "kv_group", "query_head", "block")
 
 
 @dataclass
@@ -65,8 +73,8 @@ def prune_llm_structured(
     sparsity: float = 0.25,
     uniform: bool = True,
 ) -> StructuredReport:
-    """Zero ``sparsity`` of the MLP neurons or key/value groups of every decoder layer, lowest
-    calibration importance first (see the module docstring)."""
+    """Zero ``sparsity`` of the MLP neurons, key/value groups or query heads (of every key/value
+    group) of every decoder layer, lowest calibration importance first (see the module docstring)."""
     start = time.perf_counter()
     if structure not in STRUCTURES:
         raise CtkError(f"unknown structured LLM pruning {structure!r}; choose from {', '.join(STRUCTURES)}")
@@ -78,14 +86,18 @@ def prune_llm_structured(
     if structure == "block":
         return _prune_blocks(model, prefix, layers, calibration_batches, sparsity, start)
     scores = _scores(model, layers, calibration_batches, structure, heads, kv_heads, head_dim)
-    pruned = _choose(scores, sparsity, uniform, structure)
+    if structure == "query_head":
+        pruned = _choose_query_heads(scores, kv_heads, sparsity, uniform)
+    else:
+        pruned = _choose(scores, sparsity, uniform, structure)
     masks: Masks = {}
     for i, (layer, remove) in enumerate(zip(layers, pruned, strict=True)):
         name = f"{prefix}.{i}"
         if structure == "neuron":
             masks.update(_neuron_masks(name, layer, remove))
-        else:
-            masks.update(_group_masks(name, layer, remove, heads // kv_heads, head_dim))
+        else:  # a query head is a group of one: its q_proj rows and o_proj columns
+            per_group = 1 if structure == "query_head" else heads // kv_heads
+            masks.update(_group_masks(name, layer, remove, per_group, head_dim, kv=structure == "kv_group"))
     apply_masks(model, masks)
     return StructuredReport(
         structure=structure,
@@ -122,9 +134,10 @@ def _scores(
         x = x.reshape(-1, x.shape[-1]).float()
         if structure == "neuron":
             value = x.abs().sum(0)
-        else:  # contribution of each group to o_proj's output: W_o[:, g] x_g, per token
-            per_group = x.view(len(x), kv_heads, -1)
-            weight = module.weight.float().view(module.out_features, kv_heads, -1)
+        else:  # contribution of each group (query head) to o_proj's output: W_o[:, g] x_g, per token
+            units = kv_heads if structure == "kv_group" else heads
+            per_group = x.view(len(x), units, -1)
+            weight = module.weight.float().view(module.out_features, units, -1)
             value = torch.einsum("tgd,ogd->tgo", per_group, weight).norm(dim=-1).sum(0)
         sums[i] = value if sums[i] is None else sums[i] + value
         if i == 0:
@@ -150,6 +163,30 @@ def _choose(scores: list[torch.Tensor], sparsity: float, uniform: bool, structur
     return [torch.sort(s, stable=True).indices[:c] for s, c in zip(scores, counts, strict=True)]
 
 
+def _choose_query_heads(scores: list[torch.Tensor], kv_heads: int, sparsity: float, uniform: bool) -> list[torch.Tensor]:
+    """Query heads to remove per layer: the same count ``c`` in each of its key/value groups (the
+    ``c`` lowest of each group), at least one kept per group. ``uniform``: ``c`` is
+    ``sparsity`` of the group size in every layer. Otherwise one removal is a head from every
+    group of a layer, costing the mean over the groups of the next-lowest score relative to the
+    layer's mean; the cheapest removals over all layers are taken (a layer's costs only grow)."""
+    per_group = len(scores[0]) // kv_heads
+    if uniform:
+        counts = [min(int(per_group * sparsity + 1e-9), per_group - 1)] * len(scores)
+    else:
+        costs = [(float(cost), i) for i, s in enumerate(scores)
+                 for cost in torch.sort((s / s.mean()).view(kv_heads, per_group), dim=1).values[:, :-1].mean(0)]
+        cheapest = sorted(costs)[: int(len(scores) * per_group * sparsity + 1e-9)]
+        counts = [sum(1 for _, i in cheapest if i == layer) for layer in range(len(scores))]
+    if sum(counts) == 0 and sparsity > 0:
+        raise CtkError(f"sparsity {sparsity} removes no query_head: each key/value group has {per_group} query "
+                       f"heads and keeps the same number in every group; raise it")
+    removed = []
+    for s, c in zip(scores, counts, strict=True):
+        lowest = torch.sort(s.view(kv_heads, per_group), dim=1, stable=True).indices[:, :c]
+        removed.append(torch.sort((lowest + per_group * torch.arange(kv_heads)[:, None]).flatten()).values)
+    return removed
+
+
 def _rows(weight: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     mask = torch.ones_like(weight, dtype=torch.bool)
     mask.index_fill_(dim, index, False)
@@ -170,17 +207,21 @@ def _neuron_masks(name: str, layer: nn.Module, remove: torch.Tensor) -> Masks:
             **_linear_masks(f"{name}.mlp.down_proj", mlp.down_proj, remove, 1)}
 
 
-def _group_masks(name: str, layer: nn.Module, remove: torch.Tensor, per_group: int, head_dim: int) -> Masks:
-    """Masks for removing key/value groups ``remove``: their kv rows, their query heads' rows and
-    ``o_proj`` columns (query head ``h`` reads kv head ``h // per_group``, as ``repeat_kv`` does)."""
-    kv = (remove[:, None] * head_dim + torch.arange(head_dim)).flatten()
+def _group_masks(name: str, layer: nn.Module, remove: torch.Tensor, per_group: int, head_dim: int,
+                 kv: bool = True) -> Masks:
+    """Masks for removing groups ``remove`` of ``per_group`` query heads: their ``q_proj`` rows and
+    ``o_proj`` columns, and with ``kv`` the key/value heads they read (query head ``h`` reads kv
+    head ``h // per_group``, as ``repeat_kv`` does)."""
     width = per_group * head_dim
     q = (remove[:, None] * width + torch.arange(width)).flatten()
     attn = layer.self_attn
-    return {**_linear_masks(f"{name}.self_attn.k_proj", attn.k_proj, kv, 0),
-            **_linear_masks(f"{name}.self_attn.v_proj", attn.v_proj, kv, 0),
-            **_linear_masks(f"{name}.self_attn.q_proj", attn.q_proj, q, 0),
-            **_linear_masks(f"{name}.self_attn.o_proj", attn.o_proj, q, 1)}
+    masks = {**_linear_masks(f"{name}.self_attn.q_proj", attn.q_proj, q, 0),
+             **_linear_masks(f"{name}.self_attn.o_proj", attn.o_proj, q, 1)}
+    if kv:
+        rows = (remove[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        masks.update({**_linear_masks(f"{name}.self_attn.k_proj", attn.k_proj, rows, 0),
+                      **_linear_masks(f"{name}.self_attn.v_proj", attn.v_proj, rows, 0)})
+    return masks
 
 
 def _prune_blocks(
@@ -255,3 +296,62 @@ def remove_identity_blocks(model: nn.Module) -> list[int]:
     if getattr(config, "layer_types", None):
         config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in removed]
     return removed
+
+
+def remove_pruned_query_heads(model: nn.Module) -> list[int]:
+    """Delete the query heads whose ``o_proj`` columns are all zero from ``q_proj`` and ``o_proj``
+    (each adds nothing to the layer's output, so the model computes the same) and set each layer's
+    query heads per key/value group, and ``config.num_attention_heads`` when every layer keeps the
+    same count. Key/value groups whose heads are all zero are left to strip (it removes them with
+    their key/value heads); they lose as many heads as the others. Returns the query heads removed
+    per key/value group, per layer. A layer whose groups lost different numbers of heads would no
+    longer be grouped-query attention: that is an error naming it, and nothing is changed."""
+    prefix, layers = decoder_layers(model)
+    heads, kv_heads, head_dim = _attention_shape(model)
+    per_group = heads // kv_heads
+    plans = [_query_head_plan(f"{prefix}.{i}.self_attn", layer.self_attn.o_proj.weight, kv_heads, per_group, head_dim)
+             for i, layer in enumerate(layers)]
+    for layer, keep in zip(layers, plans, strict=True):
+        if len(keep) < heads:
+            _keep_query_heads(layer.self_attn, keep, head_dim, len(keep) // kv_heads)
+    counts = [per_group - len(keep) // kv_heads for keep in plans]
+    if len(set(counts)) == 1:
+        model.config.num_attention_heads = heads - kv_heads * counts[0]
+        model.config.head_dim = head_dim
+    return counts
+
+
+def _query_head_plan(name: str, o_weight: torch.Tensor, kv_heads: int, per_group: int, head_dim: int) -> torch.Tensor:
+    """Indices of the query heads to keep: in each group the live heads (zero ``o_proj`` columns
+    are dead), the same count in every group that has any."""
+    dead = ~o_weight.detach().view(o_weight.shape[0], kv_heads, per_group, head_dim).any(-1).any(0)
+    live = [int(n) for n in (~dead).sum(1) if n]
+    if not live:
+        raise CtkError(f"{name}: every query head has zero o_proj columns; at least one must stay")
+    if len(set(live)) != 1:
+        raise CtkError(f"{name}: its key/value groups keep {sorted(set(live))} live query heads; grouped-query "
+                       "attention needs the same number in every group (prune with structure query_head)")
+    keep = []
+    for group in range(kv_heads):
+        order = torch.sort(dead[group].int(), stable=True).indices[: live[0]]  # live first, else the first ones
+        keep.append(group * per_group + torch.sort(order).values)
+    return torch.cat(keep)
+
+
+@torch.no_grad()
+def _keep_query_heads(attn: nn.Module, keep: torch.Tensor, head_dim: int, per_group: int) -> None:
+    rows = (keep[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    attn.q_proj = _sliced(attn.q_proj, rows, 0)
+    attn.o_proj = _sliced(attn.o_proj, rows, 1)
+    attn.num_key_value_groups = per_group
+
+
+def _sliced(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new linear with ``linear``'s rows (``dim=0``, bias too) or columns (``dim=1``) at ``index``."""
+    weight = linear.weight.index_select(dim, index)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+    new.weight.copy_(weight)
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias if dim == 1 else linear.bias.index_select(0, index))
+    return new
