@@ -97,6 +97,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         "split once a pruning run ends")
     add("--mesh", default=DEFAULTS.mesh, help="SPMD device mesh DATAxMODEL (default 1x1)")
     add("--fsdp", action="store_true", help="SPMD: shard parameters along the data axis (FSDPv2)")
+    add("--qat", help="int8: quantization-aware training, fake int8 in every Conv2d/Linear (ONNX Runtime's "
+        "static int8 recipe); ctk export --checkpoint DIR --quantize int8 takes the learned ranges")
     add("--log-dir", help="folder for metrics.json (per-step loss, sparsity, throughput) and metrics.png")
     train.set_defaults(command=run_train)
 

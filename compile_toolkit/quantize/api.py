@@ -27,6 +27,8 @@ from .onnx_int8 import (
     activation_matmuls,
     compute_nodes,
     layer_names,
+    learned_tensor_ranges,
+    override_ranges,
     preprocess,
     quantize_onnx,
     resolve_method,
@@ -45,6 +47,8 @@ class QuantResult:
     ``kept_float_layers`` names the module each kept node came from, where the exporter said;
     ``sensitivity`` maps the most sensitive nodes to the fidelity (100 x output cosine to
     float, on the calibration batches) gained by keeping that node alone in float.
+    ``learned_inputs`` maps each tensor whose range came from quantization-aware training
+    (``config.activation_ranges``) to that range; every other quantized tensor was calibrated.
     """
 
     path: str
@@ -63,6 +67,7 @@ class QuantResult:
     integer_nodes: int
     kept_float_layers: dict[str, str] = field(default_factory=dict)
     sensitivity: dict[str, float] = field(default_factory=dict)
+    learned_inputs: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -98,7 +103,11 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
         metric = metric or fidelity
         float_score = metric.score(pre)
         exclude = list(dict.fromkeys(config.nodes_to_exclude))
+        learned = learned_tensor_ranges(pre, config.activation_ranges)
         path, count = attempt(exclude, "int8")
+        if learned:  # the calibration cache now exists: learned ranges replace calibrated ones
+            override_ranges(cache, learned)
+            path, count = attempt(exclude, "qat")
         score = metric.score(path)
         ranked: dict[str, float] = {}
         if _over(float_score - score, config) and config.mixed_precision:
@@ -124,7 +133,7 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
         quantized_nodes=count.quantized, kept_float=count.float_nodes,
         activation_matmuls=unquantizable, qdq_nodes=count.qdq,
         integer_nodes=count.integer, kept_float_layers=kept_layers,
-        sensitivity=dict(list(ranked.items())[:SENSITIVITY_SHOWN]))
+        sensitivity=dict(list(ranked.items())[:SENSITIVITY_SHOWN]), learned_inputs=learned)
 
 
 def _over(drop: float, config: QuantConfig) -> bool:

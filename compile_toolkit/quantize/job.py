@@ -44,7 +44,9 @@ def export_options(loaded: LoadedModel, config: QuantConfig,
     batches = calibration_batches(loaded, work)
     metric = accuracy_metric(loaded.dataset.x_test, loaded.dataset.y_test) if loaded.dataset is not None else None
     stripped = {"quantize": config, "calibration": batches, "metric": metric}
-    dense = {"quantize": config.with_(max_metric_drop=None, pt2=False), "calibration": batches, "metric": metric}
+    # The dense model has the starting weights: ranges learned by quantization-aware training are not its own.
+    dense = {"quantize": config.with_(max_metric_drop=None, pt2=False, activation_ranges=()), "calibration": batches,
+             "metric": metric}
     return stripped, dense
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.calibrate import TensorData, load_tensors_data, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..errors import CtkError, summary
@@ -114,7 +115,39 @@ def resolve_method(config: QuantConfig, pre_path: str) -> str:
     ranges calibrate well and QDQ convs run as integer kernels), dynamic otherwise (transformers)."""
     if config.method != "auto":
         return config.method
-    return "static" if has_conv(pre_path) else "dynamic"
+    return "static" if config.activation_ranges or has_conv(pre_path) else "dynamic"
+
+
+def learned_tensor_ranges(pre_path: str, ranges: Sequence[tuple[str, float, float]]) -> dict[str, tuple[float, float]]:
+    """The learned input range of each layer (quantization-aware training) on the tensor its
+    Conv/Gemm/MatMul node reads: the node whose weight initializer is ``<layer>.weight`` (torch's
+    exporter names initializers after the parameters, batch norm folded or not, and ONNX
+    Runtime's pre-processing keeps them). Layers that read the same tensor get the union.
+    CtkError when no layer matches a node (a checkpoint of another model)."""
+    by_weight = {f"{layer}.weight": (low, high) for layer, low, high in ranges}
+    found: dict[str, tuple[float, float]] = {}
+    for node in onnx.load(pre_path, load_external_data=False).graph.node:
+        if node.op_type in COMPUTE_OPS and len(node.input) >= 2 and node.input[1] in by_weight:
+            low, high = by_weight[node.input[1]]
+            old_low, old_high = found.get(node.input[0], (low, high))
+            found[node.input[0]] = (min(low, old_low), max(high, old_high))
+    if ranges and not found:
+        names = ", ".join(layer for layer, _, _ in ranges[:4])
+        raise CtkError(f"learned activation ranges: none of the {len(ranges)} layers ({names}, ...) is a "
+                       "Conv/Gemm/MatMul of the graph (no weight initializer named <layer>.weight)")
+    return found
+
+
+def override_ranges(cache_path: str, ranges: dict[str, tuple[float, float]]) -> None:
+    """Replace the calibrated ranges of ``ranges``' tensors in ONNX Runtime's calibration cache,
+    which every later ``quantize_static`` with that cache then uses."""
+    data = load_tensors_data(cache_path)
+    missing = sorted(set(ranges) - set(data.keys()))
+    if missing:
+        raise CtkError(f"learned activation ranges: ONNX Runtime calibrated no tensor {missing[0]!r}")
+    for name, (low, high) in ranges.items():
+        data[name] = TensorData(lowest=np.float32(low), highest=np.float32(high))
+    save_tensors_data(data, cache_path)
 
 
 def quantize_onnx(pre_path: str, out_path: str, method: str, config: QuantConfig,
