@@ -23,9 +23,11 @@ float, and :func:`quantize_onnx` raises when one is neither or when nothing was 
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -69,12 +71,26 @@ class NodeCount:
 
 
 def preprocess(float_path: str, out_path: str) -> None:
-    """ONNX Runtime's pre-processing (shape inference, graph optimisation) into ``out_path``."""
-    try:
-        quant_pre_process(float_path, out_path)
-    except Exception as error:
-        raise CtkError(f"onnx int8: ONNX Runtime's quantization pre-processing failed on {float_path}: "
-                       f"{summary(error)}") from error
+    """ONNX Runtime's pre-processing (shape inference, graph optimisation) into ``out_path``.
+
+    Its symbolic shape inference gives up on a sequence length that is dynamic (the capture
+    makes token inputs' dim 1 dynamic: MiniLM fails on ``Min(512, s53)``, the position-embedding
+    slice) and then saves the half-inferred model with all its weights, as
+    ``sym_shape_infer_temp.onnx`` plus data files, into the current folder (245 MB for MiniLM).
+    So it runs in a scratch folder, and on that failure again with ONNX's own shape inference
+    only (``skip_symbolic_shape``)."""
+    float_path, out_path = os.path.abspath(float_path), os.path.abspath(out_path)
+    with tempfile.TemporaryDirectory(prefix="ctk-preprocess-") as scratch, contextlib.chdir(scratch):
+        try:
+            try:
+                quant_pre_process(float_path, out_path)
+            except Exception as error:
+                if "Incomplete symbolic shape inference" not in str(error):
+                    raise
+                quant_pre_process(float_path, out_path, skip_symbolic_shape=True)
+        except Exception as error:
+            raise CtkError(f"onnx int8: ONNX Runtime's quantization pre-processing failed on {float_path}: "
+                           f"{summary(error)}") from error
 
 
 def compute_nodes(path: str) -> list[str]:
