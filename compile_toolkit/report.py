@@ -99,7 +99,8 @@ def _quantization_lines(section: dict[str, Any] | None) -> list[str]:
              f"ONNX: {onnx['method']} int8 ({onnx['calibration_method'] or 'no calibration'}), "
              f"{len(onnx['quantized_nodes'])} of {onnx['compute_nodes']} Conv/Gemm/MatMul nodes quantized, "
              f"{onnx['qdq_nodes']} Q/DQ nodes; kept in float: {kept}. {onnx['metric']} drop "
-             f"{onnx['metric_drop']:.2f} points (limit {onnx['max_metric_drop']}). Speedups against float stripped.",
+             f"{onnx['metric_drop']:.2f} points (limit {onnx['max_metric_drop']}).{_learned(onnx)} "
+             "Speedups against float stripped.",
              "", f"| model | {label} | size | latency b1 | speedup b1 | latency b8 | speedup b8 | max / mean abs dev |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in section["models"].items():
@@ -111,6 +112,12 @@ def _quantization_lines(section: dict[str, Any] | None) -> list[str]:
               f"pt2 (PT2E, {pt2['quantizer']}): {pt2['quantized_layers']} of {pt2['layers']} conv2d/linear "
               f"nodes quantized, {pt2['quantize_nodes']} quantize nodes."]
     return lines
+
+
+def _learned(onnx: dict[str, Any]) -> str:
+    learned = onnx.get("learned_inputs")
+    return (f" Input ranges of {len(learned)} tensors from quantization-aware training (the other tensors "
+            "calibrated)." if learned else "")
 
 
 def _ratio(before: float, after: float) -> str:

@@ -92,6 +92,8 @@ def test_int8_onnx_of_a_qat_run_takes_the_learned_ranges(runs):
         differs += abs(ptq_scales[node.input[1]] / scale - 1) > 1e-3  # calibrated scales are other numbers
     assert differs >= 5
     assert len(onnx_section["learned_inputs"]) == 8  # 10 layers, two pairs of which read one tensor
+    assert "Input ranges of 8 tensors from quantization-aware training" in (runs["qat"] / "out" / "report.md").read_text()
+    assert "quantization-aware" not in (runs["ptq"] / "out" / "report.md").read_text()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     digits = load_model("digits-resnet").dataset
     logits = session.run(None, {session.get_inputs()[0].name: digits.x_test.numpy()})[0]
