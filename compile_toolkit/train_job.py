@@ -131,6 +131,10 @@ def run_train(args: argparse.Namespace) -> int:
     if result.recalibrated_norms:
         out.print(f"re-estimated the statistics of {result.recalibrated_norms} batch norm(s) over the training split "
                   "after pruning (--no-recalibrate-bn to keep training's)", soft_wrap=True)
+    if result.qat_ranges:
+        out.print(f"quantization-aware (--qat {config.qat}): {len(result.qat_ranges)} Conv2d/Linear layers fake-quantized; "
+                  "their learned input ranges are in the checkpoint (ctk export --checkpoint DIR --quantize int8)",
+                  soft_wrap=True)
     if result.checkpoint is not None:
         out.print(f"checkpoint: {result.checkpoint}  (export: ctk export --pruned --checkpoint {config.checkpoint_dir})",
                   soft_wrap=True)

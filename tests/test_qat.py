@@ -161,3 +161,11 @@ def test_learned_ranges_of_another_model_and_bad_ranges_are_errors(runs, tmp_pat
         QuantConfig(method="dynamic").with_ranges({"fc1": (0.0, 1.0)})
     with pytest.raises(CtkError, match="--qat: Sequential has no Conv2d or Linear layer"):
         qat.prepare_qat(torch.nn.Sequential(torch.nn.ReLU()))
+
+
+def test_ctk_train_qat_says_how_many_layers_it_fake_quantized(tmp_path, capsys):
+    (tmp_path / "tiny.py").write_text(TINY_MODEL)
+    assert main(["train", "--model", f"{tmp_path / 'tiny.py'}:tiny", "--qat", "int8", "--max-steps", "4",
+                 "--batch-size", "256", "--no-eval", "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
+    assert "quantization-aware (--qat int8): 2 Conv2d/Linear layers fake-quantized" in capsys.readouterr().out
+    assert sorted(qat.learned_ranges(load_checkpoint(str(tmp_path / "ckpt")).model_state)) == ["0", "4"]
