@@ -28,7 +28,7 @@ from .pruning.masks import check_masks
 from .pruning.recalibrate import recalibrate_batchnorm
 from .pruning.recipe import load_recipe
 from .pruning.structured import check_sparsity
-from .quantize import QuantConfig
+from .quantize import QuantConfig, qat
 from .quantize import job as quantize_job
 from .report import write_reports
 from .strip import strip, strip_summary
@@ -144,6 +144,9 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
                            "(smollm2-135m, a GGUF decoder or an hf: causal LM)")
         dense = copy.deepcopy(loaded.module).eval()
         quant_config = job.quant_config()
+        learned = qat.learned_ranges(trained.model_state) if trained is not None else {}
+        if quant_config and learned:  # a `ctk train --qat int8` checkpoint: its ranges, not a calibration
+            quant_config = quant_config.with_ranges(learned)
         int8, dense_int8 = quantize_job.export_options(loaded, quant_config, work) if quant_config else ({}, {})
         report: dict[str, Any] = {"model": loaded.name, "sparsity": job.sparsity if job.pruned else 0.0,
                                   "notes": list(loaded.notes)}
@@ -296,10 +299,11 @@ def _apply_checkpoint(checkpoint: Checkpoint, job: ExportJob, loaded: LoadedMode
     """Put the checkpoint's weights and masks into the model instead of pruning here: the masks
     were chosen during training, so re-pruning would throw that work away."""
     source = f"--checkpoint {checkpoint.path}"
-    problem = state_dict_mismatch(loaded.module.state_dict(), checkpoint.model_state)
+    state = qat.float_state(checkpoint.model_state)  # a QAT run's fake-quantization state is not weights
+    problem = state_dict_mismatch(loaded.module.state_dict(), state)
     if problem:
         raise CtkError(f"{source} does not fit --model {job.model!r}: {problem}")
-    loaded.module.load_state_dict(checkpoint.model_state, strict=True)
+    loaded.module.load_state_dict(state, strict=True)
     masks = checkpoint.sparsifier_state["masks"]
     check_masks(loaded.module, masks, source)
     apply_masks(loaded.module, masks)
@@ -310,6 +314,7 @@ def _apply_checkpoint(checkpoint: Checkpoint, job: ExportJob, loaded: LoadedMode
         "step": checkpoint.step,
         "sparsity": 1 - kept / total if total else 0.0,
         "masked_weights": sorted(masks),
+        "qat": checkpoint.meta.get("config", {}).get("qat"),  # "int8": --quantize int8 takes its learned ranges
         "accuracy": _metric(loaded.module, work, dense),
     }
 

@@ -92,15 +92,19 @@ def _quantization_lines(section: dict[str, Any] | None) -> list[str]:
     onnx = section["onnx"]
     layers = onnx.get("kept_float_layers", {})
     kept = ", ".join(f"`{n}`" + (f" ({layers[n]})" if n in layers else "") for n in onnx["kept_float"]) or "none"
+    metric = section.get("metric", {"name": "top1", "key": "accuracy"})
+    label, form = METRIC_ROWS.get(metric["name"], (metric["name"], ".4g"))
+    key = metric["key"]
     lines = ["", "## int8", "",
              f"ONNX: {onnx['method']} int8 ({onnx['calibration_method'] or 'no calibration'}), "
              f"{len(onnx['quantized_nodes'])} of {onnx['compute_nodes']} Conv/Gemm/MatMul nodes quantized, "
              f"{onnx['qdq_nodes']} Q/DQ nodes; kept in float: {kept}. {onnx['metric']} drop "
-             f"{onnx['metric_drop']:.2f} points (limit {onnx['max_metric_drop']}). Speedups against float stripped.",
-             "", "| model | test accuracy | size | latency b1 | speedup b1 | latency b8 | speedup b8 | max / mean abs dev |",
+             f"{onnx['metric_drop']:.2f} points (limit {onnx['max_metric_drop']}).{_learned(onnx)} "
+             "Speedups against float stripped.",
+             "", f"| model | {label} | size | latency b1 | speedup b1 | latency b8 | speedup b8 | max / mean abs dev |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in section["models"].items():
-        lines.append(f"| {name} | {m['accuracy']:.2%} | {_bytes(m['size_bytes'])} | {m['latency_ms_batch1']:.3f} ms | "
+        lines.append(f"| {name} | {m[key]:{form}} | {_bytes(m['size_bytes'])} | {m['latency_ms_batch1']:.3f} ms | "
                      f"{m['speedup_batch1']:.2f}x | {m['latency_ms_batch8']:.3f} ms | {m['speedup_batch8']:.2f}x | "
                      f"{m['max_abs_deviation']:.3g} / {m['mean_abs_deviation']:.3g} |")
     pt2 = section["pt2"]
@@ -108,6 +112,12 @@ def _quantization_lines(section: dict[str, Any] | None) -> list[str]:
               f"pt2 (PT2E, {pt2['quantizer']}): {pt2['quantized_layers']} of {pt2['layers']} conv2d/linear "
               f"nodes quantized, {pt2['quantize_nodes']} quantize nodes."]
     return lines
+
+
+def _learned(onnx: dict[str, Any]) -> str:
+    learned = onnx.get("learned_inputs")
+    return (f" Input ranges of {len(learned)} tensors from quantization-aware training (the other tensors "
+            "calibrated)." if learned else "")
 
 
 def _ratio(before: float, after: float) -> str:

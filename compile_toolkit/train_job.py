@@ -102,6 +102,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--cpu-offload", action="store_true", help="fsdp: keep parameter shards, gradients and the optimizer on the CPU")
     add("--tp-plan", help="tp: a JSON file {module name: \"colwise\" | \"rowwise\"} replacing the plan derived from "
         "the model")
+    add("--qat", help="int8: quantization-aware training, fake int8 in every Conv2d/Linear (ONNX Runtime's "
+        "static int8 recipe); ctk export --checkpoint DIR --quantize int8 takes the learned ranges")
     add("--log-dir", help="folder for metrics.json (per-step loss, sparsity, throughput) and metrics.png")
     add("--nproc-per-node", type=int,
         help="start N worker processes on this machine under torchrun's elastic agent (ddp, fsdp, tp)")
@@ -143,6 +145,10 @@ def run_train(args: argparse.Namespace) -> int:
     if result.recalibrated_norms:
         out.print(f"re-estimated the statistics of {result.recalibrated_norms} batch norm(s) over the training split "
                   "after pruning (--no-recalibrate-bn to keep training's)", soft_wrap=True)
+    if result.qat_ranges:
+        out.print(f"quantization-aware (--qat {config.qat}): {len(result.qat_ranges)} Conv2d/Linear layers fake-quantized; "
+                  "their learned input ranges are in the checkpoint (ctk export --checkpoint DIR --quantize int8)",
+                  soft_wrap=True)
     if result.checkpoint is not None:
         out.print(f"checkpoint: {result.checkpoint}  (export: ctk export --pruned --checkpoint {config.checkpoint_dir})",
                   soft_wrap=True)

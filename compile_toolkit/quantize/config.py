@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from ..errors import CtkError
@@ -31,6 +33,10 @@ class QuantConfig:
     ``.pt2`` program by PT2E when ``pt2`` is among the exported formats. ``activation_type`` of
     static int8 (weights are always int8): ``uint8``, ONNX Runtime's fast x86 path (u8 x s8,
     VNNI): stripped ResNet-50 at batch 1 ran 2.3x faster with uint8 than with int8 activations.
+    ``activation_ranges``: ``(layer, min, max)`` of layer inputs learned by quantization-aware
+    training (:func:`~compile_toolkit.quantize.qat.learned_ranges`): static int8 puts them on the
+    inputs of the Conv/Gemm/MatMul nodes whose weight is ``<layer>.weight`` instead of the
+    calibrated ones (the other tensors are still calibrated).
     """
 
     dtype: str = "int8"
@@ -43,6 +49,7 @@ class QuantConfig:
     nodes_to_exclude: tuple[str, ...] = ()
     pt2: bool = True
     activation_type: str = "uint8"
+    activation_ranges: tuple[tuple[str, float, float], ...] = ()
 
     def validate(self) -> QuantConfig:
         """Return self, or raise CtkError naming the first bad field."""
@@ -53,12 +60,24 @@ class QuantConfig:
                 raise CtkError(f"quantize {name} {value!r} is not one of {', '.join(valid)}")
         if self.max_metric_drop is not None and not self.max_metric_drop >= 0:
             raise CtkError(f"max metric drop must be >= 0 points, got {self.max_metric_drop}")
+        for layer, low, high in self.activation_ranges:
+            if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+                raise CtkError(f"activation range of {layer!r} must be finite with min <= max, got [{low}, {high}]")
+        if self.activation_ranges and self.method == "dynamic":
+            raise CtkError("learned activation ranges (quantization-aware training) need static int8, not dynamic")
+        if self.activation_ranges and self.activation_type != "uint8":
+            raise CtkError("learned activation ranges are uint8 ranges (what --qat int8 simulates): "
+                           f"activation_type must be uint8, got {self.activation_type!r}")
         if not 0 <= self.max_float_fraction < 1:
             raise CtkError(f"max_float_fraction must be in [0, 1), got {self.max_float_fraction}")
         return self
 
     def with_(self, **changes: object) -> QuantConfig:
         return replace(self, **changes).validate()
+
+    def with_ranges(self, ranges: Mapping[str, tuple[float, float]]) -> QuantConfig:
+        """This config with the learned input ranges of :func:`~compile_toolkit.quantize.qat.learned_ranges`."""
+        return self.with_(activation_ranges=tuple((layer, low, high) for layer, (low, high) in sorted(ranges.items())))
 
 
 def as_config(value: str | QuantConfig) -> QuantConfig:

@@ -18,6 +18,8 @@ from ..workload import OnnxRuntimeModel, Workload, positional
 from .config import QuantConfig
 from .evaluate import accuracy_metric, deviation
 
+# The key of each model's score in the report: the task's metric, top-1 as "accuracy" (a fraction).
+METRIC_KEYS = {"top1": "accuracy"}
 CALIBRATION_IMAGES = 256  # of the training split: ranges settle well before this on digits
 CALIBRATION_BATCH = 8
 
@@ -44,7 +46,9 @@ def export_options(loaded: LoadedModel, config: QuantConfig,
     batches = calibration_batches(loaded, work)
     metric = accuracy_metric(loaded.dataset.x_test, loaded.dataset.y_test) if loaded.dataset is not None else None
     stripped = {"quantize": config, "calibration": batches, "metric": metric}
-    dense = {"quantize": config.with_(max_metric_drop=None, pt2=False), "calibration": batches, "metric": metric}
+    # The dense model has the starting weights: ranges learned by quantization-aware training are not its own.
+    dense = {"quantize": config.with_(max_metric_drop=None, pt2=False, activation_ranges=()), "calibration": batches,
+             "metric": metric}
     return stripped, dense
 
 
@@ -65,15 +69,18 @@ def section(artifacts: list[Artifact], dense_artifacts: list[Artifact], staging:
         test, first = [(x[i:i + 512],) for i in range(0, len(x), 512)], (x,)
         accuracy = accuracy_metric(x, y)
         scores = {name: accuracy.score(path) / 100 for name, path in paths.items()}
+        metric = {"name": "top1", "split": "test"}
     else:  # the --data workload; embeddings are compared with the float model's (the dense of each)
         test = [positional(batch) for batch in work.val_loader()]
         first = test[0]
         scores = {name: work.task.evaluate(OnnxRuntimeModel(path), work.val_loader(),
                                            OnnxRuntimeModel(floats[name]))[work.task.metric]
                   for name, path in paths.items()}
+        metric = {"name": work.task.metric, "split": "validation"}
+    key = METRIC_KEYS.get(metric["name"], metric["name"])
     models: dict[str, dict[str, Any]] = {
         name: {"file": os.path.relpath(path, staging), "size_bytes": os.path.getsize(path),
-               "accuracy": scores[name], **deviation(floats[name], path, test)}
+               key: scores[name], **deviation(floats[name], path, test)}
         for name, path in paths.items()}
     for batch in (1, 8):
         timing = compare_latency_many(paths, tuple(t[:batch] for t in first), rounds=rounds)
@@ -83,10 +90,19 @@ def section(artifacts: list[Artifact], dense_artifacts: list[Artifact], staging:
     details = by_format["onnx-int8"].details or {}
     return {
         "baseline": "float_stripped (speedups are its latency over each model's, median of alternated rounds)",
+        "metric": {**metric, "key": key},
         "models": models,
-        "accuracy_drop_points": 100 * (models["float_stripped"]["accuracy"] - models["int8_stripped"]["accuracy"]),
+        **_change(key, models["float_stripped"][key], models["int8_stripped"][key]),
         "onnx": {k: v for k, v in details.items() if k != "path"},
         "dense_onnx": {k: v for k, v in (dense_by_format["onnx-int8"].details or {}).items() if k != "path"},
         "pt2": (by_format["pt2-int8"].details if "pt2-int8" in by_format
                 else details.get("pt2_int8", "not requested (pt2 not in --formats)")),
     }
+
+
+def _change(key: str, float_score: float, int8_score: float) -> dict[str, float]:
+    """Accuracy's drop in points; another metric's change int8 minus float, in its own units
+    (perplexity up is worse, cosine down is worse)."""
+    if key == "accuracy":
+        return {"accuracy_drop_points": 100 * (float_score - int8_score)}
+    return {f"{key}_change": int8_score - float_score}

@@ -23,15 +23,18 @@ float, and :func:`quantize_onnx` raises when one is neither or when nothing was 
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.calibrate import TensorData, load_tensors_data, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..errors import CtkError, summary
@@ -68,12 +71,26 @@ class NodeCount:
 
 
 def preprocess(float_path: str, out_path: str) -> None:
-    """ONNX Runtime's pre-processing (shape inference, graph optimisation) into ``out_path``."""
-    try:
-        quant_pre_process(float_path, out_path)
-    except Exception as error:
-        raise CtkError(f"onnx int8: ONNX Runtime's quantization pre-processing failed on {float_path}: "
-                       f"{summary(error)}") from error
+    """ONNX Runtime's pre-processing (shape inference, graph optimisation) into ``out_path``.
+
+    Its symbolic shape inference gives up on a sequence length that is dynamic (the capture
+    makes token inputs' dim 1 dynamic: MiniLM fails on ``Min(512, s53)``, the position-embedding
+    slice) and then saves the half-inferred model with all its weights, as
+    ``sym_shape_infer_temp.onnx`` plus data files, into the current folder (245 MB for MiniLM).
+    So it runs in a scratch folder, and on that failure again with ONNX's own shape inference
+    only (``skip_symbolic_shape``)."""
+    float_path, out_path = os.path.abspath(float_path), os.path.abspath(out_path)
+    with tempfile.TemporaryDirectory(prefix="ctk-preprocess-") as scratch, contextlib.chdir(scratch):
+        try:
+            try:
+                quant_pre_process(float_path, out_path)
+            except Exception as error:
+                if "Incomplete symbolic shape inference" not in str(error):
+                    raise
+                quant_pre_process(float_path, out_path, skip_symbolic_shape=True)
+        except Exception as error:
+            raise CtkError(f"onnx int8: ONNX Runtime's quantization pre-processing failed on {float_path}: "
+                           f"{summary(error)}") from error
 
 
 def compute_nodes(path: str) -> list[str]:
@@ -114,14 +131,49 @@ def resolve_method(config: QuantConfig, pre_path: str) -> str:
     ranges calibrate well and QDQ convs run as integer kernels), dynamic otherwise (transformers)."""
     if config.method != "auto":
         return config.method
-    return "static" if has_conv(pre_path) else "dynamic"
+    return "static" if config.activation_ranges or has_conv(pre_path) else "dynamic"
+
+
+def learned_tensor_ranges(pre_path: str, ranges: Sequence[tuple[str, float, float]]) -> dict[str, tuple[float, float]]:
+    """The learned input range of each layer (quantization-aware training) on the tensor its
+    Conv/Gemm/MatMul node reads: the node whose weight initializer is ``<layer>.weight`` (torch's
+    exporter names initializers after the parameters, batch norm folded or not, and ONNX
+    Runtime's pre-processing keeps them). Layers that read the same tensor get the union.
+    CtkError when no layer matches a node (a checkpoint of another model)."""
+    by_weight = {f"{layer}.weight": (low, high) for layer, low, high in ranges}
+    found: dict[str, tuple[float, float]] = {}
+    for node in onnx.load(pre_path, load_external_data=False).graph.node:
+        if node.op_type in COMPUTE_OPS and len(node.input) >= 2 and node.input[1] in by_weight:
+            low, high = by_weight[node.input[1]]
+            old_low, old_high = found.get(node.input[0], (low, high))
+            found[node.input[0]] = (min(low, old_low), max(high, old_high))
+    if ranges and not found:
+        names = ", ".join(layer for layer, _, _ in ranges[:4])
+        raise CtkError(f"learned activation ranges: none of the {len(ranges)} layers ({names}, ...) is a "
+                       "Conv/Gemm/MatMul of the graph (no weight initializer named <layer>.weight)")
+    return found
+
+
+def override_ranges(cache_path: str, ranges: dict[str, tuple[float, float]]) -> None:
+    """Replace the calibrated ranges of ``ranges``' tensors in ONNX Runtime's calibration cache,
+    which every later ``quantize_static`` with that cache then uses."""
+    data = load_tensors_data(cache_path)
+    missing = sorted(set(ranges) - set(data.keys()))
+    if missing:
+        raise CtkError(f"learned activation ranges: ONNX Runtime calibrated no tensor {missing[0]!r}")
+    for name, (low, high) in ranges.items():
+        data[name] = TensorData(lowest=np.float32(low), highest=np.float32(high))
+    save_tensors_data(data, cache_path)
 
 
 def quantize_onnx(pre_path: str, out_path: str, method: str, config: QuantConfig,
                   feeds: Sequence[dict[str, np.ndarray]] | None, exclude: Sequence[str],
-                  cache_path: str | None) -> NodeCount:
+                  cache_path: str | None, keep_activations: bool = False) -> NodeCount:
     """Quantize the pre-processed model into ``out_path`` with ``exclude`` kept in float; return
-    the node count, after checking that every other compute node was quantized."""
+    the node count, after checking that every other compute node was quantized.
+    ``keep_activations`` keeps the Relu/Clip nodes that static QDQ would fold into the Q/DQ of
+    their input (always, with ``exclude``): every tensor of the float graph then has its own
+    name in the int8 graph."""
     wanted = compute_nodes(pre_path)
     unknown = sorted(set(exclude) - set(wanted))
     if unknown:
@@ -138,7 +190,7 @@ def quantize_onnx(pre_path: str, out_path: str, method: str, config: QuantConfig
                             weight_type=QuantType.QInt8, calibrate_method=CALIBRATORS[config.calibration_method],
                             op_types_to_quantize=list(STATIC_OPS), nodes_to_exclude=list(exclude),
                             calibration_cache_path=cache_path,
-                            extra_options={"QDQKeepRemovableActivations": bool(exclude)})
+                            extra_options={"QDQKeepRemovableActivations": keep_activations or bool(exclude)})
             if exclude:
                 float_inputs(out_path, exclude)
         else:

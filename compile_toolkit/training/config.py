@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import CtkError
 from ..fileio import check_output_folder
 from ..models.registry import DEFAULT_SPEC
+from ..quantize.qat import check_qat
 from ..tasks import TASKS
 
 STRATEGIES = ("single", "ddp", "spmd", "fsdp", "tp")
@@ -55,6 +56,7 @@ RESUME_KEYS = (
     "accumulate",
     "warmup_steps",
     "lr_schedule",
+    "qat",
 )
 
 
@@ -73,7 +75,9 @@ class TrainConfig:
     knowledge distillation from the starting (dense) model; ``accumulate`` splits each process's
     share of the global batch into that many micro-batches (the same update, less memory);
     ``warmup_steps`` and ``lr_schedule`` shape the learning rate; ``eval_every`` steps (default:
-    every epoch, and at the end) the task's metric on the validation split is logged.
+    every epoch, and at the end) the task's metric on the validation split is logged. ``qat``
+    (``"int8"``) trains with fake quantization of every Conv2d/Linear (:mod:`compile_toolkit.quantize.qat`),
+    in one process; its checkpoints carry the learned ranges that ``ctk export --quantize int8`` uses.
     """
 
     model: str = DEFAULT_SPEC
@@ -120,6 +124,7 @@ class TrainConfig:
     workers: int = 0
     evaluate: bool = True
     eval_every: int | None = None
+    qat: str | None = None
 
     def validate(self) -> None:
         """Fail on a bad option before any process group, model or data set is built."""
@@ -169,6 +174,9 @@ class TrainConfig:
             raise CtkError("--cpu-offload only applies to --strategy fsdp")
         if self.tp_plan is not None and self.strategy != "tp":
             raise CtkError("--tp-plan only applies to --strategy tp")
+        check_qat(self.qat)
+        if self.qat is not None and self.strategy != "single":
+            raise CtkError(f"--qat {self.qat} trains in one process: use --strategy single, not {self.strategy!r}")
         if self.resume and not self.checkpoint_dir:
             raise CtkError("--resume needs --checkpoint-dir (the folder to resume from)")
         _prune_method(self.prune_method)

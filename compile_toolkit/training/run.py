@@ -28,6 +28,7 @@ from ..models.weights import state_dict_mismatch
 from ..pruning.masks import Masks
 from ..pruning.recalibrate import recalibrate_batchnorm
 from ..pruning.sparsifier import Sparsifier
+from ..quantize.qat import float_state, prepare_qat, qat_state, remove_qat
 from ..tasks import model_inputs
 from .batches import plan_steps, recalibration_loader
 from .checkpoint import Checkpoint, newest_intact_checkpoint, save_checkpoint
@@ -45,7 +46,8 @@ class TrainResult:
     """What a run produced. ``losses`` holds the global-batch loss of every step from step 0
     (a resumed run includes the steps before its checkpoint when a log folder was given);
     ``seconds`` is the whole run, ``samples_per_s`` the training loop alone (no start-up);
-    ``evaluations`` the task's metric on the validation split at each evaluation, ``metric`` the last."""
+    ``evaluations`` the task's metric on the validation split at each evaluation, ``metric`` the last;
+    ``qat_ranges`` (``qat``) each fake-quantized layer's learned input range (``model`` is float again)."""
 
     config: TrainConfig
     steps: int
@@ -64,6 +66,7 @@ class TrainResult:
     recalibrated_norms: int = 0
     evaluations: list[dict[str, float]] = field(default_factory=list)
     metric: dict[str, float] | None = None
+    qat_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def run_training(config: TrainConfig, strategy: Strategy, console: Console | None = None) -> TrainResult:
@@ -83,6 +86,8 @@ def run_training(config: TrainConfig, strategy: Strategy, console: Console | Non
     model = strategy.prepare(model, config)
     trained = strategy.wrap(model)
     sparsifier = strategy.shard(model, build_sparsifier(config, model, plan.steps, parts.loaded.example_inputs))
+    if config.qat is not None:  # after the sparsifier, whose channel analysis reads the float graph
+        _prepare_qat(model, checkpoint)
     optimizer = build_optimizer(config, model)
     start = 0
     if checkpoint is not None:
@@ -112,6 +117,7 @@ def run_training(config: TrainConfig, strategy: Strategy, console: Console | Non
     log_path, plot_path = log.write(), log.plot()
     finished = time.perf_counter()
     trained_steps = plan.steps - start
+    qat_ranges = remove_qat(model) if config.qat is not None else {}
     return TrainResult(
         config=config,
         steps=plan.steps,
@@ -130,6 +136,7 @@ def run_training(config: TrainConfig, strategy: Strategy, console: Console | Non
         recalibrated_norms=run.recalibrated,
         evaluations=log.evaluations,
         metric=log.evaluations[-1] if log.evaluations else None,
+        qat_ranges=qat_ranges,
     )
 
 
@@ -256,10 +263,20 @@ def _warn(message: str) -> None:
 
 def _load_weights(model: nn.Module, checkpoint: Checkpoint, config: TrainConfig) -> None:
     """Checkpoint weights into the CPU model, before it is placed (moved, converted, split on a mesh)."""
-    problem = state_dict_mismatch(model.state_dict(), checkpoint.model_state)
+    state = float_state(checkpoint.model_state)
+    problem = state_dict_mismatch(model.state_dict(), state)
     if problem:
         raise CtkError(f"checkpoint {checkpoint.path} does not fit --model {config.model!r}: {problem}")
-    model.load_state_dict(checkpoint.model_state, strict=True)
+    model.load_state_dict(state, strict=True)
+
+
+def _prepare_qat(model: nn.Module, checkpoint: Checkpoint | None) -> None:
+    """Fake quantization on the model, with the observers' state of a resumed checkpoint."""
+    prepare_qat(model)
+    if checkpoint is not None:
+        unexpected = model.load_state_dict(qat_state(checkpoint.model_state), strict=False).unexpected_keys
+        if unexpected:
+            raise CtkError(f"checkpoint {checkpoint.path}: fake-quantization state {unexpected[0]!r} fits no layer")
 
 
 def _restore_state(checkpoint: Checkpoint, config: TrainConfig, optimizer: torch.optim.Optimizer,
