@@ -1,7 +1,8 @@
 """``ctk train``: the command line of :func:`compile_toolkit.training.train`.
 
 The same command runs alone (``--strategy single``) or as every worker of a torchrun launch
-(``--strategy ddp``); only rank 0 prints the summary.
+(``--strategy ddp``, ``fsdp``, ``tp``), which ``--nproc-per-node N`` starts itself; only rank 0
+prints the summary.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 
 from rich.console import Console
 
+from .errors import CtkError
 from .tasks import TASKS
 from .training.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig
 
@@ -126,6 +128,9 @@ def run_train(args: argparse.Namespace) -> int:
         from .training.launch import launch, worker_argv
 
         config.validate()  # one error here, not one per worker
+        if config.strategy not in ("ddp", "fsdp", "tp"):
+            raise CtkError(f"--nproc-per-node starts torchrun workers: use --strategy ddp, fsdp or tp, "
+                           f"not {config.strategy}")
         return launch(worker_argv(args.train_parser, args), args.nproc_per_node, args.max_restarts)
     result = train(config)
     if os.environ.get("RANK", "0") != "0":

@@ -175,6 +175,7 @@ def test_ctk_train_launches_its_workers_and_restarts_a_killed_one(root):
     (["--cpu-offload"], "--cpu-offload only applies to --strategy fsdp"),
     (["--strategy", "fsdp", "--tp-plan", "plan.json"], "--tp-plan only applies to --strategy tp"),
     (["--strategy", "tp", "--nproc-per-node", "0"], "--nproc-per-node must be a positive integer, got 0"),
+    (["--nproc-per-node", "2"], "--nproc-per-node starts torchrun workers: use --strategy ddp, fsdp or tp, not single"),
 ])
 def test_bad_parallel_options_fail_in_one_line(argv, message, capsys, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):

@@ -5,13 +5,15 @@ masks computed on the split weights; plans derived from the model's graph and re
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 from test_fsdp import assert_same_training, log_of, torchrun
 from torch import nn
 
 from compile_toolkit.errors import CtkError
-from compile_toolkit.training import TrainConfig, train
+from compile_toolkit.training import TrainConfig, load_checkpoint, train
 from compile_toolkit.training.tp import derive_plan, read_plan
 
 MLP = """
@@ -62,6 +64,20 @@ def test_tp_times_fsdp_on_a_two_by_two_mesh_trains_like_one_process(runs):
     assert meta["placements"]["5.weight"] == "S(0) local (5, 16)"  # on the data axis only
     # Over 4 ranks every parameter is held once, except those whole on the model axis (3.bias, layer 5): twice.
     assert sum(meta["local_parameters"]) == meta["parameters"] + 16 + 16 * 10 + 10
+
+    # Its step-8 checkpoint (TP x FSDP2 shards of 4 ranks) resumed as TP alone on 2: the same end.
+    moved = root / "remeshed"
+    (moved / "ckpt").mkdir(parents=True)
+    shutil.copytree(root / "mesh" / "ckpt" / "step-00000008", moved / "ckpt" / "step-00000008")
+    (moved / "ckpt" / "latest").write_text("step-00000008\n")
+    resumed = torchrun("tp", 2, runs["spec"], moved, OPTIONS, ("--mesh", "1x2", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 8" in resumed.stdout
+    saved = load_checkpoint(moved / "ckpt")
+    assert saved.step == 12 and saved.meta["mesh"] == "1x2"
+    for name, tensor in runs["single"].model.state_dict().items():
+        torch.testing.assert_close(saved.model_state[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+    assert all(torch.equal(saved.sparsifier_state["masks"][n], m) for n, m in runs["single"].masks.items())
 
 
 def test_plans_from_the_graph_and_bad_plan_files(tmp_path):
