@@ -33,7 +33,6 @@ from .onnx_int8 import (
     quantize_onnx,
     resolve_method,
 )
-from .sensitivity import layer_errors
 
 SENSITIVITY_SHOWN = 10  # layers listed in the report, most sensitive first
 
@@ -46,9 +45,8 @@ class QuantResult:
     the Conv/Gemm/MatMul nodes left in float (asked for, chosen by sensitivity, or, in dynamic
     int8, ``activation_matmuls``: MatMuls of two activations, which it cannot quantize);
     ``kept_float_layers`` names the module each kept node came from, where the exporter said;
-    ``sensitivity`` maps the most sensitive nodes to the relative output error (x100) that
-    quantizing each adds in the all-int8 model, on the calibration batches
-    (:mod:`.sensitivity`).
+    ``sensitivity`` maps the most sensitive nodes to the fidelity (100 x output cosine to
+    float, on the calibration batches) gained by keeping that node alone in float.
     ``learned_inputs`` maps each tensor whose range came from quantization-aware training
     (``config.activation_ranges``) to that range; every other quantized tensor was calibrated.
     """
@@ -97,11 +95,12 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
         calibration_feeds = feeds([i.name for i in session(pre).get_inputs()], batches)
         cache = os.path.join(work, "calibration.json")
 
-        def attempt(exclude: Sequence[str], tag: str, keep_activations: bool = False) -> tuple[str, NodeCount]:
+        def attempt(exclude: Sequence[str], tag: str) -> tuple[str, NodeCount]:
             path = os.path.join(work, f"{tag}.onnx")
-            return path, quantize_onnx(pre, path, method, config, calibration_feeds, exclude, cache, keep_activations)
+            return path, quantize_onnx(pre, path, method, config, calibration_feeds, exclude, cache)
 
-        metric = metric or fidelity_metric(pre, batches)
+        fidelity = fidelity_metric(pre, batches)
+        metric = metric or fidelity
         float_score = metric.score(pre)
         exclude = list(dict.fromkeys(config.nodes_to_exclude))
         learned = learned_tensor_ranges(pre, config.activation_ranges)
@@ -112,8 +111,7 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
         score = metric.score(path)
         ranked: dict[str, float] = {}
         if _over(float_score - score, config) and config.mixed_precision:
-            probe, _ = attempt(exclude, "ranking", keep_activations=True)  # the same int8, every tensor named
-            ranked = layer_errors(pre, probe, list(count.quantized), batches, work)
+            ranked = _sensitivity(attempt, list(count.quantized), exclude, fidelity, fidelity.score(path))
             budget = math.floor(config.max_float_fraction * len(compute_nodes(pre))) - len(exclude)
             for extra in list(ranked)[:max(budget, 0)]:
                 exclude.append(extra)
@@ -140,3 +138,15 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
 
 def _over(drop: float, config: QuantConfig) -> bool:
     return config.max_metric_drop is not None and drop > config.max_metric_drop
+
+
+def _sensitivity(attempt, candidates: list[str], exclude: list[str], fidelity: Metric,
+                 all_int8: float) -> dict[str, float]:
+    """Fidelity gained by keeping each candidate alone in float (beside ``exclude``), largest
+    first. Measured on the calibration batches, not on the evaluation data, so that choosing
+    the layers does not fit the evaluation split."""
+    gains = {}
+    for index, name in enumerate(candidates):
+        path, _ = attempt([*exclude, name], f"probe-{index}")
+        gains[name] = fidelity.score(path) - all_int8
+    return dict(sorted(gains.items(), key=lambda item: -item[1]))

@@ -168,12 +168,9 @@ def override_ranges(cache_path: str, ranges: dict[str, tuple[float, float]]) -> 
 
 def quantize_onnx(pre_path: str, out_path: str, method: str, config: QuantConfig,
                   feeds: Sequence[dict[str, np.ndarray]] | None, exclude: Sequence[str],
-                  cache_path: str | None, keep_activations: bool = False) -> NodeCount:
+                  cache_path: str | None) -> NodeCount:
     """Quantize the pre-processed model into ``out_path`` with ``exclude`` kept in float; return
-    the node count, after checking that every other compute node was quantized.
-    ``keep_activations`` keeps the Relu/Clip nodes that static QDQ would fold into the Q/DQ of
-    their input (always, with ``exclude``): every tensor of the float graph then has its own
-    name in the int8 graph."""
+    the node count, after checking that every other compute node was quantized."""
     wanted = compute_nodes(pre_path)
     unknown = sorted(set(exclude) - set(wanted))
     if unknown:
@@ -190,7 +187,7 @@ def quantize_onnx(pre_path: str, out_path: str, method: str, config: QuantConfig
                             weight_type=QuantType.QInt8, calibrate_method=CALIBRATORS[config.calibration_method],
                             op_types_to_quantize=list(STATIC_OPS), nodes_to_exclude=list(exclude),
                             calibration_cache_path=cache_path,
-                            extra_options={"QDQKeepRemovableActivations": keep_activations or bool(exclude)})
+                            extra_options={"QDQKeepRemovableActivations": bool(exclude)})
             if exclude:
                 float_inputs(out_path, exclude)
         else:
