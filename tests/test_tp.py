@@ -145,7 +145,7 @@ def test_tp_splits_a_cnn_by_channels_with_channel_group_masks_like_one_process(t
     statistics too): the losses, weights, statistics and channel-group masks of one process."""
     (tmp_path / "cnn.py").write_text(CNN)
     spec = f"{tmp_path / 'cnn.py'}:cnn"
-    options = dict(batch_size=256, max_steps=8, prune_frequency=2, checkpoint_every=8, lr=0.3, prune_method="channel")
+    options = dict(batch_size=256, max_steps=6, prune_frequency=2, checkpoint_every=6, lr=0.3, prune_method="channel")
     single = train(TrainConfig(model=spec, evaluate=False, **options))
     run = torchrun("tp", 2, spec, tmp_path / "tp", options, ("--mesh", "1x2", "--no-eval"))
     assert run.returncode == 0, run.stderr[-3000:]
