@@ -41,8 +41,8 @@ from .fsdp import shard, without_gradient_sync
 from .mesh import MeshShape, parse_mesh
 from .run import TrainResult, run_training
 from .sharded import ShardedStrategy
+from .sync_batchnorm import PLAIN_NORMS  # not SyncBatchNorm: it mixes the statistics of other ranks' channels
 from .tp_conv import (
-    PLAIN_NORMS,
     ChannelParallel,
     ConvColwiseParallel,
     ConvRowwiseParallel,

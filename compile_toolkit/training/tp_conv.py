@@ -19,7 +19,7 @@ saw only its channels' share), and the output of an input-channel split is.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..errors import CtkError
 
-PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # not SyncBatchNorm: it mixes ranks' statistics
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 def splittable_conv(module: nn.Module) -> bool:
@@ -59,7 +59,8 @@ class _LocalShards(ParallelStyle):
         module.forward = self._forward(module, device_mesh)  # type: ignore[method-assign]
         return module
 
-    def _forward(self, module: nn.Module, mesh: DeviceMesh):  # noqa: ANN202 (a bound forward)
+    def _forward(self, module: nn.Module, mesh: DeviceMesh) -> Forward:
+        """The ``forward`` that replaces ``module``'s (an attribute of the instance)."""
         def forward(input: torch.Tensor) -> torch.Tensor:
             return run_local(module, input)
         return forward
@@ -71,7 +72,7 @@ class ConvColwiseParallel(_LocalShards):
 
     split = ("weight", "bias")
 
-    def _forward(self, module: nn.Module, mesh: DeviceMesh):  # noqa: ANN202
+    def _forward(self, module: nn.Module, mesh: DeviceMesh) -> Forward:
         def forward(input: torch.Tensor) -> torch.Tensor:
             return run_local(module, _sum_gradient(input, mesh))
         return forward
@@ -84,7 +85,7 @@ class ConvRowwiseParallel(_LocalShards):
     dim = 1
     split = ("weight",)
 
-    def _forward(self, module: nn.Module, mesh: DeviceMesh):  # noqa: ANN202
+    def _forward(self, module: nn.Module, mesh: DeviceMesh) -> Forward:
         def forward(input: torch.Tensor) -> torch.Tensor:
             partial = run_local(module, input, without=("bias",))
             out = DTensor.from_local(partial, mesh, [Partial()], run_check=False)
