@@ -102,8 +102,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="device mesh DATAxMODEL of --strategy spmd and tp (default 1x1; tp: 1x1 puts every rank on the model axis)")
     add("--fsdp", action="store_true", help="SPMD: shard parameters along the data axis (FSDPv2)")
     add("--cpu-offload", action="store_true", help="fsdp: keep parameter shards, gradients and the optimizer on the CPU")
-    add("--tp-plan", help="tp: a JSON file {module name: \"colwise\" | \"rowwise\"} replacing the plan derived from "
-        "the model")
+    add("--tp-plan", help="tp: a JSON file {module name: \"colwise\" | \"rowwise\" | \"channelwise\"} replacing the "
+        "plan derived from the model (channelwise: the batch norms between two convolutions)")
     add("--qat", help="int8: quantization-aware training, fake int8 in every Conv2d/Linear (ONNX Runtime's "
         "static int8 recipe); ctk export --checkpoint DIR --quantize int8 takes the learned ranges")
     add("--log-dir", help="folder for metrics.json (per-step loss, sparsity, throughput) and metrics.png")

@@ -105,13 +105,22 @@ def test_bench_sparse_training_quick(tmp_path):
 
 
 def test_bench_parallel_quick(tmp_path):
-    result = run_tool("bench_parallel.py", tmp_path, "--width", "32", "--depth", "2", "--rounds", "2", "--steps", "1")
-    ddp, fsdp, tp = result["rows"]
+    result = run_tool("bench_parallel.py", tmp_path, "--width", "32", "--depth", "2", "--rounds", "2", "--steps", "1",
+                      "--models", "mlp,cnn", "--channels", "8")
+    mlp, cnn = result["benchmarks"]
+    ddp, fsdp, tp = mlp["rows"]
     total = ddp["total"]
     assert total == 64 * 32 + 32 + 2 * (2 * 32 + 2 * 32 * 128 + 128 + 32) + 32 * 10 + 10
     assert ddp["per_rank"] == [total] * 2 and fsdp["per_rank"] == [total // 2] * 2
     # TP splits fc1 and fc2 of both blocks (fc2's bias stays whole); the rest is replicated.
     split = 2 * (2 * 32 * 128 + 128)
     assert tp["plan"] == 4 and tp["split"] == split and tp["per_rank"] == [total - split // 2] * 2
-    assert len(result["rounds"]) == 2 and all(row["ratio_to_ddp"] > 0 for row in result["rows"])
+    assert len(mlp["rounds"]) == 2 and all(row["ratio_to_ddp"] > 0 for row in mlp["rows"])
     assert ddp["ratio_to_ddp"] == 1.0
+    # The CNN: each block's conv1 (8 -> 16) by output channels, norm1 by channel, conv2's weight by input channels.
+    ddp, fsdp, tp = cnn["rows"]
+    block = (8 * 16 * 9 + 16) + 2 * 16 + (16 * 8 * 9 + 8) + 2 * 8
+    assert ddp["total"] == (9 * 8 + 8) + 2 * 8 + 2 * block + (8 * 10 + 10)
+    split = 2 * (8 * 16 * 9 + 16 + 2 * 16 + 16 * 8 * 9)
+    assert tp["plan"] == 6 and tp["split"] == split and tp["per_rank"] == [ddp["total"] - split // 2] * 2
+    assert fsdp["per_rank"] == [ddp["total"] // 2] * 2 and all(row["ratio_to_ddp"] > 0 for row in cnn["rows"])

@@ -1,6 +1,7 @@
 """Tensor parallelism for real: torchrun starts gloo workers on a 1x2 and a 2x2 mesh (TP, and TP
 with FSDP2 on the data axis), each compared with one process on the same global batch, with N:M
-masks computed on the split weights; plans derived from the model's graph and read from --tp-plan."""
+masks computed on the split weights, and a CNN split by channels with channel-group masks; plans
+derived from the model's graph and read from --tp-plan."""
 
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ from torch import nn
 
 def mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))
+"""
+# Two convolution pairs (batch norm, ReLU and a max pool between the second), then a whole batch norm and head.
+CNN = """
+from torch import nn
+
+
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10))
 """
 OPTIONS = dict(batch_size=256, max_steps=12, prune_frequency=2, checkpoint_every=4, lr=0.3, prune_method="2:4")
 
@@ -89,9 +101,9 @@ def test_plans_from_the_graph_and_bad_plan_files(tmp_path):
     cases = [
         ("{}", "must be a JSON object"),
         ("[1", "is not valid JSON"),
-        ('{"fc9": "colwise"}', "Sequential has no module 'fc9'; its linear layers are 1, 4, 6, 7"),
-        ('{"1": "columns"}', "module '1' has style 'columns'; valid: colwise, rowwise"),
-        ('{"5": "colwise"}', "module '5' is a LayerNorm; colwise and rowwise split nn.Linear layers"),
+        ('{"fc9": "colwise"}', "Sequential has no module 'fc9'; its linear and convolution layers are 1, 4, 6, 7"),
+        ('{"1": "columns"}', "module '1' has style 'columns'; valid: colwise, rowwise, channelwise"),
+        ('{"5": "colwise"}', "module '5' is a LayerNorm; colwise and rowwise split nn.Linear layers and convolutions"),
         ('{"7": "colwise"}', "module '7' has 4 output features, not divisible by the 8 ranks of the model axis"),
     ]
     path = tmp_path / "plan.json"
@@ -103,6 +115,52 @@ def test_plans_from_the_graph_and_bad_plan_files(tmp_path):
         read_plan(str(tmp_path / "nowhere.json"), model, 2)
     path.write_text('{"6": "rowwise"}')
     assert read_plan(str(path), model, 2) == {"6": "rowwise"}
+
+
+def test_convolution_plans_from_the_graph_and_bad_plan_files(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.SiLU(),
+                          nn.Conv2d(6, 4, 1), nn.Conv2d(4, 4, 1))
+    # A grouped convolution ties input to output channels: 0 has no partner, 4 is never split.
+    assert derive_plan(model, 2) == {"5": "colwise", "6": "channelwise", "8": "rowwise"}
+    assert derive_plan(model, 4) == {"8": "colwise", "9": "rowwise"}  # 6 channels do not split 4 ways
+    cases = [
+        ('{"4": "colwise"}', "module '4' is a grouped (groups=2) Conv2d; only convolutions of one group split"),
+        ('{"5": "colwise"}', "module '5' has 6 output channels, not divisible by the 4 ranks of the model axis"),
+        ('{"6": "channelwise"}', "module '6' has 6 channels, not divisible by the 4 ranks of the model axis"),
+        ('{"6": "colwise"}', "module '6' is a BatchNorm2d; colwise and rowwise split nn.Linear layers and"),
+        ('{"7": "channelwise"}', "module '7' is a SiLU; channelwise splits batch norms"),
+    ]
+    path = tmp_path / "plan.json"
+    for text, message in cases:
+        path.write_text(text)
+        with pytest.raises(CtkError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            read_plan(str(path), model, 4)
+    path.write_text('{"0": "colwise", "1": "channelwise", "9": "rowwise"}')
+    assert read_plan(str(path), model, 4) == {"0": "colwise", "1": "channelwise", "9": "rowwise"}
+
+
+def test_tp_splits_a_cnn_by_channels_with_channel_group_masks_like_one_process(tmp_path):
+    """Convolutions by output then input channels, the batch norms between them by channel (running
+    statistics too): the losses, weights, statistics and channel-group masks of one process."""
+    (tmp_path / "cnn.py").write_text(CNN)
+    spec = f"{tmp_path / 'cnn.py'}:cnn"
+    options = dict(batch_size=256, max_steps=6, prune_frequency=2, checkpoint_every=6, lr=0.3, prune_method="channel")
+    single = train(TrainConfig(model=spec, evaluate=False, **options))
+    run = torchrun("tp", 2, spec, tmp_path / "tp", options, ("--mesh", "1x2", "--no-eval"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "left replicated on the model axis (no column/row pair): 13" in run.stderr
+    assert_same_training(tmp_path / "tp", single)
+    meta = log_of(tmp_path / "tp")["meta"]
+    assert meta["tp_plan"] == {"0": "colwise", "1": "channelwise", "3": "rowwise",
+                               "6": "colwise", "7": "channelwise", "10": "rowwise"}
+    placements = meta["placements"]
+    assert placements["0.weight"] == "S(0) local (4, 1, 3, 3)" and placements["0.bias"] == "S(0) local (4,)"
+    assert placements["1.weight"] == "S(0) local (4,)"
+    assert placements["3.weight"] == "S(1) local (16, 4, 3, 3)" and placements["3.bias"] == "R local (16,)"
+    assert placements["10.weight"] == "S(1) local (8, 8, 3, 3)" and placements["4.weight"] == "replicated (16,)"
+    # Held whole: the row-split biases (16, 8), batch norm 4 (32) and the head (1290); the rest halved.
+    assert meta["local_parameters"] == [1346 + (meta["parameters"] - 1346) // 2] * 2
 
 
 def test_tp_splits_llama_attention_by_key_value_groups_like_one_process(tmp_path):

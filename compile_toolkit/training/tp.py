@@ -4,11 +4,12 @@ The ``model`` axis splits layers Megatron-style: of two linear layers in a row (
 elementwise operations between them, as in an MLP) the first is column parallel (its output
 features, and rows of its weight, split over the axis) and the second row parallel (its input
 features split; its partial outputs are summed), so the hidden activation between them is never
-gathered and the pair's output is whole again on every rank. The pairs are found in the model's
-``torch.fx`` graph, or for a ``transformers`` model taken from its own declared plan (attention
-split by heads and key/value groups, gated MLPs); every other layer stays replicated, and the
-log says which. ``--tp-plan
-file.json`` (``{module name: "colwise" | "rowwise"}``) replaces the derived plan.
+gathered and the pair's output is whole again on every rank. Two convolutions in a row split
+the same way by channels, with the batch norms between them split by channel (:mod:`.tp_conv`).
+The pairs are found in the model's ``torch.fx`` graph, or for a ``transformers`` model taken from
+its own declared plan (attention split by heads and key/value groups, gated MLPs); every other
+layer stays replicated, and the log says which. ``--tp-plan file.json`` (``{module name:
+"colwise" | "rowwise" | "channelwise"}``) replaces the derived plan.
 
 The ``data`` axis splits the global batch; with more than one rank on it, FSDP2 shards every
 parameter along it too (2-D: a weight is split by tensor parallelism on ``model`` and by FSDP on
@@ -31,7 +32,8 @@ import torch.nn.functional as F  # noqa: N812
 from rich.console import Console
 from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from ..errors import CtkError, summary
 from .config import TrainConfig
@@ -39,12 +41,25 @@ from .fsdp import shard, without_gradient_sync
 from .mesh import MeshShape, parse_mesh
 from .run import TrainResult, run_training
 from .sharded import ShardedStrategy
+from .sync_batchnorm import PLAIN_NORMS  # not SyncBatchNorm: it mixes the statistics of other ranks' channels
+from .tp_conv import (
+    ChannelParallel,
+    ConvColwiseParallel,
+    ConvRowwiseParallel,
+    check_conv_entry,
+    splittable_conv,
+)
 
 STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+CONV_STYLES = {"colwise": ConvColwiseParallel, "rowwise": ConvRowwiseParallel}
+VALID_STYLES = ("colwise", "rowwise", "channelwise")
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardswish,
                         nn.Dropout, nn.Identity)
 _ELEMENTWISE_FUNCTIONS = {F.relu, F.gelu, F.silu, F.tanh, F.sigmoid, F.leaky_relu, F.dropout, torch.relu, torch.tanh,
                           torch.sigmoid, operator.mul, operator.truediv}
+# Operations on each channel alone, which run on the channels of an output-channel split as they are.
+_POOLING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_POOLING_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
 
 
 class TpStrategy(ShardedStrategy):
@@ -85,7 +100,8 @@ class TpStrategy(ShardedStrategy):
                   f"pair{' in --tp-plan' if self.plan_file else ''}): {', '.join(self.replicated)}",
                   file=sys.stderr, flush=True)
         if self.plan:
-            parallelize_module(model, self.mesh["model"], {name: STYLES[style]() for name, style in self.plan.items()})
+            parallelize_module(model, self.mesh["model"], parallel_styles(model, self.plan))
+            _check_split(model, self.plan)
         if self.fsdp:
             shard(model, self.mesh["data"], {})
         model.to(self.device)  # what neither split: the replicated layers and the buffers
@@ -101,10 +117,12 @@ class TpStrategy(ShardedStrategy):
 
 
 def derive_plan(model: nn.Module, size: int) -> dict[str, str]:
-    """Module name -> ``colwise``/``rowwise``: a ``transformers`` model's own plan (see
-    :func:`transformers_plan`), else every pair of linear layers where the first one's output
-    reaches the second one only through elementwise operations, and ``size`` divides the hidden
-    features. Empty when ``torch.fx`` cannot trace the model (the log says all is replicated)."""
+    """Module name -> ``colwise``/``rowwise``/``channelwise``: a ``transformers`` model's own plan
+    (see :func:`transformers_plan`), else every pair of linear layers, or of convolutions, where
+    the first one's output reaches the second one only through operations on each feature or
+    channel alone (elementwise ones; for convolutions also batch norms, split ``channelwise``, and
+    pooling), and ``size`` divides the features or channels between them. Empty when ``torch.fx``
+    cannot trace the model (the log says all is replicated)."""
     found = transformers_plan(model, size)
     if found is not None:
         return found
@@ -117,21 +135,39 @@ def derive_plan(model: nn.Module, size: int) -> dict[str, str]:
     modules = dict(model.named_modules())
     plan: dict[str, str] = {}
     for node in graph.nodes:
-        first = _linear(node, modules)
-        if first is None or node.target in plan or first.out_features % size:
+        first = _splittable(node, modules)
+        if first is None or node.target in plan or _width(first, "colwise") % size:
             continue
-        current = node
-        while len(current.users) == 1:
-            (user,) = current.users
-            second = _linear(user, modules)
-            if second is not None:
-                if user.target not in plan and second.in_features == first.out_features:
-                    plan[str(node.target)], plan[str(user.target)] = "colwise", "rowwise"
-                break
-            if not _elementwise(user, modules):
-                break
-            current = user
+        between = _partner(node, first, modules, plan)
+        if between is not None:
+            *norms, second = between
+            plan[str(node.target)] = "colwise"
+            plan.update({name: "channelwise" for name in norms})
+            plan[second] = "rowwise"
     return plan
+
+
+def _partner(node: fx.Node, first: nn.Module, modules: dict[str, nn.Module], plan: dict[str, str]) -> list[str] | None:
+    """The batch norms on the way from ``node`` (the first layer of a pair) to its partner, and the
+    partner, if its output is read by a chain of per-feature operations only that ends in one."""
+    conv = isinstance(first, nn.modules.conv._ConvNd)
+    norms: list[str] = []
+    current = node
+    while len(current.users) == 1:
+        (user,) = current.users
+        second = _splittable(user, modules)
+        if second is not None:
+            fits = type(second) is type(first) if conv else isinstance(second, nn.Linear)
+            if fits and user.target not in plan and _width(second, "rowwise") == _width(first, "colwise"):
+                return [*norms, str(user.target)]
+            return None
+        norm = modules.get(str(user.target)) if user.op == "call_module" else None
+        if conv and isinstance(norm, PLAIN_NORMS) and user.target not in plan:
+            norms.append(str(user.target))
+        elif not (_elementwise(user, modules) or conv and _pooling(user, modules)):
+            return None
+        current = user
+    return None
 
 
 def transformers_plan(model: nn.Module, size: int) -> dict[str, str] | None:
@@ -166,14 +202,26 @@ def transformers_plan(model: nn.Module, size: int) -> dict[str, str] | None:
 
 
 def _indivisible(layer: nn.Module, style: str, size: int) -> bool:
-    features = layer.out_features if style == "colwise" else layer.in_features
-    return bool(features % size)
+    return bool(_width(layer, style) % size)
 
 
-def _linear(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Linear | None:
-    if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Linear):
-        return modules[str(node.target)]  # type: ignore[return-value]
-    return None
+def _width(layer: nn.Module, style: str) -> int:
+    """What ``style`` splits: output features or channels (``colwise``), input ones (``rowwise``)."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features if style == "colwise" else layer.in_features
+    return layer.out_channels if style == "colwise" else layer.in_channels  # type: ignore[return-value]
+
+
+def _splittable(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The linear layer or convolution (of one group) that ``node`` calls."""
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    return module if isinstance(module, nn.Linear) or module is not None and splittable_conv(module) else None
+
+
+def _pooling(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _POOLING_MODULES)
+    return node.op == "call_function" and node.target in _POOLING_FUNCTIONS
 
 
 def _elementwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -186,7 +234,8 @@ def _elementwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def read_plan(path: str, model: nn.Module, size: int) -> dict[str, str]:
-    """The ``--tp-plan`` file: a JSON object of linear-layer names to ``colwise``/``rowwise``."""
+    """The ``--tp-plan`` file: a JSON object of layer names to ``colwise``/``rowwise`` (linear
+    layers and convolutions) or ``channelwise`` (the batch norms between a convolution pair)."""
     option = f"--tp-plan {path}"
     try:
         plan = json.loads(Path(path).read_text())
@@ -195,25 +244,48 @@ def read_plan(path: str, model: nn.Module, size: int) -> dict[str, str]:
     except (OSError, ValueError) as error:
         raise CtkError(f"{option} is not valid JSON: {summary(error)}") from error
     if not isinstance(plan, dict) or not plan:
-        raise CtkError(f"{option} must be a JSON object {{module name: \"colwise\" | \"rowwise\"}}")
+        raise CtkError(f"{option} must be a JSON object {{module name: \"colwise\" | \"rowwise\" | \"channelwise\"}}")
     modules = dict(model.named_modules())
-    linears = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+    layers = [name for name, module in modules.items() if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))]
     for name, style in plan.items():
         if name not in modules:
-            raise CtkError(f"{option}: {type(model).__name__} has no module {name!r}; its linear layers are "
-                           + ", ".join(linears[:20]) + (" ..." if len(linears) > 20 else ""))
-        if style not in STYLES:
-            raise CtkError(f"{option}: module {name!r} has style {style!r}; valid: colwise, rowwise")
+            raise CtkError(f"{option}: {type(model).__name__} has no module {name!r}; its linear and convolution "
+                           "layers are " + ", ".join(layers[:20]) + (" ..." if len(layers) > 20 else ""))
+        if style not in VALID_STYLES:
+            raise CtkError(f"{option}: module {name!r} has style {style!r}; valid: {', '.join(VALID_STYLES)}")
         module = modules[name]
-        if not isinstance(module, nn.Linear):
+        if style == "channelwise" and not isinstance(module, PLAIN_NORMS):
+            raise CtkError(f"{option}: module {name!r} is a {type(module).__name__}; channelwise splits batch norms")
+        if style != "channelwise" and not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             raise CtkError(f"{option}: module {name!r} is a {type(module).__name__}; colwise and rowwise split "
-                           "nn.Linear layers")
-        features = module.out_features if style == "colwise" else module.in_features
-        if features % size:
+                           "nn.Linear layers and convolutions")
+        check_conv_entry(name, module, style, size, option)
+        if isinstance(module, nn.Linear) and _indivisible(module, style, size):
             side = "output" if style == "colwise" else "input"
-            raise CtkError(f"{option}: module {name!r} has {features} {side} features, not divisible by the "
-                           f"{size} ranks of the model axis")
+            raise CtkError(f"{option}: module {name!r} has {_width(module, style)} {side} features, not divisible "
+                           f"by the {size} ranks of the model axis")
     return plan
+
+
+def parallel_styles(model: nn.Module, plan: dict[str, str]) -> dict[str, ParallelStyle]:
+    """The ``parallelize_module`` plan: torch's column/row styles for linear layers, the channel
+    styles of :mod:`.tp_conv` for convolutions and batch norms."""
+    styles: dict[str, ParallelStyle] = {}
+    for name, style in plan.items():
+        module = model.get_submodule(name)
+        if style == "channelwise":
+            styles[name] = ChannelParallel()
+        else:
+            styles[name] = (STYLES if isinstance(module, nn.Linear) else CONV_STYLES)[style]()
+    return styles
+
+
+def _check_split(model: nn.Module, plan: dict[str, str]) -> None:
+    """Every layer of the plan holds ``DTensor`` parameters now (a plan that split nothing is a bug, not a run)."""
+    whole = [name for name in plan
+             if not all(isinstance(p, DTensor) for p in model.get_submodule(name).parameters(recurse=False))]
+    if whole:
+        raise CtkError(f"tp: the plan left {', '.join(whole)} unsplit")
 
 
 def train_tp(config: TrainConfig, console: Console | None = None) -> TrainResult:
