@@ -240,7 +240,9 @@ def test_onnx_greedy_generation_equals_the_stripped_model(tmp_path):
 
 def pydoc_folder(folder: Path, train_chars: int, val_chars: int) -> Path:
     """Real pydoc text as a train/val folder: the first topics of the calibration part (training
-    and calibration) and of the held-out part, about ``train_chars`` and ``val_chars`` long."""
+    and calibration) and of the held-out part, whole topics until ``train_chars`` and ``val_chars``
+    are reached, one JSON line each (a .txt file would make each line a row, with an end-of-text
+    token in place of every line break: dense perplexity 76.6 instead of 27.0 on such text)."""
     from compile_toolkit.llm import pydoc_topics
 
     folder.mkdir()
@@ -251,7 +253,7 @@ def pydoc_folder(folder: Path, train_chars: int, val_chars: int) -> Path:
                 break
             topics.append(text)
             size += len(text)
-        (folder / f"{name}.txt").write_text("\n\n".join(topics))
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in topics))
     return folder
 
 
@@ -259,12 +261,12 @@ def pydoc_folder(folder: Path, train_chars: int, val_chars: int) -> Path:
 def test_smollm2_neuron_pruning_end_to_end_through_the_cli(tmp_path, capsys):
     """The real model: 25% of the MLP neurons of every layer pruned on 32 sequences of pydoc
     text, no fine-tuning, stripped and written as a transformers folder and ONNX; held-out
-    perplexity (about 2,500 tokens of pydoc topics: the job evaluates it four times) is in the
+    perplexity (about 1,800 tokens of pydoc topics: the job evaluates it four times) is in the
     model's range for the dense model, higher and equal in ONNX Runtime for the stripped one, and
     the folder loads back with 1152 neurons per layer. One torch thread: on this shared two-core
     machine two threads run a forward pass 3-6x slower than one under load."""
     out = tmp_path / "smollm2"
-    data = pydoc_folder(tmp_path / "pydoc", train_chars=20_000, val_chars=10_000)
+    data = pydoc_folder(tmp_path / "pydoc", train_chars=20_000, val_chars=7_000)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -276,7 +278,8 @@ def test_smollm2_neuron_pruning_end_to_end_through_the_cli(tmp_path, capsys):
     assert status == 0, err
     report = report_of(out)
     assert report["metric"]["name"] == "perplexity"
-    assert 8 < report["metric"]["dense"] < report["metric"]["stripped"] == report["metric"]["onnx"] < 100
+    metric = report["metric"]  # on the first 8 held-out topics (28 k characters): dense 26.95, pruned 37.80
+    assert 10 < metric["dense"] < 40 and metric["dense"] < metric["stripped"] == metric["onnx"] < 2.5 * metric["dense"]
     assert report["stripped"]["params"] < report["dense"]["params"]
     assert [a["format"] for a in report["dense"]["artifacts"]] == ["onnx"]  # no dense file the job was not asked for
     config = json.loads((out / "hf" / "config.json").read_text())
