@@ -6,7 +6,9 @@ derived from the model's graph and read from --tp-plan."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,11 +108,7 @@ def test_plans_from_the_graph_and_bad_plan_files(tmp_path):
         ('{"5": "colwise"}', "module '5' is a LayerNorm; colwise and rowwise split nn.Linear layers and convolutions"),
         ('{"7": "colwise"}', "module '7' has 4 output features, not divisible by the 8 ranks of the model axis"),
     ]
-    path = tmp_path / "plan.json"
-    for text, message in cases:
-        path.write_text(text)
-        with pytest.raises(CtkError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            read_plan(str(path), model, 8)
+    path = assert_plan_errors(tmp_path, model, 8, cases)
     with pytest.raises(CtkError, match="no such file"):
         read_plan(str(tmp_path / "nowhere.json"), model, 2)
     path.write_text('{"6": "rowwise"}')
@@ -131,11 +129,7 @@ def test_convolution_plans_from_the_graph_and_bad_plan_files(tmp_path):
         ('{"6": "colwise"}', "module '6' is a BatchNorm2d; colwise and rowwise split nn.Linear layers and"),
         ('{"7": "channelwise"}', "module '7' is a SiLU; channelwise splits batch norms"),
     ]
-    path = tmp_path / "plan.json"
-    for text, message in cases:
-        path.write_text(text)
-        with pytest.raises(CtkError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            read_plan(str(path), model, 4)
+    path = assert_plan_errors(tmp_path, model, 4, cases)
     path.write_text('{"0": "colwise", "1": "channelwise", "9": "rowwise"}')
     assert read_plan(str(path), model, 4) == {"0": "colwise", "1": "channelwise", "9": "rowwise"}
 
@@ -189,3 +183,13 @@ def test_tp_splits_llama_attention_by_key_value_groups_like_one_process(tmp_path
     meta = log_of(tmp_path / "tp")["meta"]
     assert meta["placements"][f"{layer}.self_attn.k_proj.weight"] == "S(0) local (8, 32)"  # 1 of 2 groups of 8
     assert meta["local_parameters"][0] < 0.6 * meta["parameters"]
+
+
+def assert_plan_errors(tmp_path: Path, model: nn.Module, size: int, cases: list[tuple[str, str]]) -> Path:
+    """Each ``(plan file text, message)`` is refused by ``read_plan`` with that message; returns the file."""
+    path = tmp_path / "plan.json"
+    for text, message in cases:
+        path.write_text(text)
+        with pytest.raises(CtkError, match=re.escape(message)):
+            read_plan(str(path), model, size)
+    return path

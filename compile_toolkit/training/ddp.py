@@ -20,14 +20,12 @@ import os
 
 import torch
 import torch.distributed as dist
-from rich.console import Console
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import CtkError
 from ..pruning.masks import Masks
 from .config import TrainConfig
-from .run import TrainResult, run_training
 from .strategy import Strategy, rng_states
 from .sync_batchnorm import convert_sync_batchnorm
 
@@ -133,12 +131,3 @@ def mask_checksum(masks: Masks) -> int:
         digest.update(f"{name}{tuple(mask.shape)}".encode())
         digest.update(mask.numpy().tobytes())
     return int.from_bytes(digest.digest()[:7], "big")
-
-
-def train_ddp(config: TrainConfig, console: Console | None = None) -> TrainResult:
-    """Train as this torchrun worker; every worker returns the same result, rank 0 writes files."""
-    strategy = DdpStrategy()
-    try:
-        return run_training(config, strategy, console)
-    finally:
-        strategy.close()

@@ -18,13 +18,11 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from rich.console import Console
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from .config import TrainConfig
-from .run import TrainResult, run_training
 from .sharded import ShardedStrategy
 
 
@@ -89,12 +87,3 @@ def without_gradient_sync(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)  # type: ignore[operator]
-
-
-def train_fsdp(config: TrainConfig, console: Console | None = None) -> TrainResult:
-    """Train as this torchrun worker under FSDP2; every worker returns the same result, rank 0 writes files."""
-    strategy = FsdpStrategy(config)
-    try:
-        return run_training(config, strategy, console)
-    finally:
-        strategy.close()

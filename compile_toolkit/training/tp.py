@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from rich.console import Console
 from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -39,7 +38,6 @@ from ..errors import CtkError, summary
 from .config import TrainConfig
 from .fsdp import shard, without_gradient_sync
 from .mesh import MeshShape, parse_mesh
-from .run import TrainResult, run_training
 from .sharded import ShardedStrategy
 from .sync_batchnorm import PLAIN_NORMS  # not SyncBatchNorm: it mixes the statistics of other ranks' channels
 from .tp_conv import (
@@ -286,12 +284,3 @@ def _check_split(model: nn.Module, plan: dict[str, str]) -> None:
              if not all(isinstance(p, DTensor) for p in model.get_submodule(name).parameters(recurse=False))]
     if whole:
         raise CtkError(f"tp: the plan left {', '.join(whole)} unsplit")
-
-
-def train_tp(config: TrainConfig, console: Console | None = None) -> TrainResult:
-    """Train as this torchrun worker on the ``--mesh``; every worker returns the same result, rank 0 writes files."""
-    strategy = TpStrategy(config)
-    try:
-        return run_training(config, strategy, console)
-    finally:
-        strategy.close()

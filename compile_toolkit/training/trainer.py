@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -10,6 +11,9 @@ from ..errors import CtkError
 from .config import TrainConfig
 from .run import TrainResult, run_training
 from .strategy import Strategy
+
+if TYPE_CHECKING:
+    from .ddp import DdpStrategy  # fsdp and tp strategies are DDP ones: torchrun workers in a process group
 
 
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
@@ -21,17 +25,17 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     """
     config.validate()
     if config.strategy == "ddp":
-        from .ddp import train_ddp
+        from .ddp import DdpStrategy
 
-        return train_ddp(config, console)
+        return _run_worker(config, DdpStrategy(), console)
     if config.strategy == "fsdp":
-        from .fsdp import train_fsdp
+        from .fsdp import FsdpStrategy
 
-        return train_fsdp(config, console)
+        return _run_worker(config, FsdpStrategy(config), console)
     if config.strategy == "tp":
-        from .tp import train_tp
+        from .tp import TpStrategy
 
-        return train_tp(config, console)
+        return _run_worker(config, TpStrategy(config), console)
     if config.strategy == "spmd":
         from .spmd import train_spmd
 
@@ -40,3 +44,12 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     if world != "1":
         raise CtkError(f"--strategy single was started as one of {world} torchrun processes; use --strategy ddp, fsdp or tp")
     return run_training(config, Strategy(), console)
+
+
+def _run_worker(config: TrainConfig, strategy: DdpStrategy, console: Console | None) -> TrainResult:
+    """Train as this torchrun worker; every worker returns the same result, rank 0 writes files.
+    The process group goes with the run, whatever happens."""
+    try:
+        return run_training(config, strategy, console)
+    finally:
+        strategy.close()
