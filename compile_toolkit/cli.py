@@ -176,7 +176,9 @@ def _pruning_options(parser: argparse.ArgumentParser) -> None:
 
 def _force_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
-                        help="replace --out even if it holds files this toolkit did not write (they are deleted)")
+                        help="replace --out even if it holds files this toolkit did not write (they are deleted; the "
+                        "error without --force names them); never /, the home folder, a mount point, the current "
+                        "folder or a folder holding the job's inputs")
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from .exporters import hf as hf_format
 from .models import LoadedModel
 from .models.registry import DEFAULT_SPEC
 from .models.weights import state_dict_mismatch
-from .outdir import default_out, staged_folder
+from .outdir import check_out_option, check_replaceable, default_out, job_inputs, staged_folder
 from .pruning import apply_masks
 from .pruning.llm.plan import PruneOptions, finish, is_causal_lm, prune_with
 from .pruning.masks import check_masks
@@ -84,7 +84,12 @@ class ExportJob:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else default_out(self.model)
+        return Path(self.out) if self.out is not None else default_out(self.model)
+
+    @property
+    def inputs(self) -> list[Path]:
+        """The files and folders the job reads, which its output folder must neither hold nor lie in."""
+        return job_inputs(self.model, self.weights, self.checkpoint, self.data, self.recipe)
 
     def prune_options(self) -> PruneOptions:
         return PruneOptions(self.sparsity, self.structure, self.importance, self.method, self.pattern,
@@ -93,6 +98,7 @@ class ExportJob:
     def validate(self) -> None:
         """Fail on bad options before any heavy work."""
         check_sparsity(self.sparsity)
+        check_out_option(self.out)
         if not self.formats:
             raise CtkError(f"--formats is empty; give one or more of {', '.join(ALL_FORMATS)}")
         unknown = [f for f in self.formats if f not in ALL_FORMATS]
@@ -131,10 +137,11 @@ class ExportJob:
 def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
     """Run the job and return the report (also written as report.json and report.md)."""
     job.validate()
+    check_replaceable(job.out_dir, job.force, job.inputs)  # before reading the checkpoint, not after it
     trained = _read_checkpoint(job) if job.checkpoint is not None else None
     seconds: dict[str, float] = {}
     timed = _timer(seconds, step)
-    with staged_folder(job.out_dir, force=job.force) as staging:
+    with staged_folder(job.out_dir, force=job.force, inputs=job.inputs) as staging:
         with timed("load model"):
             loaded, work = load_workload(job.model, job.data, job.weights, job.input_shape, job.batch_size, job.task,
                                          seq_len=job.seq_len, text_column=job.text_column,

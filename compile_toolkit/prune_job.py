@@ -24,7 +24,7 @@ from .models import LoadedModel, load_model
 from .models.hf_specs import is_gguf_spec
 from .models.registry import DEFAULT_SPEC
 from .models.weights import fit_state_dict, read_weights
-from .outdir import check_replaceable, default_out, staged_folder
+from .outdir import check_out_option, check_replaceable, default_out, job_inputs, staged_folder
 from .pruning import apply_masks, load_recipe, save_masks
 from .pruning.llm.plan import PruneOptions, is_causal_lm, prune_with
 from .pruning.masks import Masks, combine_masks
@@ -53,14 +53,19 @@ class PruneJob:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else default_out(self.model, "-pruned")
+        return Path(self.out) if self.out is not None else default_out(self.model, "-pruned")
+
+    @property
+    def inputs(self) -> list[Path]:
+        """The files and folders the job reads, which its output folder must neither hold nor lie in."""
+        return job_inputs(self.recipe, self.model, self.weights, self.data)
 
 
 def run(job: PruneJob) -> dict[str, Any]:
     """Prune and write ``pruned.safetensors`` and ``masks.safetensors``; return the summary
     (per-layer and overall sparsity, the files written)."""
     _check_how(job)
-    check_replaceable(job.out_dir, job.force)  # before the pruning, not after it
+    check_replaceable(job.out_dir, job.force, job.inputs)  # before the pruning, not after it
     if job.recipe is None:
         loaded, masks, sparsity, layers = _prune_once(job)
         how = {"pruning": job.options.describe(is_causal_lm(loaded.module))}  # type: ignore[union-attr]
@@ -75,7 +80,7 @@ def run(job: PruneJob) -> dict[str, Any]:
         how = {"recipe": str(job.recipe)}
     apply_masks(loaded.module, masks)
     out = job.out_dir
-    with staged_folder(out, force=job.force) as staging:
+    with staged_folder(out, force=job.force, inputs=job.inputs) as staging:
         state = {k: v.detach().contiguous().clone() for k, v in _target(loaded).state_dict().items()}
         save_safetensors(state, staging / WEIGHTS_FILE, {"model": job.model})
         save_masks(staging / MASKS_FILE, _unwrapped(loaded, masks), {**how, "model": job.model})
@@ -91,6 +96,7 @@ def run(job: PruneJob) -> dict[str, Any]:
 
 def _check_how(job: PruneJob) -> None:
     """One way to prune: a recipe, or the options; checked before anything loads."""
+    check_out_option(job.out)
     if job.recipe is not None and job.options is not None:
         raise CtkError("--recipe says how to prune: drop --structure/--method/--importance/--pattern, "
                        "or drop --recipe")

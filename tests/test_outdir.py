@@ -65,7 +65,9 @@ def test_empty_folder_and_earlier_outputs_are_replaced(tmp_path):
     _write_output(out, "first")  # empty: replaced
     _write_output(out, "second")  # our own earlier output: replaced
     assert (out / "report.json").read_text() == "second"
-    assert json.loads((out / MARKER).read_text())["entries"] == ["dense", "report.json"]
+    marker = json.loads((out / MARKER).read_text())
+    assert sorted(marker["files"]) == ["dense/model.onnx", "report.json"] and marker["folders"] == ["dense"]
+    assert marker["files"]["report.json"]["size"] == len("second")
     (out / "my_notes.txt").write_text("the user's")  # added by the user: no longer ours alone
     with pytest.raises(CtkError, match="my_notes.txt"):
         _write_output(out, "third")
@@ -73,17 +75,116 @@ def test_empty_folder_and_earlier_outputs_are_replaced(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_output_of_an_older_version_is_recognised_by_its_report(tmp_path):
+@pytest.mark.parametrize("change", ["note in a subfolder", "edited file", "empty folder", "link"])
+def test_anything_the_toolkit_did_not_write_anywhere_in_the_tree_makes_it_the_users(tmp_path, capsys, change):
+    """Issue 20.1: a note added to ``dense/`` of an earlier output was deleted by the next export."""
+    out = tmp_path / "P"
+    _write_output(out, "first")
+    _write_output(out, "second")  # positive control: the untouched earlier output is replaced
+    expected = {"note in a subfolder": "dense/MY_NOTES.txt", "edited file": "dense/model.onnx",
+                "empty folder": "dense/photos", "link": "dense/latest"}[change]
+    if change == "note in a subfolder":
+        (out / "dense" / "MY_NOTES.txt").write_text("mine")
+    elif change == "edited file":
+        (out / "dense" / "model.onnx").write_text("second, hand-tuned")
+    elif change == "empty folder":
+        (out / "dense" / "photos").mkdir()
+    else:
+        (out / "dense" / "latest").symlink_to("model.onnx")
+    before = _listing(out)
+    with pytest.raises(CtkError, match=expected):
+        _write_output(out, "third")
+    status, err = run_cli(["export", "--pruned", "--no-finetune", "--formats", "onnx", "--out", str(out)], capsys)
+    assert_clean_failure(status, err, str(out), expected, "--force")
+    assert _listing(out) == before and _leftovers(tmp_path) == []
+
+
+def test_a_lookalike_report_does_not_make_a_folder_ours(tmp_path, capsys):
+    """Issue 20.2: a folder with a report.json of the old toolkit's shape was taken for an output."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / "report.json").write_text(json.dumps({"model": "m", "artifacts": [], "environment": {}}))
-    (out / "model.onnx").write_bytes(b"onnx")
-    _write_output(out, "new")
-    assert (out / "report.json").read_text() == "new" and not (out / "model.onnx").exists()
-    (out / MARKER).unlink()
-    (out / "report.json").write_text('{"a report": "of something else"}')
-    with pytest.raises(CtkError, match="did not write"):
-        _write_output(out, "newer")
+    (out / "report.json").write_text(json.dumps({"model": "x", "artifacts": [], "environment": {}}))
+    (out / "thesis.txt").write_text("three years")
+    (out / "photos").mkdir()
+    (out / "photos" / "a.jpg").write_bytes(b"\xff\xd8")
+    before = _listing(out)
+    status, err = run_cli(["export", "--pruned", "--no-finetune", "--formats", "onnx", "--out", str(out)], capsys)
+    assert_clean_failure(status, err, str(out), "thesis.txt", "photos/a.jpg", "report.json")
+    assert _listing(out) == before and (out / "photos").is_dir()
+    (out / MARKER).write_text(json.dumps({"tool": "compile_toolkit", "entries": ["report.json", "thesis.txt",
+                                                                                "photos"]}))
+    with pytest.raises(CtkError, match="thesis.txt"):  # a marker of the old kind lists names, proves nothing
+        _write_output(out, "new")
+    assert (out / "thesis.txt").read_text() == "three years"
+
+
+def _earlier_prune_output(out: Path) -> Path:
+    with staged_folder(out) as staging:
+        (staging / "pruned.safetensors").write_bytes(b"weights")
+        (staging / "masks.safetensors").write_bytes(b"masks")
+    return out / "pruned.safetensors"
+
+
+def test_an_output_folder_that_holds_or_lies_in_an_input_is_refused(tmp_path, capsys):
+    """Issue 20.3: ``ctk export --weights P/pruned.safetensors --out P`` deleted its own input."""
+    out = tmp_path / "P"
+    weights = _earlier_prune_output(out)
+    before = _listing(out)
+    for force in ([], ["--force"]):
+        status, err = run_cli(["export", "--weights", str(weights), "--out", str(out), *force], capsys)
+        assert_clean_failure(status, err, str(out), "input", str(weights))
+        status, err = run_cli(["prune", "--recipe", str(out / "masks.safetensors"), "--out", str(tmp_path), *force],
+                              capsys)
+        assert_clean_failure(status, err, "input")
+        status, err = run_cli(["export", "--data", str(out), "--out", str(out / "inside"), *force], capsys)
+        assert_clean_failure(status, err, "inside this job's input")
+        factory = tmp_path / "net.py"
+        factory.write_text("raise SystemExit('a model file must not run before the check')\n")
+        status, err = run_cli(["export", "--model", f"{factory}:build", "--out", str(tmp_path), *force], capsys)
+        assert_clean_failure(status, err, "input", "net.py")
+    assert _listing(out) == before and _leftovers(tmp_path) == []
+    from compile_toolkit.outdir import job_inputs
+    assert job_inputs("digits", "timm:resnet18", None, f"hf:{out}", f"{factory}:build") == [out, factory]
+
+
+def test_home_root_and_mount_points_are_refused_even_with_force(tmp_path, monkeypatch, capsys):
+    """Issue 20.4: ``--out ~ --force`` replaced the home folder, ``.ssh/`` and all."""
+    home = tmp_path / "home" / "user"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("key")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    for out, reason in ((str(home), "home folder"), (str(home.parent), "home folder"), ("/", "root folder"),
+                        ("/proc", "mount point")):
+        status, err = run_cli(["export", "--out", out, "--force"], capsys)
+        assert_clean_failure(status, err, reason)
+    assert (home / ".ssh" / "id_ed25519").read_text() == "key"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "old.txt").write_text("x")
+    with pytest.raises(CtkError, match="old.txt"):  # positive control: force is what lets this one go
+        _write_output(elsewhere, "new")
+    _write_output(elsewhere, "new", force=True)
+    assert not (elsewhere / "old.txt").exists()
+
+
+def test_a_symlink_or_empty_out_is_refused_up_front(tmp_path, monkeypatch, capsys):
+    """Issue 20.11 and 20.21: ``--out ""`` meant the default folder; a symlinked or dangling
+    ``--out`` failed after the whole job."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "target"
+    _write_output(target, "first")
+    link, dangling = tmp_path / "link", tmp_path / "dangling"
+    link.symlink_to(target)
+    dangling.symlink_to(tmp_path / "nowhere")
+    for out in (link, dangling):
+        status, err = run_cli(["export", "--out", str(out), "--force"], capsys)
+        assert_clean_failure(status, err, str(out), "symbolic link")
+    status, err = run_cli(["export", "--out", ""], capsys)
+    assert_clean_failure(status, err, "--out is empty")
+    status, err = run_cli(["prune", "--sparsity", "0.5", "--structure", "channel", "--out", " "], capsys)
+    assert_clean_failure(status, err, "--out is empty")
+    assert (target / "report.json").read_text() == "first" and not Path("ctk-out").exists()
 
 
 def test_current_folder_and_its_parents_are_refused(tmp_path, monkeypatch, capsys):
