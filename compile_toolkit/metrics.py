@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import Inputs
 from .errors import CtkError, summary
-from .exporters.onnx_format import feeds, session
+from .onnx_runtime import feeds, session
 
 
 def count_params(module: nn.Module) -> int:

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import compile_toolkit as ctk
-from compile_toolkit.exporters.onnx_format import feeds, session
 from compile_toolkit.exporters.sparse_onnx import sparsify
+from compile_toolkit.onnx_runtime import feeds, session
 
 
 def _zero_fraction(tensor: np.ndarray, fraction: float, seed: int) -> np.ndarray:

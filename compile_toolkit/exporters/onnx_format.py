@@ -8,8 +8,8 @@ import onnx_ir as ir
 import onnxruntime
 import torch
 
-from ..capture import Capture, Inputs
-from ..errors import CtkError
+from ..capture import Capture
+from ..onnx_runtime import run as run  # the format's runtime check, as every format module has one
 
 FILENAME = "model.onnx"
 DATA_FILENAME = "model.onnx.data"  # the weights of a model over INLINE_LIMIT
@@ -39,23 +39,3 @@ def initializer_bytes(model: ir.Model) -> int:
                if value.const_value is not None)
 
 
-def session(path: str, threads: int | None = None) -> onnxruntime.InferenceSession:
-    """A CPU InferenceSession; ``threads`` sets intra-op threads (None: ONNX Runtime's default)."""
-    options = onnxruntime.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-def feeds(sess: onnxruntime.InferenceSession, inputs: Inputs) -> dict[str, object]:
-    """Map positional inputs to the session's input names (the exporter keeps their order)."""
-    names = [i.name for i in sess.get_inputs()]
-    if len(names) != len(inputs):
-        raise CtkError(f"onnx model takes {len(names)} inputs, got {len(inputs)}")
-    return {name: t.detach().cpu().numpy() for name, t in zip(names, inputs, strict=True)}
-
-
-def run(path: str, inputs: list[Inputs]) -> list[list[torch.Tensor]]:
-    sess = session(path)
-    return [[torch.from_numpy(o) for o in sess.run(None, feeds(sess, batch))] for batch in inputs]

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import CtkError
-from ..exporters.onnx_format import session
+from ..onnx_runtime import session
 from .calibration import check_batches, feeds
 from .config import QuantConfig, as_config
 from .evaluate import Metric, fidelity_metric

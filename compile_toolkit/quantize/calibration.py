@@ -15,7 +15,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from ..capture import Inputs
 from ..errors import CtkError
-from ..exporters.onnx_format import session
+from ..onnx_runtime import session
 
 # ONNX Runtime's input type strings, as the torch dtypes a calibration tensor must have.
 _DTYPES = {"tensor(float)": torch.float32, "tensor(double)": torch.float64, "tensor(float16)": torch.float16,

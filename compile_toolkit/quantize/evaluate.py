@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..capture import Inputs
-from ..exporters.onnx_format import session
+from ..onnx_runtime import session
 from .calibration import feeds
 
 
