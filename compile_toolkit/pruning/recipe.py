@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import CtkError
+from ..errors import CtkError, clip, shown
 from ..quantize.config import ACTIVATION_TYPES, CALIBRATION_METHODS, DTYPES, METHODS, QuantConfig
 from .schedule import GradualSchedule, round_schedule
 from .structured import IMPORTANCES, STRUCTURES
@@ -37,6 +37,9 @@ SCOPES = ("layer", "global")
 MAX_EPOCHS = 1000
 MAX_ROUNDS = 100
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
+# Limits of the YAML itself (see _RecipeLoader): a real recipe has a few dozen nodes, 3 levels deep.
+MAX_NODES = 10_000
+MAX_DEPTH = 50
 _REQUIRED = object()
 
 
@@ -77,10 +80,11 @@ class Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe (``yaml.safe_load``: a recipe is data, never code)."""
+    """Read and validate a YAML recipe (safe YAML: a recipe is data, never code; and bounded, see
+    :class:`_RecipeLoader`)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _parse(path.read_text(encoding="utf-8"), str(path))
     except OSError as error:
         raise CtkError(f"recipe {path}: cannot read it ({error.strerror or error})") from None
     except UnicodeDecodeError as error:
@@ -91,6 +95,100 @@ def load_recipe(path: str | Path) -> Recipe:
         line = f" at line {where.line + 1}" if where is not None else ""
         raise CtkError(f"recipe {path}: not valid YAML{line}") from None
     return recipe_from_dict(data, str(path))
+
+
+def _parse(text: str, source: str) -> Any:
+    """The one YAML document in ``text`` (what ``yaml.safe_load`` returns, within the limits)."""
+    loader = _RecipeLoader(text, source)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with limits no recipe (a few dozen nodes, three levels deep) comes near,
+    each refused in one line that names the file:
+
+    * at most :data:`MAX_NODES` nodes with every alias expanded: aliases share one Python object,
+      but anything that walks the data (a repr in an error message, a copy) expands them, and a
+      400-byte alias bomb expands to billions of nodes;
+    * at most :data:`MAX_DEPTH` levels of nesting: PyYAML composes by recursion, and 3,000 ``[``
+      raised RecursionError;
+    * no key twice in one mapping: YAML keeps the last silently, so a recipe with ``schedule:``
+      twice pruned as its second one said;
+    * no scalar that matches a type it does not fit (``2001-13-45``, an integer of 5,000 digits,
+      ``!!int ''``): PyYAML raises ValueError, IndexError or KeyError for them.
+    """
+
+    def __init__(self, text: str, source: str) -> None:
+        super().__init__(text)
+        self.source = source
+        self.nodes = 0  # nodes composed so far, each alias counted as the nodes under its anchor
+        self.depth = 0
+        self.anchor_nodes: dict[str, int] = {}  # anchor -> nodes under it, aliases expanded
+
+    def refuse(self, message: str) -> CtkError:
+        return CtkError(f"recipe {self.source}: {message}")
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        """Count the node (an alias: the nodes under its anchor) and its depth before composing it."""
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            self._count(self._alias_nodes(event.anchor, line), line)
+            return super().compose_node(parent, index)
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.refuse(f"nested more than {MAX_DEPTH} levels deep at line {line}")
+        start = self.nodes
+        self._count(1, line)
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        if event.anchor is not None:
+            self.anchor_nodes[event.anchor] = self.nodes - start
+        return node
+
+    def _alias_nodes(self, anchor: str, line: int) -> int:
+        """The nodes an alias stands for; an alias inside its own anchor stands for endless ones."""
+        if anchor in self.anchor_nodes:
+            return self.anchor_nodes[anchor]
+        if anchor in self.anchors:
+            raise self.refuse(f"alias *{clip(anchor)} at line {line} is inside its own anchor (an endless structure)")
+        return 0  # an undefined alias: the composer refuses it
+
+    def _count(self, nodes: int, line: int) -> None:
+        self.nodes += nodes
+        if self.nodes > MAX_NODES:
+            raise self.refuse(
+                f"more than {MAX_NODES} YAML nodes with aliases expanded (at line {line}); a recipe has a few dozen"
+            )
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """Refuse a key given twice (merged ``<<`` keys may be overridden, as YAML intends)."""
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in lines:
+                raise self.refuse(f"key {shown(key)} is given twice (lines {lines[key]} and {line}); "
+                                  "give it once (YAML would keep the last one only)")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """A scalar that does not fit its type is one line naming it, not PyYAML's exception."""
+        try:
+            return super().construct_object(node, deep)
+        except (LookupError, ValueError, AttributeError) as error:
+            if not isinstance(node, yaml.ScalarNode):
+                raise
+            kind = node.tag.rsplit(":", 1)[-1]
+            reason = f" ({clip(str(error))})" if isinstance(error, ValueError) else ""
+            raise self.refuse(
+                f"{shown(node.value)} at line {node.start_mark.line + 1} is not a valid {kind}{reason}"
+            ) from None
 
 
 def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
@@ -213,7 +311,7 @@ def _method(method: str, top: _Fields) -> tuple[int, int] | None:
     except CtkError as error:
         top.fail("method", str(error).removeprefix(f"method {method!r}: "))
     if n_m is None and method not in ("magnitude", "structured"):
-        top.fail("method", f"must be magnitude, structured or an N:M pattern such as '2:4', got {method!r}")
+        top.fail("method", f"must be magnitude, structured or an N:M pattern such as '2:4', got {shown(method)}")
     return n_m
 
 
@@ -237,9 +335,9 @@ def _overrides(top: _Fields) -> dict[str, float]:
     overrides = top.take("overrides", dict, {})
     for pattern, value in overrides.items():
         if not isinstance(pattern, str):
-            top.fail("overrides", f"keys must be name patterns (strings), got {pattern!r}")
+            top.fail("overrides", f"keys must be name patterns (strings), got {shown(pattern)}")
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
-            top.fail(f"overrides[{pattern!r}]", f"must be a sparsity in [0, 1), got {value!r}")
+            top.fail(f"overrides[{shown(pattern)}]", f"must be a sparsity in [0, 1), got {shown(value)}")
     return {k: float(v) for k, v in overrides.items()}
 
 
@@ -256,6 +354,8 @@ class _Fields:
         self.seen: set[str] = set()
 
     def fail(self, key: str, message: str) -> None:
+        """Raise the error of ``key``. Callers quote a value with :func:`shown`, never its whole
+        repr: a value can be megabytes, or an alias whose repr is gigabytes."""
         raise CtkError(f"recipe {self.source}: {self.prefix}{key} {message}")
 
     def take(
@@ -280,22 +380,22 @@ class _Fields:
         if kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not ok:
-            self.fail(key, f"must be {_KIND_NAMES[kind]}, got {value!r}")
+            self.fail(key, f"must be {_KIND_NAMES[kind]}, got {shown(value)}")
         if choices and value not in choices:
-            self.fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
+            self.fail(key, f"must be one of {', '.join(choices)}, got {shown(value)}")
         if (minimum is not None and value < minimum) or (positive and value <= 0):
             bound = f">= {minimum}" if minimum is not None else "> 0"
-            self.fail(key, f"must be {bound}, got {value!r}")
+            self.fail(key, f"must be {bound}, got {shown(value)}")
         if maximum is not None and value > maximum:
-            self.fail(key, f"must be <= {maximum}, got {value!r}")
+            self.fail(key, f"must be <= {maximum}, got {shown(value)}")
         if items is not None and not all(isinstance(v, items) for v in value):
-            self.fail(key, f"must be a list of {_KIND_NAMES[items].split()[-1]}s, got {value!r}")
+            self.fail(key, f"must be a list of {_KIND_NAMES[items].split()[-1]}s, got {shown(value)}")
         return float(value) if kind is float else value
 
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.seen, key=str)
         if unknown:
-            self.fail(str(unknown[0]), f"is not a field here (known: {', '.join(sorted(self.seen))})")
+            self.fail(clip(str(unknown[0])), f"is not a field here (known: {', '.join(sorted(self.seen))})")
 
 
 _KIND_NAMES = {bool: "true or false", str: "a string", int: "an integer", float: "a finite number", list: "a list", dict: "a mapping"}

@@ -17,7 +17,8 @@ import torch
 from ..errors import CtkError
 from .masks import Masks
 
-_N_M = re.compile(r"^(\d+):(\d+)$")
+# Up to 6 digits each: M is at most a layer's width, and int() of a 5,000-digit N raised ValueError.
+_N_M = re.compile(r"^(\d{1,6}):(\d{1,6})$")
 
 
 def parse_n_m(method: str) -> tuple[int, int] | None:

@@ -34,7 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
-from ..errors import CtkError, summary
+from ..errors import CtkError, shown, summary
 from .config import TrainConfig
 from .fsdp import shard, without_gradient_sync
 from .mesh import MeshShape, parse_mesh
@@ -236,9 +236,11 @@ def read_plan(path: str, model: nn.Module, size: int) -> dict[str, str]:
     layers and convolutions) or ``channelwise`` (the batch norms between a convolution pair)."""
     option = f"--tp-plan {path}"
     try:
-        plan = json.loads(Path(path).read_text())
+        plan = json.loads(Path(path).read_text(), object_pairs_hook=_UniqueKeys(option))
     except FileNotFoundError:
         raise CtkError(f"{option}: no such file") from None
+    except RecursionError:  # json's decoder recurses once per level of [ and {
+        raise CtkError(f"{option} nests too deeply: a plan is one flat JSON object") from None
     except (OSError, ValueError) as error:
         raise CtkError(f"{option} is not valid JSON: {summary(error)}") from error
     if not isinstance(plan, dict) or not plan:
@@ -247,10 +249,10 @@ def read_plan(path: str, model: nn.Module, size: int) -> dict[str, str]:
     layers = [name for name, module in modules.items() if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))]
     for name, style in plan.items():
         if name not in modules:
-            raise CtkError(f"{option}: {type(model).__name__} has no module {name!r}; its linear and convolution "
+            raise CtkError(f"{option}: {type(model).__name__} has no module {shown(name)}; its linear and convolution "
                            "layers are " + ", ".join(layers[:20]) + (" ..." if len(layers) > 20 else ""))
         if style not in VALID_STYLES:
-            raise CtkError(f"{option}: module {name!r} has style {style!r}; valid: {', '.join(VALID_STYLES)}")
+            raise CtkError(f"{option}: module {name!r} has style {shown(style)}; valid: {', '.join(VALID_STYLES)}")
         module = modules[name]
         if style == "channelwise" and not isinstance(module, PLAIN_NORMS):
             raise CtkError(f"{option}: module {name!r} is a {type(module).__name__}; channelwise splits batch norms")
@@ -263,6 +265,22 @@ def read_plan(path: str, model: nn.Module, size: int) -> dict[str, str]:
             raise CtkError(f"{option}: module {name!r} has {_width(module, style)} {side} features, not divisible "
                            f"by the {size} ranks of the model axis")
     return plan
+
+
+class _UniqueKeys:
+    """``json.loads``'s ``object_pairs_hook`` that refuses a key given twice: JSON keeps the last
+    silently, so a plan naming a module twice would split it as its second entry says."""
+
+    def __init__(self, option: str) -> None:
+        self.option = option
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        plan: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in plan:
+                raise CtkError(f"{self.option}: {shown(key)} is given twice; give it once")
+            plan[key] = value
+        return plan
 
 
 def parallel_styles(model: nn.Module, plan: dict[str, str]) -> dict[str, ParallelStyle]:
