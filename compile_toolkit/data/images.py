@@ -1,25 +1,71 @@
 """Image folders in the usual ``train/<class>/*.png`` + ``val/<class>/...`` layout.
 
-Read with torchvision's ``ImageFolder``, after a check of the whole folder up front: a class with
-no images, a ``val/`` whose classes differ from ``train/`` or an image file that does not decode
-would otherwise surface as a traceback from a data-loader worker, minutes into training. Each
-problem is one line naming the folder, class or file.
+The whole folder is checked up front: a class with no images, a ``val/`` whose classes differ from
+``train/`` or an image file whose header or chunks are broken would otherwise surface as a
+traceback from a data-loader worker, minutes into training. Each problem is one line naming the
+folder, class or file. The check lists the files once, and the data sets read that same list
+(directory symlinks are not followed: a loop such as ``train/a/loop -> ..`` would repeat the split).
+
+The pixels are decoded once, when an item is read: decoding every image up front as well would
+double the reading of a large folder. A file that fails then (a broken compressed stream passes the
+header check) is an :class:`ImageFileError` naming it, one line even from a loader worker process.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset
 
-from ..errors import CtkError
+from ..errors import CtkError, summary
 from .splits import DataSplits
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TRAIN, VAL = "train", ("val", "validation")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# What a broken or hostile file raises from PIL while opening or decoding (UnidentifiedImageError
+# is an OSError; a header of too many pixels is a DecompressionBombError, which is not).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# Integer pixels that ``convert("RGB")`` clips at 255 instead of scaling: 16-bit grey (a 16-bit PNG
+# opens as I;16, or as I with older Pillow).
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+WIDE_GREY_MAX = 65535
+
+
+class ImageFileError(CtkError):
+    """An image file that cannot be read, found when a data set item is read.
+
+    A data-loader worker process sends its exception to the main process as text and re-raises it
+    as ``ImageFileError("Caught ImageFileError in DataLoader worker process 0.\\nOriginal
+    Traceback ...")`` (torch's ``ExceptionWrapper``); the last line of that traceback is the
+    original message, kept here so the user still reads one line naming the file."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+class ImageFiles(Dataset):
+    """``(image, class index)`` items of a checked file list, each image decoded to RGB when read
+    and then transformed (what torchvision's ``ImageFolder`` yields, without its own file walk)."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: Callable) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        return self.transform(load_rgb(path)), label
 
 
 @dataclass(frozen=True)
@@ -73,22 +119,19 @@ def model_preprocessing(model: nn.Module, input_shape: Sequence[int] | None = No
 
 def image_folder(root: str | Path, preprocessing: Preprocessing) -> DataSplits:
     """``root/train`` and ``root/val`` (or ``root/validation``) as labelled image data sets."""
-    from torchvision.datasets import ImageFolder
-
     root = Path(root)
     class_names(root)
     train_dir = root / TRAIN
     val_dir = next(root / name for name in VAL if (root / name).is_dir())
-    classes = _check_split(train_dir)
-    val_classes = _check_split(val_dir)
+    classes, train_files = _check_split(train_dir)
+    val_classes, val_files = _check_split(val_dir)
     if val_classes != classes:
         only_train, only_val = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
         raise CtkError(f"--data {root}: the classes of {val_dir.name}/ differ from train/ "
                        f"(only in train: {only_train or 'none'}; only in {val_dir.name}: {only_val or 'none'})")
     transform = preprocessing.transform()
-    train = ImageFolder(str(train_dir), transform=transform)
-    val = ImageFolder(str(val_dir), transform=transform)
-    return DataSplits(name=root.name, train=train, val=val, classes=classes)
+    return DataSplits(name=root.name, train=ImageFiles(train_files, transform), val=ImageFiles(val_files, transform),
+                      classes=classes)
 
 
 def class_names(root: str | Path) -> list[str]:
@@ -108,24 +151,65 @@ def class_names(root: str | Path) -> list[str]:
     return classes
 
 
-def _check_split(folder: Path) -> list[str]:
-    """The class names of one split, after checking every class has images that decode."""
-    from PIL import Image, UnidentifiedImageError
+def load_rgb(path: Path) -> Image.Image:
+    """The image at ``path`` decoded as 8-bit RGB; a file that does not decode is one line naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _rgb(image, path)
+    except DECODE_ERRORS as error:
+        raise ImageFileError(f"image file {path} cannot be read: {summary(error)}") from None
 
+
+def _rgb(image: Image.Image, path: Path) -> Image.Image:
+    """``image`` as 8-bit RGB by its mode: 16-bit grey is scaled (``convert`` alone would clip
+    every pixel above 255, nearly all of a 16-bit image, to white), 32-bit integer grey too when
+    its pixels fit 16 bits; other modes convert as PIL does."""
+    if image.mode not in WIDE_GREY_MODES:
+        return image.convert("RGB")
+    pixels = np.asarray(image).astype(np.int64)
+    if pixels.size and (pixels.min() < 0 or pixels.max() > WIDE_GREY_MAX):
+        raise ImageFileError(f"image file {path} has {image.mode} pixels outside 0..{WIDE_GREY_MAX}; "
+                             "save it as 8- or 16-bit grey")
+    scaled = (pixels * 255 + WIDE_GREY_MAX // 2) // WIDE_GREY_MAX
+    return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+
+
+def _check_split(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """The class names of one split and its ``(file, class index)`` list, after checking every
+    class has images whose headers and chunks read (the pixels are decoded when read: see
+    :func:`load_rgb`)."""
     classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
     if not classes:
         raise CtkError(f"image folder {folder} has no class folders (expected {folder}/<class>/*.png)")
-    for name in classes:
-        files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    samples = []
+    for index, name in enumerate(classes):
+        files = _image_files(folder / name)
         if not files:
             raise CtkError(f"class folder {folder / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         for path in files:
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-                raise CtkError(f"image file {path} cannot be read: {error}") from None
-    return classes
+            _check_header(path)
+        samples += [(path, index) for path in files]
+    return classes, samples
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    """The image files under ``class_dir`` in ``ImageFolder``'s order (folders by path, then file
+    names), through subfolders but not through directory symlinks, so a loop is read once."""
+    return [Path(parent, name)
+            for parent, _, names in sorted(os.walk(class_dir, followlinks=False))
+            for name in sorted(names)
+            if name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(parent, name))]
+
+
+def _check_header(path: Path) -> None:
+    """Open and ``verify()`` one file: a header that is not an image, declares too many pixels
+    (a decompression bomb) or chunks whose checksums fail; cheap, the pixels are not decoded."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except DECODE_ERRORS as error:
+        raise CtkError(f"image file {path} cannot be read: {summary(error)}") from None
 
 
 def _timm_config(model: nn.Module) -> dict:

@@ -16,6 +16,7 @@ otherwise every file is read and split as above.
 
 from __future__ import annotations
 
+import reprlib
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,27 +96,46 @@ def _split_files(path: Path) -> tuple[list[Path], list[Path]]:
 
 
 def _read_rows(files: Sequence[Path], text_column: str, label_column: str | None) -> dict[str, list]:
-    import datasets
-
-    reader = READERS[files[0].suffix.lower()]
-    with tempfile.TemporaryDirectory(prefix="ctk-datasets-") as cache:
-        try:
-            table = datasets.load_dataset(reader, data_files={"train": [str(f) for f in files]},
-                                          cache_dir=cache, keep_in_memory=True)["train"]
-        except Exception as error:  # the reader's parse errors, named with the files
-            raise CtkError(f"--data {_named(files)} cannot be read as {reader}: {summary(error)}") from error
-    wanted = [text_column] + ([label_column] if label_column else [])
-    for column in wanted:
-        if column not in table.column_names:
-            raise CtkError(f"--data {_named(files)} has no column {column!r} (columns: {', '.join(table.column_names)})")
-    rows = {"text": [t if isinstance(t, str) else "" for t in table[text_column]]}
-    if label_column:
-        rows["label"] = list(table[label_column])
-        if any(label is None for label in rows["label"]):
-            raise CtkError(f"--data {_named(files)}: column {label_column!r} has empty labels")
+    """The text (and label) columns of ``files``, read one file at a time: an error names the file
+    and row at fault, and no file's column types are cast to another's (``datasets`` reading files
+    together turns dict labels into JSON text after a file of string labels)."""
+    rows: dict[str, list] = {"text": [], **({"label": []} if label_column else {})}
+    for file in files:
+        table = _read_table(file)
+        for column in [text_column] + ([label_column] if label_column else []):
+            if column not in table.column_names:
+                raise CtkError(f"--data {file} has no column {column!r} (columns: {', '.join(table.column_names)})")
+        rows["text"] += [t if isinstance(t, str) else "" for t in table[text_column]]
+        if label_column:
+            rows["label"] += _labels(list(table[label_column]), file, label_column)
     if not any(text.strip() for text in rows["text"]):
         raise CtkError(f"--data {_named(files)} holds no text")
     return rows
+
+
+def _read_table(file: Path) -> Any:
+    """One file as a ``datasets.Dataset``, parsed by the reader its suffix names."""
+    import datasets
+
+    reader = READERS[file.suffix.lower()]
+    with tempfile.TemporaryDirectory(prefix="ctk-datasets-") as cache:
+        try:
+            return datasets.load_dataset(reader, data_files={"train": [str(file)]}, cache_dir=cache,
+                                         keep_in_memory=True)["train"]
+        except Exception as error:  # the reader's parse errors, named with the file
+            raise CtkError(f"--data {file} cannot be read as {reader}: {summary(error)}") from error
+
+
+def _labels(labels: list, file: Path, column: str) -> list:
+    """``labels`` after checking each is a class name or number: an object or a list (a JSON row's
+    ``{"a": 1}``) would become a class named after its text. Rows count from 1 (after a header)."""
+    for row, label in enumerate(labels, start=1):
+        if label is None:
+            raise CtkError(f"--data {file}: row {row}, column {column!r} has no label")
+        if not isinstance(label, (str, int, float)):
+            raise CtkError(f"--data {file}: row {row}, column {column!r} holds {type(label).__name__} "
+                           f"{reprlib.repr(label)}; a label is a class name or a number")
+    return labels
 
 
 def _blocks(train_rows: dict[str, list], val_rows: dict[str, list] | None, tokenizer: Any, block_size: int,
