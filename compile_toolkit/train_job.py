@@ -15,9 +15,19 @@ from rich.console import Console
 
 from .errors import CtkError
 from .tasks import TASKS
-from .training.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig
+from .training.config import (
+    COUNTS,
+    LR_SCHEDULES,
+    MAX_PROCESSES,
+    MAX_RESTARTS,
+    OPTIMIZERS,
+    PRECISIONS,
+    STRATEGIES,
+    TrainConfig,
+)
 
 DEFAULTS = TrainConfig()
+RANGE = {name: f"{low}-{high}" for name, low, high in COUNTS}  # what --help says each count may be
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -46,33 +56,40 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--task", help=f"{' | '.join(TASKS)} (default: inferred from the model and data)")
     add("--input-shape", help="model input shape N,C,H,W (image size of the preprocessing; file.py models)")
     add("--seq-len", type=int, default=DEFAULTS.seq_len,
-        help=f"tokens per text sample: causal-lm blocks, classify/embed rows padded or cut (default {DEFAULTS.seq_len})")
+        help=f"tokens per text sample: causal-lm blocks, classify/embed rows padded or cut "
+        f"({RANGE['seq_len']}, default {DEFAULTS.seq_len})")
     add("--text-column", default=DEFAULTS.text_column, help="column of .jsonl/.csv/.parquet text (default text)")
     add("--label-column", default=DEFAULTS.label_column, help="column of the classification labels (default label)")
-    add("--epochs", type=int, default=DEFAULTS.epochs, help=f"epochs (default {DEFAULTS.epochs})")
-    add("--max-steps", type=int, help="stop after this many optimizer steps (the schedule spans them)")
+    add("--epochs", type=int, default=DEFAULTS.epochs, help=f"epochs ({RANGE['epochs']}, default {DEFAULTS.epochs})")
+    add("--max-steps", type=int,
+        help=f"stop after this many optimizer steps (the schedule spans them; {RANGE['max_steps']})")
     add("--batch-size", type=int, default=DEFAULTS.batch_size,
-        help=f"global batch over all processes (default {DEFAULTS.batch_size})")
+        help=f"global batch over all processes ({RANGE['batch_size']}, default {DEFAULTS.batch_size})")
     add("--lr", type=float, default=DEFAULTS.lr, help=f"learning rate for the global batch (default {DEFAULTS.lr})")
     add("--optimizer", default=DEFAULTS.optimizer, help=f"{' | '.join(OPTIMIZERS)} (default {DEFAULTS.optimizer})")
     add("--momentum", type=float, default=DEFAULTS.momentum, help=f"SGD momentum (default {DEFAULTS.momentum})")
     add("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="weight decay (default 0)")
-    add("--seed", type=int, default=DEFAULTS.seed, help="seed of the data order and initialisation (default 0)")
+    add("--seed", type=int, default=DEFAULTS.seed,
+        help=f"seed of the data order and initialisation ({RANGE['seed']}, default {DEFAULTS.seed})")
     add("--lr-schedule", default=DEFAULTS.lr_schedule,
         help=f"{' | '.join(LR_SCHEDULES)} after the warm-up (default {DEFAULTS.lr_schedule})")
-    add("--warmup-steps", type=int, default=DEFAULTS.warmup_steps, help="linear learning-rate warm-up steps (default 0)")
+    add("--warmup-steps", type=int, default=DEFAULTS.warmup_steps,
+        help=f"linear learning-rate warm-up steps ({RANGE['warmup_steps']}, default {DEFAULTS.warmup_steps})")
     add("--precision", default=DEFAULTS.precision,
         help=f"{' | '.join(PRECISIONS)}: bf16 runs forward and loss under autocast (CPU, GPU, XLA); default fp32")
     add("--accumulate", type=int, default=DEFAULTS.accumulate,
-        help="split each process's share of the global batch into N micro-batches (same update, less memory)")
-    add("--workers", type=int, default=DEFAULTS.workers, help="data-loader worker processes (default 0)")
+        help=f"split each process's share of the global batch into N micro-batches (same update, less memory; "
+        f"{RANGE['accumulate']}, default {DEFAULTS.accumulate})")
+    add("--workers", type=int, default=DEFAULTS.workers,
+        help=f"data-loader worker processes ({RANGE['workers']}, default {DEFAULTS.workers})")
     add("--distill", action="store_true",
         help="add knowledge distillation from the starting (dense) model to the task loss")
     add("--distill-weight", type=float, default=DEFAULTS.distill_weight,
         help=f"weight of the distillation loss (default {DEFAULTS.distill_weight})")
     add("--distill-temperature", type=float, default=DEFAULTS.distill_temperature,
         help=f"softmax temperature of distillation (default {DEFAULTS.distill_temperature})")
-    add("--eval-every", type=int, help="evaluate on the validation split every N steps (default: every epoch)")
+    add("--eval-every", type=int,
+        help=f"evaluate on the validation split every N steps ({RANGE['eval_every']}; default: every epoch)")
     add("--no-eval", dest="evaluate", action="store_false", help="do not evaluate during training")
     add("--sparsity", dest="final_sparsity", type=float, default=DEFAULTS.final_sparsity,
         help=f"final fraction of zero weights in every conv/linear layer, or with --prune-method channel of the "
@@ -83,7 +100,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--prune-end", type=float, default=DEFAULTS.prune_end,
         help=f"step where the final sparsity is reached, as a fraction (default {DEFAULTS.prune_end})")
     add("--prune-frequency", type=int, default=DEFAULTS.prune_frequency,
-        help=f"recompute masks every N steps (default {DEFAULTS.prune_frequency})")
+        help=f"recompute masks every N steps ({RANGE['prune_frequency']}, default {DEFAULTS.prune_frequency})")
     add("--prune-method", default=DEFAULTS.prune_method,
         help="magnitude (default), an N:M pattern such as 2:4, or channel (whole coupled channel groups, "
         "L1: the exported checkpoint shrinks)")
@@ -91,7 +108,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         "targets, ignores, overrides and schedule (in steps) replace the --sparsity and --prune-* options")
     add("--checkpoint-dir", help="folder for checkpoints (step-*/ and a 'latest' pointer)")
     add("--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every,
-        help=f"checkpoint every N steps and at the end (default {DEFAULTS.checkpoint_every})")
+        help=f"checkpoint every N steps and at the end "
+        f"({RANGE['checkpoint_every']}, default {DEFAULTS.checkpoint_every})")
     add("--resume", action="store_true",
         help="continue from the latest checkpoint in --checkpoint-dir (a fresh start if there is none yet)")
     add("--sync-batchnorm", action="store_true", help="DDP: batch norm over the global batch (SyncBatchNorm)")
@@ -108,9 +126,11 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         "static int8 recipe); ctk export --checkpoint DIR --quantize int8 takes the learned ranges")
     add("--log-dir", help="folder for metrics.json (per-step loss, sparsity, throughput) and metrics.png")
     add("--nproc-per-node", type=int,
-        help="start N worker processes on this machine under torchrun's elastic agent (ddp, fsdp, tp)")
+        help=f"start N worker processes on this machine under torchrun's elastic agent "
+        f"(ddp, fsdp, tp; 1-{MAX_PROCESSES})")
     add("--max-restarts", type=int, default=0,
-        help="with --nproc-per-node: restart all workers up to N times when one fails (add --resume)")
+        help=f"with --nproc-per-node: restart all workers up to N times when one fails (add --resume; "
+        f"0-{MAX_RESTARTS}, default 0)")
     train.set_defaults(command=run_train, train_parser=train)
 
 

@@ -16,8 +16,9 @@ A checkpoint of ``--strategy fsdp``/``tp`` holds, instead of the two safetensors
 
 The folder is written under a temporary name and renamed into place, then the text file
 ``latest`` is replaced (also by rename) to name it. A worker killed at any moment leaves either the
-previous checkpoint or the new one as ``latest``, never a half-written one. Only the newest
-:data:`KEEP` checkpoints are kept.
+previous checkpoint or the new one as ``latest``, never a half-written one; the temporary folder
+it leaves (``.step-N.tmp-HOST-PID-*``) is removed by the next run into the same root
+(:func:`remove_dead_staging`). Only the newest :data:`KEEP` checkpoints are kept.
 
 Renames do not protect against what happens to the files afterwards (a full disk during a copy,
 a bad sector, a truncated transfer): every load checks the manifest, and ``--resume``
@@ -44,6 +45,7 @@ from safetensors.torch import load_file
 from ..errors import CtkError, summary
 from ..fileio import remove_path, replace_path, save_safetensors, sibling_path, write_atomic
 from ..models.weights import check_finite
+from ..outdir import remove_stale_staging
 from ..pruning.masks import load_masks, save_masks
 
 KEEP = 2
@@ -55,6 +57,7 @@ META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
 _STEP_DIR = re.compile(r"step-[0-9]{8}")
+_STAGED_STEP = re.compile(r"\.(step-[0-9]{8})\.(?:tmp|old)-.+")  # the step folder a sibling name stages
 
 
 @dataclass
@@ -112,6 +115,20 @@ def staging_folder(root: Path, step: int) -> Path:
     except OSError as error:
         raise CtkError(f"cannot write checkpoint folder {root}: {error.strerror or error}") from error
     return staging
+
+
+def remove_dead_staging(root: str | os.PathLike) -> list[Path]:
+    """Delete the checkpoint folders under ``root`` that processes of this host died writing
+    (SIGKILL, the OOM killer: ``.step-N.tmp-HOST-PID-*``, and ``.step-N.old-...`` moved aside
+    mid-replace); returns them. Nothing else ever removes them, and each can be as large as the
+    model. A live run's, and another host's, are kept: the output folders' rule decides
+    (:func:`~compile_toolkit.outdir.remove_stale_staging`), step by step."""
+    root = Path(root)
+    try:
+        steps = {match.group(1) for entry in root.iterdir() if (match := _STAGED_STEP.fullmatch(entry.name))}
+    except OSError:  # no folder yet, or not one
+        return []
+    return [path for step in sorted(steps) for path in remove_stale_staging(root / step)]
 
 
 def commit_checkpoint(staging: Path, root: Path, step: int) -> Path:

@@ -7,6 +7,7 @@ started from either validates the same way and a checkpoint can record exactly w
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from ..errors import CtkError
 from ..fileio import check_output_folder
 from ..models.registry import DEFAULT_SPEC
+from ..pruning.recipe import MAX_EPOCHS, MAX_SEED, load_recipe
 from ..quantize.qat import check_qat
 from ..tasks import TASKS
 
@@ -21,6 +23,29 @@ STRATEGIES = ("single", "ddp", "spmd", "fsdp", "tp")
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
+
+# Upper bounds of the counts, as a recipe's (MAX_EPOCHS, MAX_SEED): far beyond any real run, they
+# turn a typo (--epochs 99999999999999999999) into one line instead of a run that never ends.
+MAX_STEPS = 10_000_000  # optimizer steps, and every count of steps (warm-up, intervals)
+MAX_BATCH = 2**20  # samples in a batch, or tokens in a sample
+MAX_PROCESSES = 256  # data-loader workers, or torchrun workers on one machine
+MAX_RESTARTS = 100
+
+# Every count of TrainConfig: (field, smallest, largest); the option is the field's name with dashes.
+COUNTS = (
+    ("epochs", 1, MAX_EPOCHS),
+    ("max_steps", 1, MAX_STEPS),
+    ("batch_size", 1, MAX_BATCH),
+    ("accumulate", 1, MAX_BATCH),
+    ("seq_len", 1, MAX_BATCH),
+    ("workers", 0, MAX_PROCESSES),
+    ("eval_every", 1, MAX_STEPS),
+    ("warmup_steps", 0, MAX_STEPS),
+    ("prune_frequency", 1, MAX_STEPS),
+    ("checkpoint_every", 1, MAX_STEPS),
+    ("seed", 0, MAX_SEED),
+)
+UNSET_COUNTS = ("max_steps", "eval_every")  # None: no step limit, evaluate every epoch
 
 # Options that change what a resumed run computes: a checkpoint is only resumed under the same values.
 RESUME_KEYS = (
@@ -134,26 +159,17 @@ class TrainConfig:
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         if self.task is not None:
             _choice("task", self.task, TASKS)
-        _positive_int("epochs", self.epochs)
-        _positive_int("batch-size", self.batch_size)
-        _positive_int("prune-frequency", self.prune_frequency)
-        _positive_int("checkpoint-every", self.checkpoint_every)
-        _positive_int("accumulate", self.accumulate)
-        _positive_int("seq-len", self.seq_len)
-        for option, value in (("warmup-steps", self.warmup_steps), ("workers", self.workers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise CtkError(f"--{option} must be a non-negative integer, got {value!r}")
-        if self.eval_every is not None:
-            _positive_int("eval-every", self.eval_every)
+        for name, low, high in COUNTS:
+            value = getattr(self, name)
+            if value is not None or name not in UNSET_COUNTS:
+                check_count(f"--{name.replace('_', '-')}", value, low, high)
         check_distillation(self.distill_weight, self.distill_temperature)
-        if self.max_steps is not None:
-            _positive_int("max-steps", self.max_steps)
-        if not self.lr > 0:
-            raise CtkError(f"--lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise CtkError(f"--lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise CtkError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if not self.weight_decay >= 0:
-            raise CtkError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise CtkError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         for name, value in (("sparsity", self.final_sparsity), ("initial-sparsity", self.initial_sparsity)):
             if not 0 <= value < 1:
                 raise CtkError(f"--{name} must be in [0, 1), got {value}")
@@ -184,8 +200,6 @@ class TrainConfig:
             if folder is not None:
                 check_output_folder(folder, option)
         if self.recipe is not None:
-            from ..pruning.recipe import load_recipe
-
             load_recipe(self.recipe)  # names the file and field at fault
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,8 +211,26 @@ def check_distillation(weight: float, temperature: float) -> None:
     """The mix weight of the distillation loss and its softmax temperature (CLI and Python API)."""
     if not 0 <= weight <= 1:
         raise CtkError(f"--distill-weight must be in [0, 1], got {weight}")
-    if not temperature > 0:
-        raise CtkError(f"--distill-temperature must be positive, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise CtkError(f"--distill-temperature must be a finite number > 0, got {temperature}")
+
+
+def check_count(option: str, value: int, low: int, high: int) -> None:
+    """Fail unless ``value`` is an integer from ``low`` (0 or 1) to ``high``: every count of a run
+    is bounded, so a typo cannot start a run that never ends, or overflow what torch takes."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "positive" if low == 1 else "non-negative"
+        raise CtkError(f"{option} must be a {kind} integer, got {_given(value)}")
+    if value > high:
+        raise CtkError(f"{option} must be <= {high}, got {_given(value)}")
+
+
+def _given(value: object) -> str:
+    """A user's value in an error line: a huge integer by its size, since its decimal form runs to
+    thousands of digits (and past 4,300 ``repr`` raises ValueError)."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"a {value.bit_length()}-bit integer"
+    return repr(value)
 
 
 def _choice(option: str, value: str, valid: tuple[str, ...]) -> None:
@@ -215,8 +247,3 @@ def _prune_method(method: str) -> None:
         raise CtkError(f"--prune-method: {error}") from error
     if method not in ("magnitude", "channel") and n_m is None:
         raise CtkError(f"unknown --prune-method {method!r}; valid: magnitude, channel, or N:M such as 2:4")
-
-
-def _positive_int(option: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CtkError(f"--{option} must be a positive integer, got {value!r}")

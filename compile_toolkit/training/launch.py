@@ -16,6 +16,7 @@ import os
 import sys
 
 from ..errors import CtkError
+from .config import MAX_PROCESSES, MAX_RESTARTS, check_count
 
 LAUNCH_OPTIONS = ("nproc_per_node", "max_restarts")
 
@@ -40,10 +41,8 @@ def launch(argv: list[str], nproc: int, max_restarts: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise CtkError(f"--nproc-per-node must be a positive integer, got {nproc!r}")
-    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
-        raise CtkError(f"--max-restarts must be a non-negative integer, got {max_restarts!r}")
+    check_count("--nproc-per-node", nproc, 1, MAX_PROCESSES)
+    check_count("--max-restarts", max_restarts, 0, MAX_RESTARTS)
     if "LOCAL_RANK" in os.environ:
         raise CtkError("--nproc-per-node starts the workers itself: drop it when torchrun already started this one")
     options = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts",

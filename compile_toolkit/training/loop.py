@@ -8,6 +8,9 @@ schedule, steps the optimizer and re-zeroes pruned weights (momentum and weight 
 them). Which samples a step reads is :mod:`.batches`'; what differs per engine is a
 :class:`~.strategy.Strategy` hook. The loop holds no files: the caller's :class:`Listener`
 logs, evaluates and checkpoints.
+
+A run that diverges stops with one line naming the step: at a NaN or Inf loss, and before weights
+holding one are saved or returned, so no checkpoint of NaN weights is ever written.
 """
 
 from __future__ import annotations
@@ -106,6 +109,10 @@ class Listener:
     def logged(self, records: list[StepRecord]) -> None:
         """Steps whose losses were just fetched, in order."""
 
+    def saves(self, done: int) -> bool:
+        """Whether :meth:`step_done` will save the weights after ``done`` steps (they are checked first)."""
+        return False
+
     def step_done(self, done: int) -> None:
         """``done`` steps are complete (called on every rank: collectives may run here)."""
 
@@ -114,7 +121,8 @@ class Listener:
 class Loop:
     """One run's parts. ``model`` is the bare module (its parameters are what the optimizer,
     masks and checkpoints see); ``trained`` is what a step calls (a DDP or FSDPv2 wrapper, or
-    ``model``). ``held`` masks stay fixed; a ``sparsifier`` updates its own on its schedule."""
+    ``model``). ``held`` masks stay fixed; a ``sparsifier`` updates its own on its schedule.
+    ``divergence_hint`` ends the error of a run that diverged: what to change (the caller's options)."""
 
     model: nn.Module
     trained: nn.Module
@@ -129,6 +137,7 @@ class Loop:
     precision: str = "fp32"
     accumulate: int = 1
     workers: int = 0
+    divergence_hint: str = "lower the learning rate"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -164,8 +173,11 @@ class Loop:
                     lr = self.lr.at(step)
                     pending.append((step, self._step(batch, lr), sparsity, lr))
                     step += 1
-                    if step % self.strategy.log_every == 0 or step == self.plan.steps:
+                    keeping = step == self.plan.steps or listener.saves(step)  # the weights leave the loop
+                    if keeping or step % self.strategy.log_every == 0:
                         since = self._flush(pending, listener, since)
+                    if keeping:
+                        self._check_weights(step)
                     listener.step_done(step)
             if pending:
                 self._flush(pending, listener, since)
@@ -217,8 +229,28 @@ class Loop:
         records = [StepRecord(step, float(loss.item()), sparsity, throughput, lr)
                    for step, loss, sparsity, lr in pending]
         pending.clear()
+        for record in records:
+            if not math.isfinite(record.loss):
+                raise self._diverged(record.step + 1, f"the loss is {record.loss}")
         listener.logged(records)
         return time.perf_counter()
+
+    def _check_weights(self, done: int) -> None:
+        """Fail when an update left a NaN or Inf in a parameter, before the weights are kept: a
+        step's loss is taken before its update, so the last update shows in the weights alone.
+        Each rank counts its own parameters (its shards, when sharded) and the counts are summed,
+        so all ranks stop together."""
+        bad = torch.zeros((), device=self.strategy.device)
+        for parameter in self.model.parameters():
+            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter  # a DTensor's shard
+            bad = bad + (~torch.isfinite(local.detach())).any().to(bad.device)
+        if self.strategy.mean(bad).item() > 0:
+            raise self._diverged(done, "its update left NaN or Inf weights")
+
+    def _diverged(self, step: int, what: str) -> CtkError:
+        """The error that stops a run at ``step`` (counted from 1): continuing would only carry NaN
+        on, into the log, the masks (magnitudes of NaN) and the checkpoints."""
+        return CtkError(f"training diverged at step {step} of {self.plan.steps}: {what}; {self.divergence_hint}")
 
 
 def split_batch(batch: Any, parts: int) -> list[Any]:

@@ -31,7 +31,7 @@ from ..pruning.sparsifier import Sparsifier
 from ..quantize.qat import float_state, prepare_qat, qat_state, remove_qat
 from ..tasks import model_inputs
 from .batches import plan_steps, recalibration_loader
-from .checkpoint import Checkpoint, newest_intact_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, newest_intact_checkpoint, remove_dead_staging, save_checkpoint
 from .config import RESUME_KEYS, TrainConfig
 from .loop import Listener, Loop, LrSchedule, Objective, StepRecord
 from .progress import StepLog, progress_bar
@@ -78,6 +78,8 @@ def run_training(config: TrainConfig, strategy: Strategy, console: Console | Non
         raise CtkError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
                        f"{strategy.data_size} {'processes' if strategy.name in ('ddp', 'fsdp') else 'ranks of the data axis'}")
     plan = plan_steps(len(parts.workload.splits.train), config.batch_size, config.epochs, config.max_steps, config.seed)
+    if config.checkpoint_dir and strategy.rank == 0:  # rank 0 stages every checkpoint
+        remove_dead_staging(config.checkpoint_dir)
     checkpoint = resume_point(config, warn=strategy.rank == 0, sharded=strategy.sharded)
     model = parts.loaded.module
     teacher = _teacher(config, model, strategy)
@@ -103,7 +105,8 @@ def run_training(config: TrainConfig, strategy: Strategy, console: Console | Non
     loop = Loop(model, trained, parts.workload.splits.train, plan,
                 Objective(parts.workload.task, teacher, config.distill_weight, config.distill_temperature),
                 optimizer, LrSchedule(config.lr, plan.steps, config.warmup_steps, config.lr_schedule), strategy,
-                sparsifier, precision=config.precision, accumulate=config.accumulate, workers=config.workers)
+                sparsifier, precision=config.precision, accumulate=config.accumulate, workers=config.workers,
+                divergence_hint=_divergence_hint(config))
     reporting = strategy.rank == 0
     log = StepLog(config.log_dir if reporting else None,
                   meta={"title": f"{parts.loaded.name}, {config.strategy}", "task": parts.workload.task.name,
@@ -166,13 +169,17 @@ class _Run(Listener):
             self.bar.update(self.task_id, completed=last.step + 1, loss=last.loss, samples_per_s=last.samples_per_s,
                             sparsity=last.sparsity)
 
+    def saves(self, done: int) -> bool:
+        every = self.config.checkpoint_every
+        return bool(self.config.checkpoint_dir) and (done % every == 0 or done == self.loop.plan.steps)
+
     def step_done(self, done: int) -> None:
         steps = self.loop.plan.steps
         if done == steps:
             self.recalibrated = self._recalibrate()
         if self.config.evaluate and (done % self.eval_every == 0 or done == steps):
             self._evaluate(done)
-        if self.config.checkpoint_dir and (done % self.config.checkpoint_every == 0 or done == steps):
+        if self.saves(done):
             self.log.write()  # first: a log ahead of the checkpoint is trimmed on resume, one behind would leave a gap
             self.saved = _save(self.config, done, self.loop, self.strategy, self.parts.loaded.name) or self.saved
 
@@ -219,6 +226,12 @@ def _inputs(batches: Iterable[Any]) -> Iterator[Any]:
     for batch in batches:
         args, kwargs = model_inputs(batch)
         yield kwargs if kwargs else args
+
+
+def _divergence_hint(config: TrainConfig) -> str:
+    """The options to change when a run diverges: the learning rate, and weight decay when set."""
+    decay = f" or --weight-decay ({config.weight_decay:g})" if config.weight_decay else ""
+    return f"lower --lr ({config.lr:g}){decay}"
 
 
 def _teacher(config: TrainConfig, model: nn.Module, strategy: Strategy) -> nn.Module | None:
