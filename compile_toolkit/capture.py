@@ -9,6 +9,7 @@ static-batch twin is captured on demand.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,6 +60,34 @@ def without_kv_cache(module: nn.Module) -> Iterator[None]:
             config.use_cache = value
 
 
+# nn.Module's own bookkeeping: the real state (parameters, buffers, children, hooks) lives here,
+# and torch.export never replaces it; everything else in a module's ``__dict__`` is the model's.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+@contextmanager
+def python_state_kept(module: nn.Module) -> Iterator[None]:
+    """Run the block, then put back every plain attribute of every submodule as it was.
+
+    ``torch.export`` runs the model's Python code on fake tensors, so a model that caches tensors
+    in plain attributes keeps fake ones there: timm's LeViT, EfficientFormer, TinyViT and
+    EfficientViT fill a dict of attention biases in eval mode, and their next real call then fails
+    with ``GuardOnDataDependentSymNode``. Containers are copied one level deep (the tensors in
+    them are not copied), so this costs nothing on a model without such state.
+    """
+    saved = [(sub, {key: copy.copy(value) if isinstance(value, (dict, list, set)) else value
+                    for key, value in vars(sub).items() if key not in _MODULE_INTERNALS})
+             for sub in module.modules()]
+    try:
+        yield
+    finally:
+        for sub, state in saved:
+            for key in [k for k in vars(sub) if k not in _MODULE_INTERNALS and k not in state]:
+                delattr(sub, key)
+            for key, value in state.items():
+                object.__setattr__(sub, key, value)
+
+
 @dataclass(frozen=True)
 class Capture:
     """A model, its example inputs and its ``ExportedProgram`` (batch dynamic where possible)."""
@@ -97,9 +126,7 @@ def capture(module: nn.Module, example_inputs: Inputs) -> Capture:
         program = _export(module, other if batch == 1 else example_inputs, dynamic=True)
         dynamic = _has_dynamic_batch(program) and _runs(module, other)
     except CtkError:
-        if batch != 1:
-            raise
-        dynamic = False  # the model may only run at batch 1: captured as given below
+        dynamic = False  # a model that captures statically is never refused for its batch: tried below
     if not dynamic:
         program = _export(module, example_inputs, dynamic=False)
     return Capture(module, example_inputs, program, dynamic)
@@ -119,7 +146,7 @@ def _export(module: nn.Module, inputs: Inputs, dynamic: bool) -> ExportedProgram
     inputs = tuple(t.clone() if t._base is not None else t for t in inputs)
     shapes = tuple(_dynamic_dims(t) for t in inputs) if dynamic else None
     try:
-        with eval_mode(module):
+        with eval_mode(module), python_state_kept(module):
             return torch.export.export(module, inputs, dynamic_shapes=shapes)
     except Exception as error:  # torch.export reports model problems with many exception types
         raise CtkError(f"torch.export could not capture {type(module).__name__}: "

@@ -220,3 +220,43 @@ def test_pow_with_positive_exponent_keeps_zero_channels_removable():
     assert dict(stripped.named_parameters())["b.weight"].shape == (3, 5)
     x = torch.randn(5, 4)
     assert rel_error(model(x), stripped(x)) < 1e-5
+
+
+class _BiasCachedInEval(nn.Module):
+    """LeViT's pattern (timm ``levit``, ``efficientformer``, ``tiny_vit``, ``efficientvit``): in eval
+    mode a submodule computes its attention bias once and keeps it in a plain dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(8))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return x + self.table.view(1, -1, 1, 1).abs()
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.table.view(1, -1, 1, 1).abs()
+        return x + self.cache["bias"]
+
+
+class _CachesBiasInEval(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bias, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), _BiasCachedInEval(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.bias(torch.relu(self.conv1(x))))
+
+
+def test_capture_leaves_no_fake_tensor_in_a_models_cache():
+    """Issue 20.22: ``ctk.prune`` of timm ``levit_128s`` at batch 2 failed with
+    GuardOnDataDependentSymNode: torch.export left fake tensors in the model's bias cache, and the
+    next real call used them."""
+    model = _CachesBiasInEval().eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    ctk.prune(model, inputs, 0.5, "channel")
+    stripped = ctk.strip(model, inputs)
+    assert type(model.bias.cache["bias"]) is torch.Tensor  # filled by a real call, never by the capture
+    assert ctk.strip_summary(stripped).channels_removed > 0
+    with torch.no_grad():
+        assert rel_error(model(inputs[0]), stripped(inputs[0])) < 1e-5
