@@ -20,6 +20,7 @@ from .export_job import IMAGE_LR, TEXT_LR
 from .exporters import ALL_FORMATS, FORMATS
 from .tasks import TASKS
 from .train_job import add_train_parser
+from .training.config import MAX_BATCH, MAX_EPOCHS
 from .workload import DEFAULT_SEQ_LEN
 
 
@@ -86,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     _force_option(export)
     export.add_argument("--no-finetune", action="store_true",
                         help="skip fine-tuning after pruning (batch-norm statistics are still re-estimated)")
-    export.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
+    export.add_argument("--finetune-epochs", type=int, default=5,
+                        help=f"fine-tuning epochs, 0 to {MAX_EPOCHS} (default 5)")
     export.add_argument("--data", help="what to fine-tune on and measure with: 'digits' (the default, the built-in "
                         "model's data), an image folder (train/<class>/*.png|jpg, val/<class>/...), text (a .txt, "
                         ".jsonl, .csv or .parquet file or folder, tokenized by the hf: model's tokenizer) or "
@@ -103,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
                         f"{TEXT_LR:g} for text)")
     export.add_argument("--no-distill", action="store_true",
                         help="fine-tune on the labels alone (default: also distil from the dense model)")
-    export.add_argument("--batch-size", type=int, default=64, help="fine-tuning and evaluation batch (default 64)")
+    export.add_argument("--batch-size", type=int, default=64,
+                        help=f"fine-tuning and evaluation batch, 1 to {MAX_BATCH} (default 64)")
     export.add_argument("--sparse-onnx", action="store_true",
                         help="also write model.sparse.onnx, mostly-zero weights stored as sparse initializers "
                         "(a smaller file after unstructured pruning; ONNX Runtime densifies them at load)")

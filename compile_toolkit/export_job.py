@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -33,6 +34,7 @@ from .quantize import job as quantize_job
 from .report import write_reports
 from .strip import strip, strip_summary
 from .training.checkpoint import Checkpoint, load_checkpoint
+from .training.config import MAX_BATCH, MAX_EPOCHS, check_count
 from .training.finetune import finetune
 from .workload import DEFAULT_SEQ_LEN, OnnxRuntimeModel, PositionalInputs, Workload, load_workload
 
@@ -111,14 +113,13 @@ class ExportJob:
                                           ("--per-layer", self.per_layer)) if value]
         if given and not self.pruned:
             raise CtkError(f"{given[0]} says how to prune: add --pruned")
-        if self.batch_size < 1:
-            raise CtkError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.finetune_epochs < 0:
-            raise CtkError(f"finetune epochs must be >= 0, got {self.finetune_epochs}")
-        if self.lr is not None and not self.lr > 0:
-            raise CtkError(f"--lr must be positive, got {self.lr}")
+        check_count("--batch-size", self.batch_size, 1, MAX_BATCH)
+        check_count("--finetune-epochs", self.finetune_epochs, 0, MAX_EPOCHS)
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise CtkError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.seq_len < 2:
             raise CtkError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
+        check_count("--seq-len", self.seq_len, 2, MAX_BATCH)
         if self.checkpoint is not None and self.weights is not None:
             raise CtkError("--checkpoint brings its own weights: drop --weights")
         self.quant_config()

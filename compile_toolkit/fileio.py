@@ -17,6 +17,7 @@ window in which any other thread of the process creates world-writable files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -136,6 +137,35 @@ def staged_path(final: str | os.PathLike, folder: bool = False) -> Iterator[Path
     except BaseException:
         remove_path(tmp)
         raise
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXTS = (f"os error {errno.ENOSPC}", f"os error {errno.EDQUOT}")  # how Rust libraries (safetensors) say it
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True when ``error``, or an error it was raised from, is a full disk or an exhausted quota:
+    an ``OSError`` with ENOSPC/EDQUOT, or a library's error that carries the OS error only as text."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL:
+            return True
+        if any(text in str(seen) for text in _FULL_TEXTS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_as_error(what: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk inside the block into one :class:`CtkError` line naming ``what`` was being
+    written (the writer has already left nothing half-written behind)."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise CtkError(f"no space left on the device to write {what}; free some space and run again") from error
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

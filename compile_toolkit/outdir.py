@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import CtkError
-from .fileio import host_name, remove_path, replace_path, sibling_path
+from .fileio import disk_full_as_error, host_name, remove_path, replace_path, sibling_path
 
 MARKER = ".ctk-output.json"
 MARKER_VERSION = 2  # version 1 listed top-level names only, which cannot prove a tree is ours
@@ -57,9 +57,10 @@ def staged_folder(out: str | os.PathLike, force: bool = False, inputs: Iterable[
     except OSError as error:
         raise CtkError(f"cannot write output folder {out}: {error.strerror or error}") from error
     try:
-        yield staging
-        check_replaceable(out, force, inputs)  # again: the user may have put files there while the job ran
-        write_marker(staging)
+        with disk_full_as_error(f"output folder {out} (the previous one, if any, is untouched)"):
+            yield staging
+            check_replaceable(out, force, inputs)  # again: the user may have put files there while the job ran
+            write_marker(staging)
         try:
             replace_path(staging, out)
         except OSError as error:

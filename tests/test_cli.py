@@ -85,6 +85,10 @@ def assert_clean_failure(status: int, err: str, *needles: str) -> None:
         (["--input-shape", "1,3,32,32"], ["1, 3, 32, 32"]),
         (["--input-shape", "one,two"], ["one,two"]),
         (["--formats", "onnx,tflite"], ["tflite"]),
+        (["--lr", "inf"], ["--lr", "inf"]),  # issue 20.21: failed after fine-tuning
+        (["--lr", "nan"], ["--lr", "nan"]),
+        (["--finetune-epochs", "99999999999999999999"], ["--finetune-epochs", "1000"]),  # 20.7: ran for ever
+        (["--batch-size", "99999999999"], ["--batch-size", str(2**20)]),
     ],
 )
 def test_bad_options_fail_cleanly(tmp_path, capsys, args, needles):

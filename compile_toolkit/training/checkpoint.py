@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CtkError, summary
-from ..fileio import remove_path, replace_path, save_safetensors, sibling_path, write_atomic
+from ..fileio import disk_full_as_error, remove_path, replace_path, save_safetensors, sibling_path, write_atomic
 from ..models.weights import check_finite
 from ..outdir import remove_stale_staging
 from ..pruning.masks import load_masks, save_masks
@@ -92,18 +92,20 @@ def save_checkpoint(
     root = Path(folder)
     staging = staging_folder(root, step)
     try:
-        masks = sparsifier_state.get("masks", {})
-        rest = {key: value for key, value in sparsifier_state.items() if key != "masks"}
-        save_safetensors({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, staging / MODEL_FILE)
-        save_masks(staging / MASKS_FILE, masks)
-        torch.save(
-            {"step": step, "optimizer": optimizer_state, "sparsifier": rest, "rng": rng}, staging / STATE_FILE
-        )
-        (staging / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+        with disk_full_as_error(f"the checkpoint of step {step} in {root} (earlier checkpoints are untouched)"):
+            masks = sparsifier_state.get("masks", {})
+            rest = {key: value for key, value in sparsifier_state.items() if key != "masks"}
+            save_safetensors({k: v.detach().cpu().contiguous() for k, v in model_state.items()},
+                             staging / MODEL_FILE)
+            save_masks(staging / MASKS_FILE, masks)
+            torch.save({"step": step, "optimizer": optimizer_state, "sparsifier": rest, "rng": rng},
+                       staging / STATE_FILE)
+            (staging / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
     except BaseException:
         remove_path(staging)
         raise
-    return commit_checkpoint(staging, root, step)
+    with disk_full_as_error(f"the manifest of the checkpoint of step {step} in {root}"):
+        return commit_checkpoint(staging, root, step)
 
 
 def staging_folder(root: Path, step: int) -> Path:
