@@ -177,3 +177,37 @@ def test_a_registered_function_is_a_criterion(monkeypatch):
     with pytest.raises(CtkError, match="unknown importance 'by_index'"):
         monkeypatch.undo()
         ctk.prune(loud_but_dead_mlp(), batches(1)[0], importance="by_index")
+
+
+def test_mask_gradient_reads_gpt2_conv1d_layers_and_says_when_no_layer_reads_the_channels():
+    """Issue 20.15: on GPT-2 (``transformers``' ``Conv1D`` layers, weight ``[in, out]``) every
+    structure failed with ``ValueError: grad requires non-empty inputs``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from compile_toolkit.llm.wrap import CausalLMLogits
+
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=4, use_cache=False,
+                        bos_token_id=0, eos_token_id=0)
+    model = CausalLMLogits(GPT2LMHeadModel(config)).eval()
+    generator = torch.Generator().manual_seed(2)
+    calibration = [(torch.randint(0, 50, (2, 8), generator=generator),) for _ in range(2)]
+    ids = torch.randint(0, 50, (2, 8), generator=generator)
+    report = ctk.prune(model, (ids,), 0.5, "neuron", "mask_gradient", calibration=calibration)
+    assert report.pruned > 0
+    stripped = ctk.strip(model, (ids,))
+    assert ctk.strip_summary(stripped).channels_removed == report.pruned
+    with torch.no_grad():
+        assert (model(ids) - stripped(ids)).abs().max() <= 1e-5 * model(ids).abs().max()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(CtkError, match="mask_gradient.*taylor or l1"):  # a bare matmul reads the channels
+        ctk.prune(_ReadByMatmul().eval(), (x,), 0.5, "channel", "mask_gradient", calibration=[(x,)])
+
+
+class _ReadByMatmul(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.proj = nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x)).mean((2, 3)) @ self.proj

@@ -21,6 +21,7 @@ Michel et al. 2019). See docs/pruning.md for when each wins.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -220,6 +221,9 @@ def mask_gradient(ctx: ScoreContext) -> Scores:
     is removed. One backward pass per example. Channels no Linear or convolution reads are not
     scored (kept)."""
     gates = _read_slices(ctx.model, ctx.slices)
+    if len(ctx.candidates) and not _read_channels(gates, ctx.count)[ctx.candidates].any():
+        raise CtkError("importance mask_gradient gates channels where a Linear or convolution layer reads them, "
+                       "and no such layer reads the channels being pruned; use --importance taylor or l1")
     if callable(ctx.calibration):
         terms = _grad_times_weight(ctx, lambda model: _checked_loss(ctx.calibration(model)), gates)
         scores, scored = channel_scores(gates, terms.get, ctx.count, normalise=False, dtype=torch.float64)
@@ -327,8 +331,9 @@ def _zeroed(places: list[tuple[torch.Tensor, int, torch.Tensor]]) -> Iterator[No
 
 def _read_slices(model: nn.Module, slices: Slices) -> Slices:
     """The slices where a channel is read: the input dim of Linear and convolution weights
-    (dim 1; dim 0 of transposed convolutions). A gate there scales the channel exactly as the
-    next layer sees it, which zeroing producer rows does not (attention logits, activations)."""
+    (dim 1; dim 0 of transposed convolutions and of ``transformers``' ``Conv1D``, GPT-2's
+    ``[in, out]`` linear layers). A gate there scales the channel exactly as the next layer sees
+    it, which zeroing producer rows does not (attention logits, activations)."""
     read: Slices = {}
     for name, dims in slices.items():
         prefix, _, attr = name.rpartition(".")
@@ -336,10 +341,20 @@ def _read_slices(model: nn.Module, slices: Slices) -> Slices:
             module = model.get_submodule(prefix)
         except AttributeError:
             continue
-        if attr != "weight" or not isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
-            continue
-        input_dim = 0 if getattr(module, "transposed", False) else 1
+        input_dim = _input_dim(module) if attr == "weight" else None
         kept = [(d, ids) for d, ids in dims if d == input_dim]
         if kept:
             read[name] = kept
     return read
+
+
+def _input_dim(module: nn.Module) -> int | None:
+    """The dim of ``module.weight`` that indexes its input channels, None for other layers."""
+    if isinstance(module, nn.Linear):
+        return 1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return 0 if module.transposed else 1
+    hf_layers = sys.modules.get("transformers.pytorch_utils")  # loaded with any transformers model
+    if hf_layers is not None and isinstance(module, hf_layers.Conv1D):
+        return 0
+    return None
