@@ -10,20 +10,20 @@ each of its slices is zero or dead, and no barrier pinned it. See ``docs/archite
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from torch.fx import GraphModule, Node
 
 from ..errors import summary
+from . import solve
 from .atoms import Components
 from .context import Context, DimFacts, Dims, Key, concrete, describe, tensor_meta
 from .mutation import shared_writes
 from .rules import Getitem, rule_for
 from .rules.base import Barrier, Failed, OpRule, full
+from .solve import ChannelGroup, removable_components
 
 # Nodes that read only shapes (or nothing) of their inputs: they neither use nor pin channels.
 _SHAPE_ONLY = {
@@ -32,23 +32,6 @@ _SHAPE_ONLY = {
     torch.ops.aten.sym_stride.int,
     torch.ops.aten._assert_tensor_metadata.default,
 }
-
-
-@dataclass
-class ChannelGroup:
-    """A set of coupled channels that are scored and removed together (one layer's outputs,
-    a residual stream, a concatenation). ``carriers`` name each ``parameter:dim`` that holds them."""
-
-    index: int
-    components: np.ndarray  # component ids in this group
-    carriers: list[str]
-    pinned_reason: str | None  # why (some of) its channels must stay
-    prunable: np.ndarray = field(repr=False)  # component ids that pruning may zero
-    removable: int = 0  # how many of its channels the strip pass can remove
-
-    @property
-    def size(self) -> int:
-        return len(self.components)
 
 
 @dataclass
@@ -236,98 +219,27 @@ def _backward(ctx: Context, node: Node, rules: dict[Node, OpRule]) -> None:
 
 
 def _removable(ctx: Context, components: Components) -> tuple[np.ndarray, np.ndarray]:
-    """(removable, seen in an activation) per component."""
-    labels = components.labels
-    blocked = components.pinned.copy()
-    seen = np.zeros_like(blocked)  # a channel no activation carries (a kernel dim) is not one
-    for key, dims in ctx.atoms.items():
-        if key[0] in ctx.constant:
-            continue  # parameters are sliced along with the activations they meet
-        for atoms, zero, dead in zip(dims, ctx.zero[key], ctx.dead[key], strict=False):
-            if atoms is not None:
-                seen[labels[atoms]] = True
-                blocked[labels[atoms[~(zero | dead)]]] = True
-    removable = seen & ~blocked
-    keep_one_per_dim(ctx, labels, removable)
+    """(removable, seen in an activation) per component; parameters are sliced along with the
+    activations they meet, so only values that depend on a model input decide."""
+    values = ((dims, ctx.zero[key], ctx.dead[key]) for key, dims in ctx.atoms.items() if key[0] not in ctx.constant)
+    removable, seen = removable_components(values, components)
+    keep_one_per_dim(ctx, components.labels, removable)
     return removable, seen
 
 
 def keep_one_per_dim(ctx: Context, labels: np.ndarray, remove: np.ndarray, scores: np.ndarray | None = None) -> None:
-    """Never empty a dimension: where every channel of one would go, keep one (the best-scoring).
-
-    Keeping a channel only turns ``remove`` entries off, so it never empties another dimension
-    and a dimension once fixed stays fixed: one pass over the distinct dimensions is enough.
-    """
-    for atoms in distinct_dims(ctx):
-        comps = labels[atoms]
-        if remove[comps].all():
-            remove[comps[np.argmax(scores[comps])] if scores is not None else comps[0]] = False
+    """Never empty a dimension of the graph (see :func:`.solve.keep_one_per_dim`)."""
+    solve.keep_one_per_dim(distinct_dims(ctx), labels, remove, scores)
 
 
 def distinct_dims(ctx: Context) -> list[np.ndarray]:
-    """Every non-empty static dimension's atoms, once per array (values that pass a dimension
-    through unchanged, such as activations, share their input's array). Public because pruning
-    walks the same dimensions when it keeps one channel per dimension."""
-    seen: dict[int, np.ndarray] = {}
-    for dims in ctx.atoms.values():
-        for atoms in dims:
-            if atoms is not None and atoms.size:
-                seen.setdefault(id(atoms), atoms)
-    return list(seen.values())
+    """Every non-empty static dimension's atoms, once per array. Public because pruning walks the
+    same dimensions when it keeps one channel per dimension."""
+    return solve.distinct_dims(ctx.atoms.values())
 
 
 def _groups(ctx: Context, components: Components, removable: np.ndarray, seen: np.ndarray) -> list[ChannelGroup]:
-    """Components that share a dimension form one group; groups are those some parameter carries."""
-    labels = components.labels
-    per_dim = [labels[atoms] for atoms in distinct_dims(ctx)]
-    rows = np.concatenate(per_dim) if per_dim else np.zeros(0, dtype=np.int64)
-    cols = np.repeat([comps[0] for comps in per_dim], [comps.size for comps in per_dim]).astype(np.int64)
-    n = components.count
-    graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(n, n))
-    _, set_of = connected_components(graph, directed=False)
-    carrier_comps, carrier_names, names = _carriers(ctx, labels, seen)
-    sets = np.unique(set_of[carrier_comps])
-    members = _split_by(set_of, np.arange(n), sets)
-    named = _split_by(set_of[carrier_comps], carrier_names, sets)
-    groups = []
-    for comps, name_ids in zip(members, named, strict=True):
-        pinned = comps[components.pinned[comps]]
-        groups.append(
-            ChannelGroup(
-                index=len(groups),
-                components=comps,
-                carriers=sorted(names[i] for i in np.unique(name_ids)),
-                pinned_reason=components.reasons[int(pinned[0])] if pinned.size else None,
-                prunable=comps[~components.pinned[comps]].astype(np.int64),
-                removable=int(removable[comps].sum()),
-            )
-        )
-    return groups
-
-
-def _carriers(ctx: Context, labels: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(component, carrier name index) pairs for every ``parameter:dim`` slice that carries a
-    channel some activation also carries, and the carrier names."""
-    index: dict[str, int] = {}
-    comps_of, names_of = [], []
-    for key, dims in ctx.atoms.items():
-        if key[0].op != "get_attr":
-            continue
-        for d, atoms in enumerate(dims):
-            comps = labels[atoms]
-            comps = comps[seen[comps]]
-            if comps.size:
-                name = index.setdefault(f"{key[0].target}:{d}", len(index))
-                comps_of.append(comps)
-                names_of.append(np.full(comps.size, name))
-    if not comps_of:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), []
-    return np.concatenate(comps_of), np.concatenate(names_of), list(index)
-
-
-def _split_by(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> list[np.ndarray]:
-    """For each key in ``wanted``, the ``values`` at its positions in ``keys``, in their order."""
-    order = np.argsort(keys, kind="stable")
-    ordered = keys[order]
-    starts, ends = np.searchsorted(ordered, wanted, "left"), np.searchsorted(ordered, wanted, "right")
-    return [values[order[a:b]] for a, b in zip(starts, ends, strict=True)]
+    """Coupled groups (:func:`.solve.coupled_groups`), carried by ``parameter:dim`` slices."""
+    carriers = ((f"{key[0].target}:{d}", atoms) for key, dims in ctx.atoms.items() if key[0].op == "get_attr"
+                for d, atoms in enumerate(dims))
+    return solve.coupled_groups(distinct_dims(ctx), carriers, components, removable, seen)

@@ -19,12 +19,11 @@ import torch
 from torch.fx import Node
 
 from .atoms import Atoms, AtomTable
+from .solve import DimFacts, Dims
 
 Key = tuple[Node, int | None]
-Dims = list[Atoms | None]
-# One fact per dimension, per index: ``True`` where the slice is zero (``zero``) or ignored (``dead``).
-# Not pruning's ``Masks`` (per parameter, ``True`` = kept): the two are read the opposite way.
-DimFacts = list[np.ndarray | None]
+# DimFacts: one fact per dimension, per index: ``True`` where the slice is zero (``zero``) or ignored
+# (``dead``). Not pruning's ``Masks`` (per parameter, ``True`` = kept): the two are read the opposite way.
 
 
 def describe(node: Node) -> str:
@@ -167,7 +166,12 @@ def slice_facts(value: torch.Tensor) -> tuple[np.ndarray | None, list[np.ndarray
     One scan of the tensor whatever its rank, in numpy: on CPU its boolean reductions are many
     times faster than torch's for the small weights of a convnet. A NaN counts as nonzero.
     """
-    nonzero = _as_array(value.detach().cpu()) != 0
+    return nonzero_facts(_as_array(value.detach().cpu()) != 0)
+
+
+def nonzero_facts(nonzero: np.ndarray) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """:func:`slice_facts` of a boolean array (``True`` where the tensor is nonzero), whatever
+    the tensor's origin: the ONNX front-end reads its initializers with numpy."""
     if nonzero.ndim < 2:
         return None, [~nonzero] if nonzero.ndim == 1 else []
     s0, s1 = nonzero.shape[:2]
