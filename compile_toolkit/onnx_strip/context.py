@@ -1,0 +1,195 @@
+"""What ONNX op rules read and write while the channel analysis walks a graph.
+
+The facts are those of :mod:`compile_toolkit.channels` (atoms, zero and dead facts per dimension),
+keyed for ONNX: a computed tensor is keyed by its ``ir.Value``; a *use* of a constant (an
+initializer or a ``Constant`` node's output) is keyed by ``(node, input index)``. Constants get
+atoms per use because exporters share one initializer between unrelated layers whenever their
+values are equal (``torch.onnx`` gives every fresh BatchNorm's scale and running variance the
+same all-ones tensor, read through ``Identity`` nodes): one set of atoms would couple all their
+channels. Each use is sliced for the channels its own node keeps, and uses that keep the same
+ones still share one tensor in the output file.
+
+Rules address a node's inputs and outputs by position, so they never see the keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import numpy as np
+import onnx_ir as ir
+
+from ..channels.atoms import Atoms, AtomTable
+from ..channels.context import nonzero_facts
+from ..channels.solve import DimFacts, Dims
+
+Key = Hashable  # an ir.Value, or (ir.Node, input index) for one use of a constant
+Shape = list[int | None]
+
+
+class NotCovered(Exception):
+    """Raised by a rule for a node it has no exact answer for (a reshape whose target shape is
+    computed in the graph, BatchNormalization in training mode): the node becomes a barrier whose
+    reason is this message, the way an op without a rule is one."""
+
+
+def describe(node: ir.Node) -> str:
+    """``Conv at node /layer1/conv1/Conv``: how reports name the op and node at fault."""
+    op = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+    return f"{op} at node {node.name or '(unnamed)'}"
+
+
+def value_shape(value: ir.Value) -> Shape | None:
+    """Static sizes as ints, symbolic ones (a dynamic batch) as ``None``; ``None`` when even the
+    rank is unknown."""
+    if value.shape is None:
+        return None
+    return [d if isinstance(d, int) else None for d in value.shape]
+
+
+def leaf_constant(value: ir.Value) -> ir.TensorProtocol | None:
+    """The tensor of an initializer or a ``Constant`` node's output; ``None`` for anything else,
+    including an initializer that is also a graph input (the caller may override it)."""
+    if value.is_graph_input():
+        return None
+    return ir.convenience.get_const_tensor(value)
+
+
+class OnnxContext:
+    """Per-key facts plus the atom table; rules use the helpers instead of the dicts."""
+
+    def __init__(self, opsets: dict[str, int]) -> None:
+        self.opsets = opsets  # domain -> opset version of the model (probes run the model's ops)
+        self.table = AtomTable()
+        self.atoms: dict[Key, Dims] = {}
+        self.zero: dict[Key, DimFacts] = {}
+        self.dead: dict[Key, DimFacts] = {}
+        self.shapes: dict[Key, Shape] = {}
+        self.constant: set[Key] = set()  # keys whose values depend on no model input
+        self.marked: set[Key] = set()  # inputs the current rule gave dead facts for
+        self._arrays: dict[ir.Value, np.ndarray | None] = {}
+        self._pairs: dict[ir.Value, tuple[np.ndarray | None, list[np.ndarray]]] = {}
+
+    # -- keys -------------------------------------------------------------------------------
+    def key(self, node: ir.Node, index: int) -> Key | None:
+        """The key of input ``index`` of ``node`` (``None`` for an omitted optional input)."""
+        value = node.inputs[index] if index < len(node.inputs) else None
+        if value is None:
+            return None
+        return (node, index) if leaf_constant(value) is not None else value
+
+    def present(self, node: ir.Node, index: int) -> bool:
+        return self.key(node, index) is not None
+
+    def add_constant_use(self, node: ir.Node, index: int, array: np.ndarray | None, reason: str) -> None:
+        """Fresh atoms for one use of a constant, with the constant's own zero facts (``array``
+        ``None``: unreadable, so pinned and without facts)."""
+        key = (node, index)
+        value = node.inputs[index]
+        shape = list(array.shape) if array is not None else value_shape(value)
+        if shape is None:
+            return
+        self.shapes[key] = shape
+        self.atoms[key] = [self.table.new(s) for s in shape]
+        self.constant.add(key)
+        if array is None:
+            self.pin_key(key, reason)
+            self.zero[key] = self.no_facts(shape)
+        else:
+            self.zero[key] = [m.copy() for m in self._slice_facts(value, array)[1]]
+
+    # -- shapes and atoms -------------------------------------------------------------------
+    def shape(self, node: ir.Node, index: int) -> Shape:
+        return self.shapes[self.key(node, index)]
+
+    def dims(self, node: ir.Node, index: int) -> Dims:
+        return self.atoms[self.key(node, index)]
+
+    def out_shape(self, node: ir.Node, index: int = 0) -> Shape:
+        return self.shapes[node.outputs[index]]
+
+    def fresh(self, size: int | None, reason: str) -> Atoms | None:
+        """Atoms for an output dimension that no input dimension carries (spatial, new axes)."""
+        return None if size is None else self.table.pinned(size, reason)
+
+    def join(self, a: Atoms | None, b: Atoms | None, reason: str) -> None:
+        """Couple two dimensions; a static one coupled with a symbolic one is pinned."""
+        if a is None or b is None:
+            self.pin(a if b is None else b, reason)
+            return
+        self.table.join(a, b)
+
+    def pin(self, atoms: Atoms | None, reason: str) -> None:
+        """Keep every channel of a dimension; a symbolic one (``None``) carries none."""
+        if atoms is not None:
+            self.table.pin(atoms, reason)
+
+    def pin_key(self, key: Key, reason: str) -> None:
+        for atoms in self.atoms.get(key, []):
+            self.pin(atoms, reason)
+
+    def no_facts(self, shape: Shape) -> DimFacts:
+        return [None if s is None else np.zeros(s, dtype=bool) for s in shape]
+
+    # -- constant values --------------------------------------------------------------------
+    def array(self, node: ir.Node, index: int) -> np.ndarray | None:
+        """Input ``index`` as a numpy array when it is a constant (seen through ``Identity``
+        nodes, which torch.onnx uses to share initializers); ``None`` otherwise."""
+        value = node.inputs[index] if index < len(node.inputs) else None
+        return None if value is None else self.value_array(value)
+
+    def value_array(self, value: ir.Value) -> np.ndarray | None:
+        if value not in self._arrays:
+            self._arrays[value] = _constant_array(value)
+        return self._arrays[value]
+
+    def nonzero_pairs(self, node: ir.Node, index: int) -> np.ndarray | None:
+        """``[size0, size1]`` bool for a constant input of rank >= 2 (``None`` otherwise): which
+        (dim 0, dim 1) index pairs hold a nonzero anywhere in the other dims. Scanned once per
+        tensor: weights are most of an analysis's reading."""
+        value = node.inputs[index]
+        array = self.value_array(value)
+        return None if array is None else self._slice_facts(value, array)[0]
+
+    def _slice_facts(self, value: ir.Value, array: np.ndarray) -> tuple[np.ndarray | None, list[np.ndarray]]:
+        if value not in self._pairs:
+            self._pairs[value] = nonzero_facts(array != 0)
+        return self._pairs[value]
+
+    # -- zero and dead facts ----------------------------------------------------------------
+    def zeros(self, node: ir.Node, index: int) -> DimFacts:
+        return self.zero[self.key(node, index)]
+
+    def out_dead(self, node: ir.Node, index: int = 0) -> DimFacts:
+        return self.dead[node.outputs[index]]
+
+    def mark_dead(self, node: ir.Node, index: int, masks: DimFacts) -> None:
+        """AND a consumer's view into an input's dead facts (every consumer must ignore a slice)."""
+        key = self.key(node, index)
+        if key is None or key not in self.dead:
+            return
+        self.marked.add(key)
+        current = self.dead[key]
+        for d, facts in enumerate(masks):
+            if current[d] is not None:
+                current[d] = current[d] & (np.zeros_like(current[d]) if facts is None else facts)
+
+    def mark_live_key(self, key: Key) -> None:
+        if key in self.dead:
+            self.dead[key] = [None if m is None else np.zeros_like(m) for m in self.dead[key]]
+
+
+def _constant_array(value: ir.Value) -> np.ndarray | None:
+    """The numpy value of a constant, following ``Identity`` nodes back to it."""
+    while value is not None:
+        tensor = leaf_constant(value)
+        if tensor is not None:
+            try:
+                return tensor.numpy()
+            except Exception:  # noqa: BLE001 - unreadable (missing external data): no value known
+                return None
+        producer = value.producer()
+        if producer is None or producer.op_type != "Identity" or producer.domain not in ("", "ai.onnx"):
+            return None
+        value = producer.inputs[0]
+    return None

@@ -1,0 +1,167 @@
+"""The ONNX strip pass: remove the channels the analysis proves zero or dead, exactly.
+
+Every constant use that carries a removed channel is sliced; uses of one initializer that keep
+the same indices share one sliced tensor, and the original is sliced in place when every use
+(and no graph output) agrees. Rules then fix their node's shape constants (``Reshape`` targets)
+and attributes (a depthwise ``Conv``'s ``group``), and every analysed value's static shape is
+set to its kept size, so the file's shape information stays true. The result is an ordinary,
+smaller graph: no gathers, slices or masks are added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from .analysis import OnnxChannelAnalysis, analyze, failed_rule
+from .context import leaf_constant
+from .rules import Barrier, Failed, ShapeChange
+
+Cut = tuple[tuple[int, bytes], ...]  # (dim, kept indices as bytes) for the dims that lose indices
+
+
+@dataclass
+class StripResult(ir.passes.PassResult):
+    """The pass's result: ``model`` (edited in place), ``modified``, and the final analysis."""
+
+    analysis: OnnxChannelAnalysis
+
+
+class StripChannels(ir.passes.InPlacePass):
+    """Analyse, plan every rule's rewrite, and apply it all; a node whose rewrite raises is made a
+    barrier (nothing was applied yet) and the graph analysed again."""
+
+    def call(self, model: ir.Model) -> StripResult:
+        failed: dict[ir.Node, Failed] = {}
+        while True:
+            analysis = analyze(model, failed)
+            if not analysis.channels_removed:
+                return StripResult(model, False, analysis)
+            plan = _plan(analysis)
+            if isinstance(plan, _Fault):
+                failed[plan.node] = plan.rule
+                continue
+            _Editor(analysis).apply(plan)
+            return StripResult(model, True, analysis)
+
+
+@dataclass(frozen=True)
+class _Fault:
+    node: ir.Node
+    rule: Failed
+
+
+def _plan(analysis: OnnxChannelAnalysis) -> dict[ir.Node, ShapeChange] | _Fault:
+    """Each rule's edits around its node, computed without touching the graph."""
+    ctx = analysis.ctx
+    plan: dict[ir.Node, ShapeChange] = {}
+    for node, rule in analysis.rules.items():
+        if isinstance(rule, Barrier) or not all(v in ctx.atoms for v in node.outputs):
+            continue
+        old = [ctx.shapes[v] for v in node.outputs]
+        new = [analysis.kept_shape(v) for v in node.outputs]
+        keys = [ctx.key(node, i) for i in range(len(node.inputs))]
+        if old == new and all(k is None or ctx.shapes[k] == analysis.kept_shape(k) for k in keys):
+            continue
+        change = ShapeChange(old, new, lambda i, keys=keys: analysis.keep(keys[i]),
+                             lambda i, node=node: ctx.array(node, i))
+        try:
+            rule.rewrite(node, change)
+        except Exception as error:  # noqa: BLE001 - a failed rewrite is a barrier, not a crash
+            return _Fault(node, failed_rule(node, "rewriting shapes", error))
+        if change.attributes or change.constants:
+            plan[node] = change
+    return plan
+
+
+@dataclass
+class _Editor:
+    """Applies a strip to the analysed model's main graph."""
+
+    analysis: OnnxChannelAnalysis
+    names: set[str] = field(default_factory=set)
+
+    def apply(self, plan: dict[ir.Node, ShapeChange]) -> None:
+        graph = self.analysis.model.graph
+        self.names = {v.name for node in graph for v in (*node.inputs, *node.outputs) if v is not None}
+        self.names |= set(graph.initializers) | {v.name for v in graph.inputs}
+        replaced = {(node, i) for node, change in plan.items() for i in change.constants}
+        for value in self._constants():
+            self._slice(value, replaced)
+        for node, change in plan.items():
+            for name, attr in change.attributes.items():
+                node.attributes[name] = attr
+            for index, array in change.constants.items():
+                old = node.inputs[index]
+                node.replace_input_with(index, self._initializer(f"{old.name}_stripped", array, old.dtype))
+                self._drop_if_unused(old)
+        for key in self.analysis.ctx.atoms:
+            if isinstance(key, ir.Value) and not key.is_graph_input() and key.shape is not None:
+                kept = self.analysis.kept_shape(key)
+                key.shape = ir.Shape([d if k is None else k for d, k in zip(key.shape, kept, strict=True)])
+
+    def _constants(self) -> list[ir.Value]:
+        """Every constant some analysed node reads (each once, in graph order)."""
+        seen: dict[ir.Value, None] = {}
+        for node in self.analysis.rules:
+            for value in node.inputs:
+                if value is not None and leaf_constant(value) is not None:
+                    seen.setdefault(value, None)
+        return list(seen)
+
+    def _cut(self, node: ir.Node, index: int, shape: list[int]) -> Cut:
+        key = (node, index)
+        if key not in self.analysis.ctx.atoms:
+            return ()  # a use the analysis did not see (inside a subgraph): kept whole
+        return tuple((d, k.astype(np.int64).tobytes()) for d, k in enumerate(self.analysis.keep(key))
+                     if k is not None and len(k) != shape[d])
+
+    def _slice(self, value: ir.Value, replaced: set[tuple[ir.Node, int]]) -> None:
+        array = self.analysis.ctx.value_array(value)
+        if array is None:
+            return
+        by_cut: dict[Cut, list[tuple[ir.Node, int]]] = {}
+        for use in value.uses():
+            if (use.node, use.idx) not in replaced:
+                by_cut.setdefault(self._cut(use.node, use.idx, list(array.shape)), []).append((use.node, use.idx))
+        cuts = [cut for cut in by_cut if cut]
+        if not cuts:
+            return
+        if len(by_cut) == 1 and value.is_initializer() and not value.is_graph_output():
+            sliced = _take(array, cuts[0])
+            value.const_value = ir.tensor(sliced, dtype=value.dtype, name=value.name)
+            value.shape = ir.Shape(sliced.shape)
+            return
+        for cut in cuts:
+            new = self._initializer(f"{value.name}_stripped", _take(array, cut), value.dtype)
+            for node, index in by_cut[cut]:
+                node.replace_input_with(index, new)
+        self._drop_if_unused(value)
+
+    def _initializer(self, base: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
+        name, n = base, 1
+        while name in self.names:
+            name, n = f"{base}_{n}", n + 1
+        self.names.add(name)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
+                         const_value=ir.tensor(array, dtype=dtype, name=name))
+        self.analysis.model.graph.register_initializer(value)
+        return value
+
+    def _drop_if_unused(self, value: ir.Value) -> None:
+        """Remove a constant that no node and no graph output reads any more."""
+        if value.uses() or value.is_graph_output():
+            return
+        graph = self.analysis.model.graph
+        if value.is_initializer():
+            graph.initializers.pop(value.name)
+        elif value.producer() is not None and value.producer().op_type == "Constant":
+            graph.remove(value.producer(), safe=True)
+
+
+def _take(array: np.ndarray, cut: Cut) -> np.ndarray:
+    for d, kept in cut:
+        array = np.take(array, np.frombuffer(kept, dtype=np.int64), axis=d)
+    return np.ascontiguousarray(array)

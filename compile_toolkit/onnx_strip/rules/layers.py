@@ -1,0 +1,300 @@
+"""Layers with weights: ``Conv`` (dense, grouped, depthwise), ``Gemm``, ``MatMul`` by a matrix,
+and ``BatchNormalization``.
+
+As in the ATen rules (``channels/rules/layers.py``, ``norms.py``), a weight's input dimension
+couples to the input's channels and its output dimension (with the bias) owns the output's;
+zero facts read which (output, input) pairs of a constant weight hold a nonzero. A weight
+computed in the graph falls back to its zero rows and columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from ...channels.context import all_dead, mask
+from ...channels.rules.base import full
+from ...channels.solve import DimFacts, Dims
+from ..context import NotCovered, OnnxContext, describe
+from .base import OnnxRule, ShapeChange, attr_float, attr_int, operand_zero
+
+
+def nonzero_pairs(ctx: OnnxContext, node: ir.Node, index: int) -> np.ndarray:
+    """``[dim 0, dim 1]`` bool: which index pairs of a weight are not all zero (a computed weight:
+    those outside its zero rows and columns)."""
+    pairs = ctx.nonzero_pairs(node, index)
+    if pairs is not None:
+        return pairs
+    rows_zero, cols_zero = ctx.zeros(node, index)[:2]
+    return ~(rows_zero[:, None] | cols_zero[None, :])
+
+
+def zero_vector(ctx: OnnxContext, node: ir.Node, index: int, size: int) -> np.ndarray:
+    """Per channel, whether a per-channel vector input (a bias, a norm's shift) is zero; an
+    omitted one is zero everywhere."""
+    if not ctx.present(node, index):
+        return np.ones(size, dtype=bool)
+    return operand_zero(ctx, node, index, [size])[0]
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A ``Conv`` node's grouping: ``kind`` is ``"dense"`` (one group), ``"depthwise"`` (one input
+    channel per group, any channel multiplier) or ``"grouped"``."""
+
+    groups: int
+    in_channels: int
+    out_channels: int
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_channels // self.groups
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def kind(self) -> str:
+        if self.groups == 1:
+            return "dense"
+        return "depthwise" if self.in_per_group == 1 else "grouped"
+
+
+def conv_spec(ctx: OnnxContext, node: ir.Node) -> ConvSpec:
+    x_shape, w_shape = ctx.shape(node, 0), ctx.shape(node, 1)
+    if len(x_shape) != len(w_shape) or x_shape[1] is None or w_shape[0] is None:
+        raise NotCovered(f"{describe(node)}: input {x_shape} and weight {w_shape} do not have static channels")
+    return ConvSpec(attr_int(node, "group", 1), x_shape[1], w_shape[0])
+
+
+class Conv(OnnxRule):
+    """``Conv(X, W, B)``, weight ``[out, in/groups, *k]``, any group count.
+
+    Dense: the input's channels couple to the weight's input dim. Grouped: position ``j`` of every
+    input group is one channel, and position ``i`` of every output group; the group count stays.
+    Depthwise (one input channel per group, channel multiplier ``m``): input channel ``g`` and its
+    ``m`` outputs are one channel, so removing it removes a group and ``group`` is rewritten.
+    """
+
+    def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
+        spec = conv_spec(ctx, node)
+        reason = f"spatial dim of {describe(node)}"
+        x_in, (w_out, w_in) = ctx.dims(node, 0)[1], ctx.dims(node, 1)[:2]
+        if spec.kind == "depthwise":
+            ctx.pin(w_in, f"per-group dim of {describe(node)}")
+            blocks = w_out.reshape(spec.groups, spec.out_per_group)
+            for col in range(blocks.shape[1]):
+                ctx.join(x_in, blocks[:, col].copy(), reason)
+        elif spec.kind == "grouped":
+            _join_blocks(ctx, x_in, spec.groups, reason)
+            ctx.join(x_in[: spec.in_per_group], w_in, reason)
+            _join_blocks(ctx, w_out, spec.groups, reason)
+        else:
+            ctx.join(x_in, w_in, reason)
+        if ctx.present(node, 2):
+            ctx.join(w_out, ctx.dims(node, 2)[0], reason)
+        spatial = [ctx.fresh(s, reason) for s in ctx.out_shape(node)[2:]]
+        return [[ctx.dims(node, 0)[0], w_out, *spatial]]
+
+    def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
+        spec = conv_spec(ctx, node)
+        out = ctx.no_facts(ctx.out_shape(node))
+        live = _connections(ctx, node, spec) & ~ctx.zeros(node, 0)[1][None, :]
+        out[1] = ~live.any(1) & zero_vector(ctx, node, 2, spec.out_channels)
+        return [out]
+
+    def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
+        spec = conv_spec(ctx, node)
+        out_dead = ctx.out_dead(node)
+        x_shape = ctx.shape(node, 0)
+        if all_dead(out_dead):
+            ctx.mark_dead(node, 0, full(x_shape, True))
+            return
+        x_dead = [out_dead[0]] + [mask(s, False) for s in x_shape[1:]]
+        used = _connections(ctx, node, spec) & ~out_dead[1][:, None]
+        x_dead[1] = ~used.any(0)
+        ctx.mark_dead(node, 0, x_dead)
+
+    def rewrite(self, node: ir.Node, change: ShapeChange) -> None:
+        """Removing a depthwise channel (weight ``[groups * m, 1, ...]``) removes its group: the
+        group count follows. The weight is read before it is sliced."""
+        old, new = change.old[0][1], change.new[0][1]
+        groups = attr_int(node, "group", 1)
+        weight = node.inputs[1].shape
+        if groups > 1 and weight is not None and weight[1] == 1 and old != new:
+            change.set_attribute(ir.AttrInt64("group", groups * new // old))
+
+
+def _join_blocks(ctx: OnnxContext, atoms: np.ndarray, groups: int, reason: str) -> None:
+    """Couple position ``i`` of every one of ``groups`` equal blocks."""
+    blocks = atoms.reshape(groups, -1)
+    for g in range(1, groups):
+        ctx.join(blocks[0], blocks[g], reason)
+
+
+def _connections(ctx: OnnxContext, node: ir.Node, spec: ConvSpec) -> np.ndarray:
+    """``[out_channels, in_channels]`` bool: which output channels read which input channels
+    through a weight slice that is not all zero."""
+    nonzero = nonzero_pairs(ctx, node, 1)  # [out, in / groups]
+    if spec.groups == 1:
+        return nonzero
+    per_group = nonzero.reshape(spec.groups, spec.out_per_group, spec.in_per_group)
+    conn = np.zeros((spec.groups, spec.out_per_group, spec.groups, spec.in_per_group), dtype=bool)
+    index = np.arange(spec.groups)
+    conn[index, :, index, :] = per_group
+    return conn.reshape(spec.out_channels, spec.in_channels)
+
+
+class Gemm(OnnxRule):
+    """``Gemm(A, B, C)`` = ``alpha * A' B' + beta * C`` (``A'``: ``A`` or, with ``transA``, its
+    transpose; ``B'`` likewise; torch's ``Linear`` is ``transB=1``). ``A``'s ``K`` dim couples to
+    ``B``'s; ``B``'s ``N`` dim owns the output's columns, with ``C`` where it has them."""
+
+    @staticmethod
+    def _dims(node: ir.Node) -> tuple[int, int, int, int]:
+        """(A's M dim, A's K dim, B's K dim, B's N dim)."""
+        a_m, a_k = (1, 0) if attr_int(node, "transA", 0) else (0, 1)
+        b_k, b_n = (1, 0) if attr_int(node, "transB", 0) else (0, 1)
+        return a_m, a_k, b_k, b_n
+
+    def _pairs(self, ctx: OnnxContext, node: ir.Node) -> np.ndarray:
+        """``[N, K]``: which output columns read which ``K`` features through a nonzero."""
+        pairs = nonzero_pairs(ctx, node, 1)
+        return pairs if self._dims(node)[3] == 0 else pairs.T
+
+    def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
+        a_m, a_k, b_k, b_n = self._dims(node)
+        a, b = ctx.dims(node, 0), ctx.dims(node, 1)
+        reason = f"features of {describe(node)}"
+        ctx.join(a[a_k], b[b_k], reason)
+        out = [a[a_m], b[b_n]]
+        if ctx.present(node, 2):
+            c_shape, c = ctx.shape(node, 2), ctx.dims(node, 2)
+            for k, size in enumerate(c_shape):
+                d = k + 2 - len(c_shape)
+                if size == ctx.out_shape(node)[d]:
+                    ctx.join(out[d], c[k], reason)
+                else:
+                    ctx.pin(c[k], f"broadcast in {describe(node)}")
+        return [out]
+
+    def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
+        a_k = self._dims(node)[1]
+        shape = ctx.out_shape(node)
+        out = ctx.no_facts(shape)
+        live = self._pairs(ctx, node) & ~ctx.zeros(node, 0)[a_k][None, :]
+        no_shift = np.ones(shape[1], dtype=bool)
+        if ctx.present(node, 2) and attr_float(node, "beta", 1.0) != 0:
+            no_shift = operand_zero(ctx, node, 2, shape)[1]
+        out[1] = ~live.any(1) & no_shift
+        return [out]
+
+    def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
+        a_m, a_k, _, _ = self._dims(node)
+        out_dead = ctx.out_dead(node)
+        a_shape = ctx.shape(node, 0)
+        if all_dead(out_dead):
+            ctx.mark_dead(node, 0, full(a_shape, True))
+            return
+        a_dead: DimFacts = [None, None]
+        a_dead[a_m] = out_dead[0]
+        a_dead[a_k] = ~(self._pairs(ctx, node) & ~out_dead[1][:, None]).any(0)
+        ctx.mark_dead(node, 0, a_dead)
+
+
+class MatMul(OnnxRule):
+    """``MatMul(A, B)`` with ``B`` a matrix (``[K, N]``: torch's ``Linear`` without ``Gemm``, e.g.
+    on 3-d input): ``A[..., K]`` couples to ``B[K]``; ``B[:, N]`` owns the output's last dim.
+    Products of two activations (attention) or batched ``B`` are not covered yet."""
+
+    def _check(self, ctx: OnnxContext, node: ir.Node) -> None:
+        if len(ctx.shape(node, 0)) < 2 or len(ctx.shape(node, 1)) != 2:
+            raise NotCovered(f"{describe(node)}: only a matrix B with A of rank 2 or more is covered")
+
+    def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
+        self._check(ctx, node)
+        a, b = ctx.dims(node, 0), ctx.dims(node, 1)
+        ctx.join(a[-1], b[0], f"features of {describe(node)}")
+        return [[*a[:-1], b[1]]]
+
+    def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
+        self._check(ctx, node)
+        out = ctx.no_facts(ctx.out_shape(node))
+        live = nonzero_pairs(ctx, node, 1).T & ~ctx.zeros(node, 0)[-1][None, :]
+        out[-1] = ~live.any(1)
+        return [out]
+
+    def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
+        self._check(ctx, node)
+        out_dead = ctx.out_dead(node)
+        if all_dead(out_dead):
+            ctx.mark_dead(node, 0, full(ctx.shape(node, 0), True))
+            return
+        used = nonzero_pairs(ctx, node, 1).T & ~out_dead[-1][:, None]
+        ctx.mark_dead(node, 0, [*out_dead[:-1], ~used.any(0)])
+
+
+class BatchNormalization(OnnxRule):
+    """``BatchNormalization(X, scale, B, mean, var)`` at inference: ``scale * (x - mean) /
+    sqrt(var + eps) + B`` per channel, every parameter riding with its channel.
+
+    A channel is zero after the norm when its shift is zero and either its scale is zero or its
+    input and mean are zero; a zero scale also makes the input ignored. Both need ``var + eps > 0``
+    (else 0 * inf is NaN), so a variance computed in the graph gives no facts. Training mode
+    (statistics of the batch, updated running statistics) is not covered.
+    """
+
+    def _check(self, ctx: OnnxContext, node: ir.Node) -> None:
+        if attr_int(node, "training_mode", 0) or len(node.outputs) > 1:
+            raise NotCovered(f"{describe(node)} in training mode")
+        if len(ctx.shape(node, 0)) < 2 or ctx.shape(node, 0)[1] is None:
+            raise NotCovered(f"{describe(node)}: input has no static channel dim")
+
+    def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
+        self._check(ctx, node)
+        dims = ctx.dims(node, 0)
+        reason = f"channels of {describe(node)}"
+        for i in range(1, 5):
+            ctx.join(dims[1], ctx.dims(node, i)[0], reason)
+        return [list(dims)]
+
+    def _facts(self, ctx: OnnxContext, node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scale zero, shift zero, mean zero) per channel, all ``False`` where ``var + eps``
+        is not provably positive."""
+        channels = ctx.shape(node, 0)[1]
+        var = ctx.array(node, 4)
+        if var is None:
+            nothing = np.zeros(channels, dtype=bool)
+            return nothing, nothing, nothing
+        finite = np.broadcast_to(var.astype(np.float64) + attr_float(node, "epsilon", 1e-5) > 0, (channels,))
+        scale, shift, mean = (zero_vector(ctx, node, i, channels) & finite for i in (1, 2, 3))
+        return scale, shift, mean
+
+    def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
+        self._check(ctx, node)
+        out = ctx.no_facts(ctx.out_shape(node))
+        scale, shift, mean = self._facts(ctx, node)
+        out[1] = shift & (scale | (ctx.zeros(node, 0)[1] & mean))
+        return [out]
+
+    def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
+        self._check(ctx, node)
+        out_dead = ctx.out_dead(node)
+        shape = ctx.shape(node, 0)
+        if all_dead(out_dead):
+            ctx.mark_dead(node, 0, full(shape, True))
+            return
+        x_dead: DimFacts = [out_dead[0]] + [mask(s, False) for s in shape[1:]]
+        x_dead[1] = out_dead[1] | self._facts(ctx, node)[0]
+        ctx.mark_dead(node, 0, x_dead)
+
+
+RULES: dict[str, OnnxRule] = {
+    "Conv": Conv(),
+    "Gemm": Gemm(),
+    "MatMul": MatMul(),
+    "BatchNormalization": BatchNormalization(),
+}
