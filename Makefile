@@ -11,10 +11,10 @@ demo: setup
 	.venv/bin/ctk export --pruned
 
 test: setup
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 test-all: setup
-	$(PY) -m pytest -q -n 2 -m "slow or not slow"
+	$(PY) -m pytest -q -n auto --dist worksteal -m "slow or not slow"
 
 bench: setup
 	$(PY) tools/bench_demo.py

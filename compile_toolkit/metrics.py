@@ -58,10 +58,10 @@ def accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
 
 
 def default_threads() -> int:
-    """The cores this process may use, at most 2: the latency numbers are meant to be
-    comparable across machines, not to show off a big one."""
+    """The cores this process may use (and torch is set to use), at most 2: the latency numbers are
+    meant to be comparable across machines, not to show off a big one."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(2, cores or 1))
+    return max(1, min(2, cores or 1, torch.get_num_threads()))
 
 
 def ort_latency_ms(onnx_path: str, inputs: Inputs, threads: int | None = None,

@@ -15,11 +15,12 @@ from .errors import CtkError
 
 
 def session(path: str, threads: int | None = None) -> onnxruntime.InferenceSession:
-    """A CPU InferenceSession; ``threads`` sets intra-op threads (None: ONNX Runtime's default)."""
+    """A CPU InferenceSession with ``threads`` intra-op threads (default: as many as torch uses,
+    ``torch.get_num_threads()``, so that a process limited to fewer cores keeps ONNX Runtime to
+    them too; both default to the machine's cores)."""
     options = onnxruntime.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
+    options.inter_op_num_threads = 1
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 

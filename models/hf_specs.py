@@ -119,6 +119,8 @@ def load_hf(spec: str, task: str | None, input_shape: tuple[int, ...] | None,
         except (OSError, ValueError, KeyError) as exc:
             raise CtkError(f"--task {task} does not fit --model {spec}: {HF_AUTO_CLASSES[task]} cannot load it: "
                            f"{summary(exc)}") from exc
+    if task == "embed":
+        info = _drop_unsaved_pooler(model, info)
     _check_loading_info(spec, folder, model, info, swapped_head=task != hf_task(spec), resized_head=bool(num_classes))
     wrapper = {"classify": SequenceLogits, "causal-lm": CausalLMLogits, "embed": HiddenStates}[task]
     notes = []
@@ -130,6 +132,19 @@ def load_hf(spec: str, task: str | None, input_shape: tuple[int, ...] | None,
         # a decoder classifies at the last token before padding, which it finds by this id
         model.config.pad_token_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     return LoadedModel(spec, wrapper(model), _token_ids(model, spec, input_shape), None, notes, task, tokenizer)
+
+
+def _drop_unsaved_pooler(model: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
+    """A base model saved without its pooler (``BertModel(add_pooling_layer=False)``, as sentence
+    encoders are) loads with a random one that the embed task never reads (it pools the last
+    hidden states): drop it, as ``add_pooling_layer=False`` does, rather than call the folder
+    incomplete; the loading info then no longer lists it."""
+    pooler = getattr(model, "pooler", None)
+    wanted = {f"pooler.{name}" for name, _ in pooler.named_parameters()} if isinstance(pooler, nn.Module) else set()
+    if not wanted or not wanted <= set(info["missing_keys"]):
+        return info
+    model.pooler = None
+    return {**info, "missing_keys": [key for key in info["missing_keys"] if key not in wanted]}
 
 
 def _check_weights_files(spec: str, folder: Path) -> None:

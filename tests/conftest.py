@@ -1,5 +1,17 @@
+import os
+
 import pytest
 import torch
+
+# One core per test process. `make test` runs one pytest worker per core; a second thread in
+# each (torch's OpenMP pool, ONNX Runtime's, XLA's Eigen pool), or in the processes a test starts
+# (`ctk` jobs, torchrun ranks, the StableHLO worker, which inherit this environment), oversubscribes
+# the cores, and spin-waiting threads then make a forward pass 3 to 100 times slower (measured: the
+# main job 36 s alone, 432 s beside a second worker at two threads each).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+torch.set_num_threads(1)
 
 
 def rel_error(reference, candidate) -> float:

@@ -25,7 +25,6 @@ def specs(draw) -> fm.ModelSpec:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(specs())
 def test_random_architectures_strip_exactly_and_completely(spec: fm.ModelSpec) -> None:
-    torch.set_num_threads(1)
     outcome = fm.run_case(spec)
     assert not outcome.failures, f"{spec}\n" + "\n".join(outcome.failures)
 

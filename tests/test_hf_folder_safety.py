@@ -230,3 +230,22 @@ def test_a_swapped_and_a_resized_head_load(tmp_path):
     assert resized.module.model.score.weight.shape == (5, 16)
     assert any("newly initialised for 5 classes" in note for note in resized.notes)
 
+
+
+def test_an_encoder_saved_without_its_pooler_loads_for_embed_without_one(tmp_path):
+    """``BertModel(add_pooling_layer=False)`` folders (sentence encoders) lack the pooler that the
+    embed task never reads: loaded without one, not refused and not filled at random; a missing
+    encoder tensor is still refused."""
+    from test_workloads import bert_encoder
+
+    from compile_toolkit.models import load_model
+
+    folder = bert_encoder(tmp_path / "bert")
+    loaded = load_model(f"hf:{folder}")
+    assert loaded.task == "embed" and loaded.module.model.pooler is None
+    assert not any(name.startswith("model.pooler") for name, _ in loaded.module.named_parameters())
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights["encoder.layer.0.output.dense.bias"]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CtkError, match="encoder.layer.0.output.dense.bias"):
+        load_model(f"hf:{folder}")

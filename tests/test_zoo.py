@@ -54,16 +54,6 @@ ALL = torchvision.models.list_models(module=torchvision.models)
 OTHERS = [name for name in ALL if name not in REPRESENTATIVE]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: under ``pytest -n 2`` on two cores, a second thread per worker
-    oversubscribes them and OpenMP's spin-waiting makes each forward 10 to 100 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def prune_strip_export(name: str, tmp_path) -> None:
     model = build(name)
     side = input_side(name)
