@@ -94,9 +94,7 @@ class _Editor:
             for name, attr in change.attributes.items():
                 node.attributes[name] = attr
             for index, array in change.constants.items():
-                old = node.inputs[index]
-                node.replace_input_with(index, self._initializer(f"{old.name}_stripped", array, old.dtype))
-                self._drop_if_unused(old)
+                self._set_constant(node, index, array)
         for key in self.analysis.ctx.atoms:
             if isinstance(key, ir.Value) and not key.is_graph_input() and key.shape is not None:
                 kept = self.analysis.kept_shape(key)
@@ -139,6 +137,16 @@ class _Editor:
             for node, index in by_cut[cut]:
                 node.replace_input_with(index, new)
         self._drop_if_unused(value)
+
+    def _set_constant(self, node: ir.Node, index: int, array: np.ndarray) -> None:
+        """Give one use a new constant: in place where it is the initializer's only reader."""
+        old = node.inputs[index]
+        if old.is_initializer() and len(old.uses()) == 1 and not old.is_graph_output():
+            old.const_value = ir.tensor(array, dtype=old.dtype, name=old.name)
+            old.shape = ir.Shape(array.shape)
+            return
+        node.replace_input_with(index, self._initializer(f"{old.name}_stripped", array, old.dtype))
+        self._drop_if_unused(old)
 
     def _initializer(self, base: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
         name, n = base, 1

@@ -51,8 +51,12 @@ class Pool(OnnxRule):
 class Reduce(OnnxRule):
     """``ReduceMean``/``ReduceSum``/``ReduceMax``/``ReduceMin``/``ReduceL1``/``ReduceL2``/
     ``ReduceSumSquare``/``ReduceProd``: axes from the attribute (older opsets) or the constant
-    second input; reduced dims are pinned, the others pass through with their zero facts (each of
-    these reduces a slice of zeros to zero)."""
+    second input. Kept dims pass through with their zero facts (each of these reduces a slice of
+    zeros to zero). Reduced dims are pinned, except by sums (``pins=False``: a zero element adds
+    nothing to a sum or a norm, so removing it is exact; the reduced elements stay live)."""
+
+    def __init__(self, pins: bool = True) -> None:
+        self.pins = pins
 
     def _axes(self, ctx: OnnxContext, node: ir.Node) -> tuple[list[int], bool]:
         """(reduced dims counted from the front, keepdims)."""
@@ -79,7 +83,7 @@ class Reduce(OnnxRule):
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
         dims = ctx.dims(node, 0)
         reason = f"reduced by {describe(node)}"
-        for d in self._axes(ctx, node)[0]:
+        for d in self._axes(ctx, node)[0] if self.pins else []:
             ctx.pin(dims[d], reason)
         out: Dims = [ctx.fresh(s, reason) for s in ctx.out_shape(node)]
         for d, k in self._out_index(ctx, node).items():
@@ -106,7 +110,8 @@ class Reduce(OnnxRule):
 
 
 _POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
-_REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare",
-               "ReduceProd")
-
-RULES: dict[str, OnnxRule] = {**{op: Pool() for op in _POOLS}, **{op: Reduce() for op in _REDUCTIONS}}
+RULES: dict[str, OnnxRule] = {
+    **{op: Pool() for op in _POOLS},
+    **{op: Reduce(pins=True) for op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd")},
+    **{op: Reduce(pins=False) for op in ("ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2")},
+}

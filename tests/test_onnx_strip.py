@@ -1,0 +1,340 @@
+"""``strip_onnx`` on files exported here by ``torch.onnx`` (the TorchScript exporter, which keeps
+BatchNormalization with ``do_constant_folding=False`` and shares equal initializers through
+``Identity`` nodes, and the dynamo exporter, which folds BN into the convolutions and writes
+external data): zeros from ``ctk.prune`` and by hand are removed exactly in ONNX Runtime, and
+every case where nothing may go is a positive control that nothing does."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+import compile_toolkit as ctk
+from compile_toolkit.errors import CtkError, VerificationError
+from compile_toolkit.onnx_strip import strip_onnx
+from compile_toolkit.onnx_strip.rules import elementwise
+
+
+def export(model: nn.Module, x: torch.Tensor, path, dynamo: bool) -> str:
+    """The model's ONNX file; the TorchScript exporter keeps BN unfused and the batch dynamic."""
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["x"], verbose=False)
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "batch"}})
+    return str(path)
+
+
+def initializer_shapes(path) -> dict[str, tuple[int, ...]]:
+    return {t.name: tuple(t.dims) for t in onnx.load(str(path)).graph.initializer}
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+class ResidualCNN(nn.Module):
+    """Conv-BN-ReLU, a depthwise and a pointwise conv added back onto the stream (residual add),
+    then a conv with HardSwish, global pooling, flatten and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.dw, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)
+        self.pw, self.bn3 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.conv4, self.bn4 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(x + self.bn3(self.pw(F.relu(self.bn2(self.dw(x))))))
+        x = F.hardswish(self.bn4(self.conv4(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def zeroed_cnn() -> ResidualCNN:
+    """Stream channels 1 and 5 zero (conv1, the depthwise conv and the pointwise conv write
+    zeros there, BN shifts zero) and conv4's channel 3 dead (the classifier ignores it):
+    three channels, one of them a depthwise group."""
+    model = ResidualCNN().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn3, model.bn4):  # BN statistics and affine of a trained model
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        for c in (1, 5):
+            for conv in (model.conv1, model.dw, model.pw):
+                conv.weight[c] = 0
+                conv.bias[c] = 0
+            for bn in (model.bn1, model.bn2, model.bn3):
+                bn.bias[c] = 0
+                bn.running_mean[c] = 0
+        model.fc.weight[:, 3] = 0
+    return model
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_residual_cnn_loses_its_zero_and_dead_channels(tmp_path, dynamo):
+    model, x = zeroed_cnn(), torch.randn(2, 3, 8, 8)
+    source = export(model, x, tmp_path / "cnn.onnx", dynamo)
+    before = digest(source)
+    summary = strip_onnx(source, tmp_path / "small.onnx")
+    assert summary.channels_removed == 3
+    assert summary.parameters_after < summary.parameters_before
+    assert summary.max_relative_error <= 1e-5
+    assert digest(source) == before  # the input file is never modified
+    shapes = initializer_shapes(tmp_path / "small.onnx")
+    assert shapes["fc.weight"] == (10, 15)
+    graph = onnx.load(str(tmp_path / "small.onnx")).graph
+    depthwise = next(n for n in graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1
+                                                                           for a in n.attribute))
+    assert next(a.i for a in depthwise.attribute if a.name == "group") == 6  # two groups went with their channels
+    ops = {n.op_type for n in onnx.load(source).graph.node}
+    assert ("BatchNormalization" in ops) is not dynamo  # dynamo folds BN into the convs; the other keeps it
+
+
+@pytest.fixture(scope="module")
+def pruned_resnet18(tmp_path_factory):
+    """torchvision resnet18 (random weights) with half its channel groups zeroed by ctk.prune."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    ctk.prune(model, (x,), 0.5, "channel")
+    return model, x, tmp_path_factory.mktemp("resnet18")
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_pruned_resnet18_strips_like_ctk_strip(pruned_resnet18, dynamo):
+    """Every convolution and the classifier keep exactly the channels ``ctk.strip`` keeps on the
+    PyTorch model (the dynamo exporter names the folded conv weights like the modules)."""
+    model, x, folder = pruned_resnet18
+    source = export(model, x, folder / f"r18_{dynamo}.onnx", dynamo)
+    summary = strip_onnx(source, folder / f"r18_{dynamo}.small.onnx")
+    assert summary.channels_removed > 0 and summary.barriers == ["model input x", "model output"]
+    assert summary.parameters_after < 0.3 * summary.parameters_before
+    assert summary.max_relative_error <= 1e-5
+    assert summary.file_bytes_after < 0.3 * summary.file_bytes_before
+    stripped = ctk.strip(model, (x,))
+    expected = {name: tuple(p.shape) for name, p in stripped.named_parameters() if name.endswith("weight")
+                and p.dim() in (2, 4)}
+    shapes = initializer_shapes(folder / f"r18_{dynamo}.small.onnx")
+    assert {name: shapes[name] for name in expected} == expected
+
+
+def test_mlp_on_matrices_gemm(tmp_path):
+    """TorchScript export of 2-d input: Gemm layers; a zero neuron of fc1 (GELU keeps 0) and a
+    neuron of fc2 that fc3 ignores both go."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[7] = 0
+        model[0].bias[7] = 0
+        model[4].weight[:, 9] = 0
+    source = export(model, torch.randn(3, 16), tmp_path / "mlp.onnx", dynamo=False)
+    summary = strip_onnx(source, tmp_path / "small.onnx")
+    assert summary.channels_removed == 2
+    assert initializer_shapes(tmp_path / "small.onnx") == {"0.weight": (31, 16), "0.bias": (31,), "2.weight": (31, 31),
+                                                            "2.bias": (31,), "4.weight": (4, 31), "4.bias": (4,)}
+    assert summary.max_relative_error <= 1e-5
+
+
+def test_mlp_on_sequences_matmul(tmp_path):
+    """dynamo export of 3-d input: MatMul by a matrix plus Add; the same two neurons go."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[7] = 0
+        model[0].bias[7] = 0
+        model[4].weight[:, 9] = 0
+    source = export(model, torch.randn(2, 5, 16), tmp_path / "mlp.onnx", dynamo=True)
+    assert "MatMul" in {n.op_type for n in onnx.load(source).graph.node}
+    summary = strip_onnx(source, tmp_path / "small.onnx")
+    assert summary.channels_removed == 2
+    assert summary.max_relative_error <= 1e-5
+
+
+class Block(nn.Module):
+    """conv -> BN -> ``act`` -> conv, with the first conv's channel 0 zero."""
+
+    def __init__(self, act, shift: float = 0.0) -> None:
+        super().__init__()
+        self.a, self.bn, self.b, self.act = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), act
+        with torch.no_grad():
+            self.a.weight[0] = 0
+            self.a.bias[0] = 0
+            self.bn.bias[0] = shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.act(self.bn(self.a(x))))
+
+
+def strip_block(tmp_path, block: nn.Module):
+    source = export(block, torch.randn(2, 3, 6, 6), tmp_path / "block.onnx", dynamo=False)
+    return strip_onnx(source, tmp_path / "small.onnx")
+
+
+@pytest.mark.parametrize("act, removable", [
+    (nn.ReLU(), True), (nn.Hardswish(), True), (nn.LeakyReLU(0.1), True), (nn.GELU(), True),
+    (nn.Hardtanh(-1.0, 1.0), True),
+    (nn.Sigmoid(), False),  # sigmoid(0) = 0.5
+    (nn.Hardtanh(0.5, 1.0), False),  # Clip with min 0.5 lifts the zero channel
+    (nn.Hardsigmoid(), False),  # hardsigmoid(0) = 0.5
+])
+def test_zero_facts_are_exact_per_activation(tmp_path, act, removable):
+    summary = strip_block(tmp_path, Block(act))
+    assert summary.channels_removed == int(removable)
+    assert summary.max_relative_error <= 1e-5
+
+
+def test_zero_channel_followed_by_a_shifting_batch_norm_stays(tmp_path):
+    """BN adds its shift to the zero channel: the next conv reads a constant, not zero."""
+    assert strip_block(tmp_path, Block(nn.ReLU(), shift=0.5)).channels_removed == 0
+
+
+def test_an_op_without_a_rule_pins_its_channels_and_is_named(tmp_path):
+    class Scan(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = Block(nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.block.act(self.block.bn(self.block.a(x)))
+            return self.block.b(torch.cumsum(y, dim=1))  # channel 0 of a cumsum is no channel
+
+    summary = strip_block(tmp_path, Scan())
+    assert summary.channels_removed == 0
+    assert any(b.startswith("no channel rule for CumSum at node") for b in summary.barriers)
+    assert any(g.kept_because and "CumSum" in g.kept_because for g in summary.groups)
+
+
+def test_a_wrong_zero_fact_is_caught_by_verification_and_nothing_is_written(tmp_path, monkeypatch):
+    """Positive control for the verifier: claim sigmoid keeps zeros, and the strip must fail."""
+    monkeypatch.setattr(elementwise, "keeps_zero", lambda ctx, node: True)
+    with pytest.raises(VerificationError, match="max relative error"):
+        strip_block(tmp_path, Block(nn.Sigmoid()))
+    assert not (tmp_path / "small.onnx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["block.onnx"]
+
+
+def test_models_in_memory_and_refusals(tmp_path):
+    source = export(Block(nn.ReLU()), torch.randn(2, 3, 6, 6), tmp_path / "block.onnx", dynamo=False)
+    proto = onnx.load(source)
+    kept = proto.SerializeToString()
+    summary = strip_onnx(proto, tmp_path / "small.onnx")
+    assert summary.channels_removed == 1 and proto.SerializeToString() == kept
+    with pytest.raises(CtkError, match="is the input file"):
+        strip_onnx(source, source)
+    with pytest.raises(CtkError, match="does not exist"):
+        strip_onnx(tmp_path / "missing.onnx", tmp_path / "out.onnx")
+
+
+def test_dynamic_batch_survives(tmp_path):
+    source = export(zeroed_cnn(), torch.randn(2, 3, 8, 8), tmp_path / "cnn.onnx", dynamo=False)
+    strip_onnx(source, tmp_path / "small.onnx")
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "small.onnx"), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32)})
+    assert out.shape == (5, 10)
+
+
+# -- hand-built graphs: one rule at a time, exact shapes and attributes ----------------------------
+
+def hand_model(nodes: list, inputs: dict[str, list], weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A float model with inputs of the given shapes (strings: symbolic) and output ``y``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(a), name) for name, a in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def node(op: str, inputs: list[str], output: str, **attrs) -> onnx.NodeProto:
+    return onnx.helper.make_node(op, inputs, [output], name=output, **attrs)
+
+
+def weights(*shape: int) -> np.ndarray:
+    return np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+
+
+def test_depthwise_with_multiplier_and_grouped_conv_lose_whole_groups_and_positions(tmp_path):
+    """Input channels 1 and 5 zero: the depthwise conv (2 outputs per group) loses groups 1 and 5,
+    and the grouped conv (2 groups of 8) loses positions 2 and 3 of both of its groups."""
+    a, dw, g = weights(8, 4, 1, 1), weights(16, 1, 3, 3), weights(4, 8, 1, 1)
+    a[[1, 5]] = 0
+    dw_bias = weights(16)
+    dw_bias[[2, 3, 10, 11]] = 0
+    model = hand_model([
+        node("Conv", ["x", "a"], "h"), node("Relu", ["h"], "r"),
+        node("Conv", ["r", "dw", "dwb"], "d", group=8, pads=[1, 1, 1, 1]), node("Relu", ["d"], "s"),
+        node("Conv", ["s", "g"], "y", group=2),
+    ], {"x": ["batch", 4, 6, 6]}, {"a": a, "dw": dw, "dwb": dw_bias, "g": g})
+    summary = strip_onnx(model, tmp_path / "small.onnx")
+    assert summary.channels_removed == 1 and summary.max_relative_error <= 1e-5  # one coupled component
+    shapes = initializer_shapes(tmp_path / "small.onnx")
+    assert shapes == {"a": (6, 4, 1, 1), "dw": (12, 1, 3, 3), "dwb": (12,), "g": (4, 6, 1, 1)}
+    groups = {n.name: n.attribute[0].i for n in onnx.load(str(tmp_path / "small.onnx")).graph.node
+              if n.op_type == "Conv" and n.attribute}
+    assert groups == {"d": 6, "y": 2}
+
+
+def test_a_shared_initializer_is_cut_per_use(tmp_path):
+    """One weight read by two convs whose consumers ignore different channels: each use gets its
+    own sliced copy (exporters share equal initializers between unrelated layers)."""
+    w, left, right = weights(4, 3, 1, 1), weights(2, 4, 1, 1), weights(2, 4, 1, 1)
+    left[:, 0] = 0
+    right[:, 1] = 0
+    model = hand_model([
+        node("Conv", ["x", "w"], "h1"), node("Relu", ["h1"], "r1"), node("Conv", ["r1", "left"], "o1"),
+        node("Conv", ["x", "w"], "h2"), node("Relu", ["h2"], "r2"), node("Conv", ["r2", "right"], "o2"),
+        node("Add", ["o1", "o2"], "y"),
+    ], {"x": ["batch", 3, 5, 5]}, {"w": w, "left": left, "right": right})
+    summary = strip_onnx(model, tmp_path / "small.onnx")
+    assert summary.channels_removed == 2 and summary.max_relative_error <= 1e-5
+    shapes = initializer_shapes(tmp_path / "small.onnx")
+    assert "w" not in shapes and sorted(s for n, s in shapes.items() if n.startswith("w")) == [(3, 3, 1, 1)] * 2
+
+
+def test_concat_transpose_and_matmul_carry_channels(tmp_path):
+    """Channel 2 of the first branch, concatenated, moved last by Transpose and read by MatMul."""
+    a, b, m = weights(6, 3, 1, 1), weights(2, 3, 1, 1), weights(8, 5)
+    a[2] = 0
+    model = hand_model([
+        node("Conv", ["x", "a"], "h1"), node("Conv", ["x", "b"], "h2"), node("Concat", ["h1", "h2"], "c", axis=1),
+        node("Transpose", ["c"], "t", perm=[0, 2, 3, 1]), node("MatMul", ["t", "m"], "y"),
+    ], {"x": ["batch", 3, 4, 4]}, {"a": a, "b": b, "m": m})
+    summary = strip_onnx(model, tmp_path / "small.onnx")
+    assert summary.channels_removed == 1 and summary.max_relative_error <= 1e-5
+    assert initializer_shapes(tmp_path / "small.onnx") == {"a": (5, 3, 1, 1), "b": (2, 3, 1, 1), "m": (7, 5)}
+
+
+def test_reshape_targets_are_rewritten_and_sums_lose_zero_elements(tmp_path):
+    """``Reshape [0, 0, -1]`` keeps the channel dim; the zero channel then vanishes from a
+    ReduceSum over channels (zero adds nothing) and from the Gemm reading the other branch."""
+    a, fc = weights(8, 3, 1, 1), weights(5, 8)
+    a[2] = 0
+    shape = np.array([0, 0, -1], dtype=np.int64)
+    model = hand_model([
+        node("Conv", ["x", "a"], "h"), node("Reshape", ["h", "shape"], "r"),
+        node("ReduceSum", ["r", "axes"], "s", keepdims=0), node("Gemm", ["s", "fc"], "g", transB=1),
+        node("ReduceSum", ["r", "all"], "total", keepdims=1), node("Add", ["g", "total"], "y"),
+    ], {"x": [2, 3, 4, 4]}, {"a": a, "fc": fc, "shape": shape, "axes": np.array([2], dtype=np.int64),
+                             "all": np.array([1, 2], dtype=np.int64)})
+    summary = strip_onnx(model, tmp_path / "small.onnx")
+    assert summary.channels_removed == 1 and summary.max_relative_error <= 1e-5
+    out = onnx.load(str(tmp_path / "small.onnx"))
+    target = next(t for t in out.graph.initializer if t.name == "shape")
+    assert onnx.numpy_helper.to_array(target).tolist() == [0, 7, -1]
+    assert initializer_shapes(tmp_path / "small.onnx")["fc"] == (5, 7)
