@@ -11,6 +11,7 @@ from torch.fx import GraphModule
 from .capture import Inputs, capture, eval_mode
 from .errors import CtkError
 from .passes.dce import DeadCodeElimination
+from .passes.fold import ConstantFolding
 from .passes.manager import PassManager
 from .passes.strip import StripPass, StripSummary
 from .passes.verify import check_close, outputs_of, require_no_nan, sample_inputs
@@ -37,7 +38,8 @@ def strip(
         reference = outputs_of(model, inputs)
     require_no_nan(reference, "its strip")
     gm = capture(model, example_inputs).program.module()
-    pipeline = PassManager([StripPass(), DeadCodeElimination()], inputs, rtol, name="ctk.strip")
+    # folding first: a weight computed from parameters alone is then a constant strip can slice
+    pipeline = PassManager([ConstantFolding(), StripPass(), DeadCodeElimination()], inputs, rtol, name="ctk.strip")
     result = pipeline(gm)
     error, _ = check_close(reference, result.module, inputs, rtol, "strip")
     result.module.meta[_SUMMARY_KEY] = replace(result.details[StripPass.name].details, max_relative_error=error)

@@ -34,6 +34,19 @@ def shared_writes(graph: Graph) -> dict[Node, Node]:
     return found
 
 
+def written_roots(graph: Graph) -> set[Node]:
+    """Every node whose memory an in-place op writes, through any chain of views: the base of
+    each alias chain an in-place op writes into (a ``get_attr`` when it writes a parameter or
+    buffer). Constant folding must not read such a node as the value it had when computed."""
+    roots: set[Node] = set()
+    for node in graph.nodes:
+        for written in _written(node):
+            while (parent := _alias_parent(written)) is not None:
+                written = parent
+            roots.add(written)
+    return roots
+
+
 def _schema(node: Node) -> torch.FunctionSchema | None:
     target = node.target
     return target._schema if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) else None

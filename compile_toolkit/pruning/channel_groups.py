@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -23,19 +23,43 @@ from ..capture import capture
 from ..channels import ChannelAnalysis, analyze
 from ..channels.analysis import distinct_dims  # the dimensions keep_one_per_dim walks
 from ..errors import CtkError, summary
+from ..passes.fold import ConstantFolding, Folds
+from .folded import folded_carriers
 from .masks import Masks
 from .patterns import check_patterns, matches
 
 Slices = dict[str, list[tuple[int, torch.Tensor]]]  # parameter -> (dim, channel id of every index along it)
 
 
-def graph_parameters(analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
-    """The trainable weights among the graph's constants (buffers such as BN statistics are not
-    scored or zeroed: a channel with zero scale and shift is zero whatever its statistics)."""
-    return {name: v for name, v in analysis.ctx.values.items() if isinstance(v, nn.Parameter)}
+@dataclass(frozen=True)
+class ParameterChannels:
+    """The channel analysis as pruning reads it (see :func:`parameter_channels`): ``params``, the
+    model's trainable weights that carry channels (by name), and ``slices``, the channel of every
+    index of each of their dims."""
+
+    analysis: ChannelAnalysis
+    params: dict[str, torch.Tensor]
+    slices: Slices
 
 
-def parameter_slices(analysis: ChannelAnalysis, params: dict[str, torch.Tensor]) -> Slices:
+def parameter_channels(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ParameterChannels:
+    """Capture ``model``, fold its parameter-only subgraphs as ``ctk.strip`` does, and analyse that
+    graph, so pruning couples and zeros channels exactly as strip will remove them. A folded
+    constant's channels are carried by the parameters whose slices zero its slices
+    (:func:`~.folded.folded_carriers`), and the groups' carriers name those; a dim no parameter
+    carries keeps the folded constant's name. Buffers (BN statistics) are never scored or zeroed:
+    a channel with zero scale and shift is zero whatever its statistics."""
+    gm = capture(model, example_inputs).program.module()
+    folds = ConstantFolding()(gm).details
+    analysis = analyze(gm)
+    params = {name: v for name, v in analysis.ctx.values.items() if isinstance(v, nn.Parameter) and name not in folds}
+    slices = _slices(analysis, params)
+    renamed = _carried_through_folds(analysis, folds, params, slices)
+    groups = [replace(g, carriers=sorted({n for c in g.carriers for n in renamed.get(c, [c])})) for g in analysis.groups]
+    return ParameterChannels(replace(analysis, groups=groups), params, slices)
+
+
+def _slices(analysis: ChannelAnalysis, params: dict[str, torch.Tensor]) -> Slices:
     """For each parameter of ``params`` (tied weights once), the component id of every index of
     each of its dims: the slices every channel owns."""
     labels = analysis.components.labels
@@ -46,6 +70,21 @@ def parameter_slices(analysis: ChannelAnalysis, params: dict[str, torch.Tensor])
             slices[name] = [(d, torch.as_tensor(labels[a], dtype=torch.int64)) for d, a in enumerate(dims)
                             if a is not None]
     return slices
+
+
+def _carried_through_folds(analysis: ChannelAnalysis, folds: Folds, params: dict[str, torch.Tensor],
+                           slices: Slices) -> dict[str, list[str]]:
+    """Add the parameter slices that carry a folded constant's channels to ``params`` and
+    ``slices``; returns each carried ``constant:dim`` -> the ``parameter:dim`` names carrying it."""
+    labels = analysis.components.labels
+    renamed: dict[str, list[str]] = {}
+    for target, fold in folds.items():
+        atoms = analysis.ctx.attr_atoms[target]
+        for name, e, d in folded_carriers(fold, analysis.ctx.values[target]):
+            params[name] = fold.sources[name]
+            slices.setdefault(name, []).append((e, torch.as_tensor(labels[atoms[d]], dtype=torch.int64)))
+            renamed.setdefault(f"{target}:{d}", []).append(f"{name}:{e}")
+    return renamed
 
 
 def channel_scores(
@@ -174,9 +213,8 @@ def channel_plan(
     names = [name for name, _ in model.named_parameters()]
     check_patterns(targets, names, "targets")
     check_patterns(ignore, names, "ignore")
-    analysis = analyze(capture(_cpu_copy(model), tuple(t.cpu() for t in example_inputs)).program.module())
-    params = graph_parameters(analysis)
-    slices = parameter_slices(analysis, params)
+    channels = parameter_channels(_cpu_copy(model), tuple(t.cpu() for t in example_inputs))
+    analysis, params, slices = channels.analysis, channels.params, channels.slices
     carried = np.zeros(analysis.components.count, dtype=bool)
     for dims in slices.values():
         for _, ids in dims:

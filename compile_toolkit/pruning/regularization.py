@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import capture
-from ..channels import analyze
 from ..errors import CtkError
+from .channel_groups import parameter_channels
 
 Penalty = Callable[[], torch.Tensor]
 
@@ -32,24 +31,15 @@ def group_lasso(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], stre
     prunable channels of the channel analysis (inputs, outputs and barrier-pinned channels are
     not penalised: they can never be pruned). The analysis runs once, here."""
     _check_strength(strength)
-    analysis = analyze(capture(model, example_inputs).program.module())
+    found = parameter_channels(model, example_inputs)
     params = dict(model.named_parameters())
-    labels = analysis.components.labels
-    prunable = np.zeros(analysis.components.count, dtype=bool)
-    for group in analysis.groups:
+    prunable = np.zeros(found.analysis.components.count, dtype=bool)
+    for group in found.analysis.groups:
         prunable[group.prunable] = True
-    slices: list[tuple[nn.Parameter, int, torch.Tensor]] = []
-    seen: set[str] = set()
-    for key, dims in analysis.ctx.atoms.items():
-        name = key[0].target if key[0].op == "get_attr" else None
-        if name not in params or name in seen:
-            continue
-        seen.add(name)
-        for d, atoms in enumerate(dims):
-            if atoms is not None and prunable[labels[atoms]].any():
-                slices.append((params[name], d, torch.as_tensor(labels[atoms], dtype=torch.long)))
+    slices = [(params[name], d, ids) for name, dims in found.slices.items() if name in params
+              for d, ids in dims if prunable[ids.numpy()].any()]
     channels = torch.as_tensor(np.flatnonzero(prunable), dtype=torch.long)
-    count = analysis.components.count
+    count = found.analysis.components.count
 
     def penalty() -> torch.Tensor:
         device = next(iter(params.values())).device

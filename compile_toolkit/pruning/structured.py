@@ -24,12 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import capture
-from ..channels import ChannelAnalysis, ChannelGroup, analyze
+from ..channels import ChannelAnalysis, ChannelGroup
 from ..channels.analysis import keep_one_per_dim
 from ..channels.rules.attention import attention_heads
 from ..errors import CtkError
-from .channel_groups import channel_masks, graph_parameters, parameter_slices, removal_count
+from .channel_groups import Slices, channel_masks, parameter_channels, removal_count
 from .importance import Calibration, ScoreContext, importance_criterion
 from .masks import Masks, apply_masks
 from .patterns import check_patterns, check_sparsity, matches
@@ -98,8 +97,8 @@ def prune(
     _check_options(sparsity, structure, importance, round_to, calibration)
     overrides = dict(overrides or {})
     _check_group_patterns([name for name, _ in model.named_parameters()], overrides, ignore)
-    analysis = analyze(capture(model, example_inputs).program.module())
-    params = graph_parameters(analysis)
+    channels = parameter_channels(model, example_inputs)
+    analysis, params, slices = channels.analysis, channels.params, channels.slices
     heads = _head_components(analysis)
     if structure in ("head", "attention_head") and not heads.any():
         raise CtkError(f"structure={structure!r} needs attention heads, and {type(model).__name__} has none "
@@ -112,7 +111,7 @@ def prune(
     targets = [_group_sparsity(group, sparsity, overrides, ignore) for group in analysis.groups]
     plans = [_candidates(g, kind, structure, heads) for g, kind in zip(analysis.groups, kinds, strict=True)]
     wanted = [channels for (_, channels), target in zip(plans, targets, strict=True) if target > 0]
-    context = ScoreContext(model, analysis, params, parameter_slices(analysis, params),
+    context = ScoreContext(model, analysis, params, slices,
                            np.concatenate([np.zeros(0, dtype=np.int64), *wanted]), seed, calibration)
     scores, scored = importance_criterion(importance).score(context)
     pruned = np.zeros(analysis.components.count, dtype=bool)
@@ -124,7 +123,7 @@ def prune(
          "sparsity": target}
         for g, kind, target in zip(analysis.groups, kinds, targets, strict=True)
     ]
-    masks = _masks(analysis, params, pruned)
+    masks = _masks(slices, params, pruned)
     apply_masks(model, masks)
     return PruneReport(
         sparsity=sparsity,
@@ -210,8 +209,8 @@ def _choose(size: int, prunable: np.ndarray, scores: np.ndarray, sparsity: float
     return prunable[order[:remove]]
 
 
-def _masks(analysis: ChannelAnalysis, params: dict[str, torch.Tensor], pruned: np.ndarray) -> Masks:
+def _masks(slices: Slices, params: dict[str, torch.Tensor], pruned: np.ndarray) -> Masks:
     """Masks of the parameters a pruned channel touches (the others stay unmasked)."""
     shapes = {name: value.shape for name, value in params.items()}
-    masks = channel_masks(parameter_slices(analysis, params), torch.as_tensor(pruned), shapes)
+    masks = channel_masks(slices, torch.as_tensor(pruned), shapes)
     return {name: mask for name, mask in masks.items() if not mask.all()}
