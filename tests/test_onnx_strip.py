@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import onnx
+import onnx_ir
 import pytest
 import torch
 import torchvision
@@ -232,6 +233,10 @@ def test_models_in_memory_and_refusals(tmp_path):
     kept = proto.SerializeToString()
     summary = strip_onnx(proto, tmp_path / "small.onnx")
     assert summary.channels_removed == 1 and proto.SerializeToString() == kept
+    model = onnx_ir.load(source)
+    as_loaded = onnx_ir.to_proto(model).SerializeToString()
+    assert strip_onnx(model, tmp_path / "small_ir.onnx").channels_removed == 1
+    assert onnx_ir.to_proto(model).SerializeToString() == as_loaded
     with pytest.raises(CtkError, match="is the input file"):
         strip_onnx(source, source)
     with pytest.raises(CtkError, match="does not exist"):
