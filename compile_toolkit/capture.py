@@ -5,11 +5,19 @@ The model is captured once with ``torch.export``, dim 0 of every input marked ``
 artifacts accept any batch size unless the model itself fixes it, and dim 1 of token inputs
 (integer tensors) too, so a language model's artifacts take any sequence length. XLA needs static shapes, so a
 static-batch twin is captured on demand.
+
+Capturing is the costliest step of a job after training, so a model state is captured once: a
+program shares its parameters and buffers with the module (pruning's zeros and fine-tuning's
+updates, made in place, are in it), and :func:`capture` serves the same program again until the
+module changes in a way the program cannot see (a parameter, buffer or submodule replaced or
+reshaped, a plain attribute such as a flag changed, other input shapes). Each capture is counted,
+with its reason, in the job's :mod:`~compile_toolkit.pipeline` log.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +27,7 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from .errors import CtkError, summary
+from .pipeline import note_capture, note_reuse
 
 Inputs = tuple[torch.Tensor, ...]  # a model's positional inputs as torch.export takes them; the one such type
 
@@ -105,6 +114,7 @@ class Capture:
         """The program with every input shape fixed to the example inputs' shapes."""
         if not self.dynamic_batch:
             return self.program
+        note_capture(f"{type(self.module).__name__} at a static batch (XLA)")
         return _export(self.module, self.example_inputs, dynamic=False)
 
 
@@ -120,6 +130,50 @@ def capture(module: nn.Module, example_inputs: Inputs) -> Capture:
                                      for t in example_inputs):
         raise CtkError("example inputs must be a non-empty tuple of tensors with a batch dimension")
     example_inputs = tuple(example_inputs)
+    state = _ModelState.of(module, example_inputs)
+    held = _CAPTURED.get(module)
+    if held is not None and held[0] == state:
+        note_reuse()
+        return Capture(module, example_inputs, held[1], held[2])
+    captured = _capture(module, example_inputs)
+    note_capture(type(module).__name__ + ("" if held is None else f" again: {held[0].changed(state)}"))
+    _CAPTURED[module] = (state, captured.program, captured.dynamic_batch)
+    return captured
+
+
+@dataclass(frozen=True)
+class _ModelState:
+    """What a program captured from a module depends on besides its parameters' values."""
+
+    tensors: tuple  # (name, id, shape, dtype, device) of every parameter and buffer
+    modules: tuple  # (name, id, class) of every submodule
+    attributes: tuple  # (module, name, value) of every plain scalar attribute (flags, sizes)
+    inputs: tuple  # (shape, dtype) of every example input
+
+    @classmethod
+    def of(cls, module: nn.Module, inputs: Inputs) -> _ModelState:
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        subs = list(module.named_modules(remove_duplicate=False))
+        return cls(tuple((n, id(t), tuple(t.shape), t.dtype, t.device) for n, t in named),
+                   tuple((n, id(m), type(m)) for n, m in subs),
+                   tuple((n, k, v) for n, m in subs for k, v in vars(m).items()
+                         if k not in _MODULE_INTERNALS and isinstance(v, bool | int | float | str | type(None))),
+                   tuple((tuple(t.shape), t.dtype) for t in inputs))
+
+    def changed(self, now: _ModelState) -> str:
+        """Which part of the state differs from ``now``, for the capture's reason."""
+        parts = {"tensors": "parameters or buffers replaced", "modules": "submodules replaced",
+                 "attributes": "attributes changed", "inputs": "other input shapes"}
+        return ", ".join(text for name, text in parts.items() if getattr(self, name) != getattr(now, name))
+
+
+# module -> (its state, program, dynamic batch) when last captured. Weak keys: an entry goes with its
+# module; the value holds the program (which holds the module's tensors), never the module itself.
+_CAPTURED: weakref.WeakKeyDictionary[nn.Module, tuple[_ModelState, ExportedProgram, bool]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _capture(module: nn.Module, example_inputs: Inputs) -> Capture:
     batch = example_inputs[0].shape[0]
     other = other_batch_size(example_inputs)
     try:

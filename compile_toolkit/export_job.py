@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from .models import LoadedModel
 from .models.registry import DEFAULT_SPEC
 from .models.weights import state_dict_mismatch
 from .outdir import check_out_option, check_replaceable, default_out, job_inputs, staged_folder
+from .pipeline import PipelineLog, recording
 from .pruning import apply_masks
 from .pruning.llm.plan import PruneOptions, finish, is_causal_lm, prune_with
 from .pruning.masks import check_masks
@@ -140,9 +140,8 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
     job.validate()
     check_replaceable(job.out_dir, job.force, job.inputs)  # before reading the checkpoint, not after it
     trained = _read_checkpoint(job) if job.checkpoint is not None else None
-    seconds: dict[str, float] = {}
-    timed = _timer(seconds, step)
-    with staged_folder(job.out_dir, force=job.force, inputs=job.inputs) as staging:
+    with recording() as log, staged_folder(job.out_dir, force=job.force, inputs=job.inputs) as staging:
+        timed = _timer(log, step)
         with timed("load model"):
             loaded, work = load_workload(job.model, job.data, job.weights, job.input_shape, job.batch_size, job.task,
                                          seq_len=job.seq_len, text_column=job.text_column,
@@ -191,7 +190,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         report["artifacts"] = [_relative(a.to_dict(), staging) for a in artifacts]
         report.update(_sparse_onnx_ratio(artifacts))
         report["dense"]["artifacts"] = [_relative(a.to_dict(), staging) for a in dense_artifacts]
-        report["seconds"] = seconds
+        report["pipeline"] = log.to_dict()
         report["environment"] = _environment()
         write_reports(report, staging)
     report["out"] = str(job.out_dir)
@@ -221,15 +220,13 @@ def _sparse_onnx_ratio(artifacts: list) -> dict[str, Any]:
     return {"sparse_onnx": {"onnx_bytes": dense, "sparse_bytes": sparse, "ratio": sparse / dense}}
 
 
-def _timer(seconds: dict[str, float], step: Step | None) -> Callable[[str], AbstractContextManager]:
-    """``timed(name)``: a block shown as a progress step, its wall time recorded in ``seconds``."""
+def _timer(log: PipelineLog, step: Step | None) -> Callable[[str], AbstractContextManager]:
+    """``timed(name)``: a block shown as a progress step and timed as a stage of ``log``."""
 
     @contextlib.contextmanager
     def timed(name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        with step(name) if step else contextlib.nullcontext():
+        with step(name) if step else contextlib.nullcontext(), log.stage(name):
             yield
-        seconds[name] = round(time.perf_counter() - started, 3)
 
     return timed
 

@@ -80,8 +80,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["| group (first carrier) | channels | kept | kept because |", "|---|---:|---:|---|"]
     for g in strip["groups"]:
         lines.append(f"| `{g['carriers'][0]}` | {g['channels']} | {g['kept']} | {g['kept_because'] or ''} |")
-    lines += ["", "## Seconds per step", ""]
-    lines += [f"- {name}: {seconds:.2f}" for name, seconds in report.get("seconds", {}).items()]
+    pipeline = report["pipeline"]
+    lines += ["", "## Pipeline", "", f"{pipeline['captures']} captures with torch.export "
+              f"({'; '.join(pipeline['capture_reasons'])}), {pipeline['captures_reused']} reused; "
+              f"{pipeline['analyses']} channel analyses.", "", "Seconds per stage:", ""]
+    lines += [f"- {stage['name']}: {stage['seconds']:.2f}" for stage in pipeline["stages"]]
     return "\n".join(lines) + "\n"
 
 

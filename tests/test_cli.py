@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from compile_toolkit.cli import main
 
@@ -48,6 +49,50 @@ def test_main_job_writes_sane_report(main_job):
     assert "report.md" in os.listdir(out) and "| parameters |" in (out / "report.md").read_text()
     assert "test accuracy" in result.stdout
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_main_job_captures_each_model_state_once(main_job):
+    """Prune and strip share one capture of the model (fine-tuning changes its weights in place,
+    which the program shares); new captures are only for new modules: the stripped graph, its
+    static-batch twin for XLA, and the dense copy exported for comparison. Each is counted with
+    its reason, and the report says so."""
+    out, result = main_job
+    assert result.returncode == 0, result.stderr[-2000:]
+    pipeline = json.loads((out / "report.json").read_text())["pipeline"]
+    assert pipeline["capture_reasons"] == ["DigitsResNet", "GraphModule", "GraphModule at a static batch (XLA)",
+                                           "DigitsResNet"]
+    assert pipeline["captures"] == 4 and pipeline["captures_reused"] == 1
+    assert pipeline["analyses"] == 2  # prune's and strip's: the weights changed in between
+    assert [stage["name"] for stage in pipeline["stages"]][:3] == ["load model", "measure dense model",
+                                                                   "prune 50% of channels (l1, coupled groups)"]
+    assert "4 captures with torch.export" in (out / "report.md").read_text()
+
+
+def test_a_capture_is_reused_until_the_module_changes():
+    """Positive and negative controls of the capture memo: the same state is served again (and
+    in-place weight changes are seen through it); a replaced parameter, a changed flag or other
+    input shapes capture again, each with its reason."""
+    from torch import nn
+
+    from compile_toolkit.capture import capture
+    from compile_toolkit.pipeline import recording
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with recording() as log:
+        first = capture(model, (x,))
+        with torch.no_grad():
+            model[0].weight.mul_(2)  # in place: the program shares the tensor
+        assert capture(model, (x,)).program is first.program
+        torch.testing.assert_close(first.program.module()(x), model(x))
+        model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+        capture(model, (x,))
+        model[1].inplace = True
+        capture(model, (x,))
+        capture(model, (torch.randn(2, 3, 9, 9),))
+    assert log.reused == 1 and log.captures == [
+        "Sequential", "Sequential again: parameters or buffers replaced", "Sequential again: attributes changed",
+        "Sequential again: other input shapes"]
 
 
 def test_stripped_onnx_has_exactly_the_dense_graphs_ops(main_job):

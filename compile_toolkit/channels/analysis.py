@@ -17,6 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..errors import summary
+from ..pipeline import note_analysis
 from . import solve
 from .atoms import Components
 from .context import Context, DimFacts, Dims, Key, concrete, describe, tensor_meta
@@ -68,6 +69,7 @@ def analyze(gm: GraphModule, overrides: Mapping[Node, OpRule] | None = None) -> 
     rewrite failed a barrier and analyses again). A rule that raises becomes a :class:`Failed`
     barrier naming the op, the node and the error: the analysis never stops on one op.
     """
+    note_analysis()
     values = {n.target: _fetch(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     ctx = Context(values)
     nodes = list(gm.graph.nodes)
