@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from rich.console import Console
 
@@ -125,11 +127,15 @@ def _parser() -> argparse.ArgumentParser:
 
     strip = commands.add_parser(
         "strip",
-        help="show which channels strip removes and what keeps the others",
+        help="show which channels strip removes and what keeps the others; strip an ONNX file",
         description="Capture a model, strip its zero and dead channels (verified) and print, per coupled "
-        "channel group, how many channels stay; --explain names the op and node that kept each group.",
+        "channel group, how many channels stay; --explain names the op and node that kept each group. "
+        "Given an .onnx file (made by any exporter), strip it and write the smaller file to --out, verified in "
+        "ONNX Runtime against the input, which is never modified; its report goes beside it as OUT.report.json.",
     )
+    strip.add_argument("onnx", nargs="?", help="an ONNX file to strip instead of --model")
     _model_options(strip)
+    strip.add_argument("--out", help="where the stripped ONNX file goes (default: beside the input, NAME.stripped.onnx)")
     strip.add_argument("--explain", action="store_true", help="list every kept group with the op and node that kept it")
     strip.set_defaults(command=_strip)
     add_train_parser(commands)
@@ -267,8 +273,10 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _strip(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
+    if args.onnx is not None:
+        return _strip_onnx(args)
+    if args.out is not None:
+        raise CtkError("--out is where a stripped ONNX file goes: give the .onnx file to strip")
     from .metrics import count_params
     from .models import load_model
     from .strip import strip, strip_summary
@@ -278,25 +286,53 @@ def _strip(args: argparse.Namespace) -> int:
         Console(stderr=True).print(f"note: {note}", soft_wrap=True)
     stripped = strip(loaded.module, loaded.example_inputs)
     summary = strip_summary(stripped)
-    before, after = count_params(loaded.module), count_params(stripped)
+    _print_strip(loaded.name, summary, count_params(loaded.module), count_params(stripped), args.explain)
+    return 0
+
+
+def _strip_onnx(args: argparse.Namespace) -> int:
+    """``ctk strip model.onnx``: the same analysis on a file made elsewhere, verified in ONNX Runtime."""
+    from pathlib import Path
+
+    from .fileio import write_atomic
+    from .onnx_strip import strip_onnx
+
+    given = [name for name, value in (("--model", args.model != "digits-resnet"), ("--weights", args.weights),
+                                      ("--input-shape", args.input_shape)) if value]
+    if given:
+        raise CtkError(f"{given[0]} is for a PyTorch model; an ONNX file carries its own weights and input shapes")
+    source = Path(args.onnx)
+    out = Path(args.out) if args.out is not None else source.with_name(source.stem + ".stripped.onnx")
+    summary = strip_onnx(source, out)
+    write_atomic(out.with_name(out.name + ".report.json"),
+                 (json.dumps({"source": str(source), "out": str(out), **summary.to_dict()}, indent=2) + "\n").encode())
+    _print_strip(str(source), summary, summary.parameters_before, summary.parameters_after, args.explain)
+    Console().print(f"wrote {out} ({summary.file_bytes_before:,} -> {summary.file_bytes_after:,} bytes) "
+                    f"and {out.name}.report.json", soft_wrap=True)
+    return 0
+
+
+def _print_strip(name: str, summary: Any, before: int, after: int, explain: bool) -> None:
+    """The strip's one-line summary and its table of groups (every group with --explain)."""
+    from rich.table import Table
+
     table = Table()
     for column in ("group (first carrier)", "channels", "kept", "kept because"):
         table.add_column(column)
     for group in summary.groups:
-        if args.explain or group.kept < group.channels:
+        if explain or group.kept < group.channels:
             reason = group.kept_because or ("(in use: not zero or dead)" if group.kept else "")
             table.add_row(group.carriers[0], str(group.channels), str(group.kept), reason)
     console = Console()
     console.print(
-        f"{loaded.name}: {summary.channels_removed} channels removed (counting each coupled channel once), "
+        f"{name}: {summary.channels_removed} channels removed (counting each coupled channel once), "
         f"parameters {before:,} -> {after:,} ({before / max(after, 1):.2f}x fewer), "
         f"max relative error {summary.max_relative_error:.1e}",
         soft_wrap=True,
     )
     console.print(table)
-    if args.explain:
+    if explain:
         console.print("barriers: " + ("; ".join(summary.barriers) or "none"))
-    return 0
 
 
 def _progress(console: Console):

@@ -343,3 +343,27 @@ def test_reshape_targets_are_rewritten_and_sums_lose_zero_elements(tmp_path):
     target = next(t for t in out.graph.initializer if t.name == "shape")
     assert onnx.numpy_helper.to_array(target).tolist() == [0, 7, -1]
     assert initializer_shapes(tmp_path / "small.onnx")["fc"] == (5, 7)
+
+
+def test_ctk_strip_of_an_onnx_file(tmp_path, capsys):
+    """``ctk strip model.onnx --out smaller.onnx``: the smaller file, its report beside it, the
+    input untouched; misuse is one line."""
+    import json
+
+    from test_cli import assert_clean_failure, run_cli
+
+    source = export(zeroed_cnn(), torch.randn(2, 3, 8, 8), tmp_path / "cnn.onnx", dynamo=False)
+    before = digest(source)
+    out = tmp_path / "small.onnx"
+    status, _ = run_cli(["strip", source, "--out", str(out), "--explain"], capsys)
+    assert status == 0 and digest(source) == before
+    report = json.loads((tmp_path / "small.onnx.report.json").read_text())
+    assert report["channels_removed"] == 3 and report["file_bytes_after"] == out.stat().st_size
+    assert report["parameters_after"] < report["parameters_before"] and report["source"] == source
+    status, _ = run_cli(["strip", source], capsys)  # default: beside the input
+    assert status == 0 and (tmp_path / "cnn.stripped.onnx").is_file()
+    for args, needle in ((["strip", str(tmp_path / "missing.onnx")], "missing.onnx"),
+                         (["strip", source, "--model", "timm:resnet18"], "--model"),
+                         (["strip", "--out", str(out)], "--out")):
+        status, err = run_cli(args, capsys)
+        assert_clean_failure(status, err, needle)
