@@ -18,6 +18,7 @@ from .tasks import TASKS
 from .training.config import (
     COUNTS,
     LR_SCHEDULES,
+    MAX_NODES,
     MAX_PROCESSES,
     MAX_RESTARTS,
     OPTIMIZERS,
@@ -25,6 +26,7 @@ from .training.config import (
     STRATEGIES,
     TrainConfig,
 )
+from .training.launch import RDZV_BACKENDS, Nodes
 
 DEFAULTS = TrainConfig()
 RANGE = {name: f"{low}-{high}" for name, low, high in COUNTS}  # what --help says each count may be
@@ -131,6 +133,15 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--max-restarts", type=int, default=0,
         help=f"with --nproc-per-node: restart all workers up to N times when one fails (add --resume; "
         f"0-{MAX_RESTARTS}, default 0)")
+    add("--nnodes", type=int, default=1,
+        help=f"with --nproc-per-node: machines in the run, each running this same command "
+        f"(1-{MAX_NODES}, default 1; see docs/ddp.md)")
+    add("--node-rank", type=int, default=0,
+        help="with --nnodes: this machine's rank, 0 to N-1 (used by --rdzv-backend static; c10d numbers the "
+        "machines as they join)")
+    add("--rdzv-endpoint", help="with --nnodes: HOST:PORT where the machines meet, reachable from all of them "
+        "(c10d hosts the rendezvous there; static: rank 0's address)")
+    add("--rdzv-backend", default="c10d", help=f"with --nnodes: {' | '.join(RDZV_BACKENDS)} (default c10d)")
     train.set_defaults(command=run_train, train_parser=train)
 
 
@@ -140,18 +151,41 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train, then (on rank 0) print what was trained and where it went."""
-    from .training import train
+    """Train, or start the workers that do; then (on rank 0) print what was trained and where it went.
+
+    Only ``--strategy spmd`` uses XLA; the others may still import torch_xla (transformers does),
+    whose first import picks a device and logs ``Defaulting to PJRT_DEVICE=CPU`` on stderr, noise
+    before whatever comes next. Naming the device it would pick anyway keeps it quiet. A torchrun
+    worker that fails ends through :func:`~.training.worker.exit_on_failure` (its error written
+    within a time limit, even to a pipe nobody reads)."""
+    from .training.worker import exit_on_failure, is_torchrun_worker
 
     config = config_from_args(args)
+    if config.strategy != "spmd":
+        os.environ.setdefault("PJRT_DEVICE", "CPU")
+    nodes = _nodes(args)
     if args.nproc_per_node is not None:
-        from .training.launch import launch, worker_argv
+        from .training.launch import check_launch, launch, worker_argv
 
         config.validate()  # one error here, not one per worker
-        if config.strategy not in ("ddp", "fsdp", "tp"):
-            raise CtkError(f"--nproc-per-node starts torchrun workers: use --strategy ddp, fsdp or tp, "
-                           f"not {config.strategy}")
-        return launch(worker_argv(args.train_parser, args), args.nproc_per_node, args.max_restarts)
+        check_launch(config, args.nproc_per_node, args.max_restarts, nodes)
+        return launch(worker_argv(args.train_parser, args), args.nproc_per_node, args.max_restarts, nodes)
+    if nodes != Nodes():
+        raise CtkError("--nnodes, --node-rank, --rdzv-endpoint and --rdzv-backend go with --nproc-per-node "
+                       "(under torchrun, give them to torchrun)")
+    if is_torchrun_worker():
+        return exit_on_failure(lambda: _train_and_report(config))
+    return _train_and_report(config)
+
+
+def _nodes(args: argparse.Namespace) -> Nodes:
+    return Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_backend)
+
+
+def _train_and_report(config: TrainConfig) -> int:
+    """Train ``config``; rank 0 prints the summary."""
+    from .training import train
+
     result = train(config)
     if os.environ.get("RANK", "0") != "0":
         return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ from ..models.registry import DEFAULT_SPEC
 from ..pruning.recipe import MAX_EPOCHS, MAX_SEED, load_recipe
 from ..quantize.qat import check_qat
 from ..tasks import TASKS
+from .mesh import parse_mesh
 
 STRATEGIES = ("single", "ddp", "spmd", "fsdp", "tp")
 OPTIMIZERS = ("sgd", "adam")
@@ -30,6 +30,7 @@ MAX_STEPS = 10_000_000  # optimizer steps, and every count of steps (warm-up, in
 MAX_BATCH = 2**20  # samples in a batch, or tokens in a sample
 MAX_PROCESSES = 256  # data-loader workers, or torchrun workers on one machine
 MAX_RESTARTS = 100
+MAX_NODES = 4096  # machines of one torchrun launch
 
 # Every count of TrainConfig: (field, smallest, largest); the option is the field's name with dashes.
 COUNTS = (
@@ -182,8 +183,7 @@ class TrainConfig:
                 f"--prune-start and --prune-end must satisfy 0 <= start <= end <= 1 (fractions of the total steps), "
                 f"got {self.prune_start} and {self.prune_end}"
             )
-        if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", self.mesh):
-            raise CtkError(f"--mesh must look like DATAxMODEL, e.g. 4x1 or 2x2, got {self.mesh!r}")
+        parse_mesh(self.mesh)
         if self.fsdp and self.strategy != "spmd":
             raise CtkError("--fsdp only applies to --strategy spmd (on GPUs and CPUs: --strategy fsdp)")
         if self.cpu_offload and self.strategy != "fsdp":
@@ -223,6 +223,15 @@ def check_count(option: str, value: int, low: int, high: int) -> None:
         raise CtkError(f"{option} must be a {kind} integer, got {_given(value)}")
     if value > high:
         raise CtkError(f"{option} must be <= {high}, got {_given(value)}")
+
+
+def check_batch_split(batch_size: int, shares: int, strategy: str) -> None:
+    """The global batch must split evenly into the ``shares`` that read different samples: the
+    processes of ddp and fsdp, the ranks of tp's data axis. The launcher checks it before starting
+    workers, each worker again (under a plain torchrun only the workers know how many they are)."""
+    if batch_size % shares:
+        whose = "processes" if strategy in ("ddp", "fsdp") else "ranks of the data axis"
+        raise CtkError(f"--batch-size {batch_size} (the global batch) must be divisible by the {shares} {whose}")
 
 
 def _given(value: object) -> str:

@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import hashlib
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -91,6 +92,11 @@ class DdpStrategy(Strategy):
                 f"sparsity masks differ between ranks at step {step} (checksums {listed}); the replicas diverged, "
                 "stopping before training on inconsistent masks"
             )
+
+    def gather_objects(self, mine: Any) -> list[Any]:
+        every: list[Any] = [None] * self.world_size
+        dist.all_gather_object(every, mine)
+        return every
 
     def gather_rng(self) -> dict[str, torch.Tensor]:
         gathered = {}

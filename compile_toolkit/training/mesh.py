@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CtkError
+from ..errors import CtkError, shown
 
 if TYPE_CHECKING:
     from torch_xla.distributed.spmd import Mesh
@@ -39,6 +39,9 @@ FSDP_AXIS = "fsdp"
 MODEL_AXIS = "model"
 
 PartitionSpec = tuple[str | None, ...]
+# Devices (or processes) a mesh may span: beyond any real one (a TPU v5p pod has 8,960 chips), so a
+# typo such as 99999999999999999999x1 is one line, not a mesh torch tries to build.
+MAX_MESH_DEVICES = 65_536
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,14 @@ class MeshShape:
 
 
 def parse_mesh(text: str) -> MeshShape:
-    """``"2x2"`` -> ``MeshShape(data=2, model=2)``; anything else is a CtkError naming ``--mesh``."""
+    """``"2x2"`` -> ``MeshShape(data=2, model=2)``; anything else, or a mesh of more than
+    :data:`MAX_MESH_DEVICES`, is a CtkError naming ``--mesh``."""
     found = re.fullmatch(r"\s*([1-9][0-9]*)\s*[xX]\s*([1-9][0-9]*)\s*", text)
     if found is None:
-        raise CtkError(f"--mesh must look like DATAxMODEL, e.g. 4x1 or 2x2, got {text!r}")
+        raise CtkError(f"--mesh must look like DATAxMODEL, e.g. 4x1 or 2x2, got {shown(text)}")
+    digits = len(found[1]) + len(found[2])  # checked first: int() of thousands of digits is slow, or refused
+    if digits > 2 * len(str(MAX_MESH_DEVICES)) or int(found[1]) * int(found[2]) > MAX_MESH_DEVICES:
+        raise CtkError(f"--mesh must span at most {MAX_MESH_DEVICES} devices (DATA*MODEL), got {shown(text)}")
     return MeshShape(int(found[1]), int(found[2]))
 
 

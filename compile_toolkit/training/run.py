@@ -32,10 +32,10 @@ from ..quantize.qat import float_state, prepare_qat, qat_state, remove_qat
 from ..tasks import model_inputs
 from .batches import plan_steps, recalibration_loader
 from .checkpoint import Checkpoint, newest_intact_checkpoint, remove_dead_staging, save_checkpoint
-from .config import RESUME_KEYS, TrainConfig
+from .config import RESUME_KEYS, TrainConfig, check_batch_split
 from .loop import Listener, Loop, LrSchedule, Objective, StepRecord
 from .progress import StepLog, progress_bar
-from .run_setup import RunParts, build_optimizer, build_parts, build_sparsifier
+from .run_setup import RunParts, build_on_every_rank, build_optimizer, build_sparsifier
 from .strategy import Strategy, to_cpu
 
 __all__ = ["TrainResult", "resume_point", "run_training"]
@@ -73,10 +73,8 @@ def run_training(config: TrainConfig, strategy: Strategy, console: Console | Non
     """Train ``config`` as ``strategy``'s rank (see the module docstring)."""
     started = time.perf_counter()
     torch.manual_seed(config.seed + strategy.data_rank)
-    parts = build_parts(config)
-    if config.batch_size % strategy.data_size:
-        raise CtkError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
-                       f"{strategy.data_size} {'processes' if strategy.name in ('ddp', 'fsdp') else 'ranks of the data axis'}")
+    parts = build_on_every_rank(config, strategy)
+    check_batch_split(config.batch_size, strategy.data_size, strategy.name)
     plan = plan_steps(len(parts.workload.splits.train), config.batch_size, config.epochs, config.max_steps, config.seed)
     if config.checkpoint_dir and strategy.rank == 0:  # rank 0 stages every checkpoint
         remove_dead_staging(config.checkpoint_dir)

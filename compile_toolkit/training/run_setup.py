@@ -6,12 +6,13 @@ they train the same function.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..errors import CtkError
+from ..errors import CtkError, clip, summary
 from ..models import LoadedModel, load_digits_dataset, load_model
 from ..models.registry import DEFAULT_SPEC, DIGITS_EXAMPLE_BATCH
 from ..pruning.recipe import load_recipe
@@ -19,6 +20,9 @@ from ..pruning.schedule import GradualSchedule
 from ..pruning.sparsifier import Sparsifier
 from ..workload import Workload, digits_workload, load_workload
 from .config import TrainConfig
+from .strategy import Strategy
+
+Signature = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) of each tensor of a model's state
 
 
 @dataclass
@@ -48,6 +52,61 @@ def build_parts(config: TrainConfig) -> RunParts:
     workload = digits_workload(loaded.dataset)
     _check_fits(config, loaded, workload)
     return RunParts(loaded, workload)
+
+
+def build_on_every_rank(config: TrainConfig, strategy: Strategy) -> RunParts:
+    """:func:`build_parts` on this rank, then every rank learns what the others built.
+
+    Each rank runs the factory itself. One that fails, or builds another model (a width read from
+    the environment, a file that differs between machines), would leave the others waiting in the
+    first collective until its peer is gone ("Connection closed by peer", a traceback on every
+    other rank). Exchanging the outcome first lets every rank name the rank at fault and why."""
+    try:
+        parts = build_parts(config)
+    except Exception as error:
+        strategy.gather_objects(("failed", clip(str(error) if isinstance(error, CtkError) else summary(error), 300)))
+        raise
+    check_same_models(strategy.gather_objects(("built", model_signature(parts.loaded.module))), config.model)
+    return parts
+
+
+def model_signature(model: nn.Module) -> Signature:
+    """Name, shape and dtype of every tensor of ``model``'s state: what must agree across ranks."""
+    return [(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")) for name, tensor in
+            model.state_dict().items()]
+
+
+def check_same_models(outcomes: list[tuple[str, Any]], spec: str) -> None:
+    """``outcomes`` (per rank: ``("built", signature)`` or ``("failed", why)``) agree, or a CtkError
+    names the first rank that failed, or the ranks whose model differs from rank 0's and where."""
+    failed = [(rank, why) for rank, (kind, why) in enumerate(outcomes) if kind == "failed"]
+    if failed:
+        rank, why = failed[0]
+        others = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
+        raise CtkError(f"rank {rank}{others} could not build --model {spec!r}: {why}")
+    first = outcomes[0][1]
+    differ = [rank for rank, (_, signature) in enumerate(outcomes) if signature != first]
+    if differ:
+        ranks = ("ranks " if len(differ) > 1 else "rank ") + ", ".join(map(str, differ))
+        where = _difference(first, outcomes[differ[0]][1], differ[0])
+        raise CtkError(f"{ranks} built another model than rank 0 from --model {spec!r} ({where}); every rank must "
+                       "build the same model")
+
+
+def _difference(first: Signature, other: Signature, rank: int) -> str:
+    """The first tensor in which rank ``rank``'s model signature differs from rank 0's."""
+    theirs = {name: (shape, dtype) for name, shape, dtype in other}
+    ours = {name: (shape, dtype) for name, shape, dtype in first}
+    for name, (shape, dtype) in ours.items():
+        if name not in theirs:
+            return f"{name!r} is on rank 0 only"
+        if theirs[name] != (shape, dtype):
+            other_shape, other_dtype = theirs[name]
+            return f"{name!r} is {list(shape)} {dtype} on rank 0, {list(other_shape)} {other_dtype} on rank {rank}"
+    extra = next((name for name in theirs if name not in ours), None)
+    if extra is None:
+        return f"rank {rank} holds the same tensors in another order"
+    return f"{extra!r} is on rank {rank} only"
 
 
 def _digits_model(config: TrainConfig) -> LoadedModel:

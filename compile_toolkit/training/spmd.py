@@ -71,13 +71,14 @@ class SpmdStrategy(Strategy):
     log_every = LOG_EVERY
 
     def __init__(self, config: TrainConfig) -> None:
+        self.shape = parse_mesh(config.mesh)
+        if config.batch_size % self.shape.data:
+            raise CtkError(f"--batch-size {config.batch_size} must be divisible by the data axis of --mesh {self.shape}")
+        # After the checks: importing torch_xla logs the PJRT device it picks, which is noise before an error.
         import torch_xla
         import torch_xla.distributed.spmd as xs
         import torch_xla.runtime as xr
 
-        self.shape = parse_mesh(config.mesh)
-        if config.batch_size % self.shape.data:
-            raise CtkError(f"--batch-size {config.batch_size} must be divisible by the data axis of --mesh {self.shape}")
         if not xr.is_spmd():
             xr.use_spmd()
         if xr.process_count() > 1:

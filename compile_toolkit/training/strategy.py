@@ -82,6 +82,10 @@ class Strategy:
     def cut(self) -> None:
         """End the work queued so far as one unit (XLA: one compiled graph); nothing to do eagerly."""
 
+    def gather_objects(self, mine: Any) -> list[Any]:
+        """Every rank's ``mine`` (picklable), in rank order; a lone process has its own only."""
+        return [mine]
+
     def gather_rng(self) -> dict[str, torch.Tensor]:
         """Every rank's RNG states (CPU, and CUDA on GPUs), each stacked in rank order ``[world_size, n]``."""
         return {name: state.unsqueeze(0) for name, state in rng_states(self.device).items()}

@@ -20,19 +20,24 @@ same samples. Masks: :mod:`.sharded`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import logging
 import operator
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode  # shapes without data: what torch.compile traces with
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from torch.utils._pytree import tree_map_only
 
 from ..errors import CtkError, shown, summary
 from .config import TrainConfig
@@ -67,11 +72,7 @@ class TpStrategy(ShardedStrategy):
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__()
-        shape = parse_mesh(config.mesh)
-        if (shape.data, shape.model) == (1, 1):
-            shape = MeshShape(1, self.world_size)
-        if shape.devices != self.world_size:
-            raise CtkError(f"--mesh {shape} needs {shape.devices} processes, torchrun started {self.world_size}")
+        shape = tp_mesh(config.mesh, self.world_size, "torchrun started")
         self.shape = shape
         self.mesh: DeviceMesh = init_device_mesh(self.device.type, (shape.data, shape.model),
                                                  mesh_dim_names=("data", "model"))
@@ -112,6 +113,17 @@ class TpStrategy(ShardedStrategy):
 
     def log_meta(self, model: nn.Module) -> dict[str, Any]:
         return {**super().log_meta(model), "tp_plan": self.plan, "replicated": self.replicated}
+
+
+def tp_mesh(mesh: str, processes: int, started: str) -> MeshShape:
+    """The ``--mesh`` of ``processes`` tp ranks (``1x1``: all of them on the model axis); the error
+    says what ``started`` them (the launcher checks before its workers start, a worker after)."""
+    shape = parse_mesh(mesh)
+    if (shape.data, shape.model) == (1, 1):
+        return MeshShape(1, processes)
+    if shape.devices != processes:
+        raise CtkError(f"--mesh {shape} needs {shape.devices} processes, {started} {processes}")
+    return shape
 
 
 def derive_plan(model: nn.Module, size: int) -> dict[str, str]:
@@ -265,6 +277,102 @@ def read_plan(path: str, model: nn.Module, size: int) -> dict[str, str]:
             raise CtkError(f"{option}: module {name!r} has {_width(module, style)} {side} features, not divisible "
                            f"by the {size} ranks of the model axis")
     return plan
+
+
+def check_plan_shapes(model: nn.Module, plan: dict[str, str], size: int, inputs: tuple[tuple, dict[str, Any]],
+                      option: str) -> None:
+    """Run ``model`` on ``inputs`` with every layer of ``plan`` cut to one rank's shard (of ``size``),
+    on fake tensors: shapes only, no data and no copy of the weights (transformers, seeing fake
+    tensors, skips its checks of mask values too). A plan whose column- and row-parallel layers do
+    not pair up then fails here in one line naming the layer, not in every worker's first forward
+    with a long shape traceback. A model that does not run on fake tensors even whole (code that
+    reads tensor values) is left to the workers."""
+    mode = FakeTensorMode()
+    fake_inputs = tree_map_only(torch.Tensor, mode.from_tensor, inputs)
+    try:
+        _fake_forward(_fake_copy(model, mode), fake_inputs, mode)
+    except Exception:  # noqa: BLE001 - whatever stops the whole model stops the check, not the run
+        return
+    split = _fake_copy(model, mode)
+    with mode:
+        for name, style in plan.items():
+            _cut_to_shard(split.get_submodule(name), style, size)
+    path = _ModulePath(split)
+    try:
+        _fake_forward(split, fake_inputs, mode)
+    except Exception as error:  # noqa: BLE001 - any failure of the cut model is the plan's
+        where = path.innermost()
+        layer = f"{where!r} ({type(split.get_submodule(where)).__name__})" if where else type(model).__name__
+        raise CtkError(f"{option} does not fit {type(model).__name__} split over {size} ranks: the forward fails in "
+                       f"{layer} with {summary(error).rstrip('.')}; each colwise layer's output must reach its "
+                       "rowwise partner through operations on each feature or channel alone") from None
+
+
+# What a rank holds of a layer of each style: (dimension, tensors split on it), as tp_conv's styles
+# and torch's ColwiseParallel/RowwiseParallel split them (a row-parallel bias stays whole).
+_SHARDS = {style: (cls.dim, cls.split) for style, cls in
+           (("colwise", ConvColwiseParallel), ("rowwise", ConvRowwiseParallel), ("channelwise", ChannelParallel))}
+
+
+def _fake_copy(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    """``model`` with every parameter and buffer a fake tensor of its shape (tied ones stay tied)."""
+    memo: dict[int, Any] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        fake = mode.from_tensor(tensor)
+        memo[id(tensor)] = nn.Parameter(fake, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else fake
+    return copy.deepcopy(model, memo)
+
+
+def _cut_to_shard(module: nn.Module, style: str, size: int) -> None:
+    """Replace the tensors ``style`` splits with (fake, under the caller's mode) tensors of one rank's shard."""
+    dim, names = _SHARDS[style]
+    for name in names:
+        tensor = getattr(module, name, None)
+        if tensor is None:
+            continue
+        shape = list(tensor.shape)
+        shape[dim] //= size
+        shard = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+        if isinstance(tensor, nn.Parameter):
+            module.register_parameter(name, nn.Parameter(shard, tensor.requires_grad))
+        else:
+            module.register_buffer(name, shard)
+
+
+class _ModulePath:
+    """The names of the modules whose forward is running, outermost first, kept by hooks: after
+    an exception the last one is where it was raised."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names: list[str] = []
+        for name, module in model.named_modules():
+            module.register_forward_pre_hook(self._entered(name))
+            module.register_forward_hook(self._left)
+
+    def _entered(self, name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any) -> None:
+            self.names.append(name)
+        return hook
+
+    def _left(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        self.names.pop()  # returns None: a forward hook's value would replace the module's output
+
+    def innermost(self) -> str:
+        return self.names[-1] if self.names else ""
+
+
+def _fake_forward(model: nn.Module, inputs: tuple[tuple, dict[str, Any]], mode: FakeTensorMode) -> None:
+    """``model(*args, **kwargs)`` under ``mode``, without the traceback the fake-tensor logger
+    prints for every operation whose shapes fail (the caller reports it in one line)."""
+    args, kwargs = inputs
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with mode, torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        fake_log.setLevel(level)
 
 
 class _UniqueKeys:
