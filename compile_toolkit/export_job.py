@@ -18,9 +18,10 @@ from . import metrics
 from .errors import CtkError
 from .exporters import ALL_FORMATS, FORMATS, Artifact, export
 from .exporters import hf as hf_format
+from .job_options import force_option, input_shape_option, model_option, out_option, weights_option
 from .models import LoadedModel
-from .models.registry import DEFAULT_SPEC
 from .models.weights import state_dict_mismatch
+from .options import comma_list, option, options_of
 from .outdir import check_out_option, check_replaceable, default_out, job_inputs, staged_folder
 from .pipeline import PipelineLog, recording
 from .pruning import apply_masks
@@ -28,11 +29,11 @@ from .pruning.llm.plan import PruneOptions, finish, is_causal_lm, prune_with
 from .pruning.masks import check_masks
 from .pruning.recalibrate import recalibrate_batchnorm
 from .pruning.recipe import load_recipe
-from .pruning.structured import check_sparsity
 from .quantize import QuantConfig, qat
 from .quantize import job as quantize_job
 from .report import write_reports
 from .strip import strip, strip_summary
+from .tasks import TASKS
 from .training.checkpoint import Checkpoint, load_checkpoint
 from .training.config import MAX_BATCH, MAX_EPOCHS, check_count
 from .training.finetune import finetune
@@ -50,39 +51,56 @@ METRIC_DIGITS = 4  # significant digits of report.json's metric: ONNX Runtime eq
 
 @dataclass
 class ExportJob:
-    """Options of ``ctk export``; the defaults are the main job on the built-in model."""
+    """Options of ``ctk export``, each declared once with its flag (the parser is built from these
+    fields); the defaults are the main job on the built-in model."""
 
-    model: str = DEFAULT_SPEC
-    weights: str | None = None
-    input_shape: str | None = None
-    pruned: bool = False
-    sparsity: float = 0.5
-    structure: str | None = None  # None: channel (or unstructured with method); see pruning/llm/plan.py
-    importance: str | None = None
-    method: str | None = None  # magnitude | wanda | sparsegpt: single weights of a causal LM
-    pattern: str | None = None  # N:M with method
-    calibration_samples: int | None = None
-    per_layer: bool = False
-    formats: tuple[str, ...] = FORMATS
-    out: str | None = None
-    finetune: bool = True
-    finetune_epochs: int = 5
-    checkpoint: str | None = None
-    sparse_onnx: bool = False
-    force: bool = False
-    data: str | None = None
-    task: str | None = None  # classify | causal-lm | embed; default: what the model was saved for
-    seq_len: int = DEFAULT_SEQ_LEN
-    text_column: str = "text"
-    label_column: str = "label"
-    lr: float | None = None  # default: IMAGE_LR, or TEXT_LR for text data (pretrained transformers)
-    distill: bool = True
-    batch_size: int = 64
+    model: str = model_option()
+    weights: str | None = weights_option()
+    input_shape: str | None = input_shape_option()
+    pruned: bool = option("--pruned", "prune (channels by default; see --structure, --method) and fine-tune before "
+                          "stripping", False)
+    prune: PruneOptions = options_of(PruneOptions)
+    formats: tuple[str, ...] = option("--formats", f"comma-separated subset of {','.join(ALL_FORMATS)} (default "
+                                      f"{','.join(FORMATS)}; hf: a transformers folder of a causal LM with uniform "
+                                      "widths)", FORMATS, parse=comma_list)
+    out: str | None = out_option("ctk-out/<model>")
+    finetune: bool = option("--no-finetune", "skip fine-tuning after pruning (batch-norm statistics are still "
+                            "re-estimated)", True, negated=True)
+    finetune_epochs: int = option("--finetune-epochs", f"fine-tuning epochs, 0 to {MAX_EPOCHS} (default 5)", 5,
+                                  parse=int)
+    checkpoint: str | None = option("--checkpoint", "a `ctk train` checkpoint folder: its weights and masks replace "
+                                    "pruning here")
+    sparse_onnx: bool = option("--sparse-onnx", "also write model.sparse.onnx, mostly-zero weights stored as sparse "
+                               "initializers (a smaller file after unstructured pruning; ONNX Runtime densifies them "
+                               "at load)", False)
+    force: bool = force_option()
+    data: str | None = option("--data", "what to fine-tune on and measure with: 'digits' (the default, the built-in "
+                              "model's data), an image folder (train/<class>/*.png|jpg, val/<class>/...), text (a "
+                              ".txt, .jsonl, .csv or .parquet file or folder, tokenized by the hf: model's tokenizer) "
+                              "or path/to/file.py:factory returning (train_dataset, val_dataset)")
+    task: str | None = option("--task", "what the model does with the data, and the metric reported (top-1, "
+                              "perplexity, cosine to the dense model); default: what an hf: folder was saved for, "
+                              "else classify", choices=TASKS)
+    seq_len: int = option("--seq-len", f"tokens per text sample: causal-lm blocks, classify/embed rows padded or cut "
+                          f"(default {DEFAULT_SEQ_LEN})", DEFAULT_SEQ_LEN, parse=int)
+    text_column: str = option("--text-column", "column of .jsonl/.csv/.parquet text (default text)", "text")
+    label_column: str = option("--label-column", "column of the classification labels (default label)", "label")
+    lr: float | None = option("--lr", f"fine-tuning learning rate (Adam; default {IMAGE_LR:g}, {TEXT_LR:g} for "
+                              "text)", parse=float)
+    distill: bool = option("--no-distill", "fine-tune on the labels alone (default: also distil from the dense "
+                           "model)", True, negated=True)
+    batch_size: int = option("--batch-size", f"fine-tuning and evaluation batch, 1 to {MAX_BATCH} (default 64)", 64,
+                             parse=int)
     latency_rounds: int = 60
-    quantize: str | None = None  # "int8": also model.int8.onnx (+ model.int8.pt2), judged on the test split
-    calibration_method: str = "minmax"
-    max_metric_drop: float = 1.0  # points of test accuracy the int8 stripped model may lose
-    recipe: str | None = None  # a YAML recipe whose quantize: section replaces the three options above
+    quantize: str | None = option("--quantize", "also write model.int8.onnx (ONNX Runtime static QDQ int8, "
+                                  "calibrated on the training split) and model.int8.pt2 (PT2E), and report test "
+                                  "accuracy, size and latency against float", choices=("int8",))
+    calibration_method: str = option("--calibration-method", "how activation ranges are chosen from the calibration "
+                                     "batches (default minmax)", "minmax", choices=("minmax", "entropy", "percentile"))
+    max_metric_drop: float = option("--max-metric-drop", "points of test accuracy int8 may lose before layers are "
+                                    "kept in float, then the job fails (default 1.0)", 1.0, parse=float)
+    recipe: str | None = option("--recipe", "a YAML recipe whose quantize: section sets the int8 options "
+                                "(docs/quantization.md); its pruning is `ctk prune --recipe`'s, pass that as --weights")
 
     @property
     def out_dir(self) -> Path:
@@ -93,24 +111,16 @@ class ExportJob:
         """The files and folders the job reads, which its output folder must neither hold nor lie in."""
         return job_inputs(self.model, self.weights, self.checkpoint, self.data, self.recipe)
 
-    def prune_options(self) -> PruneOptions:
-        return PruneOptions(self.sparsity, self.structure, self.importance, self.method, self.pattern,
-                            self.calibration_samples, self.per_layer)
-
     def validate(self) -> None:
         """Fail on bad options before any heavy work."""
-        check_sparsity(self.sparsity)
         check_out_option(self.out)
         if not self.formats:
             raise CtkError(f"--formats is empty; give one or more of {', '.join(ALL_FORMATS)}")
         unknown = [f for f in self.formats if f not in ALL_FORMATS]
         if unknown:
             raise CtkError(f"unknown format {unknown[0]!r}; valid formats: {', '.join(ALL_FORMATS)}")
-        self.prune_options().validate()
-        given = [name for name, value in (("--structure", self.structure), ("--importance", self.importance),
-                                          ("--method", self.method), ("--pattern", self.pattern),
-                                          ("--calibration-samples", self.calibration_samples),
-                                          ("--per-layer", self.per_layer)) if value]
+        self.prune.validate()
+        given = self.prune.given()
         if given and not self.pruned:
             raise CtkError(f"{given[0]} says how to prune: add --pruned")
         check_count("--batch-size", self.batch_size, 1, MAX_BATCH)
@@ -155,7 +165,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         if quant_config and learned:  # a `ctk train --qat int8` checkpoint: its ranges, not a calibration
             quant_config = quant_config.with_ranges(learned)
         int8, dense_int8 = quantize_job.export_options(loaded, quant_config, work) if quant_config else ({}, {})
-        report: dict[str, Any] = {"model": loaded.name, "sparsity": job.sparsity if job.pruned else 0.0,
+        report: dict[str, Any] = {"model": loaded.name, "sparsity": job.prune.sparsity if job.pruned else 0.0,
                                   "notes": list(loaded.notes)}
         with timed("measure dense model"):
             report["dense"] = _measure(dense, loaded, work, dense)
@@ -234,7 +244,7 @@ def _timer(log: PipelineLog, step: Step | None) -> Callable[[str], AbstractConte
 def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn.Module, timed) -> dict[str, Any]:
     """Prune as the options say (:mod:`compile_toolkit.pruning.llm.plan`), then fine-tune with
     the masks held (or re-estimate batch norms); block pruning's identity blocks go last."""
-    options = job.prune_options()
+    options = job.prune
     calibration = _importance_inputs(job, work)
     with timed(options.describe(is_causal_lm(loaded.module), calibrated=calibration is not None)):
         result = prune_with(loaded.module, loaded.example_inputs, options,

@@ -20,10 +20,11 @@ from torch import nn
 
 from .errors import CtkError
 from .fileio import save_safetensors
+from .job_options import force_option, input_shape_option, model_option, out_option, weights_option
 from .models import LoadedModel, load_model
 from .models.hf_specs import is_gguf_spec
-from .models.registry import DEFAULT_SPEC
 from .models.weights import fit_state_dict, read_weights
+from .options import option, options_of
 from .outdir import check_out_option, check_replaceable, default_out, job_inputs, staged_folder
 from .pruning import apply_masks, load_recipe, save_masks
 from .pruning.llm.plan import PruneOptions, is_causal_lm, prune_with
@@ -31,6 +32,7 @@ from .pruning.masks import Masks, combine_masks
 from .pruning.torch_prune import fold_pruned_state_dict
 from .training import apply_recipe
 from .training.progress import phase_bars
+from .workload import DEFAULT_SEQ_LEN
 
 WEIGHTS_FILE = "pruned.safetensors"
 MASKS_FILE = "masks.safetensors"
@@ -39,17 +41,22 @@ CALIBRATION_BATCH = 8  # sequences per forward pass while calibrating a language
 
 @dataclass
 class PruneJob:
-    """Options of ``ctk prune``."""
+    """Options of ``ctk prune``, each declared once with its flag (the parser is built from these
+    fields). How to prune is a recipe, or ``options`` (at least one of them set besides
+    ``--sparsity``), not both."""
 
-    recipe: str | None = None
-    model: str = DEFAULT_SPEC
-    weights: str | None = None
-    input_shape: str | None = None
-    out: str | None = None
-    force: bool = False
-    options: PruneOptions | None = None  # without a recipe: prune once as these say
-    data: str | None = None  # calibration text of a language model
-    seq_len: int = 128
+    recipe: str | None = option("--recipe", "the YAML recipe (or prune once with --structure/--method and "
+                                "--sparsity)")
+    model: str = model_option()
+    weights: str | None = weights_option()
+    input_shape: str | None = input_shape_option()
+    out: str | None = out_option("ctk-out/<model>-pruned")
+    force: bool = force_option()
+    options: PruneOptions = options_of(PruneOptions)  # without a recipe: prune once as these say
+    data: str | None = option("--data", "calibration text for language models: pydoc (the built-in set; the default "
+                              "for GGUF decoders) or a text file/folder tokenized by the model's tokenizer")
+    seq_len: int = option("--seq-len", f"tokens per calibration sequence (default {DEFAULT_SEQ_LEN})",
+                          DEFAULT_SEQ_LEN, parse=int)
 
     @property
     def out_dir(self) -> Path:
@@ -68,7 +75,7 @@ def run(job: PruneJob) -> dict[str, Any]:
     check_replaceable(job.out_dir, job.force, job.inputs)  # before the pruning, not after it
     if job.recipe is None:
         loaded, masks, sparsity, layers = _prune_once(job)
-        how = {"pruning": job.options.describe(is_causal_lm(loaded.module))}  # type: ignore[union-attr]
+        how = {"pruning": job.options.describe(is_causal_lm(loaded.module))}
     else:
         recipe = load_recipe(job.recipe)
         loaded = load_model(job.model, None, job.input_shape)
@@ -97,13 +104,12 @@ def run(job: PruneJob) -> dict[str, Any]:
 def _check_how(job: PruneJob) -> None:
     """One way to prune: a recipe, or the options; checked before anything loads."""
     check_out_option(job.out)
-    if job.recipe is not None and job.options is not None:
-        raise CtkError("--recipe says how to prune: drop --structure/--method/--importance/--pattern, "
-                       "or drop --recipe")
-    if job.recipe is None and job.options is None:
+    said = job.options.given()
+    if job.recipe is not None and said:
+        raise CtkError(f"--recipe says how to prune: drop {said[0]}, or drop --recipe")
+    if job.recipe is None and not said:
         raise CtkError("say how to prune: --recipe file.yaml, or --structure/--method with --sparsity")
-    if job.options is not None:
-        job.options.validate()
+    job.options.validate()
 
 
 def _prune_once(job: PruneJob) -> tuple[LoadedModel, Masks, float, dict[str, float]]:
@@ -116,7 +122,7 @@ def _prune_once(job: PruneJob) -> tuple[LoadedModel, Masks, float, dict[str, flo
     else:
         loaded, work = load_model(job.model, None, job.input_shape), None
     held = _held_masks(loaded, job.weights)
-    pruned = prune_with(loaded.module, loaded.example_inputs, job.options,  # type: ignore[arg-type]
+    pruned = prune_with(loaded.module, loaded.example_inputs, job.options,
                         work.token_batches if work is not None else None)
     masks = combine_masks(held, pruned.masks)
     weights = {name: mask for name, mask in masks.items() if name.endswith("weight") and mask.dim() > 1}

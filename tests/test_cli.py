@@ -168,7 +168,7 @@ def test_console_script_reports_errors_with_exit_status():
     ctk = Path(sys.executable).parent / "ctk"
     result = subprocess.run([str(ctk), "export", "--sparsity", "2"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == "ctk: error: sparsity must be in [0, 1), got 2.0"
+    assert result.stderr.strip().splitlines()[-1] == "ctk: error: --sparsity must be in [0, 1), got 2.0"
 
 
 BARRIER_MODEL = '''
@@ -226,3 +226,25 @@ def test_pruned_without_fine_tuning_reestimates_batch_norm(tmp_path, capsys):
     assert pruning["batchnorm_recalibrated"] == 8 and "finetune_losses" not in pruning
     assert pruning["accuracy_before_finetune"] < 0.3 and pruning["accuracy"] > 0.45
     assert "re-estimate batch-norm statistics" in capsys.readouterr().err
+
+
+def test_every_option_is_declared_once_on_its_job():
+    """The parser is built from the jobs' fields: parsing no option gives the dataclass defaults,
+    and each option reaches its field (a negated switch included)."""
+    import dataclasses
+
+    from compile_toolkit.cli import _parser
+    from compile_toolkit.export_job import ExportJob
+    from compile_toolkit.options import from_args
+    from compile_toolkit.prune_job import PruneJob
+
+    parser = _parser()
+    assert from_args(ExportJob, parser.parse_args(["export"])) == ExportJob()
+    assert from_args(PruneJob, parser.parse_args(["prune"])) == PruneJob()
+    job = from_args(ExportJob, parser.parse_args(["export", "--no-finetune", "--formats", "onnx, pt2", "--sparsity",
+                                                  "0.3", "--structure", "neuron", "--batch-size", "8"]))
+    assert (job.finetune, job.formats, job.prune.sparsity, job.prune.structure, job.batch_size) == (
+        False, ("onnx", "pt2"), 0.3, "neuron", 8)
+    flags = {action.dest for action in parser._subparsers._group_actions[0].choices["export"]._actions}
+    fields = {f.name for f in dataclasses.fields(ExportJob)} - {"prune", "latency_rounds"}
+    assert fields <= flags  # every option of the job is on the command line

@@ -19,13 +19,14 @@ prefix included), so fine-tuning holds them on that module.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...errors import CtkError
+from ...options import FLAG_KEY, option
 from ..masks import Masks
 from ..patterns import check_sparsity
 from ..unstructured import parse_n_m
@@ -47,13 +48,32 @@ class PruneOptions:
     ``activation``/``influence`` on a causal LM); ``calibration_samples=None`` the data's default
     (:meth:`compile_toolkit.workload.Workload.token_batches`). ``per_layer`` lets each decoder layer keep its own width."""
 
-    sparsity: float = 0.5
-    structure: str | None = None
-    importance: str | None = None
-    method: str | None = None
-    pattern: str | None = None
-    calibration_samples: int | None = None
-    per_layer: bool = False
+    sparsity: float = option("--sparsity", "fraction to prune, in [0, 1): of each coupled channel group, or of "
+                             "the weights with --method (default 0.5)", 0.5, parse=float)
+    structure: str | None = option(
+        "--structure", "channel (default: coupled channel groups), head (attention heads and MLP neurons), "
+        "attention_head, query_head, neuron or block (whole decoder blocks); on a causal LM attention heads are "
+        "whole key/value groups with their query heads, query_head the same number of query heads in every group, "
+        "so the model stays grouped-query", choices=STRUCTURES)
+    importance: str | None = option(
+        "--importance", f"how structures are scored: {ACTIVATION} (a causal LM's default: mean |activation| on "
+        f"calibration text), {INFLUENCE} (blocks), or a weight criterion such as l1 (the default elsewhere), l2, "
+        "random")
+    method: str | None = option("--method", "prune single weights of a causal LM's decoder layers: magnitude, "
+                                "wanda or sparsegpt (unstructured at --sparsity, or N:M with --pattern)")
+    pattern: str | None = option("--pattern", "N:M sparsity with --method, e.g. 2:4 or 4:8 (N kept of every M "
+                                 "inputs)")
+    calibration_samples: int | None = option(
+        "--calibration-samples", "sequences of text calibrating wanda, sparsegpt and activation importance "
+        "(default 128, or all the data has if fewer)", parse=int)
+    per_layer: bool = option("--per-layer", "let each decoder layer keep its own width (ranked across layers); "
+                             "the hf format then cannot be written", False)
+
+    def given(self) -> list[str]:
+        """The flags of the options set to other than their defaults (how to prune was said)."""
+        defaults = PruneOptions()
+        return [f.metadata[FLAG_KEY].name for f in fields(self)
+                if f.name != "sparsity" and getattr(self, f.name) != getattr(defaults, f.name)]
 
     def validate(self) -> None:
         """Fail on option combinations that cannot mean anything, before any model loads."""
