@@ -20,11 +20,11 @@ from ..errors import summary
 from ..pipeline import note_analysis
 from . import solve
 from .atoms import Components
-from .context import Context, DimFacts, Dims, Key, concrete, describe, tensor_meta
+from .context import Context, Dims, concrete, describe, tensor_meta
 from .mutation import shared_writes
 from .rules import Getitem, rule_for
 from .rules.base import Barrier, Failed, OpRule, full
-from .solve import ChannelGroup, removable_components
+from .solve import ChannelGroup, SolvedAnalysis, checked_facts, removable_components
 
 # Nodes that read only shapes (or nothing) of their inputs: they neither use nor pin channels.
 _SHAPE_ONLY = {
@@ -36,30 +36,14 @@ _SHAPE_ONLY = {
 
 
 @dataclass
-class ChannelAnalysis:
-    """The solved analysis of one graph module (see :func:`analyze`)."""
+class ChannelAnalysis(SolvedAnalysis):
+    """The solved analysis of one graph module (see :func:`analyze`), keyed ``(node, output
+    index)``; ``keep``, ``kept_shape`` and ``barriers`` are shared with the ONNX front-end
+    (:class:`.solve.SolvedAnalysis`)."""
 
-    gm: GraphModule
     ctx: Context
-    components: Components
-    removable: np.ndarray  # component id -> bool
-    groups: list[ChannelGroup]
     rules: dict[Node, OpRule]  # the rule each call node was analysed (and is rewritten) with
-
-    def keep(self, key: Key) -> list[np.ndarray | None]:
-        """Indices kept along each dim of a value (``None`` for symbolic dims)."""
-        labels = self.components.labels
-        return [None if a is None else np.flatnonzero(~self.removable[labels[a]]) for a in self.ctx.atoms[key]]
-
-    def kept_shape(self, key: Key) -> list[int | None]:
-        return [None if k is None else len(k) for k in self.keep(key)]
-
-    @property
-    def barriers(self) -> list[str]:
-        """Distinct reasons that kept parameter-carried channels alive, and every rule that failed
-        (named even where it kept no parameter's channels: it is a bug to fix)."""
-        failed = {rule.reason for rule in self.rules.values() if isinstance(rule, Failed)}
-        return sorted({g.pinned_reason for g in self.groups if g.pinned_reason} | failed)
+    gm: GraphModule
 
 
 def analyze(gm: GraphModule, overrides: Mapping[Node, OpRule] | None = None) -> ChannelAnalysis:
@@ -83,7 +67,7 @@ def analyze(gm: GraphModule, overrides: Mapping[Node, OpRule] | None = None) -> 
     components = ctx.table.solve()
     removable, seen = _removable(ctx, components)
     groups = _groups(ctx, components, removable, seen)
-    return ChannelAnalysis(gm, ctx, components, removable, groups, rules)
+    return ChannelAnalysis(ctx=ctx, components=components, removable=removable, groups=groups, rules=rules, gm=gm)
 
 
 def node_rules(gm: GraphModule) -> dict[Node, OpRule]:
@@ -159,27 +143,13 @@ def _forward(ctx: Context, node: Node, rules: dict[Node, OpRule]) -> None:
     if inputs and all(arg in ctx.constant for arg in inputs):
         ctx.constant.add(node)
     try:
-        facts = _checked(ctx, keys, rules[node].couple(ctx, node), rules[node].zero(ctx, node))
+        facts = checked_facts(ctx.shapes, keys, rules[node].couple(ctx, node), rules[node].zero(ctx, node))
     except Exception as error:  # noqa: BLE001 - any failure of a rule is a barrier, not a crash
         rules[node] = failed_rule(node, "coupling and zero facts", error)
         facts = list(zip(rules[node].couple(ctx, node), rules[node].zero(ctx, node), strict=True))
     for key, (dims, zeros) in zip(keys, facts, strict=True):
         ctx.atoms[key] = dims
         ctx.zero[key] = zeros
-
-
-def _checked(ctx: Context, keys: list[Key], couplings: list[Dims], zeros: list[DimFacts]) -> list[tuple[Dims, DimFacts]]:
-    """A rule's atoms and zero facts, after checking that they fit the node's output shapes (a
-    rule that gets them wrong would corrupt the walks and the strip far from the fault)."""
-    if not len(keys) == len(couplings) == len(zeros):
-        raise ValueError(f"rule gave facts for {len(couplings)}/{len(zeros)} outputs, the node has {len(keys)}")
-    for key, dims, masks in zip(keys, couplings, zeros, strict=True):
-        shape = ctx.shapes[key]
-        sizes = [[None if a is None else a.size for a in dims], [None if m is None else m.size for m in masks]]
-        if any(len(got) != len(shape) or any(None not in (g, s) and g != s for g, s in zip(got, shape, strict=True))
-               for got in sizes):
-            raise ValueError(f"rule's atoms {sizes[0]} or zero facts {sizes[1]} do not fit shape {shape}")
-    return list(zip(couplings, zeros, strict=True))
 
 
 def _set_value(ctx: Context, node: Node, value: torch.Tensor, atoms: Dims) -> None:

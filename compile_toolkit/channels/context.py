@@ -7,11 +7,15 @@ For each value the context holds, per dimension:
 - ``atoms``: the atom array (see :mod:`.atoms`), ``None`` for a symbolic dimension (the batch);
 - ``zero``: bool array, ``True`` where the slice at that index is exactly zero (forward fact);
 - ``dead``: bool array, ``True`` where no consumer's result depends on that slice (backward fact).
+
+What both front-ends share (the atom table, these facts, joins, pins and merging dead facts) is
+:class:`KeyedFacts`; :class:`Context` adds the ATen keys and the graph's constant tensors.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -55,32 +59,20 @@ def concrete(size: Any) -> int | None:
         return None
 
 
-class Context:
-    """Per-value facts plus the atom table; rules use the helpers instead of the dicts."""
+class KeyedFacts:
+    """The atom table and the facts per value, whatever a front-end keys its values by (ATen:
+    ``(node, output index)``; ONNX: a value, or one use of a constant). Both front-ends' contexts
+    extend it, so rules of either IR couple, pin and combine dead facts through the same code, and
+    the IR-agnostic helpers (:mod:`.shapes`, :mod:`.weights`) take either context."""
 
-    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+    def __init__(self) -> None:
         self.table = AtomTable()
-        self.values = values  # get_attr target -> real tensor
-        self.atoms: dict[Key, Dims] = {}
-        self.attr_atoms: dict[str, Dims] = {}  # get_attr target -> atoms (tied weights share)
-        self.zero: dict[Key, DimFacts] = {}
-        self.dead: dict[Key, DimFacts] = {}
-        self.shapes: dict[Key, list[int | None]] = {}
-        self.constant: set[Node] = set()  # nodes whose values depend on no model input
-        self.marked: set[Key] = set()  # inputs the current rule gave dead facts for
-        self.output_counts: dict[Node, int | None] = {}  # None: one tensor; n: a tuple of n
-        self._slice_facts: dict[str, tuple[np.ndarray | None, DimFacts]] = {}  # get_attr target -> facts
-
-    def keys_of(self, node: Node) -> list[Key]:
-        count = self.output_counts.get(node)
-        return [(node, None)] if count is None else [(node, i) for i in range(count)]
-
-    # -- shapes and atoms ------------------------------------------------------------------
-    def shape(self, arg: Node, index: int | None = None) -> list[int | None]:
-        return self.shapes[(arg, index)]
-
-    def dims(self, arg: Node, index: int | None = None) -> Dims:
-        return self.atoms[(arg, index)]
+        self.atoms: dict[Hashable, Dims] = {}
+        self.zero: dict[Hashable, DimFacts] = {}
+        self.dead: dict[Hashable, DimFacts] = {}
+        self.shapes: dict[Hashable, list[int | None]] = {}
+        self.constant: set[Hashable] = set()  # what depends on no model input
+        self.marked: set[Hashable] = set()  # inputs the current rule gave dead facts for
 
     def fresh(self, size: int | None, reason: str) -> Atoms | None:
         """Atoms for an output dimension that no input dimension carries (spatial, new axes)."""
@@ -100,9 +92,50 @@ class Context:
         if atoms is not None:
             self.table.pin(atoms, reason)
 
-    def pin_value(self, arg: Node, reason: str, index: int | None = None) -> None:
-        for atoms in self.atoms.get((arg, index), []):
+    def pin_key(self, key: Hashable, reason: str) -> None:
+        """Keep every channel of every dimension of a value (nothing if it has no atoms)."""
+        for atoms in self.atoms.get(key, []):
             self.pin(atoms, reason)
+
+    def no_facts(self, shape: list[int | None]) -> DimFacts:
+        return [None if s is None else np.zeros(s, dtype=bool) for s in shape]
+
+    def mark_dead_key(self, key: Hashable, masks: DimFacts) -> None:
+        """AND a consumer's view into a value's dead facts (every consumer must ignore a slice);
+        a key without dead facts (not a walked tensor) is left alone."""
+        if key not in self.dead:
+            return
+        self.marked.add(key)
+        current = self.dead[key]
+        for d, facts in enumerate(masks):
+            if current[d] is not None:
+                current[d] = current[d] & (np.zeros_like(current[d]) if facts is None else facts)
+
+
+class Context(KeyedFacts):
+    """Per-value facts of a ``torch.fx`` graph plus the atom table; rules use the helpers instead
+    of the dicts."""
+
+    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.values = values  # get_attr target -> real tensor
+        self.attr_atoms: dict[str, Dims] = {}  # get_attr target -> atoms (tied weights share)
+        self.output_counts: dict[Node, int | None] = {}  # None: one tensor; n: a tuple of n
+        self._slice_facts: dict[str, tuple[np.ndarray | None, DimFacts]] = {}  # get_attr target -> facts
+
+    def keys_of(self, node: Node) -> list[Key]:
+        count = self.output_counts.get(node)
+        return [(node, None)] if count is None else [(node, i) for i in range(count)]
+
+    # -- shapes and atoms ------------------------------------------------------------------
+    def shape(self, arg: Node, index: int | None = None) -> list[int | None]:
+        return self.shapes[(arg, index)]
+
+    def dims(self, arg: Node, index: int | None = None) -> Dims:
+        return self.atoms[(arg, index)]
+
+    def pin_value(self, arg: Node, reason: str, index: int | None = None) -> None:
+        self.pin_key((arg, index), reason)
 
     # -- tensor values ---------------------------------------------------------------------
     def value(self, arg: Any) -> torch.Tensor | None:
@@ -137,23 +170,14 @@ class Context:
         """Zero facts of an argument; ``None`` arguments have none."""
         return self.zero[(arg, index)]
 
-    def no_facts(self, shape: list[int | None]) -> DimFacts:
-        return [None if s is None else np.zeros(s, dtype=bool) for s in shape]
-
     # -- backward dead facts ---------------------------------------------------------------
     def dead_of(self, node: Node, index: int | None = None) -> DimFacts:
         return self.dead[(node, index)]
 
     def mark_dead(self, arg: Any, masks: DimFacts, index: int | None = None) -> None:
         """AND a consumer's view into ``arg``'s dead facts (every consumer must ignore a slice)."""
-        if not isinstance(arg, Node) or (arg, index) not in self.dead:
-            return
-        self.marked.add((arg, index))
-        current = self.dead[(arg, index)]
-        for d, mask in enumerate(masks):
-            if current[d] is None:
-                continue
-            current[d] = current[d] & (np.zeros_like(current[d]) if mask is None else mask)
+        if isinstance(arg, Node):
+            self.mark_dead_key((arg, index), masks)
 
     def mark_live(self, arg: Any, index: int | None = None) -> None:
         if isinstance(arg, Node) and (arg, index) in self.dead:

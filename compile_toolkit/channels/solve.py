@@ -4,19 +4,25 @@ Nothing here knows the graph's IR: the inputs are atom arrays (one per tensor di
 zero and dead facts of each non-constant value, and the names of the constants that carry each
 dimension. The ATen analysis (:mod:`.analysis`) and the ONNX front-end
 (:mod:`compile_toolkit.onnx_strip`) walk their own graphs with their own op rules and share
-these steps, so a channel is removable by the same rule whichever IR it came from.
+these steps, so a channel is removable by the same rule whichever IR it came from. They share
+the check of a rule's facts against the node's shapes (:func:`checked_facts`) and what the
+solved analysis answers (:class:`SolvedAnalysis`: kept indices, barriers) as well.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .atoms import Atoms, Components
+
+if TYPE_CHECKING:
+    from .context import KeyedFacts
 
 # One dimension's atoms (``None``: a symbolic dimension) and its facts, per index.
 Dims = list[Atoms | None]
@@ -38,6 +44,61 @@ class ChannelGroup:
     @property
     def size(self) -> int:
         return len(self.components)
+
+
+class RuleFailure:
+    """Marks the barrier that replaces a rule that raised, in either front-end: its ``reason``
+    names the op, the node and the error, and the analysis reports it even where it kept no
+    constant's channels (a failed rule is a bug to fix)."""
+
+    reason: str
+
+
+@dataclass
+class SolvedAnalysis:
+    """What a solved analysis holds whichever IR it walked, and the reads both strips make of it."""
+
+    ctx: KeyedFacts
+    components: Components
+    removable: np.ndarray  # component id -> bool
+    groups: list[ChannelGroup]
+    rules: dict[Any, Any]  # the rule each node was analysed (and is rewritten) with
+
+    def keep(self, key: Hashable) -> list[np.ndarray | None]:
+        """Indices kept along each dim of a value (``None`` for symbolic dims)."""
+        labels = self.components.labels
+        return [None if a is None else np.flatnonzero(~self.removable[labels[a]]) for a in self.ctx.atoms[key]]
+
+    def kept_shape(self, key: Hashable) -> list[int | None]:
+        return [None if k is None else len(k) for k in self.keep(key)]
+
+    @property
+    def barriers(self) -> list[str]:
+        """Distinct reasons that kept constant-carried channels alive, and every rule that failed
+        (named even where it kept no constant's channels: it is a bug to fix)."""
+        failed = {rule.reason for rule in self.rules.values() if isinstance(rule, RuleFailure)}
+        return sorted({g.pinned_reason for g in self.groups if g.pinned_reason} | failed)
+
+
+def checked_facts(
+    shapes: Mapping[Hashable, list[int | None]], keys: list[Hashable], couplings: list[Dims | None],
+    zeros: list[DimFacts | None],
+) -> list[tuple[Dims | None, DimFacts | None]]:
+    """A rule's atoms and zero facts for the values ``keys`` a node produces, after checking that
+    they fit the values' shapes: a rule that gets them wrong would corrupt the walks and the strip
+    far from the fault. An output of unknown shape given no facts at all (a barrier's, in ONNX)
+    has nothing to check."""
+    if not len(keys) == len(couplings) == len(zeros):
+        raise ValueError(f"rule gave facts for {len(couplings)}/{len(zeros)} outputs, the node has {len(keys)}")
+    for key, dims, masks in zip(keys, couplings, zeros, strict=True):
+        if dims is None and masks is None and key not in shapes:
+            continue
+        shape = shapes[key]
+        sizes = [[None if a is None else a.size for a in dims], [None if m is None else m.size for m in masks]]
+        if any(len(got) != len(shape) or any(None not in (g, s) and g != s for g, s in zip(got, shape, strict=True))
+               for got in sizes):
+            raise ValueError(f"rule's atoms {sizes[0]} or zero facts {sizes[1]} do not fit shape {shape}")
+    return list(zip(couplings, zeros, strict=True))
 
 
 def removable_components(

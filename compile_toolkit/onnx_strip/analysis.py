@@ -17,42 +17,26 @@ import numpy as np
 import onnx_ir as ir
 
 from ..channels import solve
-from ..channels.atoms import Components
 from ..channels.rules.base import full
-from ..channels.solve import ChannelGroup, DimFacts, Dims
+from ..channels.solve import SolvedAnalysis, checked_facts
 from ..errors import summary
 from .context import Key, NotCovered, OnnxContext, describe, leaf_constant, value_shape
 from .rules import Barrier, Failed, OnnxRule, has_subgraph, rule_for
 
 
 @dataclass
-class OnnxChannelAnalysis:
-    """The solved analysis of one ONNX graph (see :func:`analyze`)."""
+class OnnxChannelAnalysis(SolvedAnalysis):
+    """The solved analysis of one ONNX graph (see :func:`analyze`), keyed by values and constant
+    uses; ``keep``, ``kept_shape`` and ``barriers`` are the ATen analysis's
+    (:class:`~compile_toolkit.channels.solve.SolvedAnalysis`)."""
 
-    model: ir.Model
     ctx: OnnxContext
-    components: Components
-    removable: np.ndarray  # component id -> bool
-    groups: list[ChannelGroup]
     rules: dict[ir.Node, OnnxRule]  # the rule each node was analysed (and is rewritten) with
-
-    def keep(self, key: Key) -> list[np.ndarray | None]:
-        """Indices kept along each dim of a value or constant use (``None`` for symbolic dims)."""
-        labels = self.components.labels
-        return [None if a is None else np.flatnonzero(~self.removable[labels[a]]) for a in self.ctx.atoms[key]]
-
-    def kept_shape(self, key: Key) -> list[int | None]:
-        return [None if k is None else len(k) for k in self.keep(key)]
+    model: ir.Model
 
     @property
     def channels_removed(self) -> int:
         return int(self.removable.sum())
-
-    @property
-    def barriers(self) -> list[str]:
-        """Distinct reasons that kept constant-carried channels alive, and every rule that failed."""
-        failed = {rule.reason for rule in self.rules.values() if isinstance(rule, Failed)}
-        return sorted({g.pinned_reason for g in self.groups if g.pinned_reason} | failed)
 
 
 def analyze(model: ir.Model, overrides: Mapping[ir.Node, OnnxRule] | None = None) -> OnnxChannelAnalysis:
@@ -88,7 +72,8 @@ def analyze(model: ir.Model, overrides: Mapping[ir.Node, OnnxRule] | None = None
     removable, seen = solve.removable_components(values, components)
     solve.keep_one_per_dim(dims, components.labels, removable)
     groups = solve.coupled_groups(dims, _carriers(ctx), components, removable, seen)
-    return OnnxChannelAnalysis(model, ctx, components, removable, groups, rules)
+    return OnnxChannelAnalysis(ctx=ctx, components=components, removable=removable, groups=groups, rules=rules,
+                               model=model)
 
 
 def _carriers(ctx: OnnxContext) -> list[tuple[str, np.ndarray]]:
@@ -117,7 +102,7 @@ def _forward(ctx: OnnxContext, node: ir.Node, rules: dict[ir.Node, OnnxRule]) ->
     if missing is not None and not isinstance(rules[node], Barrier):
         rules[node] = Barrier(f"{describe(node)}: {missing}")
     try:
-        facts = _checked(ctx, node, rules[node].couple(ctx, node), rules[node].zero(ctx, node))
+        facts = checked_facts(ctx.shapes, node.outputs, rules[node].couple(ctx, node), rules[node].zero(ctx, node))
     except NotCovered as reason:
         rules[node] = Barrier(str(reason))
         facts = list(zip(rules[node].couple(ctx, node), rules[node].zero(ctx, node), strict=True))
@@ -158,21 +143,6 @@ def _pin_captured(ctx: OnnxContext, node: ir.Node) -> None:
 def failed_rule(node: ir.Node, step: str, error: BaseException) -> Failed:
     """The barrier a node gets when its rule raised: the report names op, node and error."""
     return Failed(f"channel rule for {describe(node)} failed ({step}): {summary(error)}")
-
-
-def _checked(ctx: OnnxContext, node: ir.Node, couplings: list[Dims], zeros: list[DimFacts]) -> list:
-    """A rule's atoms and zero facts, after checking that they fit the node's output shapes."""
-    if not len(node.outputs) == len(couplings) == len(zeros):
-        raise ValueError(f"rule gave facts for {len(couplings)}/{len(zeros)} outputs, the node has {len(node.outputs)}")
-    for value, dims, masks in zip(node.outputs, couplings, zeros, strict=True):
-        if dims is None and masks is None and value not in ctx.shapes:
-            continue  # a barrier's output of unknown shape: nothing is known of it
-        shape = ctx.shapes[value]
-        sizes = [[None if a is None else a.size for a in dims], [None if m is None else m.size for m in masks]]
-        if any(len(got) != len(shape) or any(None not in (g, s) and g != s for g, s in zip(got, shape, strict=True))
-               for got in sizes):
-            raise ValueError(f"rule's atoms {sizes[0]} or zero facts {sizes[1]} do not fit shape {shape}")
-    return list(zip(couplings, zeros, strict=True))
 
 
 def _backward(ctx: OnnxContext, node: ir.Node, rules: dict[ir.Node, OnnxRule]) -> None:

@@ -19,8 +19,7 @@ from collections.abc import Hashable
 import numpy as np
 import onnx_ir as ir
 
-from ..channels.atoms import Atoms, AtomTable
-from ..channels.context import nonzero_facts
+from ..channels.context import KeyedFacts, nonzero_facts
 from ..channels.solve import DimFacts, Dims
 
 Key = Hashable  # an ir.Value, or (ir.Node, input index) for one use of a constant
@@ -55,18 +54,13 @@ def leaf_constant(value: ir.Value) -> ir.TensorProtocol | None:
     return ir.convenience.get_const_tensor(value)
 
 
-class OnnxContext:
-    """Per-key facts plus the atom table; rules use the helpers instead of the dicts."""
+class OnnxContext(KeyedFacts):
+    """Per-key facts of an ONNX graph plus the atom table; rules use the helpers instead of the
+    dicts."""
 
     def __init__(self, opsets: dict[str, int]) -> None:
+        super().__init__()
         self.opsets = opsets  # domain -> opset version of the model (probes run the model's ops)
-        self.table = AtomTable()
-        self.atoms: dict[Key, Dims] = {}
-        self.zero: dict[Key, DimFacts] = {}
-        self.dead: dict[Key, DimFacts] = {}
-        self.shapes: dict[Key, Shape] = {}
-        self.constant: set[Key] = set()  # keys whose values depend on no model input
-        self.marked: set[Key] = set()  # inputs the current rule gave dead facts for
         self._arrays: dict[ir.Value, np.ndarray | None] = {}
         self._pairs: dict[ir.Value, tuple[np.ndarray | None, list[np.ndarray]]] = {}
 
@@ -108,29 +102,6 @@ class OnnxContext:
     def out_shape(self, node: ir.Node, index: int = 0) -> Shape:
         return self.shapes[node.outputs[index]]
 
-    def fresh(self, size: int | None, reason: str) -> Atoms | None:
-        """Atoms for an output dimension that no input dimension carries (spatial, new axes)."""
-        return None if size is None else self.table.pinned(size, reason)
-
-    def join(self, a: Atoms | None, b: Atoms | None, reason: str) -> None:
-        """Couple two dimensions; a static one coupled with a symbolic one is pinned."""
-        if a is None or b is None:
-            self.pin(a if b is None else b, reason)
-            return
-        self.table.join(a, b)
-
-    def pin(self, atoms: Atoms | None, reason: str) -> None:
-        """Keep every channel of a dimension; a symbolic one (``None``) carries none."""
-        if atoms is not None:
-            self.table.pin(atoms, reason)
-
-    def pin_key(self, key: Key, reason: str) -> None:
-        for atoms in self.atoms.get(key, []):
-            self.pin(atoms, reason)
-
-    def no_facts(self, shape: Shape) -> DimFacts:
-        return [None if s is None else np.zeros(s, dtype=bool) for s in shape]
-
     # -- constant values --------------------------------------------------------------------
     def array(self, node: ir.Node, index: int) -> np.ndarray | None:
         """Input ``index`` as a numpy array when it is a constant (seen through ``Identity``
@@ -166,13 +137,8 @@ class OnnxContext:
     def mark_dead(self, node: ir.Node, index: int, masks: DimFacts) -> None:
         """AND a consumer's view into an input's dead facts (every consumer must ignore a slice)."""
         key = self.key(node, index)
-        if key is None or key not in self.dead:
-            return
-        self.marked.add(key)
-        current = self.dead[key]
-        for d, facts in enumerate(masks):
-            if current[d] is not None:
-                current[d] = current[d] & (np.zeros_like(current[d]) if facts is None else facts)
+        if key is not None:
+            self.mark_dead_key(key, masks)
 
     def mark_live_key(self, key: Key) -> None:
         if key in self.dead:

@@ -9,6 +9,7 @@ import numpy as np
 from torch.fx import Node
 
 from ..context import Context, DimFacts, Dims, describe, mask
+from ..solve import RuleFailure
 
 Shape = list[int | None]
 
@@ -71,7 +72,7 @@ class Barrier(OpRule):
         return [[ctx.fresh(s, reason) for s in shape] for shape in output_shapes(ctx, node)]
 
 
-class Failed(Barrier):
+class Failed(Barrier, RuleFailure):
     """The barrier that replaces a rule that raised (see ``analysis.failed_rule``): ``reason``
     names the op, the node and the error."""
 

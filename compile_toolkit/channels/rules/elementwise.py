@@ -18,7 +18,8 @@ from torch.fx import Node
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..context import Context, DimFacts, Dims, all_dead, describe, mask, op_name
+from ..context import Context, DimFacts, Dims, describe, mask, op_name
+from ..shapes import broadcast_atoms, broadcast_zeros, ignored_by_product, to_operand
 from .base import OpRule, argument, copy_facts, full
 
 
@@ -51,12 +52,6 @@ class Zeroed(OpRule):
         ctx.mark_dead(node.args[0], full(ctx.shape(node.args[0]), True))
 
 
-def _aligned(rank: int, operand_rank: int, d: int) -> int | None:
-    """The operand dimension broadcast against output dimension ``d``, if it has one."""
-    k = d - (rank - operand_rank)
-    return k if k >= 0 else None
-
-
 class Pointwise(OpRule):
     """An op whose output at each position depends only on its tensor operands at that
     (broadcast) position. Dims couple as in broadcasting; a slice is zero where every tensor
@@ -69,31 +64,8 @@ class Pointwise(OpRule):
         return [a for a in flat if isinstance(a, Node) and isinstance(a.meta.get("val"), torch.Tensor)]
 
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
-        shape = ctx.shape(node)
-        rank = len(shape)
-        out: Dims = []
-        reason = f"broadcast in {describe(node)}"
-        for d, size in enumerate(shape):
-            carriers = []
-            for arg in self._operands(node):
-                if not isinstance(arg, Node):
-                    continue
-                arg_shape = ctx.shape(arg)
-                k = _aligned(rank, len(arg_shape), d)
-                if k is None:
-                    continue
-                atoms = ctx.dims(arg)[k]
-                if arg_shape[k] == size:
-                    carriers.append(atoms)
-                else:
-                    ctx.pin(atoms, reason)  # size 1 broadcast over the output
-            if not carriers:
-                out.append(ctx.fresh(size, reason))
-                continue
-            for other in carriers[1:]:
-                ctx.join(carriers[0], other, reason)
-            out.append(carriers[0])
-        return [out]
+        operands = [(ctx.shape(arg), ctx.dims(arg)) for arg in self._operands(node) if isinstance(arg, Node)]
+        return [broadcast_atoms(ctx, ctx.shape(node), operands, f"broadcast in {describe(node)}")]
 
     def _operand_zero(self, ctx: Context, arg, shape: list[int | None]) -> DimFacts:
         """The operand's zero facts seen along each output dimension."""
@@ -101,20 +73,7 @@ class Pointwise(OpRule):
             return [mask(s, arg == 0) for s in shape]
         if not isinstance(arg, Node):
             return [mask(s, False) for s in shape]
-        arg_shape, arg_zero = ctx.shape(arg), ctx.zeros(arg)
-        everywhere = any(m is not None and m.size and m.all() for m in arg_zero)
-        result: DimFacts = []
-        for d, size in enumerate(shape):
-            k = _aligned(len(shape), len(arg_shape), d)
-            if size is None:
-                result.append(None)
-            elif k is None or arg_zero[k] is None:
-                result.append(np.full(size, everywhere))
-            elif arg_shape[k] == size:
-                result.append(arg_zero[k] | everywhere)
-            else:
-                result.append(np.full(size, bool(arg_zero[k][0]) or everywhere))
-        return result
+        return broadcast_zeros(ctx.shape(arg), ctx.zeros(arg), shape)
 
     def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         shape = ctx.shape(node)
@@ -130,23 +89,7 @@ class Pointwise(OpRule):
         shape = ctx.shape(node)
         for arg in self._operands(node):
             if isinstance(arg, Node):
-                ctx.mark_dead(arg, self._to_operand(ctx.shape(arg), shape, ctx.dead_of(node)))
-
-    @staticmethod
-    def _to_operand(arg_shape: list[int | None], shape: list[int | None], ignored: DimFacts) -> DimFacts:
-        if all_dead(ignored):
-            return full(arg_shape, True)
-        result: DimFacts = []
-        for k, size in enumerate(arg_shape):
-            d = k + len(shape) - len(arg_shape)
-            m = ignored[d]
-            if size is None or m is None:
-                result.append(None)
-            elif size == shape[d]:
-                result.append(m.copy())
-            else:
-                result.append(np.full(size, bool(m.all())))
-        return result
+                ctx.mark_dead(arg, to_operand(ctx.shape(arg), shape, ctx.dead_of(node)))
 
 
 class Binary(Pointwise):
@@ -175,11 +118,9 @@ class Binary(Pointwise):
             if not isinstance(arg, Node):
                 continue
             ignored = out_dead
-            if self.kind == "mul" or (i == 1 and _positive(arg)):
-                # a slice multiplied by zero does not matter, nor a (positive) divisor of zero
-                other = zeros[1 - i]
-                ignored = [None if o is None else o | z for o, z in zip(out_dead, other, strict=False)]
-            ctx.mark_dead(arg, self._to_operand(ctx.shape(arg), shape, ignored))
+            if self.kind == "mul" or (i == 1 and _positive(arg)):  # a positive divisor of a zero too
+                ignored = ignored_by_product(out_dead, zeros[1 - i])
+            ctx.mark_dead(arg, to_operand(ctx.shape(arg), shape, ignored))
 
 
 def keeps_zero(node: Node) -> bool:

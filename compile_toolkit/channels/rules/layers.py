@@ -16,7 +16,17 @@ import numpy as np
 import torch
 from torch.fx import Node
 
+from ..atoms import Atoms
 from ..context import Context, DimFacts, Dims, all_dead, describe, mask
+from ..weights import (
+    Grouping,
+    conv_input_dead,
+    couple_conv,
+    inputs_unread,
+    join_blocks,
+    outputs_zero,
+    outside_zero_lines,
+)
 from .base import Barrier, OpRule, ShapeChange, argument, copy_facts, full, set_argument
 
 
@@ -25,10 +35,7 @@ def _nonzero_rows_cols(ctx: Context, weight: Node) -> np.ndarray:
     weight's pairs are scanned once and cached by the context; a weight computed in the graph
     has only its zero rows and columns to go by."""
     pairs = ctx.nonzero_pairs(weight)
-    if pairs is not None:
-        return pairs
-    rows_zero, cols_zero = ctx.zeros(weight)[:2]
-    return ~(rows_zero[:, None] | cols_zero[None, :])
+    return pairs if pairs is not None else outside_zero_lines(ctx.zeros(weight))
 
 
 def zero_vector(ctx: Context, bias: Node | None, size: int) -> np.ndarray:
@@ -43,34 +50,14 @@ def zero_vector(ctx: Context, bias: Node | None, size: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class ConvSpec:
-    """What a convolution node computes, from its arguments and the shapes it was captured with.
-
-    ``kind``: ``"dense"`` (one group), ``"depthwise"`` (one input channel per group, any channel
-    multiplier) or ``"grouped"`` (several input channels per group).
-    """
+class ConvSpec(Grouping):
+    """What a convolution node computes, from its arguments and the shapes it was captured with:
+    its grouping (:class:`..weights.Grouping`, ``kind`` among them) and the nodes it reads."""
 
     x: Node
     w: Node
     b: Node | None
-    groups: int
     transposed: bool
-    in_channels: int
-    out_channels: int
-
-    @property
-    def in_per_group(self) -> int:
-        return self.in_channels // self.groups
-
-    @property
-    def out_per_group(self) -> int:
-        return self.out_channels // self.groups
-
-    @property
-    def kind(self) -> str:
-        if self.groups == 1:
-            return "dense"
-        return "depthwise" if self.in_per_group == 1 else "grouped"
 
 
 def conv_spec(node: Node, shape_of) -> ConvSpec:
@@ -82,7 +69,8 @@ def conv_spec(node: Node, shape_of) -> ConvSpec:
     groups = int(argument(node, "groups", 1))
     w_shape = shape_of(w)
     out_channels = w_shape[1] * groups if transposed else w_shape[0]
-    return ConvSpec(x, w, b if isinstance(b, Node) else None, groups, transposed, shape_of(x)[1], out_channels)
+    return ConvSpec(groups=groups, in_channels=shape_of(x)[1], out_channels=out_channels, x=x, w=w,
+                    b=b if isinstance(b, Node) else None, transposed=transposed)
 
 
 def _meta_shape(node: Node) -> list[int]:
@@ -109,29 +97,11 @@ class Conv(OpRule):
             return Barrier().couple(ctx, node)
         reason = f"spatial dim of {describe(node)}"
         x_in, w_dims = ctx.dims(spec.x)[1], ctx.dims(spec.w)
-        w_in, w_out = (w_dims[0], w_dims[1]) if spec.transposed else (w_dims[1], w_dims[0])
-        groups, kind = spec.groups, spec.kind
-        if kind == "depthwise":
-            ctx.pin(w_in if not spec.transposed else w_out, f"per-group dim of {describe(node)}")
-            if spec.transposed:  # weight [groups, m]: row g is input channel g; its m outputs follow it
-                ctx.join(x_in, w_in, reason)
-                out = np.repeat(x_in, spec.out_per_group) if x_in is not None else None
-            else:  # weight [groups * m, 1]: block g of m rows reads input channel g
-                blocks = w_out.reshape(groups, spec.out_per_group)
-                for col in range(blocks.shape[1]):
-                    ctx.join(x_in, blocks[:, col].copy(), reason)
-                out = w_out
+        if spec.transposed:
+            out = _couple_transposed(ctx, spec, x_in, w_dims, describe(node))
         else:
-            if x_in is not None and kind == "grouped":
-                _join_blocks(ctx, x_in, groups, reason)
-            if spec.transposed:
-                ctx.join(x_in, w_in, reason)
-                out = np.tile(w_out, groups)
-            else:
-                ctx.join(x_in if kind == "dense" else x_in[: spec.in_per_group], w_in, reason)
-                if kind == "grouped":
-                    _join_blocks(ctx, w_out, groups, reason)
-                out = w_out
+            couple_conv(ctx, spec, x_in, w_dims[1], w_dims[0], describe(node))
+            out = w_dims[0]
         if spec.b is not None:
             ctx.join(out, ctx.dims(spec.b)[0], reason)
         spatial = [ctx.fresh(s, reason) for s in ctx.shape(node)[2:]]
@@ -150,8 +120,8 @@ class Conv(OpRule):
         out = ctx.no_facts(shape)
         if _unbatched(ctx, spec):
             return [out]
-        live = _connections(ctx, spec) & ~ctx.zeros(spec.x)[1][None, :]
-        out[1] = ~live.any(1) & zero_vector(ctx, spec.b, shape[1])
+        fed_zero = outputs_zero(_connections(ctx, spec), ctx.zeros(spec.x)[1])
+        out[1] = fed_zero & zero_vector(ctx, spec.b, shape[1])
         return [out]
 
     def dead(self, ctx: Context, node: Node) -> None:
@@ -163,10 +133,7 @@ class Conv(OpRule):
         if all_dead(out_dead):
             ctx.mark_dead(spec.x, full(x_shape, True))
             return
-        x_dead = [out_dead[0]] + [mask(s, False) for s in x_shape[1:]]
-        used = _connections(ctx, spec) & ~out_dead[1][:, None]
-        x_dead[1] = ~used.any(0)
-        ctx.mark_dead(spec.x, x_dead)
+        ctx.mark_dead(spec.x, conv_input_dead(out_dead, x_shape, _connections(ctx, spec)))
 
 
 _TRANSPOSED = {torch.ops.aten.conv_transpose1d, torch.ops.aten.conv_transpose2d, torch.ops.aten.conv_transpose3d}
@@ -177,28 +144,26 @@ def _unbatched(ctx: Context, spec: ConvSpec) -> bool:
     return len(ctx.shape(spec.x)) != len(ctx.shape(spec.w))
 
 
-def _join_blocks(ctx: Context, atoms: np.ndarray, groups: int, reason: str) -> None:
-    """Couple position ``i`` of every one of ``groups`` equal blocks."""
-    blocks = atoms.reshape(groups, -1)
-    for g in range(1, groups):
-        ctx.join(blocks[0], blocks[g], reason)
+def _couple_transposed(ctx: Context, spec: ConvSpec, x_in: Atoms | None, w_dims: Dims, where: str) -> Atoms | None:
+    """A transposed convolution's output channels, coupling its weight ``[in, out / groups, *k]``
+    to the input as :func:`..weights.couple_conv` does a plain one's; a depthwise one's weight is
+    ``[groups, m]``: row ``g`` is input channel ``g``, and its ``m`` outputs follow it."""
+    reason = f"spatial dim of {where}"
+    w_in, w_out = w_dims[0], w_dims[1]
+    if spec.kind == "depthwise":
+        ctx.pin(w_out, f"per-group dim of {where}")
+        ctx.join(x_in, w_in, reason)
+        return np.repeat(x_in, spec.out_per_group) if x_in is not None else None
+    if x_in is not None and spec.kind == "grouped":
+        join_blocks(ctx, x_in, spec.groups, reason)
+    ctx.join(x_in, w_in, reason)
+    return np.tile(w_out, spec.groups)
 
 
 def _connections(ctx: Context, spec: ConvSpec) -> np.ndarray:
     """``[out_channels, in_channels]`` bool: which output channels read which input channels
     through a weight slice that is not all zero."""
-    nonzero = _nonzero_rows_cols(ctx, spec.w)  # [out, in/g] or, transposed, [in, out/g]
-    groups = spec.groups
-    if groups == 1:
-        return nonzero.T if spec.transposed else nonzero
-    if spec.transposed:
-        per_group = nonzero.reshape(groups, spec.in_per_group, spec.out_per_group).transpose(0, 2, 1)
-    else:
-        per_group = nonzero.reshape(groups, spec.out_per_group, spec.in_per_group)
-    conn = np.zeros((groups, spec.out_per_group, groups, spec.in_per_group), dtype=bool)
-    index = np.arange(groups)
-    conn[index, :, index, :] = per_group
-    return conn.reshape(spec.out_channels, spec.in_channels)
+    return spec.connections(_nonzero_rows_cols(ctx, spec.w), spec.transposed)
 
 
 class Linear(OpRule):
@@ -219,8 +184,7 @@ class Linear(OpRule):
         b = node.args[2] if len(node.args) > 2 else None
         shape = ctx.shape(node)
         out = ctx.no_facts(shape)
-        live = _nonzero_rows_cols(ctx, w) & ~ctx.zeros(x)[-1][None, :]
-        out[-1] = ~live.any(1) & zero_vector(ctx, b, shape[-1])
+        out[-1] = outputs_zero(_nonzero_rows_cols(ctx, w), ctx.zeros(x)[-1]) & zero_vector(ctx, b, shape[-1])
         return [out]
 
     def dead(self, ctx: Context, node: Node) -> None:
@@ -229,8 +193,7 @@ class Linear(OpRule):
         if all_dead(out_dead):
             ctx.mark_dead(x, full(ctx.shape(x), True))
             return
-        used = _nonzero_rows_cols(ctx, w) & ~out_dead[-1][:, None]
-        ctx.mark_dead(x, [*out_dead[:-1], ~used.any(0)])
+        ctx.mark_dead(x, [*out_dead[:-1], inputs_unread(_nonzero_rows_cols(ctx, w), out_dead[-1])])
 
 
 class Dropout(OpRule):

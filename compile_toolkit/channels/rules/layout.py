@@ -10,10 +10,13 @@ Cutting ops (``split``, ``slice``, ``select``, ``unbind``, ``index``) are in ``s
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+
 import numpy as np
 import torch
 from torch.fx import Node
 
+from ..atoms import Atoms
 from ..context import Context, DimFacts, Dims, all_dead, describe, mask
 from .base import OpRule, ShapeChange, argument, copy_facts, full, normalize_dim, set_argument
 
@@ -249,6 +252,21 @@ class PixelShuffle(OpRule):
 # -- roll, pad ------------------------------------------------------------------------------
 
 
+def _pin_moved(ctx: Context, dims: Dims, moved: Collection[int] | None, reason: str,
+               new_atoms: Callable[[int, Atoms | None], Atoms | None]) -> Dims:
+    """Atoms of a layout op that moves the dims ``moved`` (all of them where ``None``: the op's
+    arguments are not known) and leaves the others: a moved dim is pinned (removing a position
+    would change where the others land) and its output atoms are ``new_atoms(d, atoms)``."""
+    out: Dims = []
+    for d, atoms in enumerate(dims):
+        if moved is None or d in moved:
+            ctx.pin(atoms, reason)
+            out.append(new_atoms(d, atoms))
+        else:
+            out.append(atoms)
+    return out
+
+
 class Roll(OpRule):
     """``roll(x, shifts, dims)``: untouched dims pass through; a rolled dim is pinned (removing a
     position would change where the others land). Without ``dims`` the flattened tensor rolls."""
@@ -262,15 +280,11 @@ class Roll(OpRule):
     def couple(self, ctx: Context, node: Node) -> list[Dims]:
         dims = ctx.dims(node.args[0])
         rolled = self._shifts(node, len(dims))
-        reason = f"rolled by {describe(node)}"
-        out: Dims = []
-        for d, atoms in enumerate(dims):
-            if rolled is None or d in rolled:
-                ctx.pin(atoms, reason)
-                out.append(None if atoms is None else np.roll(atoms, rolled[d]) if rolled else atoms)
-            else:
-                out.append(atoms)
-        return [out]
+
+        def moved(d: int, atoms: Atoms | None) -> Atoms | None:
+            return None if atoms is None else np.roll(atoms, rolled[d]) if rolled else atoms
+
+        return [_pin_moved(ctx, dims, rolled, f"rolled by {describe(node)}", moved)]
 
     def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         zeros = ctx.zeros(node.args[0])
@@ -314,14 +328,11 @@ class Pad(OpRule):
         dims, shape = ctx.dims(node.args[0]), ctx.shape(node)
         touched = self._touched(node, len(dims))
         reason = f"padded by {describe(node)}"
-        out: Dims = []
-        for d, atoms in enumerate(dims):
-            if touched is None or d in touched:
-                ctx.pin(atoms, reason)
-                out.append(ctx.fresh(shape[d], reason) if shape[d] != ctx.shape(node.args[0])[d] else atoms)
-            else:
-                out.append(atoms)
-        return [out]
+
+        def moved(d: int, atoms: Atoms | None) -> Atoms | None:
+            return ctx.fresh(shape[d], reason) if shape[d] != ctx.shape(node.args[0])[d] else atoms
+
+        return [_pin_moved(ctx, dims, touched, reason, moved)]
 
     def zero(self, ctx: Context, node: Node) -> list[DimFacts]:
         zeros, shape = ctx.zeros(node.args[0]), ctx.shape(node)

@@ -1,4 +1,6 @@
-"""The ONNX op-rule protocol, the barrier every op without a rule gets, and broadcasting helpers.
+"""The ONNX op-rule protocol, the barrier every op without a rule gets, and the helpers rules
+share: broadcasting (:mod:`compile_toolkit.channels.shapes` over a node's inputs) and the dead
+facts of an output nobody reads.
 
 The protocol is the ATen one (``channels/rules/base.py``): ``couple`` gives output atoms from
 input atoms, ``zero`` the exactly-zero slices of each output, ``dead`` the input slices no
@@ -16,7 +18,8 @@ import onnx_ir as ir
 
 from ...channels.context import all_dead
 from ...channels.rules.base import full
-from ...channels.solve import DimFacts, Dims
+from ...channels.shapes import broadcast_atoms, broadcast_zeros
+from ...channels.solve import DimFacts, Dims, RuleFailure
 from ..context import OnnxContext, Shape, describe
 
 
@@ -92,7 +95,7 @@ class Barrier(OnnxRule):
         return [None if ctx.shapes.get(v) is None else ctx.no_facts(ctx.shapes[v]) for v in node.outputs]
 
 
-class Failed(Barrier):
+class Failed(Barrier, RuleFailure):
     """The barrier that replaces a rule that raised: ``reason`` names the op, node and error."""
 
 
@@ -111,72 +114,27 @@ def attr_ints(node: ir.Node, name: str) -> list[int] | None:
     return None if attr is None else [int(v) for v in attr.as_ints()]
 
 
-def aligned(rank: int, operand_rank: int, d: int) -> int | None:
-    """The operand dimension broadcast (numpy rules) against output dimension ``d``, if any."""
-    k = d - (rank - operand_rank)
-    return k if k >= 0 else None
-
-
 def broadcast_couple(ctx: OnnxContext, node: ir.Node, inputs: list[int], shape: Shape) -> Dims:
-    """Output atoms of a broadcasting op over ``inputs``: a full-size operand dimension couples
-    to the output's; a size-1 one is broadcast and pinned (it has nothing to remove)."""
-    reason = f"broadcast in {describe(node)}"
-    out: Dims = []
-    for d, size in enumerate(shape):
-        carriers = []
-        for i in inputs:
-            arg_shape = ctx.shape(node, i)
-            k = aligned(len(shape), len(arg_shape), d)
-            if k is None:
-                continue
-            if arg_shape[k] == size:
-                carriers.append(ctx.dims(node, i)[k])
-            else:
-                ctx.pin(ctx.dims(node, i)[k], reason)
-        if not carriers:
-            out.append(ctx.fresh(size, reason))
-            continue
-        for other in carriers[1:]:
-            ctx.join(carriers[0], other, reason)
-        out.append(carriers[0])
-    return out
+    """Output atoms of a broadcasting op over ``inputs`` (:func:`~compile_toolkit.channels.shapes.broadcast_atoms`)."""
+    operands = [(ctx.shape(node, i), ctx.dims(node, i)) for i in inputs]
+    return broadcast_atoms(ctx, shape, operands, f"broadcast in {describe(node)}")
 
 
 def operand_zero(ctx: OnnxContext, node: ir.Node, index: int, shape: Shape) -> DimFacts:
-    """An input's zero facts seen along each dimension of the broadcast ``shape``."""
+    """An input's zero facts seen along each dimension of the broadcast ``shape``; a scalar
+    constant is zero or not as a whole."""
     arg_shape, arg_zero = ctx.shape(node, index), ctx.zeros(node, index)
-    everywhere = any(m is not None and m.size and m.all() for m in arg_zero)
-    if not arg_shape:  # a scalar: zero or not as a whole
+    zero_scalar = False
+    if not arg_shape:
         array = ctx.array(node, index)
-        everywhere = array is not None and not bool(np.any(array != 0))
-    result: DimFacts = []
-    for d, size in enumerate(shape):
-        k = aligned(len(shape), len(arg_shape), d)
-        if size is None:
-            result.append(None)
-        elif k is None or arg_zero[k] is None:
-            result.append(np.full(size, everywhere))
-        elif arg_shape[k] == size:
-            result.append(arg_zero[k] | everywhere)
-        else:
-            result.append(np.full(size, bool(arg_zero[k][0]) or everywhere))
-    return result
+        zero_scalar = array is not None and not bool(np.any(array != 0))
+    return broadcast_zeros(arg_shape, arg_zero, shape, zero_scalar)
 
 
-def to_operand(arg_shape: Shape, shape: Shape, ignored: DimFacts) -> DimFacts:
-    """Dead facts of a broadcast output, seen by an operand of shape ``arg_shape``: a broadcast
-    (size-1) dimension is ignored only where the whole output dimension is."""
-    if all_dead(ignored):
-        return full(arg_shape, True)
-    result: DimFacts = []
-    for k, size in enumerate(arg_shape):
-        d = k + len(shape) - len(arg_shape)
-        facts = ignored[d]
-        if size is None or facts is None:
-            result.append(None)
-        elif size == shape[d]:
-            result.append(facts.copy())
-        else:
-            result.append(np.full(size, bool(facts.all())))
-    return result
-
+def dead_throughout(ctx: OnnxContext, node: ir.Node) -> bool:
+    """Whether no consumer reads any of the node's output; if so, input 0 is marked dead
+    throughout. Rules whose data input is input 0 stop there: nothing finer is worth working out."""
+    if not all_dead(ctx.out_dead(node)):
+        return False
+    ctx.mark_dead(node, 0, full(ctx.shape(node, 0), True))
+    return True

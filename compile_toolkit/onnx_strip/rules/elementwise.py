@@ -13,10 +13,11 @@ import onnx_ir as ir
 
 from ...channels.context import all_dead
 from ...channels.rules.base import copy_facts, full
+from ...channels.shapes import ignored_by_product, to_operand
 from ...channels.solve import DimFacts, Dims
 from ..context import NotCovered, OnnxContext, describe
 from ..probe import keeps_zero
-from .base import OnnxRule, broadcast_couple, operand_zero, to_operand
+from .base import OnnxRule, broadcast_couple, operand_zero
 
 
 class Copy(OnnxRule):
@@ -96,10 +97,8 @@ class Binary(OnnxRule):
         zeros = [operand_zero(ctx, node, i, shape) for i in (0, 1)]
         for i in (0, 1):
             ignored = out_dead
-            if self.kind == "mul" or (self.kind == "prelu" and i == 1):
-                # a slice multiplied by zero does not matter (PRelu's slope at a zero input neither)
-                other = zeros[1 - i]
-                ignored = [None if o is None else o | z for o, z in zip(out_dead, other, strict=True)]
+            if self.kind == "mul" or (self.kind == "prelu" and i == 1):  # or PRelu's slope at a zero input
+                ignored = ignored_by_product(out_dead, zeros[1 - i])
             ctx.mark_dead(node, i, to_operand(ctx.shape(node, i), shape, ignored))
 
 

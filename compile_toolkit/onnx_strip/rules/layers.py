@@ -4,31 +4,34 @@ and ``BatchNormalization``.
 As in the ATen rules (``channels/rules/layers.py``, ``norms.py``), a weight's input dimension
 couples to the input's channels and its output dimension (with the bias) owns the output's;
 zero facts read which (output, input) pairs of a constant weight hold a nonzero. A weight
-computed in the graph falls back to its zero rows and columns.
+computed in the graph falls back to its zero rows and columns. The grouping and weight math is
+:mod:`compile_toolkit.channels.weights`, the ATen rules' own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_ir as ir
 
-from ...channels.context import all_dead, mask
-from ...channels.rules.base import full
+from ...channels.context import mask
 from ...channels.solve import DimFacts, Dims
+from ...channels.weights import (
+    Grouping,
+    conv_input_dead,
+    couple_conv,
+    inputs_unread,
+    outputs_zero,
+    outside_zero_lines,
+)
 from ..context import NotCovered, OnnxContext, describe
-from .base import OnnxRule, ShapeChange, attr_float, attr_int, operand_zero
+from .base import OnnxRule, ShapeChange, attr_float, attr_int, dead_throughout, operand_zero
 
 
 def nonzero_pairs(ctx: OnnxContext, node: ir.Node, index: int) -> np.ndarray:
     """``[dim 0, dim 1]`` bool: which index pairs of a weight are not all zero (a computed weight:
     those outside its zero rows and columns)."""
     pairs = ctx.nonzero_pairs(node, index)
-    if pairs is not None:
-        return pairs
-    rows_zero, cols_zero = ctx.zeros(node, index)[:2]
-    return ~(rows_zero[:, None] | cols_zero[None, :])
+    return pairs if pairs is not None else outside_zero_lines(ctx.zeros(node, index))
 
 
 def zero_vector(ctx: OnnxContext, node: ir.Node, index: int, size: int) -> np.ndarray:
@@ -39,35 +42,12 @@ def zero_vector(ctx: OnnxContext, node: ir.Node, index: int, size: int) -> np.nd
     return operand_zero(ctx, node, index, [size])[0]
 
 
-@dataclass(frozen=True)
-class ConvSpec:
-    """A ``Conv`` node's grouping: ``kind`` is ``"dense"`` (one group), ``"depthwise"`` (one input
-    channel per group, any channel multiplier) or ``"grouped"``."""
-
-    groups: int
-    in_channels: int
-    out_channels: int
-
-    @property
-    def in_per_group(self) -> int:
-        return self.in_channels // self.groups
-
-    @property
-    def out_per_group(self) -> int:
-        return self.out_channels // self.groups
-
-    @property
-    def kind(self) -> str:
-        if self.groups == 1:
-            return "dense"
-        return "depthwise" if self.in_per_group == 1 else "grouped"
-
-
-def conv_spec(ctx: OnnxContext, node: ir.Node) -> ConvSpec:
+def conv_grouping(ctx: OnnxContext, node: ir.Node) -> Grouping:
+    """A ``Conv`` node's grouping, from its input's and weight's static channel counts."""
     x_shape, w_shape = ctx.shape(node, 0), ctx.shape(node, 1)
     if len(x_shape) != len(w_shape) or x_shape[1] is None or w_shape[0] is None:
         raise NotCovered(f"{describe(node)}: input {x_shape} and weight {w_shape} do not have static channels")
-    return ConvSpec(attr_int(node, "group", 1), x_shape[1], w_shape[0])
+    return Grouping(attr_int(node, "group", 1), x_shape[1], w_shape[0])
 
 
 class Conv(OnnxRule):
@@ -80,43 +60,28 @@ class Conv(OnnxRule):
     """
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
-        spec = conv_spec(ctx, node)
+        grouping = conv_grouping(ctx, node)
         reason = f"spatial dim of {describe(node)}"
         x_in, (w_out, w_in) = ctx.dims(node, 0)[1], ctx.dims(node, 1)[:2]
-        if spec.kind == "depthwise":
-            ctx.pin(w_in, f"per-group dim of {describe(node)}")
-            blocks = w_out.reshape(spec.groups, spec.out_per_group)
-            for col in range(blocks.shape[1]):
-                ctx.join(x_in, blocks[:, col].copy(), reason)
-        elif spec.kind == "grouped":
-            _join_blocks(ctx, x_in, spec.groups, reason)
-            ctx.join(x_in[: spec.in_per_group], w_in, reason)
-            _join_blocks(ctx, w_out, spec.groups, reason)
-        else:
-            ctx.join(x_in, w_in, reason)
+        couple_conv(ctx, grouping, x_in, w_in, w_out, describe(node))
         if ctx.present(node, 2):
             ctx.join(w_out, ctx.dims(node, 2)[0], reason)
         spatial = [ctx.fresh(s, reason) for s in ctx.out_shape(node)[2:]]
         return [[ctx.dims(node, 0)[0], w_out, *spatial]]
 
     def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
-        spec = conv_spec(ctx, node)
+        grouping = conv_grouping(ctx, node)
         out = ctx.no_facts(ctx.out_shape(node))
-        live = _connections(ctx, node, spec) & ~ctx.zeros(node, 0)[1][None, :]
-        out[1] = ~live.any(1) & zero_vector(ctx, node, 2, spec.out_channels)
+        fed_zero = outputs_zero(_connections(ctx, node, grouping), ctx.zeros(node, 0)[1])
+        out[1] = fed_zero & zero_vector(ctx, node, 2, grouping.out_channels)
         return [out]
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
-        spec = conv_spec(ctx, node)
-        out_dead = ctx.out_dead(node)
-        x_shape = ctx.shape(node, 0)
-        if all_dead(out_dead):
-            ctx.mark_dead(node, 0, full(x_shape, True))
+        grouping = conv_grouping(ctx, node)
+        if dead_throughout(ctx, node):
             return
-        x_dead = [out_dead[0]] + [mask(s, False) for s in x_shape[1:]]
-        used = _connections(ctx, node, spec) & ~out_dead[1][:, None]
-        x_dead[1] = ~used.any(0)
-        ctx.mark_dead(node, 0, x_dead)
+        connections = _connections(ctx, node, grouping)
+        ctx.mark_dead(node, 0, conv_input_dead(ctx.out_dead(node), ctx.shape(node, 0), connections))
 
     def rewrite(self, node: ir.Node, change: ShapeChange) -> None:
         """Removing a depthwise channel (weight ``[groups * m, 1, ...]``) removes its group: the
@@ -128,24 +93,10 @@ class Conv(OnnxRule):
             change.set_attribute(ir.AttrInt64("group", groups * new // old))
 
 
-def _join_blocks(ctx: OnnxContext, atoms: np.ndarray, groups: int, reason: str) -> None:
-    """Couple position ``i`` of every one of ``groups`` equal blocks."""
-    blocks = atoms.reshape(groups, -1)
-    for g in range(1, groups):
-        ctx.join(blocks[0], blocks[g], reason)
-
-
-def _connections(ctx: OnnxContext, node: ir.Node, spec: ConvSpec) -> np.ndarray:
+def _connections(ctx: OnnxContext, node: ir.Node, grouping: Grouping) -> np.ndarray:
     """``[out_channels, in_channels]`` bool: which output channels read which input channels
     through a weight slice that is not all zero."""
-    nonzero = nonzero_pairs(ctx, node, 1)  # [out, in / groups]
-    if spec.groups == 1:
-        return nonzero
-    per_group = nonzero.reshape(spec.groups, spec.out_per_group, spec.in_per_group)
-    conn = np.zeros((spec.groups, spec.out_per_group, spec.groups, spec.in_per_group), dtype=bool)
-    index = np.arange(spec.groups)
-    conn[index, :, index, :] = per_group
-    return conn.reshape(spec.out_channels, spec.in_channels)
+    return grouping.connections(nonzero_pairs(ctx, node, 1))
 
 
 class Gemm(OnnxRule):
@@ -185,23 +136,21 @@ class Gemm(OnnxRule):
         a_k = self._dims(node)[1]
         shape = ctx.out_shape(node)
         out = ctx.no_facts(shape)
-        live = self._pairs(ctx, node) & ~ctx.zeros(node, 0)[a_k][None, :]
+        fed_zero = outputs_zero(self._pairs(ctx, node), ctx.zeros(node, 0)[a_k])
         no_shift = np.ones(shape[1], dtype=bool)
         if ctx.present(node, 2) and attr_float(node, "beta", 1.0) != 0:
             no_shift = operand_zero(ctx, node, 2, shape)[1]
-        out[1] = ~live.any(1) & no_shift
+        out[1] = fed_zero & no_shift
         return [out]
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
         a_m, a_k, _, _ = self._dims(node)
-        out_dead = ctx.out_dead(node)
-        a_shape = ctx.shape(node, 0)
-        if all_dead(out_dead):
-            ctx.mark_dead(node, 0, full(a_shape, True))
+        if dead_throughout(ctx, node):
             return
+        out_dead = ctx.out_dead(node)
         a_dead: DimFacts = [None, None]
         a_dead[a_m] = out_dead[0]
-        a_dead[a_k] = ~(self._pairs(ctx, node) & ~out_dead[1][:, None]).any(0)
+        a_dead[a_k] = inputs_unread(self._pairs(ctx, node), out_dead[1])
         ctx.mark_dead(node, 0, a_dead)
 
 
@@ -223,18 +172,14 @@ class MatMul(OnnxRule):
     def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
         self._check(ctx, node)
         out = ctx.no_facts(ctx.out_shape(node))
-        live = nonzero_pairs(ctx, node, 1).T & ~ctx.zeros(node, 0)[-1][None, :]
-        out[-1] = ~live.any(1)
+        out[-1] = outputs_zero(nonzero_pairs(ctx, node, 1).T, ctx.zeros(node, 0)[-1])
         return [out]
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
         self._check(ctx, node)
-        out_dead = ctx.out_dead(node)
-        if all_dead(out_dead):
-            ctx.mark_dead(node, 0, full(ctx.shape(node, 0), True))
-            return
-        used = nonzero_pairs(ctx, node, 1).T & ~out_dead[-1][:, None]
-        ctx.mark_dead(node, 0, [*out_dead[:-1], ~used.any(0)])
+        if not dead_throughout(ctx, node):
+            out_dead = ctx.out_dead(node)
+            ctx.mark_dead(node, 0, [*out_dead[:-1], inputs_unread(nonzero_pairs(ctx, node, 1).T, out_dead[-1])])
 
 
 class BatchNormalization(OnnxRule):
@@ -282,12 +227,10 @@ class BatchNormalization(OnnxRule):
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
         self._check(ctx, node)
-        out_dead = ctx.out_dead(node)
-        shape = ctx.shape(node, 0)
-        if all_dead(out_dead):
-            ctx.mark_dead(node, 0, full(shape, True))
+        if dead_throughout(ctx, node):
             return
-        x_dead: DimFacts = [out_dead[0]] + [mask(s, False) for s in shape[1:]]
+        out_dead = ctx.out_dead(node)
+        x_dead: DimFacts = [out_dead[0]] + [mask(s, False) for s in ctx.shape(node, 0)[1:]]
         x_dead[1] = out_dead[1] | self._facts(ctx, node)[0]
         ctx.mark_dead(node, 0, x_dead)
 

@@ -1,8 +1,8 @@
 """Layout ops: ``Concat``, ``Transpose``, and the reshapes (``Flatten``, ``Reshape``, ``Squeeze``,
 ``Unsqueeze``) that merge and split dimensions without computing on channels.
 
-Reshapes pair runs of input and output dimensions with equal sizes
-(:func:`compile_toolkit.channels.rules.reshape.match_dims`, shared with the ATen path): a
+Reshapes pair runs of input and output dimensions with equal sizes and move atoms and facts along
+them with :mod:`compile_toolkit.channels.shapes`, the code of the ATen path's reshapes: a
 one-to-one dimension keeps its atoms, a merge (``Flatten`` of ``[N, C, H, W]``) repeats the
 outer dimension's atoms over the ``H*W`` features each channel becomes and pins the inner ones, a
 split couples each block of the input into one atom of the outer output dimension. Anything else
@@ -11,17 +11,14 @@ pins every dimension involved. A ``Reshape`` target computed in the graph is not
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx_ir as ir
 
-from ...channels.context import all_dead, mask
-from ...channels.rules.base import copy_facts, full, normalize_dim
-from ...channels.rules.reshape import match_dims
+from ...channels.rules.base import copy_facts, normalize_dim
+from ...channels.shapes import Runs, match_dims, regroup_atoms, regroup_dead, regroup_zeros
 from ...channels.solve import DimFacts, Dims
 from ..context import NotCovered, OnnxContext, describe
-from .base import OnnxRule, ShapeChange, attr_int, attr_ints
+from .base import OnnxRule, ShapeChange, attr_int, attr_ints, dead_throughout
 
 
 class Concat(OnnxRule):
@@ -102,101 +99,27 @@ class Transpose(OnnxRule):
         ctx.mark_dead(node, 0, copy_facts(masks))
 
 
-def _any_along(masks: list[np.ndarray]) -> np.ndarray:
-    """The grid of ``len(masks)`` dims that is True wherever the mask of any dim is True."""
-    grid = np.zeros([len(m) for m in masks], dtype=bool)
-    for axis, m in enumerate(masks):
-        shape = [1] * len(masks)
-        shape[axis] = len(m)
-        grid = grid | m.reshape(shape)
-    return grid
-
-
-def _symbolic(src: list[int | None], dst: list[int | None], gi: list[int], gj: list[int]) -> bool:
-    return any(src[k] is None for k in gi) or any(dst[k] is None for k in gj)
-
-
 class Regroup(OnnxRule):
     """A reshape of input 0 into the node's output shape (``Flatten``, ``Squeeze``, ``Unsqueeze``;
     :class:`Reshape` adds its target constant). See the module docstring for the pairings."""
 
-    def _pairs(self, ctx: OnnxContext, node: ir.Node) -> list[tuple[list[int], list[int]]] | None:
+    def _runs(self, ctx: OnnxContext, node: ir.Node) -> Runs | None:
         return match_dims(ctx.shape(node, 0), ctx.out_shape(node))
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
-        src, dst = ctx.shape(node, 0), ctx.out_shape(node)
-        dims = ctx.dims(node, 0)
         reason = f"dims merged or split by {describe(node)}"
-        out: Dims = [None] * len(dst)
-        groups = self._pairs(ctx, node)
-        if groups is None:
-            for atoms in dims:
-                ctx.pin(atoms, reason)
-            return [[ctx.fresh(s, reason) for s in dst]]
-        for gi, gj in groups:
-            if _symbolic(src, dst, gi, gj) and (len(gi) != 1 or len(gj) != 1):
-                for k in gi:  # static dims merged into (or split from) the batch
-                    ctx.pin(dims[k], reason)
-                for k in gj:
-                    out[k] = ctx.fresh(dst[k], reason)
-            elif not gj:
-                ctx.pin(dims[gi[0]], reason)
-            elif not gi:
-                out[gj[0]] = ctx.fresh(dst[gj[0]], reason)
-            elif len(gi) == 1 and len(gj) == 1:
-                out[gj[0]] = dims[gi[0]]
-            elif len(gj) == 1:  # merge
-                for k in gi[1:]:
-                    ctx.pin(dims[k], reason)
-                out[gj[0]] = np.repeat(dims[gi[0]], math.prod(src[k] for k in gi[1:]))
-            elif len(gi) == 1:  # split
-                blocks = dims[gi[0]].reshape(dst[gj[0]], -1)
-                for col in range(1, blocks.shape[1]):
-                    ctx.join(blocks[:, 0], blocks[:, col], reason)
-                out[gj[0]] = blocks[:, 0].copy()
-                for k in gj[1:]:
-                    out[k] = ctx.fresh(dst[k], reason)
-            else:
-                for k in gi:
-                    ctx.pin(dims[k], reason)
-                for k in gj:
-                    out[k] = ctx.fresh(dst[k], reason)
-        return [out]
+        src, dst = ctx.shape(node, 0), ctx.out_shape(node)
+        return [regroup_atoms(ctx, ctx.dims(node, 0), src, dst, self._runs(ctx, node), reason)]
 
     def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
         src, dst = ctx.shape(node, 0), ctx.out_shape(node)
-        zeros = ctx.zeros(node, 0)
-        out = ctx.no_facts(dst)
-        for gi, gj in self._pairs(ctx, node) or []:
-            if _symbolic(src, dst, gi, gj):
-                continue
-            if len(gi) == 1 and len(gj) == 1:
-                out[gj[0]] = zeros[gi[0]].copy()
-            elif len(gj) == 1 and gi:  # a merged element is zero if it is zero along any merged dim
-                out[gj[0]] = _any_along([zeros[k] for k in gi]).ravel()
-            elif len(gi) == 1 and gj:  # a slice is zero where all its elements are
-                grid = zeros[gi[0]].reshape([dst[k] for k in gj])
-                for axis, k in enumerate(gj):
-                    out[k] = grid.all(axis=tuple(a for a in range(len(gj)) if a != axis))
-        return [out]
+        return [regroup_zeros(ctx.zeros(node, 0), src, dst, self._runs(ctx, node))]
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
-        src, dst = ctx.shape(node, 0), ctx.out_shape(node)
-        out_dead = ctx.out_dead(node)
-        if all_dead(out_dead):
-            ctx.mark_dead(node, 0, full(src, True))
+        if dead_throughout(ctx, node):
             return
-        masks: DimFacts = [mask(s, False) for s in src]
-        for gi, gj in self._pairs(ctx, node) or []:
-            if len(gi) == 1 and len(gj) == 1:
-                masks[gi[0]] = out_dead[gj[0]]
-            elif _symbolic(src, dst, gi, gj):
-                continue
-            elif len(gj) == 1 and gi:
-                masks[gi[0]] = out_dead[gj[0]].reshape(src[gi[0]], -1).all(1)
-            elif len(gi) == 1 and gj:  # an element is ignored if a slice through it is
-                masks[gi[0]] = _any_along([out_dead[k] for k in gj]).ravel()
-        ctx.mark_dead(node, 0, masks)
+        src, dst = ctx.shape(node, 0), ctx.out_shape(node)
+        ctx.mark_dead(node, 0, regroup_dead(ctx.out_dead(node), src, dst, self._runs(ctx, node)))
 
 
 class Reshape(Regroup):

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ...channels.context import all_dead
-from ...channels.rules.base import copy_facts, full, normalize_dim
+from ...channels.rules.base import copy_facts, normalize_dim
 from ...channels.solve import DimFacts, Dims
 from ..context import NotCovered, OnnxContext, describe
-from .base import OnnxRule, attr_int, attr_ints
+from .base import OnnxRule, attr_int, attr_ints, dead_throughout
 
 
 class Pool(OnnxRule):
@@ -40,12 +39,9 @@ class Pool(OnnxRule):
         return [out] + [ctx.no_facts(ctx.out_shape(node, j)) for j in range(1, len(node.outputs))]
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
-        out_dead = ctx.out_dead(node)
-        shape = ctx.shape(node, 0)
-        if all_dead(out_dead):
-            ctx.mark_dead(node, 0, full(shape, True))
+        if dead_throughout(ctx, node):
             return
-        ctx.mark_dead(node, 0, [*copy_facts(out_dead[:2]), *ctx.no_facts(shape[2:])])
+        ctx.mark_dead(node, 0, [*copy_facts(ctx.out_dead(node)[:2]), *ctx.no_facts(ctx.shape(node, 0)[2:])])
 
 
 class Reduce(OnnxRule):
@@ -98,12 +94,10 @@ class Reduce(OnnxRule):
         return [out]
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
-        out_dead = ctx.out_dead(node)
-        shape = ctx.shape(node, 0)
-        if all_dead(out_dead):
-            ctx.mark_dead(node, 0, full(shape, True))
+        if dead_throughout(ctx, node):
             return
-        masks = ctx.no_facts(shape)
+        out_dead = ctx.out_dead(node)
+        masks = ctx.no_facts(ctx.shape(node, 0))
         for d, k in self._out_index(ctx, node).items():
             masks[d] = out_dead[k]
         ctx.mark_dead(node, 0, masks)
