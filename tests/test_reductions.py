@@ -144,12 +144,16 @@ class StdNet(nn.Module):
 
 
 @pytest.mark.parametrize("style", ["mean_std", "var_mean", "batch_norm"])
-def test_weight_standardised_conv_loses_zero_output_channels_and_keeps_its_inputs(style):
+def test_weight_standardised_conv_is_folded_then_loses_zero_channels_on_both_sides(style):
+    """The standardised weight is computed from parameters alone, so strip folds it into a constant
+    first (passes/fold.py): its zero rows go (standardising a zero row keeps it zero), and so does
+    the zero input channel, whose column of the *folded* weight can be dropped without changing
+    any statistic (unfolded, the column would change the row statistics: tests/test_constant_folding.py)."""
     torch.manual_seed(0)
     model = StdNet(style)
-    zero_out(model.std, [2, 6])  # standardising a zero row keeps it zero
-    zero_out(model.stem, [1])  # a zero input channel: dropping its weight column would change the statistics
+    zero_out(model.std, [2, 6])
+    zero_out(model.stem, [1])
     _, shapes, summary = strip_exact(model, torch.randn(2, 3, 5, 5))
-    assert summary.channels_removed == 2
-    assert shapes["std.weight"] == (6, 6, 3, 3) and shapes["std.bias"] == (6,) and shapes["head.weight"][1] == 6
-    assert shapes["stem.weight"][0] == 6
+    assert summary.channels_removed == 3
+    assert shapes["std.weight_folded"] == (6, 5, 3, 3) and shapes["std.bias"] == (6,) and shapes["head.weight"][1] == 6
+    assert shapes["stem.weight"][0] == 5 and "std.weight" not in shapes
