@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -16,32 +18,71 @@ def outputs_of(fn: Callable, inputs: Sequence[Inputs]) -> list[list[torch.Tensor
         return [[t.detach().clone() for t in tree_leaves(fn(*x)) if isinstance(t, torch.Tensor)] for x in inputs]
 
 
-def relative_error(reference: list[list[torch.Tensor]], candidate: list[list[torch.Tensor]]) -> float:
-    """max |a - b| / max |a| over all outputs: scale-free, so one tolerance fits every model.
+@dataclass(frozen=True)
+class Tolerance:
+    """The one rule every check applies (passes, strip, exporters, the ONNX strip): each output may
+    differ from its reference by at most ``atol + rtol * scale``, its scale being its largest
+    finite magnitude (so one ``rtol`` fits every model), and non-finite values must match exactly:
+    a NaN or an infinity where the reference has a number is an infinite error, never a silent 0
+    (``max(0.0, nan)`` is 0.0). Matching NaNs and infinities count as equal."""
 
-    Non-finite values must match exactly: a NaN or infinity where the reference has a number (or
-    a different non-finite value) is an infinite error, never a silent 0 (``max(0.0, nan)`` is
-    0.0). Matching NaNs and infinities count as equal; the scale is the largest finite value."""
-    worst = 0.0
+    rtol: float
+    atol: float = 0.0
+
+    def bound(self, scale: float) -> float:
+        return self.atol + self.rtol * scale
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """How far a candidate's outputs are from the reference's: the largest absolute error, the
+    largest error relative to its output's scale, and the largest error beyond the tolerance's bound
+    (0 when every output is within it)."""
+
+    max_abs: float = 0.0
+    relative: float = 0.0
+    excess: float = 0.0
+
+
+def deviation(reference: Sequence[Sequence[torch.Tensor]], candidate: Sequence[Sequence[torch.Tensor]],
+              tolerance: Tolerance = Tolerance(0.0)) -> Deviation:
+    """Compare every output of every input (outputs of another count or shape are infinitely far)."""
+    worst = Deviation()
     for ref_outs, cand_outs in zip(reference, candidate, strict=True):
+        if len(ref_outs) != len(cand_outs):
+            return Deviation(math.inf, math.inf, math.inf)
         for ref, cand in zip(ref_outs, cand_outs, strict=True):
-            if ref.shape != cand.shape:
-                return float("inf")
-            if ref.numel():
-                worst = max(worst, _relative_error(ref.double(), cand.double()))
+            worst = _worse(worst, _output_deviation(ref, cand, tolerance))
     return worst
 
 
-def _relative_error(ref: torch.Tensor, cand: torch.Tensor) -> float:
-    finite = ref.isfinite()
-    same = (ref == cand) | (ref.isnan() & cand.isnan())
-    if not bool((finite | same).all()) or not bool(cand[finite].isfinite().all()):
-        return float("inf")
-    if not bool(finite.any()):
+def relative_error(reference: list[list[torch.Tensor]], candidate: list[list[torch.Tensor]]) -> float:
+    """max |a - b| / max |a| per output, the largest over all outputs (see :class:`Tolerance`)."""
+    return deviation(reference, candidate).relative
+
+
+def output_scale(output: torch.Tensor) -> float:
+    """An output's largest finite magnitude (0 for booleans and outputs with no finite value)."""
+    if output.dtype == torch.bool or not output.numel():
         return 0.0
-    scale = ref[finite].abs().max().item()
-    diff = (ref[finite] - cand[finite]).abs().max().item()
-    return diff / max(scale, 1e-12)
+    return float(output.double().abs().nan_to_num(nan=0.0, posinf=0.0).max())
+
+
+def _output_deviation(ref: torch.Tensor, cand: torch.Tensor, tolerance: Tolerance) -> Deviation:
+    if tuple(ref.shape) != tuple(cand.shape):
+        return Deviation(math.inf, math.inf, math.inf)
+    if not ref.numel():
+        return Deviation()
+    r, c = ref.detach().cpu().double(), cand.detach().cpu().double()
+    same = (r == c) | (r.isnan() & c.isnan())
+    error = float(torch.where(same, torch.zeros_like(r), (r - c).abs()).nan_to_num(nan=math.inf, posinf=math.inf).max())
+    scale = output_scale(ref)
+    relative = error / max(scale, 1e-12) if error else 0.0
+    return Deviation(error, relative, max(0.0, error - tolerance.bound(scale)))
+
+
+def _worse(a: Deviation, b: Deviation) -> Deviation:
+    return Deviation(max(a.max_abs, b.max_abs), max(a.relative, b.relative), max(a.excess, b.excess))
 
 
 def check_close(
@@ -50,10 +91,11 @@ def check_close(
     """Raise :class:`VerificationError` naming ``what`` when ``candidate`` drifts from ``reference``;
     else the error and ``candidate``'s outputs (the reference for whatever runs on it next)."""
     outputs = outputs_of(candidate, inputs)
-    error = relative_error(reference, outputs)
-    if not error <= rtol:
-        raise VerificationError(f"{what} changed the model's outputs: max relative error {error:.3g} > {rtol:g}")
-    return error, outputs
+    error = deviation(reference, outputs, Tolerance(rtol))
+    if error.excess > 0:
+        raise VerificationError(f"{what} changed the model's outputs: max relative error {error.relative:.3g} > "
+                                f"{rtol:g}")
+    return error.relative, outputs
 
 
 def require_no_nan(reference: Sequence[Sequence[torch.Tensor]], what: str) -> None:

@@ -149,3 +149,25 @@ def test_pass_manager_snapshots_reference_outputs_only_for_in_place_passes(monke
     monkeypatch.setattr(manager, "outputs_of", lambda fn, inputs: calls.append(fn) or [])
     PassManager([Unchanged("look", in_place)], sample_inputs((x,)))(gm)
     assert len(calls) == snapshots
+
+
+def test_passes_and_exporters_share_one_tolerance_per_output():
+    """One rule (passes.verify.Tolerance): each output is held to its own scale, so a small output
+    is not excused by a large one beside it (the exporters' check used the largest output of all),
+    and the strip verifier and the artifact check give the same verdict."""
+    from compile_toolkit.exporters.checks import CheckSet
+    from compile_toolkit.passes.verify import Tolerance, deviation
+
+    reference = [[torch.tensor([100.0, -50.0]), torch.tensor([0.01, 0.02])]]
+    close = [[torch.tensor([100.0, -50.0]), torch.tensor([0.01, 0.0200000001])]]
+    off = [[torch.tensor([100.0, -50.0]), torch.tensor([0.01, 0.0201])]]  # 0.5% of the small output
+    tolerance = Tolerance(1e-4)
+    assert deviation(reference, close, tolerance).excess == 0  # positive control
+    found = deviation(reference, off, tolerance)
+    assert found.excess > 0 and found.relative == pytest.approx(5e-3, rel=1e-3)
+    assert found.max_abs == pytest.approx(1e-4, rel=1e-3)
+    checks = CheckSet([(torch.zeros(1),)], reference[0:1], tolerance)
+    assert checks.max_error("onnx", [0], close) < 1e-6
+    with pytest.raises(VerificationError, match="onnx: max abs error"):
+        checks.max_error("onnx", [0], off)
+    assert deviation(reference, [[torch.tensor([100.0, -50.0])]], tolerance).excess == INF  # an output missing

@@ -11,7 +11,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import Inputs, eval_mode, other_batch_size
 from ..errors import CtkError, VerificationError, summary
-from ..passes.verify import require_no_nan
+from ..passes.verify import Tolerance, deviation, require_no_nan
 
 
 def as_inputs(inputs: torch.Tensor | Sequence[torch.Tensor]) -> Inputs:
@@ -47,12 +47,12 @@ def shapes_of(inputs: Inputs) -> list[tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class CheckSet:
-    """Inputs every artifact runs on, what the reference returned for them, and the bound
-    ``atol + rtol * max|reference|`` that the largest absolute error must stay within."""
+    """Inputs every artifact runs on, what the reference returned for them, and the tolerance
+    (:class:`~compile_toolkit.passes.verify.Tolerance`) every output of an artifact must meet."""
 
     inputs: list[Inputs]
     expected: list[list[torch.Tensor]]
-    tolerance: float
+    tolerance: Tolerance
 
     def runnable(self, fmt: str, static_shapes: list[tuple[int, ...]] | None) -> list[int]:
         """Indices of the check inputs an artifact can run: all of them, or for a static-shape
@@ -68,18 +68,24 @@ class CheckSet:
     def max_error(self, fmt: str, indices: Sequence[int],
                   outputs: Sequence[Sequence[torch.Tensor]]) -> float:
         """Largest ``|artifact - reference|`` over the given check inputs and all outputs; raise
-        VerificationError naming ``fmt`` if shapes differ or the error is over tolerance."""
-        worst = self.deviation(fmt, indices, outputs)
-        if not worst <= self.tolerance:
-            raise VerificationError(f"{fmt}: max abs error {worst:.3g} exceeds tolerance "
-                                    f"{self.tolerance:.3g} against the reference")
-        return worst
+        VerificationError naming ``fmt`` if shapes differ or an output is beyond the tolerance."""
+        self._check_shapes(fmt, indices, outputs)
+        found = deviation([self.expected[i] for i in indices], outputs, self.tolerance)
+        if found.excess > 0:
+            raise VerificationError(f"{fmt}: max abs error {found.max_abs:.3g} exceeds the tolerance (rtol "
+                                    f"{self.tolerance.rtol:g} of each output's largest value + atol "
+                                    f"{self.tolerance.atol:g}) against the reference")
+        return found.max_abs
 
     def deviation(self, fmt: str, indices: Sequence[int],
                   outputs: Sequence[Sequence[torch.Tensor]]) -> float:
         """Largest ``|artifact - reference|``, held to no tolerance (int8 artifacts are judged by
         the task metric instead); differing output counts or shapes still raise."""
-        worst = 0.0
+        self._check_shapes(fmt, indices, outputs)
+        return deviation([self.expected[i] for i in indices], outputs).max_abs
+
+    def _check_shapes(self, fmt: str, indices: Sequence[int], outputs: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Outputs of another count or shape than the reference's are an error naming them."""
         for index, got in zip(indices, outputs, strict=True):
             want = self.expected[index]
             batch = self.inputs[index][0].shape[0]
@@ -91,9 +97,6 @@ class CheckSet:
                     raise VerificationError(
                         f"{fmt}: output {k} has shape {list(a.shape)}, reference {list(r.shape)} "
                         f"(check input {index}, batch {batch})")
-                if a.numel():
-                    worst = max(worst, _abs_error(a, r))
-        return worst
 
 
 def build_checks(reference: nn.Module, example: Inputs, check_inputs: Sequence[Inputs] | None,
@@ -107,10 +110,7 @@ def build_checks(reference: nn.Module, example: Inputs, check_inputs: Sequence[I
         inputs.append(other_batch_size(inputs[0]))
     expected = [_reference_outputs(reference, c, index) for index, c in enumerate(inputs)]
     require_no_nan(expected, "its artifacts")
-    scale = max((float(t.double().abs().nan_to_num(nan=0.0, posinf=0.0).max())
-                 for out in expected for t in out if t.numel() and t.dtype != torch.bool),
-                default=0.0)
-    return CheckSet(inputs, expected, atol + rtol * scale)
+    return CheckSet(inputs, expected, Tolerance(rtol, atol))
 
 
 def _reference_outputs(reference: nn.Module, inputs: Inputs, index: int) -> list[torch.Tensor]:
@@ -120,11 +120,3 @@ def _reference_outputs(reference: nn.Module, inputs: Inputs, index: int) -> list
     except Exception as error:  # the user's reference model: any failure is theirs to see
         raise CtkError(f"the reference model fails on check input {index} (shapes "
                        f"{shapes_of(inputs)}): {summary(error)}") from error
-
-
-def _abs_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Equal values (infinities included) count as 0, a NaN or an unmatched infinity as infinity
-    (the reference holds no NaN: :func:`build_checks` refuses one)."""
-    a, r = got.detach().cpu().double(), want.detach().cpu().double()
-    diff = torch.where(a == r, torch.zeros_like(a), (a - r).abs())
-    return float(diff.nan_to_num(nan=float("inf"), posinf=float("inf")).max())

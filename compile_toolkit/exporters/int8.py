@@ -19,6 +19,7 @@ import torch
 
 from ..capture import Capture, Inputs, capture
 from ..errors import CtkError
+from ..passes.verify import Tolerance
 from ..quantize import Metric, QuantConfig, quantize
 from ..quantize.calibration import check_batches
 from ..quantize.evaluate import deviation, run_onnx
@@ -70,7 +71,7 @@ def _export_pt2(captured: Capture, out_dir: str, batches: list[Inputs],
     program = capture(converted, captured.example_inputs)
     with staged_files(out_dir, PT2_FILENAME) as tmp:
         pt2.write(program, tmp)
-        error = CheckSet(batches, reference, float("inf")).deviation("pt2-int8", range(len(batches)),
+        error = CheckSet(batches, reference, Tolerance(0.0, float("inf"))).deviation("pt2-int8", range(len(batches)),
                                                                       pt2.run(tmp, batches))
     path = os.path.join(out_dir, PT2_FILENAME)
     details = {"quantizer": "X86InductorQuantizer (torch.ao PT2E)", "layers": count.layers,
