@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import metrics
+from . import metrics, openvino_runtime
 from .errors import CtkError
-from .exporters import ALL_FORMATS, FORMATS, Artifact, export
+from .exporters import ALL_FORMATS, FORMATS, Artifact, export, openvino_format
 from .exporters import hf as hf_format
 from .job_options import force_option, input_shape_option, model_option, out_option, weights_option
 from .models import LoadedModel
@@ -41,8 +41,13 @@ from .workload import DEFAULT_SEQ_LEN, OnnxRuntimeModel, PositionalInputs, Workl
 
 Step = Callable[[str], AbstractContextManager]
 
-# Dense files, of those formats among the written ones: sizes for comparison; ONNX (always written) for latency.
-DENSE_FORMATS = ("torchscript", "pt2", "onnx")
+# Dense files, of those formats among the written ones: sizes for comparison; ONNX (always written) or
+# the OpenVINO IR for latency.
+DENSE_FORMATS = ("torchscript", "pt2", "onnx", "openvino")
+# --runtime: what the latency step is called, the file it times (dense/ and stripped) and how.
+LATENCY_RUNTIMES = {"ort": ("ONNX Runtime", Path("model.onnx"), metrics.compare_latency_ms),
+                    "openvino": ("OpenVINO", Path(openvino_format.FILENAME, openvino_format.XML),
+                                 metrics.compare_openvino_latency_ms)}
 LATENCY_BUDGET_S = 30.0  # the timed rounds of the latency comparison, at most (a 135 M LLM: ~0.2 s a run)
 IMAGE_LR, TEXT_LR = 5e-3, 1e-4  # Adam; a pretrained transformer forgets at the small convnets' rate
 IMPORTANCE_SAMPLES = 128  # training inputs the data-driven importance is measured on
@@ -63,6 +68,9 @@ class ExportJob:
     formats: tuple[str, ...] = option("--formats", f"comma-separated subset of {','.join(ALL_FORMATS)} (default "
                                       f"{','.join(FORMATS)}; hf: a transformers folder of a causal LM with uniform "
                                       "widths)", FORMATS, parse=comma_list)
+    runtime: str = option("--runtime", "where report.json's dense-vs-stripped latency is measured: ort (ONNX Runtime, "
+                          "model.onnx; the default) or openvino (OpenVINO's CPU runtime in fp32, openvino/model.xml; "
+                          "needs openvino in --formats)", "ort", choices=tuple(LATENCY_RUNTIMES))
     out: str | None = out_option("ctk-out/<model>")
     finetune: bool = option("--no-finetune", "skip fine-tuning after pruning (batch-norm statistics are still "
                             "re-estimated)", True, negated=True)
@@ -119,6 +127,10 @@ class ExportJob:
         unknown = [f for f in self.formats if f not in ALL_FORMATS]
         if unknown:
             raise CtkError(f"unknown format {unknown[0]!r}; valid formats: {', '.join(ALL_FORMATS)}")
+        if self.runtime == "openvino" and "openvino" not in self.formats:
+            raise CtkError("--runtime openvino times the OpenVINO IR: add openvino to --formats")
+        if "openvino" in self.formats:
+            openvino_runtime.require()
         self.prune.validate()
         given = self.prune.given()
         if given and not self.pruned:
@@ -188,8 +200,8 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         with timed("export dense model for comparison"):
             dense_artifacts = export(dense, loaded.example_inputs, str(staging / "dense"),
                                      tuple(f for f in DENSE_FORMATS if f in formats), **dense_int8)
-        with timed("ONNX Runtime latency, dense vs stripped"):
-            _latency(report, staging, loaded, job.latency_rounds)
+        with timed(f"{LATENCY_RUNTIMES[job.runtime][0]} latency, dense vs stripped"):
+            _latency(report, staging, loaded, job.latency_rounds, job.runtime)
         if work is not None:
             with timed(f"measure {work.task.metric} of the ONNX artifact in ONNX Runtime"):
                 report["metric"] = _metric_summary(report, work, next(a for a in artifacts if a.format == "onnx"), dense)
@@ -208,9 +220,10 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
 
 
 def _formats(job: ExportJob, stripped: nn.Module, loaded: LoadedModel, report: dict[str, Any]) -> tuple[str, ...]:
-    """The formats to write: ONNX always (latency is measured in ONNX Runtime), and ``hf`` only
-    when a ``transformers`` config describes the stripped widths; otherwise it is skipped with
-    the reason in ``report["skipped"]`` and the notes, and the other formats are still written."""
+    """The formats to write: ONNX always (the metric is measured in ONNX Runtime, latency by
+    default, and the OpenVINO IR is converted from it), and ``hf`` only when a ``transformers``
+    config describes the stripped widths; otherwise it is skipped with the reason in
+    ``report["skipped"]`` and the notes, and the other formats are still written."""
     formats = tuple(dict.fromkeys((*job.formats, "onnx")))
     reason = hf_format.problem(stripped, loaded.module.model) if "hf" in formats else ""
     if reason:
@@ -253,7 +266,7 @@ def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn
     summary["accuracy_before_finetune"] = _metric(loaded.module, work, dense)
     changed = job.finetune and work is not None and job.finetune_epochs
     if changed:
-        distill = job.distill or work.task.name == "embed"  # embeddings have no labels: the teacher is the target
+        distill = job.distill or work.task.needs_teacher  # no labels (embed): the teacher is the target
         how = " from the dense model (distillation)" if distill else ""
         with timed(f"fine-tune {job.finetune_epochs} epochs with masks held{how}"):
             summary["finetune_losses"] = finetune(loaded.module, work.splits.train, result.masks,
@@ -361,10 +374,13 @@ def _metric_summary(report: dict[str, Any], work: Workload, onnx: Artifact, dens
     return {"name": work.task.metric, "split": "validation", **rounded}
 
 
-def _latency(report: dict[str, Any], staging: Path, loaded: LoadedModel, rounds: int) -> None:
+def _latency(report: dict[str, Any], staging: Path, loaded: LoadedModel, rounds: int, runtime: str) -> None:
+    """Dense against stripped at batch 1 in ``runtime`` (``--runtime``), alternated rounds."""
+    _, path, compare = LATENCY_RUNTIMES[runtime]
     batch1 = tuple(t[:1] for t in loaded.example_inputs)
-    timing = metrics.compare_latency_ms(str(staging / "dense" / "model.onnx"), str(staging / "model.onnx"), batch1,
-                                        rounds=rounds, budget_s=LATENCY_BUDGET_S)
+    timing = compare(str(staging / "dense" / path), str(staging / path), batch1, rounds=rounds,
+                     budget_s=LATENCY_BUDGET_S)
+    report["latency_runtime"] = runtime
     report["dense"]["latency_ms"] = timing["a_ms"]
     report["stripped"]["latency_ms"] = timing["b_ms"]
     report["speedup"] = timing["ratio"]

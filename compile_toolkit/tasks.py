@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,6 @@ from torch import nn
 from .capture import eval_mode
 from .errors import CtkError
 
-TASKS = ("classify", "causal-lm", "embed")
 Batch = Any
 
 
@@ -66,34 +65,19 @@ def embeddings_of(outputs: Any, batch: Batch) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Task:
-    """One of :data:`TASKS`; ``num_classes`` for ``classify`` (checked against the model's output)."""
+    """What a model does with its data: the training loss and the metric a user reads. One class
+    per task, registered by name (:data:`TASK_CLASSES`, :func:`task_named`): a new task is a
+    subclass with its ``name``, ``metric``, :meth:`loss`, :meth:`_accumulate` and
+    :meth:`output_problem`."""
 
-    name: str
-    num_classes: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.name not in TASKS:
-            raise CtkError(f"--task {self.name!r} is not one of {', '.join(TASKS)}")
-
-    @property
-    def metric(self) -> str:
-        return {"classify": "top1", "causal-lm": "perplexity", "embed": "cosine"}[self.name]
-
-    @property
-    def higher_is_better(self) -> bool:
-        return self.name != "causal-lm"
+    name: ClassVar[str]
+    metric: ClassVar[str]
+    higher_is_better: ClassVar[bool] = True
+    needs_teacher: ClassVar[bool] = False  # no labels: the dense model's outputs are the target
 
     def loss(self, outputs: Any, batch: Batch, reference: Any = None) -> torch.Tensor:
-        """The training loss; ``embed`` needs the dense model's ``reference`` outputs."""
-        if self.name == "embed":
-            if reference is None:
-                raise CtkError("the embed task trains against the dense model's embeddings; give it a teacher")
-            return 1 - F.cosine_similarity(embeddings_of(outputs, batch), embeddings_of(reference, batch)).mean()
-        logits, labels = logits_of(outputs), labels_of(batch)
-        if self.name == "causal-lm":
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        self._check_logits(logits)
-        return F.cross_entropy(logits, labels)
+        """The training loss; a task that ``needs_teacher`` reads the dense model's ``reference`` outputs."""
+        raise NotImplementedError
 
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], reference: nn.Module | None = None) -> dict[str, float]:
         """The metric over ``batches`` (eval mode, no gradients): ``{metric: value, "loss": ...}``
@@ -103,22 +87,44 @@ class Task:
             for batch in batches:
                 args, kwargs = model_inputs(batch)
                 outputs = model(*args, **kwargs)
-                dense = reference(*args, **kwargs) if reference is not None and self.name == "embed" else None
+                dense = reference(*args, **kwargs) if reference is not None and self.needs_teacher else None
                 self._accumulate(meter, outputs, batch, dense)
-        return meter.result(self)
+        return self._finish(meter.means())
+
+    def output_problem(self, outputs: Any, inputs: tuple[torch.Tensor, ...]) -> str:
+        """Why ``outputs`` (of the model on ``inputs``) are not what this task reads; empty when
+        they are: checked once on a real batch, so a mismatch fails before any training."""
+        raise NotImplementedError
 
     def _accumulate(self, meter: _Meter, outputs: Any, batch: Batch, dense: Any) -> None:
-        if self.name == "embed":
-            if dense is None:
-                raise CtkError("the embed task's metric compares with the dense model: give the reference model")
-            cosine = F.cosine_similarity(embeddings_of(outputs, batch), embeddings_of(dense, batch))
-            meter.add("cosine", float(cosine.sum()), len(cosine))
-            return
+        raise NotImplementedError
+
+    def _finish(self, means: dict[str, float]) -> dict[str, float]:
+        return means
+
+
+@dataclass(frozen=True)
+class Classify(Task):
+    """Cross-entropy; top-1 accuracy (and top-5 with more than five classes). ``num_classes`` is
+    checked against the model's output."""
+
+    name: ClassVar[str] = "classify"
+    metric: ClassVar[str] = "top1"
+    num_classes: int | None = None
+
+    def loss(self, outputs: Any, batch: Batch, reference: Any = None) -> torch.Tensor:
+        logits = logits_of(outputs)
+        self._check_logits(logits)
+        return F.cross_entropy(logits, labels_of(batch))
+
+    def output_problem(self, outputs: Any, inputs: tuple[torch.Tensor, ...]) -> str:
+        found = _read_output(outputs)
+        fits = isinstance(found, torch.Tensor) and found.dim() == 2 and found.shape[0] == inputs[0].shape[0] and (
+            self.num_classes is None or found.shape[1] == self.num_classes)
+        return "" if fits else _mismatch(outputs, self.name, f"logits [batch, {self.num_classes or 'classes'}]")
+
+    def _accumulate(self, meter: _Meter, outputs: Any, batch: Batch, dense: Any) -> None:
         logits, labels = logits_of(outputs), labels_of(batch)
-        if self.name == "causal-lm":
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
-            meter.add("loss", float(nll), labels[:, 1:].numel())
-            return
         self._check_logits(logits)
         meter.add("loss", float(F.cross_entropy(logits.float(), labels, reduction="sum")), len(labels))
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
@@ -126,29 +132,90 @@ class Task:
         if logits.shape[-1] > 5:
             meter.add("top5", float((top == labels[:, None]).any(dim=-1).sum()), len(labels))
 
-    def output_problem(self, outputs: Any, inputs: tuple[torch.Tensor, ...]) -> str:
-        """Why ``outputs`` (of the model on ``inputs``) are not what this task reads; empty when
-        they are: checked once on a real batch, so a mismatch fails before any training."""
-        found = getattr(outputs, "logits", getattr(outputs, "last_hidden_state", outputs))
-        shape = list(found.shape) if isinstance(found, torch.Tensor) else type(outputs).__name__
-        batch = inputs[0].shape[0]
-        if self.name == "classify":
-            want = self.num_classes or "classes"
-            fits = isinstance(found, torch.Tensor) and found.dim() == 2 and found.shape[0] == batch and (
-                self.num_classes is None or found.shape[1] == self.num_classes)
-            need = f"logits [batch, {want}]"
-        else:
-            tokens = inputs[0].shape[1] if inputs[0].dim() == 2 else None
-            fits = isinstance(found, torch.Tensor) and found.dim() == 3 and tokens is not None and (
-                tuple(found.shape[:2]) == (batch, tokens))
-            need = "logits [batch, tokens, vocabulary]" if self.name == "causal-lm" else "hidden states [batch, tokens, features]"
-            need += " of token-id inputs [batch, tokens]"
-        return "" if fits else f"it returns {shape}, and {self.name} needs {need}"
-
     def _check_logits(self, logits: torch.Tensor) -> None:
         if logits.dim() != 2 or (self.num_classes is not None and logits.shape[-1] != self.num_classes):
             raise CtkError(f"the model returns logits of shape {list(logits.shape)}; the data has "
                            f"{self.num_classes} classes, so classification needs [batch, {self.num_classes}]")
+
+
+@dataclass(frozen=True)
+class CausalLM(Task):
+    """Next-token cross-entropy; perplexity, ``exp`` of the mean loss per predicted token."""
+
+    name: ClassVar[str] = "causal-lm"
+    metric: ClassVar[str] = "perplexity"
+    higher_is_better: ClassVar[bool] = False
+
+    def loss(self, outputs: Any, batch: Batch, reference: Any = None) -> torch.Tensor:
+        logits, labels = logits_of(outputs), labels_of(batch)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    def output_problem(self, outputs: Any, inputs: tuple[torch.Tensor, ...]) -> str:
+        return "" if _per_token(outputs, inputs) else _mismatch(outputs, self.name, _PER_TOKEN.format("logits",
+                                                                                                        "vocabulary"))
+
+    def _accumulate(self, meter: _Meter, outputs: Any, batch: Batch, dense: Any) -> None:
+        logits, labels = logits_of(outputs), labels_of(batch)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+        meter.add("loss", float(nll), labels[:, 1:].numel())
+
+    def _finish(self, means: dict[str, float]) -> dict[str, float]:
+        return {**means, "perplexity": math.exp(means["loss"])}
+
+
+@dataclass(frozen=True)
+class Embed(Task):
+    """Mean-pooled hidden states; mean cosine similarity to the dense model's embeddings (there are
+    no labels: the dense model is the reference), and for training ``1 - cosine``."""
+
+    name: ClassVar[str] = "embed"
+    metric: ClassVar[str] = "cosine"
+    needs_teacher: ClassVar[bool] = True
+
+    def loss(self, outputs: Any, batch: Batch, reference: Any = None) -> torch.Tensor:
+        if reference is None:
+            raise CtkError("the embed task trains against the dense model's embeddings; give it a teacher")
+        return 1 - F.cosine_similarity(embeddings_of(outputs, batch), embeddings_of(reference, batch)).mean()
+
+    def output_problem(self, outputs: Any, inputs: tuple[torch.Tensor, ...]) -> str:
+        return "" if _per_token(outputs, inputs) else _mismatch(outputs, self.name, _PER_TOKEN.format("hidden states",
+                                                                                                        "features"))
+
+    def _accumulate(self, meter: _Meter, outputs: Any, batch: Batch, dense: Any) -> None:
+        if dense is None:
+            raise CtkError("the embed task's metric compares with the dense model: give the reference model")
+        cosine = F.cosine_similarity(embeddings_of(outputs, batch), embeddings_of(dense, batch))
+        meter.add("cosine", float(cosine.sum()), len(cosine))
+
+
+TASK_CLASSES: dict[str, type[Task]] = {cls.name: cls for cls in (Classify, CausalLM, Embed)}
+TASKS = tuple(TASK_CLASSES)
+_PER_TOKEN = "{} [batch, tokens, {}] of token-id inputs [batch, tokens]"
+
+
+def task_named(name: str, num_classes: int | None = None) -> Task:
+    """The task called ``name`` (``num_classes`` for classification); an unknown name is one line."""
+    if name not in TASK_CLASSES:
+        raise CtkError(f"--task {name!r} is not one of {', '.join(TASKS)}")
+    return Classify(num_classes) if name == Classify.name else TASK_CLASSES[name]()
+
+
+def _read_output(outputs: Any) -> Any:
+    return getattr(outputs, "logits", getattr(outputs, "last_hidden_state", outputs))
+
+
+def _per_token(outputs: Any, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``outputs`` hold one vector per input token: ``[batch, tokens, features]``."""
+    found = _read_output(outputs)
+    tokens = inputs[0].shape[1] if inputs[0].dim() == 2 else None
+    return isinstance(found, torch.Tensor) and found.dim() == 3 and tokens is not None and (
+        tuple(found.shape[:2]) == (inputs[0].shape[0], tokens))
+
+
+def _mismatch(outputs: Any, task: str, need: str) -> str:
+    found = _read_output(outputs)
+    shape = list(found.shape) if isinstance(found, torch.Tensor) else type(outputs).__name__
+    return f"it returns {shape}, and {task} needs {need}"
 
 
 class _Meter:
@@ -162,13 +229,10 @@ class _Meter:
         self.sums[name] = self.sums.get(name, 0.0) + total
         self.counts[name] = self.counts.get(name, 0) + count
 
-    def result(self, task: Task) -> dict[str, float]:
+    def means(self) -> dict[str, float]:
         if not self.counts:
             raise CtkError("the validation split is empty: nothing to measure")
-        means = {name: self.sums[name] / self.counts[name] for name in self.sums}
-        if task.name == "causal-lm":
-            means["perplexity"] = math.exp(means["loss"])
-        return means
+        return {name: self.sums[name] / self.counts[name] for name in self.sums}
 
 
 def distillation_loss(student: Any, teacher: Any, temperature: float = 2.0) -> torch.Tensor:

@@ -32,7 +32,7 @@ from .models.digits import Dataset
 from .models.factory import call_factory, is_factory_spec
 from .models.hf_specs import default_task, hf_folder, hf_tokenizer, is_gguf_spec
 from .models.registry import parse_input_shape
-from .tasks import Task, model_inputs
+from .tasks import Classify, Task, model_inputs, task_named
 
 EXAMPLE_BATCH = 8
 CALIBRATION_SAMPLES = 512  # batch-norm re-estimation after pruning
@@ -97,7 +97,7 @@ def digits_workload(dataset: Dataset) -> Workload:
     splits = DataSplits(dataset.name, TensorDataset(dataset.x_train, dataset.y_train),
                         TensorDataset(dataset.x_test, dataset.y_test),
                         classes=[str(c) for c in range(dataset.num_classes)])
-    return Workload(splits, Task("classify", dataset.num_classes))
+    return Workload(splits, Classify(dataset.num_classes))
 
 
 def load_workload(model: str, data: str | None, weights: str | None = None,
@@ -113,7 +113,7 @@ def load_workload(model: str, data: str | None, weights: str | None = None,
     data set gets no workload (``None``): it can be stripped and exported, not measured.
     """
     if task is not None:
-        Task(task)  # an unknown name is an error before anything loads
+        task_named(task)  # an unknown name is an error before anything loads
     shape = parse_input_shape(input_shape) if isinstance(input_shape, str) else input_shape
     if data is None and is_gguf_spec(model):
         data = PYDOC  # a GGUF decoder brings its tokenizer, and text is at hand
@@ -164,7 +164,7 @@ def _images(model: str, root: Path, weights: str | None, shape: tuple[int, ...] 
     classes = class_names(root)
     loaded = load_model(model, weights, shape, num_classes=len(classes))
     splits = image_folder(root, model_preprocessing(loaded.module, shape))
-    return loaded, _workload(loaded, splits, Task("classify", len(classes)), batch_size, shape, str(root))
+    return loaded, _workload(loaded, splits, Classify(len(classes)), batch_size, shape, str(root))
 
 
 def _text(model: str, path: Path, weights: str | None, shape: tuple[int, ...] | None, batch_size: int,
@@ -177,7 +177,7 @@ def _text(model: str, path: Path, weights: str | None, shape: tuple[int, ...] | 
     else:
         loaded = _text_model(model, weights, task, str(path))
         splits = text_files(path, loaded.tokenizer, task, seq_len, text_column, label_column)
-    return loaded, _workload(loaded, splits, Task(task, splits.num_classes), batch_size, shape, str(path))
+    return loaded, _workload(loaded, splits, task_named(task, splits.num_classes), batch_size, shape, str(path))
 
 
 def _pydoc(model: str, weights: str | None, shape: tuple[int, ...] | None, batch_size: int, task: str | None,
@@ -191,7 +191,7 @@ def _pydoc(model: str, weights: str | None, shape: tuple[int, ...] | None, batch
         raise CtkError(f"--task {task} does not fit --data {PYDOC}: it is plain text for --task causal-lm")
     loaded = _text_model(model, weights, task, PYDOC)
     rows = pydoc_rows(loaded.tokenizer, seq_len)
-    work = _workload(loaded, DataSplits(PYDOC, rows["train"], rows["heldout"]), Task(task), batch_size, shape, PYDOC)
+    work = _workload(loaded, DataSplits(PYDOC, rows["train"], rows["heldout"]), task_named(task), batch_size, shape, PYDOC)
     work.calibration = rows["calibration"]
     return loaded, work
 
@@ -232,7 +232,7 @@ def _factory_data(model: str, spec: str, weights: str | None, shape: tuple[int, 
                         num_classes=len(classes) if classes else None, task=task)
     name = task or loaded.task or "classify"
     splits = DataSplits(Path(spec.rpartition(":")[0]).stem, made[0], made[1], classes)
-    return loaded, _workload(loaded, splits, Task(name, splits.num_classes), batch_size, shape, spec)
+    return loaded, _workload(loaded, splits, task_named(name, splits.num_classes), batch_size, shape, spec)
 
 
 def _is_dataset(value: object) -> bool:

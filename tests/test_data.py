@@ -15,7 +15,7 @@ from compile_toolkit.data.images import Preprocessing, image_folder, model_prepr
 from compile_toolkit.data.text import text_files
 from compile_toolkit.errors import CtkError
 from compile_toolkit.models import load_digits_dataset
-from compile_toolkit.tasks import Task, distillation_loss
+from compile_toolkit.tasks import CausalLM, Classify, Embed, distillation_loss
 
 SIZE = 16
 
@@ -155,12 +155,12 @@ def test_classify_metric_counts_top1_and_top5():
     logits = torch.tensor([[5.0, 1, 0, 0, 0, 0, 0], [0, 1, 5.0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 9.0]])
     labels = torch.tensor([0, 1, 3])
     model = nn.Identity()
-    result = Task("classify", num_classes=7).evaluate(model, [(logits[:2], labels[:2]), (logits[2:], labels[2:])])
+    result = Classify(num_classes=7).evaluate(model, [(logits[:2], labels[:2]), (logits[2:], labels[2:])])
     assert result["top1"] == pytest.approx(1 / 3) and result["top5"] == pytest.approx(1.0)
     expected = nn.functional.cross_entropy(logits, labels).item()
     assert result["loss"] == pytest.approx(expected, rel=1e-6)
     with pytest.raises(CtkError, match=r"\[batch, 4\]"):
-        Task("classify", num_classes=4).evaluate(model, [(logits, labels)])
+        Classify(num_classes=4).evaluate(model, [(logits, labels)])
 
 
 class Bigram(nn.Module):
@@ -177,11 +177,11 @@ class Bigram(nn.Module):
 def test_perplexity_is_exp_of_the_mean_next_token_loss():
     model = Bigram(11)
     ids = torch.randint(0, 11, (3, 9))
-    result = Task("causal-lm").evaluate(model, [{"input_ids": ids, "labels": ids}])
+    result = CausalLM().evaluate(model, [{"input_ids": ids, "labels": ids}])
     logits = model(ids)
     nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
     assert result["perplexity"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
-    assert Task("causal-lm").loss(logits, {"labels": ids}).item() == pytest.approx(nll.item(), rel=1e-6)
+    assert CausalLM().loss(logits, {"labels": ids}).item() == pytest.approx(nll.item(), rel=1e-6)
 
 
 class Encoder(nn.Module):
@@ -199,7 +199,7 @@ def test_embedding_cosine_to_the_dense_model_ignores_padding():
     mask = torch.ones(4, 5, dtype=torch.long)
     mask[:, 3:] = 0
     batch = {"input_ids": ids, "attention_mask": mask}
-    task = Task("embed")
+    task = Embed()
     assert task.evaluate(dense, [batch], reference=dense)["cosine"] == pytest.approx(1.0)
     with torch.no_grad():
         other.embed.weight.copy_(dense.embed.weight)

@@ -45,7 +45,7 @@ from compile_toolkit.llm.data import pydoc_rows
 from compile_toolkit.metrics import compare_latency_ms
 from compile_toolkit.pruning.llm import prune_llm
 from compile_toolkit.pruning.llm.structured import prune_llm_structured, remove_pruned_query_heads
-from compile_toolkit.tasks import Task
+from compile_toolkit.tasks import CausalLM
 from compile_toolkit.training.finetune import finetune
 
 UNSTRUCTURED = [(m, p) for p in (None, "2:4") for m in ("magnitude", "wanda", "sparsegpt")]
@@ -70,7 +70,7 @@ def distill(model: torch.nn.Module, teacher: torch.nn.Module, masks: dict, train
     """Recover ``model`` (masks held) by distillation from ``teacher`` on the training text."""
     start = time.perf_counter()
     losses = finetune(CausalLMLogits(model), train, {f"model.{n}": m for n, m in masks.items()}, epochs=1,
-                      lr=DISTILL_LR, batch_size=args.distill_batch, task=Task("causal-lm"),
+                      lr=DISTILL_LR, batch_size=args.distill_batch, task=CausalLM(),
                       teacher=CausalLMLogits(teacher), max_steps=args.distill_steps)
     return {"distill_steps": args.distill_steps, "distill_seconds": time.perf_counter() - start,
             "distill_loss": losses[-1]}

@@ -13,14 +13,14 @@ from torch.utils.data import TensorDataset
 from ..models import Dataset
 from ..pruning.masks import Masks
 from ..pruning.sparsifier import Sparsifier
-from ..tasks import Task
+from ..tasks import Classify, Task
 from .batches import plan_steps
 from .loop import Listener, Loop, LrSchedule, Objective, StepRecord
 from .progress import StepProgress
 from .strategy import Strategy
 
 TrainData = Dataset | torch.utils.data.Dataset
-CLASSIFY = Task("classify")
+CLASSIFY = Classify()
 
 
 def finetune(

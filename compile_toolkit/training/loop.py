@@ -49,7 +49,7 @@ class Objective:
 
     def __post_init__(self) -> None:
         check_distillation(self.distill_weight, self.temperature)
-        if self.task.name == "embed" and self.teacher is None:
+        if self.task.needs_teacher and self.teacher is None:
             raise CtkError("the embed task trains against the dense model's embeddings: it needs distillation")
 
     def __call__(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +60,7 @@ class Objective:
         if self.teacher is not None:
             with torch.no_grad():
                 reference = self.teacher(*args, **kwargs)
-        if self.task.name == "embed":
+        if self.task.needs_teacher:
             loss = task_loss = self.task.loss(outputs, batch, reference)
         else:
             loss = task_loss = self.task.loss(outputs, batch)
