@@ -259,3 +259,24 @@ def test_cli_export_recipe_errors_come_before_any_work(tmp_path, capsys, text, f
     assert main(["export", "--recipe", str(recipe), *flags, "--out", str(tmp_path / "out")]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("importance", ["l1", "bn_scale", "random"])
+def test_the_cli_and_a_recipe_saying_the_same_give_the_same_masks(tmp_path, capsys, importance):
+    """`ctk prune --structure channel --importance X --sparsity 0.5` and a one-shot structured
+    recipe with the same words zero exactly the same channels (one vocabulary, one pruner)."""
+    from test_cli import run_cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: structured\nstructure: channel\nimportance: {importance}\n"
+                      "schedule:\n  type: one_shot\n  final_sparsity: 0.5\n")
+    masks = []
+    for args, out in ((["--recipe", str(recipe)], tmp_path / "recipe"),
+                      (["--structure", "channel", "--importance", importance, "--sparsity", "0.5"], tmp_path / "cli")):
+        status, err = run_cli(["prune", *args, "--out", str(out)], capsys)
+        assert status == 0, err
+        masks.append(load_file(str(out / "masks.safetensors")))
+    by_recipe, by_cli = masks
+    assert sorted(by_recipe) == sorted(by_cli)
+    assert all(torch.equal(by_recipe[name], by_cli[name]) for name in by_cli)
+    assert any(not bool(mask.bool().all()) for mask in by_cli.values())  # something was pruned
