@@ -30,7 +30,9 @@ from .pruning import apply_masks, load_recipe, save_masks
 from .pruning.llm.plan import PruneOptions, is_causal_lm, prune_with
 from .pruning.masks import Masks, combine_masks
 from .pruning.torch_prune import fold_pruned_state_dict
+from .tasks import Task
 from .training import apply_recipe
+from .training.finetune import CLASSIFY, TrainData
 from .training.progress import phase_bars
 from .workload import DEFAULT_SEQ_LEN
 
@@ -53,8 +55,9 @@ class PruneJob:
     out: str | None = out_option("ctk-out/<model>-pruned")
     force: bool = force_option()
     options: PruneOptions = options_of(PruneOptions)  # without a recipe: prune once as these say
-    data: str | None = option("--data", "calibration text for language models: pydoc (the built-in set; the default "
-                              "for GGUF decoders) or a text file/folder tokenized by the model's tokenizer")
+    data: str | None = option("--data", "what a recipe trains on (an image folder, text or path/to/file.py:factory; "
+                              "default: the built-in digits), and the calibration text of language models (pydoc, "
+                              "the built-in set and the default for GGUF decoders, or a text file/folder)")
     seq_len: int = option("--seq-len", f"tokens per calibration sequence (default {DEFAULT_SEQ_LEN})",
                           DEFAULT_SEQ_LEN, parse=int)
 
@@ -78,10 +81,10 @@ def run(job: PruneJob) -> dict[str, Any]:
         how = {"pruning": job.options.describe(is_causal_lm(loaded.module))}
     else:
         recipe = load_recipe(job.recipe)
-        loaded = load_model(job.model, None, job.input_shape)
+        loaded, train, task = _recipe_data(job, recipe.batch_size)
         held = _held_masks(loaded, job.weights)
         with phase_bars() as phase:
-            result = apply_recipe(loaded.module, loaded.example_inputs, recipe, loaded.dataset, phase)
+            result = apply_recipe(loaded.module, loaded.example_inputs, recipe, train, phase, task)
         masks = combine_masks(held, result.masks)
         sparsity, layers = result.sparsity, result.layer_sparsity
         how = {"recipe": str(job.recipe)}
@@ -110,6 +113,18 @@ def _check_how(job: PruneJob) -> None:
     if job.recipe is None and not said:
         raise CtkError("say how to prune: --recipe file.yaml, or --structure/--method with --sparsity")
     job.options.validate()
+
+
+def _recipe_data(job: PruneJob, batch_size: int) -> tuple[LoadedModel, TrainData | None, Task]:
+    """The model and what a recipe trains on: ``--data`` (an image folder, text, ``file.py:factory``)
+    with its task, else the model's own data (the built-in digits; None for other models)."""
+    if job.data is None:
+        loaded = load_model(job.model, None, job.input_shape)
+        return loaded, loaded.dataset, CLASSIFY
+    from .workload import load_workload
+
+    loaded, work = load_workload(job.model, job.data, None, job.input_shape, batch_size, seq_len=job.seq_len)
+    return loaded, work.splits.train, work.task
 
 
 def _prune_once(job: PruneJob) -> tuple[LoadedModel, Masks, float, dict[str, float]]:

@@ -280,3 +280,26 @@ def test_the_cli_and_a_recipe_saying_the_same_give_the_same_masks(tmp_path, caps
     assert sorted(by_recipe) == sorted(by_cli)
     assert all(torch.equal(by_recipe[name], by_cli[name]) for name in by_cli)
     assert any(not bool(mask.bool().all()) for mask in by_cli.values())  # something was pruned
+
+
+def test_a_recipe_trains_on_the_users_data(tmp_path, capsys):
+    """Recipes were bound to the built-in digits: ``ctk prune --recipe --data images/`` now runs
+    their training steps (here Taylor importance and one epoch of fine-tuning) on an image folder,
+    with its task; without --data a non-digits model still has no data (positive control)."""
+    from test_cli import assert_clean_failure, run_cli
+    from test_data import write_image_folder
+    from test_training_data import RGB_CNN
+
+    images = write_image_folder(tmp_path / "images", per_class=4)
+    (tmp_path / "cnn.py").write_text(RGB_CNN)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: structured\nstructure: channel\nimportance: taylor\ncalibration_size: 8\n"
+                      "schedule:\n  type: one_shot\n  final_sparsity: 0.5\nfinetune:\n  epochs: 1\n  batch_size: 4\n")
+    model = f"{tmp_path / 'cnn.py'}:cnn"
+    args = ["prune", "--recipe", str(recipe), "--model", model, "--input-shape", "4,3,32,32"]
+    status, err = run_cli([*args, "--out", str(tmp_path / "out")], capsys)
+    assert_clean_failure(status, err, "finetune.epochs", "needs training data: give --data")
+    status, err = run_cli([*args, "--data", str(images), "--out", str(tmp_path / "out")], capsys)
+    assert status == 0, err
+    masks = load_file(str(tmp_path / "out" / "masks.safetensors"))
+    assert int((~masks["0.weight"].bool()).flatten(1).all(1).sum()) == 4  # half of the 8 channels

@@ -58,7 +58,7 @@ def finetune(
     from 0), so a gradual schedule prunes while the network recovers. ``penalty()`` is added to
     the loss (group lasso, batch-norm L1) to push whole structures towards zero before they are pruned.
     ``progress`` is told after every step, so a long fine-tuning shows that it moves."""
-    data = TensorDataset(dataset.x_train, dataset.y_train) if isinstance(dataset, Dataset) else dataset
+    data = training_split(dataset)
     device = next(model.parameters()).device
     plan = plan_steps(len(data), min(batch_size, len(data)), epochs, max_steps, seed)
     if teacher is not None:
@@ -77,6 +77,11 @@ def finetune(
 
     loop.run(0, _Progress())
     return [sum(losses) / len(losses) for losses in epoch_losses]
+
+
+def training_split(dataset: TrainData) -> torch.utils.data.Dataset:
+    """The samples to train on: the built-in digits' training tensors, or the given split as it is."""
+    return TensorDataset(dataset.x_train, dataset.y_train) if isinstance(dataset, Dataset) else dataset
 
 
 def steps_per_epoch(dataset: TrainData, batch_size: int) -> int:

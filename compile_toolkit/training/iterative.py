@@ -17,7 +17,8 @@ from ..models import Dataset
 from ..pruning.masks import Masks, apply_masks, combine_masks
 from ..pruning.schedule import round_schedule
 from ..pruning.structured import PruneReport, prune
-from .finetune import finetune
+from ..tasks import Task
+from .finetune import CLASSIFY, finetune
 from .progress import StepProgress
 
 
@@ -40,6 +41,7 @@ def iterative(
     lr: float = 5e-3,
     seed: int = 0,
     phase: Callable[[str], StepProgress | None] = lambda _name: None,
+    task: Task = CLASSIFY,
 ) -> tuple[list[list[float]], Masks]:
     """Call ``prune_round(r)`` for ``r = 1..rounds`` (it zeroes weights and returns its masks), each
     followed by ``epochs`` of fine-tuning with every mask so far held. Returns the losses and masks.
@@ -50,7 +52,8 @@ def iterative(
         masks = combine_masks(masks, prune_round(r))
         apply_masks(model, masks)
         progress = phase(f"round {r}/{rounds}: fine-tune")
-        losses.append(finetune(model, dataset, masks, epochs=epochs, lr=lr, seed=seed + r, progress=progress))
+        losses.append(finetune(model, dataset, masks, epochs=epochs, lr=lr, seed=seed + r, progress=progress,
+                               task=task))
     return losses, masks
 
 

@@ -8,10 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import default_collate
 
-from ..models import Dataset
 from ..pruning.masks import Masks
 from ..pruning.patterns import zero_fraction
 from ..pruning.recipe import Recipe
@@ -19,7 +18,8 @@ from ..pruning.regularization import bn_scale_l1, group_lasso
 from ..pruning.schedule import GradualSchedule
 from ..pruning.sparsifier import Sparsifier
 from ..pruning.structured import PruneReport, prune
-from .finetune import finetune, steps_per_epoch
+from ..tasks import Task, model_inputs
+from .finetune import CLASSIFY, TrainData, finetune, steps_per_epoch, training_split
 from .iterative import iterative
 from .progress import StepProgress
 
@@ -39,12 +39,14 @@ def apply_recipe(
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
     recipe: Recipe,
-    dataset: Dataset | None = None,
+    dataset: TrainData | None = None,
     phase: Callable[[str], StepProgress | None] = lambda _name: None,
+    task: Task = CLASSIFY,
 ) -> RecipeResult:
     """Prune ``model`` in place as ``recipe`` says. Training steps (fine-tuning, iterative and
-    gradual schedules, regularisation, Taylor calibration) need ``dataset``; ``phase(name)`` gives
-    each of them its progress report (:func:`~compile_toolkit.training.progress.phase_bars`)."""
+    gradual schedules, regularisation, Taylor calibration) need ``dataset`` (the built-in digits, or
+    any training split with its ``task``: an image folder, text, a factory's data); ``phase(name)``
+    gives each of them its progress report (:func:`~compile_toolkit.training.progress.phase_bars`)."""
     _check_dataset(recipe, dataset)
     losses: list[list[float]] = []
     if recipe.regularization_epochs:
@@ -60,14 +62,16 @@ def apply_recipe(
                 recipe.seed,
                 penalty=penalty,
                 progress=phase("penalised training"),
+                task=task,
             )
         )
     reports: list[PruneReport] = []
-    prune_to = _pruner(model, example_inputs, recipe, dataset, reports)
-    tune = {"lr": recipe.finetune_lr, "batch_size": recipe.batch_size, "seed": recipe.seed}
+    prune_to = _pruner(model, example_inputs, recipe, dataset, reports, task)
+    tune = {"lr": recipe.finetune_lr, "batch_size": recipe.batch_size, "seed": recipe.seed, "task": task}
     if recipe.schedule_type == "iterative":
         round_losses, masks = iterative(
-            model, dataset, prune_to, recipe.rounds, recipe.finetune_epochs, recipe.finetune_lr, recipe.seed, phase
+            model, dataset, prune_to, recipe.rounds, recipe.finetune_epochs, recipe.finetune_lr, recipe.seed, phase,
+            task,
         )
         losses.extend(round_losses)
     elif recipe.schedule_type == "gradual":
@@ -96,7 +100,7 @@ def apply_recipe(
     )
 
 
-def _check_dataset(recipe: Recipe, dataset: Dataset | None) -> None:
+def _check_dataset(recipe: Recipe, dataset: TrainData | None) -> None:
     if dataset is not None:
         return
     needs = [
@@ -107,7 +111,16 @@ def _check_dataset(recipe: Recipe, dataset: Dataset | None) -> None:
     ]
     for where, needed in needs:
         if needed:
-            raise recipe.error(where, "needs training data, and the model has no dataset")
+            raise recipe.error(where, "needs training data: give --data (an image folder, text or path/to/file.py:factory)")
+
+
+def _taylor_loss(dataset: TrainData, samples: int, task: Task) -> Callable[[nn.Module], torch.Tensor]:
+    """The task's loss on the first ``samples`` training samples, one batch: what Taylor importance
+    differentiates."""
+    train = training_split(dataset)
+    batch = default_collate([train[i] for i in range(min(samples, len(train)))])
+    args, kwargs = model_inputs(batch)
+    return lambda model: task.loss(model(*args, **kwargs), batch)
 
 
 def _penalty(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], recipe: Recipe):
@@ -135,8 +148,9 @@ def _pruner(
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
     recipe: Recipe,
-    dataset: Dataset | None,
+    dataset: TrainData | None,
     reports: list[PruneReport],
+    task: Task,
 ):
     """``prune_to(step)``: prune to the schedule's sparsity at ``step`` (a round, or 0 for one-shot)
     and return the masks so far."""
@@ -148,10 +162,7 @@ def _pruner(
             return dict(sparsifier.masks)
 
         return prune_unstructured
-    calibration = None
-    if recipe.importance == "taylor":
-        x, y = dataset.x_train[: recipe.calibration_size], dataset.y_train[: recipe.calibration_size]
-        calibration = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    calibration = _taylor_loss(dataset, recipe.calibration_size, task) if recipe.importance == "taylor" else None
 
     def prune_structured(step: int) -> Masks:
         reports.append(
