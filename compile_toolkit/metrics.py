@@ -1,20 +1,25 @@
 """What a stripped model costs and how well it still works: parameters, FLOPs, accuracy, and
-ONNX Runtime latency measured so that two models can be compared fairly on a noisy machine."""
+latency in ONNX Runtime or OpenVINO, measured so that two models can be compared fairly on a
+noisy machine."""
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
+from collections.abc import Callable
 
-import onnxruntime
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import openvino_runtime
 from .capture import Inputs
 from .errors import CtkError, summary
 from .onnx_runtime import feeds, session
+
+Runner = Callable[[], object]  # one inference of a model on fixed inputs, as latency timing calls it
 
 
 def count_params(module: nn.Module) -> int:
@@ -69,10 +74,10 @@ def ort_latency_ms(onnx_path: str, inputs: Inputs, threads: int | None = None,
     """Median wall time in ms of ``InferenceSession.run`` on ``inputs`` (CPU provider,
     ``threads`` intra-op threads, default :func:`default_threads`). The median, because single
     runs on a shared machine have a long tail of slow outliers."""
-    session, feed = _session(onnx_path, inputs, threads)
+    run = _ort_runner(onnx_path, inputs, threads)
     for _ in range(warmup):
-        session.run(None, feed)
-    return statistics.median(_time_runs(session, feed, iters))
+        run()
+    return statistics.median(_time_runs(run, iters))
 
 
 def compare_latency_ms(onnx_a: str, onnx_b: str, inputs: Inputs, rounds: int = 20,
@@ -91,41 +96,62 @@ def compare_latency_ms(onnx_a: str, onnx_b: str, inputs: Inputs, rounds: int = 2
     the warm-up's runs time them: 60 rounds of 10 runs suit a small convnet, not a language
     model's prefill at a fifth of a second a run.
     """
-    a_session, a_feed = _session(onnx_a, inputs, threads)
-    b_session, b_feed = _session(onnx_b, inputs, threads)
+    return _compare(_ort_runner(onnx_a, inputs, threads), _ort_runner(onnx_b, inputs, threads),
+                    rounds, warmup, iters, budget_s)
+
+
+def compare_openvino_latency_ms(xml_a: str, xml_b: str, inputs: Inputs, rounds: int = 20,
+                                threads: int | None = None, warmup: int = 10,
+                                iters: int = 10, budget_s: float | None = None) -> dict[str, float]:
+    """:func:`compare_latency_ms` for two OpenVINO IRs in OpenVINO's CPU runtime (the same rounds,
+    alternation and ratios), compiled as they were verified: fp32 inference precision pinned
+    (:func:`~compile_toolkit.openvino_runtime.compile_model`)."""
+    return _compare(_openvino_runner(xml_a, inputs, threads), _openvino_runner(xml_b, inputs, threads),
+                    rounds, warmup, iters, budget_s)
+
+
+def _compare(run_a: Runner, run_b: Runner, rounds: int, warmup: int, iters: int,
+             budget_s: float | None) -> dict[str, float]:
+    """The rounds of :func:`compare_latency_ms`, for any two runners."""
     started = time.perf_counter()
     for _ in range(warmup):
-        a_session.run(None, a_feed)
-        b_session.run(None, b_feed)
+        run_a()
+        run_b()
     if budget_s is not None and warmup:
         per_round = (time.perf_counter() - started) / warmup * iters
         rounds = min(rounds, max(4, int(budget_s / per_round) // 2 * 2))
     a_ms, b_ms = [], []
     for round_index in range(rounds):
         if round_index % 2 == 0:
-            a = statistics.median(_time_runs(a_session, a_feed, iters))
-            b = statistics.median(_time_runs(b_session, b_feed, iters))
+            a = statistics.median(_time_runs(run_a, iters))
+            b = statistics.median(_time_runs(run_b, iters))
         else:
-            b = statistics.median(_time_runs(b_session, b_feed, iters))
-            a = statistics.median(_time_runs(a_session, a_feed, iters))
+            b = statistics.median(_time_runs(run_b, iters))
+            a = statistics.median(_time_runs(run_a, iters))
         a_ms.append(a)
         b_ms.append(b)
     return {"a_ms": statistics.median(a_ms), "b_ms": statistics.median(b_ms),
             "ratio": statistics.median([a / b for a, b in zip(a_ms, b_ms, strict=True)]), "rounds": rounds}
 
 
-def _session(onnx_path: str, inputs: Inputs,
-             threads: int | None) -> tuple[onnxruntime.InferenceSession, dict[str, object]]:
+def _ort_runner(onnx_path: str, inputs: Inputs, threads: int | None) -> Runner:
+    """One ``InferenceSession.run`` on ``inputs``, as a call."""
     sess = session(onnx_path, threads=threads or default_threads())
-    return sess, feeds(sess, tuple(inputs))
+    feed = feeds(sess, tuple(inputs))
+    return functools.partial(sess.run, None, feed)
 
 
-def _time_runs(session: onnxruntime.InferenceSession, feed: dict[str, object],
-               iters: int) -> list[float]:
+def _openvino_runner(xml_path: str, inputs: Inputs, threads: int | None) -> Runner:
+    """One OpenVINO inference on ``inputs``, as a call (the request holds its compiled model)."""
+    request = openvino_runtime.compile_model(xml_path, threads or default_threads()).create_infer_request()
+    return functools.partial(request.infer, openvino_runtime.feed(inputs))
+
+
+def _time_runs(run: Runner, iters: int) -> list[float]:
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        session.run(None, feed)
+        run()
         times.append((time.perf_counter() - start) * 1000.0)
     return times
 
@@ -137,15 +163,15 @@ def compare_latency_many(onnx_paths: dict[str, str], inputs: Inputs, rounds: int
     ``speedup`` is the median over rounds of (first model's time / this model's time) within the
     round. The order is reversed every other round (A B C, C B A, ...) so that the position bias
     of this kind of machine cancels."""
-    sessions = {name: _session(path, inputs, threads) for name, path in onnx_paths.items()}
+    runners = {name: _ort_runner(path, inputs, threads) for name, path in onnx_paths.items()}
     for _ in range(warmup):
-        for ort_session, feed in sessions.values():
-            ort_session.run(None, feed)
-    names = list(sessions)
+        for run in runners.values():
+            run()
+    names = list(runners)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):
         for name in names if round_index % 2 == 0 else names[::-1]:
-            times[name].append(statistics.median(_time_runs(*sessions[name], iters)))
+            times[name].append(statistics.median(_time_runs(runners[name], iters)))
     base = times[names[0]]
     return {name: {"ms": statistics.median(ts),
                    "speedup": statistics.median([b / t for b, t in zip(base, ts, strict=True)])}

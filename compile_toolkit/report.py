@@ -34,8 +34,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
     if "latency_ms" in dense:
+        runtime = "OpenVINO" if report.get("latency_runtime") == "openvino" else "ORT"  # ctk export --runtime
         rows.append(
-            ("ORT latency, batch 1", f"{dense['latency_ms']:.3f} ms", f"{stripped['latency_ms']:.3f} ms", f"{report['speedup']:.2f}x faster")
+            (f"{runtime} latency, batch 1", f"{dense['latency_ms']:.3f} ms", f"{stripped['latency_ms']:.3f} ms", f"{report['speedup']:.2f}x faster")
         )
     if dense.get("accuracy") is not None:
         label, form = METRIC_ROWS[report.get("metric", {}).get("name", "top1")]

@@ -14,7 +14,7 @@ from ..capture import Capture, Inputs, capture
 from ..errors import CtkError, VerificationError, summary
 from ..quantize import Metric, QuantConfig
 from ..quantize.config import as_config
-from . import hf, onnx_format, pt2, torchscript
+from . import hf, onnx_format, openvino_format, pt2, torchscript
 from .artifact import Artifact, size_on_disk
 from .checks import CheckSet, as_inputs, build_checks, shapes_of
 from .int8 import export_int8
@@ -27,7 +27,8 @@ from .staging import prepare_out_dir, staged, staged_files
 IN_PROCESS: dict[str, ModuleType] = {
     "torchscript": torchscript, "pt2": pt2, "onnx": onnx_format}
 FORMATS: tuple[str, ...] = ("torchscript", "pt2", "onnx", "stablehlo")  # the default set: any model
-ALL_FORMATS: tuple[str, ...] = (*FORMATS, "hf")  # hf: a transformers causal LM only (``pretrained``)
+# openvino: the optional package, converted from model.onnx; hf: a transformers causal LM only (``pretrained``)
+ALL_FORMATS: tuple[str, ...] = (*FORMATS, openvino_format.FORMAT, "hf")
 
 
 def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], out_dir: str,
@@ -56,6 +57,11 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     to float) against ``max_metric_drop``; with ``pt2`` in ``formats`` also ``model.int8.pt2``
     (``pt2-int8``, after ``pt2``) by torch's PT2E, where it quantizes the graph.
 
+    ``openvino`` (needs the optional ``openvino`` package) converts the verified ``model.onnx``
+    (``onnx`` is added to ``formats`` when missing) to ``openvino/model.xml`` + ``model.bin``,
+    verified in OpenVINO's CPU runtime in fp32; with ``quantize`` also ``openvino/model.int8.xml``
+    from ``model.int8.onnx`` (format ``openvino-int8``, after ``openvino``; :mod:`.openvino_format`).
+
     ``hf`` writes ``module`` (stripped from the ``transformers`` causal LM ``pretrained``) as a
     ``transformers`` folder with ``tokenizer`` beside it, verified through
     ``AutoModelForCausalLM`` (see :mod:`.hf`).
@@ -67,9 +73,14 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
                        f"valid: {', '.join(ALL_FORMATS)}")
     if "hf" in wanted and (reason := hf.problem(module, pretrained)):
         raise CtkError(f"hf: {reason}")
+    if "openvino" in wanted:
+        openvino_format.require()  # the optional package: refused before any work
+        if "onnx" not in wanted:  # the IR is converted from the verified model.onnx
+            wanted.insert(wanted.index("openvino"), "onnx")
     if sparse_onnx and "onnx" not in wanted:
         raise CtkError("sparse_onnx=True converts the ONNX artifact: add 'onnx' to formats")
     config = as_config(quantize) if quantize is not None else None
+    calibration = list(calibration) if calibration is not None else None  # read twice with openvino
     prepare_out_dir(out_dir)
     # Started first: its torch_xla import overlaps the capture and the other formats.
     xla = StableHLOWorker(out_dir) if "stablehlo" in wanted else None
@@ -90,6 +101,10 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
             for name, after in (("onnx-int8", SPARSE_ONNX if sparse_onnx else "onnx"), ("pt2-int8", "pt2")):
                 if name in done:
                     wanted.insert(wanted.index(after) + 1, name)
+        if "openvino" in wanted:
+            done.update(openvino_format.export_ir(done["onnx"], checks, out_dir, done.get("onnx-int8"), calibration))
+            if "openvino-int8" in done:
+                wanted.insert(wanted.index("openvino") + 1, "openvino-int8")
         if "hf" in wanted:
             done["hf"] = _export_hf(module, pretrained, tokenizer, checks, out_dir)
         if xla is not None:

@@ -1,0 +1,67 @@
+"""OpenVINO on the CPU: the optional package, imported where it is used, and IRs compiled with
+fp32 inference precision pinned.
+
+A module of its own beside :mod:`.onnx_runtime`, below both ``exporters`` (which verify the IR)
+and ``metrics`` (which times it). Why the pin: on a CPU with AMX or AVX-512 BF16, OpenVINO's CPU
+plugin runs an fp32 model in bf16 unless told otherwise (measured on a small CNN: 2.8e-3 off
+the model instead of 3e-7), which would fail the float check, or pass a loosened one silently.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from .capture import Inputs
+from .errors import CtkError
+
+PACKAGE = "openvino"
+DEVICE = "CPU"
+
+
+def require() -> ModuleType:
+    """The ``openvino`` module, or one CtkError line naming the package that is missing."""
+    try:
+        import openvino
+    except ImportError as error:
+        raise CtkError(f"the openvino format needs the optional package '{PACKAGE}', which is not installed: "
+                       f"pip install {PACKAGE} (or `make setup`)") from error
+    return openvino
+
+
+def runtime_name() -> str:
+    """What report.json says ran the IR, e.g. ``openvino 2026.4.0 CPU``."""
+    require()
+    return f"{PACKAGE} {importlib.metadata.version(PACKAGE)} {DEVICE}"
+
+
+def compile_model(xml_path: str, threads: int | None = None) -> Any:
+    """The IR at ``xml_path`` compiled for the CPU in fp32 with ``threads`` inference threads
+    (default: as many as torch uses, as ONNX Runtime's sessions do)."""
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+    return require().Core().compile_model(xml_path, DEVICE, config)
+
+
+def feed(inputs: Inputs) -> list[np.ndarray]:
+    """Positional inputs as OpenVINO takes them (by position: the ONNX file's input order)."""
+    return [t.detach().cpu().numpy() for t in inputs]
+
+
+def infer(compiled: Any, inputs: list[Inputs]) -> list[list[torch.Tensor]]:
+    """The outputs of a compiled model on each batch of ``inputs``, in the model's output order,
+    as tensors that own their memory (OpenVINO reuses its output buffers)."""
+    request = compiled.create_infer_request()
+    results = []
+    for batch in inputs:
+        outputs = request.infer(feed(batch))
+        results.append([torch.from_numpy(np.array(outputs[port])) for port in compiled.outputs])
+    return results
+
+
+def run(xml_path: str, inputs: list[Inputs]) -> list[list[torch.Tensor]]:
+    """The outputs of the IR at ``xml_path`` on each batch of ``inputs`` (fp32 pinned)."""
+    return infer(compile_model(xml_path), inputs)

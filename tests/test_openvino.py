@@ -1,0 +1,128 @@
+"""OpenVINO as a verified target: ``openvino/model.xml`` (+ ``model.int8.xml``) converted from the
+ONNX files, verified in OpenVINO's CPU runtime with fp32 pinned, ``--runtime openvino`` latency,
+and the one-line refusal without the package."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import openvino
+import pytest
+import torch
+from test_cli import assert_clean_failure, run_cli  # tests/ is on sys.path (pytest rootdir)
+from test_export import TOL, make_model
+
+from compile_toolkit.cli import main
+from compile_toolkit.errors import CtkError, VerificationError
+from compile_toolkit.exporters import export, openvino_format
+from compile_toolkit.models import load_model
+from compile_toolkit.openvino_runtime import run
+
+VERSION = openvino.get_version().split("-")[0]  # "2026.4.0"
+REAL_RUN, REAL_WRITE = openvino_format.run, openvino_format.write
+
+
+@pytest.fixture(scope="module")
+def digits_job(tmp_path_factory) -> Path:
+    """The default digits model, unpruned, through the CLI once: fp32 and int8 IRs, OpenVINO latency."""
+    out = tmp_path_factory.mktemp("openvino") / "digits"
+    assert main(["export", "--formats", "onnx,openvino", "--runtime", "openvino", "--quantize", "int8",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_small_cnn_ir_loads_and_matches_the_reference_with_fp32_pinned(tmp_path):
+    model, x = make_model()
+    artifacts = export(model, x, str(tmp_path), formats=("openvino",))
+    assert [a.format for a in artifacts] == ["onnx", "openvino"]  # the IR is converted from model.onnx
+    ir = artifacts[1]
+    assert ir.path == str(tmp_path / "openvino" / "model.xml") and ir.runtime == f"openvino {VERSION} CPU"
+    assert sorted(os.listdir(tmp_path / "openvino")) == ["model.bin", "model.xml"]
+    assert 0 <= ir.max_abs_error < TOL and ir.static_batch is None
+    weights = 4 * (model.conv.weight.numel() + model.fc.weight.numel())  # the batch norm folds into the conv
+    assert os.path.getsize(tmp_path / "openvino" / "model.bin") >= weights  # fp32 weights, not fp16
+    core = openvino.Core()
+    pinned = core.compile_model(ir.path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    with torch.no_grad():
+        for batch in (x[:1], x):  # dynamic batch
+            got = pinned.create_infer_request().infer([batch.numpy()])[pinned.outputs[0]]
+            assert np.abs(got - model(batch).numpy()).max() < TOL
+    if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        # Positive control for the pin: this CPU's default precision is bf16, which the check would fail.
+        default = core.compile_model(ir.path, "CPU")
+        got = default.create_infer_request().infer([x.numpy()])[default.outputs[0]]
+        assert np.abs(got - model(x).detach().numpy()).max() > 10 * TOL
+
+
+def _perturbed_run(path: str, inputs: list) -> list[list[torch.Tensor]]:
+    return [[t + 1e-2 for t in outputs] for outputs in REAL_RUN(path, inputs)]
+
+
+def _truncated_write(onnx_path: str, xml_path: str) -> None:
+    REAL_WRITE(onnx_path, xml_path)
+    weights = Path(xml_path).with_suffix(".bin")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("broken, message", [("run", "openvino: max abs error"),
+                                             ("write", "could not run the artifact")])
+def test_a_wrong_ir_fails_verification_and_leaves_no_folder(tmp_path, monkeypatch, broken, message):
+    """Positive controls: outputs off by 1e-2 (the runtime patched), and a conversion whose IR lost
+    half its weights; either fails the job, and no openvino/ (nor a staging folder) is left."""
+    monkeypatch.setattr(openvino_format, broken, {"run": _perturbed_run, "write": _truncated_write}[broken])
+    model, x = make_model()
+    with pytest.raises(VerificationError, match=message):
+        export(model, x, str(tmp_path), formats=("onnx", "openvino"))
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+
+
+def test_without_the_package_the_format_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    model, x = make_model()
+    with pytest.raises(CtkError, match="optional package 'openvino'"):
+        export(model, x, str(tmp_path / "api"), formats=("openvino",))
+    assert not (tmp_path / "api").exists()
+    status, err = run_cli(["export", "--formats", "openvino", "--out", str(tmp_path / "cli")], capsys)
+    assert_clean_failure(status, err, "'openvino'", "pip install openvino")
+    assert not (tmp_path / "cli").exists()
+
+
+def test_runtime_openvino_needs_the_format(tmp_path, capsys):
+    status, err = run_cli(["export", "--runtime", "openvino", "--out", str(tmp_path / "out")], capsys)
+    assert_clean_failure(status, err, "--runtime openvino", "--formats")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_job_writes_verified_fp32_and_int8_irs(digits_job):
+    report = json.loads((digits_job / "report.json").read_text())
+    artifacts = {a["format"]: a for a in report["artifacts"]}
+    assert list(artifacts) == ["onnx", "onnx-int8", "openvino", "openvino-int8"]
+    ir, int8 = artifacts["openvino"], artifacts["openvino-int8"]
+    assert ir["path"] == "openvino/model.xml" and int8["path"] == "openvino/model.int8.xml"
+    assert ir["runtime"] == int8["runtime"] == f"openvino {VERSION} CPU"
+    assert ir["max_abs_error"] < 1e-3
+    assert sorted(os.listdir(digits_job / "openvino")) == ["model.bin", "model.int8.bin", "model.int8.xml",
+                                                           "model.xml"]
+    # int8: no float tolerance; every layer runs in int8, as far from float as ONNX Runtime's int8 and as accurate
+    details = int8["details"]
+    assert details["source"] == "model.int8.onnx" and details["int8_compute_layers"] == details["compute_layers"] > 0
+    assert 0 < int8["max_abs_error"] < 2 * artifacts["onnx-int8"]["max_abs_error"]
+    assert 0 <= details["max_abs_deviation_from_onnx_int8"] < 2 * artifacts["onnx-int8"]["max_abs_error"]
+    data = load_model("digits-resnet").dataset
+    (logits,) = run(str(digits_job / int8["path"]), [(data.x_test,)])[0]
+    accuracy = float((logits.argmax(1) == data.y_test).float().mean())
+    assert accuracy == pytest.approx(report["quantization"]["models"]["int8_stripped"]["accuracy"], abs=0.01)
+    assert {a["format"] for a in report["dense"]["artifacts"]} >= {"onnx", "openvino"}
+    assert (digits_job / "dense" / "openvino" / "model.xml").exists()
+
+
+def test_cli_job_measures_latency_in_openvino(digits_job):
+    report = json.loads((digits_job / "report.json").read_text())
+    assert report["latency_runtime"] == "openvino"
+    assert report["dense"]["latency_ms"] > 0 and report["stripped"]["latency_ms"] > 0
+    assert report["speedup"] > 0 and report["latency_rounds"] >= 4
+    assert "| OpenVINO latency, batch 1 |" in (digits_job / "report.md").read_text()
