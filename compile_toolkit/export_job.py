@@ -195,7 +195,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         formats = _formats(job, stripped, loaded, report)
         with timed(f"export and verify {', '.join(formats)}"):
             artifacts = export(stripped, loaded.example_inputs, str(staging), formats, reference=loaded.module,
-                               sparse_onnx=job.sparse_onnx, pretrained=getattr(loaded.module, "model", None),
+                               sparse_onnx=job.sparse_onnx, pretrained=loaded.pretrained,
                                tokenizer=loaded.tokenizer, **int8)
         with timed("export dense model for comparison"):
             dense_artifacts = export(dense, loaded.example_inputs, str(staging / "dense"),
@@ -225,7 +225,7 @@ def _formats(job: ExportJob, stripped: nn.Module, loaded: LoadedModel, report: d
     config describes the stripped widths; otherwise it is skipped with the reason in
     ``report["skipped"]`` and the notes, and the other formats are still written."""
     formats = tuple(dict.fromkeys((*job.formats, "onnx")))
-    reason = hf_format.problem(stripped, loaded.module.model) if "hf" in formats else ""
+    reason = hf_format.problem(stripped, loaded.pretrained) if "hf" in formats else ""
     if reason:
         report["skipped"] = {"hf": reason}
         report["notes"].append(f"hf folder not written: {reason}")

@@ -91,7 +91,7 @@ def run(job: PruneJob) -> dict[str, Any]:
     apply_masks(loaded.module, masks)
     out = job.out_dir
     with staged_folder(out, force=job.force, inputs=job.inputs) as staging:
-        state = {k: v.detach().contiguous().clone() for k, v in _target(loaded).state_dict().items()}
+        state = {k: v.detach().contiguous().clone() for k, v in loaded.named_module.state_dict().items()}
         save_safetensors(state, staging / WEIGHTS_FILE, {"model": job.model})
         save_masks(staging / MASKS_FILE, _unwrapped(loaded, masks), {**how, "model": job.model})
     return {
@@ -147,18 +147,12 @@ def _prune_once(job: PruneJob) -> tuple[LoadedModel, Masks, float, dict[str, flo
     return loaded, masks, sparsity, layers
 
 
-def _target(loaded: LoadedModel) -> nn.Module:
-    """The module whose names the files use: a task wrapper's ``transformers`` model (the names
-    ``--weights`` loads), else the model itself."""
-    return loaded.module.model if loaded.task else loaded.module
-
-
 def _held_masks(loaded: LoadedModel, weights: str | None) -> Masks:
     """Load ``--weights`` into the model; the ``torch.nn.utils.prune`` masks they carry, under
     the names of ``loaded.module`` (what pruning's masks use)."""
     if weights is None:
         return {}
-    held = _load_weights(_target(loaded), weights, loaded.notes)
+    held = _load_weights(loaded.named_module, weights, loaded.notes)
     return {f"model.{k}": v for k, v in held.items()} if loaded.task else held
 
 

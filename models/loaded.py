@@ -34,6 +34,17 @@ class LoadedModel:
     task: str | None = None
     tokenizer: Any = None
 
+    @property
+    def pretrained(self) -> nn.Module | None:
+        """The ``transformers`` model a task wrapper holds (``hf:`` folders, GGUF files), else None."""
+        return self.module.model if self.task else None
+
+    @property
+    def named_module(self) -> nn.Module:
+        """The module whose parameter names weights files use: the ``transformers`` model inside a
+        task wrapper (what ``save_pretrained`` names), else the module itself."""
+        return self.pretrained if self.pretrained is not None else self.module
+
 
 def random_input(shape: tuple[int, ...], draw: Callable[..., torch.Tensor] = torch.randn) -> torch.Tensor:
     """Seeded input (standard normal, or ``draw``'s distribution), so every load of a spec sees the same example."""

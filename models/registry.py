@@ -67,8 +67,7 @@ def load_model(
     else:
         raise CtkError(f"unknown model {spec!r}: use {VALID_SPECS}")
     if weights is not None:
-        target = loaded.module.model if loaded.task else loaded.module  # hf wrappers: not the wrapper's names
-        loaded.notes += load_safetensors_weights(target, weights, f"--weights {weights}", num_classes)
+        loaded.notes += load_safetensors_weights(loaded.named_module, weights, f"--weights {weights}", num_classes)
     loaded.module.eval()
     _check_forward(loaded)
     return loaded
