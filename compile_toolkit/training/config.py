@@ -18,8 +18,8 @@ from ..pruning.recipe import MAX_EPOCHS, MAX_SEED, load_recipe
 from ..quantize.qat import check_qat
 from ..tasks import TASKS
 from .mesh import parse_mesh
+from .strategies import STRATEGIES, STRATEGY_ENTRIES
 
-STRATEGIES = ("single", "ddp", "spmd", "fsdp", "tp")
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -230,7 +230,7 @@ def check_batch_split(batch_size: int, shares: int, strategy: str) -> None:
     processes of ddp and fsdp, the ranks of tp's data axis. The launcher checks it before starting
     workers, each worker again (under a plain torchrun only the workers know how many they are)."""
     if batch_size % shares:
-        whose = "processes" if strategy in ("ddp", "fsdp") else "ranks of the data axis"
+        whose = STRATEGY_ENTRIES[strategy].data_split_by
         raise CtkError(f"--batch-size {batch_size} (the global batch) must be divisible by the {shares} {whose}")
 
 

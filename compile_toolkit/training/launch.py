@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader
 from ..errors import CtkError, Terminated, shown
 from ..tasks import model_inputs
 from .config import MAX_NODES, MAX_PROCESSES, MAX_RESTARTS, TrainConfig, check_batch_split, check_count
+from .strategies import WORKER_STRATEGIES
 
 LAUNCH_OPTIONS = ("nproc_per_node", "max_restarts", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend")
-WORKER_STRATEGIES = ("ddp", "fsdp", "tp")
 RDZV_BACKENDS = ("c10d", "static")
 # The signals torchrun's agent turns into SignalException (after stopping the workers).
 AGENT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
