@@ -31,7 +31,7 @@ from .pruning.recalibrate import recalibrate_batchnorm
 from .pruning.recipe import load_recipe
 from .quantize import QuantConfig, qat
 from .quantize import job as quantize_job
-from .report import write_reports
+from .report import ExportReport, Latency, ModelMeasure
 from .strip import strip, strip_summary
 from .tasks import TASKS
 from .training.checkpoint import Checkpoint, load_checkpoint
@@ -177,21 +177,20 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         if quant_config and learned:  # a `ctk train --qat int8` checkpoint: its ranges, not a calibration
             quant_config = quant_config.with_ranges(learned)
         int8, dense_int8 = quantize_job.export_options(loaded, quant_config, work) if quant_config else ({}, {})
-        report: dict[str, Any] = {"model": loaded.name, "sparsity": job.prune.sparsity if job.pruned else 0.0,
-                                  "notes": list(loaded.notes)}
         with timed("measure dense model"):
-            report["dense"] = _measure(dense, loaded, work, dense)
+            report = ExportReport(loaded.name, job.prune.sparsity if job.pruned else 0.0, list(loaded.notes),
+                                  _measure(dense, loaded, work, dense))
         if trained is not None:
             with timed(f"load sparse-trained checkpoint {trained.path}"):
-                report["pruning"] = _apply_checkpoint(trained, job, loaded, work, dense)
-            report["sparsity"] = report["pruning"]["sparsity"]
+                report.pruning = _apply_checkpoint(trained, job, loaded, work, dense)
+            report.sparsity = report.pruning["sparsity"]
         elif job.pruned:
-            report["pruning"] = _prune(job, loaded, work, dense, timed)
+            report.pruning = _prune(job, loaded, work, dense, timed)
         with timed("capture and strip"):
             stripped = strip(loaded.module, loaded.example_inputs)
-        report["strip"] = strip_summary(stripped).to_dict()
+        report.strip = strip_summary(stripped).to_dict()
         with timed("measure stripped model"):
-            report["stripped"] = _measure(PositionalInputs(stripped), loaded, work, dense)
+            report.stripped = _measure(PositionalInputs(stripped), loaded, work, dense)
         formats = _formats(job, stripped, loaded, report)
         with timed(f"export and verify {', '.join(formats)}"):
             artifacts = export(stripped, loaded.example_inputs, str(staging), formats, reference=loaded.module,
@@ -201,46 +200,46 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
             dense_artifacts = export(dense, loaded.example_inputs, str(staging / "dense"),
                                      tuple(f for f in DENSE_FORMATS if f in formats), **dense_int8)
         with timed(f"{LATENCY_RUNTIMES[job.runtime][0]} latency, dense vs stripped"):
-            _latency(report, staging, loaded, job.latency_rounds, job.runtime)
+            report.latency = _latency(report, staging, loaded, job.latency_rounds, job.runtime)
         if work is not None:
             with timed(f"measure {work.task.metric} of the ONNX artifact in ONNX Runtime"):
-                report["metric"] = _metric_summary(report, work, next(a for a in artifacts if a.format == "onnx"), dense)
+                report.metric = _metric_summary(report, work, next(a for a in artifacts if a.format == "onnx"), dense)
         if quant_config:
             with timed("int8: test accuracy, sizes, latency at batch 1 and 8"):
-                report["quantization"] = quantize_job.section(artifacts, dense_artifacts, staging, loaded,
-                                                              max(2, job.latency_rounds // 4), work)
-        report["artifacts"] = [_relative(a.to_dict(), staging) for a in artifacts]
-        report.update(_sparse_onnx_ratio(artifacts))
-        report["dense"]["artifacts"] = [_relative(a.to_dict(), staging) for a in dense_artifacts]
-        report["pipeline"] = log.to_dict()
-        report["environment"] = _environment()
-        write_reports(report, staging)
-    report["out"] = str(job.out_dir)
-    return report
+                report.quantization = quantize_job.section(artifacts, dense_artifacts, staging, loaded,
+                                                           max(2, job.latency_rounds // 4), work)
+        report.artifacts = [_relative(a.to_dict(), staging) for a in artifacts]
+        report.sparse_onnx = _sparse_onnx_ratio(artifacts)
+        report.dense.artifacts = [_relative(a.to_dict(), staging) for a in dense_artifacts]
+        report.pipeline = log.to_dict()
+        report.environment = _environment()
+        report.write(staging)
+    report.out = str(job.out_dir)
+    return report.to_dict()
 
 
-def _formats(job: ExportJob, stripped: nn.Module, loaded: LoadedModel, report: dict[str, Any]) -> tuple[str, ...]:
+def _formats(job: ExportJob, stripped: nn.Module, loaded: LoadedModel, report: ExportReport) -> tuple[str, ...]:
     """The formats to write: ONNX always (the metric is measured in ONNX Runtime, latency by
     default, and the OpenVINO IR is converted from it), and ``hf`` only when a ``transformers``
     config describes the stripped widths; otherwise it is skipped with the reason in
-    ``report["skipped"]`` and the notes, and the other formats are still written."""
+    ``report.skipped`` and the notes, and the other formats are still written."""
     formats = tuple(dict.fromkeys((*job.formats, "onnx")))
     reason = hf_format.problem(stripped, loaded.pretrained) if "hf" in formats else ""
     if reason:
-        report["skipped"] = {"hf": reason}
-        report["notes"].append(f"hf folder not written: {reason}")
+        report.skipped["hf"] = reason
+        report.notes.append(f"hf folder not written: {reason}")
         formats = tuple(f for f in formats if f != "hf")
     return formats
 
 
-def _sparse_onnx_ratio(artifacts: list) -> dict[str, Any]:
-    """``{"sparse_onnx": {...}}`` when the sparse ONNX file was written: its size against the
-    same graph with dense initializers (what unstructured zeros save on disk)."""
+def _sparse_onnx_ratio(artifacts: list) -> dict[str, Any] | None:
+    """The sparse ONNX file's size against the same graph with dense initializers (what
+    unstructured zeros save on disk), when it was written."""
     sizes = {a.format: a.size_bytes for a in artifacts}
     if "onnx-sparse" not in sizes:
-        return {}
+        return None
     dense, sparse = sizes["onnx"], sizes["onnx-sparse"]
-    return {"sparse_onnx": {"onnx_bytes": dense, "sparse_bytes": sparse, "ratio": sparse / dense}}
+    return {"onnx_bytes": dense, "sparse_bytes": sparse, "ratio": sparse / dense}
 
 
 def _timer(log: PipelineLog, step: Step | None) -> Callable[[str], AbstractContextManager]:
@@ -347,12 +346,9 @@ def _apply_checkpoint(checkpoint: Checkpoint, job: ExportJob, loaded: LoadedMode
     }
 
 
-def _measure(module: nn.Module, loaded: LoadedModel, work: Workload | None, dense: nn.Module) -> dict[str, Any]:
-    return {
-        "params": metrics.count_params(module),
-        "flops": metrics.count_flops(module, loaded.example_inputs),
-        "accuracy": _metric(module, work, dense),
-    }
+def _measure(module: nn.Module, loaded: LoadedModel, work: Workload | None, dense: nn.Module) -> ModelMeasure:
+    return ModelMeasure(metrics.count_params(module), metrics.count_flops(module, loaded.example_inputs),
+                        _metric(module, work, dense))
 
 
 def _metric(module: nn.Module, work: Workload | None, dense: nn.Module) -> float | None:
@@ -360,7 +356,7 @@ def _metric(module: nn.Module, work: Workload | None, dense: nn.Module) -> float
     return work.evaluate(module, dense) if work is not None else None
 
 
-def _metric_summary(report: dict[str, Any], work: Workload, onnx: Artifact, dense: nn.Module) -> dict[str, Any]:
+def _metric_summary(report: ExportReport, work: Workload, onnx: Artifact, dense: nn.Module) -> dict[str, Any]:
     """The task's metric on the validation split for the dense, pruned and stripped models and
     for the ONNX file as ONNX Runtime runs it (a static-batch file reads full batches only), to
     :data:`METRIC_DIGITS` significant digits: float rounding below them is no difference in the
@@ -368,23 +364,21 @@ def _metric_summary(report: dict[str, Any], work: Workload, onnx: Artifact, dens
     static = onnx.static_batch
     loader = work.val_loader(static, drop_last=True) if static else work.val_loader()
     onnx_value = work.task.evaluate(OnnxRuntimeModel(onnx.path), loader, dense)[work.task.metric]
-    values = {"dense": report["dense"]["accuracy"], "pruned": report.get("pruning", {}).get("accuracy"),
-              "stripped": report["stripped"]["accuracy"], "onnx": onnx_value}
+    values = {"dense": report.dense.accuracy, "pruned": (report.pruning or {}).get("accuracy"),
+              "stripped": report.stripped.accuracy, "onnx": onnx_value}
     rounded = {k: None if v is None else float(f"{v:.{METRIC_DIGITS}g}") for k, v in values.items()}
     return {"name": work.task.metric, "split": "validation", **rounded}
 
 
-def _latency(report: dict[str, Any], staging: Path, loaded: LoadedModel, rounds: int, runtime: str) -> None:
+def _latency(report: ExportReport, staging: Path, loaded: LoadedModel, rounds: int, runtime: str) -> Latency:
     """Dense against stripped at batch 1 in ``runtime`` (``--runtime``), alternated rounds."""
     _, path, compare = LATENCY_RUNTIMES[runtime]
     batch1 = tuple(t[:1] for t in loaded.example_inputs)
     timing = compare(str(staging / "dense" / path), str(staging / path), batch1, rounds=rounds,
                      budget_s=LATENCY_BUDGET_S)
-    report["latency_runtime"] = runtime
-    report["dense"]["latency_ms"] = timing["a_ms"]
-    report["stripped"]["latency_ms"] = timing["b_ms"]
-    report["speedup"] = timing["ratio"]
-    report["latency_rounds"] = timing["rounds"]
+    report.dense.latency_ms = timing["a_ms"]
+    report.stripped.latency_ms = timing["b_ms"]
+    return Latency(runtime, timing["ratio"], timing["rounds"])
 
 
 def _relative(entry: dict[str, Any], staging: Path) -> dict[str, Any]:

@@ -3,15 +3,70 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 
-def write_reports(report: dict[str, Any], folder: Path) -> None:
-    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / "report.md").write_text(markdown(report))
+@dataclass
+class ModelMeasure:
+    """One model's cost and quality: parameters, FLOPs per sample, the task's metric on the
+    validation split (None without data), batch-1 latency and the files written of it."""
+
+    params: int
+    flops: int
+    accuracy: float | None
+    latency_ms: float | None = None
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Latency:
+    """Dense against stripped at batch 1 in ``runtime``: the median of per-round ratios."""
+
+    runtime: str
+    speedup: float
+    rounds: int
+
+
+@dataclass
+class ExportReport:
+    """What ``ctk export`` did, filled stage by stage (load, prune, strip, export, measure); report.json
+    (:meth:`to_dict`), report.md and the console tables are views of it. ``pruning``, ``metric`` and
+    ``quantization`` are the sections their stages return."""
+
+    model: str
+    sparsity: float
+    notes: list[str]
+    dense: ModelMeasure
+    stripped: ModelMeasure | None = None
+    strip: dict[str, Any] | None = None
+    pruning: dict[str, Any] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    latency: Latency | None = None
+    metric: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    sparse_onnx: dict[str, Any] | None = None
+    pipeline: dict[str, Any] | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report.json layout: a section a stage did not fill is left out."""
+        found = {name: value for name, value in asdict(self).items() if value not in (None, {}) and name != "latency"}
+        if self.latency is not None:
+            found.update(latency_runtime=self.latency.runtime, speedup=self.latency.speedup,
+                         latency_rounds=self.latency.rounds)
+        return found
+
+    def write(self, folder: Path) -> None:
+        """report.json and report.md into ``folder``."""
+        report = self.to_dict()
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (folder / "report.md").write_text(markdown(report))
 
 
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:

@@ -248,3 +248,19 @@ def test_every_option_is_declared_once_on_its_job():
     flags = {action.dest for action in parser._subparsers._group_actions[0].choices["export"]._actions}
     fields = {f.name for f in dataclasses.fields(ExportJob)} - {"prune", "latency_rounds"}
     assert fields <= flags  # every option of the job is on the command line
+
+
+def test_the_report_is_typed_and_report_json_is_its_view(tmp_path):
+    """ExportReport is filled stage by stage; to_dict leaves out what no stage filled and spells
+    the latency section as report.json always has."""
+    from compile_toolkit.report import ExportReport, Latency, ModelMeasure
+
+    report = ExportReport("m", 0.0, [], ModelMeasure(10, 20, None))
+    assert report.to_dict() == {"model": "m", "sparsity": 0.0, "notes": [],
+                                "dense": {"params": 10, "flops": 20, "accuracy": None, "latency_ms": None,
+                                          "artifacts": []}}
+    report.stripped, report.latency = ModelMeasure(5, 8, None, 1.0), Latency("ort", 2.0, 12)
+    report.strip = {"channels_removed": 3, "groups": [], "barriers": [], "max_relative_error": 0.0}
+    found = report.to_dict()
+    assert (found["speedup"], found["latency_runtime"], found["latency_rounds"]) == (2.0, "ort", 12)
+    assert "pruning" not in found and "skipped" not in found and "latency" not in found
