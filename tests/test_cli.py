@@ -256,7 +256,7 @@ def test_the_report_is_typed_and_report_json_is_its_view(tmp_path):
     from compile_toolkit.report import ExportReport, Latency, ModelMeasure
 
     report = ExportReport("m", 0.0, [], ModelMeasure(10, 20, None))
-    assert report.to_dict() == {"model": "m", "sparsity": 0.0, "notes": [],
+    assert report.to_dict() == {"model": "m", "sparsity": 0.0, "notes": [], "artifacts": [],
                                 "dense": {"params": 10, "flops": 20, "accuracy": None, "latency_ms": None,
                                           "artifacts": []}}
     report.stripped, report.latency = ModelMeasure(5, 8, None, 1.0), Latency("ort", 2.0, 12)
