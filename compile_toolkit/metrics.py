@@ -148,6 +148,10 @@ def _openvino_runner(xml_path: str, inputs: Inputs, threads: int | None) -> Runn
 
 
 def _time_runs(run: Runner, iters: int) -> list[float]:
+    """A block of ``iters`` timed runs after one untimed run: the first run after another model's
+    finds the caches and the vector units in that model's state (a small int8 model then runs 2x
+    slower than back to back: shared/FACTS.md), which a deployed model does not see."""
+    run()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
