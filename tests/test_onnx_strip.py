@@ -367,3 +367,296 @@ def test_ctk_strip_of_an_onnx_file(tmp_path, capsys):
                          (["strip", "--out", str(out)], "--out")):
         status, err = run_cli(args, capsys)
         assert_clean_failure(status, err, needle)
+
+
+# -- split, slice, gather; normalisation; resize; transposed convolutions; QDQ; computed shapes ----
+
+def stripped_both_ways(model: nn.Module, x: torch.Tensor, tmp_path, dynamo: bool, name: str):
+    """(summary, stripped file) of the model's export, checked to leave the input file as it was."""
+    source = export(model, x, tmp_path / f"{name}.onnx", dynamo)
+    before = digest(source)
+    summary = strip_onnx(source, tmp_path / f"{name}.small.onnx")
+    assert digest(source) == before
+    assert summary.max_relative_error <= 1e-5
+    return summary, tmp_path / f"{name}.small.onnx"
+
+
+def weight_shapes(stripped: nn.Module, names: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in stripped.named_parameters() if name in names}
+
+
+class Pieces(nn.Module):
+    """Channels cut into pieces: ``torch.split`` (constant sizes), ``torch.chunk`` (equal pieces,
+    which the TorchScript exporter computes from ``Shape``), slices, a channel list
+    (``index_select``: Gather with a 1-d constant) and one gathered channel (Gather, scalar)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(20, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        p, q = torch.split(h, [3, 5], 1)
+        u, v = torch.chunk(F.relu(self.b(x)), 2, dim=1)
+        picked = torch.index_select(h, 1, torch.tensor([7, 2, 4]))
+        return self.c(torch.cat([p, q[:, 1:], h[:, 2:6], u, v, picked], 1)) + h[:, 3].unsqueeze(1)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_split_chunk_slice_and_gather_rewrite_their_constants(tmp_path, dynamo):
+    """a's zero channels 1, 4, 6 fall inside split pieces, slices and the channel list; b's 1 and 5
+    inside the two chunks: all five go, every split size, slice bound and index is rewritten. The
+    gathered channel 3 stays (moved to index 2). ``ctk.strip`` on the PyTorch model removes b's
+    two only: ATen's ``index_select`` has no rule there."""
+    model = Pieces().eval()
+    with torch.no_grad():
+        for conv, channels in ((model.a, [1, 4, 6]), (model.b, [1, 5])):
+            conv.weight[channels] = 0
+            conv.bias[channels] = 0
+    x = torch.randn(2, 3, 5, 5)
+    summary, small = stripped_both_ways(model, x, tmp_path, dynamo, "pieces")
+    assert summary.channels_removed == 5
+    shapes = initializer_shapes(small)
+    assert (shapes["a.weight"], shapes["b.weight"], shapes["c.weight"]) == ((5, 3, 1, 1), (4, 3, 1, 1), (4, 13, 1, 1))
+    reference = weight_shapes(ctk.strip(model, (x,)), ("a.weight", "b.weight", "c.weight"))
+    assert reference == {"a.weight": (8, 3, 1, 1), "b.weight": (4, 3, 1, 1), "c.weight": (4, 18, 1, 1)}
+
+
+def test_a_strided_slice_and_a_gathered_zero_channel_are_kept(tmp_path):
+    """Positive controls: a strided slice over channels pins them (removing one would shift the
+    stride; a's zero channel 2 and the unread odd ones stay), and a zero channel read by a scalar
+    Gather has no dim to be removed from (b's channel 1 stays; the three it leaves unread go, and
+    the index becomes 0)."""
+
+    class Strided(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)
+            with torch.no_grad():
+                self.a.weight[2], self.a.bias[2], self.b.weight[1], self.b.bias[1] = 0, 0, 0, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.a(x)[:, ::2]) + self.b(x)[:, 1].unsqueeze(1)
+
+    summary, small = stripped_both_ways(Strided(), torch.randn(2, 3, 4, 4), tmp_path, False, "strided")
+    assert summary.channels_removed == 3
+    shapes = initializer_shapes(small)
+    assert (shapes["a.weight"], shapes["b.weight"]) == ((6, 3, 1, 1), (1, 3, 1, 1))
+    assert any(b.startswith("strided slice Slice") for b in summary.barriers)
+    assert any(b.startswith("gathered by Gather") for b in summary.barriers)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention (two heads) and MLP, with their residual adds."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, hidden: int = 32) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attention = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1)
+        x = x + self.proj((attention @ v).transpose(1, 2).reshape(b, n, c))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+@pytest.mark.parametrize("dynamo, opset", [(False, 17), (False, 14), (True, 18)])
+def test_transformer_block_loses_its_zero_and_dead_mlp_neurons(tmp_path, dynamo, opset):
+    """Four zero neurons of fc1 and one fc2 ignores go, as ``ctk.strip`` removes them; the heads are
+    left alone (attention's batched MatMul is a named barrier in the dynamo export, the head
+    reshapes of the TorchScript one). Opset 14 writes LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div,
+    and both TorchScript exports compute the reshape targets from ``Shape`` (dynamic batch)."""
+    torch.manual_seed(0)
+    model = TransformerBlock().eval()
+    with torch.no_grad():
+        model.fc1.weight[[3, 10, 17, 30]] = 0
+        model.fc1.bias[[3, 10, 17, 30]] = 0
+        model.fc2.weight[:, 5] = 0
+    x = torch.randn(2, 6, 16)
+    if opset == 14:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), str(tmp_path / "block.onnx"), dynamo=False, opset_version=14,
+                              do_constant_folding=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+        assert "LayerNormalization" not in {n.op_type for n in onnx.load(str(tmp_path / "block.onnx")).graph.node}
+        summary = strip_onnx(tmp_path / "block.onnx", tmp_path / "block.small.onnx")
+        assert summary.max_relative_error <= 1e-5
+    else:
+        summary, _ = stripped_both_ways(model, x, tmp_path, dynamo, "block")
+    assert summary.channels_removed == 5
+    assert summary.parameters_before - summary.parameters_after == 5 * (16 + 1 + 16)
+    if dynamo:
+        assert any("MatMul at node" in b and "attention" in b for b in summary.barriers)
+    reference = weight_shapes(ctk.strip(model, (x,)), ("fc1.weight", "fc2.weight"))
+    assert reference == {"fc1.weight": (27, 16), "fc2.weight": (16, 27)}
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of ``[N, C, H, W]``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("act, op", [(nn.Softmax(dim=1), "Softmax"), (nn.LogSoftmax(dim=1), "LogSoftmax"),
+                                     (ChannelLayerNorm(4), "LayerNormalization")])
+def test_normalising_over_channels_keeps_them(tmp_path, act, op):
+    """Positive controls: a zero channel normalised together with the others stays."""
+    summary = strip_block(tmp_path, Block(act))
+    assert summary.channels_removed == 0
+    assert any(b.startswith(f"normalised dim of {op}") for b in summary.barriers)
+
+
+class Decoder(nn.Module):
+    """Strided convs down, ``ConvTranspose`` up (stride 2, then stride 1), bilinear ``Resize``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.up1, self.bn = nn.ConvTranspose2d(32, 16, 2, stride=2), nn.BatchNorm2d(16)
+        self.up2, self.head = nn.ConvTranspose2d(16, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.up1(self.enc(x))))
+        return self.head(F.interpolate(F.relu(self.up2(h)), scale_factor=2.0, mode="bilinear"))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_pruned_decoder_strips_like_ctk_strip(tmp_path, dynamo):
+    """Half the channel groups zeroed by ``ctk.prune``: every conv and transposed conv keeps the
+    channels ``ctk.strip`` keeps on the PyTorch model (the weight of ``ConvTranspose`` is
+    ``[in, out, ...]``); the Resize passes channels through."""
+    torch.manual_seed(0)
+    model, x = Decoder().eval(), torch.randn(1, 3, 16, 16)
+    ctk.prune(model, (x,), 0.5, "channel")
+    summary, small = stripped_both_ways(model, x, tmp_path, dynamo, "decoder")
+    assert summary.channels_removed == 32
+    names = ("enc.0.weight", "enc.3.weight", "up1.weight", "up2.weight", "head.weight")
+    expected = weight_shapes(ctk.strip(model, (x,)), names)
+    assert expected["up1.weight"] == (16, 8, 2, 2)
+    shapes = initializer_shapes(small)
+    assert {name: shapes[name] for name in names} == expected
+
+
+def test_depthwise_conv_transpose_loses_groups_and_resizing_channels_pins_them(tmp_path):
+    """A depthwise ConvTranspose (2 outputs per group) loses the groups of zero input channels 1
+    and 3; a Resize that scales the channel dim pins them (positive control)."""
+    a, up = weights(4, 3, 1, 1), weights(4, 2, 3, 3)
+    a[[1, 3]] = 0
+    bias = weights(8)
+    bias[[2, 3, 6, 7]] = 0
+    nodes = [node("Conv", ["x", "a"], "h"), node("Relu", ["h"], "r"),
+             node("ConvTranspose", ["r", "up", "upb"], "t", group=4, strides=[2, 2]), node("Conv", ["t", "c"], "y")]
+    model = hand_model(nodes, {"x": ["batch", 3, 4, 4]}, {"a": a, "up": up, "upb": bias, "c": weights(2, 8, 1, 1)})
+    summary = strip_onnx(model, tmp_path / "small.onnx")
+    assert summary.channels_removed == 2 and summary.max_relative_error <= 1e-5
+    assert initializer_shapes(tmp_path / "small.onnx") == {"a": (2, 3, 1, 1), "up": (2, 2, 3, 3), "upb": (4,),
+                                                            "c": (2, 4, 1, 1)}
+    transposed = next(n for n in onnx.load(str(tmp_path / "small.onnx")).graph.node if n.op_type == "ConvTranspose")
+    assert next(a.i for a in transposed.attribute if a.name == "group") == 2
+    scales = np.array([1, 2, 1, 1], dtype=np.float32)
+    nodes = [node("Conv", ["x", "a"], "h"), node("Resize", ["h", "", "scales"], "z", mode="nearest"),
+             node("ReduceSum", ["z"], "y", keepdims=0)]
+    model = hand_model(nodes, {"x": [2, 3, 4, 4]}, {"a": a, "scales": scales})
+    summary = strip_onnx(model, tmp_path / "resized.onnx")
+    assert summary.channels_removed == 0
+    assert any(b.startswith("resized by Resize") for b in summary.barriers)
+
+
+class Calibration:
+    """A few seeded batches for ONNX Runtime's static quantizer."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        rng = np.random.default_rng(0)
+        self.batches = iter([{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(4)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+def test_qdq_int8_file_of_a_pruned_cnn_strips_exactly(tmp_path):
+    """``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations with nonzero zero
+    points) on the exported pruned CNN: the int8 weights lose the rows and columns of the channels
+    the float file loses, with their scales and zero points, and the stripped file's outputs equal
+    the unstripped QDQ file's."""
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    reader = type("Reader", (Calibration, CalibrationDataReader), {})((2, 3, 8, 8))
+    torch.manual_seed(0)
+    model, x = ResidualCNN().eval(), torch.randn(2, 3, 8, 8)
+    ctk.prune(model, (x,), 0.5, "channel")
+    source = export(model, x, tmp_path / "cnn.onnx", dynamo=False)
+    qdq = str(tmp_path / "cnn.qdq.onnx")
+    quantize_static(source, qdq, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    before = digest(qdq)
+    summary = strip_onnx(qdq, tmp_path / "small.onnx")
+    assert summary.channels_removed == strip_onnx(source, tmp_path / "float.onnx").channels_removed == 12
+    assert summary.max_relative_error == 0.0 and digest(qdq) == before
+    shapes = initializer_shapes(tmp_path / "small.onnx")
+    assert shapes["conv4.weight_quantized"] == (8, 4, 3, 3) and shapes["fc.weight_quantized"] == (10, 8)
+    assert shapes["conv4.weight_scale"] == shapes["conv4.weight_zero_point"] == (8,)
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    outputs = [onnxruntime.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+               for p in (qdq, str(tmp_path / "small.onnx"))]
+    assert np.array_equal(*outputs)
+
+
+@pytest.mark.parametrize("read_back, removable", [(10, True), (11, False)])
+def test_a_quantized_zero_stays_zero_only_if_the_zero_points_agree(tmp_path, read_back, removable):
+    """QuantizeLinear maps a zero channel to its zero point 10; DequantizeLinear maps it back to 0
+    only with the same zero point (with 11 it reads -scale: a positive control)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    a, b = weights(4, 3, 1, 1), weights(2, 4, 1, 1)
+    a[1] = 0
+    constants = {"a": a, "b": b, "s": np.array(0.05, dtype=np.float32)}
+    initializers = [numpy_helper.from_array(v, k) for k, v in constants.items()]
+    initializers += [numpy_helper.from_array(np.array(z, dtype=np.uint8), name) for name, z in (("zq", 10),
+                                                                                              ("zd", read_back))]
+    nodes = [node("Conv", ["x", "a"], "h"), node("QuantizeLinear", ["h", "s", "zq"], "q"),
+             node("DequantizeLinear", ["q", "s", "zd"], "d"), node("Conv", ["d", "b"], "y")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    summary = strip_onnx(model, tmp_path / "small.onnx")
+    assert summary.channels_removed == int(removable) and summary.max_relative_error <= 1e-5
+
+
+class Viewed(nn.Module):
+    """``x.view(x.size(0), -1)`` and ``reshape(b, c, h * w)``: with a dynamic batch the TorchScript
+    exporter computes both targets from ``Shape`` -> ``Gather`` -> ``Concat``."""
+
+    def __init__(self, merge_channels: bool = False) -> None:
+        super().__init__()
+        self.merge_channels = merge_channels
+        self.a, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(4 * 16, 2)
+        with torch.no_grad():
+            self.a.weight[1], self.a.bias[1] = 0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        b, c, h, w = y.shape
+        rows = y.reshape(b, c * h, w) if self.merge_channels else y.reshape(b, c, h * w)
+        return self.fc(y.view(y.size(0), -1)) + rows.sum((1, 2)).unsqueeze(1)
+
+
+@pytest.mark.parametrize("merge_channels, removed", [(False, 1), (True, 0)])
+def test_reshape_targets_computed_from_shape_are_followed_or_pin(tmp_path, merge_channels, removed):
+    """A computed target entry that is the batch, ``-1`` or the size of the dim it keeps follows the
+    strip by itself; one that multiplies the channel count into another dim cannot be rewritten
+    (the batch is not known), so it pins the channels (positive control)."""
+    summary, _ = stripped_both_ways(Viewed(merge_channels), torch.randn(2, 3, 4, 4), tmp_path, False, "viewed")
+    assert summary.channels_removed == removed
+    if not removed:
+        assert any(b.startswith("target of Reshape") for b in summary.barriers)

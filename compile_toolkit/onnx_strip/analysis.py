@@ -1,7 +1,9 @@
 """Channel analysis of an ONNX graph: the walks of ``channels/analysis.py`` over ``onnx_ir`` nodes.
 
 One forward walk asks each node's rule to couple dimensions and to state which output slices are
-exactly zero; one backward walk asks it which input slices no consumer reads. The solved coupling,
+exactly zero (where shape inference left a dim symbolic and the rule gives it atoms, such as the
+channels of a slice whose bounds ``torch.onnx`` computes from constants, the dim takes the atoms'
+size); one backward walk asks it which input slices no consumer reads. The solved coupling,
 the removable channels and the groups come from :mod:`compile_toolkit.channels.solve`, the same
 code the ATen path uses. A node whose rule raises becomes a barrier naming op, node and error; a
 rule that has no exact answer for its node (:class:`~.context.NotCovered`) makes it a barrier
@@ -17,11 +19,13 @@ import numpy as np
 import onnx_ir as ir
 
 from ..channels import solve
+from ..channels.context import mask
 from ..channels.rules.base import full
 from ..channels.solve import SolvedAnalysis, checked_facts
 from ..errors import summary
 from .context import Key, NotCovered, OnnxContext, describe, leaf_constant, value_shape
 from .rules import Barrier, Failed, OnnxRule, has_subgraph, rule_for
+from .sizes import pin_sources, track
 
 
 @dataclass
@@ -60,6 +64,8 @@ def analyze(model: ir.Model, overrides: Mapping[ir.Node, OnnxRule] | None = None
         _forward(ctx, node, rules)
     for value in graph.outputs:
         ctx.pin_key(value, "model output")
+        if value in ctx.sizes:
+            pin_sources(ctx, ctx.sizes[value], "model output")
     for key in ctx.atoms:
         ctx.dead[key] = full(ctx.shapes[key], True)
     for value in graph.outputs:
@@ -111,10 +117,23 @@ def _forward(ctx: OnnxContext, node: ir.Node, rules: dict[ir.Node, OnnxRule]) ->
         facts = list(zip(rules[node].couple(ctx, node), rules[node].zero(ctx, node), strict=True))
     if has_subgraph(node):
         _pin_captured(ctx, node)
+    if not track(ctx, node):
+        _pin_sizes_read(ctx, node, rules[node])
     for value, (dims, zeros) in zip(node.outputs, facts, strict=True):
         if dims is not None:
+            ctx.shapes[value] = [s if s is not None or a is None else a.size for s, a in zip(ctx.shapes[value], dims,
+                                                                                           strict=True)]
             ctx.atoms[value] = dims
-            ctx.zero[value] = zeros
+            ctx.zero[value] = [mask(a.size, False) if z is None and a is not None else z for a, z in zip(dims, zeros,
+                                                                                                      strict=True)]
+
+
+def _pin_sizes_read(ctx: OnnxContext, node: ir.Node, rule: OnnxRule) -> None:
+    """A node that reads sizes (:mod:`.sizes`) without moving them on: the dims they come from
+    keep their sizes, unless the rule follows them itself (``sizes_read``)."""
+    for index, value in enumerate(node.inputs):
+        if value in ctx.sizes and index not in rule.sizes_read:
+            pin_sources(ctx, ctx.sizes[value], f"size read by {describe(node)}")
 
 
 def _unknown(ctx: OnnxContext, node: ir.Node, keys: list[Key | None]) -> str | None:

@@ -14,16 +14,20 @@ Rules address a node's inputs and outputs by position, so they never see the key
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from ..channels.context import KeyedFacts, nonzero_facts
 from ..channels.solve import DimFacts, Dims
+from .evaluate import run_alone
 
 Key = Hashable  # an ir.Value, or (ir.Node, input index) for one use of a constant
 Shape = list[int | None]
+EVALUATED_SIZE = 1 << 16  # elements: a larger value computed from constants (a whole weight) is not evaluated
 
 
 class NotCovered(Exception):
@@ -54,6 +58,33 @@ def leaf_constant(value: ir.Value) -> ir.TensorProtocol | None:
     return ir.convenience.get_const_tensor(value)
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """A small integer tensor computed from the sizes of dims (``Shape`` -> ``Gather`` ->
+    ``Concat``): per entry its value, whether it is known (a symbolic dim's size is not), and
+    the ``(key, dim)`` pairs whose sizes it was computed from."""
+
+    values: np.ndarray  # in the tensor's dtype; 0 where not known
+    known: np.ndarray  # bool
+    sources: np.ndarray  # object: a frozenset of (key, dim) per entry
+
+    @staticmethod
+    def constant(array: np.ndarray) -> Sizes:
+        """A constant's entries: all known, from no dim."""
+        return Sizes(array, np.ones(array.shape, dtype=bool), _no_sources(array.shape))
+
+    def taken(self, index: np.ndarray) -> Sizes:
+        """The entries at ``index`` (flat positions, any shape)."""
+        flat = [a.ravel() for a in (self.values, self.known, self.sources)]
+        return Sizes(*(a[index.ravel()].reshape(index.shape) for a in flat))
+
+
+def _no_sources(shape: tuple[int, ...]) -> np.ndarray:
+    sources = np.empty(shape, dtype=object)
+    sources.fill(frozenset())
+    return sources
+
+
 class OnnxContext(KeyedFacts):
     """Per-key facts of an ONNX graph plus the atom table; rules use the helpers instead of the
     dicts."""
@@ -61,6 +92,7 @@ class OnnxContext(KeyedFacts):
     def __init__(self, opsets: dict[str, int]) -> None:
         super().__init__()
         self.opsets = opsets  # domain -> opset version of the model (probes run the model's ops)
+        self.sizes: dict[ir.Value, Sizes] = {}  # values computed from dims' sizes (see :mod:`..sizes`)
         self._arrays: dict[ir.Value, np.ndarray | None] = {}
         self._pairs: dict[ir.Value, tuple[np.ndarray | None, list[np.ndarray]]] = {}
 
@@ -105,14 +137,37 @@ class OnnxContext(KeyedFacts):
     # -- constant values --------------------------------------------------------------------
     def array(self, node: ir.Node, index: int) -> np.ndarray | None:
         """Input ``index`` as a numpy array when it is a constant (seen through ``Identity``
-        nodes, which torch.onnx uses to share initializers); ``None`` otherwise."""
+        nodes, which torch.onnx uses to share initializers) or a small value the graph computes
+        from constants alone (``Unsqueeze`` of a ``Constant``: what ``torch.onnx`` writes for
+        slice bounds without constant folding); ``None`` otherwise."""
         value = node.inputs[index] if index < len(node.inputs) else None
         return None if value is None else self.value_array(value)
 
     def value_array(self, value: ir.Value) -> np.ndarray | None:
         if value not in self._arrays:
-            self._arrays[value] = _constant_array(value)
+            array = _constant_array(value)
+            if array is None and value in self.sizes and self.sizes[value].known.all():
+                array = self.sizes[value].values
+            self._arrays[value] = array if array is not None or value not in self.constant else self._computed(value)
         return self._arrays[value]
+
+    def _computed(self, value: ir.Value) -> np.ndarray | None:
+        """A value computed from constants, run in ONNX Runtime (inputs and output of at most
+        ``EVALUATED_SIZE`` elements each; ops of the default domain without subgraphs)."""
+        node, shape = value.producer(), value_shape(value)
+        if shape is None or None in shape or math.prod(shape) > EVALUATED_SIZE:
+            return None
+        if node is None or node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+            return None
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            return None
+        arrays = [None if v is None else self.value_array(v) for v in node.inputs]
+        if any(a is None and v is not None for a, v in zip(arrays, node.inputs, strict=True)):
+            return None
+        if sum(a.size for a in arrays if a is not None) > EVALUATED_SIZE:
+            return None
+        outputs = run_alone(self.opsets, [node], [arrays[1:]], arrays[0])
+        return None if outputs is None else outputs[value.index()]
 
     def nonzero_pairs(self, node: ir.Node, index: int) -> np.ndarray | None:
         """``[size0, size1]`` bool for a constant input of rank >= 2 (``None`` otherwise): which
@@ -143,6 +198,12 @@ class OnnxContext(KeyedFacts):
     def mark_live_key(self, key: Key) -> None:
         if key in self.dead:
             self.dead[key] = [None if m is None else np.zeros_like(m) for m in self.dead[key]]
+
+
+def shape_read(node: ir.Node, rank: int) -> range:
+    """The dims a ``Shape`` node reports (its ``start`` and ``end``, clamped as Python slices are)."""
+    start, end = node.attributes.get("start"), node.attributes.get("end")
+    return range(rank)[slice(None if start is None else start.as_int(), None if end is None else end.as_int())]
 
 
 def _constant_array(value: ir.Value) -> np.ndarray | None:

@@ -1,72 +1,66 @@
-"""Whether an elementwise ONNX node maps zeros to zeros, asked of ONNX Runtime itself.
+"""Running a few nodes of the graph alone in ONNX Runtime: zero probes and constant values.
 
 A zero fact must be exact: ``Relu``, ``LeakyRelu``, ``HardSwish`` and ``Gelu`` keep a zero
 channel zero, ``Sigmoid`` makes it 0.5, ``Clip`` depends on its bounds, ``HardSigmoid`` on its
-``beta``. Rather than a table of formulas, the node is run once on a zero tensor with its own
-attributes and constant parameters in the runtime the file is meant for (the ATen path probes
-its ops the same way). Results are cached per op, attributes, parameters and dtype.
+``beta``, a ``QuantizeLinear`` on its zero point. Rather than a table of formulas, the node (or a
+chain of nodes, such as a ``QuantizeLinear`` and the ``DequantizeLinear`` that reads it back) is
+run on a zero tensor with its own attributes and constant parameters in the runtime the file is
+meant for (the ATen path probes its ops the same way). Results are cached per ops, attributes,
+parameters, dtype and shape.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx_ir as ir
-import onnxruntime
 
 from .context import OnnxContext
+from .evaluate import Params, run_alone
 
-_CACHE: dict[tuple, bool] = {}
+_CACHE: dict[tuple, np.ndarray | None] = {}
 
 
 def keeps_zero(ctx: OnnxContext, node: ir.Node) -> bool:
     """``True`` when the node's output is exactly 0 wherever its first input is 0 (its other
     inputs: the node's own constants). A parameter computed in the graph, or a probe that fails,
     proves nothing: ``False``."""
-    x = node.inputs[0]
-    rank = len(ctx.shape(node, 0))
-    params: list[np.ndarray | None] = []
-    for i in range(1, len(node.inputs)):
-        array = ctx.array(node, i) if node.inputs[i] is not None else None
-        if node.inputs[i] is not None and array is None:
-            return False
-        params.append(array)
-    key = (
-        node.domain, node.op_type, ctx.opsets.get(node.domain, 0), x.dtype, rank,
-        tuple(sorted((name, repr(attr.value)) for name, attr in node.attributes.items())),
-        tuple(None if p is None else (p.dtype.str, p.shape, p.tobytes()) for p in params),
-    )
+    out = zeros_through(ctx, [node], [1] * len(ctx.shape(node, 0)))
+    return out is not None and bool(np.all(out == 0))
+
+
+def zeros_through(ctx: OnnxContext, chain: Sequence[ir.Node], shape: list[int]) -> np.ndarray | None:
+    """The last node's first output when ``chain`` (each node reads the one before it as input 0,
+    its other inputs constants) runs on zeros of ``shape`` and the first node's input dtype;
+    ``None`` where a parameter is computed in the graph or the run fails."""
+    params = [_params(ctx, node) for node in chain]
+    if any(p is None for p in params):
+        return None
+    dtype = chain[0].inputs[0].dtype
+    key = (tuple(shape), dtype, *(_identity(ctx, node, p) for node, p in zip(chain, params, strict=True)))
     if key not in _CACHE:
-        _CACHE[key] = _run_on_zeros(ctx, node, rank, params)
+        x = None if dtype is None else np.zeros(shape, dtype=dtype.numpy())
+        outputs = None if x is None else run_alone(ctx.opsets, chain, params, x)
+        _CACHE[key] = None if outputs is None else outputs[0]
     return _CACHE[key]
 
 
-def _run_on_zeros(ctx: OnnxContext, node: ir.Node, rank: int, params: list[np.ndarray | None]) -> bool:
-    dtype = node.inputs[0].dtype
-    try:
-        x = ir.Value(name="x", shape=ir.Shape([1] * rank), type=ir.TensorType(dtype))
-        inputs: list[ir.Value | None] = [x]
-        initializers = []
-        for i, array in enumerate(params):
-            if array is None:
-                inputs.append(None)
-                continue
-            value = ir.Value(name=f"p{i}", shape=ir.Shape(array.shape), type=ir.TensorType(node.inputs[i + 1].dtype),
-                             const_value=ir.tensor(array, name=f"p{i}"))
-            inputs.append(value)
-            initializers.append(value)
-        out_type = node.outputs[0].dtype or dtype
-        y = ir.Value(name="y", shape=ir.Shape([1] * rank), type=ir.TensorType(out_type))
-        probe = ir.Node(node.domain, node.op_type, inputs, attributes=[_copy(a) for a in node.attributes.values()],
-                        outputs=[y])
-        graph = ir.Graph([x], [y], nodes=[probe], initializers=initializers,
-                         opset_imports={node.domain: ctx.opsets.get(node.domain, 0)})
-        model = ir.to_proto(ir.Model(graph, ir_version=10))
-        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        (out,) = session.run(None, {"x": np.zeros([1] * rank, dtype=dtype.numpy())})
-    except Exception:  # noqa: BLE001 - a probe that fails proves nothing: no zero facts
-        return False
-    return bool(np.all(np.asarray(out) == 0))
+def _params(ctx: OnnxContext, node: ir.Node) -> Params | None:
+    """The node's inputs after the first as constants; ``None`` if one is computed in the graph."""
+    params: Params = []
+    for i in range(1, len(node.inputs)):
+        array = ctx.array(node, i) if node.inputs[i] is not None else None
+        if node.inputs[i] is not None and array is None:
+            return None
+        params.append(array)
+    return params
 
 
-def _copy(attr: ir.Attr) -> ir.Attr:
-    return ir.Attr(attr.name, attr.type, attr.value)
+def _identity(ctx: OnnxContext, node: ir.Node, params: Params) -> tuple:
+    """What a probe of ``node`` depends on, as a hashable key."""
+    return (
+        node.domain, node.op_type, ctx.opsets.get(node.domain, 0),
+        tuple(sorted((name, repr(attr.value)) for name, attr in node.attributes.items())),
+        tuple(None if p is None else (p.dtype.str, p.shape, p.tobytes()) for p in params),
+    )

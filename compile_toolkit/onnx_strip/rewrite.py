@@ -90,15 +90,21 @@ class _Editor:
         replaced = {(node, i) for node, change in plan.items() for i in change.constants}
         for value in self._constants():
             self._slice(value, replaced)
+        unread = []
         for node, change in plan.items():
             for name, attr in change.attributes.items():
-                node.attributes[name] = attr
-            for index, array in change.constants.items():
-                self._set_constant(node, index, array)
+                if attr is None:
+                    node.attributes.pop(name, None)
+                else:
+                    node.attributes[name] = attr
+            unread += [self._set_constant(node, index, array) for index, array in change.constants.items()]
         for key in self.analysis.ctx.atoms:
             if isinstance(key, ir.Value) and not key.is_graph_input() and key.shape is not None:
                 kept = self.analysis.kept_shape(key)
                 key.shape = ir.Shape([d if k is None else k for d, k in zip(key.shape, kept, strict=True)])
+        for value in unread:
+            if value is not None:
+                self._drop_if_unused(value)
 
     def _constants(self) -> list[ir.Value]:
         """Every constant some analysed node reads (each once, in graph order)."""
@@ -138,15 +144,21 @@ class _Editor:
                 node.replace_input_with(index, new)
         self._drop_if_unused(value)
 
-    def _set_constant(self, node: ir.Node, index: int, array: np.ndarray) -> None:
-        """Give one use a new constant: in place where it is the initializer's only reader."""
-        old = node.inputs[index]
-        if old.is_initializer() and len(old.uses()) == 1 and not old.is_graph_output():
+    def _set_constant(self, node: ir.Node, index: int, array: np.ndarray) -> ir.Value | None:
+        """Give one use a new constant: in place where it is the initializer's only reader, else
+        a new initializer (an omitted optional input is added). Returns the value it no longer
+        reads, for :meth:`_drop_if_unused` once every edit is made."""
+        old = node.inputs[index] if index < len(node.inputs) else None
+        if old is not None and old.is_initializer() and len(old.uses()) == 1 and not old.is_graph_output():
             old.const_value = ir.tensor(array, dtype=old.dtype, name=old.name)
             old.shape = ir.Shape(array.shape)
-            return
-        node.replace_input_with(index, self._initializer(f"{old.name}_stripped", array, old.dtype))
-        self._drop_if_unused(old)
+            return None
+        if index >= len(node.inputs):
+            node.resize_inputs(index + 1)
+        name = f"{old.name if old is not None else node.name or node.op_type}_stripped"
+        dtype = old.dtype if old is not None else ir.DataType.from_numpy(array.dtype)
+        node.replace_input_with(index, self._initializer(name, array, dtype))
+        return old
 
     def _initializer(self, base: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
         name, n = base, 1
@@ -159,14 +171,22 @@ class _Editor:
         return value
 
     def _drop_if_unused(self, value: ir.Value) -> None:
-        """Remove a constant that no node and no graph output reads any more."""
-        if value.uses() or value.is_graph_output():
+        """Remove a constant that no node and no graph output reads any more, with the nodes that
+        computed it (``Unsqueeze`` of a ``Constant``) as far as nothing else reads them."""
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
             return
         graph = self.analysis.model.graph
         if value.is_initializer():
             graph.initializers.pop(value.name)
-        elif value.producer() is not None and value.producer().op_type == "Constant":
-            graph.remove(value.producer(), safe=True)
+            return
+        producer = value.producer()
+        if producer is None or producer.graph is not graph or any(v.uses() or v.is_graph_output()
+                                                                    for v in producer.outputs):
+            return  # a graph input, a node removed already (two readers let go of it), or one still read
+        inputs = [v for v in producer.inputs if v is not None]
+        graph.remove(producer, safe=True)
+        for v in inputs:
+            self._drop_if_unused(v)
 
 
 def _take(array: np.ndarray, cut: Cut) -> np.ndarray:

@@ -29,15 +29,16 @@ class ShapeChange:
 
     ``old``/``new``: shapes per output; ``kept_input(i)``: kept indices along each dim of input
     ``i`` (``None`` for a symbolic dim); ``input_array(i)``: a constant input's value. Rules
-    record edits with :meth:`set_attribute` and :meth:`set_constant`; nothing is applied until
-    every rule of the graph has succeeded, so a rule that raises leaves the graph as analysed.
+    record edits with :meth:`set_attribute`, :meth:`drop_attribute` and :meth:`set_constant`;
+    nothing is applied until every rule of the graph has succeeded, so a rule that raises leaves
+    the graph as analysed.
     """
 
     old: list[Shape]
     new: list[Shape]
     kept_input: Callable[[int], list[np.ndarray | None]]
     input_array: Callable[[int], np.ndarray | None]  # a constant input's value, as analysed
-    attributes: dict[str, ir.Attr] = field(default_factory=dict)
+    attributes: dict[str, ir.Attr | None] = field(default_factory=dict)  # None: drop the attribute
     constants: dict[int, np.ndarray] = field(default_factory=dict)
 
     def new_input(self, index: int) -> Shape:
@@ -46,15 +47,23 @@ class ShapeChange:
     def set_attribute(self, attr: ir.Attr) -> None:
         self.attributes[attr.name] = attr
 
+    def drop_attribute(self, name: str) -> None:
+        """Remove an attribute (``Split``'s ``num_outputs`` once its pieces are unequal)."""
+        self.attributes[name] = None
+
     def set_constant(self, index: int, array: np.ndarray) -> None:
-        """Give input ``index`` of this node (only) a new constant value."""
+        """Give input ``index`` of this node (only) a new constant value; an omitted optional
+        input (``Split``'s sizes) is added."""
         self.constants[index] = array
 
 
 class OnnxRule:
     """How one ONNX op moves channels. ``couple`` and ``zero`` return one entry per output of the
     node; ``dead`` calls :meth:`OnnxContext.mark_dead` for the inputs it can say something about
-    (inputs it leaves out are fully used)."""
+    (inputs it leaves out are fully used). ``sizes_read``: inputs computed from dims' sizes
+    (:mod:`..sizes`) whose dims the rule pins or follows itself; the walk pins them for any other."""
+
+    sizes_read: tuple[int, ...] = ()
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
         raise NotImplementedError

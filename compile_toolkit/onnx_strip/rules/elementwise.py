@@ -105,7 +105,7 @@ class Binary(OnnxRule):
 _ACTIVATIONS = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Gelu", "Elu", "Selu", "Celu",
     "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Erf", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal",
-    "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Cast",
+    "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Cast", "Pow",
 )
 
 RULES: dict[str, OnnxRule] = {

@@ -1,5 +1,5 @@
-"""Layers with weights: ``Conv`` (dense, grouped, depthwise), ``Gemm``, ``MatMul`` by a matrix,
-and ``BatchNormalization``.
+"""Layers with weights: ``Conv`` and ``ConvTranspose`` (dense, grouped, depthwise), ``Gemm``,
+``MatMul`` by a matrix, and ``BatchNormalization``.
 
 As in the ATen rules (``channels/rules/layers.py``, ``norms.py``), a weight's input dimension
 couples to the input's channels and its output dimension (with the bias) owns the output's;
@@ -20,11 +20,12 @@ from ...channels.weights import (
     conv_input_dead,
     couple_conv,
     inputs_unread,
+    join_blocks,
     outputs_zero,
     outside_zero_lines,
 )
 from ..context import NotCovered, OnnxContext, describe
-from .base import OnnxRule, ShapeChange, attr_float, attr_int, dead_throughout, operand_zero
+from .base import OnnxRule, ShapeChange, attr_float, attr_int, attr_ints, dead_throughout, operand_zero
 
 
 def nonzero_pairs(ctx: OnnxContext, node: ir.Node, index: int) -> np.ndarray:
@@ -84,19 +85,78 @@ class Conv(OnnxRule):
         ctx.mark_dead(node, 0, conv_input_dead(ctx.out_dead(node), ctx.shape(node, 0), connections))
 
     def rewrite(self, node: ir.Node, change: ShapeChange) -> None:
-        """Removing a depthwise channel (weight ``[groups * m, 1, ...]``) removes its group: the
-        group count follows. The weight is read before it is sliced."""
-        old, new = change.old[0][1], change.new[0][1]
-        groups = attr_int(node, "group", 1)
         weight = node.inputs[1].shape
-        if groups > 1 and weight is not None and weight[1] == 1 and old != new:
-            change.set_attribute(ir.AttrInt64("group", groups * new // old))
+        rewrite_depthwise_groups(node, change, weight is not None and weight[1] == 1)
+
+
+def rewrite_depthwise_groups(node: ir.Node, change: ShapeChange, depthwise: bool) -> None:
+    """Removing a depthwise channel removes its group: the group count follows the output
+    channels (a grouped convolution keeps its groups, each one narrower)."""
+    old, new = change.old[0][1], change.new[0][1]
+    groups = attr_int(node, "group", 1)
+    if depthwise and groups > 1 and old != new:
+        change.set_attribute(ir.AttrInt64("group", groups * new // old))
 
 
 def _connections(ctx: OnnxContext, node: ir.Node, grouping: Grouping) -> np.ndarray:
     """``[out_channels, in_channels]`` bool: which output channels read which input channels
     through a weight slice that is not all zero."""
     return grouping.connections(nonzero_pairs(ctx, node, 1))
+
+
+class ConvTranspose(OnnxRule):
+    """``ConvTranspose(X, W, B)``, weight ``[in, out/groups, *k]``, any group count.
+
+    Dense: the input's channels couple to the weight's dim 0 and its dim 1 owns the output's.
+    Grouped: position ``j`` of every input group is one channel, and the weight's dim 1 holds
+    position ``i`` of every output group. Depthwise (one input channel per group, ``m`` outputs
+    each): input channel ``g`` and its ``m`` outputs are one channel, and ``group`` follows a
+    removal. An ``output_shape`` that names the channel count is not covered.
+    """
+
+    def _grouping(self, ctx: OnnxContext, node: ir.Node) -> Grouping:
+        x_shape, w_shape = ctx.shape(node, 0), ctx.shape(node, 1)
+        if len(x_shape) != len(w_shape) or x_shape[1] is None or w_shape[1] is None:
+            raise NotCovered(f"{describe(node)}: input {x_shape} and weight {w_shape} do not have static channels")
+        if len(attr_ints(node, "output_shape") or []) > len(x_shape) - 2:
+            raise NotCovered(f"{describe(node)}: its output_shape names the channel count")
+        groups = attr_int(node, "group", 1)
+        return Grouping(groups, x_shape[1], w_shape[1] * groups)
+
+    def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
+        grouping = self._grouping(ctx, node)
+        where = describe(node)
+        x_in, (w_in, w_out) = ctx.dims(node, 0)[1], ctx.dims(node, 1)[:2]
+        if grouping.kind == "depthwise":
+            ctx.pin(w_out, f"per-group dim of {where}")
+            out = np.repeat(x_in, grouping.out_per_group)
+        else:
+            if grouping.kind == "grouped":
+                join_blocks(ctx, x_in, grouping.groups, f"spatial dim of {where}")
+            out = np.tile(w_out, grouping.groups)
+        ctx.join(x_in, w_in, f"spatial dim of {where}")
+        if ctx.present(node, 2):
+            ctx.join(out, ctx.dims(node, 2)[0], f"spatial dim of {where}")
+        spatial = [ctx.fresh(s, f"spatial dim of {where}") for s in ctx.out_shape(node)[2:]]
+        return [[ctx.dims(node, 0)[0], out, *spatial]]
+
+    def _connections(self, ctx: OnnxContext, node: ir.Node) -> np.ndarray:
+        return self._grouping(ctx, node).connections(nonzero_pairs(ctx, node, 1), transposed=True)
+
+    def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
+        out = ctx.no_facts(ctx.out_shape(node))
+        fed_zero = outputs_zero(self._connections(ctx, node), ctx.zeros(node, 0)[1])
+        out[1] = fed_zero & zero_vector(ctx, node, 2, len(fed_zero))
+        return [out]
+
+    def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
+        connections = self._connections(ctx, node)
+        if not dead_throughout(ctx, node):
+            ctx.mark_dead(node, 0, conv_input_dead(ctx.out_dead(node), ctx.shape(node, 0), connections))
+
+    def rewrite(self, node: ir.Node, change: ShapeChange) -> None:
+        weight = node.inputs[1].shape
+        rewrite_depthwise_groups(node, change, weight is not None and weight[0] == attr_int(node, "group", 1))
 
 
 class Gemm(OnnxRule):
@@ -161,7 +221,8 @@ class MatMul(OnnxRule):
 
     def _check(self, ctx: OnnxContext, node: ir.Node) -> None:
         if len(ctx.shape(node, 0)) < 2 or len(ctx.shape(node, 1)) != 2:
-            raise NotCovered(f"{describe(node)}: only a matrix B with A of rank 2 or more is covered")
+            raise NotCovered(f"{describe(node)}: only a matrix B with A of rank 2 or more is covered (a batched "
+                             "product, such as attention's, is not)")
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
         self._check(ctx, node)
@@ -237,6 +298,7 @@ class BatchNormalization(OnnxRule):
 
 RULES: dict[str, OnnxRule] = {
     "Conv": Conv(),
+    "ConvTranspose": ConvTranspose(),
     "Gemm": Gemm(),
     "MatMul": MatMul(),
     "BatchNormalization": BatchNormalization(),

@@ -6,18 +6,23 @@ them with :mod:`compile_toolkit.channels.shapes`, the code of the ATen path's re
 one-to-one dimension keeps its atoms, a merge (``Flatten`` of ``[N, C, H, W]``) repeats the
 outer dimension's atoms over the ``H*W`` features each channel becomes and pins the inner ones, a
 split couples each block of the input into one atom of the outer output dimension. Anything else
-pins every dimension involved. A ``Reshape`` target computed in the graph is not followed: it pins.
+pins every dimension involved. A ``Reshape`` target computed from sizes in the graph is followed
+(:mod:`..sizes`); one computed from anything else pins.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 
-from ...channels.rules.base import copy_facts, normalize_dim
+from ...channels.context import mask
+from ...channels.rules.base import copy_facts, full, normalize_dim
 from ...channels.shapes import Runs, match_dims, regroup_atoms, regroup_dead, regroup_zeros
 from ...channels.solve import DimFacts, Dims
-from ..context import NotCovered, OnnxContext, describe
+from ..context import NotCovered, OnnxContext, Shape, Sizes, describe
+from ..sizes import pin_sources
 from .base import OnnxRule, ShapeChange, attr_int, attr_ints, dead_throughout
 
 
@@ -40,7 +45,7 @@ class Concat(OnnxRule):
                 if d != axis:
                     ctx.join(first[d], atoms, reason)
         parts = [ctx.dims(node, i)[axis] for i in inputs]
-        if any(p is None for p in parts) or ctx.out_shape(node)[axis] is None:
+        if any(p is None for p in parts):
             for p in parts:
                 ctx.pin(p, reason)
             joined = ctx.fresh(ctx.out_shape(node)[axis], reason)
@@ -54,10 +59,8 @@ class Concat(OnnxRule):
         out: DimFacts = []
         for d, size in enumerate(ctx.out_shape(node)):
             facts = [z[d] for z in zeros]
-            if size is None:
-                out.append(None)
-            elif any(f is None for f in facts):
-                out.append(np.zeros(size, dtype=bool))
+            if any(f is None for f in facts):
+                out.append(mask(size, False))
             else:
                 out.append(np.concatenate(facts) if d == axis else np.logical_and.reduce(facts))
         return [out]
@@ -103,42 +106,77 @@ class Regroup(OnnxRule):
     """A reshape of input 0 into the node's output shape (``Flatten``, ``Squeeze``, ``Unsqueeze``;
     :class:`Reshape` adds its target constant). See the module docstring for the pairings."""
 
+    def _dst(self, ctx: OnnxContext, node: ir.Node) -> Shape:
+        return ctx.out_shape(node)
+
     def _runs(self, ctx: OnnxContext, node: ir.Node) -> Runs | None:
-        return match_dims(ctx.shape(node, 0), ctx.out_shape(node))
+        return match_dims(ctx.shape(node, 0), self._dst(ctx, node))
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
         reason = f"dims merged or split by {describe(node)}"
-        src, dst = ctx.shape(node, 0), ctx.out_shape(node)
+        src, dst = ctx.shape(node, 0), self._dst(ctx, node)
         return [regroup_atoms(ctx, ctx.dims(node, 0), src, dst, self._runs(ctx, node), reason)]
 
     def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
-        src, dst = ctx.shape(node, 0), ctx.out_shape(node)
+        src, dst = ctx.shape(node, 0), self._dst(ctx, node)
         return [regroup_zeros(ctx.zeros(node, 0), src, dst, self._runs(ctx, node))]
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
         if dead_throughout(ctx, node):
             return
-        src, dst = ctx.shape(node, 0), ctx.out_shape(node)
+        src, dst = ctx.shape(node, 0), self._dst(ctx, node)
         ctx.mark_dead(node, 0, regroup_dead(ctx.out_dead(node), src, dst, self._runs(ctx, node)))
 
 
 class Reshape(Regroup):
-    """``Reshape(data, shape)`` with a constant ``shape``; after a strip its entries for the
-    output dims that lost channels are rewritten (``-1`` stays inferred, a ``0`` that copies a
-    changed input dim becomes explicit)."""
+    """``Reshape(data, shape)``. A constant ``shape`` (or one computed from static sizes alone)
+    has its entries for the output dims that lost channels rewritten (``-1`` stays inferred, a
+    ``0`` that copies a changed input dim becomes explicit). A ``shape`` computed from sizes
+    with a symbolic one among them (``Concat(Shape(x)[0], [-1])``: a dynamic batch) cannot be
+    rewritten: its output dims stay as they are, except where the entry changes by itself with
+    the dim (``-1``, the size of the input dim the output dim keeps one to one, or a ``0`` that
+    copies it)."""
 
-    def _target(self, ctx: OnnxContext, node: ir.Node) -> np.ndarray:
-        target = ctx.array(node, 1)
-        if target is None:
+    sizes_read = (1,)
+
+    def _target(self, ctx: OnnxContext, node: ir.Node) -> Sizes:
+        target = node.inputs[1]
+        if target in ctx.sizes:
+            return ctx.sizes[target]
+        array = ctx.array(node, 1)
+        if array is None:
             raise NotCovered(f"{describe(node)}: its target shape is computed in the graph")
-        return target
+        return Sizes.constant(array)
+
+    def _dst(self, ctx: OnnxContext, node: ir.Node) -> Shape:
+        """The output shape, with the sizes shape inference left symbolic that the target gives
+        (``Concat(Shape(x)[0], [-1])``: the ``-1`` is what the batch leaves)."""
+        out = ctx.out_shape(node)
+        inferred = _reshaped(ctx, node, self._target(ctx, node)) if None in out else None
+        return out if inferred is None else [i if o is None else o for o, i in zip(out, inferred, strict=True)]
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
-        self._target(ctx, node)
-        return super().couple(ctx, node)
+        target = self._target(ctx, node)
+        [out] = super().couple(ctx, node)
+        kept = {gj[0]: gi[0] for gi, gj in self._runs(ctx, node) or [] if len(gi) == len(gj) == 1}
+        own = ctx.key(node, 0)
+        copies = not attr_int(node, "allowzero", 0)
+        reason = f"target of {describe(node)} computed from a symbolic size: its sizes cannot be rewritten"
+        follows = set()
+        for j, (size, known, sources) in enumerate(zip(*(a.ravel() for a in (target.values, target.known,
+                                                                            target.sources)), strict=True)):
+            if (known and size == -1) or (j in kept and (sources == {(own, kept[j])}
+                                                         or (known and size == 0 and copies and kept[j] == j))):
+                follows.add(j)
+            elif not target.known.all():  # a literal size that cannot be rewritten
+                ctx.pin(out[j], reason)
+        pin_sources(ctx, target, f"size read by {describe(node)}", follows)
+        return [out]
 
     def rewrite(self, node: ir.Node, change: ShapeChange) -> None:
         sizes = change.input_array(1)
+        if sizes is None:
+            return  # a target with a symbolic size: its entries for changed dims change by themselves
         old, new = change.old[0], change.new[0]
         copies_input = not attr_int(node, "allowzero", 0)
         array = sizes.copy()
@@ -154,7 +192,60 @@ class Reshape(Regroup):
             change.set_constant(1, array)
 
 
+def _reshaped(ctx: OnnxContext, node: ir.Node, target: Sizes) -> Shape | None:
+    """The shape a ``Reshape`` target gives its input: a size as written, a ``0`` copying the
+    input's dim, an entry read from a symbolic dim as that dim, and the ``-1`` as what the others
+    leave, where the entries' symbolic dims are the input's (by name, as shape inference names
+    them); ``None`` where they are not."""
+    src, x = ctx.shape(node, 0), node.inputs[0]
+    copies = not attr_int(node, "allowzero", 0)
+    out: Shape = []
+    symbols, rest = [], None
+    for j, (size, known, sources) in enumerate(zip(*(a.ravel() for a in (target.values, target.known,
+                                                                        target.sources)), strict=True)):
+        if known and size == -1:
+            rest = j
+            out.append(None)
+        elif known and size == 0 and copies:
+            out.append(src[j])
+            symbols += [_symbol(x, j)] if src[j] is None else []
+        elif known:
+            out.append(int(size))
+        elif len(sources) == 1:
+            symbols.append(_symbol(*next(iter(sources))))
+            out.append(None)
+        else:
+            return None
+    if None in symbols or sorted(symbols) != sorted(_symbol(x, d) for d, s in enumerate(src) if s is None):
+        return None
+    if rest is not None:
+        total, given = math.prod(s for s in src if s is not None), math.prod(s for s in out if s is not None)
+        if not given or total % given:
+            return None
+        out[rest] = total // given
+    return out
+
+
+def _symbol(key: object, dim: int) -> str | None:
+    """The name shape inference gives a symbolic dim of a computed value."""
+    size = key.shape[dim] if isinstance(key, ir.Value) and key.shape is not None else None
+    return size.value if isinstance(size, ir.SymbolicDim) else None
+
+
+class ShapeOf(OnnxRule):
+    """``Shape(x, start, end)`` reads no element of ``x`` (dead to this consumer), only sizes; the
+    walk follows them to where they are read (:mod:`..sizes`), which pins the dims they come
+    from. The output is a small vector of its own."""
+
+    def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
+        return [[ctx.fresh(s, f"sizes read by {describe(node)}") for s in ctx.out_shape(node)]]
+
+    def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
+        ctx.mark_dead(node, 0, full(ctx.shape(node, 0), True))
+
+
 RULES: dict[str, OnnxRule] = {
+    "Shape": ShapeOf(),
     "Concat": Concat(),
     "Transpose": Transpose(),
     "Flatten": Regroup(),

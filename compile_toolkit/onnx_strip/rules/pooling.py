@@ -1,4 +1,4 @@
-"""Pooling and reductions: each channel is pooled on its own.
+"""Pooling, resizing and reductions: each channel is pooled (or resized) on its own.
 
 Pools (``MaxPool``, ``AveragePool``, their global forms) keep batch and channel dims and give
 the spatial dims fresh atoms; a zero channel pools to zero (max-pool padding is ignored, average
@@ -10,12 +10,16 @@ zero facts on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import onnx_ir as ir
 
 from ...channels.rules.base import copy_facts, normalize_dim
 from ...channels.solve import DimFacts, Dims
 from ..context import NotCovered, OnnxContext, describe
-from .base import OnnxRule, attr_int, attr_ints, dead_throughout
+from ..probe import keeps_zero
+from .base import OnnxRule, ShapeChange, attr_int, attr_ints, dead_throughout
 
 
 class Pool(OnnxRule):
@@ -103,9 +107,91 @@ class Reduce(OnnxRule):
         ctx.mark_dead(node, 0, masks)
 
 
+class Resize(OnnxRule):
+    """``Resize(X, roi, scales, sizes)`` (opset 10: ``Resize(X, scales)``; ``axes`` from opset 18
+    on): a dim whose scale is 1 (or whose size stays) is computed slice by slice and passes
+    through, as an image's batch and channels do; a resized dim is interpolated and pinned. Zero
+    slices stay zero where the node maps zeros to zeros (probed). After a strip, a ``sizes``
+    entry for a dim that lost channels is rewritten. Crop-and-resize (a region of interest) and
+    sizes under a kept aspect ratio (one scale for all axes) are not covered."""
+
+    def _resized(self, ctx: OnnxContext, node: ir.Node) -> list[bool]:
+        resized = resized_dims(node, ctx.shape(node, 0), lambda i: ctx.array(node, i))
+        if resized is None:
+            raise NotCovered(f"{describe(node)}: its scales or sizes are computed in the graph, or it crops")
+        return resized
+
+    def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
+        reason = f"resized by {describe(node)}"
+        out = []
+        for d, (atoms, resized) in enumerate(zip(ctx.dims(node, 0), self._resized(ctx, node), strict=True)):
+            if resized:
+                ctx.pin(atoms, reason)
+            out.append(ctx.fresh(ctx.out_shape(node)[d], reason) if resized else atoms)
+        return [out]
+
+    def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
+        out = ctx.no_facts(ctx.out_shape(node))
+        if keeps_zero(ctx, node):
+            for d, (zeros, resized) in enumerate(zip(ctx.zeros(node, 0), self._resized(ctx, node), strict=True)):
+                if not resized and zeros is not None:
+                    out[d] = zeros.copy()
+        return [out]
+
+    def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
+        if dead_throughout(ctx, node):
+            return
+        resized = self._resized(ctx, node)
+        masks = ctx.no_facts(ctx.shape(node, 0))
+        for d, dead in enumerate(ctx.out_dead(node)):
+            if not resized[d] and dead is not None:
+                masks[d] = dead.copy()
+        ctx.mark_dead(node, 0, masks)
+
+    def rewrite(self, node: ir.Node, change: ShapeChange) -> None:
+        sizes = change.input_array(3) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        if sizes is None or not sizes.size:
+            return
+        rank = len(change.old[0])
+        axes = [normalize_dim(a, rank) for a in attr_ints(node, "axes") or range(rank)]
+        written = sizes.copy()
+        for k, d in enumerate(axes):
+            if change.new[0][d] is not None:
+                written[k] = change.new[0][d]
+        if not np.array_equal(written, sizes):
+            change.set_constant(3, written)
+
+
+def resized_dims(node: ir.Node, shape: list[int | None], read: Callable[[int], np.ndarray | None]) -> list[bool] | None:
+    """Per dim of a ``Resize``'s input, whether it is resized (scale not 1, or a size not its
+    own); ``None`` where scales or sizes are computed in the graph, or the node crops."""
+    mode = node.attributes.get("coordinate_transformation_mode")
+    if mode is not None and mode.as_string() == "tf_crop_and_resize":
+        return None
+    rank = len(shape)
+    axes = [normalize_dim(a, rank) for a in attr_ints(node, "axes") or range(rank)]
+    indices = (1, None) if node.graph.opset_imports.get("", 11) < 11 else (2, 3)
+    present = [i is not None and i < len(node.inputs) and node.inputs[i] is not None for i in indices]
+    arrays = [read(i) if p else None for i, p in zip(indices, present, strict=True)]
+    if any(p and a is None for p, a in zip(present, arrays, strict=True)):
+        return None  # computed in the graph
+    scales, sizes = (a.ravel() if a is not None and a.size else None for a in arrays)
+    if sizes is not None:
+        policy = node.attributes.get("keep_aspect_ratio_policy")
+        if policy is not None and policy.as_string() != "stretch":
+            return None
+        changed = {d: shape[d] is None or int(n) != shape[d] for d, n in zip(axes, sizes.tolist(), strict=True)}
+    elif scales is not None:
+        changed = {d: float(f) != 1.0 for d, f in zip(axes, scales.tolist(), strict=True)}
+    else:
+        return None
+    return [changed.get(d, False) for d in range(rank)]
+
+
 _POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 RULES: dict[str, OnnxRule] = {
     **{op: Pool() for op in _POOLS},
+    "Resize": Resize(),
     **{op: Reduce(pins=True) for op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd")},
     **{op: Reduce(pins=False) for op in ("ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2")},
 }
