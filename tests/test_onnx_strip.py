@@ -660,3 +660,27 @@ def test_reshape_targets_computed_from_shape_are_followed_or_pin(tmp_path, merge
     assert summary.channels_removed == removed
     if not removed:
         assert any(b.startswith("target of Reshape") for b in summary.barriers)
+
+
+def test_qdq_weights_shared_by_unrelated_layers_are_cut_per_reader(tmp_path):
+    """Fresh BatchNorms share one all-ones scale and one all-zeros shift in the TorchScript export;
+    the quantizer dequantizes each shared initializer once. Each layer still loses its own pruned
+    channels (one copy of the DequantizeLinear per reader), exactly; copies that keep the same
+    channels are merged back."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(m for c_in in (3, 8, 8) for m in (nn.Conv2d(c_in, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                                               nn.ReLU())), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    ctk.prune(model, (x,), 0.5, "channel")
+    source = export(model, x, tmp_path / "cnn.onnx", dynamo=False)
+    qdq = str(tmp_path / "cnn.qdq.onnx")
+    quantize_static(source, qdq, type("Reader", (Calibration, CalibrationDataReader), {})((2, 3, 8, 8)),
+                    quant_format=QuantFormat.QDQ, per_channel=True)
+    readers = [n for n in onnx.load(qdq).graph.node if n.op_type == "Identity"]
+    assert len({n.input[0] for n in readers}) < len(readers)  # one dequantized scale read by several layers
+    summary = strip_onnx(qdq, tmp_path / "small.onnx")
+    assert summary.channels_removed == strip_onnx(source, tmp_path / "float.onnx").channels_removed == 12
+    assert summary.max_relative_error == 0.0

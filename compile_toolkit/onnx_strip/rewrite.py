@@ -18,6 +18,7 @@ import onnx_ir as ir
 from .analysis import OnnxChannelAnalysis, analyze, failed_rule
 from .context import leaf_constant
 from .rules import Barrier, Failed, ShapeChange
+from .unshare import merge_back, unshare
 
 Cut = tuple[tuple[int, bytes], ...]  # (dim, kept indices as bytes) for the dims that lose indices
 
@@ -31,9 +32,16 @@ class StripResult(ir.passes.PassResult):
 
 class StripChannels(ir.passes.InPlacePass):
     """Analyse, plan every rule's rewrite, and apply it all; a node whose rewrite raises is made a
-    barrier (nothing was applied yet) and the graph analysed again."""
+    barrier (nothing was applied yet) and the graph analysed again. A dequantized shared weight
+    is read through one copy per reader meanwhile (:mod:`.unshare`)."""
 
     def call(self, model: ir.Model) -> StripResult:
+        copies = unshare(model.graph)
+        result = self._strip(model)
+        merge_back(model.graph, copies)
+        return result
+
+    def _strip(self, model: ir.Model) -> StripResult:
         failed: dict[ir.Node, Failed] = {}
         while True:
             analysis = analyze(model, failed)

@@ -178,6 +178,8 @@ class Gemm(OnnxRule):
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
         a_m, a_k, b_k, b_n = self._dims(node)
+        if ctx.shape(node, 0)[a_k] is None or ctx.shape(node, 1)[b_n] is None:
+            raise NotCovered(f"{describe(node)}: its inner or output dim is not static")
         a, b = ctx.dims(node, 0), ctx.dims(node, 1)
         reason = f"features of {describe(node)}"
         ctx.join(a[a_k], b[b_k], reason)
@@ -223,6 +225,8 @@ class MatMul(OnnxRule):
         if len(ctx.shape(node, 0)) < 2 or len(ctx.shape(node, 1)) != 2:
             raise NotCovered(f"{describe(node)}: only a matrix B with A of rank 2 or more is covered (a batched "
                              "product, such as attention's, is not)")
+        if ctx.shape(node, 0)[-1] is None or None in ctx.shape(node, 1):
+            raise NotCovered(f"{describe(node)}: its inner or output dim is not static")
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
         self._check(ctx, node)
