@@ -238,7 +238,7 @@ class ShapeOf(OnnxRule):
     from. The output is a small vector of its own."""
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
-        return [[ctx.fresh(s, f"sizes read by {describe(node)}") for s in ctx.out_shape(node)]]
+        return [[ctx.fresh(s, f"sizes output by {describe(node)}, not channels") for s in ctx.out_shape(node)]]
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
         ctx.mark_dead(node, 0, full(ctx.shape(node, 0), True))
