@@ -29,11 +29,15 @@ from ...errors import CtkError
 from ...options import FLAG_KEY, option
 from ..masks import Masks
 from ..patterns import check_sparsity
+from ..structured import STRUCTURES as GRAPH_STRUCTURES
 from ..unstructured import parse_n_m
 from . import METHODS, prune_llm
 from .structured import prune_llm_structured, remove_identity_blocks, remove_pruned_query_heads
 
-STRUCTURES = ("channel", "head", "attention_head", "query_head", "neuron", "block")
+# The command line's structures: the graph pruner's (``channel``, ``head``, ``attention_head``,
+# ``neuron``), plus two that only a causal LM has, and that leave the module smaller before capture.
+LLM_ONLY_STRUCTURES = ("query_head", "block")
+STRUCTURES = (*GRAPH_STRUCTURES, *LLM_ONLY_STRUCTURES)
 ACTIVATION, INFLUENCE = "activation", "influence"  # the calibrated LLM importances
 _LLM_STRUCTURES = {"neuron": ("neuron",), "attention_head": ("kv_group",), "query_head": ("query_head",),
                    "head": ("kv_group", "neuron"), "block": ("block",)}
@@ -151,7 +155,7 @@ def prune_with(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], opti
     options.validate()
     inner = getattr(module, "model", None)
     if not (is_causal_lm(module) and options.on_causal_lm()):
-        if options.method is not None or options.structure in ("block", "query_head"):
+        if options.method is not None or options.structure in LLM_ONLY_STRUCTURES:
             what = f"--method {options.method}" if options.method else f"--structure {options.structure}"
             raise CtkError(f"{what} prunes the decoder layers of a causal language model (smollm2-135m, a GGUF "
                            f"file, an hf: causal LM); {type(module).__name__} is not one")
