@@ -13,7 +13,7 @@ user's data runs here, before any heavy work, so a bad input is one line and not
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,7 @@ def _digits(model: str, data: str | None, weights: str | None, shape: tuple[int,
         digits = load_digits_dataset()
         loaded = load_model(model, weights, shape or (EXAMPLE_BATCH, *digits.x_test.shape[1:]),
                             num_classes=None if model == "digits-resnet" else digits.num_classes)
-        loaded.dataset = digits
+        loaded = replace(loaded, dataset=digits)
     work = digits_workload(loaded.dataset)
     work.batch_size = batch_size
     _check_sizes(work.splits, batch_size, data or DIGITS)
@@ -164,7 +164,7 @@ def _images(model: str, root: Path, weights: str | None, shape: tuple[int, ...] 
     classes = class_names(root)
     loaded = load_model(model, weights, shape, num_classes=len(classes))
     splits = image_folder(root, model_preprocessing(loaded.module, shape))
-    return loaded, _workload(loaded, splits, Classify(len(classes)), batch_size, shape, str(root))
+    return _workload(loaded, splits, Classify(len(classes)), batch_size, shape, str(root))
 
 
 def _text(model: str, path: Path, weights: str | None, shape: tuple[int, ...] | None, batch_size: int,
@@ -177,7 +177,7 @@ def _text(model: str, path: Path, weights: str | None, shape: tuple[int, ...] | 
     else:
         loaded = _text_model(model, weights, task, str(path))
         splits = text_files(path, loaded.tokenizer, task, seq_len, text_column, label_column)
-    return loaded, _workload(loaded, splits, task_named(task, splits.num_classes), batch_size, shape, str(path))
+    return _workload(loaded, splits, task_named(task, splits.num_classes), batch_size, shape, str(path))
 
 
 def _pydoc(model: str, weights: str | None, shape: tuple[int, ...] | None, batch_size: int, task: str | None,
@@ -191,7 +191,8 @@ def _pydoc(model: str, weights: str | None, shape: tuple[int, ...] | None, batch
         raise CtkError(f"--task {task} does not fit --data {PYDOC}: it is plain text for --task causal-lm")
     loaded = _text_model(model, weights, task, PYDOC)
     rows = pydoc_rows(loaded.tokenizer, seq_len)
-    work = _workload(loaded, DataSplits(PYDOC, rows["train"], rows["heldout"]), task_named(task), batch_size, shape, PYDOC)
+    loaded, work = _workload(loaded, DataSplits(PYDOC, rows["train"], rows["heldout"]), task_named(task), batch_size,
+                             shape, PYDOC)
     work.calibration = rows["calibration"]
     return loaded, work
 
@@ -232,7 +233,7 @@ def _factory_data(model: str, spec: str, weights: str | None, shape: tuple[int, 
                         num_classes=len(classes) if classes else None, task=task)
     name = task or loaded.task or "classify"
     splits = DataSplits(Path(spec.rpartition(":")[0]).stem, made[0], made[1], classes)
-    return loaded, _workload(loaded, splits, task_named(name, splits.num_classes), batch_size, shape, spec)
+    return _workload(loaded, splits, task_named(name, splits.num_classes), batch_size, shape, spec)
 
 
 def _is_dataset(value: object) -> bool:
@@ -240,15 +241,15 @@ def _is_dataset(value: object) -> bool:
 
 
 def _workload(loaded: LoadedModel, splits: DataSplits, task: Task, batch_size: int,
-              shape: tuple[int, ...] | None, data: str) -> Workload:
-    """The workload of ``splits``, with ``loaded``'s example inputs replaced by a real validation
-    batch (``--input-shape``'s batch size, else :data:`EXAMPLE_BATCH`) and checked to fit ``task``."""
+              shape: tuple[int, ...] | None, data: str) -> tuple[LoadedModel, Workload]:
+    """The workload of ``splits``, and ``loaded`` with a real validation batch as its example inputs
+    (``--input-shape``'s batch size, else :data:`EXAMPLE_BATCH`), checked to fit ``task``."""
     _check_sizes(splits, batch_size, data)
     work = Workload(splits, task, batch_size)
-    loaded.example_inputs = positional(next(iter(work.val_loader(shape[0] if shape else EXAMPLE_BATCH))))
-    loaded.dataset = None
+    example = positional(next(iter(work.val_loader(shape[0] if shape else EXAMPLE_BATCH))))
+    loaded = replace(loaded, example_inputs=example, dataset=None)
     _check_fits(loaded, task, data)
-    return work
+    return loaded, work
 
 
 def _check_sizes(splits: DataSplits, batch_size: int, data: str) -> None:

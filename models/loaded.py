@@ -18,9 +18,11 @@ INPUT_SEED = 0
 INIT_SEED = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadedModel:
     """A model ready for capture: ``module`` is in eval mode and runs on ``example_inputs``.
+    Immutable once built: a loader that gives it data or other example inputs makes a new one
+    (``dataclasses.replace``).
 
     ``notes`` says what loading changed that the user did not ask for in so many words (weights
     converted to the model's dtype), for reports to repeat. ``task`` is the task the model was

@@ -67,7 +67,7 @@ def load_model(
     else:
         raise CtkError(f"unknown model {spec!r}: use {VALID_SPECS}")
     if weights is not None:
-        loaded.notes += load_safetensors_weights(loaded.named_module, weights, f"--weights {weights}", num_classes)
+        loaded.notes.extend(load_safetensors_weights(loaded.named_module, weights, f"--weights {weights}", num_classes))
     loaded.module.eval()
     _check_forward(loaded)
     return loaded

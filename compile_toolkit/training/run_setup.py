@@ -5,7 +5,7 @@ they train the same function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -117,8 +117,7 @@ def _digits_model(config: TrainConfig) -> LoadedModel:
                        "file.py:factory returning (train, val) data sets)")
     dataset = load_digits_dataset()
     loaded = load_model(config.model, config.weights, config.input_shape or (DIGITS_EXAMPLE_BATCH, *dataset.x_train.shape[1:]))
-    loaded.dataset = dataset
-    return loaded
+    return replace(loaded, dataset=dataset)
 
 
 def _check_fits(config: TrainConfig, loaded: LoadedModel, workload: Workload) -> None:
