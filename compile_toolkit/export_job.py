@@ -22,7 +22,7 @@ from .job_options import force_option, input_shape_option, model_option, out_opt
 from .models import LoadedModel
 from .models.weights import state_dict_mismatch
 from .options import comma_list, option, options_of
-from .outdir import check_out_option, check_replaceable, default_out, job_inputs, staged_folder
+from .outdir import check_out_option, default_out, job_inputs, staged_folder
 from .pipeline import PipelineLog, recording
 from .pruning import apply_masks
 from .pruning.llm.plan import PruneOptions, finish, is_causal_lm, prune_with
@@ -160,9 +160,8 @@ class ExportJob:
 def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
     """Run the job and return the report (also written as report.json and report.md)."""
     job.validate()
-    check_replaceable(job.out_dir, job.force, job.inputs)  # before reading the checkpoint, not after it
-    trained = _read_checkpoint(job) if job.checkpoint is not None else None
     with recording() as log, staged_folder(job.out_dir, force=job.force, inputs=job.inputs) as staging:
+        trained = _read_checkpoint(job) if job.checkpoint is not None else None
         timed = _timer(log, step)
         with timed("load model"):
             loaded, work = load_workload(job.model, job.data, job.weights, job.input_shape, job.batch_size, job.task,

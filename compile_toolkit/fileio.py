@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -166,6 +167,15 @@ def disk_full_as_error(what: str | os.PathLike) -> Iterator[None]:
         if not is_disk_full(error):
             raise
         raise CtkError(f"no space left on the device to write {what}; free some space and run again") from error
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (model files are gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -14,8 +14,8 @@ from .capture import Inputs
 from .errors import CtkError
 
 
-def session(path: str, threads: int | None = None) -> onnxruntime.InferenceSession:
-    """A CPU InferenceSession with ``threads`` intra-op threads (default: as many as torch uses,
+def session(path: str | bytes, threads: int | None = None) -> onnxruntime.InferenceSession:
+    """A CPU InferenceSession of a file (or a serialized model) with ``threads`` intra-op threads (default: as many as torch uses,
     ``torch.get_num_threads()``, so that a process limited to fewer cores keeps ONNX Runtime to
     them too; both default to the machine's cores)."""
     options = onnxruntime.SessionOptions()

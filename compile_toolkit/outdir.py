@@ -22,7 +22,6 @@ and the next run into the same folder removes those whose process is gone.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -31,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import CtkError
-from .fileio import disk_full_as_error, host_name, remove_path, replace_path, sibling_path
+from .fileio import disk_full_as_error, host_name, remove_path, replace_path, sha256_file, sibling_path
 
 MARKER = ".ctk-output.json"
 MARKER_VERSION = 2  # version 1 listed top-level names only, which cannot prove a tree is ours
@@ -219,11 +218,7 @@ def _fingerprint(path: Path, expected_size: int | None = None) -> dict[str, int 
     size = path.stat().st_size
     if expected_size is not None and size != expected_size:
         return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return {"size": size, "sha256": digest.hexdigest()}
+    return {"size": size, "sha256": sha256_file(path)}
 
 
 def _rehearse_rename(out: Path) -> None:

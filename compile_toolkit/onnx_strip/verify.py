@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime
 import torch
 
 from ..errors import CtkError, VerificationError
+from ..onnx_runtime import session
 from ..passes.verify import relative_error, require_no_nan
 from .context import value_shape
 
@@ -63,8 +63,8 @@ def _id_bound(value: ir.Value) -> int:
 
 def run(model: str | bytes, feeds: list[Feeds]) -> list[list[torch.Tensor]]:
     """The outputs of a model (a path or serialized bytes) on each feed, as CPU tensors."""
-    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
-    return [[torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)] for feed in feeds]
+    sess = session(model)
+    return [[torch.from_numpy(np.asarray(o)) for o in sess.run(None, feed)] for feed in feeds]
 
 
 def check_same_outputs(reference: list[list[torch.Tensor]], candidate: str, feeds: list[Feeds], rtol: float) -> float:

@@ -27,7 +27,6 @@ a bad sector, a truncated transfer): every load checks the manifest, and ``--res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -43,7 +42,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CtkError, summary
-from ..fileio import disk_full_as_error, remove_path, replace_path, save_safetensors, sibling_path, write_atomic
+from ..fileio import (
+    disk_full_as_error,
+    remove_path,
+    replace_path,
+    save_safetensors,
+    sha256_file,
+    sibling_path,
+    write_atomic,
+)
 from ..models.weights import check_finite
 from ..outdir import remove_stale_staging
 from ..pruning.masks import load_masks, save_masks
@@ -233,7 +240,7 @@ def newest_intact_checkpoint(folder: str | os.PathLike, warn: Callable[[str], No
 def write_manifest(folder: Path) -> None:
     """Record the size and SHA-256 of every file in the checkpoint ``folder`` in ``manifest.json``."""
     files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != MANIFEST_FILE
     }
@@ -257,16 +264,8 @@ def verify_manifest(folder: Path) -> None:
             raise CtkError(f"checkpoint {folder} is damaged: {name} is missing")
         if path.stat().st_size != size:
             raise CtkError(f"checkpoint {folder} is damaged: {name} has {path.stat().st_size} bytes, {size} were written")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CtkError(f"checkpoint {folder} is damaged: {name} does not match its SHA-256 in {MANIFEST_FILE}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

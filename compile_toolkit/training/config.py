@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CtkError
+from ..errors import CtkError, shown
 from ..fileio import check_output_folder
 from ..models.registry import DEFAULT_SPEC
 from ..pruning.recipe import MAX_EPOCHS, MAX_SEED, load_recipe
@@ -220,9 +220,9 @@ def check_count(option: str, value: int, low: int, high: int) -> None:
     is bounded, so a typo cannot start a run that never ends, or overflow what torch takes."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         kind = "positive" if low == 1 else "non-negative"
-        raise CtkError(f"{option} must be a {kind} integer, got {_given(value)}")
+        raise CtkError(f"{option} must be a {kind} integer, got {shown(value)}")
     if value > high:
-        raise CtkError(f"{option} must be <= {high}, got {_given(value)}")
+        raise CtkError(f"{option} must be <= {high}, got {shown(value)}")
 
 
 def check_batch_split(batch_size: int, shares: int, strategy: str) -> None:
@@ -232,14 +232,6 @@ def check_batch_split(batch_size: int, shares: int, strategy: str) -> None:
     if batch_size % shares:
         whose = STRATEGY_ENTRIES[strategy].data_split_by
         raise CtkError(f"--batch-size {batch_size} (the global batch) must be divisible by the {shares} {whose}")
-
-
-def _given(value: object) -> str:
-    """A user's value in an error line: a huge integer by its size, since its decimal form runs to
-    thousands of digits (and past 4,300 ``repr`` raises ValueError)."""
-    if isinstance(value, int) and value.bit_length() > 256:
-        return f"a {value.bit_length()}-bit integer"
-    return repr(value)
 
 
 def _choice(option: str, value: str, valid: tuple[str, ...]) -> None:
