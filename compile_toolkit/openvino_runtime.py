@@ -5,11 +5,21 @@ A module of its own beside :mod:`.onnx_runtime`, below both ``exporters`` (which
 and ``metrics`` (which times it). Why the pin: on a CPU with AMX or AVX-512 BF16, OpenVINO's CPU
 plugin runs an fp32 model in bf16 unless told otherwise (measured on a small CNN: 2.8e-3 off
 the model instead of 3e-7), which would fail the float check, or pass a loosened one silently.
+
+OpenVINO's model converter sends usage telemetry unless the user opted out in ``~/intel``: on
+``import openvino`` it writes a client id into the home folder and forks the running process from a
+thread to post it. A fork of a process that runs torch's and ONNX Runtime's thread pools is unsafe
+(it killed pytest workers here at random), and a toolkit must not phone home for its user, so
+:func:`require` imports OpenVINO with the telemetry package hidden; the converter then uses the
+no-op stub it ships for installs without that package.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import sys
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -21,16 +31,32 @@ from .errors import CtkError
 
 PACKAGE = "openvino"
 DEVICE = "CPU"
+TELEMETRY = "openvino_telemetry"
 
 
 def require() -> ModuleType:
     """The ``openvino`` module, or one CtkError line naming the package that is missing."""
     try:
-        import openvino
+        with _telemetry_hidden():
+            import openvino
     except ImportError as error:
         raise CtkError(f"the openvino format needs the optional package '{PACKAGE}', which is not installed: "
                        f"pip install {PACKAGE} (or `make setup`)") from error
     return openvino
+
+
+@contextlib.contextmanager
+def _telemetry_hidden() -> Iterator[None]:
+    """While OpenVINO is first imported, ``import openvino_telemetry`` fails as if not installed
+    (a ``None`` entry in ``sys.modules``); a process that imported it already keeps its own."""
+    hide = TELEMETRY not in sys.modules
+    if hide:
+        sys.modules[TELEMETRY] = None
+    try:
+        yield
+    finally:
+        if hide:
+            sys.modules.pop(TELEMETRY, None)
 
 
 def runtime_name() -> str:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import openvino
 import pytest
 import torch
 from test_cli import assert_clean_failure, run_cli  # tests/ is on sys.path (pytest rootdir)
@@ -20,8 +20,9 @@ from compile_toolkit.cli import main
 from compile_toolkit.errors import CtkError, VerificationError
 from compile_toolkit.exporters import export, openvino_format
 from compile_toolkit.models import load_model
-from compile_toolkit.openvino_runtime import run
+from compile_toolkit.openvino_runtime import require, run
 
+openvino = require()  # never a plain `import openvino` here: it would start OpenVINO's telemetry
 VERSION = openvino.get_version().split("-")[0]  # "2026.4.0"
 REAL_RUN, REAL_WRITE = openvino_format.run, openvino_format.write
 
@@ -89,6 +90,24 @@ def test_without_the_package_the_format_is_refused_in_one_line(tmp_path, monkeyp
     status, err = run_cli(["export", "--formats", "openvino", "--out", str(tmp_path / "cli")], capsys)
     assert_clean_failure(status, err, "'openvino'", "pip install openvino")
     assert not (tmp_path / "cli").exists()
+
+
+def test_openvino_sends_no_telemetry_and_writes_nothing_in_the_home_folder(tmp_path):
+    """``import openvino`` alone writes ``~/intel/openvino_ga_cid`` and forks the process to post
+    usage data (the positive control); a job that converts, verifies and times an IR does neither.
+    (ONNX Runtime keeps a device id under ``~/.cache/Microsoft``; it sends nothing on Linux.)"""
+    def home_after(code: str, home: Path) -> list[str]:
+        home.mkdir()
+        run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, HOME=str(home)),
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+
+    assert "intel/openvino_ga_cid" in home_after("import openvino", tmp_path / "plain")
+    job = ("from compile_toolkit.cli import main; "
+           f"assert main(['export', '--formats', 'openvino', '--runtime', 'openvino', '--out', {str(tmp_path / 'out')!r}]) == 0; "
+           "import openvino.tools.ovc.telemetry_utils as t; assert t.tm.__name__.endswith('telemetry_stub'), t.tm")
+    assert not [name for name in home_after(job, tmp_path / "job") if name.startswith("intel")]
 
 
 def test_runtime_openvino_needs_the_format(tmp_path, capsys):
