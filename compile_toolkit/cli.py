@@ -12,7 +12,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -71,14 +71,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctk", description="Prune, strip and export PyTorch models.")
     commands = parser.add_subparsers(title="commands")
-    export = commands.add_parser(
-        "export",
-        help="strip a model (optionally prune it first) and export it, verified",
-        description="Load a model, optionally prune and fine-tune it, strip its dead channels exactly, "
-        "export it in every format verified in its runtime, and write report.json and report.md.",
-    )
-    add_options(export, ExportJob)
-    export.set_defaults(command=_export)
+    _job_command(commands, "export", ExportJob, _export,
+                 help="strip a model (optionally prune it first) and export it, verified",
+                 description="Load a model, optionally prune and fine-tune it, strip its dead channels exactly, "
+                 "export it in every format verified in its runtime, and write report.json and report.md.")
 
     strip = commands.add_parser(
         "strip",
@@ -95,15 +91,20 @@ def _parser() -> argparse.ArgumentParser:
     strip.set_defaults(command=_strip)
     add_train_parser(commands)
 
-    prune = commands.add_parser(
-        "prune",
-        help="prune a model as a YAML recipe says; write pruned weights and masks",
-        description="Prune a model by a recipe (method, targets, schedule, ignores, per-layer overrides; see "
-        "docs/pruning.md), write pruned.safetensors and masks.safetensors, and print the sparsity of every layer.",
-    )
-    add_options(prune, PruneJob)
-    prune.set_defaults(command=_prune)
+    _job_command(commands, "prune", PruneJob, _prune,
+                 help="prune a model as a YAML recipe says; write pruned weights and masks",
+                 description="Prune a model by a recipe (method, targets, schedule, ignores, per-layer overrides; "
+                 "see docs/pruning.md), write pruned.safetensors and masks.safetensors, and print the sparsity of "
+                 "every layer.")
     return parser
+
+
+def _job_command(commands: argparse._SubParsersAction, name: str, job: type, run: Callable[[argparse.Namespace], int],
+                 **texts: str) -> None:
+    """A command whose options are the fields of ``job`` (declared once, there)."""
+    command = commands.add_parser(name, **texts)
+    add_options(command, job)
+    command.set_defaults(command=run)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -15,6 +15,14 @@ from ..models.weights import state_dict_mismatch
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True where the weight is kept
 
 
+class WithMasks:
+    """A pruner's report (a dataclass with a ``masks`` field): its JSON is every field but the masks,
+    which go to their own safetensors file."""
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "masks"}
+
+
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Masks) -> None:
     """Zero every masked weight in place (after each optimizer step, so pruned weights stay 0)."""

@@ -16,17 +16,9 @@ import numpy as np
 import torch
 from torch.fx import Node
 
+from .. import weights
 from ..atoms import Atoms
 from ..context import Context, DimFacts, Dims, all_dead, describe, mask
-from ..weights import (
-    Grouping,
-    conv_input_dead,
-    couple_conv,
-    inputs_unread,
-    join_blocks,
-    outputs_zero,
-    outside_zero_lines,
-)
 from .base import Barrier, OpRule, ShapeChange, argument, copy_facts, full, set_argument
 
 
@@ -35,7 +27,7 @@ def _nonzero_rows_cols(ctx: Context, weight: Node) -> np.ndarray:
     weight's pairs are scanned once and cached by the context; a weight computed in the graph
     has only its zero rows and columns to go by."""
     pairs = ctx.nonzero_pairs(weight)
-    return pairs if pairs is not None else outside_zero_lines(ctx.zeros(weight))
+    return pairs if pairs is not None else weights.outside_zero_lines(ctx.zeros(weight))
 
 
 def zero_vector(ctx: Context, bias: Node | None, size: int) -> np.ndarray:
@@ -50,7 +42,7 @@ def zero_vector(ctx: Context, bias: Node | None, size: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class ConvSpec(Grouping):
+class ConvSpec(weights.Grouping):
     """What a convolution node computes, from its arguments and the shapes it was captured with:
     its grouping (:class:`..weights.Grouping`, ``kind`` among them) and the nodes it reads."""
 
@@ -100,7 +92,7 @@ class Conv(OpRule):
         if spec.transposed:
             out = _couple_transposed(ctx, spec, x_in, w_dims, describe(node))
         else:
-            couple_conv(ctx, spec, x_in, w_dims[1], w_dims[0], describe(node))
+            weights.couple_conv(ctx, spec, x_in, w_dims[1], w_dims[0], describe(node))
             out = w_dims[0]
         if spec.b is not None:
             ctx.join(out, ctx.dims(spec.b)[0], reason)
@@ -120,7 +112,7 @@ class Conv(OpRule):
         out = ctx.no_facts(shape)
         if _unbatched(ctx, spec):
             return [out]
-        fed_zero = outputs_zero(_connections(ctx, spec), ctx.zeros(spec.x)[1])
+        fed_zero = weights.outputs_zero(_connections(ctx, spec), ctx.zeros(spec.x)[1])
         out[1] = fed_zero & zero_vector(ctx, spec.b, shape[1])
         return [out]
 
@@ -133,7 +125,7 @@ class Conv(OpRule):
         if all_dead(out_dead):
             ctx.mark_dead(spec.x, full(x_shape, True))
             return
-        ctx.mark_dead(spec.x, conv_input_dead(out_dead, x_shape, _connections(ctx, spec)))
+        ctx.mark_dead(spec.x, weights.conv_input_dead(out_dead, x_shape, _connections(ctx, spec)))
 
 
 _TRANSPOSED = {torch.ops.aten.conv_transpose1d, torch.ops.aten.conv_transpose2d, torch.ops.aten.conv_transpose3d}
@@ -155,7 +147,7 @@ def _couple_transposed(ctx: Context, spec: ConvSpec, x_in: Atoms | None, w_dims:
         ctx.join(x_in, w_in, reason)
         return np.repeat(x_in, spec.out_per_group) if x_in is not None else None
     if x_in is not None and spec.kind == "grouped":
-        join_blocks(ctx, x_in, spec.groups, reason)
+        weights.join_blocks(ctx, x_in, spec.groups, reason)
     ctx.join(x_in, w_in, reason)
     return np.tile(w_out, spec.groups)
 
@@ -184,7 +176,7 @@ class Linear(OpRule):
         b = node.args[2] if len(node.args) > 2 else None
         shape = ctx.shape(node)
         out = ctx.no_facts(shape)
-        out[-1] = outputs_zero(_nonzero_rows_cols(ctx, w), ctx.zeros(x)[-1]) & zero_vector(ctx, b, shape[-1])
+        out[-1] = weights.outputs_zero(_nonzero_rows_cols(ctx, w), ctx.zeros(x)[-1]) & zero_vector(ctx, b, shape[-1])
         return [out]
 
     def dead(self, ctx: Context, node: Node) -> None:
@@ -193,7 +185,7 @@ class Linear(OpRule):
         if all_dead(out_dead):
             ctx.mark_dead(x, full(ctx.shape(x), True))
             return
-        ctx.mark_dead(x, [*out_dead[:-1], inputs_unread(_nonzero_rows_cols(ctx, w), out_dead[-1])])
+        ctx.mark_dead(x, [*out_dead[:-1], weights.inputs_unread(_nonzero_rows_cols(ctx, w), out_dead[-1])])
 
 
 class Dropout(OpRule):

@@ -25,7 +25,7 @@ from torch import nn
 
 from ...capture import eval_mode
 from ...errors import CtkError
-from ..masks import Masks
+from ..masks import Masks, WithMasks
 from ..patterns import check_sparsity
 from ..unstructured import parse_n_m
 from .layers import decoder_layers, first_layer_inputs, run_layer
@@ -35,7 +35,7 @@ __all__ = ["METHODS", "LLMPruneReport", "prune_llm"]
 
 
 @dataclass
-class LLMPruneReport:
+class LLMPruneReport(WithMasks):
     """What :func:`prune_llm` did: the sparsity reached per weight and overall, how many weights
     it zeroed that were not zero before, the calibration used, wall time, and the masks."""
 
@@ -47,9 +47,6 @@ class LLMPruneReport:
     calibration_tokens: int
     seconds: float
     masks: Masks = field(default_factory=dict, repr=False)
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "masks"}
 
 
 def prune_llm(

@@ -43,7 +43,7 @@ from torch import nn
 
 from ...capture import eval_mode
 from ...errors import CtkError
-from ..masks import Masks, apply_masks
+from ..masks import Masks, WithMasks, apply_masks
 from ..patterns import check_sparsity
 from .layers import decoder_layers
 
@@ -51,7 +51,7 @@ STRUCTURES = ("neuron", "kv_group", "query_head", "block")
 
 
 @dataclass
-class StructuredReport:
+class StructuredReport(WithMasks):
     """What :func:`prune_llm_structured` removed: units kept per layer, and the masks applied."""
 
     structure: str
@@ -61,9 +61,6 @@ class StructuredReport:
     total: list[int]
     seconds: float
     masks: Masks = field(default_factory=dict, repr=False)
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "masks"}
 
 
 def prune_llm_structured(
