@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
@@ -17,27 +18,41 @@ from onnx_ir.passes.common import ShapeInferencePass
 from ..errors import CtkError, VerificationError, summary
 from ..fileio import staged_path
 from ..passes.strip import StripGroup
+from .flops import COUNTED, count_flops
+from .measure import OnnxLatency, compare_latency, sample_shapes
 from .rewrite import StripChannels
-from .verify import check_same_outputs, reference_outputs, sample_feeds
+from .verify import Feeds, check_same_outputs, computed_float_dtypes, default_rtol, reference_outputs, sample_feeds
 
 Source = str | os.PathLike | ir.Model | onnx.ModelProto
 
 
 @dataclass(frozen=True)
 class OnnxStripSummary:
-    """What an ONNX strip removed and what kept the rest. ``groups`` and ``barriers`` read like
-    :class:`~compile_toolkit.passes.strip.StripSummary`'s (carriers are ``initializer:dim``);
-    parameters count the elements of the graph's initializers; ``max_relative_error`` is the
-    output file's error against the input in ONNX Runtime."""
+    """What an ONNX strip removed and what kept the rest, and what it saved. ``groups`` and
+    ``barriers`` read like :class:`~compile_toolkit.passes.strip.StripSummary`'s (carriers are
+    ``initializer:dim``); parameters count the elements of the graph's initializers; FLOPs count
+    the ops in ``flops_ops`` (:mod:`.flops`; ``flops_uncounted`` names nodes whose shapes were not
+    known) for one run on inputs of ``sample_shapes``, where ``latency`` (``None`` when not asked
+    for) was measured too; ``max_relative_error`` is the output file's error against the input in
+    ONNX Runtime, within ``tolerance``; ``weight_dtypes`` are the floating dtypes of the
+    initializers, which the output keeps."""
 
     channels_removed: int
     groups: list[StripGroup]
     barriers: list[str]
     parameters_before: int
     parameters_after: int
+    flops_before: int
+    flops_after: int
+    flops_ops: list[str]
+    flops_uncounted: list[str]
     file_bytes_before: int
     file_bytes_after: int
+    latency: OnnxLatency | None
+    sample_shapes: dict[str, list[int]]
     max_relative_error: float
+    tolerance: float
+    weight_dtypes: list[str]
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -45,8 +60,8 @@ class OnnxStripSummary:
         return asdict(self)
 
 
-def strip_onnx(source: Source, out_path: str | os.PathLike, rtol: float = 1e-5, samples: int = 3,
-               seed: int = 0) -> OnnxStripSummary:
+def strip_onnx(source: Source, out_path: str | os.PathLike, rtol: float | None = None, samples: int = 3,
+               seed: int = 0, latency: bool = True) -> OnnxStripSummary:
     """Write a smaller ONNX file to ``out_path`` that computes what ``source`` (a path, an
     ``onnx.ModelProto`` or an ``onnx_ir.Model``) computes; the source is never modified.
 
@@ -54,36 +69,53 @@ def strip_onnx(source: Source, out_path: str | os.PathLike, rtol: float = 1e-5, 
     ``onnx.checker``, run in ONNX Runtime on ``samples`` seeded inputs built from the graph's
     input types, and compared with the source's outputs; a drift beyond ``rtol`` of the largest
     output raises :class:`~compile_toolkit.errors.VerificationError` and nothing is written.
+    ``rtol`` defaults to the precision the graph computes in (:func:`~.verify.default_rtol`:
+    1e-5 for float32, 9.8e-3 for float16). A file ONNX Runtime cannot run (bfloat16 convolutions
+    on the CPU) is refused: no strip of it could be verified.
+
+    ``latency``: also time the input against the output in ONNX Runtime (up to about
+    :data:`~.measure.LATENCY_BUDGET_S` seconds; :func:`~.measure.compare_latency`); the rest of the
+    summary costs a shape inference.
     """
     start = time.perf_counter()
     reference = _reference(source, out_path)
     model = _private_copy(source, reference)
     size_before = _stored_bytes(reference, model)
     ir.external_data.load_to_model(model)
+    ShapeInferencePass(strict_mode=False)(model)
     feeds = sample_feeds(model, samples, seed)
-    expected = reference_outputs(reference, feeds)
+    expected = _expected_outputs(source, reference, model, feeds)
     source_valid = _checker_error(reference) is None
     before = parameter_count(model)
-    ShapeInferencePass(strict_mode=False)(model)
+    tolerance = default_rtol(model) if rtol is None else rtol
     result = StripChannels()(model)
     with staged_path(out_path) as tmp:
         ir.save(model, tmp)
         problem = _checker_error(str(tmp)) if source_valid else None
         if problem is not None:
             raise VerificationError(f"the stripped ONNX file is not valid ONNX (its source is): {problem}")
-        error = check_same_outputs(expected, str(tmp), feeds, rtol)
+        error = check_same_outputs(expected, str(tmp), feeds, tolerance)
+    seconds = time.perf_counter() - start
     analysis = result.analysis
-    groups = [StripGroup(g.carriers, g.size, g.size - g.removable, g.pinned_reason) for g in analysis.groups]
+    flops_before, flops_after = count_flops(reference, feeds[0]), count_flops(str(out_path), feeds[0])
     return OnnxStripSummary(
         channels_removed=analysis.channels_removed,
-        groups=groups,
+        groups=[StripGroup(g.carriers, g.size, g.size - g.removable, g.pinned_reason) for g in analysis.groups],
         barriers=analysis.barriers,
         parameters_before=before,
         parameters_after=parameter_count(model),
+        flops_before=flops_before.flops,
+        flops_after=flops_after.flops,
+        flops_ops=list(COUNTED),
+        flops_uncounted=sorted(set(flops_before.uncounted) | set(flops_after.uncounted)),
         file_bytes_before=size_before,
         file_bytes_after=os.path.getsize(out_path),
+        latency=compare_latency(reference, str(out_path), feeds[0]) if latency else None,
+        sample_shapes=sample_shapes(feeds[0]),
         max_relative_error=error,
-        seconds=time.perf_counter() - start,
+        tolerance=tolerance,
+        weight_dtypes=weight_dtypes(model),
+        seconds=seconds,
     )
 
 
@@ -91,6 +123,34 @@ def parameter_count(model: ir.Model) -> int:
     """Elements in the main graph's initializers (those a caller cannot override as inputs)."""
     return sum(math.prod(v.shape.numpy()) for v in model.graph.initializers.values()
                if v.shape is not None and not v.is_graph_input())
+
+
+def weight_dtypes(model: ir.Model) -> list[str]:
+    """The floating dtypes of the main graph's initializers (``float32``, ``float16``, ``bfloat16``)."""
+    found = {v.dtype for v in model.graph.initializers.values() if v.dtype is not None and v.dtype.is_floating_point()}
+    return sorted(str(np.dtype(d.numpy())) for d in found)
+
+
+def _expected_outputs(source: Source, reference: str | bytes, model: ir.Model, feeds: list[Feeds]) -> list[list[Any]]:
+    """The source's outputs on the sample inputs; a file ONNX Runtime cannot run is refused in one
+    line (in bfloat16, named as such: the CPU provider has no bfloat16 Conv, Gemm or MatMul)."""
+    try:
+        return reference_outputs(reference, feeds)
+    except CtkError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the runtime's refusal of the user's file, in one line
+        name = _name(source, reference)
+        dtypes = {d for d in (computed_float_dtypes(model) | {v.dtype for v in model.graph.initializers.values()})
+                  if d is not None}
+        if ir.DataType.BFLOAT16 in dtypes:
+            raise CtkError(f"{name} computes in bfloat16, which ONNX Runtime cannot run on the CPU ({summary(error)}), "
+                           "so no strip of it can be verified: convert it to float32 or float16 first") from error
+        raise CtkError(f"ONNX Runtime cannot run {name}, so no strip of it can be verified: {summary(error)}") from error
+
+
+def _name(source: Source, reference: str | bytes) -> str:
+    """How errors name the source: its path, or that it was given in memory."""
+    return f"ONNX file {source}" if isinstance(reference, str) else "the ONNX model given in memory"
 
 
 def _checker_error(model: str | bytes) -> str | None:
@@ -135,5 +195,4 @@ def _private_copy(source: Source, reference: str | bytes) -> ir.Model:
             return ir.from_proto(onnx.load_from_string(reference))
         return ir.load(reference)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix, in one line
-        raise CtkError(f"cannot read ONNX model {source if isinstance(reference, str) else '(in memory)'}: "
-                       f"{summary(error)}") from error
+        raise CtkError(f"cannot read {_name(source, reference)}: {summary(error)}") from error
