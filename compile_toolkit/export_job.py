@@ -25,8 +25,9 @@ from .options import comma_list, option, options_of
 from .outdir import check_out_option, default_out, job_inputs, staged_folder
 from .pipeline import PipelineLog, recording
 from .pruning import apply_masks
-from .pruning.llm.plan import PruneOptions, finish, is_causal_lm, prune_with
+from .pruning.llm.plan import PruneOptions, finish, prune_with
 from .pruning.masks import check_masks
+from .pruning.prune_ import is_causal_lm
 from .pruning.recalibrate import recalibrate_batchnorm
 from .pruning.recipe import load_recipe
 from .quantize import QuantConfig, qat

@@ -27,8 +27,9 @@ from .models.weights import fit_state_dict, read_weights
 from .options import option, options_of
 from .outdir import check_out_option, default_out, job_inputs, staged_folder
 from .pruning import apply_masks, load_recipe, save_masks
-from .pruning.llm.plan import PruneOptions, is_causal_lm, prune_with
+from .pruning.llm.plan import PruneOptions, prune_with
 from .pruning.masks import Masks, combine_masks
+from .pruning.prune_ import is_causal_lm
 from .pruning.torch_prune import fold_pruned_state_dict
 from .tasks import Task
 from .training import apply_recipe

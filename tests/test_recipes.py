@@ -181,7 +181,7 @@ def test_structured_iterative_recipe_with_network_slimming_strips_exactly():
         "finetune": {"epochs": 1, "batch_size": 16},
     })
     result = apply_recipe(model, (x[:2],), recipe, Dataset("tiny", x, y, x, y))
-    assert [r.pruned for r in result.reports] == [3, 4]  # conv1's 8 channels: floor(0.4375 * 8), then 4
+    assert [r.summary["pruned"] for r in result.reports] == [3, 4]  # conv1's 8 channels: floor(0.4375 * 8), then 4
     assert int((model.bn1.weight == 0).sum()) == 4 and int((model.bn2.weight == 0).sum()) == 0
     assert len(result.losses) == 3  # one regularised epoch, then one per round
     stripped = ctk.strip(model, (x[:2],))

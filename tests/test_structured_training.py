@@ -210,7 +210,7 @@ def test_channel_errors_name_the_option(capsys):
     with pytest.raises(CtkError, match="mask 'conv1.weight' does not zero whole channels"):
         sparsifier.load_state_dict(state)
     assert main(["train", "--prune-method", "rows"]) == 1
-    assert "unknown --prune-method 'rows'; valid: magnitude, channel, or N:M" in capsys.readouterr().err
+    assert "--prune-method: unknown pruning method 'rows'; valid: magnitude, channel, or N:M" in capsys.readouterr().err
 
 
 def test_train_channel_then_export_checkpoint_is_small(tmp_path, capsys):

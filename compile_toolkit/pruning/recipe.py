@@ -25,6 +25,7 @@ from typing import Any
 from ..bounded_yaml import load_yaml_file
 from ..errors import CtkError, clip, shown
 from ..quantize.config import ACTIVATION_TYPES, CALIBRATION_METHODS, DTYPES, METHODS, QuantConfig
+from .configs import NM, Channels, Magnitude, method_config
 from .schedule import GradualSchedule, round_schedule
 from .structured import IMPORTANCES, STRUCTURES
 from .unstructured import parse_n_m
@@ -71,6 +72,18 @@ class Recipe:
     @property
     def structured(self) -> bool:
         return self.method == "structured"
+
+    @property
+    def config(self) -> Magnitude | NM | Channels:
+        """What the recipe prunes, as the config every front-end builds, at its final sparsity
+        (its schedule says the sparsity of each step)."""
+        final = self.schedule.final_sparsity
+        if self.structured:
+            return Channels(final, self.structure, self.importance, self.round_to, self.seed, self.ignore,
+                            self.overrides)
+        if self.method == "magnitude":
+            return Magnitude(final, self.scope, self.targets, self.ignore, self.overrides)
+        return method_config(self.method, final, targets=self.targets, ignore=self.ignore)
 
     def error(self, where: str, message: str) -> CtkError:
         return CtkError(f"recipe {self.source}: {where} {message}")

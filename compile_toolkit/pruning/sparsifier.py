@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import CtkError
 from ..models.weights import state_dict_mismatch
 from .channel_groups import channel_plan
+from .configs import NM, Channels, Magnitude
 from .masks import Masks, apply_masks, load_masks, mask_gradients, save_masks
 from .patterns import resolve_overrides, select_weights, unwrap, zero_fraction
 from .schedule import GradualSchedule
@@ -99,6 +100,21 @@ class Sparsifier:
             self._check_n_m()
         self.masks: Masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.weights.items()}
         self.step = -1
+
+    @classmethod
+    def for_config(cls, model: nn.Module, schedule: GradualSchedule, config: Magnitude | NM | Channels,
+                   example_inputs: tuple[torch.Tensor, ...] | None = None) -> Sparsifier:
+        """The sparsifier that prunes as ``config`` says on ``schedule`` (its sparsity replaces the
+        config's): magnitude, N:M, or channel groups by L1 (the one importance it re-scores each step)."""
+        if isinstance(config, Magnitude):
+            return cls(model, schedule, "magnitude", config.scope, config.targets, config.ignore, config.overrides)
+        if isinstance(config, NM):
+            return cls(model, schedule, config.pattern, targets=config.targets, ignore=config.ignore)
+        if isinstance(config, Channels) and (config.structure, config.importance) == ("channel", "l1") \
+                and not config.overrides:
+            return cls(model, schedule, "channel", ignore=config.ignore, example_inputs=example_inputs,
+                       round_to=config.round_to)
+        raise CtkError(f"pruning during training takes magnitude, N:M or channels by l1 importance; got {config}")
 
     def _check_n_m(self) -> None:
         n, m = self.n_m

@@ -240,11 +240,9 @@ def _choice(option: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 def _prune_method(method: str) -> None:
-    from ..pruning.unstructured import parse_n_m
+    from ..pruning.configs import method_config
 
     try:
-        n_m = parse_n_m(method)
-    except CtkError as error:  # an N:M pattern with N >= M
+        method_config(method, 0.5)
+    except CtkError as error:  # an unknown method, or an N:M pattern with N >= M
         raise CtkError(f"--prune-method: {error}") from error
-    if method not in ("magnitude", "channel") and n_m is None:
-        raise CtkError(f"unknown --prune-method {method!r}; valid: magnitude, channel, or N:M such as 2:4")

@@ -5,7 +5,7 @@ fine-tuning), with the masks held through every optimizer step."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -13,11 +13,11 @@ from torch.utils.data import default_collate
 
 from ..pruning.masks import Masks
 from ..pruning.patterns import zero_fraction
+from ..pruning.prune_ import Pruned, PruneData, prune_
 from ..pruning.recipe import Recipe
 from ..pruning.regularization import bn_scale_l1, group_lasso
 from ..pruning.schedule import GradualSchedule
 from ..pruning.sparsifier import Sparsifier
-from ..pruning.structured import PruneReport, prune
 from ..tasks import Task, model_inputs
 from .finetune import CLASSIFY, TrainData, finetune, steps_per_epoch, training_split
 from .iterative import iterative
@@ -32,7 +32,7 @@ class RecipeResult:
     layer_sparsity: dict[str, float]
     sparsity: float
     losses: list[list[float]] = field(default_factory=list)
-    reports: list[PruneReport] = field(default_factory=list, repr=False)
+    reports: list[Pruned] = field(default_factory=list, repr=False)
 
 
 def apply_recipe(
@@ -65,7 +65,7 @@ def apply_recipe(
                 task=task,
             )
         )
-    reports: list[PruneReport] = []
+    reports: list[Pruned] = []
     prune_to = _pruner(model, example_inputs, recipe, dataset, reports, task)
     tune = {"lr": recipe.finetune_lr, "batch_size": recipe.batch_size, "seed": recipe.seed, "task": task}
     if recipe.schedule_type == "iterative":
@@ -133,15 +133,7 @@ def _penalty(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], recipe:
 
 
 def _sparsifier(model: nn.Module, recipe: Recipe, schedule: GradualSchedule) -> Sparsifier:
-    return Sparsifier(
-        model,
-        schedule,
-        method=recipe.method,
-        scope=recipe.scope,
-        targets=recipe.targets,
-        ignore=recipe.ignore,
-        overrides=recipe.overrides,
-    )
+    return Sparsifier.for_config(model, schedule, recipe.config)
 
 
 def _pruner(
@@ -149,7 +141,7 @@ def _pruner(
     example_inputs: tuple[torch.Tensor, ...],
     recipe: Recipe,
     dataset: TrainData | None,
-    reports: list[PruneReport],
+    reports: list[Pruned],
     task: Task,
 ):
     """``prune_to(step)``: prune to the schedule's sparsity at ``step`` (a round, or 0 for one-shot)
@@ -162,23 +154,11 @@ def _pruner(
             return dict(sparsifier.masks)
 
         return prune_unstructured
-    calibration = _taylor_loss(dataset, recipe.calibration_size, task) if recipe.importance == "taylor" else None
+    loss = _taylor_loss(dataset, recipe.calibration_size, task) if recipe.importance == "taylor" else None
+    data = PruneData(example_inputs, loss=loss)
 
     def prune_structured(step: int) -> Masks:
-        reports.append(
-            prune(
-                model,
-                example_inputs,
-                recipe.schedule.sparsity_at(step),
-                recipe.structure,
-                recipe.importance,
-                recipe.round_to,
-                recipe.seed,
-                overrides=recipe.overrides,
-                ignore=recipe.ignore,
-                calibration=calibration,
-            )
-        )
+        reports.append(prune_(model, replace(recipe.config, sparsity=recipe.schedule.sparsity_at(step)), data))
         return reports[-1].masks
 
     return prune_structured

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from ..errors import CtkError, clip, summary
 from ..models import LoadedModel, load_digits_dataset, load_model
 from ..models.registry import DEFAULT_SPEC, DIGITS_EXAMPLE_BATCH
+from ..pruning.configs import method_config
 from ..pruning.recipe import load_recipe
 from ..pruning.schedule import GradualSchedule
 from ..pruning.sparsifier import Sparsifier
@@ -148,7 +149,8 @@ def build_sparsifier(
         frequency=config.prune_frequency,
     )
     try:
-        return Sparsifier(model, schedule, method=config.prune_method, example_inputs=example_inputs)
+        return Sparsifier.for_config(model, schedule, method_config(config.prune_method, config.final_sparsity),
+                                     example_inputs)
     except CtkError as error:
         raise CtkError(f"--prune-method {config.prune_method!r}: {error}") from error
 
@@ -166,15 +168,7 @@ def _recipe_sparsifier(path: str, model: nn.Module, steps: int) -> Sparsifier:
             f"--recipe {path}: schedule.end_step {recipe.schedule.end_step} is not before the run's last step "
             f"({steps} steps), so the final sparsity would never be reached"
         )
-    return Sparsifier(
-        model,
-        recipe.schedule,
-        method=recipe.method,
-        scope=recipe.scope,
-        targets=recipe.targets,
-        ignore=recipe.ignore,
-        overrides=recipe.overrides,
-    )
+    return Sparsifier.for_config(model, recipe.schedule, recipe.config)
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

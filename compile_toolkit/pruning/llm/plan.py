@@ -1,16 +1,16 @@
 """What ``ctk export --pruned`` and ``ctk prune`` do with ``--structure``, ``--importance``,
 ``--method``, ``--pattern`` and ``--calibration-samples``: one set of options, checked before
-anything loads, routed to one pruner.
+anything loads, parsed into one pruning config (:mod:`compile_toolkit.pruning.configs`) that
+:func:`~compile_toolkit.pruning.prune_.prune_` carries out.
 
-- ``--method magnitude|wanda|sparsegpt`` (with ``--pattern N:M`` for N:M): unstructured pruning
-  of a causal LM's decoder linears (:func:`~compile_toolkit.pruning.llm.prune_llm`).
+- ``--method magnitude|wanda|sparsegpt`` (with ``--pattern N:M`` for N:M): ``DecoderMagnitude``,
+  ``Wanda`` or ``SparseGPT``, single weights of a causal LM's decoder linears.
 - ``--structure neuron|attention_head|query_head|head|block`` on a causal LM, importance
-  ``activation`` (the default there; ``influence`` for blocks): calibrated structured pruning
-  (:func:`~compile_toolkit.pruning.llm.structured.prune_llm_structured`): MLP neurons, whole
-  key/value groups with their query heads (``head`` prunes both), the same number of query heads
-  in every key/value group, or decoder blocks.
+  ``activation`` (the default there; ``influence`` for blocks): ``DecoderStructures``, calibrated
+  on text: MLP neurons, whole key/value groups with their query heads (``head`` prunes both), the
+  same number of query heads in every key/value group, or decoder blocks.
 - Anything else (image models, ``--structure channel``, or a weight importance such as ``l1``):
-  the graph pruner over coupled channel groups (:func:`~compile_toolkit.pruning.prune`).
+  ``Channels``, the graph pruner over coupled channel groups.
 
 Masks come back under the names of the module given (a ``CausalLMLogits`` wrapper's ``model.``
 prefix included), so fine-tuning holds them on that module.
@@ -20,27 +20,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 from torch import nn
 
 from ...errors import CtkError
 from ...options import FLAG_KEY, option
-from ..masks import Masks
+from ..configs import DECODER_WEIGHTS, Channels, DecoderStructures, DecoderWeights, PruneConfig
 from ..patterns import check_sparsity
+from ..prune_ import Pruned, PruneData, is_causal_lm, prune_
 from ..structured import STRUCTURES as GRAPH_STRUCTURES
 from ..unstructured import parse_n_m
-from . import METHODS, prune_llm
-from .structured import prune_llm_structured, remove_identity_blocks, remove_pruned_query_heads
+from . import METHODS
+from .structured import remove_identity_blocks, remove_pruned_query_heads
 
 # The command line's structures: the graph pruner's (``channel``, ``head``, ``attention_head``,
 # ``neuron``), plus two that only a causal LM has, and that leave the module smaller before capture.
 LLM_ONLY_STRUCTURES = ("query_head", "block")
 STRUCTURES = (*GRAPH_STRUCTURES, *LLM_ONLY_STRUCTURES)
 ACTIVATION, INFLUENCE = "activation", "influence"  # the calibrated LLM importances
-_LLM_STRUCTURES = {"neuron": ("neuron",), "attention_head": ("kv_group",), "query_head": ("query_head",),
-                   "head": ("kv_group", "neuron"), "block": ("block",)}
+_LLM_STRUCTURES = ("neuron", "attention_head", "query_head", "head", "block")
 
 Batches = Callable[[int | None], list[torch.Tensor]]  # calibration token batches for a sample count
 
@@ -125,6 +124,21 @@ class PruneOptions:
 
         return self.importance or (DATA_IMPORTANCE if calibrated else "l1")
 
+    def config(self, module: nn.Module, calibrated: bool = False) -> PruneConfig:
+        """The pruning config these options say for ``module`` (checked first): on a causal LM, the
+        language-model pruners' when the options name them; else coupled channel groups of the
+        graph, by the importance asked for, or the data-driven one when ``calibrated``."""
+        self.validate()
+        if not (is_causal_lm(module) and self.on_causal_lm()):
+            if self.method is not None or self.structure in LLM_ONLY_STRUCTURES:
+                what = f"--method {self.method}" if self.method else f"--structure {self.structure}"
+                raise CtkError(f"{what} prunes the decoder layers of a causal language model (smollm2-135m, a GGUF "
+                               f"file, an hf: causal LM); {type(module).__name__} is not one")
+            return Channels(self.sparsity, self.structure or "channel", self.graph_importance(calibrated))
+        if self.method is not None:
+            return DECODER_WEIGHTS[self.method](self.sparsity, self.pattern)
+        return DecoderStructures(self.structure, self.sparsity, self.llm_importance(), self.per_layer)
+
     def describe(self, causal_lm: bool, calibrated: bool = False) -> str:
         """What the pruning step does, for progress lines and ``report.json``'s timings."""
         if self.method is not None:
@@ -135,57 +149,19 @@ class PruneOptions:
         return f"prune {self.sparsity:.0%} of {self.structure or 'channel'}s ({self.graph_importance(calibrated)}, coupled groups)"
 
 
-@dataclass
-class Pruned:
-    """A pruner's report (JSON-ready), its masks, and whether zeroed blocks or query heads are to
-    be removed from the model after fine-tuning (:func:`finish`)."""
-
-    summary: dict[str, Any]
-    masks: Masks
-    blocks: bool = False
-    query_heads: bool = False
-
-
 def prune_with(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], options: PruneOptions,
                batches: Batches | None, calibration: list[tuple[torch.Tensor, ...]] | None = None) -> Pruned:
-    """Prune ``module`` in place as ``options`` say (see the module docstring). ``batches`` gives
-    calibration text for the language-model pruners, ``calibration`` model inputs that let the
-    graph pruner rank channels by the data; ``module`` is a causal LM when it wraps a
-    ``transformers`` model with a ``config`` as ``.model`` (the ``hf:``/GGUF loaders' wrapper)."""
-    options.validate()
-    inner = getattr(module, "model", None)
-    if not (is_causal_lm(module) and options.on_causal_lm()):
-        if options.method is not None or options.structure in LLM_ONLY_STRUCTURES:
-            what = f"--method {options.method}" if options.method else f"--structure {options.structure}"
-            raise CtkError(f"{what} prunes the decoder layers of a causal language model (smollm2-135m, a GGUF "
-                           f"file, an hf: causal LM); {type(module).__name__} is not one")
-        return _graph(module, example_inputs, options, calibration)
-    tokens: list[torch.Tensor] = []
-    if options.calibrated():
+    """Prune ``module`` in place as ``options`` say: their config (:meth:`PruneOptions.config`)
+    carried out by :func:`~compile_toolkit.pruning.prune_.prune_`. ``batches`` gives calibration
+    text for the language-model pruners, ``calibration`` model inputs that let the graph pruner
+    rank channels by the data."""
+    config = options.config(module, calibrated=calibration is not None)
+    tokens = None
+    if options.calibrated() and isinstance(config, DecoderWeights | DecoderStructures):
         if batches is None:
             raise CtkError("language-model pruning calibrates on text: give --data (pydoc, or a text file)")
         tokens = batches(options.calibration_samples)
-    if options.method is not None:
-        report = prune_llm(inner, tokens, options.method, options.sparsity, options.pattern)
-        return Pruned(_with_samples(report.to_dict(), tokens), _prefixed(report.masks))
-    masks: Masks = {}
-    steps = []
-    for structure in _LLM_STRUCTURES[options.structure]:  # type: ignore[index]
-        report = prune_llm_structured(inner, tokens, structure, options.sparsity, uniform=not options.per_layer)
-        masks.update(_prefixed(report.masks))
-        steps.append(report.to_dict())
-    summary = {"structure": options.structure, "sparsity": options.sparsity, "uniform": not options.per_layer,
-               "importance": options.llm_importance(),
-               "steps": steps, "seconds": sum(s["seconds"] for s in steps)}
-    return Pruned(_with_samples(summary, tokens), masks, blocks=options.structure == "block",
-                  query_heads=options.structure == "query_head")
-
-
-def is_causal_lm(module: nn.Module) -> bool:
-    """Whether ``module`` wraps a ``transformers`` causal LM as ``.model`` (what the ``hf:`` and
-    GGUF loaders give a causal-lm task)."""
-    inner = getattr(module, "model", None)
-    return getattr(inner, "config", None) is not None and hasattr(inner, "lm_head")
+    return prune_(module, config, PruneData(example_inputs, calibration, tokens))
 
 
 def finish(module: nn.Module, pruned: Pruned) -> dict[str, list[int]]:
@@ -198,25 +174,3 @@ def finish(module: nn.Module, pruned: Pruned) -> dict[str, list[int]]:
     if pruned.query_heads:
         done["removed_query_heads_per_group"] = remove_pruned_query_heads(module.model)
     return done
-
-
-def _graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], options: PruneOptions,
-           calibration: list[tuple[torch.Tensor, ...]] | None) -> Pruned:
-    from ..importance import importance_criterion
-    from ..structured import prune
-
-    importance = options.graph_importance(calibration is not None)
-    takes_batches = "batches" in importance_criterion(importance).calibration
-    report = prune(module, example_inputs, sparsity=options.sparsity, structure=options.structure or "channel",
-                   importance=importance, calibration=calibration if takes_batches else None)
-    return Pruned(report.to_dict(), report.masks)
-
-
-def _prefixed(masks: Masks) -> Masks:
-    return {f"model.{name}": mask for name, mask in masks.items()}
-
-
-def _with_samples(summary: dict[str, Any], tokens: list[torch.Tensor]) -> dict[str, Any]:
-    summary["calibration_samples"] = sum(len(b) for b in tokens)
-    summary["calibration_tokens"] = sum(b.numel() for b in tokens)
-    return summary

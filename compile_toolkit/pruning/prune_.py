@@ -1,0 +1,173 @@
+"""``prune_(model, config, data)``: the one verb that carries out any pruning config, in place.
+
+Each config type of :mod:`.configs` has one handler, registered for its type with what it needs
+from :class:`PruneData` (example inputs to capture the graph, calibration batches of model inputs,
+token batches of text, a loss); a missing need is one error naming the config and the need,
+before any work. A new way of pruning is a config dataclass and a handler registered here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CtkError
+from .configs import NM, Channels, DecoderStructures, DecoderWeights, Magnitude, PruneConfig
+from .masks import Masks
+from .schedule import GradualSchedule
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class PruneData:
+    """What a pruner may read: ``example_inputs`` (the graph pruner captures the model on them),
+    ``calibration`` (batches of model inputs, for data-driven channel importance), ``tokens``
+    (token id batches of text, for the language-model pruners), ``loss`` (a closure returning a
+    scalar loss of the model, for Taylor importance)."""
+
+    example_inputs: Inputs | None = None
+    calibration: list[Inputs] | None = None
+    tokens: list[torch.Tensor] | None = None
+    loss: Callable[[nn.Module], torch.Tensor] | None = None
+
+
+@dataclass
+class Pruned:
+    """A pruner's report (JSON-ready), its masks (parameter name -> kept), and whether zeroed
+    blocks or query heads are to be removed from the module after fine-tuning."""
+
+    summary: dict[str, Any]
+    masks: Masks = field(repr=False)
+    blocks: bool = False
+    query_heads: bool = False
+
+
+Handler = Callable[[nn.Module, Any, PruneData], Pruned]
+_HANDLERS: dict[type, tuple[Handler, tuple[str, ...]]] = {}
+
+
+def register(config_type: type, needs: tuple[str, ...] = ()) -> Callable[[Handler], Handler]:
+    """Register the handler of ``config_type`` (and its subclasses), which needs the named
+    :class:`PruneData` fields."""
+    def add(handler: Handler) -> Handler:
+        _HANDLERS[config_type] = (handler, needs)
+        return handler
+    return add
+
+
+def needs(config: PruneConfig) -> tuple[str, ...]:
+    """The :class:`PruneData` fields pruning by ``config`` reads."""
+    return _handler(config)[1]
+
+
+def prune_(model: nn.Module, config: PruneConfig, data: PruneData | None = None) -> Pruned:
+    """Prune ``model`` in place as ``config`` says; the masks hold the zeros through training."""
+    data = data or PruneData()
+    handler, wanted = _handler(config)
+    missing = [name for name in wanted if getattr(data, name) is None]
+    if missing:
+        raise CtkError(f"{type(config).__name__} pruning needs {' and '.join(missing)}")
+    return handler(model, config, data)
+
+
+def _handler(config: PruneConfig) -> tuple[Handler, tuple[str, ...]]:
+    for kind in type(config).__mro__:
+        if kind in _HANDLERS:
+            return _HANDLERS[kind]
+    raise CtkError(f"no pruner for {type(config).__name__}; configs: {', '.join(t.__name__ for t in _HANDLERS)}")
+
+
+@register(Magnitude)
+@register(NM)
+def _single_weights(model: nn.Module, config: Magnitude | NM, data: PruneData) -> Pruned:
+    from .sparsifier import Sparsifier
+
+    sparsifier = Sparsifier.for_config(model, GradualSchedule.one_shot(config.sparsity), config)
+    sparsifier.update(0)
+    masks = dict(sparsifier.masks)
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    summary = {"method": getattr(config, "pattern", "magnitude"), "sparsity": 1 - kept / max(total, 1),
+               "layers": len(masks)}
+    return Pruned(summary, masks)
+
+
+@register(Channels, needs=("example_inputs",))
+def _channels(model: nn.Module, config: Channels, data: PruneData) -> Pruned:
+    from .importance import importance_criterion
+    from .structured import prune
+
+    given = {"loss": data.loss, "batches": data.calibration}
+    # the first kind of calibration the criterion takes that is at hand; the criterion refuses none
+    calibration = next((given[kind] for kind in importance_criterion(config.importance).calibration
+                        if given[kind] is not None), None)
+    report = prune(model, data.example_inputs, config.sparsity, config.structure, config.importance,
+                   config.round_to, config.seed, overrides=config.overrides, ignore=config.ignore,
+                   calibration=calibration)
+    return Pruned(report.to_dict(), report.masks)
+
+
+@register(DecoderWeights)
+def _decoder_weights(model: nn.Module, config: DecoderWeights, data: PruneData) -> Pruned:
+    from .llm import prune_llm
+
+    tokens = data.tokens or []
+    if config.METHOD != "magnitude" and not tokens:
+        raise CtkError(f"{type(config).__name__} pruning needs tokens (calibration text)")
+    report = prune_llm(_causal_lm(model, config), tokens, config.METHOD, config.sparsity, config.pattern)
+    return Pruned(_with_samples(report.to_dict(), tokens), _prefixed(report.masks))
+
+
+# The structures the language-model pruner prunes for each of the config's.
+_DECODER_STEPS = {"neuron": ("neuron",), "attention_head": ("kv_group",), "query_head": ("query_head",),
+                  "head": ("kv_group", "neuron"), "block": ("block",)}
+
+
+@register(DecoderStructures, needs=("tokens",))
+def _decoder_structures(model: nn.Module, config: DecoderStructures, data: PruneData) -> Pruned:
+    from .llm.structured import prune_llm_structured
+
+    if config.structure not in _DECODER_STEPS:
+        raise CtkError(f"unknown decoder structure {config.structure!r}; choose from {', '.join(_DECODER_STEPS)}")
+    inner = _causal_lm(model, config)
+    masks: Masks = {}
+    steps = []
+    for structure in _DECODER_STEPS[config.structure]:
+        report = prune_llm_structured(inner, data.tokens, structure, config.sparsity, uniform=not config.per_layer)
+        masks.update(_prefixed(report.masks))
+        steps.append(report.to_dict())
+    summary = {"structure": config.structure, "sparsity": config.sparsity, "uniform": not config.per_layer,
+               "importance": config.importance, "steps": steps, "seconds": sum(s["seconds"] for s in steps)}
+    return Pruned(_with_samples(summary, data.tokens), masks, blocks=config.structure == "block",
+                  query_heads=config.structure == "query_head")
+
+
+def is_causal_lm(module: nn.Module) -> bool:
+    """Whether ``module`` wraps a ``transformers`` causal LM as ``.model`` (what the ``hf:`` and
+    GGUF loaders give a causal-lm task)."""
+    inner = getattr(module, "model", None)
+    return getattr(inner, "config", None) is not None and hasattr(inner, "lm_head")
+
+
+def _causal_lm(module: nn.Module, config: PruneConfig) -> nn.Module:
+    if not is_causal_lm(module):
+        raise CtkError(f"{type(config).__name__} pruning works on the decoder layers of a causal language model "
+                       f"(smollm2-135m, a GGUF file, an hf: causal LM); {type(module).__name__} is not one")
+    return module.model
+
+
+def _prefixed(masks: Masks) -> Masks:
+    """The language-model pruners' masks under the wrapper's names (``model.`` first), so
+    fine-tuning holds them on the module that was given."""
+    return {f"model.{name}": mask for name, mask in masks.items()}
+
+
+def _with_samples(summary: dict[str, Any], tokens: list[torch.Tensor]) -> dict[str, Any]:
+    summary["calibration_samples"] = sum(len(b) for b in tokens)
+    summary["calibration_tokens"] = sum(b.numel() for b in tokens)
+    return summary
