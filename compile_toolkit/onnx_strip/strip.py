@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
 from onnx_ir.passes.common import ShapeInferencePass
 
 from ..errors import CtkError, VerificationError, summary
@@ -35,7 +36,8 @@ class OnnxStripSummary:
     known) for one run on inputs of ``sample_shapes``, where ``latency`` (``None`` when not asked
     for) was measured too; ``max_relative_error`` is the output file's error against the input in
     ONNX Runtime, within ``tolerance``; ``weight_dtypes`` are the floating dtypes of the
-    initializers, which the output keeps."""
+    initializers, which the output keeps; ``seconds`` is the strip and its verification (the
+    measurements not included)."""
 
     channels_removed: int
     groups: list[StripGroup]
@@ -85,16 +87,10 @@ def strip_onnx(source: Source, out_path: str | os.PathLike, rtol: float | None =
     ShapeInferencePass(strict_mode=False)(model)
     feeds = sample_feeds(model, samples, seed)
     expected = _expected_outputs(source, reference, model, feeds)
-    source_valid = _checker_error(reference) is None
     before = parameter_count(model)
     tolerance = default_rtol(model) if rtol is None else rtol
     result = StripChannels()(model)
-    with staged_path(out_path) as tmp:
-        ir.save(model, tmp)
-        problem = _checker_error(str(tmp)) if source_valid else None
-        if problem is not None:
-            raise VerificationError(f"the stripped ONNX file is not valid ONNX (its source is): {problem}")
-        error = check_same_outputs(expected, str(tmp), feeds, tolerance)
+    error = _write_verified(model, out_path, _checker_error(reference) is None, expected, feeds, tolerance)
     seconds = time.perf_counter() - start
     analysis = result.analysis
     flops_before, flops_after = count_flops(reference, feeds[0]), count_flops(str(out_path), feeds[0])
@@ -125,13 +121,26 @@ def parameter_count(model: ir.Model) -> int:
                if v.shape is not None and not v.is_graph_input())
 
 
+def _write_verified(model: ir.Model, out_path: str | os.PathLike, source_valid: bool,
+                    expected: list[list[torch.Tensor]], feeds: list[Feeds], tolerance: float) -> float:
+    """Save the stripped model at ``out_path`` only once ONNX Runtime gives the source's outputs
+    from it (and ``onnx.checker`` passes it, where it passes the source); its relative error."""
+    with staged_path(out_path) as tmp:
+        ir.save(model, tmp)
+        problem = _checker_error(str(tmp)) if source_valid else None
+        if problem is not None:
+            raise VerificationError(f"the stripped ONNX file is not valid ONNX (its source is): {problem}")
+        return check_same_outputs(expected, str(tmp), feeds, tolerance)
+
+
 def weight_dtypes(model: ir.Model) -> list[str]:
     """The floating dtypes of the main graph's initializers (``float32``, ``float16``, ``bfloat16``)."""
     found = {v.dtype for v in model.graph.initializers.values() if v.dtype is not None and v.dtype.is_floating_point()}
     return sorted(str(np.dtype(d.numpy())) for d in found)
 
 
-def _expected_outputs(source: Source, reference: str | bytes, model: ir.Model, feeds: list[Feeds]) -> list[list[Any]]:
+def _expected_outputs(source: Source, reference: str | bytes, model: ir.Model,
+                      feeds: list[Feeds]) -> list[list[torch.Tensor]]:
     """The source's outputs on the sample inputs; a file ONNX Runtime cannot run is refused in one
     line (in bfloat16, named as such: the CPU provider has no bfloat16 Conv, Gemm or MatMul)."""
     try:
