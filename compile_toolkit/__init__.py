@@ -3,6 +3,7 @@
 ```python
 import compile_toolkit as ctk
 report = ctk.prune(model, example_inputs, sparsity=0.5, structure="channel", importance="l1")
+pruned = ctk.prune_(model, ctk.Channels(0.5, "channel", "l1"), ctk.PruneData(example_inputs))  # any config
 stripped = ctk.strip(model, example_inputs)   # verified, smaller, callable like the model
 ctk.export(stripped, example_inputs, "out/", formats=("pt2", "onnx"),
            quantize="int8", calibration=batches)   # + model.int8.onnx, model.int8.pt2
@@ -15,10 +16,13 @@ from .exporters import export
 from .onnx_strip import OnnxStripSummary, strip_onnx
 from .passes.strip import StripSummary
 from .pruning import prune
+from .pruning.configs import NM, Channels, DecoderStructures, Magnitude, SparseGPT, Wanda
+from .pruning.prune_ import PruneData, prune_
 from .quantize import QuantConfig, quantize
 from .strip import strip, strip_summary
 
 __all__ = [
-    "CtkError", "OnnxStripSummary", "QuantConfig", "StripSummary", "VerificationError", "export", "prune", "quantize",
-    "strip", "strip_onnx", "strip_summary",
+    "NM", "Channels", "CtkError", "DecoderStructures", "Magnitude", "OnnxStripSummary", "PruneData", "QuantConfig",
+    "SparseGPT", "StripSummary", "VerificationError", "Wanda", "export", "prune", "prune_", "quantize", "strip",
+    "strip_onnx", "strip_summary",
 ]

@@ -12,10 +12,12 @@ are folded on load, and their masks held through the recipe.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import CtkError
@@ -35,7 +37,7 @@ from .tasks import Task
 from .training import apply_recipe
 from .training.finetune import CLASSIFY, TrainData
 from .training.progress import phase_bars
-from .workload import DEFAULT_SEQ_LEN
+from .workload import DEFAULT_SEQ_LEN, Workload
 
 WEIGHTS_FILE = "pruned.safetensors"
 MASKS_FILE = "masks.safetensors"
@@ -100,10 +102,14 @@ def _pruned(job: PruneJob) -> tuple[LoadedModel, Masks, float, dict[str, float],
         loaded, masks, sparsity, layers = _prune_once(job)
         return loaded, masks, sparsity, layers, {"pruning": job.options.describe(is_causal_lm(loaded.module))}
     recipe = load_recipe(job.recipe)
-    loaded, train, task = _recipe_data(job, recipe.batch_size)
+    if recipe.calibrated:  # pruned once on calibration text, no training data
+        loaded, work = _language_model(job)
+        train, task, tokens = None, CLASSIFY, _calibration_text(job, work)(recipe.calibration_samples)
+    else:
+        (loaded, train, task), tokens = _recipe_data(job, recipe.batch_size), None
     held = _held_masks(loaded, job.weights)
     with phase_bars() as phase:
-        result = apply_recipe(loaded.module, loaded.example_inputs, recipe, train, phase, task)
+        result = apply_recipe(loaded.module, loaded.example_inputs, recipe, train, phase, task, tokens)
     return loaded, combine_masks(held, result.masks), result.sparsity, result.layer_sparsity, {"recipe": str(job.recipe)}
 
 
@@ -132,13 +138,7 @@ def _recipe_data(job: PruneJob, batch_size: int) -> tuple[LoadedModel, TrainData
 
 def _prune_once(job: PruneJob) -> tuple[LoadedModel, Masks, float, dict[str, float]]:
     """Prune as ``job.options`` say; language models calibrate on ``job.data``."""
-    from .workload import load_workload
-
-    if job.data is not None or is_gguf_spec(job.model):
-        loaded, work = load_workload(job.model, job.data, None, job.input_shape, CALIBRATION_BATCH,
-                                     seq_len=job.seq_len)
-    else:
-        loaded, work = load_model(job.model, None, job.input_shape), None
+    loaded, work = _language_model(job)
     held = _held_masks(loaded, job.weights)
     pruned = prune_with(loaded.module, loaded.example_inputs, job.options,
                         work.token_batches if work is not None else None)
@@ -148,6 +148,23 @@ def _prune_once(job: PruneJob) -> tuple[LoadedModel, Masks, float, dict[str, flo
     total = sum(m.numel() for m in weights.values())
     sparsity = sum(int((~m).sum()) for m in weights.values()) / total if total else 0.0
     return loaded, masks, sparsity, layers
+
+
+def _language_model(job: PruneJob) -> tuple[LoadedModel, Workload | None]:
+    """The model, with its calibration text when ``--data`` names some (``pydoc`` by default for
+    GGUF decoders); other models load alone."""
+    from .workload import load_workload
+
+    if job.data is not None or is_gguf_spec(job.model):
+        return load_workload(job.model, job.data, None, job.input_shape, CALIBRATION_BATCH, seq_len=job.seq_len)
+    return load_model(job.model, None, job.input_shape), None
+
+
+def _calibration_text(job: PruneJob, work: Workload | None) -> Callable[[int | None], list[torch.Tensor]]:
+    if work is None:
+        raise CtkError(f"recipe {job.recipe} prunes a language model on calibration text: give --data (pydoc, "
+                       "or a text file)")
+    return work.token_batches
 
 
 def _held_masks(loaded: LoadedModel, weights: str | None) -> Masks:

@@ -117,3 +117,41 @@ def test_a_config_without_what_it_needs_is_refused_before_any_work():
     with pytest.raises(CtkError, match="no pruner for str"):
         prune_(model, "magnitude")  # type: ignore[arg-type]
     assert zeros(model) == 0
+
+
+@pytest.mark.parametrize(("flags", "recipe"), [
+    (["--method", "wanda", "--pattern", "2:4"], "method: wanda\npattern: '2:4'\nschedule: {}\n"),
+    (["--method", "sparsegpt", "--sparsity", "0.5"], "method: sparsegpt\nschedule: {final_sparsity: 0.5}\n"),
+    (["--structure", "head", "--sparsity", "0.5"],
+     "method: structured\nstructure: head\nimportance: activation\nschedule: {final_sparsity: 0.5}\n"),
+    (["--structure", "block", "--sparsity", "0.5"], "method: structured\nstructure: block\nschedule: {final_sparsity: 0.5}\n"),
+], ids=["wanda-2:4", "sparsegpt", "head", "block"])
+def test_ctk_prune_by_options_and_by_recipe_writes_the_same_masks_on_a_language_model(tmp_path, capsys, flags, recipe):
+    """The language-model configs from a recipe file: `ctk prune --recipe` calibrates on the same
+    text and writes the masks `ctk prune --method/--structure` writes."""
+    from safetensors.torch import load_file
+    from test_cli import run_cli
+    from test_workloads import SEQ, corpus_txt, llama_lm
+
+    model, corpus = llama_lm(tmp_path / "llama"), corpus_txt(tmp_path / "corpus.txt")
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    common = ["prune", "--model", f"hf:{model}", "--data", str(corpus), "--seq-len", str(SEQ)]
+    masks = []
+    for how, out in ((flags, "by_options"), (["--recipe", str(tmp_path / "recipe.yaml")], "by_recipe")):
+        status, err = run_cli([*common, *how, "--out", str(tmp_path / out)], capsys)
+        assert status == 0, err
+        masks.append(load_file(tmp_path / out / "masks.safetensors"))
+    assert same_masks(*masks) and any((~m).any() for m in masks[0].values())
+
+
+def test_a_language_model_recipe_is_checked_when_loaded():
+    cases = [({"method": "structured", "structure": "block", "importance": "l1"}, "importance of structure 'block' "
+              "must be influence"),
+             ({"method": "wanda", "finetune": {"epochs": 2}}, "finetune.epochs does not apply to language-model"),
+             ({"method": "structured", "structure": "channel", "importance": "activation"},
+              "structure must be one of neuron, attention_head, query_head, head, block"),
+             ({"method": "wanda", "pattern": "4:2"}, "pattern must be N:M with 0 < N < M, got '4:2'"),
+             ({"method": "wanda", "scope": "global"}, "scope is not a field here")]
+    for fields, message in cases:
+        with pytest.raises(CtkError, match=message):
+            recipe_from_dict({"schedule": {"final_sparsity": 0.5}, **fields})

@@ -107,8 +107,8 @@ ONE_SHOT = "method: magnitude\nschedule: {final_sparsity: 0.5}\n"
 @pytest.mark.parametrize(
     "text, needle",
     [
-        ("method: " + "m" * 100_000 + "\nschedule: {}", "method must be magnitude, structured or an N:M pattern"),
-        ("method: '" + "7" * 5000 + ":8'\nschedule: {}", "method must be magnitude, structured or an N:M pattern"),
+        ("method: " + "m" * 100_000 + "\nschedule: {}", "method must be magnitude, structured, wanda, sparsegpt or an N:M pattern"),
+        ("method: '" + "7" * 5000 + ":8'\nschedule: {}", "method must be magnitude, structured, wanda, sparsegpt or an N:M pattern"),
         (ONE_SHOT + "ignore: [" + ", ".join(["[" + "y" * 10_000 + "]"] * 100) + "]", "ignore must be a list of strings"),
         (ONE_SHOT + "overrides:\n  ? " + "w" * 100_000 + "\n  : 2", "overrides['wwww"),
         (ONE_SHOT + "overrides: {fc: " + "9" * 4000 + "}", "overrides['fc'] must be a sparsity in [0, 1), got <"),

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..errors import CtkError
+from .structured import STRUCTURES as GRAPH_STRUCTURES
 from .unstructured import parse_n_m
+
+# The structures a causal LM has besides the graph's, which leave the module smaller before capture.
+LLM_ONLY_STRUCTURES = ("query_head", "block")
+STRUCTURES = (*GRAPH_STRUCTURES, *LLM_ONLY_STRUCTURES)  # every structure, as the CLI and recipes name them
+DECODER_STRUCTURES = ("neuron", "attention_head", "query_head", "head", "block")
+ACTIVATION, INFLUENCE = "activation", "influence"  # the importances a causal LM's structures are scored by
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class SparseGPT(DecoderWeights):
 
 
 DECODER_WEIGHTS: dict[str, type[DecoderWeights]] = {c.METHOD: c for c in (DecoderMagnitude, Wanda, SparseGPT)}
+CALIBRATED_METHODS = (Wanda.METHOD, SparseGPT.METHOD)  # the ones that read calibration text
 
 
 @dataclass(frozen=True)
@@ -109,8 +117,15 @@ class DecoderStructures:
 
     structure: str = "neuron"
     sparsity: float = 0.25
-    importance: str = "activation"
+    importance: str = ACTIVATION
     per_layer: bool = False
+
+
+def default_importance(structure: str) -> str:
+    """What a recipe scores ``structure`` by when it does not say: query heads on calibration text,
+    blocks by their influence, anything else by L1 of its weights (the CLI's defaults there
+    depend on the model: :meth:`~compile_toolkit.pruning.llm.plan.PruneOptions.config`)."""
+    return {"query_head": ACTIVATION, "block": INFLUENCE}.get(structure, "l1")
 
 
 PruneConfig = Magnitude | NM | Channels | DecoderWeights | DecoderStructures

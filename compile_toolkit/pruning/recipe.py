@@ -25,9 +25,23 @@ from typing import Any
 from ..bounded_yaml import load_yaml_file
 from ..errors import CtkError, clip, shown
 from ..quantize.config import ACTIVATION_TYPES, CALIBRATION_METHODS, DTYPES, METHODS, QuantConfig
-from .configs import NM, Channels, Magnitude, method_config
+from .configs import (
+    ACTIVATION,
+    CALIBRATED_METHODS,
+    DECODER_STRUCTURES,
+    DECODER_WEIGHTS,
+    INFLUENCE,
+    NM,
+    STRUCTURES,
+    Channels,
+    DecoderStructures,
+    DecoderWeights,
+    Magnitude,
+    default_importance,
+    method_config,
+)
 from .schedule import GradualSchedule, round_schedule
-from .structured import IMPORTANCES, STRUCTURES
+from .structured import IMPORTANCES
 from .unstructured import parse_n_m
 
 SCHEDULE_TYPES = ("one_shot", "iterative", "gradual")
@@ -68,16 +82,28 @@ class Recipe:
     calibration_size: int = 256
     seed: int = 0
     quantize: QuantConfig | None = None
+    pattern: str | None = None  # N:M of wanda and sparsegpt
+    per_layer: bool = False
+    calibration_samples: int | None = None  # sequences of calibration text (language-model methods)
 
     @property
     def structured(self) -> bool:
         return self.method == "structured"
 
     @property
-    def config(self) -> Magnitude | NM | Channels:
+    def calibrated(self) -> bool:
+        """Whether the recipe prunes a language model on calibration text."""
+        return self.method in CALIBRATED_METHODS or (self.structured and self.importance in (ACTIVATION, INFLUENCE))
+
+    @property
+    def config(self) -> Magnitude | NM | Channels | DecoderWeights | DecoderStructures:
         """What the recipe prunes, as the config every front-end builds, at its final sparsity
         (its schedule says the sparsity of each step)."""
         final = self.schedule.final_sparsity
+        if self.method in CALIBRATED_METHODS:
+            return DECODER_WEIGHTS[self.method](final, self.pattern)
+        if self.structured and self.importance in (ACTIVATION, INFLUENCE):
+            return DecoderStructures(self.structure, final, self.importance, self.per_layer)
         if self.structured:
             return Channels(final, self.structure, self.importance, self.round_to, self.seed, self.ignore,
                             self.overrides)
@@ -100,6 +126,9 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
     top = _Fields(data, source, "")
     method = top.take("method", str)
     n_m = _method(method, top)
+    pattern = top.take("pattern", str, None) if method in CALIBRATED_METHODS else None
+    if pattern is not None:
+        n_m = _n_m(pattern, "pattern", top)
     schedule_type, schedule, rounds = _schedule_section(
         _Fields(top.take("schedule", dict), source, "schedule."), method, n_m
     )
@@ -110,9 +139,12 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
     quantize = top.take("quantize", dict, None)
     options["quantize"] = None if quantize is None else _quantize_section(_Fields(quantize, source, "quantize."))
     top.done()
-    return Recipe(
-        source=source, method=method, schedule_type=schedule_type, schedule=schedule, rounds=rounds, **options
+    recipe = Recipe(
+        source=source, method=method, schedule_type=schedule_type, schedule=schedule, rounds=rounds, pattern=pattern,
+        **options
     )
+    _check_language_model(recipe, top)
+    return recipe
 
 
 def _schedule_section(fields: _Fields, method: str, n_m: tuple[int, int] | None) -> tuple[str, GradualSchedule, int]:
@@ -140,11 +172,18 @@ def _schedule_section(fields: _Fields, method: str, n_m: tuple[int, int] | None)
 def _method_options(top: _Fields, method: str, n_m: tuple[int, int] | None) -> dict[str, Any]:
     """The method's own fields (structured and unstructured take different ones), ignores, overrides."""
     options: dict[str, Any] = {}
+    if method in CALIBRATED_METHODS:
+        options["calibration_samples"] = top.take("calibration_samples", int, None, minimum=1)
+        return options
     if method == "structured":
-        options["structure"] = top.take("structure", str, "channel", choices=STRUCTURES)
-        options["importance"] = top.take("importance", str, "l1", choices=IMPORTANCES)
+        structure = options["structure"] = top.take("structure", str, "channel", choices=STRUCTURES)
+        options["importance"] = top.take("importance", str, default_importance(structure),
+                                          choices=(*IMPORTANCES, ACTIVATION, INFLUENCE))
         options["round_to"] = top.take("round_to", int, 1, minimum=1)
         options["calibration_size"] = top.take("calibration_size", int, 256, minimum=1)
+        if options["importance"] in (ACTIVATION, INFLUENCE):
+            options["per_layer"] = top.take("per_layer", bool, False)
+            options["calibration_samples"] = top.take("calibration_samples", int, None, minimum=1)
     else:
         options["targets"] = tuple(top.take("targets", list, ["*.weight"], items=str))
         options["scope"] = top.take("scope", str, "layer", choices=SCOPES)
@@ -210,13 +249,37 @@ def _quantize_section(fields: _Fields) -> QuantConfig:
 
 
 def _method(method: str, top: _Fields) -> tuple[int, int] | None:
-    try:
-        n_m = parse_n_m(method)
-    except CtkError as error:
-        top.fail("method", str(error).removeprefix(f"method {method!r}: "))
-    if n_m is None and method not in ("magnitude", "structured"):
-        top.fail("method", f"must be magnitude, structured or an N:M pattern such as '2:4', got {shown(method)}")
+    n_m = _n_m(method, "method", top)
+    if n_m is None and method not in ("magnitude", "structured", *CALIBRATED_METHODS):
+        top.fail("method", f"must be magnitude, structured, {', '.join(CALIBRATED_METHODS)} or an N:M pattern "
+                           f"such as '2:4', got {shown(method)}")
     return n_m
+
+
+def _n_m(value: str, key: str, top: _Fields) -> tuple[int, int] | None:
+    try:
+        return parse_n_m(value)
+    except CtkError:
+        top.fail(key, f"must be N:M with 0 < N < M, got {shown(value)}")
+
+
+def _check_language_model(recipe: Recipe, top: _Fields) -> None:
+    """The language-model configs prune once on calibration text: their structures and importances
+    go together, and training belongs to ``ctk export --pruned`` / ``ctk train``."""
+    decoder = recipe.calibrated
+    if recipe.structured and recipe.structure in ("query_head", "block") and not decoder:
+        top.fail("importance", f"of structure {recipe.structure!r} must be {default_importance(recipe.structure)} "
+                               f"(scored on calibration text), got {shown(recipe.importance)}")
+    if not decoder:
+        return
+    if recipe.structured and recipe.structure not in DECODER_STRUCTURES:
+        top.fail("structure", f"must be one of {', '.join(DECODER_STRUCTURES)} with importance "
+                              f"{recipe.importance!r}, got {shown(recipe.structure)}")
+    for where, used in (("schedule.type", recipe.schedule_type != "one_shot"), ("finetune.epochs", recipe.finetune_epochs),
+                        ("regularization", recipe.regularization_epochs)):
+        if used:
+            top.fail(where, "does not apply to language-model pruning on calibration text (one_shot, no training "
+                            "here: fine-tune with ctk export --pruned or ctk train)")
 
 
 def _schedule(

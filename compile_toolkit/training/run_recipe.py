@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
+from ..pruning.configs import NM, Magnitude
 from ..pruning.masks import Masks
 from ..pruning.patterns import zero_fraction
 from ..pruning.prune_ import Pruned, PruneData, prune_
@@ -42,11 +43,13 @@ def apply_recipe(
     dataset: TrainData | None = None,
     phase: Callable[[str], StepProgress | None] = lambda _name: None,
     task: Task = CLASSIFY,
+    tokens: list[torch.Tensor] | None = None,
 ) -> RecipeResult:
     """Prune ``model`` in place as ``recipe`` says. Training steps (fine-tuning, iterative and
     gradual schedules, regularisation, Taylor calibration) need ``dataset`` (the built-in digits, or
     any training split with its ``task``: an image folder, text, a factory's data); ``phase(name)``
-    gives each of them its progress report (:func:`~compile_toolkit.training.progress.phase_bars`)."""
+    gives each of them its progress report (:func:`~compile_toolkit.training.progress.phase_bars`).
+    ``tokens``: calibration text (token id batches) for the language-model configs."""
     _check_dataset(recipe, dataset)
     losses: list[list[float]] = []
     if recipe.regularization_epochs:
@@ -66,7 +69,7 @@ def apply_recipe(
             )
         )
     reports: list[Pruned] = []
-    prune_to = _pruner(model, example_inputs, recipe, dataset, reports, task)
+    prune_to = _pruner(model, example_inputs, recipe, dataset, reports, task, tokens)
     tune = {"lr": recipe.finetune_lr, "batch_size": recipe.batch_size, "seed": recipe.seed, "task": task}
     if recipe.schedule_type == "iterative":
         round_losses, masks = iterative(
@@ -143,10 +146,11 @@ def _pruner(
     dataset: TrainData | None,
     reports: list[Pruned],
     task: Task,
+    tokens: list[torch.Tensor] | None,
 ):
     """``prune_to(step)``: prune to the schedule's sparsity at ``step`` (a round, or 0 for one-shot)
     and return the masks so far."""
-    if not recipe.structured:
+    if isinstance(recipe.config, Magnitude | NM):
         sparsifier = _sparsifier(model, recipe, recipe.schedule)
 
         def prune_unstructured(step: int) -> Masks:
@@ -155,7 +159,7 @@ def _pruner(
 
         return prune_unstructured
     loss = _taylor_loss(dataset, recipe.calibration_size, task) if recipe.importance == "taylor" else None
-    data = PruneData(example_inputs, loss=loss)
+    data = PruneData(example_inputs, loss=loss, tokens=tokens)
 
     def prune_structured(step: int) -> Masks:
         reports.append(prune_(model, replace(recipe.config, sparsity=recipe.schedule.sparsity_at(step)), data))

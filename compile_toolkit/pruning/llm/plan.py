@@ -26,20 +26,23 @@ from torch import nn
 
 from ...errors import CtkError
 from ...options import FLAG_KEY, option
-from ..configs import DECODER_WEIGHTS, Channels, DecoderStructures, DecoderWeights, PruneConfig
+from ..configs import (
+    ACTIVATION,
+    DECODER_STRUCTURES,
+    DECODER_WEIGHTS,
+    INFLUENCE,
+    LLM_ONLY_STRUCTURES,
+    STRUCTURES,
+    Channels,
+    DecoderStructures,
+    DecoderWeights,
+    PruneConfig,
+)
 from ..patterns import check_sparsity
 from ..prune_ import Pruned, PruneData, is_causal_lm, prune_
-from ..structured import STRUCTURES as GRAPH_STRUCTURES
 from ..unstructured import parse_n_m
 from . import METHODS
 from .structured import remove_identity_blocks, remove_pruned_query_heads
-
-# The command line's structures: the graph pruner's (``channel``, ``head``, ``attention_head``,
-# ``neuron``), plus two that only a causal LM has, and that leave the module smaller before capture.
-LLM_ONLY_STRUCTURES = ("query_head", "block")
-STRUCTURES = (*GRAPH_STRUCTURES, *LLM_ONLY_STRUCTURES)
-ACTIVATION, INFLUENCE = "activation", "influence"  # the calibrated LLM importances
-_LLM_STRUCTURES = ("neuron", "attention_head", "query_head", "head", "block")
 
 Batches = Callable[[int | None], list[torch.Tensor]]  # calibration token batches for a sample count
 
@@ -107,7 +110,7 @@ class PruneOptions:
     def on_causal_lm(self) -> bool:
         """Whether these options go to the language-model pruners (given a causal LM)."""
         return self.method is not None or (
-            self.structure in _LLM_STRUCTURES and self.importance in (None, ACTIVATION, INFLUENCE))
+            self.structure in DECODER_STRUCTURES and self.importance in (None, ACTIVATION, INFLUENCE))
 
     def calibrated(self) -> bool:
         """Whether the language-model pruner reads calibration text."""
