@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import sys
 import time
@@ -88,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     add_options(strip, ExportJob, only=("model", "weights", "input_shape"))
     strip.add_argument("--out", help="where the stripped ONNX file goes (default: beside the input, NAME.stripped.onnx)")
     strip.add_argument("--explain", action="store_true", help="list every kept group with the op and node that kept it")
+    strip.add_argument("--no-latency", action="store_true", help="with an .onnx file: skip timing the input and the "
+                       "output in ONNX Runtime (the report then has parameters, FLOPs and file size only)")
     strip.set_defaults(command=_strip)
     add_train_parser(commands)
 
@@ -166,8 +167,8 @@ def _strip_onnx(args: argparse.Namespace) -> int:
     """``ctk strip model.onnx``: the same analysis on a file made elsewhere, verified in ONNX Runtime."""
     from pathlib import Path
 
-    from .fileio import write_atomic
     from .onnx_strip import strip_onnx
+    from .onnx_strip.report import write_reports
 
     given = [name for name, value in (("--model", args.model != DEFAULT_SPEC), ("--weights", args.weights),
                                       ("--input-shape", args.input_shape)) if value]
@@ -175,12 +176,11 @@ def _strip_onnx(args: argparse.Namespace) -> int:
         raise CtkError(f"{given[0]} is for a PyTorch model; an ONNX file carries its own weights and input shapes")
     source = Path(args.onnx)
     out = Path(args.out) if args.out is not None else source.with_name(source.stem + ".stripped.onnx")
-    summary = strip_onnx(source, out)
-    write_atomic(out.with_name(out.name + ".report.json"),
-                 (json.dumps({"source": str(source), "out": str(out), **summary.to_dict()}, indent=2) + "\n").encode())
+    summary = strip_onnx(source, out, latency=not args.no_latency)
+    json_path, md_path = write_reports(summary, source, out)
     _print_strip(str(source), summary, summary.parameters_before, summary.parameters_after, args.explain)
-    Console().print(f"wrote {out} ({summary.file_bytes_before:,} -> {summary.file_bytes_after:,} bytes) "
-                    f"and {out.name}.report.json", soft_wrap=True)
+    Console().print(f"wrote {out} ({summary.file_bytes_before:,} -> {summary.file_bytes_after:,} bytes), "
+                    f"{json_path.name} and {md_path.name}", soft_wrap=True)
     return 0
 
 

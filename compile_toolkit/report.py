@@ -9,6 +9,8 @@ from typing import Any
 
 from rich.table import Table
 
+from .units import byte_size, si
+
 
 @dataclass
 class ModelMeasure:
@@ -74,7 +76,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     dense, stripped = report["dense"], report["stripped"]
     rows = [
         ("parameters", f"{dense['params']:,}", f"{stripped['params']:,}", _ratio(dense["params"], stripped["params"])),
-        ("FLOPs / sample", _si(dense["flops"]), _si(stripped["flops"]), _ratio(dense["flops"], stripped["flops"])),
+        ("FLOPs / sample", si(dense["flops"]), si(stripped["flops"]), _ratio(dense["flops"], stripped["flops"])),
     ]
     dense_sizes = {a["format"]: a["size_bytes"] for a in dense.get("artifacts", [])}
     for artifact in report.get("artifacts", []):
@@ -83,8 +85,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(
             (
                 f"{fmt} size",
-                _bytes(before) if before else "-",
-                _bytes(artifact["size_bytes"]),
+                byte_size(before) if before else "-",
+                byte_size(artifact["size_bytes"]),
                 _ratio(before, artifact["size_bytes"]) if before else "",
             )
         )
@@ -117,7 +119,7 @@ def console_tables(report: dict[str, Any]) -> list[Table]:
     for column in ("format", "path", "size", "max abs error", "runtime"):
         artifacts.add_column(column)
     for a in report["artifacts"]:
-        artifacts.add_row(a["format"], a["path"], _bytes(a["size_bytes"]), f"{a['max_abs_error']:.2e}", a["runtime"])
+        artifacts.add_row(a["format"], a["path"], byte_size(a["size_bytes"]), f"{a['max_abs_error']:.2e}", a["runtime"])
     return [summary, artifacts]
 
 
@@ -129,7 +131,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"| {' | '.join(row)} |" for row in summary_rows(report)]
     lines += ["", "## Artifacts", "", "| format | path | size | max abs error | runtime |", "|---|---|---:|---:|---|"]
     for a in report["artifacts"]:
-        lines.append(f"| {a['format']} | `{a['path']}` | {_bytes(a['size_bytes'])} | {a['max_abs_error']:.2e} | {a['runtime']} |")
+        lines.append(f"| {a['format']} | `{a['path']}` | {byte_size(a['size_bytes'])} | {a['max_abs_error']:.2e} | {a['runtime']} |")
     lines += _quantization_lines(report.get("quantization"))
     strip = report["strip"]
     lines += ["", "## Strip", "", f"Channels removed: {strip['channels_removed']}; max relative error {strip['max_relative_error']:.2e}.", ""]
@@ -163,7 +165,7 @@ def _quantization_lines(section: dict[str, Any] | None) -> list[str]:
              "", f"| model | {label} | size | latency b1 | speedup b1 | latency b8 | speedup b8 | max / mean abs dev |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in section["models"].items():
-        lines.append(f"| {name} | {m[key]:{form}} | {_bytes(m['size_bytes'])} | {m['latency_ms_batch1']:.3f} ms | "
+        lines.append(f"| {name} | {m[key]:{form}} | {byte_size(m['size_bytes'])} | {m['latency_ms_batch1']:.3f} ms | "
                      f"{m['speedup_batch1']:.2f}x | {m['latency_ms_batch8']:.3f} ms | {m['speedup_batch8']:.2f}x | "
                      f"{m['max_abs_deviation']:.3g} / {m['mean_abs_deviation']:.3g} |")
     pt2 = section["pt2"]
@@ -181,17 +183,3 @@ def _learned(onnx: dict[str, Any]) -> str:
 
 def _ratio(before: float, after: float) -> str:
     return f"{before / after:.2f}x smaller" if after else ""
-
-
-def _si(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.2f} {unit}"
-    return f"{value:.0f}"
-
-
-def _bytes(value: int) -> str:
-    for unit, scale in (("MB", 1 << 20), ("kB", 1 << 10)):
-        if value >= scale:
-            return f"{value / scale:.1f} {unit}"
-    return f"{value} B"

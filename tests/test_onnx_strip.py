@@ -439,8 +439,10 @@ def test_ctk_strip_of_an_onnx_file(tmp_path, capsys):
     assert report["parameters_after"] < report["parameters_before"] and report["source"] == source
     assert report["flops_before"] > report["flops_after"] > 0 and report["sample_shapes"] == {"x": [2, 3, 8, 8]}
     assert report["latency"]["before_ms"] > 0 and report["latency"]["rounds"] >= 4  # the CLI measures latency
-    status, _ = run_cli(["strip", source], capsys)  # default: beside the input
+    assert "| FLOPs |" in (tmp_path / "small.onnx.report.md").read_text()
+    status, _ = run_cli(["strip", source, "--no-latency"], capsys)  # default: beside the input
     assert status == 0 and (tmp_path / "cnn.stripped.onnx").is_file()
+    assert json.loads((tmp_path / "cnn.stripped.onnx.report.json").read_text())["latency"] is None
     for args, needle in ((["strip", str(tmp_path / "missing.onnx")], "missing.onnx"),
                          (["strip", source, "--model", "timm:resnet18"], "--model"),
                          (["strip", "--out", str(out)], "--out")):

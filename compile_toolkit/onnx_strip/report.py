@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import write_atomic
+from ..units import byte_size, si
 from .strip import OnnxStripSummary
 
 
@@ -55,9 +56,9 @@ def summary_rows(summary: OnnxStripSummary) -> list[tuple[str, str, str, str]]:
     """(quantity, before, after, change) rows: parameters, FLOPs, file size, and latency if measured."""
     rows = [("parameters", f"{summary.parameters_before:,}", f"{summary.parameters_after:,}",
              _fewer(summary.parameters_before, summary.parameters_after)),
-            ("FLOPs", _si(summary.flops_before), _si(summary.flops_after),
+            ("FLOPs", si(summary.flops_before), si(summary.flops_after),
              _fewer(summary.flops_before, summary.flops_after)),
-            ("file size", _bytes(summary.file_bytes_before), _bytes(summary.file_bytes_after),
+            ("file size", byte_size(summary.file_bytes_before), byte_size(summary.file_bytes_after),
              _fewer(summary.file_bytes_before, summary.file_bytes_after, "smaller"))]
     latency = summary.latency
     if latency is not None:
@@ -72,17 +73,3 @@ def _shapes(shapes: dict[str, list[int]]) -> str:
 
 def _fewer(before: float, after: float, word: str = "fewer") -> str:
     return f"{before / after:.2f}x {word}" if after else ""
-
-
-def _si(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.2f} {unit}"
-    return f"{value:.0f}"
-
-
-def _bytes(value: int) -> str:
-    for unit, scale in (("MB", 1 << 20), ("kB", 1 << 10)):
-        if value >= scale:
-            return f"{value / scale:.1f} {unit}"
-    return f"{value} B"
