@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import metrics, openvino_runtime
+from . import metrics, openvino_runtime, runtimes_report
 from .errors import CtkError
 from .exporters import ALL_FORMATS, FORMATS, Artifact, export, openvino_format
 from .exporters import hf as hf_format
@@ -208,6 +208,11 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
             with timed("int8: test accuracy, sizes, latency at batch 1 and 8"):
                 report.quantization = quantize_job.section(artifacts, dense_artifacts, staging, loaded,
                                                            max(2, job.latency_rounds // 4), work)
+        if "openvino" in formats:
+            with timed("ONNX Runtime and OpenVINO latency of every model, batch 1 and 8"):
+                onnx_artifact = next(a for a in artifacts if a.format == "onnx")
+                report.runtimes = runtimes_report.section(staging, loaded.example_inputs, onnx_artifact.static_batch,
+                                                          max(2, job.latency_rounds // 4), LATENCY_BUDGET_S)
         report.artifacts = [_relative(a.to_dict(), staging) for a in artifacts]
         report.sparse_onnx = _sparse_onnx_ratio(artifacts)
         report.dense.artifacts = [_relative(a.to_dict(), staging) for a in dense_artifacts]

@@ -113,25 +113,9 @@ def compare_openvino_latency_ms(xml_a: str, xml_b: str, inputs: Inputs, rounds: 
 def _compare(run_a: Runner, run_b: Runner, rounds: int, warmup: int, iters: int,
              budget_s: float | None) -> dict[str, float]:
     """The rounds of :func:`compare_latency_ms`, for any two runners."""
-    started = time.perf_counter()
-    for _ in range(warmup):
-        run_a()
-        run_b()
-    if budget_s is not None and warmup:
-        per_round = (time.perf_counter() - started) / warmup * iters
-        rounds = min(rounds, max(4, int(budget_s / per_round) // 2 * 2))
-    a_ms, b_ms = [], []
-    for round_index in range(rounds):
-        if round_index % 2 == 0:
-            a = statistics.median(_time_runs(run_a, iters))
-            b = statistics.median(_time_runs(run_b, iters))
-        else:
-            b = statistics.median(_time_runs(run_b, iters))
-            a = statistics.median(_time_runs(run_a, iters))
-        a_ms.append(a)
-        b_ms.append(b)
-    return {"a_ms": statistics.median(a_ms), "b_ms": statistics.median(b_ms),
-            "ratio": statistics.median([a / b for a, b in zip(a_ms, b_ms, strict=True)]), "rounds": rounds}
+    timing = _compare_many({"a": run_a, "b": run_b}, rounds, warmup, iters, budget_s)
+    return {"a_ms": timing["a"]["ms"], "b_ms": timing["b"]["ms"], "ratio": timing["b"]["speedup"],
+            "rounds": timing["a"]["rounds"]}
 
 
 def _ort_runner(onnx_path: str, inputs: Inputs, threads: int | None) -> Runner:
@@ -167,10 +151,34 @@ def compare_latency_many(onnx_paths: dict[str, str], inputs: Inputs, rounds: int
     ``speedup`` is the median over rounds of (first model's time / this model's time) within the
     round. The order is reversed every other round (A B C, C B A, ...) so that the position bias
     of this kind of machine cancels."""
-    runners = {name: _ort_runner(path, inputs, threads) for name, path in onnx_paths.items()}
+    return _compare_many({name: _ort_runner(path, inputs, threads) for name, path in onnx_paths.items()},
+                         rounds, warmup, iters)
+
+
+RUNTIMES = ("ort", "openvino")  # where a model file can be timed: ONNX Runtime (.onnx), OpenVINO (.xml)
+
+
+def compare_runtimes(models: dict[str, tuple[str, str]], inputs: Inputs, rounds: int = 20,
+                     threads: int | None = None, warmup: int = 10, iters: int = 10,
+                     budget_s: float | None = None) -> dict[str, dict[str, float]]:
+    """:func:`compare_latency_many` across runtimes: ``models`` maps a name to ``(runtime, path)``
+    (:data:`RUNTIMES`), the first being the baseline of the speedups; an OpenVINO IR is compiled as
+    it was verified (fp32 pinned). ``budget_s`` caps the rounds as in :func:`compare_latency_ms`."""
+    runners = {name: (_ort_runner if runtime == "ort" else _openvino_runner)(path, inputs, threads)
+               for name, (runtime, path) in models.items()}
+    return _compare_many(runners, rounds, warmup, iters, budget_s)
+
+
+def _compare_many(runners: dict[str, Runner], rounds: int, warmup: int, iters: int,
+                  budget_s: float | None = None) -> dict[str, dict[str, float]]:
+    """The alternated rounds of :func:`compare_latency_many`, for any runners."""
+    started = time.perf_counter()
     for _ in range(warmup):
         for run in runners.values():
             run()
+    if budget_s is not None and warmup:
+        per_round = (time.perf_counter() - started) / warmup * iters
+        rounds = min(rounds, max(4, int(budget_s / per_round) // 2 * 2))
     names = list(runners)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):
@@ -178,5 +186,5 @@ def compare_latency_many(onnx_paths: dict[str, str], inputs: Inputs, rounds: int
             times[name].append(statistics.median(_time_runs(runners[name], iters)))
     base = times[names[0]]
     return {name: {"ms": statistics.median(ts),
-                   "speedup": statistics.median([b / t for b, t in zip(base, ts, strict=True)])}
+                   "speedup": statistics.median([b / t for b, t in zip(base, ts, strict=True)]), "rounds": rounds}
             for name, ts in times.items()}

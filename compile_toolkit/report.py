@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
+from . import runtimes_report
 from .units import byte_size, si
 
 
@@ -51,6 +52,7 @@ class ExportReport:
     latency: Latency | None = None
     metric: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
+    runtimes: dict[str, Any] | None = None
     sparse_onnx: dict[str, Any] | None = None
     pipeline: dict[str, Any] | None = None
     environment: dict[str, str] = field(default_factory=dict)
@@ -133,6 +135,7 @@ def markdown(report: dict[str, Any]) -> str:
     for a in report["artifacts"]:
         lines.append(f"| {a['format']} | `{a['path']}` | {byte_size(a['size_bytes'])} | {a['max_abs_error']:.2e} | {a['runtime']} |")
     lines += _quantization_lines(report.get("quantization"))
+    lines += runtimes_report.markdown_lines(report.get("runtimes"))
     strip = report["strip"]
     lines += ["", "## Strip", "", f"Channels removed: {strip['channels_removed']}; max relative error {strip['max_relative_error']:.2e}.", ""]
     lines += ["| group (first carrier) | channels | kept | kept because |", "|---|---:|---:|---|"]

@@ -145,3 +145,20 @@ def test_cli_job_measures_latency_in_openvino(digits_job):
     assert report["dense"]["latency_ms"] > 0 and report["stripped"]["latency_ms"] > 0
     assert report["speedup"] > 0 and report["latency_rounds"] >= 4
     assert "| OpenVINO latency, batch 1 |" in (digits_job / "report.md").read_text()
+
+
+def test_cli_job_times_every_model_in_both_runtimes_side_by_side(digits_job):
+    """With --formats openvino: dense and stripped, fp32 and int8, in ONNX Runtime and OpenVINO, at
+    batch 1 and 8, each a median of alternated-round ratios to dense fp32 in ONNX Runtime."""
+    section = json.loads((digits_job / "report.json").read_text())["runtimes"]
+    assert section["batches"] == [1, 8] and section["baseline"].startswith("dense fp32 ort")
+    models = section["models"]
+    assert list(models) == [f"{m} {p} {r}" for m in ("dense", "stripped") for r, p in
+                            (("ort", "fp32"), ("ort", "int8"), ("openvino", "fp32"), ("openvino", "int8"))]
+    assert models["stripped int8 openvino"]["file"] == "openvino/model.int8.xml"
+    assert models["dense fp32 ort"]["file"] == "dense/model.onnx"
+    for batch in (1, 8):
+        assert models["dense fp32 ort"][f"speedup_batch{batch}"] == 1.0
+        assert all(m[f"latency_ms_batch{batch}"] > 0 and m[f"speedup_batch{batch}"] > 0 for m in models.values())
+    text = (digits_job / "report.md").read_text()
+    assert "## Runtimes" in text and "| stripped | int8 | openvino |" in text
