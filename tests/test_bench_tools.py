@@ -124,3 +124,15 @@ def test_bench_parallel_quick(tmp_path):
     split = 2 * (8 * 16 * 9 + 16 + 2 * 16 + 16 * 8 * 9)
     assert tp["plan"] == 6 and tp["split"] == split and tp["per_rank"] == [ddp["total"] - split // 2] * 2
     assert fsdp["per_rank"] == [ddp["total"] // 2] * 2 and all(row["ratio_to_ddp"] > 0 for row in cnn["rows"])
+
+
+def test_bench_runtimes_quick(tmp_path):
+    """Eight verified models (dense/stripped x fp32/int8 x ORT/OpenVINO) timed together against
+    dense fp32 in ORT; the stripped files are the smaller ones."""
+    result = run_tool("bench_runtimes.py", tmp_path, "--quick")
+    models = result["models"]
+    assert result["model"] == "resnet18" and result["batches"] == [1, 8] and len(models) == 8
+    assert {(m["model"], m["precision"], m["runtime"]) for m in models.values()} == {
+        (m, p, r) for m in ("dense", "stripped") for p in ("fp32", "int8") for r in ("ort", "openvino")}
+    assert models["dense fp32 ort"]["speedup_batch1"] == models["dense fp32 ort"]["speedup_batch8"] == 1.0
+    assert all(m[f"latency_ms_batch{b}"] > 0 for m in models.values() for b in (1, 8))
