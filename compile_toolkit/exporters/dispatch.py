@@ -1,34 +1,26 @@
-"""``export()``: capture once, write every requested format, verify each in its own runtime."""
+"""``export()``: capture once, write every requested format, verify each in its own runtime.
+The formats are the :class:`~.registry.Exporter` objects of :mod:`.registry`."""
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterable, Sequence
-from types import ModuleType
 
 import torch
 from torch import nn
 
-from ..capture import Capture, Inputs, capture
-from ..errors import CtkError, VerificationError, summary
+from ..capture import Inputs, capture
+from ..errors import CtkError
 from ..quantize import Metric, QuantConfig
 from ..quantize.config import as_config
-from . import hf, onnx_format, openvino_format, pt2, torchscript
-from .artifact import Artifact, size_on_disk
-from .checks import CheckSet, as_inputs, build_checks, shapes_of
-from .int8 import export_int8
+from .artifact import Artifact
+from .checks import as_inputs, build_checks
+from .registry import BY_NAME, EXPORTERS, FOLLOWERS, ExportRun
 from .sparse_onnx import FORMAT as SPARSE_ONNX
-from .sparse_onnx import export_sparse
-from .stablehlo import StableHLOWorker
-from .staging import prepare_out_dir, staged, staged_files
+from .staging import prepare_out_dir
 
-# Formats that write and verify in this process: each module has FILENAME, RUNTIME, write, run.
-IN_PROCESS: dict[str, ModuleType] = {
-    "torchscript": torchscript, "pt2": pt2, "onnx": onnx_format}
 FORMATS: tuple[str, ...] = ("torchscript", "pt2", "onnx", "stablehlo")  # the default set: any model
 # openvino: the optional package, converted from model.onnx; hf: a transformers causal LM only (``pretrained``)
-ALL_FORMATS: tuple[str, ...] = (*FORMATS, openvino_format.FORMAT, "hf")
+ALL_FORMATS: tuple[str, ...] = (*FORMATS, "openvino", "hf")
 
 
 def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], out_dir: str,
@@ -71,88 +63,59 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     if unknown:
         raise CtkError(f"unknown export format(s) {', '.join(map(repr, unknown))}; "
                        f"valid: {', '.join(ALL_FORMATS)}")
-    if "hf" in wanted and (reason := hf.problem(module, pretrained)):
-        raise CtkError(f"hf: {reason}")
-    if "openvino" in wanted:
-        openvino_format.require()  # the optional package: refused before any work
-        if "onnx" not in wanted:  # the IR is converted from the verified model.onnx
-            wanted.insert(wanted.index("openvino"), "onnx")
-    if sparse_onnx and "onnx" not in wanted:
-        raise CtkError("sparse_onnx=True converts the ONNX artifact: add 'onnx' to formats")
     config = as_config(quantize) if quantize is not None else None
+    asked = _with_sources(wanted)
+    derived = [name for name, on in ((SPARSE_ONNX, sparse_onnx), ("onnx-int8", config is not None)) if on]
+    for name in derived:
+        if "onnx" not in asked:
+            what = "sparse_onnx=True converts" if name == SPARSE_ONNX else "quantize='int8' quantizes"
+            raise CtkError(f"{what} the ONNX artifact: add 'onnx' to formats")
+    run_names = _with_sources([*asked, *derived])
+    given = {"quantize": config, "calibration": calibration, "pretrained": pretrained}
+    for name in run_names:
+        exporter = BY_NAME[name]
+        if missing := [need for need in exporter.needs if given[need] is None]:
+            raise CtkError(f"{name} needs {' and '.join(missing)}")
+        if exporter.refuse is not None and (reason := exporter.refuse(module, pretrained)):
+            raise CtkError(f"{name}: {reason}")
     calibration = list(calibration) if calibration is not None else None  # read twice with openvino
     prepare_out_dir(out_dir)
-    # Started first: its torch_xla import overlaps the capture and the other formats.
-    xla = StableHLOWorker(out_dir) if "stablehlo" in wanted else None
+    exporters = [e for e in EXPORTERS if e.name in run_names]
+    started = {}
     try:
+        for exporter in exporters:  # before the capture: the StableHLO worker imports torch_xla meanwhile
+            if exporter.start is not None:
+                started[exporter.name] = exporter.start(out_dir)
         captured = capture(module, as_inputs(example_inputs))
-        checks = build_checks(reference if reference is not None else module,
-                              captured.example_inputs, check_inputs, captured.dynamic_batch,
-                              atol, rtol)
-        if xla is not None:
-            xla.submit(captured, checks)
-        done = {name: _export_in_process(name, captured, checks, out_dir)
-                for name in wanted if name in IN_PROCESS}
-        if sparse_onnx:
-            done[SPARSE_ONNX] = export_sparse(done["onnx"], checks, out_dir)
-            wanted.insert(wanted.index("onnx") + 1, SPARSE_ONNX)
-        if config is not None:
-            done.update(export_int8(captured, out_dir, wanted, config, calibration, metric))
-            for name, after in (("onnx-int8", SPARSE_ONNX if sparse_onnx else "onnx"), ("pt2-int8", "pt2")):
-                if name in done:
-                    wanted.insert(wanted.index(after) + 1, name)
-        if "openvino" in wanted:
-            done.update(openvino_format.export_ir(done["onnx"], checks, out_dir, done.get("onnx-int8"), calibration))
-            if "openvino-int8" in done:
-                wanted.insert(wanted.index("openvino") + 1, "openvino-int8")
-        if "hf" in wanted:
-            done["hf"] = _export_hf(module, pretrained, tokenizer, checks, out_dir)
-        if xla is not None:
-            done["stablehlo"] = xla.result(checks)
+        checks = build_checks(reference if reference is not None else module, captured.example_inputs,
+                              check_inputs, captured.dynamic_batch, atol, rtol)
+        run = ExportRun(captured, checks, out_dir, module, config, calibration, metric, pretrained, tokenizer,
+                        started=started)
+        for exporter in exporters:
+            run.done.update(exporter.export(run))
     finally:
-        if xla is not None:
-            xla.close()
-    return [done[name] for name in wanted]
+        for name, work in started.items():
+            BY_NAME[name].close(work)
+    return _in_order(asked, run.done)
 
 
-def _export_in_process(name: str, captured: Capture, checks: CheckSet, out_dir: str) -> Artifact:
-    fmt = IN_PROCESS[name]
-    started = time.perf_counter()
-    static_batch = None if captured.dynamic_batch else captured.example_batch
-    indices = checks.runnable(name, None if captured.dynamic_batch
-                              else shapes_of(captured.example_inputs))
-    companions = getattr(fmt, "COMPANIONS", ())  # files an artifact may come with (ONNX external data)
-    with staged_files(out_dir, fmt.FILENAME, companions) as tmp:
-        try:
-            fmt.write(captured, tmp)
-        except CtkError:
-            raise
-        except Exception as error:
-            raise CtkError(f"{name}: export failed: {summary(error)}") from error
-        try:
-            outputs = fmt.run(tmp, [checks.inputs[i] for i in indices])
-        except CtkError:
-            raise
-        except Exception as error:
-            raise VerificationError(f"{name}: {fmt.RUNTIME} could not run the artifact: "
-                                    f"{summary(error)}") from error
-        max_error = checks.max_error(name, indices, outputs)
-    path = os.path.join(out_dir, fmt.FILENAME)
-    size = sum(size_on_disk(os.path.join(out_dir, f)) for f in (fmt.FILENAME, *companions)
-               if os.path.lexists(os.path.join(out_dir, f)))
-    return Artifact(name, path, size, max_error, fmt.RUNTIME,
-                    static_batch=static_batch, seconds=time.perf_counter() - started)
+def _with_sources(names: list[str]) -> list[str]:
+    """``names`` with every format they derive from, each source first (openvino needs onnx)."""
+    found: list[str] = []
+    for name in names:
+        source = BY_NAME[name].derives_from
+        if source is not None and source not in found:
+            found += _with_sources([source])
+        if name not in found:
+            found.append(name)
+    return found
 
 
-def _export_hf(module: nn.Module, pretrained: nn.Module, tokenizer: object, checks: CheckSet, out_dir: str) -> Artifact:
-    started = time.perf_counter()
-    indices = list(range(len(checks.inputs)))
-    with staged(out_dir, hf.FILENAME) as tmp:
-        hf.write(module, pretrained, tokenizer, tmp)
-        try:
-            outputs = hf.run(tmp, checks.inputs)
-        except Exception as error:
-            raise VerificationError(f"hf: {hf.RUNTIME} could not run the folder: {summary(error)}") from error
-        max_error = checks.max_error("hf", indices, outputs)
-    path = os.path.join(out_dir, hf.FILENAME)
-    return Artifact("hf", path, size_on_disk(path), max_error, hf.RUNTIME, seconds=time.perf_counter() - started)
+def _in_order(asked: list[str], done: dict[str, Artifact]) -> list[Artifact]:
+    """The artifacts in the order asked, each followed by those made from it (onnx, then its sparse
+    and int8 copies)."""
+    ordered: list[Artifact] = []
+    for name in asked:
+        ordered.append(done[name])
+        ordered += [done[follower] for follower in FOLLOWERS.get(name, ()) if follower in done]
+    return ordered
