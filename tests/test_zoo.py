@@ -88,3 +88,33 @@ def test_representative_model_prunes_strips_and_exports_exactly(name, tmp_path):
 @pytest.mark.parametrize("name", cases(OTHERS, slow=True))
 def test_every_other_model_prunes_strips_and_exports_exactly(name, tmp_path):
     prune_strip_export(name, tmp_path)
+
+
+# Convolutional families whose ONNX file strips as far as the PyTorch model does (within 1% of its
+# parameters). Two do not yet: shufflenet's channel shuffle (Reshape-Transpose-Reshape over the
+# channels) is a barrier in the ONNX front-end, and densenet keeps some concatenated channels.
+ONNX_GAPS = {"shufflenet_v2_x0_5": "channel shuffle reshapes pin their channels in ONNX (+2.0% parameters)",
+             "densenet121": "some concatenated channels stay in ONNX (+1.6% parameters)"}
+CONVNETS = [name for name in REPRESENTATIVE if not name.startswith(("swin", "maxvit", "vit"))]
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, id=name, marks=[pytest.mark.xfail(reason=ONNX_GAPS[name],
+                                                                                      strict=True)]
+                                               if name in ONNX_GAPS else []) for name in CONVNETS])
+def test_the_onnx_file_of_a_pruned_convnet_strips_as_far_as_the_pytorch_model(name, tmp_path):
+    """``torch.onnx.export`` of the pruned model (zeros inside, batch norms unfused), then
+    ``ctk.strip_onnx``: verified in ONNX Runtime, and within 1% of ``ctk.strip``'s parameters."""
+    import warnings
+
+    model = build(name)
+    side = input_side(name)
+    x = torch.randn(2, 3, side, side)
+    ctk.prune(model, (x,), sparsity=0.4, structure="channel")
+    stripped = count_params(ctk.strip(model, (x,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(tmp_path / "pruned.onnx"), dynamo=False, do_constant_folding=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    summary = ctk.strip_onnx(tmp_path / "pruned.onnx", tmp_path / "small.onnx", latency=False)
+    assert summary.max_relative_error <= 1e-5 and summary.channels_removed > 0
+    assert abs(summary.parameters_after / stripped - 1) <= 0.01, (summary.parameters_after, stripped)
