@@ -95,6 +95,27 @@ class OnnxContext(KeyedFacts):
         self.sizes: dict[ir.Value, Sizes] = {}  # values computed from dims' sizes (see :mod:`..sizes`)
         self._arrays: dict[ir.Value, np.ndarray | None] = {}
         self._pairs: dict[ir.Value, tuple[np.ndarray | None, list[np.ndarray]]] = {}
+        self._born_pinned: list[tuple[int, int]] = []  # [start, end) of the atom ids fresh() made
+
+    def fresh(self, size: int | None, reason: str) -> np.ndarray | None:
+        """Pinned atoms for a dim no input carries (:meth:`KeyedFacts.fresh`), remembered so that
+        :meth:`born_pinned` can tell a dim that can never lose an index (the batch, a broadcast
+        dim) from one that carries channels."""
+        atoms = super().fresh(size, reason)
+        if atoms is not None and atoms.size:
+            self._born_pinned.append((int(atoms[0]), int(atoms[-1]) + 1))
+        return atoms
+
+    def born_pinned(self, atoms: np.ndarray | None) -> bool:
+        """Whether every atom of a dim was pinned when it was made (so no index of it is ever
+        removed): a symbolic dim (``None``) has no atoms to remove either."""
+        if atoms is None or not atoms.size:
+            return True
+        if not self._born_pinned:
+            return False
+        starts, ends = np.array(self._born_pinned, dtype=np.int64).T
+        at = np.searchsorted(starts, atoms, side="right") - 1
+        return bool(np.all((at >= 0) & (atoms < ends[np.maximum(at, 0)])))
 
     # -- keys -------------------------------------------------------------------------------
     def key(self, node: ir.Node, index: int) -> Key | None:

@@ -123,6 +123,29 @@ def attr_ints(node: ir.Node, name: str) -> list[int] | None:
     return None if attr is None else [int(v) for v in attr.as_ints()]
 
 
+def broadcast_shape(ctx: OnnxContext, node: ir.Node, inputs: list[int], index: int = 0) -> Shape:
+    """Output ``index``'s sizes, where shape inference left one symbolic but the operands
+    broadcast to a static size (a head dim after a ``Reshape`` whose target the inference could
+    not read, known to the analysis): a static size other than 1 among the operands' is the
+    output's (a symbolic one broadcast against it must be 1 or equal), all 1 gives 1."""
+    shape = list(ctx.out_shape(node, index))
+    for d in range(len(shape)):
+        if shape[d] is not None:
+            continue
+        sizes = []
+        for i in inputs:
+            arg = ctx.shape(node, i)
+            k = d - (len(shape) - len(arg))
+            if k >= 0:
+                sizes.append(arg[k])
+        static = {s for s in sizes if s is not None and s != 1}
+        if len(static) == 1:
+            shape[d] = static.pop()
+        elif sizes and all(s == 1 for s in sizes):
+            shape[d] = 1
+    return shape
+
+
 def broadcast_couple(ctx: OnnxContext, node: ir.Node, inputs: list[int], shape: Shape) -> Dims:
     """Output atoms of a broadcasting op over ``inputs`` (:func:`~compile_toolkit.channels.shapes.broadcast_atoms`)."""
     operands = [(ctx.shape(node, i), ctx.dims(node, i)) for i in inputs]

@@ -13,11 +13,12 @@ import onnx_ir as ir
 
 from ...channels.context import all_dead
 from ...channels.rules.base import copy_facts, full
-from ...channels.shapes import ignored_by_product, to_operand
+from ...channels.shapes import broadcast_zeros, ignored_by_product, to_operand
 from ...channels.solve import DimFacts, Dims
-from ..context import NotCovered, OnnxContext, describe
+from ..context import NotCovered, OnnxContext, Sizes, describe
 from ..probe import keeps_zero
-from .base import OnnxRule, broadcast_couple, operand_zero
+from ..sizes import pin_sources
+from .base import OnnxRule, ShapeChange, broadcast_couple, broadcast_shape, operand_zero
 
 
 class Copy(OnnxRule):
@@ -72,10 +73,10 @@ class Binary(OnnxRule):
         self.kind = kind
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
-        return [broadcast_couple(ctx, node, [0, 1], ctx.out_shape(node))]
+        return [broadcast_couple(ctx, node, [0, 1], broadcast_shape(ctx, node, [0, 1]))]
 
     def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
-        shape = ctx.out_shape(node)
+        shape = broadcast_shape(ctx, node, [0, 1])
         a, b = (operand_zero(ctx, node, i, shape) for i in (0, 1))
         if self.kind == "add":
             return [[None if x is None else x & y for x, y in zip(a, b, strict=True)]]
@@ -88,7 +89,7 @@ class Binary(OnnxRule):
         return [a]
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
-        shape = ctx.out_shape(node)
+        shape = ctx.out_shape(node)  # as the forward walk set it from this rule's atoms
         out_dead = ctx.out_dead(node)
         if all_dead(out_dead):
             for i in (0, 1):
@@ -102,10 +103,108 @@ class Binary(OnnxRule):
             ctx.mark_dead(node, i, to_operand(ctx.shape(node, i), shape, ignored))
 
 
+class Where(OnnxRule):
+    """``Where(cond, x, y)``, broadcasting all three (``torch.onnx`` writes a softmax's NaN guard
+    as ``Where(IsNaN(p), 0, p)``): zero where ``x`` and ``y`` both are; the condition is ignored
+    there, and each branch is ignored where the output is."""
+
+    def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
+        return [broadcast_couple(ctx, node, [0, 1, 2], broadcast_shape(ctx, node, [0, 1, 2]))]
+
+    def _both_zero(self, ctx: OnnxContext, node: ir.Node, shape: list[int | None]) -> DimFacts:
+        x, y = (operand_zero(ctx, node, i, shape) for i in (1, 2))
+        return [None if a is None else a & b for a, b in zip(x, y, strict=True)]
+
+    def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
+        return [self._both_zero(ctx, node, broadcast_shape(ctx, node, [0, 1, 2]))]
+
+    def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
+        shape, out_dead = ctx.out_shape(node), ctx.out_dead(node)
+        if all_dead(out_dead):
+            for i in (0, 1, 2):
+                ctx.mark_dead(node, i, full(ctx.shape(node, i), True))
+            return
+        both = self._both_zero(ctx, node, shape)
+        ignored = [None if o is None or z is None else o | z for o, z in zip(out_dead, both, strict=True)]
+        ctx.mark_dead(node, 0, to_operand(ctx.shape(node, 0), shape, ignored))
+        for i in (1, 2):
+            ctx.mark_dead(node, i, to_operand(ctx.shape(node, i), shape, out_dead))
+
+
+class Expand(OnnxRule):
+    """``Expand(x, shape)``: ``x`` broadcast to ``shape`` (``torch.onnx``'s ``repeat_kv`` of
+    grouped-query attention: ``[B, Hkv, 1, S, D] -> [B, Hkv, g, S, D]``). A dim ``x`` has at full
+    size keeps its atoms; a size-1 dim broadcast over the output and a new leading dim get fresh
+    ones. The target's entry for a full-size dim that loses channels is rewritten; where the
+    target is computed from sizes (:mod:`..sizes`) the entry must be read from a dim with the
+    very same atoms (it changes by itself) or be 1, else the dim is pinned."""
+
+    sizes_read = (1,)
+
+    def _shape(self, ctx: OnnxContext, node: ir.Node) -> list[int | None]:
+        return broadcast_shape(ctx, node, [0])
+
+    def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
+        shape = self._shape(ctx, node)
+        out = broadcast_couple(ctx, node, [0], shape)
+        target = node.inputs[1]
+        if target in ctx.sizes:
+            self._pin_unfollowed(ctx, node, ctx.sizes[target], shape, out)
+        return [out]
+
+    def _pin_unfollowed(self, ctx: OnnxContext, node: ir.Node, target: Sizes, shape: list[int | None],
+                        out: Dims) -> None:
+        """Pin what a target computed from sizes cannot follow (see the class docstring)."""
+        reason = f"size read by {describe(node)}"
+        x_shape, x_dims = ctx.shape(node, 0), ctx.dims(node, 0)
+        offset = len(shape) - target.values.size
+        follows = set()
+        for j, (size, known, sources) in enumerate(zip(*(a.ravel() for a in (target.values, target.known,
+                                                                            target.sources)), strict=True)):
+            k = j + offset - (len(shape) - len(x_shape))
+            full_size = 0 <= k < len(x_shape) and x_shape[k] == shape[j + offset] and x_dims[k] is not None
+            if known and size == 1 or not full_size:
+                follows.add(j)
+            elif len(sources) == 1 and _same_atoms(ctx, next(iter(sources)), x_dims[k]):
+                follows.add(j)
+            elif not target.known.all():
+                ctx.pin(out[j + offset], f"target of {describe(node)} computed from a symbolic size")
+        pin_sources(ctx, target, reason, follows)
+
+    def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
+        return [broadcast_zeros(ctx.shape(node, 0), ctx.zeros(node, 0), self._shape(ctx, node))]
+
+    def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
+        ctx.mark_dead(node, 0, to_operand(ctx.shape(node, 0), ctx.out_shape(node), ctx.out_dead(node)))
+
+    def rewrite(self, node: ir.Node, change: ShapeChange) -> None:
+        target = change.input_array(1)
+        if target is None:
+            return  # computed from a symbolic size: its followed entries change by themselves
+        old, new = change.old[0], change.new[0]
+        array = target.copy()
+        offset = len(old) - array.size
+        for j, size in enumerate(array.tolist()):
+            d = j + offset
+            if old[d] != new[d] and size != 1:
+                if new[d] is None:
+                    raise ValueError(f"output dim {d} of {describe(node)} is symbolic and lost channels")
+                array[j] = new[d]
+        if not np.array_equal(array, target):
+            change.set_constant(1, array)
+
+
+def _same_atoms(ctx: OnnxContext, source: tuple[object, int], atoms: np.ndarray) -> bool:
+    """Whether the dim a size was read from carries exactly ``atoms`` (so it keeps as many)."""
+    key, dim = source
+    theirs = ctx.atoms.get(key, [None] * (dim + 1))[dim]
+    return theirs is not None and theirs.shape == atoms.shape and bool(np.array_equal(theirs, atoms))
+
+
 _ACTIVATIONS = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Gelu", "Elu", "Selu", "Celu",
     "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Erf", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal",
-    "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Cast", "Pow",
+    "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Cast", "Pow", "IsNaN",
 )
 
 RULES: dict[str, OnnxRule] = {
@@ -117,4 +216,6 @@ RULES: dict[str, OnnxRule] = {
     "Mul": Binary("mul"),
     "Div": Binary("div"),
     "PRelu": Binary("prelu"),
+    "Where": Where(),
+    "Expand": Expand(),
 }

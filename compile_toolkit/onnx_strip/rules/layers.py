@@ -26,6 +26,7 @@ from ...channels.weights import (
 )
 from ..context import NotCovered, OnnxContext, describe
 from .base import OnnxRule, ShapeChange, attr_float, attr_int, attr_ints, dead_throughout, operand_zero
+from .products import BatchedMatMul
 
 
 def nonzero_pairs(ctx: OnnxContext, node: ir.Node, index: int) -> np.ndarray:
@@ -219,32 +220,41 @@ class Gemm(OnnxRule):
 class MatMul(OnnxRule):
     """``MatMul(A, B)`` with ``B`` a matrix (``[K, N]``: torch's ``Linear`` without ``Gemm``, e.g.
     on 3-d input): ``A[..., K]`` couples to ``B[K]``; ``B[:, N]`` owns the output's last dim.
-    Products of two activations (attention) or batched ``B`` are not covered yet."""
+    A batched ``B`` (attention's ``q @ k^T`` and ``p @ v``) is :class:`~.products.BatchedMatMul`'s."""
 
-    def _check(self, ctx: OnnxContext, node: ir.Node) -> None:
-        if len(ctx.shape(node, 0)) < 2 or len(ctx.shape(node, 1)) != 2:
-            raise NotCovered(f"{describe(node)}: only a matrix B with A of rank 2 or more is covered (a batched "
-                             "product, such as attention's, is not)")
+    def _by_matrix(self, ctx: OnnxContext, node: ir.Node) -> bool:
+        """Whether ``B`` is a matrix (this rule's case) rather than batched (the product rule's)."""
+        if len(ctx.shape(node, 0)) < 2 or len(ctx.shape(node, 1)) < 2:
+            raise NotCovered(f"{describe(node)}: a 1-D operand is not covered")
+        if len(ctx.shape(node, 1)) != 2:
+            return False
         if ctx.shape(node, 0)[-1] is None or None in ctx.shape(node, 1):
             raise NotCovered(f"{describe(node)}: its inner or output dim is not static")
+        return True
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
-        self._check(ctx, node)
+        if not self._by_matrix(ctx, node):
+            return _BATCHED.couple(ctx, node)
         a, b = ctx.dims(node, 0), ctx.dims(node, 1)
         ctx.join(a[-1], b[0], f"features of {describe(node)}")
         return [[*a[:-1], b[1]]]
 
     def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
-        self._check(ctx, node)
+        if not self._by_matrix(ctx, node):
+            return _BATCHED.zero(ctx, node)
         out = ctx.no_facts(ctx.out_shape(node))
         out[-1] = outputs_zero(nonzero_pairs(ctx, node, 1).T, ctx.zeros(node, 0)[-1])
         return [out]
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
-        self._check(ctx, node)
-        if not dead_throughout(ctx, node):
+        if not self._by_matrix(ctx, node):
+            _BATCHED.dead(ctx, node)
+        elif not dead_throughout(ctx, node):
             out_dead = ctx.out_dead(node)
             ctx.mark_dead(node, 0, [*out_dead[:-1], inputs_unread(nonzero_pairs(ctx, node, 1).T, out_dead[-1])])
+
+
+_BATCHED = BatchedMatMul()
 
 
 class BatchNormalization(OnnxRule):

@@ -104,7 +104,8 @@ class Transpose(OnnxRule):
 
 class Regroup(OnnxRule):
     """A reshape of input 0 into the node's output shape (``Flatten``, ``Squeeze``, ``Unsqueeze``;
-    :class:`Reshape` adds its target constant). See the module docstring for the pairings."""
+    :class:`Reshape` adds its target constant). See the module docstring for the pairings, and
+    :meth:`_carrier` and :meth:`_rows_alike` for the merges and splits of attention's heads."""
 
     def _dst(self, ctx: OnnxContext, node: ir.Node) -> Shape:
         return ctx.out_shape(node)
@@ -114,8 +115,31 @@ class Regroup(OnnxRule):
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
         reason = f"dims merged or split by {describe(node)}"
-        src, dst = ctx.shape(node, 0), self._dst(ctx, node)
-        return [regroup_atoms(ctx, ctx.dims(node, 0), src, dst, self._runs(ctx, node), reason)]
+        src, dst, dims = ctx.shape(node, 0), self._dst(ctx, node), ctx.dims(node, 0)
+        runs = self._runs(ctx, node)
+        carried = {} if runs is None else {tuple(gi): c for gi, gj in runs
+                                           if (c := self._carrier(ctx, dims, src, dst, gi, gj)) is not None}
+        splits = {tuple(gj): gi for gi, gj in runs or []}
+        rest = None if runs is None else [(gi, gj) for gi, gj in runs if tuple(gi) not in carried]
+        out = regroup_atoms(ctx, dims, src, dst, rest, reason,
+                            lambda gj: _rows_alike(dims[splits[tuple(gj)][0]], dst, gj))
+        for (gi, gj) in runs or []:
+            if tuple(gi) in carried:
+                out[gj[0]] = _merged_atoms(ctx, dims, src, gi, carried[tuple(gi)], reason)
+        return [out]
+
+    @staticmethod
+    def _carrier(ctx: OnnxContext, dims: Dims, src: Shape, dst: Shape, gi: list[int], gj: list[int]) -> int | None:
+        """The one dim of a merge that carries channels, where it is not the outer one: every
+        other merged dim is pinned since it was made (the batch, a dim a broadcast made), so no
+        index of it is ever removed, and the merged dim's index ``(b, h, r)`` lives or dies with
+        ``h`` alone. That is how ``torch.onnx`` transposes keys for ``scaled_dot_product_attention``
+        (``[B, H, S, E] -> [B*H, S, E]``, transposed, split back). ``None``: the ordinary merge
+        (the outer dim's atoms repeated, the inner dims pinned)."""
+        if len(gj) != 1 or len(gi) < 2 or any(src[k] is None for k in gi) or dst[gj[0]] is None:
+            return None
+        live = [k for k in gi if not ctx.born_pinned(dims[k])]
+        return live[0] if len(live) == 1 and live[0] != gi[0] else None
 
     def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
         src, dst = ctx.shape(node, 0), self._dst(ctx, node)
@@ -124,8 +148,38 @@ class Regroup(OnnxRule):
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
         if dead_throughout(ctx, node):
             return
-        src, dst = ctx.shape(node, 0), self._dst(ctx, node)
-        ctx.mark_dead(node, 0, regroup_dead(ctx.out_dead(node), src, dst, self._runs(ctx, node)))
+        src, dst, out_dead = ctx.shape(node, 0), self._dst(ctx, node), ctx.out_dead(node)
+        runs = self._runs(ctx, node)
+        masks = regroup_dead(out_dead, src, dst, runs)
+        for gi, gj in runs or []:  # a merged dim's index is dead where every element it became is
+            if len(gj) == 1 and len(gi) > 1 and out_dead[gj[0]] is not None and None not in [src[k] for k in gi]:
+                grid = out_dead[gj[0]].reshape([src[k] for k in gi])
+                for axis, k in enumerate(gi):
+                    masks[k] = grid.all(axis=tuple(a for a in range(len(gi)) if a != axis))
+        ctx.mark_dead(node, 0, masks)
+
+
+def _merged_atoms(ctx: OnnxContext, dims: Dims, src: Shape, gi: list[int], carrier: int, reason: str) -> np.ndarray:
+    """A merged dim whose index takes the atom of its position along ``carrier``; the other
+    merged dims (pinned since they were made) are pinned again for the report."""
+    for k in gi:
+        if k != carrier:
+            ctx.pin(dims[k], reason)
+    sizes = [src[k] for k in gi]
+    along = [1] * len(gi)
+    along[gi.index(carrier)] = src[carrier]
+    return np.broadcast_to(dims[carrier].reshape(along), sizes).ravel().copy()
+
+
+def _rows_alike(atoms: np.ndarray | None, dst: Shape, gj: list[int]) -> bool:
+    """Whether a split into two dims should give its atoms to the second: every block of the outer
+    dim holds the same atoms (the outer dim carries no channel of its own, as after a merge by
+    :meth:`Regroup._carrier`: ``[B*H, S, E] -> [B, H, S, E]``), so the outer dim can be pinned at
+    no cost and the inner one keeps the channels."""
+    if atoms is None or len(gj) != 2 or None in (dst[gj[0]], dst[gj[1]]) or dst[gj[0]] < 2:
+        return False
+    rows = atoms.reshape(dst[gj[0]], -1)
+    return bool(np.all(rows == rows[0]))
 
 
 class Reshape(Regroup):
