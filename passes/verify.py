@@ -65,7 +65,7 @@ def output_scale(output: torch.Tensor) -> float:
     """An output's largest finite magnitude (0 for booleans and outputs with no finite value)."""
     if output.dtype == torch.bool or not output.numel():
         return 0.0
-    return float(output.double().abs().nan_to_num(nan=0.0, posinf=0.0).max())
+    return float(output.detach().double().abs().nan_to_num(nan=0.0, posinf=0.0).max())
 
 
 def _output_deviation(ref: torch.Tensor, cand: torch.Tensor, tolerance: Tolerance) -> Deviation:
