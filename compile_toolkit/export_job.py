@@ -7,7 +7,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from .errors import CtkError
 from .exporters import ALL_FORMATS, FORMATS, Artifact, export, openvino_format
 from .exporters import hf as hf_format
 from .job_options import force_option, input_shape_option, model_option, out_option, weights_option
+from .latency_target import TargetChoice, choose_sparsity
 from .models import LoadedModel
 from .models.weights import state_dict_mismatch
 from .options import comma_list, option, options_of
@@ -72,6 +73,10 @@ class ExportJob:
     runtime: str = option("--runtime", "where report.json's dense-vs-stripped latency is measured: ort (ONNX Runtime, "
                           "model.onnx; the default) or openvino (OpenVINO's CPU runtime in fp32, openvino/model.xml; "
                           "needs openvino in --formats)", "ort", choices=tuple(LATENCY_RUNTIMES))
+    target_speedup: float | None = option(
+        "--target-speedup", "with --pruned: prune as little as meets this speedup over the dense model in --runtime on "
+        "this machine, measured (each candidate sparsity pruned, stripped, exported and timed), instead of --sparsity",
+        parse=float)
     out: str | None = out_option("ctk-out/<model>")
     finetune: bool = option("--no-finetune", "skip fine-tuning after pruning (batch-norm statistics are still "
                             "re-estimated)", True, negated=True)
@@ -133,6 +138,13 @@ class ExportJob:
         if "openvino" in self.formats:
             openvino_runtime.require()
         self.prune.validate()
+        if self.target_speedup is not None:
+            if not self.pruned:
+                raise CtkError("--target-speedup chooses how much to prune: add --pruned")
+            if self.prune.sparsity != PruneOptions().sparsity:
+                raise CtkError("--target-speedup chooses the sparsity: drop --sparsity")
+            if not (math.isfinite(self.target_speedup) and self.target_speedup > 1):
+                raise CtkError(f"--target-speedup must be a finite number above 1, got {self.target_speedup}")
         given = self.prune.given()
         if given and not self.pruned:
             raise CtkError(f"{given[0]} says how to prune: add --pruned")
@@ -185,7 +197,13 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
                 report.pruning = _apply_checkpoint(trained, job, loaded, work, dense)
             report.sparsity = report.pruning["sparsity"]
         elif job.pruned:
+            target = _target(job, loaded, work, timed) if job.target_speedup is not None else None
+            if target is not None:
+                job = replace(job, prune=replace(job.prune, sparsity=target.sparsity))
+                report.sparsity = target.sparsity
             report.pruning = _prune(job, loaded, work, dense, timed)
+            if target is not None:
+                report.pruning["target"] = target.to_dict()
         with timed("capture and strip"):
             stripped = strip(loaded.module, loaded.example_inputs)
         report.strip = strip_summary(stripped).to_dict()
@@ -201,6 +219,9 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
                                      tuple(f for f in DENSE_FORMATS if f in formats), **dense_int8)
         with timed(f"{LATENCY_RUNTIMES[job.runtime][0]} latency, dense vs stripped"):
             report.latency = _latency(report, staging, loaded, job.latency_rounds, job.runtime)
+        if report.pruning and "target" in report.pruning:  # the measured speedup beside the target
+            report.pruning["target"].update(speedup=report.latency.speedup,
+                                            met=report.latency.speedup >= job.target_speedup)
         if work is not None:
             with timed(f"measure {work.task.metric} of the ONNX artifact in ONNX Runtime"):
                 report.metric = _metric_summary(report, work, next(a for a in artifacts if a.format == "onnx"), dense)
@@ -288,6 +309,17 @@ def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn
     # evaluation is a forward pass over the whole held-out text: not worth doing twice).
     summary["accuracy"] = _metric(loaded.module, work, dense) if changed else summary["accuracy_before_finetune"]
     return summary
+
+
+def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -> TargetChoice:
+    """The sparsity that meets ``--target-speedup`` in ``--runtime``, chosen by measured probes."""
+    name, path, compare = LATENCY_RUNTIMES[job.runtime]
+    calibration = _importance_inputs(job, work)
+    config = job.prune.config(loaded.module, calibrated=calibration is not None)
+    artifact = ("onnx" if job.runtime == "ort" else "openvino", path)
+    with timed(f"choose the sparsity for {job.target_speedup:g}x in {name} (pruned, stripped and timed probes)"):
+        return choose_sparsity(loaded.module, loaded.example_inputs, config, job.target_speedup, job.runtime,
+                               artifact, compare, calibration)
 
 
 def _importance_inputs(job: ExportJob, work: Workload | None) -> list[tuple[torch.Tensor, ...]] | None:
