@@ -42,7 +42,8 @@ def test_quick_bench_table(tmp_path):
     errors = row["max_relative_error"]
     assert errors["ctk"] <= 1e-5
     assert isinstance(errors["onnxsim"], float) and errors["onnxsim"] <= 1e-5  # it removed the zero-norm channels
-    assert set(row["speedup"]) == {"ctk", "onnxsim"} and all(v > 0 for v in row["speedup"].values())
+    assert errors["ctk_export"] <= 1e-5  # the file `ctk export` writes for the same pruned model, timed beside
+    assert set(row["speedup"]) == {"ctk", "onnxsim", "ctk_export"} and all(v > 0 for v in row["speedup"].values())
     table_row = next(line for line in done.stdout.splitlines() if "resnet18" in line)
     cells = [cell.strip() for cell in table_row.strip("│ ").split("│")]
     assert cells[:5] == ["resnet18", *(f"{params[k]:,}" for k in ("original", "ctk", "onnxsim", "ctk_strip_pytorch"))]

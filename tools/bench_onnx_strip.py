@@ -10,10 +10,12 @@ folded into the convolutions, dynamic batch). Then:
 - onnxsim: ``onnxsim.simplify`` then ``onnxsim.pruning.apply_structured_pruning`` at the same
   sparsity (it picks channels by L2 norm itself; the zeroed ones have norm 0), checked against the
   file here on the same sample inputs;
-- ``ctk.strip`` on the PyTorch model, for its parameter count: the ONNX strip should match it.
+- ``ctk.strip`` on the PyTorch model, for its parameter count (the ONNX strip should match it), and
+  the ``model.onnx`` that ``ctk export`` writes from it, timed beside the others (the ONNX strip
+  should be at least as fast).
 
 Parameters are initializer elements (the PyTorch count: module parameters). Latency is ONNX
-Runtime's CPU latency at batch 1, all three files timed in one process by
+Runtime's CPU latency at batch 1, all four files timed in one process by
 ``metrics.compare_latency_many`` (blocks of runs after an untimed run, order reversed every round,
 median of per-round ratios against the original file), so the ratios are comparable on a noisy
 machine; the milliseconds are not.
@@ -132,8 +134,12 @@ def bench(name: str, settings: Settings, folder: Path) -> dict[str, Any]:
     stripped = ctk.strip_onnx(paths["original"], paths["ctk"], latency=False)
     ctk_seconds = time.perf_counter() - started
     onnxsim_seconds = onnxsim_prune(paths["original"], settings.sparsity, paths["onnxsim"])
-    pytorch_params = count_params(ctk.strip(model, (x,)))
-    errors = max_relative_errors(paths["original"], {key: paths[key] for key in ("ctk", "onnxsim")})
+    stripped_module = ctk.strip(model, (x,))
+    pytorch_params = count_params(stripped_module)
+    # what `ctk export` writes for the same pruned model: the PyTorch path's file, timed beside them
+    ctk.export(stripped_module, (x,), str(folder / f"{name}.export"), formats=("onnx",), reference=model)
+    paths["ctk_export"] = folder / f"{name}.export" / "model.onnx"
+    errors = max_relative_errors(paths["original"], {key: paths[key] for key in ("ctk", "onnxsim", "ctk_export")})
     runnable = {key: str(path) for key, path in paths.items() if not isinstance(errors.get(key, 0.0), str)}
     latency = compare_latency_many(runnable, (x,), rounds=settings.rounds, warmup=settings.warmup,
                                    iters=settings.iters)
@@ -151,14 +157,15 @@ def table(rows: list[dict[str, Any]], settings: Settings) -> Table:
                          f"groups zeroed, ORT CPU batch 1 at {settings.size}x{settings.size}, {default_threads()} threads, "
                          f"{settings.rounds} rounds")
     columns = ("model", "params original", "params ctk.strip_onnx", "params onnxsim", "params ctk.strip (PyTorch)",
-               "ORT original ms", "ctk.strip_onnx speedup", "onnxsim speedup", "max rel. error ctk / onnxsim")
+               "ORT original ms", "ctk.strip_onnx speedup", "onnxsim speedup", "ctk export speedup",
+               "max rel. error ctk / onnxsim")
     for column in columns:
         result.add_column(column, justify="left" if column == "model" else "right")
     for r in rows:
         p, s, e = r["params"], r["speedup"], r["max_relative_error"]
         result.add_row(r["model"], f"{p['original']:,}", f"{p['ctk']:,}", f"{p['onnxsim']:,}",
                        f"{p['ctk_strip_pytorch']:,}", f"{r['latency_ms']['original']:.2f}", _speedup(s, "ctk"),
-                       _speedup(s, "onnxsim"), f"{_error(e['ctk'])} / {_error(e['onnxsim'])}")
+                       _speedup(s, "onnxsim"), _speedup(s, "ctk_export"), f"{_error(e['ctk'])} / {_error(e['onnxsim'])}")
     return result
 
 
