@@ -102,9 +102,10 @@ def _pruned(job: PruneJob) -> tuple[LoadedModel, Masks, float, dict[str, float],
         loaded, masks, sparsity, layers = _prune_once(job)
         return loaded, masks, sparsity, layers, {"pruning": job.options.describe(is_causal_lm(loaded.module))}
     recipe = load_recipe(job.recipe)
-    if recipe.calibrated:  # pruned once on calibration text, no training data
+    if recipe.language_model:  # pruned once (on calibration text where the method reads it), no training data
         loaded, work = _language_model(job)
-        train, task, tokens = None, CLASSIFY, _calibration_text(job, work)(recipe.calibration_samples)
+        tokens = _calibration_text(job, work)(recipe.calibration_samples) if recipe.calibrated else None
+        train, task = None, CLASSIFY
     else:
         (loaded, train, task), tokens = _recipe_data(job, recipe.batch_size), None
     held = _held_masks(loaded, job.weights)

@@ -125,7 +125,9 @@ def test_a_config_without_what_it_needs_is_refused_before_any_work():
     (["--structure", "head", "--sparsity", "0.5"],
      "method: structured\nstructure: head\nimportance: activation\nschedule: {final_sparsity: 0.5}\n"),
     (["--structure", "block", "--sparsity", "0.5"], "method: structured\nstructure: block\nschedule: {final_sparsity: 0.5}\n"),
-], ids=["wanda-2:4", "sparsegpt", "head", "block"])
+    (["--method", "magnitude", "--sparsity", "0.5"], "method: magnitude\nscope: decoder\nschedule: {final_sparsity: 0.5}\n"),
+    (["--method", "magnitude", "--pattern", "2:4"], "method: '2:4'\nscope: decoder\nschedule: {}\n"),
+], ids=["wanda-2:4", "sparsegpt", "head", "block", "magnitude", "magnitude-2:4"])
 def test_ctk_prune_by_options_and_by_recipe_writes_the_same_masks_on_a_language_model(tmp_path, capsys, flags, recipe):
     """The language-model configs from a recipe file: `ctk prune --recipe` calibrates on the same
     text and writes the masks `ctk prune --method/--structure` writes."""
@@ -148,6 +150,7 @@ def test_a_language_model_recipe_is_checked_when_loaded():
     cases = [({"method": "structured", "structure": "block", "importance": "l1"}, "importance of structure 'block' "
               "must be influence"),
              ({"method": "wanda", "finetune": {"epochs": 2}}, "finetune.epochs does not apply to language-model"),
+             ({"method": "magnitude", "scope": "decoder", "ignore": ["x"]}, "scope decoder prunes every linear"),
              ({"method": "structured", "structure": "channel", "importance": "activation"},
               "structure must be one of neuron, attention_head, query_head, head, block"),
              ({"method": "wanda", "pattern": "4:2"}, "pattern must be N:M with 0 < N < M, got '4:2'"),

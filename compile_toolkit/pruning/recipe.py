@@ -45,7 +45,7 @@ from .structured import IMPORTANCES
 from .unstructured import parse_n_m
 
 SCHEDULE_TYPES = ("one_shot", "iterative", "gradual")
-SCOPES = ("layer", "global")
+SCOPES = ("layer", "global", "decoder")  # decoder: each decoder linear of a causal LM alone, as --method magnitude
 # Upper bounds on what makes a run long: far beyond any real recipe, they turn a typo
 # (``epochs: 1000000000``) into an error instead of a job that never ends.
 MAX_EPOCHS = 1000
@@ -96,6 +96,11 @@ class Recipe:
         return self.method in CALIBRATED_METHODS or (self.structured and self.importance in (ACTIVATION, INFLUENCE))
 
     @property
+    def language_model(self) -> bool:
+        """Whether the recipe prunes a causal LM's decoder once (calibrated, or by magnitude), training nothing."""
+        return self.calibrated or self.scope == "decoder"
+
+    @property
     def config(self) -> Magnitude | NM | Channels | DecoderWeights | DecoderStructures:
         """What the recipe prunes, as the config every front-end builds, at its final sparsity
         (its schedule says the sparsity of each step)."""
@@ -107,6 +112,8 @@ class Recipe:
         if self.structured:
             return Channels(final, self.structure, self.importance, self.round_to, self.seed, self.ignore,
                             self.overrides)
+        if self.scope == "decoder":
+            return DECODER_WEIGHTS["magnitude"](final, None if self.method == "magnitude" else self.method)
         if self.method == "magnitude":
             return Magnitude(final, self.scope, self.targets, self.ignore, self.overrides)
         return method_config(self.method, final, targets=self.targets, ignore=self.ignore)
@@ -266,7 +273,9 @@ def _n_m(value: str, key: str, top: _Fields) -> tuple[int, int] | None:
 def _check_language_model(recipe: Recipe, top: _Fields) -> None:
     """The language-model configs prune once on calibration text: their structures and importances
     go together, and training belongs to ``ctk export --pruned`` / ``ctk train``."""
-    decoder = recipe.calibrated
+    decoder = recipe.language_model
+    if recipe.scope == "decoder" and (recipe.targets != ("*.weight",) or recipe.ignore or recipe.overrides):
+        top.fail("scope", "decoder prunes every linear of the decoder layers alike: drop targets, ignore and overrides")
     if recipe.structured and recipe.structure in ("query_head", "block") and not decoder:
         top.fail("importance", f"of structure {recipe.structure!r} must be {default_importance(recipe.structure)} "
                                f"(scored on calibration text), got {shown(recipe.importance)}")
@@ -278,8 +287,8 @@ def _check_language_model(recipe: Recipe, top: _Fields) -> None:
     for where, used in (("schedule.type", recipe.schedule_type != "one_shot"), ("finetune.epochs", recipe.finetune_epochs),
                         ("regularization", recipe.regularization_epochs)):
         if used:
-            top.fail(where, "does not apply to language-model pruning on calibration text (one_shot, no training "
-                            "here: fine-tune with ctk export --pruned or ctk train)")
+            top.fail(where, "does not apply to language-model pruning (one_shot, no training here: fine-tune "
+                            "with ctk export --pruned or ctk train)")
 
 
 def _schedule(
