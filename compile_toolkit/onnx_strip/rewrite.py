@@ -16,8 +16,9 @@ import numpy as np
 import onnx_ir as ir
 
 from .analysis import OnnxChannelAnalysis, analyze, failed_rule
-from .context import leaf_constant
-from .rules import Barrier, Failed, ShapeChange
+from .context import NotCovered, Sizes, leaf_constant
+from .rules import Barrier, ShapeChange
+from .sizes import resized
 from .unshare import merge_back, unshare
 
 Cut = tuple[tuple[int, bytes], ...]  # (dim, kept indices as bytes) for the dims that lose indices
@@ -42,7 +43,7 @@ class StripChannels(ir.passes.InPlacePass):
         return result
 
     def _strip(self, model: ir.Model) -> StripResult:
-        failed: dict[ir.Node, Failed] = {}
+        failed: dict[ir.Node, Barrier] = {}
         while True:
             analysis = analyze(model, failed)
             if not analysis.channels_removed:
@@ -57,31 +58,70 @@ class StripChannels(ir.passes.InPlacePass):
 
 @dataclass(frozen=True)
 class _Fault:
+    """A node whose rewrite raised, and the barrier it becomes: :class:`Failed` for a rule that
+    broke, a plain barrier naming why for one that has no exact rewrite (:class:`NotCovered`)."""
+
     node: ir.Node
-    rule: Failed
+    rule: Barrier
 
 
 def _plan(analysis: OnnxChannelAnalysis) -> dict[ir.Node, ShapeChange] | _Fault:
     """Each rule's edits around its node, computed without touching the graph."""
     ctx = analysis.ctx
     plan: dict[ir.Node, ShapeChange] = {}
+    memo: dict[ir.Value, np.ndarray | None] = {}  # sizes values run again on the kept sizes, shared by all rules
     for node, rule in analysis.rules.items():
         if isinstance(rule, Barrier) or not all(v in ctx.atoms for v in node.outputs):
             continue
         old = [ctx.shapes[v] for v in node.outputs]
         new = [analysis.kept_shape(v) for v in node.outputs]
         keys = [ctx.key(node, i) for i in range(len(node.inputs))]
-        if old == new and all(k is None or ctx.shapes[k] == analysis.kept_shape(k) for k in keys):
+        if old == new and all(k is None or ctx.shapes[k] == analysis.kept_shape(k) for k in keys) and \
+                not _sizes_change(analysis, node):
             continue
         change = ShapeChange(old, new, lambda i, keys=keys: analysis.keep(keys[i]),
-                             lambda i, node=node: ctx.array(node, i))
+                             lambda i, node=node: ctx.array(node, i),
+                             lambda i, node=node: _resized_input(analysis, node, i, memo))
         try:
             rule.rewrite(node, change)
+        except NotCovered as reason:  # no exact rewrite for what this strip does around the node
+            return _Fault(node, Barrier(str(reason)))
         except Exception as error:  # noqa: BLE001 - a failed rewrite is a barrier, not a crash
             return _Fault(node, failed_rule(node, "rewriting shapes", error))
         if change.attributes or change.constants:
             plan[node] = change
     return plan
+
+
+def _sizes_change(analysis: OnnxChannelAnalysis, node: ir.Node) -> bool:
+    """Whether an input computed from sizes (:mod:`.sizes`) reads a dim that loses indices: the
+    node's rule must see it (a ``Reshape`` target read from another tensor's channels) even where
+    the node's own inputs and outputs keep their shapes."""
+    ctx = analysis.ctx
+    for value in node.inputs:
+        if value is not None and value in ctx.sizes:
+            for key, dim in frozenset().union(*ctx.sizes[value].sources.ravel()):
+                if key in ctx.atoms and ctx.shapes[key][dim] != analysis.kept_shape(key)[dim]:
+                    return True
+    return False
+
+
+def _resized_input(analysis: OnnxChannelAnalysis, node: ir.Node, index: int,
+                   memo: dict[ir.Value, np.ndarray | None]) -> Sizes | None:
+    """Input ``index`` of ``node``, computed from sizes, as the stripped graph will compute it
+    (:func:`~.sizes.resized` on the kept sizes; which entries are known and what they are read
+    from, as analysed); ``None`` for an input not computed from sizes. Raises where the chain
+    cannot be run again: what the rule would rewrite around it is not known, so the node becomes a
+    barrier."""
+    ctx = analysis.ctx
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None or value not in ctx.sizes:
+        return None
+    values = resized(ctx, value, lambda key: analysis.kept_shape(key) if key in ctx.atoms else ctx.shapes[key], memo)
+    analysed = ctx.sizes[value]
+    if values is None:
+        raise ValueError(f"{value.name}, computed from sizes, cannot be computed again on the kept sizes")
+    return Sizes(values.reshape(analysed.values.shape), analysed.known, analysed.sources)
 
 
 @dataclass

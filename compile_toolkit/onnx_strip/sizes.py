@@ -11,16 +11,21 @@ computes it. Where a chain's value is read by anything else, the dims it was com
 pinned (their sizes must not change), unless the reader's rule says it follows them itself
 (``OnnxRule.sizes_read``: a ``Reshape`` whose target entry is the size of the very dim it keeps).
 A value whose entries are all known is a constant to the rules that read it (a slice bound).
+
+After a strip, :func:`resized` runs a chain again on the kept sizes, so that a rule whose
+constant cannot be rewritten (a ``Reshape`` target with a dynamic batch in it) can check that
+every entry it let follow its dims comes out as the size the strip gives that dim.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import reduce
 
 import numpy as np
 import onnx_ir as ir
 
-from .context import OnnxContext, Sizes, shape_read
+from .context import Key, OnnxContext, Shape, Sizes, shape_read
 from .evaluate import run_alone
 
 MOVES = {"Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Identity", "Flatten", "Expand", "Tile", "Transpose",
@@ -54,6 +59,34 @@ def pin_sources(ctx: OnnxContext, sizes: Sizes, reason: str, free: set[int] = fr
         if position not in free:
             for key, dim in sources:
                 ctx.pin(ctx.atoms[key][dim], reason)
+
+
+def resized(ctx: OnnxContext, value: ir.Value, shape_of: Callable[[Key], Shape],
+            memo: dict[ir.Value, np.ndarray | None] | None = None) -> np.ndarray | None:
+    """The entries of ``value`` (computed from sizes: ``value in ctx.sizes``) once every dim
+    has the size ``shape_of(key)`` gives it (the kept sizes after a strip), the chain run again
+    node by node in ONNX Runtime, as :func:`track` ran it; a symbolic size is read as 1 (the
+    entries it feeds are not known either way). ``None`` where a node of the chain cannot be run
+    again. Constants the chain reads are read as they are."""
+    memo = {} if memo is None else memo
+    if value not in memo:
+        memo[value] = _resized(ctx, value, shape_of, memo) if value in ctx.sizes else ctx.value_array(value)
+    return memo[value]
+
+
+def _resized(ctx: OnnxContext, value: ir.Value, shape_of: Callable[[Key], Shape],
+             memo: dict[ir.Value, np.ndarray | None]) -> np.ndarray | None:
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Shape":
+        shape = shape_of(ctx.key(node, 0))
+        return np.array([1 if shape[d] is None else shape[d] for d in shape_read(node, len(shape))], dtype=np.int64)
+    arrays = [None if v is None else resized(ctx, v, shape_of, memo) for v in node.inputs]
+    if any(a is None and v is not None for a, v in zip(arrays, node.inputs, strict=True)) or arrays[0] is None:
+        return None
+    outputs = run_alone(ctx.opsets, [node], [arrays[1:]], arrays[0])
+    return None if outputs is None else outputs[value.index()]
 
 
 def _shape_sizes(ctx: OnnxContext, node: ir.Node) -> Sizes:

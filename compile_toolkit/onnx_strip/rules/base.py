@@ -20,7 +20,7 @@ from ...channels.context import all_dead
 from ...channels.rules.base import full
 from ...channels.shapes import broadcast_atoms, broadcast_zeros
 from ...channels.solve import DimFacts, Dims, RuleFailure
-from ..context import OnnxContext, Shape, describe
+from ..context import OnnxContext, Shape, Sizes, describe
 
 
 @dataclass
@@ -28,7 +28,10 @@ class ShapeChange:
     """What stripping did around one node, and the edits its rule asks for.
 
     ``old``/``new``: shapes per output; ``kept_input(i)``: kept indices along each dim of input
-    ``i`` (``None`` for a symbolic dim); ``input_array(i)``: a constant input's value. Rules
+    ``i`` (``None`` for a symbolic dim); ``input_array(i)``: a constant input's value;
+    ``resized_input(i)``: an input computed from sizes (:mod:`..sizes`), run again on the kept
+    sizes (``None`` for any other input; raises where it cannot be run again), which a rule
+    checks where it cannot rewrite it, or writes as a constant where it would change. Rules
     record edits with :meth:`set_attribute`, :meth:`drop_attribute` and :meth:`set_constant`;
     nothing is applied until every rule of the graph has succeeded, so a rule that raises leaves
     the graph as analysed.
@@ -38,6 +41,7 @@ class ShapeChange:
     new: list[Shape]
     kept_input: Callable[[int], list[np.ndarray | None]]
     input_array: Callable[[int], np.ndarray | None]  # a constant input's value, as analysed
+    resized_input: Callable[[int], Sizes | None]  # a sizes input's entries after the strip
     attributes: dict[str, ir.Attr | None] = field(default_factory=dict)  # None: drop the attribute
     constants: dict[int, np.ndarray] = field(default_factory=dict)
 

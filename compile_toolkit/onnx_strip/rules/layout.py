@@ -122,7 +122,7 @@ class Regroup(OnnxRule):
         splits = {tuple(gj): gi for gi, gj in runs or []}
         rest = None if runs is None else [(gi, gj) for gi, gj in runs if tuple(gi) not in carried]
         out = regroup_atoms(ctx, dims, src, dst, rest, reason,
-                            lambda gj: _rows_alike(dims[splits[tuple(gj)][0]], dst, gj))
+                            lambda gj: _rows_alike(dims[splits[tuple(gj)][0]], dst, gj) or _shuffled(node, gj))
         for (gi, gj) in runs or []:
             if tuple(gi) in carried:
                 out[gj[0]] = _merged_atoms(ctx, dims, src, gi, carried[tuple(gi)], reason)
@@ -182,6 +182,28 @@ def _rows_alike(atoms: np.ndarray | None, dst: Shape, gj: list[int]) -> bool:
     return bool(np.all(rows == rows[0]))
 
 
+def _shuffled(node: ir.Node, gj: list[int]) -> bool:
+    """Whether a split into the two dims ``gj`` is a channel shuffle's (``[B, C, H, W] -> [B, g,
+    C/g, H, W]``): every reader of the output is a ``Transpose`` that puts the second dim in front
+    of the first, as the ATen rule tells one (``view -> transpose -> view``). Its atoms then go to
+    the second dim, each position of a group joined with the same position of every other group,
+    so that the merge after the transpose (``[B, C/g, g, H, W] -> [B, C, H, W]``) repeats them
+    over the groups and every group loses the same positions (a group whose channels are not zero
+    where the others' are keeps them in all). Any coupling of a split is exact; this one only
+    lets the shuffle lose channels."""
+    output = node.outputs[0]
+    if len(gj) != 2 or output.shape is None or output.is_graph_output() or not output.uses():
+        return False
+    for use in output.uses():
+        user = use.node
+        if user.op_type != "Transpose" or user.domain not in ("", "ai.onnx"):
+            return False
+        perm = attr_ints(user, "perm") or list(reversed(range(len(output.shape))))
+        if perm.index(gj[1]) > perm.index(gj[0]):
+            return False
+    return True
+
+
 class Reshape(Regroup):
     """``Reshape(data, shape)``. A constant ``shape`` (or one computed from static sizes alone)
     has its entries for the output dims that lost channels rewritten (``-1`` stays inferred, a
@@ -219,8 +241,8 @@ class Reshape(Regroup):
         follows = set()
         for j, (size, known, sources) in enumerate(zip(*(a.ravel() for a in (target.values, target.known,
                                                                             target.sources)), strict=True)):
-            if (known and size == -1) or (j in kept and (sources == {(own, kept[j])}
-                                                         or (known and size == 0 and copies and kept[j] == j))):
+            if (known and size == -1) or (known and sources) or (j in kept and (
+                    sources == {(own, kept[j])} or (known and size == 0 and copies and kept[j] == j))):
                 follows.add(j)
             elif not target.known.all():  # a literal size that cannot be rewritten
                 ctx.pin(out[j], reason)
@@ -230,7 +252,8 @@ class Reshape(Regroup):
     def rewrite(self, node: ir.Node, change: ShapeChange) -> None:
         sizes = change.input_array(1)
         if sizes is None:
-            return  # a target with a symbolic size: its entries for changed dims change by themselves
+            _check_followed(node, change)  # a target with a symbolic size: its entries must change by themselves
+            return
         old, new = change.old[0], change.new[0]
         copies_input = not attr_int(node, "allowzero", 0)
         array = sizes.copy()
@@ -242,8 +265,34 @@ class Reshape(Regroup):
                 raise ValueError(f"output dim {d} of {describe(node)} is symbolic and lost channels")
             if size != -1:
                 array[d] = new[d]
-        if not np.array_equal(array, sizes):
+        resized = change.resized_input(1)  # a target computed from static sizes: read from dims that may change
+        if not np.array_equal(array, sizes) or (resized is not None and not np.array_equal(resized.values, array)):
             change.set_constant(1, array)
+
+
+def _check_followed(node: ir.Node, change: ShapeChange) -> None:
+    """A ``Reshape`` target computed from a symbolic size cannot be rewritten, so the entries
+    :meth:`Reshape.couple` let follow their dims must do so: computed again on the kept sizes,
+    each known entry is the size the strip gives its output dim (a ``0`` copies the input's,
+    ``-1`` is what the others leave), and an entry read from a symbolic size sets a dim that
+    keeps its size. Raises :class:`NotCovered` where one does not (a size read from a tensor that
+    lost other channels than the reshaped one): the node becomes a barrier naming the entry."""
+    target = change.resized_input(1)
+    if target is None:  # not computed from sizes: a symbolic size comes from nowhere else
+        raise ValueError(f"the target of {describe(node)} has a symbolic size but is not computed from sizes")
+    old, new, new_input = change.old[0], change.new[0], change.new_input(0)
+    copies = not attr_int(node, "allowzero", 0)
+    for d, (size, known) in enumerate(zip(target.values.ravel().tolist(), target.known.ravel().tolist(),
+                                          strict=True)):
+        if not known:
+            ok = old[d] == new[d]
+        elif size == -1 or (new[d] is None and old[d] is None):
+            ok = True
+        else:
+            ok = (new_input[d] if size == 0 and copies else size) == new[d]
+        if not ok:
+            raise NotCovered(f"target of {describe(node)} computed from a symbolic size and sizes that do not follow "
+                             f"its dims: entry {d} would be {size if known else 'symbolic'} after the strip, not {new[d]}")
 
 
 def _reshaped(ctx: OnnxContext, node: ir.Node, target: Sizes) -> Shape | None:

@@ -190,8 +190,16 @@ class Slice(Cutting):
             return
         for index, values in ((1, starts), (2, ends)):
             written = change.input_array(index)
-            if written.ravel().tolist() != values:
+            if written.ravel().tolist() != values or _bound_moves(change, index, values):
                 change.set_constant(index, np.array(values, dtype=written.dtype).reshape(written.shape))
+
+
+def _bound_moves(change: ShapeChange, index: int, values: list[int]) -> bool:
+    """Whether a bound computed from sizes (``torch.chunk``'s ``(C + 1) // 2`` of the dim it cuts)
+    would come out other than ``values`` on the kept sizes: a half that keeps all its channels
+    still has its bound moved by the other half's loss, so it is written as a constant."""
+    resized = change.resized_input(index)
+    return resized is not None and resized.values.ravel().tolist() != values
 
 
 def _bounds(node: ir.Node, rank: int, read: Callable[[int], np.ndarray | None]) -> list[Bound] | None:
