@@ -714,32 +714,43 @@ def test_a_quantized_zero_stays_zero_only_if_the_zero_points_agree(tmp_path, rea
 
 
 class Viewed(nn.Module):
-    """``x.view(x.size(0), -1)`` and ``reshape(b, c, h * w)``: with a dynamic batch the TorchScript
-    exporter computes both targets from ``Shape`` -> ``Gather`` -> ``Concat``."""
+    """``x.view(x.size(0), -1)`` and a second reshape of the conv's output: with a dynamic batch
+    the TorchScript exporter computes both targets from ``Shape`` -> ``Gather`` -> ``Concat``.
+    ``rows``: ``(b, c, h * w)`` keeps the channel dim, ``(b, c * h, w)`` merges it into the rows,
+    and ``other`` reads the channel count from another conv's output, which loses no channel."""
 
-    def __init__(self, merge_channels: bool = False) -> None:
+    def __init__(self, rows: str = "keep") -> None:
         super().__init__()
-        self.merge_channels = merge_channels
-        self.a, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(4 * 16, 2)
+        self.rows = rows
+        self.a, self.other, self.fc = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Linear(4 * 16, 2)
         with torch.no_grad():
             self.a.weight[1], self.a.bias[1] = 0, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.a(x)
+        y, z = self.a(x), self.other(x)
         b, c, h, w = y.shape
-        rows = y.reshape(b, c * h, w) if self.merge_channels else y.reshape(b, c, h * w)
-        return self.fc(y.view(y.size(0), -1)) + rows.sum((1, 2)).unsqueeze(1)
+        if self.rows == "keep":
+            rows = y.reshape(b, c, h * w)
+        elif self.rows == "merge":
+            rows = y.reshape(b, c * h, w)
+        else:
+            rows = y.reshape(b, z.size(1), h * w)
+        return self.fc(y.view(y.size(0), -1)) + rows.sum((1, 2)).unsqueeze(1) + z.sum((1, 2, 3)).unsqueeze(1)
 
 
-@pytest.mark.parametrize("merge_channels, removed", [(False, 1), (True, 0)])
-def test_reshape_targets_computed_from_shape_are_followed_or_pin(tmp_path, merge_channels, removed):
-    """A computed target entry that is the batch, ``-1`` or the size of the dim it keeps follows the
-    strip by itself; one that multiplies the channel count into another dim cannot be rewritten
-    (the batch is not known), so it pins the channels (positive control)."""
-    summary, _ = stripped_both_ways(Viewed(merge_channels), torch.randn(2, 3, 4, 4), tmp_path, False, "viewed")
+@pytest.mark.parametrize("rows, removed", [("keep", 1), ("merge", 1), ("other", 0)])
+def test_reshape_targets_computed_from_shape_are_followed_or_pin(tmp_path, rows, removed):
+    """A computed target entry that is the batch, ``-1``, the size of the dim it keeps or the
+    channel count times the rows it merges into follows the strip by itself (run again on the
+    kept sizes, it is the new size); one read from a tensor that keeps its channels cannot be
+    rewritten (the batch is not known), so the reshape keeps them and says why (positive
+    control). Verified in ONNX Runtime either way."""
+    summary, small = stripped_both_ways(Viewed(rows), torch.randn(2, 3, 4, 4), tmp_path, False, "viewed")
     assert summary.channels_removed == removed
+    assert initializer_shapes(small)["a.weight"][0] == 4 - removed
     if not removed:
-        assert any(b.startswith("target of Reshape") for b in summary.barriers)
+        assert any(b.startswith("target of Reshape") and "entry 1 would be 4 after the strip, not 3" in b
+                   for b in summary.barriers), summary.barriers
 
 
 def test_qdq_weights_shared_by_unrelated_layers_are_cut_per_reader(tmp_path):
@@ -764,3 +775,51 @@ def test_qdq_weights_shared_by_unrelated_layers_are_cut_per_reader(tmp_path):
     summary = strip_onnx(qdq, tmp_path / "small.onnx", latency=False)
     assert summary.channels_removed == strip_onnx(source, tmp_path / "float.onnx", latency=False).channels_removed == 12
     assert summary.max_relative_error == 0.0
+
+
+class Shuffled(nn.Module):
+    """Two convs concatenated, torchvision's channel shuffle (``view`` to ``[B, 2, C/2, H, W]``,
+    ``transpose``, ``view`` back, the sizes read from ``x.size()``: with a dynamic batch the
+    TorchScript exporter computes both targets from ``Shape``), then two convs. ``zeros``: the
+    channels of ``a`` and of ``b`` that are zero; channel 2 of ``c`` is zero too."""
+
+    def __init__(self, zeros: tuple[list[int], list[int]]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c, self.d = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 6, 1), nn.Conv2d(6, 3, 1)
+        with torch.no_grad():
+            for conv, channels in ((self.a, zeros[0]), (self.b, zeros[1]), (self.c, [2])):
+                conv.weight[channels], conv.bias[channels] = 0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.models.shufflenetv2 import channel_shuffle
+
+        y = channel_shuffle(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1), 2)
+        return self.d(F.relu(self.c(y)))
+
+
+@pytest.mark.parametrize("zeros, removed", [(([1], [1]), 2), (([1, 3], [3, 1]), 3), (([1], [2]), 1)])
+def test_a_channel_shuffle_loses_a_position_of_every_group_like_ctk_strip(tmp_path, zeros, removed):
+    """The shuffle's split puts the channels on its second dim, each position joined across the
+    groups, so a position zero in every group goes (twice: one channel of ``a`` and one of
+    ``b``), and the targets computed from ``Shape`` give the kept sizes by themselves. A position
+    zero in one group only is kept in all (positive control: ``([1], [2])`` removes only ``c``'s
+    channel). The numbers are ``ctk.strip``'s, and the stripped file runs in ONNX Runtime at
+    another batch size as the model does."""
+    import onnxruntime
+
+    model = Shuffled(zeros).eval()
+    x = torch.randn(2, 3, 4, 4)
+    summary, small = stripped_both_ways(model, x, tmp_path, False, "shuffled")
+    assert summary.channels_removed == removed
+    shapes, stripped = initializer_shapes(small), ctk.strip(copy.deepcopy(model), (x,))
+    assert {name: shapes[name] for name in ("a.weight", "b.weight", "c.weight")} == \
+        weight_shapes(stripped, ("a.weight", "b.weight", "c.weight"))
+    assert summary.parameters_after == sum(p.numel() for p in stripped.parameters())
+    kept = 4 - (removed - 1)  # positions removed from each group: all but c's channel
+    assert shapes["a.weight"][0] == shapes["b.weight"][0] == kept and shapes["c.weight"] == (5, 2 * kept, 1, 1)
+    other = torch.randn(5, 3, 4, 4)
+    session = onnxruntime.InferenceSession(str(small), providers=["CPUExecutionProvider"])
+    [out] = session.run(None, {"x": other.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(other).numpy(), rtol=1e-5, atol=1e-5)
