@@ -40,7 +40,7 @@ def same_masks(first: dict, second: dict) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("importance", ["l1", "l2", "random", "bn_scale"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "random", "bn_scale", "taylor", "mask_gradient"])
 @pytest.mark.parametrize(("structure", "make", "inputs"), STRUCTURED, ids=[s[0] for s in STRUCTURED])
 def test_cli_and_recipe_build_one_channels_config_that_prunes_the_same(structure, make, inputs, importance):
     torch.manual_seed(0)
@@ -53,8 +53,10 @@ def test_cli_and_recipe_build_one_channels_config_that_prunes_the_same(structure
         return  # scores batch norms only: these models have none (prune refuses, tested there)
     twin = copy.deepcopy(model)
     before = zeros(model)
-    first = prune_(model, from_cli, PruneData(inputs))
-    second = prune_(twin, from_recipe, PruneData(inputs))
+    # what data-driven criteria read, the same for both (the jobs take it from --data)
+    data = PruneData(inputs, [inputs], loss=lambda m: m(*inputs).square().mean())
+    first = prune_(model, from_cli, data)
+    second = prune_(twin, from_recipe, data)
     assert zeros(model) > before, "the config pruned nothing"
     assert same_masks(first.masks, second.masks)
     assert first.summary["pruned"] == second.summary["pruned"] > 0

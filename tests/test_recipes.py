@@ -55,7 +55,7 @@ BAD = [
      "schedule.type 'gradual' prunes weights during training"),
     ("method: magnitude\nimportance: l1\nschedule: {final_sparsity: 0.5}", "importance is not a field here"),
     ("method: structured\nimportance: l3\nschedule: {final_sparsity: 0.5}",
-     "importance must be one of l1, l2, random, bn_scale, taylor, activation, influence, got 'l3'"),
+     "importance must be one of l1, l2, random, bn_scale, taylor, ablation, mask_gradient, activation, influence, got 'l3'"),
     ("method: structured\nround_to: 0\nschedule: {final_sparsity: 0.5}", "round_to must be >= 1, got 0"),
     ("method: magnitude\nignore: stem\nschedule: {final_sparsity: 0.5}", "ignore must be a list, got 'stem'"),
     ("method: magnitude\ntargets: [1]\nschedule: {final_sparsity: 0.5}", "targets must be a list of strings"),
@@ -299,6 +299,28 @@ def test_a_recipe_trains_on_the_users_data(tmp_path, capsys):
     args = ["prune", "--recipe", str(recipe), "--model", model, "--input-shape", "4,3,32,32"]
     status, err = run_cli([*args, "--out", str(tmp_path / "out")], capsys)
     assert_clean_failure(status, err, "finetune.epochs", "needs training data: give --data")
+    status, err = run_cli([*args, "--data", str(images), "--out", str(tmp_path / "out")], capsys)
+    assert status == 0, err
+    masks = load_file(str(tmp_path / "out" / "masks.safetensors"))
+    assert int((~masks["0.weight"].bool()).flatten(1).all(1).sum()) == 4  # half of the 8 channels
+
+
+@pytest.mark.parametrize("importance", ["mask_gradient", "ablation"])
+def test_a_recipe_measures_data_driven_importance_on_the_users_data(tmp_path, capsys, importance):
+    """The criteria measured on data, which the CLI takes with --data, a recipe takes too: they read
+    the first calibration_size training samples (no data: one line naming the field)."""
+    from test_cli import assert_clean_failure, run_cli
+    from test_data import write_image_folder
+    from test_training_data import RGB_CNN
+
+    images = write_image_folder(tmp_path / "images", per_class=4)
+    (tmp_path / "cnn.py").write_text(RGB_CNN)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: structured\nstructure: channel\nimportance: {importance}\ncalibration_size: 8\n"
+                      "schedule: {final_sparsity: 0.5}\nfinetune: {batch_size: 4}\n")
+    args = ["prune", "--recipe", str(recipe), "--model", f"{tmp_path / 'cnn.py'}:cnn", "--input-shape", "4,3,32,32"]
+    status, err = run_cli([*args, "--out", str(tmp_path / "none")], capsys)
+    assert_clean_failure(status, err, "importance", "needs training data: give --data")
     status, err = run_cli([*args, "--data", str(images), "--out", str(tmp_path / "out")], capsys)
     assert status == 0, err
     masks = load_file(str(tmp_path / "out" / "masks.safetensors"))

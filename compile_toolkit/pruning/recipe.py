@@ -40,8 +40,8 @@ from .configs import (
     default_importance,
     method_config,
 )
+from .importance import importance_names
 from .schedule import GradualSchedule, round_schedule
-from .structured import IMPORTANCES
 from .unstructured import parse_n_m
 
 SCHEDULE_TYPES = ("one_shot", "iterative", "gradual")
@@ -185,7 +185,7 @@ def _method_options(top: _Fields, method: str, n_m: tuple[int, int] | None) -> d
     if method == "structured":
         structure = options["structure"] = top.take("structure", str, "channel", choices=STRUCTURES)
         options["importance"] = top.take("importance", str, default_importance(structure),
-                                          choices=(*IMPORTANCES, ACTIVATION, INFLUENCE))
+                                          choices=(*importance_names(), ACTIVATION, INFLUENCE))
         options["round_to"] = top.take("round_to", int, 1, minimum=1)
         options["calibration_size"] = top.take("calibration_size", int, 256, minimum=1)
         if options["importance"] in (ACTIVATION, INFLUENCE):

@@ -34,9 +34,6 @@ from .masks import Masks, apply_masks
 from .patterns import check_patterns, check_sparsity, matches
 
 STRUCTURES = ("channel", "head", "attention_head", "neuron")
-# The criteria a recipe can run (run_recipe supplies Taylor's loss, no input batches); ctk.prune
-# takes every registered one (importance.importance_names()).
-IMPORTANCES = ("l1", "l2", "random", "bn_scale", "taylor")
 # The criterion measured on data: on pretrained transformers it beats weight magnitude and random
 # choice (docs/pruning.md); needs calibration inputs only, no labels.
 DATA_IMPORTANCE = "mask_gradient"

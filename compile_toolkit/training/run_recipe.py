@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from ..pruning.configs import NM, Magnitude
+from ..pruning.importance import importance_criterion
 from ..pruning.masks import Masks
 from ..pruning.patterns import zero_fraction
 from ..pruning.prune_ import Pruned, PruneData, prune_
@@ -110,20 +111,27 @@ def _check_dataset(recipe: Recipe, dataset: TrainData | None) -> None:
         ("schedule.type", recipe.schedule_type != "one_shot"),
         ("finetune.epochs", recipe.finetune_epochs > 0),
         ("regularization", recipe.regularization_epochs > 0),
-        ("importance", recipe.structured and recipe.importance == "taylor"),
+        ("importance", _reads_data(recipe)),
     ]
     for where, needed in needs:
         if needed:
             raise recipe.error(where, "needs training data: give --data (an image folder, text or path/to/file.py:factory)")
 
 
-def _taylor_loss(dataset: TrainData, samples: int, task: Task) -> Callable[[nn.Module], torch.Tensor]:
-    """The task's loss on the first ``samples`` training samples, one batch: what Taylor importance
-    differentiates."""
+def _reads_data(recipe: Recipe) -> bool:
+    """Whether the recipe's structured importance is measured on data (Taylor, mask_gradient, ablation...)."""
+    return recipe.structured and not recipe.language_model and bool(
+        importance_criterion(recipe.importance).calibration)
+
+
+def _calibration(dataset: TrainData, samples: int, task: Task) -> PruneData:
+    """The first ``samples`` training samples as one batch, both ways a criterion may read them:
+    the task's loss on it (Taylor differentiates it) and its model inputs."""
     train = training_split(dataset)
     batch = default_collate([train[i] for i in range(min(samples, len(train)))])
     args, kwargs = model_inputs(batch)
-    return lambda model: task.loss(model(*args, **kwargs), batch)
+    return PruneData(loss=lambda model: task.loss(model(*args, **kwargs), batch),
+                     calibration=[tuple(args)] if not kwargs else None)
 
 
 def _penalty(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], recipe: Recipe):
@@ -158,8 +166,8 @@ def _pruner(
             return dict(sparsifier.masks)
 
         return prune_unstructured
-    loss = _taylor_loss(dataset, recipe.calibration_size, task) if recipe.importance == "taylor" else None
-    data = PruneData(example_inputs, loss=loss, tokens=tokens)
+    measured = _calibration(dataset, recipe.calibration_size, task) if _reads_data(recipe) else PruneData()
+    data = PruneData(example_inputs, measured.calibration, tokens, measured.loss)
 
     def prune_structured(step: int) -> Masks:
         reports.append(prune_(model, replace(recipe.config, sparsity=recipe.schedule.sparsity_at(step)), data))
