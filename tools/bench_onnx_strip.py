@@ -16,7 +16,7 @@ folded into the convolutions, dynamic batch). Then:
 
 Parameters are initializer elements (the PyTorch count: module parameters). Latency is ONNX
 Runtime's CPU latency at batch 1, all four files timed in one process by
-``metrics.compare_latency_many`` (blocks of runs after an untimed run, order reversed every round,
+``metrics.compare_latency_many`` (blocks of runs after an untimed run, order rotated and reversed every round,
 median of per-round ratios against the original file), so the ratios are comparable on a noisy
 machine; the milliseconds are not.
 
