@@ -282,26 +282,33 @@ def test_the_cli_and_a_recipe_saying_the_same_give_the_same_masks(tmp_path, caps
     assert any(not bool(mask.bool().all()) for mask in by_cli.values())  # something was pruned
 
 
-def test_a_recipe_trains_on_the_users_data(tmp_path, capsys):
-    """Recipes were bound to the built-in digits: ``ctk prune --recipe --data images/`` now runs
-    their training steps (here Taylor importance and one epoch of fine-tuning) on an image folder,
-    with its task; without --data a non-digits model still has no data (positive control)."""
+def recipe_on_images(tmp_path, capsys, recipe_text: str, needs_data: str) -> dict:
+    """``ctk prune --recipe`` of a small RGB CNN: without --data one line naming ``needs_data`` (the
+    positive control: a non-digits model has no data of its own), with an image folder it prunes;
+    returns the masks written."""
     from test_cli import assert_clean_failure, run_cli
     from test_data import write_image_folder
     from test_training_data import RGB_CNN
 
     images = write_image_folder(tmp_path / "images", per_class=4)
     (tmp_path / "cnn.py").write_text(RGB_CNN)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("method: structured\nstructure: channel\nimportance: taylor\ncalibration_size: 8\n"
-                      "schedule:\n  type: one_shot\n  final_sparsity: 0.5\nfinetune:\n  epochs: 1\n  batch_size: 4\n")
-    model = f"{tmp_path / 'cnn.py'}:cnn"
-    args = ["prune", "--recipe", str(recipe), "--model", model, "--input-shape", "4,3,32,32"]
-    status, err = run_cli([*args, "--out", str(tmp_path / "out")], capsys)
-    assert_clean_failure(status, err, "finetune.epochs", "needs training data: give --data")
+    (tmp_path / "r.yaml").write_text(recipe_text)
+    args = ["prune", "--recipe", str(tmp_path / "r.yaml"), "--model", f"{tmp_path / 'cnn.py'}:cnn",
+            "--input-shape", "4,3,32,32"]
+    status, err = run_cli([*args, "--out", str(tmp_path / "none")], capsys)
+    assert_clean_failure(status, err, needs_data, "needs training data: give --data")
     status, err = run_cli([*args, "--data", str(images), "--out", str(tmp_path / "out")], capsys)
     assert status == 0, err
-    masks = load_file(str(tmp_path / "out" / "masks.safetensors"))
+    return load_file(str(tmp_path / "out" / "masks.safetensors"))
+
+
+def test_a_recipe_trains_on_the_users_data(tmp_path, capsys):
+    """Recipes were bound to the built-in digits: ``ctk prune --recipe --data images/`` now runs
+    their training steps (here Taylor importance and one epoch of fine-tuning) on an image folder,
+    with its task."""
+    masks = recipe_on_images(tmp_path, capsys, "method: structured\nstructure: channel\nimportance: taylor\n"
+                             "calibration_size: 8\nschedule:\n  type: one_shot\n  final_sparsity: 0.5\nfinetune:\n"
+                             "  epochs: 1\n  batch_size: 4\n", "finetune.epochs")
     assert int((~masks["0.weight"].bool()).flatten(1).all(1).sum()) == 4  # half of the 8 channels
 
 
@@ -309,19 +316,7 @@ def test_a_recipe_trains_on_the_users_data(tmp_path, capsys):
 def test_a_recipe_measures_data_driven_importance_on_the_users_data(tmp_path, capsys, importance):
     """The criteria measured on data, which the CLI takes with --data, a recipe takes too: they read
     the first calibration_size training samples (no data: one line naming the field)."""
-    from test_cli import assert_clean_failure, run_cli
-    from test_data import write_image_folder
-    from test_training_data import RGB_CNN
-
-    images = write_image_folder(tmp_path / "images", per_class=4)
-    (tmp_path / "cnn.py").write_text(RGB_CNN)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"method: structured\nstructure: channel\nimportance: {importance}\ncalibration_size: 8\n"
-                      "schedule: {final_sparsity: 0.5}\nfinetune: {batch_size: 4}\n")
-    args = ["prune", "--recipe", str(recipe), "--model", f"{tmp_path / 'cnn.py'}:cnn", "--input-shape", "4,3,32,32"]
-    status, err = run_cli([*args, "--out", str(tmp_path / "none")], capsys)
-    assert_clean_failure(status, err, "importance", "needs training data: give --data")
-    status, err = run_cli([*args, "--data", str(images), "--out", str(tmp_path / "out")], capsys)
-    assert status == 0, err
-    masks = load_file(str(tmp_path / "out" / "masks.safetensors"))
+    masks = recipe_on_images(tmp_path, capsys, f"method: structured\nstructure: channel\nimportance: {importance}\n"
+                             "calibration_size: 8\nschedule: {final_sparsity: 0.5}\nfinetune: {batch_size: 4}\n",
+                             "importance")
     assert int((~masks["0.weight"].bool()).flatten(1).all(1).sum()) == 4  # half of the 8 channels
