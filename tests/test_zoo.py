@@ -90,8 +90,10 @@ def test_every_other_model_prunes_strips_and_exports_exactly(name, tmp_path):
     prune_strip_export(name, tmp_path)
 
 
-# Every convolutional family's ONNX file strips as far as the PyTorch model does.
-CONVNETS = [name for name in REPRESENTATIVE if not name.startswith(("swin", "maxvit", "vit"))]
+# Every convolutional family's ONNX file strips as far as the PyTorch model does, and ViT's (its
+# TorchScript-exported attention once made ONNX Runtime insert a Reshape for Gemm from a batch the
+# strip had fixed in the file's shapes). Swin and MaxViT keep more in ONNX (patch merging's MatMul).
+ONNX_MODELS = [name for name in REPRESENTATIVE if not name.startswith(("swin", "maxvit", "vit"))] + ["vit_b_32"]
 
 
 def weights_as_onnx_holds_them(module: torch.nn.Module) -> int:
@@ -101,8 +103,8 @@ def weights_as_onnx_holds_them(module: torch.nn.Module) -> int:
     return count_params(module) + stats
 
 
-@pytest.mark.parametrize("name", CONVNETS)
-def test_the_onnx_file_of_a_pruned_convnet_strips_as_far_as_the_pytorch_model(name, tmp_path):
+@pytest.mark.parametrize("name", ONNX_MODELS)
+def test_the_onnx_file_of_a_pruned_model_strips_as_far_as_the_pytorch_model(name, tmp_path):
     """``torch.onnx.export`` of the pruned model (zeros inside, batch norms unfused), then
     ``ctk.strip_onnx``: verified in ONNX Runtime, and within 1% of what ``ctk.strip`` keeps."""
     import warnings

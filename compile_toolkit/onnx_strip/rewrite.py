@@ -149,7 +149,11 @@ class _Editor:
         for key in self.analysis.ctx.atoms:
             if isinstance(key, ir.Value) and not key.is_graph_input() and key.shape is not None:
                 kept = self.analysis.kept_shape(key)
-                key.shape = ir.Shape([d if k is None else k for d, k in zip(key.shape, kept, strict=True)])
+                # only sizes known in the file shrink: a symbolic dim (batch, tokens) stays symbolic, or
+                # ONNX Runtime's optimizer would trust the sample's size (a Reshape it inserts for Gemm
+                # then fails at any other batch)
+                key.shape = ir.Shape([k if k is not None and isinstance(d, int) else d
+                                      for d, k in zip(key.shape, kept, strict=True)])
         for value in unread:
             if value is not None:
                 self._drop_if_unused(value)

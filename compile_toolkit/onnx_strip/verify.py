@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from ..errors import CtkError, VerificationError
+from ..errors import CtkError, VerificationError, summary
 from ..onnx_runtime import session
 from ..passes.verify import relative_error, require_no_nan
 from .context import value_shape
@@ -93,7 +93,12 @@ def run(model: str | bytes, feeds: list[Feeds]) -> list[list[torch.Tensor]]:
 def check_same_outputs(reference: list[list[torch.Tensor]], candidate: str, feeds: list[Feeds], rtol: float) -> float:
     """The candidate file's largest relative error against ``reference``; raises
     :class:`VerificationError` beyond ``rtol``."""
-    error = relative_error(reference, run(candidate, feeds))
+    try:
+        outputs = run(candidate, feeds)
+    except Exception as error:  # onnxruntime's own exception types: the stripped graph is wrong
+        raise VerificationError(f"ONNX Runtime cannot run the stripped model (the strip is wrong; nothing was "
+                                f"written): {summary(error)}") from error
+    error = relative_error(reference, outputs)
     if not error <= rtol:
         raise VerificationError(f"the ONNX strip changed the model's outputs in ONNX Runtime: max relative error "
                                 f"{error:.3g} > {rtol:g}")
