@@ -161,8 +161,8 @@ def compare_latency_many(onnx_paths: dict[str, str], inputs: Inputs, rounds: int
     ``speedup`` is the median over rounds of (first model's time / this model's time) within the
     round. The order changes every round (:func:`_round_order`) so that the position bias of this
     kind of machine cancels."""
-    return _compare_many({name: _ort_runner(path, inputs, threads) for name, path in onnx_paths.items()},
-                         rounds, warmup, iters)
+    return compare_runtimes({name: ("ort", path) for name, path in onnx_paths.items()}, inputs, rounds, threads,
+                            warmup, iters)
 
 
 RUNTIMES = ("ort", "openvino")  # where a model file can be timed: ONNX Runtime (.onnx), OpenVINO (.xml)

@@ -197,6 +197,14 @@ def test_export_api_refuses_misfit_calibration_and_writes_no_int8_file(tmp_path)
     assert not list(tmp_path.glob("model.int8*"))
 
 
+def test_export_api_without_calibration_is_refused_before_any_file(tmp_path):
+    """int8 declares that it needs calibration batches: refused before the float formats are written."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())
+    with pytest.raises(ctk.CtkError, match=r"onnx-int8 needs calibration"):
+        ctk.export(model, torch.randn(2, 3, 4, 4), str(tmp_path / "out"), formats=("onnx",), quantize="int8")
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_says_calibration_data_is_needed_for_a_model_without_data(tmp_path, capsys):
     source = tmp_path / "net.py"
     source.write_text("import torch\ndef build():\n    return torch.nn.Conv2d(3, 4, 1)\n")

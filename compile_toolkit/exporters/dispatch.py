@@ -71,11 +71,11 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
             what = "sparse_onnx=True converts" if name == SPARSE_ONNX else "quantize='int8' quantizes"
             raise CtkError(f"{what} the ONNX artifact: add 'onnx' to formats")
     run_names = _with_sources([*asked, *derived])
-    given = {"quantize": config, "calibration": calibration, "pretrained": pretrained}
+    given = {"calibration": calibration}
     for name in run_names:
         exporter = BY_NAME[name]
         if missing := [need for need in exporter.needs if given[need] is None]:
-            raise CtkError(f"{name} needs {' and '.join(missing)}")
+            raise CtkError(f"{name} needs {' and '.join(missing)} (calibration=[inputs, ...] for int8)")
         if exporter.refuse is not None and (reason := exporter.refuse(module, pretrained)):
             raise CtkError(f"{name}: {reason}")
     calibration = list(calibration) if calibration is not None else None  # read twice with openvino

@@ -141,7 +141,7 @@ EXPORTERS: tuple[Exporter, ...] = (
     Exporter("pt2", _in_process(pt2, "pt2")),
     Exporter("onnx", _in_process(onnx_format, "onnx")),
     Exporter(SPARSE_ONNX, _sparse, derives_from="onnx"),
-    Exporter("onnx-int8", _int8, derives_from="onnx", needs=("quantize",)),  # + pt2-int8 where PT2E quantizes
+    Exporter("onnx-int8", _int8, derives_from="onnx", needs=("calibration",)),  # + pt2-int8 where PT2E quantizes
     Exporter(openvino_format.FORMAT, _openvino, derives_from="onnx", refuse=_openvino_missing),  # + openvino-int8
     Exporter("hf", _hf, refuse=lambda module, pretrained: hf.problem(module, pretrained)),
     Exporter("stablehlo", _stablehlo, start=StableHLOWorker, close=lambda worker: worker.close()),

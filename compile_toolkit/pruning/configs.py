@@ -29,7 +29,10 @@ from .unstructured import parse_n_m
 # The structures a causal LM has besides the graph's, which leave the module smaller before capture.
 LLM_ONLY_STRUCTURES = ("query_head", "block")
 STRUCTURES = (*GRAPH_STRUCTURES, *LLM_ONLY_STRUCTURES)  # every structure, as the CLI and recipes name them
-DECODER_STRUCTURES = ("neuron", "attention_head", "query_head", "head", "block")
+# A causal LM's structures, and what the language-model pruner prunes for each (``head``: both).
+DECODER_STEPS = {"neuron": ("neuron",), "attention_head": ("kv_group",), "query_head": ("query_head",),
+                 "head": ("kv_group", "neuron"), "block": ("block",)}
+DECODER_STRUCTURES = tuple(DECODER_STEPS)
 ACTIVATION, INFLUENCE = "activation", "influence"  # the importances a causal LM's structures are scored by
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CtkError
-from .configs import NM, Channels, DecoderStructures, DecoderWeights, Magnitude, PruneConfig
+from .configs import DECODER_STEPS, NM, Channels, DecoderStructures, DecoderWeights, Magnitude, PruneConfig
 from .masks import Masks
 from .schedule import GradualSchedule
 
@@ -123,21 +123,16 @@ def _decoder_weights(model: nn.Module, config: DecoderWeights, data: PruneData) 
     return Pruned(_with_samples(report.to_dict(), tokens), _prefixed(report.masks))
 
 
-# The structures the language-model pruner prunes for each of the config's.
-_DECODER_STEPS = {"neuron": ("neuron",), "attention_head": ("kv_group",), "query_head": ("query_head",),
-                  "head": ("kv_group", "neuron"), "block": ("block",)}
-
-
 @register(DecoderStructures, needs=("tokens",))
 def _decoder_structures(model: nn.Module, config: DecoderStructures, data: PruneData) -> Pruned:
     from .llm.structured import prune_llm_structured
 
-    if config.structure not in _DECODER_STEPS:
-        raise CtkError(f"unknown decoder structure {config.structure!r}; choose from {', '.join(_DECODER_STEPS)}")
+    if config.structure not in DECODER_STEPS:
+        raise CtkError(f"unknown decoder structure {config.structure!r}; choose from {', '.join(DECODER_STEPS)}")
     inner = _causal_lm(model, config)
     masks: Masks = {}
     steps = []
-    for structure in _DECODER_STEPS[config.structure]:
+    for structure in DECODER_STEPS[config.structure]:
         report = prune_llm_structured(inner, data.tokens, structure, config.sparsity, uniform=not config.per_layer)
         masks.update(_prefixed(report.masks))
         steps.append(report.to_dict())

@@ -167,7 +167,7 @@ def _pruner(
 
         return prune_unstructured
     measured = _calibration(dataset, recipe.calibration_size, task) if _reads_data(recipe) else PruneData()
-    data = PruneData(example_inputs, measured.calibration, tokens, measured.loss)
+    data = replace(measured, example_inputs=example_inputs, tokens=tokens)
 
     def prune_structured(step: int) -> Masks:
         reports.append(prune_(model, replace(recipe.config, sparsity=recipe.schedule.sparsity_at(step)), data))
