@@ -717,7 +717,8 @@ class Viewed(nn.Module):
     """``x.view(x.size(0), -1)`` and a second reshape of the conv's output: with a dynamic batch
     the TorchScript exporter computes both targets from ``Shape`` -> ``Gather`` -> ``Concat``.
     ``rows``: ``(b, c, h * w)`` keeps the channel dim, ``(b, c * h, w)`` merges it into the rows,
-    and ``other`` reads the channel count from another conv's output, which loses no channel."""
+    and ``other`` reads the channel count from another conv's output, which loses no channel.
+    Channel 1 of ``a`` is zero."""
 
     def __init__(self, rows: str = "keep") -> None:
         super().__init__()
@@ -738,19 +739,66 @@ class Viewed(nn.Module):
         return self.fc(y.view(y.size(0), -1)) + rows.sum((1, 2)).unsqueeze(1) + z.sum((1, 2, 3)).unsqueeze(1)
 
 
-@pytest.mark.parametrize("rows, removed", [("keep", 1), ("merge", 1), ("other", 0)])
-def test_reshape_targets_computed_from_shape_are_followed_or_pin(tmp_path, rows, removed):
+def reshape_targets(path) -> list[list[int] | None]:
+    """Each ``Reshape``'s target in the file, where it is an initializer (``None``: computed)."""
+    graph = onnx.load(str(path)).graph
+    constants = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in graph.initializer}
+    return [constants.get(n.input[1]) for n in graph.node if n.op_type == "Reshape"]
+
+
+@pytest.mark.parametrize("rows, written", [("keep", 0), ("merge", 0), ("other", 1)])
+def test_reshape_targets_computed_from_shape_are_followed_or_written_as_constants(tmp_path, rows, written):
     """A computed target entry that is the batch, ``-1``, the size of the dim it keeps or the
     channel count times the rows it merges into follows the strip by itself (run again on the
-    kept sizes, it is the new size); one read from a tensor that keeps its channels cannot be
-    rewritten (the batch is not known), so the reshape keeps them and says why (positive
-    control). Verified in ONNX Runtime either way."""
-    summary, small = stripped_both_ways(Viewed(rows), torch.randn(2, 3, 4, 4), tmp_path, False, "viewed")
-    assert summary.channels_removed == removed
-    assert initializer_shapes(small)["a.weight"][0] == 4 - removed
-    if not removed:
-        assert any(b.startswith("target of Reshape") and "entry 1 would be 4 after the strip, not 3" in b
-                   for b in summary.barriers), summary.barriers
+    kept sizes, it is the new size): the target stays computed. One read from a tensor that
+    keeps its channels does not, so that target is written as a constant, the batch as a ``0``
+    that copies the input's (shape inference names both dims alike). Each way the channel goes,
+    and the file runs in ONNX Runtime at another batch as the model does."""
+    import onnxruntime
+
+    model = Viewed(rows).eval()
+    summary, small = stripped_both_ways(model, torch.randn(2, 3, 4, 4), tmp_path, False, "viewed")
+    assert summary.channels_removed == 1 and initializer_shapes(small)["a.weight"][0] == 3
+    constant = [t for t in reshape_targets(small) if t is not None]
+    assert constant == [[0, 3, 16]] * written, constant
+    other = torch.randn(5, 3, 4, 4)
+    [out] = onnxruntime.InferenceSession(str(small), providers=["CPUExecutionProvider"]).run(None, {"x": other.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(other).numpy(), rtol=1e-5, atol=1e-5)
+
+
+class Swapped(nn.Module):
+    """``y.reshape(b, z.size(1), w, h)`` with the batch, height and width dynamic: the channel
+    count read from another conv's output, which loses no channel, and two entries read from
+    symbolic sizes at positions where the input has other dims."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.other, self.fc = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.a.weight[1], self.a.bias[1] = 0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, z = self.a(x), self.other(x)
+        b, _, h, w = y.shape
+        return self.fc(y.reshape(b, z.size(1), w, h).mean((2, 3))) + z.mean((1, 2, 3)).unsqueeze(1)
+
+
+def test_a_computed_target_no_constant_can_stand_for_keeps_its_channels(tmp_path):
+    """Positive control: the target above can neither follow the strip (its channel entry is read
+    from ``other``, which keeps 4) nor be written as a constant (``w`` and ``h`` are not the input's
+    dims at their positions, and only one entry may be ``-1``), so the reshape keeps the channel and
+    says why; verified in ONNX Runtime."""
+    model = Swapped().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, 4, 5),), str(tmp_path / "swapped.onnx"), dynamo=False,
+                          do_constant_folding=False, input_names=["x"], dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})
+    summary = strip_onnx(tmp_path / "swapped.onnx", tmp_path / "small.onnx", latency=False)
+    assert summary.channels_removed == 0 and summary.max_relative_error <= 1e-5
+    assert initializer_shapes(tmp_path / "small.onnx")["a.weight"][0] == 4
+    assert any(b.startswith("target of Reshape") and "entry 1 would be 4 after the strip, not 3" in b
+               for b in summary.barriers), summary.barriers
 
 
 def test_qdq_weights_shared_by_unrelated_layers_are_cut_per_reader(tmp_path):

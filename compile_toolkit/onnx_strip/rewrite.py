@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .analysis import OnnxChannelAnalysis, analyze, failed_rule
-from .context import NotCovered, Sizes, leaf_constant
+from .context import NotCovered, OnnxContext, Sizes, leaf_constant
 from .rules import Barrier, ShapeChange
 from .sizes import resized
 from .unshare import merge_back, unshare
@@ -81,6 +81,7 @@ def _plan(analysis: OnnxChannelAnalysis) -> dict[ir.Node, ShapeChange] | _Fault:
             continue
         change = ShapeChange(old, new, lambda i, keys=keys: analysis.keep(keys[i]),
                              lambda i, node=node: ctx.array(node, i),
+                             lambda i, node=node: _input_sizes(ctx, node, i),
                              lambda i, node=node: _resized_input(analysis, node, i, memo))
         try:
             rule.rewrite(node, change)
@@ -104,6 +105,12 @@ def _sizes_change(analysis: OnnxChannelAnalysis, node: ir.Node) -> bool:
                 if key in ctx.atoms and ctx.shapes[key][dim] != analysis.kept_shape(key)[dim]:
                     return True
     return False
+
+
+def _input_sizes(ctx: OnnxContext, node: ir.Node, index: int) -> Sizes | None:
+    """Input ``index`` of ``node`` as analysed, where it is computed from sizes (:mod:`.sizes`)."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    return None if value is None else ctx.sizes.get(value)
 
 
 def _resized_input(analysis: OnnxChannelAnalysis, node: ir.Node, index: int,

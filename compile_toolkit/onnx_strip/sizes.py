@@ -42,10 +42,13 @@ def track(ctx: OnnxContext, node: ir.Node) -> bool:
     if node.op_type == "Shape" and ctx.present(node, 0) and ctx.key(node, 0) in ctx.shapes:
         ctx.sizes[node.outputs[0]] = _shape_sizes(ctx, node)
         return True
-    operands = _operands(ctx, node)
-    if operands is None:
-        return False
-    outputs = _moved(ctx, node, operands) if node.op_type in MOVES else _computed(ctx, node, operands)
+    if node.op_type == "ConstantOfShape":
+        outputs = _filled(ctx, node)
+    else:
+        operands = _operands(ctx, node)
+        if operands is None:
+            return False
+        outputs = _moved(ctx, node, operands) if node.op_type in MOVES else _computed(ctx, node, operands)
     if outputs is None:
         return False
     ctx.sizes.update(zip(node.outputs, outputs, strict=True))
@@ -140,6 +143,21 @@ def _moved(ctx: OnnxContext, node: ir.Node, operands: list[Sizes | None]) -> lis
     pool = [operands[i] for i in moved]
     whole = Sizes(*(np.concatenate([getattr(s, f).ravel() for s in pool]) for f in ("values", "known", "sources")))
     return [whole.taken(o.astype(np.int64)) for o in outputs]
+
+
+def _filled(ctx: OnnxContext, node: ir.Node) -> list[Sizes] | None:
+    """``ConstantOfShape`` of known sizes (the zero pads ``torch.onnx`` appends for the dims
+    ``F.pad`` leaves alone): every entry is the fill value, known, and computed from all the
+    sizes that gave the count (a different count is a different value)."""
+    count = ctx.sizes.get(node.inputs[0])
+    if count is None or not count.known.all():
+        return None
+    outputs = run_alone(ctx.opsets, [node], [[]], count.values)
+    if outputs is None or outputs[0].size > LARGEST:
+        return None
+    sources = np.empty(outputs[0].shape, dtype=object)
+    sources.fill(frozenset().union(*count.sources.ravel()))
+    return [Sizes(outputs[0], np.ones(outputs[0].shape, dtype=bool), sources)]
 
 
 def _computed(ctx: OnnxContext, node: ir.Node, operands: list[Sizes | None]) -> list[Sizes] | None:

@@ -29,9 +29,10 @@ class ShapeChange:
 
     ``old``/``new``: shapes per output; ``kept_input(i)``: kept indices along each dim of input
     ``i`` (``None`` for a symbolic dim); ``input_array(i)``: a constant input's value;
-    ``resized_input(i)``: an input computed from sizes (:mod:`..sizes`), run again on the kept
-    sizes (``None`` for any other input; raises where it cannot be run again), which a rule
-    checks where it cannot rewrite it, or writes as a constant where it would change. Rules
+    ``input_sizes(i)``: an input computed from sizes (:mod:`..sizes`), as analysed, and
+    ``resized_input(i)``: the same run again on the kept sizes (both ``None`` for any other input;
+    ``resized_input`` raises where it cannot be run again), which a rule checks where it cannot
+    rewrite it, or writes as a constant where it would change. Rules
     record edits with :meth:`set_attribute`, :meth:`drop_attribute` and :meth:`set_constant`;
     nothing is applied until every rule of the graph has succeeded, so a rule that raises leaves
     the graph as analysed.
@@ -41,6 +42,7 @@ class ShapeChange:
     new: list[Shape]
     kept_input: Callable[[int], list[np.ndarray | None]]
     input_array: Callable[[int], np.ndarray | None]  # a constant input's value, as analysed
+    input_sizes: Callable[[int], Sizes | None]  # a sizes input's entries, as analysed
     resized_input: Callable[[int], Sizes | None]  # a sizes input's entries after the strip
     attributes: dict[str, ir.Attr | None] = field(default_factory=dict)  # None: drop the attribute
     constants: dict[int, np.ndarray] = field(default_factory=dict)

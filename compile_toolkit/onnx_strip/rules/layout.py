@@ -21,7 +21,7 @@ from ...channels.context import mask
 from ...channels.rules.base import copy_facts, full, normalize_dim
 from ...channels.shapes import Runs, match_dims, regroup_atoms, regroup_dead, regroup_zeros
 from ...channels.solve import DimFacts, Dims
-from ..context import NotCovered, OnnxContext, Shape, Sizes, describe
+from ..context import NotCovered, OnnxContext, Shape, Sizes, describe, leaf_constant
 from ..sizes import pin_sources
 from .base import OnnxRule, ShapeChange, attr_int, attr_ints, dead_throughout
 
@@ -111,7 +111,7 @@ class Regroup(OnnxRule):
         return ctx.out_shape(node)
 
     def _runs(self, ctx: OnnxContext, node: ir.Node) -> Runs | None:
-        return match_dims(ctx.shape(node, 0), self._dst(ctx, node))
+        return _match_ends(ctx.shape(node, 0), self._dst(ctx, node))
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
         reason = f"dims merged or split by {describe(node)}"
@@ -122,7 +122,8 @@ class Regroup(OnnxRule):
         splits = {tuple(gj): gi for gi, gj in runs or []}
         rest = None if runs is None else [(gi, gj) for gi, gj in runs if tuple(gi) not in carried]
         out = regroup_atoms(ctx, dims, src, dst, rest, reason,
-                            lambda gj: _rows_alike(dims[splits[tuple(gj)][0]], dst, gj) or _shuffled(node, gj))
+                            lambda gj: _rows_alike(dims[splits[tuple(gj)][0]], dst, gj) or _shuffled(node, gj)
+                            or _unpacked(node.outputs[0], gj[0]))
         for (gi, gj) in runs or []:
             if tuple(gi) in carried:
                 out[gj[0]] = _merged_atoms(ctx, dims, src, gi, carried[tuple(gi)], reason)
@@ -157,6 +158,26 @@ class Regroup(OnnxRule):
                 for axis, k in enumerate(gi):
                     masks[k] = grid.all(axis=tuple(a for a in range(len(gi)) if a != axis))
         ctx.mark_dead(node, 0, masks)
+
+
+def _match_ends(src: Shape, dst: Shape) -> Runs | None:
+    """:func:`~compile_toolkit.channels.shapes.match_dims`, or where a symbolic size keeps it from
+    pairing the dims, the trailing dims of equal static sizes one to one and the dims before them
+    paired by ``match_dims`` or else as one run: Swin's ``attn.view(B, nW, heads, 49, 49)`` of
+    ``[B * nW, heads, 49, 49]`` splits a symbolic batch. Exact: a reshape keeps the index along
+    trailing dims whose sizes are equal in both shapes (the flat index is the leading dims' times
+    their product, plus theirs), and the leading dims' products are equal since the totals are."""
+    runs = match_dims(src, dst)
+    if runs is not None:
+        return runs
+    k = 0
+    while k < min(len(src), len(dst)) and src[-1 - k] is not None and src[-1 - k] == dst[-1 - k]:
+        k += 1
+    head_src, head_dst = list(range(len(src) - k)), list(range(len(dst) - k))
+    if k == 0 or not (head_src or head_dst):
+        return None
+    head = match_dims(src[:len(head_src)], dst[:len(head_dst)]) or [(head_src, head_dst)]
+    return head + [([len(head_src) + i], [len(head_dst) + i]) for i in range(k)]
 
 
 def _merged_atoms(ctx: OnnxContext, dims: Dims, src: Shape, gi: list[int], carrier: int, reason: str) -> np.ndarray:
@@ -204,14 +225,53 @@ def _shuffled(node: ir.Node, gj: list[int]) -> bool:
     return True
 
 
+def _unpacked(value: ir.Value, dim: int) -> bool:
+    """Whether every reader of ``value`` (through ``Identity`` and ``Transpose``) takes single
+    indices of ``dim`` (``Gather`` of a constant scalar, ``Split`` into pieces of one), as
+    ``q, k, v = qkv.reshape(n, l, 3, heads, d).permute(...)`` does: the dim is a list of tensors,
+    not a channel dim, so a split into it gives its atoms to the next dim (the heads), as the
+    ATen rule tells one (``channels/rules/reshape.py``)."""
+    if value.is_graph_output() or not value.uses():
+        return False
+    for use in value.uses():
+        user = use.node
+        if user.domain not in ("", "ai.onnx") or use.idx != 0:
+            return False
+        if user.op_type == "Identity":
+            ok = _unpacked(user.outputs[0], dim)
+        elif user.op_type == "Transpose" and value.shape is not None:
+            perm = attr_ints(user, "perm") or list(reversed(range(len(value.shape))))
+            ok = _unpacked(user.outputs[0], perm.index(dim))
+        elif user.op_type == "Gather":
+            index = leaf_constant(user.inputs[1])
+            ok = index is not None and index.shape is not None and len(index.shape) == 0 and \
+                _axis(user, value) == dim
+        elif user.op_type == "Split":
+            ok = _axis(user, value) == dim and all(o.shape is not None and o.shape[dim] == 1 for o in user.outputs)
+        else:
+            ok = False
+        if not ok:
+            return False
+    return True
+
+
+def _axis(node: ir.Node, value: ir.Value) -> int | None:
+    """A ``Gather``'s or ``Split``'s axis, counted from the front of ``value``."""
+    if value.shape is None:
+        return None
+    return normalize_dim(attr_int(node, "axis", 0), len(value.shape))
+
+
 class Reshape(Regroup):
     """``Reshape(data, shape)``. A constant ``shape`` (or one computed from static sizes alone)
     has its entries for the output dims that lost channels rewritten (``-1`` stays inferred, a
     ``0`` that copies a changed input dim becomes explicit). A ``shape`` computed from sizes
-    with a symbolic one among them (``Concat(Shape(x)[0], [-1])``: a dynamic batch) cannot be
-    rewritten: its output dims stay as they are, except where the entry changes by itself with
-    the dim (``-1``, the size of the input dim the output dim keeps one to one, or a ``0`` that
-    copies it)."""
+    with symbolic ones among them (``Concat(Shape(x)[0], [-1])``: a dynamic batch) is written as
+    a constant where each symbolic entry can be (:func:`_as_constant`: a ``0`` copying the input's
+    dim, or one ``-1``), as Swin's window attention needs when it loses heads
+    (``qkv.reshape(x.size(0), x.size(1), 3, heads, C // heads)``). Where it cannot, its output
+    dims stay as they are, except where the entry changes by itself with the dim (``-1``, the size
+    of the input dim the output dim keeps one to one, or a ``0`` that copies it)."""
 
     sizes_read = (1,)
 
@@ -234,6 +294,9 @@ class Reshape(Regroup):
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
         target = self._target(ctx, node)
         [out] = super().couple(ctx, node)
+        if _as_constant(node, target) is not None:  # every known entry is rewritten as needed: none pins
+            pin_sources(ctx, target, f"size read by {describe(node)}", set(np.flatnonzero(target.known.ravel())))
+            return [out]
         kept = {gj[0]: gi[0] for gi, gj in self._runs(ctx, node) or [] if len(gi) == len(gj) == 1}
         own = ctx.key(node, 0)
         copies = not attr_int(node, "allowzero", 0)
@@ -251,9 +314,15 @@ class Reshape(Regroup):
 
     def rewrite(self, node: ir.Node, change: ShapeChange) -> None:
         sizes = change.input_array(1)
-        if sizes is None:
-            _check_followed(node, change)  # a target with a symbolic size: its entries must change by themselves
-            return
+        if sizes is None:  # a target with a symbolic size: kept where its entries change by themselves
+            sizes = _as_constant(node, change.input_sizes(1))
+            try:
+                _check_followed(node, change)
+                return
+            except NotCovered:
+                if sizes is None:
+                    raise
+            change.set_constant(1, sizes)  # replaces the computed target, rewritten below where dims change
         old, new = change.old[0], change.new[0]
         copies_input = not attr_int(node, "allowzero", 0)
         array = sizes.copy()
@@ -270,13 +339,38 @@ class Reshape(Regroup):
             change.set_constant(1, array)
 
 
+def _as_constant(node: ir.Node, target: Sizes | None) -> np.ndarray | None:
+    """A ``Reshape`` target computed from sizes, written as a constant that gives the same shape:
+    each entry read from a symbolic size becomes ``0`` where shape inference names the output dim
+    as the input's dim at the same position (a ``0`` copies it; not under ``allowzero``), or
+    ``-1`` for one of them (what the other entries leave: the same size while they are right,
+    which the rewrite keeps them). ``None`` where that does not cover every such entry, or where
+    every entry is known already (the target is a constant to the rules, rewritten as one)."""
+    if target is None or target.known.all():
+        return None
+    values, known = target.values.ravel().copy(), target.known.ravel()
+    copies, rest = not attr_int(node, "allowzero", 0), bool(np.any(values[known] == -1))
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 0
+    for j in np.flatnonzero(~known).tolist():
+        symbol = _symbol(node.outputs[0], j)
+        if copies and j < rank and symbol is not None and symbol == _symbol(node.inputs[0], j):
+            values[j] = 0
+        elif not rest:
+            values[j], rest = -1, True
+        else:
+            return None
+    return values.reshape(target.values.shape)
+
+
 def _check_followed(node: ir.Node, change: ShapeChange) -> None:
-    """A ``Reshape`` target computed from a symbolic size cannot be rewritten, so the entries
-    :meth:`Reshape.couple` let follow their dims must do so: computed again on the kept sizes,
-    each known entry is the size the strip gives its output dim (a ``0`` copies the input's,
-    ``-1`` is what the others leave), and an entry read from a symbolic size sets a dim that
-    keeps its size. Raises :class:`NotCovered` where one does not (a size read from a tensor that
-    lost other channels than the reshaped one): the node becomes a barrier naming the entry."""
+    """A ``Reshape`` target computed from a symbolic size is kept as it is where the entries
+    :meth:`Reshape.couple` let follow their dims do so: computed again on the kept sizes, each
+    known entry is the size the strip gives its output dim (a ``0`` copies the input's, ``-1`` is
+    what the others leave), and an entry read from a symbolic size sets a dim that keeps its
+    size. Raises :class:`NotCovered` where one does not (a size read from a tensor that lost other
+    channels than the reshaped one): the target is then written as a constant
+    (:func:`_as_constant`) or, where none can stand for it, the node becomes a barrier naming the
+    entry."""
     target = change.resized_input(1)
     if target is None:  # not computed from sizes: a symbolic size comes from nowhere else
         raise ValueError(f"the target of {describe(node)} has a symbolic size but is not computed from sizes")
