@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
+from torch.fx import GraphModule
 
 from .errors import CtkError, summary
-from .pipeline import note_capture, note_reuse
+from .lifting import lift
+from .pipeline import note_capture, note_lift, note_reuse
 
 Inputs = tuple[torch.Tensor, ...]  # a model's positional inputs as torch.export takes them; the one such type
 
@@ -111,11 +113,33 @@ class Capture:
         return self.example_inputs[0].shape[0]
 
     def static_program(self) -> ExportedProgram:
-        """The program with every input shape fixed to the example inputs' shapes."""
+        """The program with every input shape fixed to the example inputs' shapes: lifted from
+        this one's graph (:mod:`.lifting`), or captured again where it cannot be."""
         if not self.dynamic_batch:
             return self.program
-        note_capture(f"{type(self.module).__name__} at a static batch (XLA)")
-        return _export(self.module, self.example_inputs, dynamic=False)
+        why = f"{type(self.module).__name__} at a static batch (XLA)"
+        try:
+            program = lift(self.program.module(), self.program, static_inputs=self.example_inputs)
+        except Exception as error:  # noqa: BLE001 - any failure: capture instead, with the reason reported
+            note_capture(f"{why}: not liftable ({summary(error)})")
+            return _export(self.module, self.example_inputs, dynamic=False)
+        note_lift(why)
+        return program
+
+
+def adopt(rewritten: GraphModule, source: Capture, why: str) -> Capture:
+    """The capture of ``rewritten``, a pass's rewrite of ``source.program.module()`` (strip's
+    result), lifted from its graph without tracing the model again; later :func:`capture` calls
+    of ``rewritten`` on the same inputs serve it. Where the graph cannot be lifted it is captured."""
+    try:
+        adopted = Capture(rewritten, source.example_inputs, lift(rewritten, source.program), source.dynamic_batch)
+    except Exception as error:  # noqa: BLE001 - any failure: capture instead, with the reason reported
+        adopted = _capture(rewritten, source.example_inputs)
+        note_capture(f"{why}: not liftable ({summary(error)})")
+    else:
+        note_lift(why)
+    _remember(adopted)
+    return adopted
 
 
 def capture(module: nn.Module, example_inputs: Inputs) -> Capture:
@@ -137,8 +161,14 @@ def capture(module: nn.Module, example_inputs: Inputs) -> Capture:
         return Capture(module, example_inputs, held[1], held[2])
     captured = _capture(module, example_inputs)
     note_capture(type(module).__name__ + ("" if held is None else f" again: {held[0].changed(state)}"))
-    _CAPTURED[module] = (state, captured.program, captured.dynamic_batch)
+    _remember(captured)
     return captured
+
+
+def _remember(captured: Capture) -> None:
+    """Serve ``captured`` to the next :func:`capture` of its module in the state it has now."""
+    state = _ModelState.of(captured.module, captured.example_inputs)
+    _CAPTURED[captured.module] = (state, captured.program, captured.dynamic_batch)
 
 
 @dataclass(frozen=True)

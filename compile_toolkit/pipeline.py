@@ -26,10 +26,13 @@ class Stage:
 @dataclass
 class PipelineLog:
     """``captures``: why each capture ran (the model captured, and what made a new one needed);
-    ``reused``: captures served again for an unchanged model; ``analyses``: channel analyses run."""
+    ``reused``: captures served again for an unchanged model; ``lifted``: programs made from a
+    rewritten graph without a capture (:mod:`~compile_toolkit.lifting`), and for what;
+    ``analyses``: channel analyses run."""
 
     captures: list[str] = field(default_factory=list)
     reused: int = 0
+    lifted: list[str] = field(default_factory=list)
     analyses: int = 0
     stages: list[Stage] = field(default_factory=list)
 
@@ -45,7 +48,7 @@ class PipelineLog:
     def to_dict(self) -> dict[str, Any]:
         """The report's ``pipeline`` section."""
         return {"captures": len(self.captures), "capture_reasons": list(self.captures), "captures_reused": self.reused,
-                "analyses": self.analyses, "stages": [asdict(s) for s in self.stages]}
+                "programs_lifted": list(self.lifted), "analyses": self.analyses, "stages": [asdict(s) for s in self.stages]}
 
 
 _CURRENT: ContextVar[PipelineLog | None] = ContextVar("ctk_pipeline_log", default=None)
@@ -65,6 +68,11 @@ def recording() -> Iterator[PipelineLog]:
 def note_capture(reason: str) -> None:
     if (log := _CURRENT.get()) is not None:
         log.captures.append(reason)
+
+
+def note_lift(reason: str) -> None:
+    if (log := _CURRENT.get()) is not None:
+        log.lifted.append(reason)
 
 
 def note_reuse() -> None:

@@ -144,6 +144,8 @@ def markdown(report: dict[str, Any]) -> str:
     pipeline = report["pipeline"]
     lines += ["", "## Pipeline", "", f"{pipeline['captures']} captures with torch.export "
               f"({'; '.join(pipeline['capture_reasons'])}), {pipeline['captures_reused']} reused; "
+              f"{len(pipeline['programs_lifted'])} programs lifted from rewritten graphs without a capture "
+              f"({'; '.join(pipeline['programs_lifted']) or 'none'}); "
               f"{pipeline['analyses']} channel analyses.", "", "Seconds per stage:", ""]
     lines += [f"- {stage['name']}: {stage['seconds']:.2f}" for stage in pipeline["stages"]]
     return "\n".join(lines) + "\n"

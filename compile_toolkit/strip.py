@@ -8,7 +8,7 @@ from dataclasses import replace
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import Inputs, capture, eval_mode
+from .capture import Inputs, adopt, capture, eval_mode
 from .errors import CtkError
 from .passes.dce import DeadCodeElimination
 from .passes.fold import ConstantFolding
@@ -37,12 +37,13 @@ def strip(
     with eval_mode(model):
         reference = outputs_of(model, inputs)
     require_no_nan(reference, "its strip")
-    gm = capture(model, example_inputs).program.module()
+    captured = capture(model, example_inputs)
     # folding first: a weight computed from parameters alone is then a constant strip can slice
     pipeline = PassManager([ConstantFolding(), StripPass(), DeadCodeElimination()], inputs, rtol, name="ctk.strip")
-    result = pipeline(gm)
+    result = pipeline(captured.program.module())
     error, _ = check_close(reference, result.module, inputs, rtol, "strip")
     result.module.meta[_SUMMARY_KEY] = replace(result.details[StripPass.name].details, max_relative_error=error)
+    adopt(result.module, captured, "the stripped graph")  # exporting it then traces nothing again
     return result.module
 
 
