@@ -25,6 +25,7 @@ from .fileio import save_safetensors
 from .job_options import force_option, input_shape_option, model_option, out_option, weights_option
 from .models import LoadedModel, load_model
 from .models.hf_specs import is_gguf_spec
+from .models.registry import DEFAULT_SPEC
 from .models.weights import fit_state_dict, read_weights
 from .options import option, options_of
 from .outdir import check_out_option, default_out, job_inputs, staged_folder
@@ -37,7 +38,7 @@ from .tasks import Task
 from .training import apply_recipe
 from .training.finetune import CLASSIFY, TrainData
 from .training.progress import phase_bars
-from .workload import DEFAULT_SEQ_LEN, Workload
+from .workload import DEFAULT_SEQ_LEN, Workload, load_workload
 
 WEIGHTS_FILE = "pruned.safetensors"
 MASKS_FILE = "masks.safetensors"
@@ -127,13 +128,11 @@ def _check_how(job: PruneJob) -> None:
 
 def _recipe_data(job: PruneJob, batch_size: int) -> tuple[LoadedModel, TrainData | None, Task]:
     """The model and what a recipe trains on: ``--data`` (an image folder, text, ``file.py:factory``)
-    with its task, else the model's own data (the built-in digits; None for other models)."""
-    if job.data is None:
-        loaded = load_model(job.model, None, job.input_shape)
-        return loaded, loaded.dataset, CLASSIFY
-    from .workload import load_workload
-
+    with its task, else the model's default data (the built-in digits of digits-resnet; None for other models)."""
+    if job.data is None and job.model != DEFAULT_SPEC:
+        return load_model(job.model, None, job.input_shape), None, CLASSIFY
     loaded, work = load_workload(job.model, job.data, None, job.input_shape, batch_size, seq_len=job.seq_len)
+    assert work is not None, "digits-resnet and every --data have a workload"
     return loaded, work.splits.train, work.task
 
 

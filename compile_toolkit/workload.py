@@ -3,7 +3,8 @@
 ``--data`` is the built-in digits set (``digits``, the default), the built-in ``pydoc`` text
 (training and held-out parts, and a calibration part for pruning), an image folder, text files
 (``.txt``/``.jsonl``/``.csv``/``.parquet``, or a folder of them, tokenized with the model's
-tokenizer: an ``hf:`` folder's or a GGUF decoder's) or ``file.py:factory`` returning ``(train_dataset, val_dataset)``. Each ends up
+tokenizer: an ``hf:`` folder's or a GGUF decoder's) or ``file.py:factory`` returning ``(train_dataset, val_dataset)``:
+each kind is a :class:`DataSource` of :data:`DATA_SOURCES` (a new kind is one entry and its loader). Each ends up
 the same shape here: data splits, a :class:`~compile_toolkit.tasks.Task`, example inputs drawn
 from the real validation split, and one way to measure the task's metric on a module or on an
 exported ONNX file. The jobs never ask which data set they hold. Every check that can fail on the
@@ -12,7 +13,7 @@ user's data runs here, before any heavy work, so a bad input is one line and not
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from .models import LoadedModel, load_digits_dataset, load_model
 from .models.digits import Dataset
 from .models.factory import call_factory, is_factory_spec
 from .models.hf_specs import default_task, hf_folder, hf_tokenizer, is_gguf_spec
-from .models.registry import parse_input_shape
+from .models.registry import DEFAULT_SPEC, parse_input_shape
 from .tasks import Classify, Task, model_inputs, task_named
 
 EXAMPLE_BATCH = 8
@@ -117,16 +118,35 @@ def load_workload(model: str, data: str | None, weights: str | None = None,
     shape = parse_input_shape(input_shape) if isinstance(input_shape, str) else input_shape
     if data is None and is_gguf_spec(model):
         data = PYDOC  # a GGUF decoder brings its tokenizer, and text is at hand
-    if data is None or data == DIGITS:
-        return _digits(model, data, weights, shape, batch_size, task)
-    if is_factory_spec(data):
-        return _factory_data(model, data, weights, shape, batch_size, task)
-    if data == PYDOC:
-        return _pydoc(model, weights, shape, batch_size, task, seq_len)
-    path = Path(data)
-    if _is_text(path):
-        return _text(model, path, weights, shape, batch_size, task, seq_len, text_column, label_column)
-    return _images(model, path, weights, shape, batch_size, task)
+    request = DataRequest(model, data, weights, shape, batch_size, task, seq_len, text_column, label_column)
+    source = next(source for source in DATA_SOURCES if source.matches(data))
+    return source.load(request)
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """The model to load with the data (``data`` as the user wrote it; None: the model's default)
+    and the options every data source may read."""
+
+    model: str
+    data: str | None
+    weights: str | None
+    shape: tuple[int, ...] | None
+    batch_size: int
+    task: str | None
+    seq_len: int = DEFAULT_SEQ_LEN
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A kind of ``--data``: ``matches(data)`` recognises it (sources are tried in order, the last
+    takes the rest), ``load(request)`` gives the model sized for it and its workload."""
+
+    form: str
+    matches: Callable[[str | None], bool]
+    load: Callable[[DataRequest], tuple[LoadedModel, Workload | None]]
 
 
 def _is_text(path: Path) -> bool:
@@ -136,29 +156,31 @@ def _is_text(path: Path) -> bool:
     return path.is_dir() and not (path / "train").is_dir() and any(p.suffix.lower() in READERS for p in path.rglob("*"))
 
 
-def _digits(model: str, data: str | None, weights: str | None, shape: tuple[int, ...] | None, batch_size: int,
-            task: str | None) -> tuple[LoadedModel, Workload | None]:
+def _digits(r: DataRequest) -> tuple[LoadedModel, Workload | None]:
+    """The built-in digits: the default data of digits-resnet (no workload for another model
+    without ``--data``), or ``--data digits`` for any model that takes ``[N, 1, 8, 8]`` images."""
+    model, data, weights, shape, task = r.model, r.data, r.weights, r.shape, r.task
     if task not in (None, "classify"):
         raise CtkError(f"--task {task} does not fit the digits data set (labelled images: --task classify)")
-    if data is None:
+    if data is None:  # the model's default data: digits for digits-resnet, none for others
         loaded = load_model(model, weights, shape)
-        if loaded.dataset is None:
+        if model != DEFAULT_SPEC:
             return loaded, None
+        digits = load_digits_dataset()
     else:
         digits = load_digits_dataset()
         loaded = load_model(model, weights, shape or (EXAMPLE_BATCH, *digits.x_test.shape[1:]),
-                            num_classes=None if model == "digits-resnet" else digits.num_classes)
-        loaded = replace(loaded, dataset=digits)
-    work = digits_workload(loaded.dataset)
-    work.batch_size = batch_size
-    _check_sizes(work.splits, batch_size, data or DIGITS)
+                            num_classes=None if model == DEFAULT_SPEC else digits.num_classes)
+    work = digits_workload(digits)
+    work.batch_size = r.batch_size
+    _check_sizes(work.splits, r.batch_size, data or DIGITS)
     return loaded, work
 
 
-def _images(model: str, root: Path, weights: str | None, shape: tuple[int, ...] | None, batch_size: int,
-            task: str | None) -> tuple[LoadedModel, Workload]:
+def _images(r: DataRequest) -> tuple[LoadedModel, Workload]:
     """An image folder: a ``torchvision:``/``timm:`` classifier gets one output per class folder and
     the model's own preprocessing."""
+    model, root, weights, shape, batch_size, task = r.model, Path(str(r.data)), r.weights, r.shape, r.batch_size, r.task
     if task not in (None, "classify"):
         raise CtkError(f"--task {task} does not fit --data {root}: an image folder is labelled images (--task classify)")
     classes = class_names(root)
@@ -167,32 +189,32 @@ def _images(model: str, root: Path, weights: str | None, shape: tuple[int, ...] 
     return _workload(loaded, splits, Classify(len(classes)), batch_size, shape, str(root))
 
 
-def _text(model: str, path: Path, weights: str | None, shape: tuple[int, ...] | None, batch_size: int,
-          task: str | None, seq_len: int, text_column: str, label_column: str) -> tuple[LoadedModel, Workload]:
+def _text(r: DataRequest) -> tuple[LoadedModel, Workload]:
     """Text tokenized with the model's own tokenizer, shaped for the task."""
-    task = task or default_task(model) or "classify"
+    model, path, weights, seq_len, text_column, label_column = (r.model, Path(str(r.data)), r.weights, r.seq_len,
+                                                                r.text_column, r.label_column)
+    task = r.task or default_task(model) or "classify"
     if model.startswith("hf:"):  # tokenized first: a classifier is sized for the labels found
         splits = text_files(path, _hf_tokenizer(model, str(path)), task, seq_len, text_column, label_column)
         loaded = load_model(model, weights, None, num_classes=splits.num_classes, task=task)
     else:
         loaded = _text_model(model, weights, task, str(path))
         splits = text_files(path, loaded.tokenizer, task, seq_len, text_column, label_column)
-    return _workload(loaded, splits, task_named(task, splits.num_classes), batch_size, shape, str(path))
+    return _workload(loaded, splits, task_named(task, splits.num_classes), r.batch_size, r.shape, str(path))
 
 
-def _pydoc(model: str, weights: str | None, shape: tuple[int, ...] | None, batch_size: int, task: str | None,
-           seq_len: int) -> tuple[LoadedModel, Workload]:
+def _pydoc(r: DataRequest) -> tuple[LoadedModel, Workload]:
     """The built-in ``pydoc`` text (:mod:`compile_toolkit.llm.data`): training and held-out parts
     as the splits, its calibration part set aside for pruning."""
     from .llm.data import pydoc_rows
 
-    task = task or default_task(model) or "causal-lm"
+    task = r.task or default_task(r.model) or "causal-lm"
     if task != "causal-lm":
         raise CtkError(f"--task {task} does not fit --data {PYDOC}: it is plain text for --task causal-lm")
-    loaded = _text_model(model, weights, task, PYDOC)
-    rows = pydoc_rows(loaded.tokenizer, seq_len)
-    loaded, work = _workload(loaded, DataSplits(PYDOC, rows["train"], rows["heldout"]), task_named(task), batch_size,
-                             shape, PYDOC)
+    loaded = _text_model(r.model, r.weights, task, PYDOC)
+    rows = pydoc_rows(loaded.tokenizer, r.seq_len)
+    loaded, work = _workload(loaded, DataSplits(PYDOC, rows["train"], rows["heldout"]), task_named(task), r.batch_size,
+                             r.shape, PYDOC)
     work.calibration = rows["calibration"]
     return loaded, work
 
@@ -216,11 +238,11 @@ def _text_model(model: str, weights: str | None, task: str, data: str) -> Loaded
     return loaded
 
 
-def _factory_data(model: str, spec: str, weights: str | None, shape: tuple[int, ...] | None, batch_size: int,
-                  task: str | None) -> tuple[LoadedModel, Workload]:
+def _factory_data(r: DataRequest) -> tuple[LoadedModel, Workload]:
     """``file.py:factory`` returning ``(train_dataset, val_dataset)`` of the task's batches
     (``(inputs, label)`` pairs or dicts of tensors); a ``classes`` attribute on the training set
     sizes a classifier."""
+    model, spec, weights, shape, batch_size, task = r.model, str(r.data), r.weights, r.shape, r.batch_size, r.task
     made = call_factory(spec, "data")
     if not (isinstance(made, tuple) and len(made) == 2 and all(_is_dataset(d) for d in made)):
         raise CtkError(f"--data {spec} returned {type(made).__name__}; it must return (train_dataset, val_dataset), "
@@ -236,6 +258,16 @@ def _factory_data(model: str, spec: str, weights: str | None, shape: tuple[int, 
     return _workload(loaded, splits, task_named(name, splits.num_classes), batch_size, shape, spec)
 
 
+DATA_SOURCES: tuple[DataSource, ...] = (
+    DataSource(f"{DIGITS} (digits-resnet's default)", lambda data: data is None or data == DIGITS, _digits),
+    DataSource("file.py:factory", lambda data: is_factory_spec(str(data)), _factory_data),
+    DataSource(PYDOC, lambda data: data == PYDOC, _pydoc),
+    DataSource("text files (.txt/.jsonl/.csv/.parquet or a folder of them)", lambda data: _is_text(Path(str(data))),
+               _text),
+    DataSource("an image folder (train/ and val/ of class folders)", lambda data: True, _images),
+)
+
+
 def _is_dataset(value: object) -> bool:
     return hasattr(value, "__len__") and hasattr(value, "__getitem__")
 
@@ -247,7 +279,7 @@ def _workload(loaded: LoadedModel, splits: DataSplits, task: Task, batch_size: i
     _check_sizes(splits, batch_size, data)
     work = Workload(splits, task, batch_size)
     example = positional(next(iter(work.val_loader(shape[0] if shape else EXAMPLE_BATCH))))
-    loaded = replace(loaded, example_inputs=example, dataset=None)
+    loaded = replace(loaded, example_inputs=example)
     _check_fits(loaded, task, data)
     return loaded, work
 

@@ -25,7 +25,7 @@ def load_factory(spec: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
     module = call_factory(spec, "model")
     if not isinstance(module, nn.Module):
         raise CtkError(f"factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module")
-    return LoadedModel(spec, module, (random_input(input_shape),), None)
+    return LoadedModel(spec, module, (random_input(input_shape),))
 
 
 def call_factory(spec: str, kind: str) -> Any:

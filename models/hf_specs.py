@@ -130,7 +130,7 @@ def load_hf(spec: str, task: str | None, input_shape: tuple[int, ...] | None,
     if task == "classify" and model.config.pad_token_id is None and tokenizer is not None:
         # a decoder classifies at the last token before padding, which it finds by this id
         model.config.pad_token_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    return LoadedModel(spec, wrapper(model), _token_ids(model, spec, input_shape), None, notes, task, tokenizer)
+    return LoadedModel(spec, wrapper(model), _token_ids(model, spec, input_shape), notes, task, tokenizer)
 
 
 def _drop_unsaved_pooler(model: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
@@ -259,7 +259,7 @@ def load_gguf(spec: str, task: str | None, input_shape: tuple[int, ...] | None) 
     if task not in (None, "causal-lm"):
         raise CtkError(f"--task {task} does not fit --model {spec}: a GGUF decoder is a causal LM (--task causal-lm)")
     model, tokenizer = load_gguf_cached(gguf_path() if spec == SMOLLM2_SPEC else Path(spec).expanduser())
-    return LoadedModel(spec, CausalLMLogits(model), _token_ids(model, spec, input_shape), None, [], "causal-lm",
+    return LoadedModel(spec, CausalLMLogits(model), _token_ids(model, spec, input_shape), [], "causal-lm",
                        tokenizer)
 
 

@@ -12,8 +12,6 @@ from torch import nn
 
 from compile_toolkit.errors import CtkError, summary
 
-from .digits import Dataset
-
 INPUT_SEED = 0
 INIT_SEED = 0
 
@@ -21,8 +19,10 @@ INIT_SEED = 0
 @dataclass(frozen=True)
 class LoadedModel:
     """A model ready for capture: ``module`` is in eval mode and runs on ``example_inputs``.
-    Immutable once built: a loader that gives it data or other example inputs makes a new one
-    (``dataclasses.replace``).
+    Immutable once built: a loader that gives it other example inputs makes a new one
+    (``dataclasses.replace``). Data is not part of a model: the built-in digits are a data source
+    like an image folder (:func:`compile_toolkit.workload.load_workload`), and ``digits-resnet``
+    is the one model whose default data they are.
 
     ``notes`` says what loading changed that the user did not ask for in so many words (weights
     converted to the model's dtype), for reports to repeat. ``task`` is the task the model was
@@ -31,7 +31,6 @@ class LoadedModel:
     name: str
     module: nn.Module
     example_inputs: tuple[torch.Tensor, ...]
-    dataset: Dataset | None
     notes: list[str] = field(default_factory=list)
     task: str | None = None
     tokenizer: Any = None

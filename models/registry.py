@@ -1,16 +1,19 @@
-"""Turn a model spec string into a module, example inputs and (when known) its data set.
+"""Turn a model spec string into a module and its example inputs.
 
 Every command of the toolkit starts from a spec, so this is where user mistakes surface: each one
-raises :class:`CtkError` with a single line naming the spec, file, key or shape at fault. This
-module dispatches on the spec and builds the image models; Hugging Face folders and GGUF files
-are read in :mod:`.hf_specs`, user factories in :mod:`.factory`, weights files in :mod:`.weights`
-(which never unpickles code).
+raises :class:`CtkError` with a single line naming the spec, file, key or shape at fault. Each
+kind of spec is a :class:`ModelSource` in :data:`MODEL_SOURCES` (a new kind is one entry and its
+loader); this module builds the image models, Hugging Face folders and GGUF files are read in
+:mod:`.hf_specs`, user factories in :mod:`.factory`, weights files in :mod:`.weights` (which never
+unpickles code).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,11 +31,48 @@ DEFAULT_SPEC = "digits-resnet"
 DEFAULT_WEIGHTS = Path(__file__).parent / "digits_resnet.safetensors"
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 DIGITS_EXAMPLE_BATCH = 8
-VALID_SPECS = ("'digits-resnet', 'smollm2-135m', 'torchvision:<name>', 'timm:<name>', 'hf:<folder>', "
-               "'path/to/model.gguf' or 'path/to/file.py:factory'")
 # Example inputs are a few samples; a shape beyond this is a typo, and allocating it would exhaust
 # memory (or get the process killed) before any error could be shown.
 MAX_INPUT_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What a caller asks of any model source: the example input shape (None: the model's own),
+    classes for a classifier head (None: the model's own), the ``hf:`` head's task, and whether
+    the built-in model should load its bundled weights (not when the caller brings weights)."""
+
+    input_shape: tuple[int, ...] | None
+    num_classes: int | None
+    task: str | None
+    default_weights: bool
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A kind of model spec: ``form`` is how it is written (for error messages), ``matches(spec)``
+    recognises it, ``load(spec, request)`` builds it. Sources are tried in order."""
+
+    form: str
+    matches: Callable[[str], bool]
+    load: Callable[[str, ModelRequest], LoadedModel]
+
+
+MODEL_SOURCES: tuple[ModelSource, ...] = (
+    ModelSource("'digits-resnet'", lambda spec: spec == DEFAULT_SPEC,
+                lambda spec, r: _load_digits_resnet(r.default_weights, r.input_shape)),
+    ModelSource("'torchvision:<name>'", lambda spec: spec.startswith("torchvision:"),
+                lambda spec, r: _load_torchvision(spec, r.input_shape or DEFAULT_IMAGE_SHAPE, r.num_classes)),
+    ModelSource("'timm:<name>'", lambda spec: spec.startswith("timm:"),
+                lambda spec, r: _load_timm(spec, r.input_shape, r.num_classes)),
+    ModelSource("'hf:<folder>'", lambda spec: spec.startswith("hf:"),
+                lambda spec, r: load_hf(spec, r.task, r.input_shape, r.num_classes)),
+    ModelSource("'smollm2-135m', 'path/to/model.gguf'", is_gguf_spec,
+                lambda spec, r: load_gguf(spec, r.task, r.input_shape)),
+    ModelSource("'path/to/file.py:factory'", is_factory_spec,
+                lambda spec, r: load_factory(spec, r.input_shape)),
+)
+VALID_SPECS = ", ".join(source.form for source in MODEL_SOURCES[:-1]) + f" or {MODEL_SOURCES[-1].form}"
 
 
 def load_model(
@@ -50,22 +90,12 @@ def load_model(
     1000, or the folder's labels). ``task`` picks the head of an ``hf:`` folder (default: the
     one its config names, see :func:`hf_task`).
     """
-    if input_shape is not None:
-        input_shape = _check_shape(input_shape)
-    if spec == DEFAULT_SPEC:
-        loaded = _load_digits_resnet(weights is None, input_shape)
-    elif spec.startswith("torchvision:"):
-        loaded = _load_torchvision(spec, input_shape or DEFAULT_IMAGE_SHAPE, num_classes)
-    elif spec.startswith("timm:"):
-        loaded = _load_timm(spec, input_shape, num_classes)
-    elif spec.startswith("hf:"):
-        loaded = load_hf(spec, task, input_shape, num_classes)
-    elif is_gguf_spec(spec):
-        loaded = load_gguf(spec, task, input_shape)
-    elif is_factory_spec(spec):
-        loaded = load_factory(spec, input_shape)
-    else:
+    request = ModelRequest(_check_shape(input_shape) if input_shape is not None else None, num_classes, task,
+                           default_weights=weights is None)
+    source = next((source for source in MODEL_SOURCES if source.matches(spec)), None)
+    if source is None:
         raise CtkError(f"unknown model {spec!r}: use {VALID_SPECS}")
+    loaded = source.load(spec, request)
     if weights is not None:
         loaded.notes.extend(load_safetensors_weights(loaded.named_module, weights, f"--weights {weights}", num_classes))
     loaded.module.eval()
@@ -105,7 +135,7 @@ def _load_digits_resnet(
         example = dataset.x_test[: shape[0]].clone()
     else:
         example = random_input(shape, torch.rand)
-    return LoadedModel(DEFAULT_SPEC, module, (example,), dataset)
+    return LoadedModel(DEFAULT_SPEC, module, (example,))
 
 
 def _load_torchvision(spec: str, input_shape: tuple[int, ...], num_classes: int | None) -> LoadedModel:
@@ -121,7 +151,7 @@ def _load_torchvision(spec: str, input_shape: tuple[int, ...], num_classes: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
         module = torchvision.models.get_model(name, weights=None, **_classes(num_classes))
-    return LoadedModel(spec, module, (random_input(input_shape),), None)
+    return LoadedModel(spec, module, (random_input(input_shape),))
 
 
 def _load_timm(spec: str, input_shape: tuple[int, ...] | None, num_classes: int | None) -> LoadedModel:
@@ -136,7 +166,7 @@ def _load_timm(spec: str, input_shape: tuple[int, ...] | None, num_classes: int 
         torch.manual_seed(INIT_SEED)
         module = timm.create_model(name, pretrained=False, **_classes(num_classes))
     shape = input_shape or (1, *module.pretrained_cfg.get("input_size", DEFAULT_IMAGE_SHAPE[1:]))
-    return LoadedModel(spec, module, (random_input(tuple(shape)),), None)
+    return LoadedModel(spec, module, (random_input(tuple(shape)),))
 
 
 def _classes(num_classes: int | None) -> dict[str, int]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import compile_toolkit as ctk
-from compile_toolkit.models import load_model
+from compile_toolkit.models import load_digits_dataset, load_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,7 +29,7 @@ def readme_block(first_import: str) -> str:
 def namespace() -> dict[str, object]:
     """What the examples take as given: a model, its example inputs and calibration batches."""
     loaded = load_model()
-    train = loaded.dataset.x_train[:64]
+    train = load_digits_dataset().x_train[:64]
     return {"model": loaded.module, "example_inputs": loaded.example_inputs,
             "batches": [(batch,) for batch in train.split(32)]}
 
@@ -78,7 +78,7 @@ def digits_scope(code: str) -> dict[str, object]:
     import torch.nn.functional as F
 
     loaded = load_model()
-    full = loaded.dataset  # a quarter of it where a fragment trains (the recipe's schedule needs the steps)
+    full = load_digits_dataset()  # a quarter of it where a fragment trains (the recipe's schedule needs the steps)
     data = full if "recipe" in code else dataclasses.replace(full, x_train=full.x_train[:320], y_train=full.y_train[:320],
                                x_test=full.x_test[:128], y_test=full.y_test[:128])
     model = loaded.module.train()

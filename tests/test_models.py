@@ -72,7 +72,7 @@ def test_split_is_fixed_and_stratified() -> None:
 
 def test_default_model_reaches_recorded_accuracy(default_model: LoadedModel) -> None:
     recorded = json.loads((MODELS_DIR / "digits_resnet.json").read_text())
-    data = default_model.dataset
+    data = load_digits_dataset()
     assert default_model.name == "digits-resnet" and not default_model.module.training
     with torch.no_grad():
         predicted = default_model.module(data.x_test).argmax(dim=1)
@@ -97,7 +97,7 @@ def test_torchvision_spec_builds_resnet18() -> None:
     loaded = load_model("torchvision:resnet18", input_shape=(2, 3, 64, 64))
     with torch.no_grad():
         out = loaded.module(*loaded.example_inputs)
-    assert out.shape == (2, 1000) and loaded.dataset is None
+    assert out.shape == (2, 1000)
     again = load_model("torchvision:resnet18", input_shape=(2, 3, 64, 64))
     assert torch.equal(again.module.fc.weight, loaded.module.fc.weight)
 
@@ -157,7 +157,7 @@ def test_bad_weights_are_named(tmp_path: Path, kind: str, message: str) -> None:
 
 
 BAD_SPECS = [
-    ("resnet9000", {}, r"unknown model 'resnet9000': use 'digits-resnet', 'smollm2-135m', 'torchvision:<name>'"),
+    ("resnet9000", {}, r"unknown model 'resnet9000': use 'digits-resnet', 'torchvision:<name>', 'timm:<name>'"),
     ("{file}", {}, r"unknown model '.*my_model\.py': use"),
     ("torchvision:resnet9000", {}, r"unknown torchvision model 'resnet9000'.*list_models\(\)"),
     ("{dir}/nope.py:build", {"input_shape": (1, 6)}, r"model file not found: .*nope\.py"),

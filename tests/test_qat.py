@@ -18,7 +18,7 @@ from test_train import TINY_MODEL
 
 from compile_toolkit.cli import main
 from compile_toolkit.errors import CtkError
-from compile_toolkit.models import load_model
+from compile_toolkit.models import load_digits_dataset, load_model
 from compile_toolkit.quantize import QuantConfig, qat, quantize
 from compile_toolkit.training import TrainConfig, load_checkpoint, train
 
@@ -95,7 +95,7 @@ def test_int8_onnx_of_a_qat_run_takes_the_learned_ranges(runs):
     assert "Input ranges of 8 tensors from quantization-aware training" in (runs["qat"] / "out" / "report.md").read_text()
     assert "quantization-aware" not in (runs["ptq"] / "out" / "report.md").read_text()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    digits = load_model("digits-resnet").dataset
+    digits = load_digits_dataset()
     logits = session.run(None, {session.get_inputs()[0].name: digits.x_test.numpy()})[0]
     accuracy = float((logits.argmax(1) == digits.y_test.numpy()).mean())
     assert accuracy == pytest.approx(_report(runs["qat"])["quantization"]["models"]["int8_stripped"]["accuracy"])
@@ -103,7 +103,7 @@ def test_int8_onnx_of_a_qat_run_takes_the_learned_ranges(runs):
 
 def test_fake_quantization_changes_the_output_and_its_ranges_move_only_in_training():
     loaded = load_model("digits-resnet")
-    model, x = loaded.module.eval(), loaded.dataset.x_train[:64]
+    model, x = loaded.module.eval(), load_digits_dataset().x_train[:64]
     with torch.no_grad():
         reference = model(x)
         assert qat.prepare_qat(model) == LAYERS
@@ -150,7 +150,7 @@ def test_bad_qat_options_are_one_clear_error(tmp_path, capsys, argv, needle):
 
 def test_learned_ranges_of_another_model_and_bad_ranges_are_errors(runs, tmp_path):
     float_path = str(runs["qat"] / "out" / "model.onnx")
-    batches = [(load_model("digits-resnet").dataset.x_train[:8],)]
+    batches = [(load_digits_dataset().x_train[:8],)]
     with pytest.raises(CtkError, match=r"none of the 2 layers \(encoder.0, encoder.1, ...\) is a Conv/Gemm/MatMul"):
         quantize(float_path, str(tmp_path / "q.onnx"), batches,
                  QuantConfig().with_ranges({"encoder.0": (0.0, 1.0), "encoder.1": (0.0, 2.0)}))

@@ -14,7 +14,7 @@ import torch
 
 import compile_toolkit as ctk
 from compile_toolkit.cli import main
-from compile_toolkit.models import load_model
+from compile_toolkit.models import load_digits_dataset, load_model
 from compile_toolkit.quantize import Metric, QuantConfig, accuracy_metric, onnx_int8, quantize
 from compile_toolkit.quantize import job as quantize_job
 
@@ -31,7 +31,7 @@ def int8_job(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_model("digits-resnet").dataset
+    return load_digits_dataset()
 
 
 def _calibration(digits, count: int = 64) -> list[tuple[torch.Tensor]]:

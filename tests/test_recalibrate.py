@@ -9,7 +9,7 @@ from torch import nn
 
 from compile_toolkit.errors import CtkError
 from compile_toolkit.metrics import accuracy
-from compile_toolkit.models import load_model
+from compile_toolkit.models import load_digits_dataset, load_model
 from compile_toolkit.pruning import GradualSchedule, Sparsifier, recalibrate_batchnorm
 
 
@@ -66,7 +66,7 @@ def test_tuple_batches_and_errors():
 
 def test_pruned_digits_recovers():
     loaded = load_model()
-    model, data = loaded.module, loaded.dataset
+    model, data = loaded.module, load_digits_dataset()
     sparsifier = Sparsifier(model, GradualSchedule.one_shot(0.8), method="magnitude", ignore=("stem.*",))
     sparsifier.update(0)
     stale = accuracy(model, data.x_test, data.y_test)

@@ -14,7 +14,7 @@ import compile_toolkit as ctk
 from compile_toolkit.capture import capture
 from compile_toolkit.channels import analyze
 from compile_toolkit.errors import VerificationError
-from compile_toolkit.models import load_model
+from compile_toolkit.models import load_digits_dataset, load_model
 from compile_toolkit.passes.base import GraphPass, PassResult
 from compile_toolkit.passes.manager import PassManager
 from compile_toolkit.passes.verify import sample_inputs
@@ -36,7 +36,7 @@ def test_default_model_prune_then_strip_is_exact_and_removes_pruned_channels():
     for group in report.groups:
         assert kept_by_group[tuple(group["carriers"])] == group["channels"] - group["pruned"]
     with torch.no_grad():
-        for batch in (x, loaded.dataset.x_test[:100], torch.rand(3, 1, 8, 8)):
+        for batch in (x, load_digits_dataset().x_test[:100], torch.rand(3, 1, 8, 8)):
             assert rel_error(model(batch), stripped(batch)) < 1e-5
     assert n_params(stripped) < 0.4 * n_params(model)
     # the classifier's input features follow the flatten: 4 features per kept channel
@@ -196,7 +196,7 @@ def test_torch_nn_utils_prune_masks_are_found_and_stripped():
     assert params["down.conv2.0.weight_orig"].shape[1] == 48
     assert dict(stripped.named_buffers())["fc2.weight_mask"].shape == (10, 32)
     with torch.no_grad():
-        batch = loaded.dataset.x_test[:64]
+        batch = load_digits_dataset().x_test[:64]
         assert rel_error(model(batch), stripped(batch)) < 1e-5
 
 

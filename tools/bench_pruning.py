@@ -51,7 +51,7 @@ from torch import nn
 import compile_toolkit as ctk
 from compile_toolkit.errors import CtkError
 from compile_toolkit.metrics import accuracy, count_flops
-from compile_toolkit.models import LoadedModel, load_model
+from compile_toolkit.models import LoadedModel, load_digits_dataset, load_model
 from compile_toolkit.pruning import (
     GradualSchedule,
     Masks,
@@ -73,14 +73,14 @@ ACCURACY_KEYS = ("one_shot", "recalibrated", "short", "accuracy")
 
 
 def test_accuracy(module: nn.Module, loaded: LoadedModel) -> float:
-    return accuracy(module, loaded.dataset.x_test, loaded.dataset.y_test)
+    return accuracy(module, load_digits_dataset().x_test, load_digits_dataset().y_test)
 
 
 def stages(model: nn.Module, loaded: LoadedModel, masks: Masks, epochs: int, short_epochs: int) -> dict:
     """Test accuracy of the just-pruned ``model``: as is, after batch-norm re-estimation, after
     ``short_epochs`` of fine-tuning (both on copies), then ``model`` itself is fine-tuned ``epochs``
     (the caller measures it, possibly stripped). Each fine-tuning starts from the pruned weights."""
-    data = loaded.dataset
+    data = load_digits_dataset()
     result = {"one_shot": test_accuracy(model, loaded)}
     recalibrated = copy.deepcopy(model)
     recalibrate_batchnorm(recalibrated, data.x_train[:RECAL_IMAGES].split(RECAL_BATCH))
@@ -95,7 +95,8 @@ def stages(model: nn.Module, loaded: LoadedModel, masks: Masks, epochs: int, sho
 def taylor_calibration(loaded: LoadedModel) -> Callable[[nn.Module], torch.Tensor]:
     """Cross-entropy on the first training images: Taylor scores a channel by the first-order
     change of this loss when the channel is zeroed."""
-    x, y = loaded.dataset.x_train[:TAYLOR_IMAGES], loaded.dataset.y_train[:TAYLOR_IMAGES]
+    digits = load_digits_dataset()
+    x, y = digits.x_train[:TAYLOR_IMAGES], digits.y_train[:TAYLOR_IMAGES]
     return lambda model: nn.functional.cross_entropy(model(x), y)
 
 

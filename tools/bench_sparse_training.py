@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from compile_toolkit.models import load_model
+from compile_toolkit.models import load_digits_dataset, load_model
 from compile_toolkit.pruning import GradualSchedule, Sparsifier
 
 TARGET_OVERHEAD = 0.05
@@ -73,7 +73,7 @@ def timed(run: Callable[[], None]) -> float:
 
 def bench(args: argparse.Namespace) -> dict:
     """Alternate dense and sparse rounds of ``args.steps`` steps over the same batches."""
-    dataset = load_model().dataset
+    dataset = load_digits_dataset()
     total = (args.rounds + 1) * args.steps  # +1: the warm-up round
     schedule = GradualSchedule(final_sparsity=args.sparsity, start_step=0, end_step=total - 1, frequency=args.frequency)
     dense, sparse = Trainer(None), Trainer(schedule)

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 from ..capture import Inputs
 from ..errors import CtkError
 from ..exporters.artifact import Artifact
 from ..metrics import compare_latency_many
 from ..models import LoadedModel
+from ..tasks import Classify
 from ..workload import OnnxRuntimeModel, Workload, positional
 from .config import QuantConfig
 from .evaluate import accuracy_metric, deviation
@@ -25,11 +27,8 @@ CALIBRATION_BATCH = 8
 
 
 def calibration_batches(loaded: LoadedModel, work: Workload | None = None) -> list[Inputs]:
-    """The model inputs of the first :data:`CALIBRATION_IMAGES` training samples in batches: of the
-    built-in data set, else of the ``--data`` workload; CtkError for a model with neither."""
-    if loaded.dataset is not None:
-        x = loaded.dataset.x_train[:CALIBRATION_IMAGES]
-        return [(batch,) for batch in x.split(CALIBRATION_BATCH)]
+    """The model inputs of the first :data:`CALIBRATION_IMAGES` training samples of the workload
+    (``--data``, or the model's default data), in batches; CtkError for a model without data."""
     if work is None:
         raise CtkError(f"--quantize int8 needs calibration data: --model {loaded.name!r} has no built-in data "
                        "set (digits-resnet has); give --data, or use the Python API, ctk.export(..., "
@@ -38,13 +37,24 @@ def calibration_batches(loaded: LoadedModel, work: Workload | None = None) -> li
     return list(zip(*(c.split(CALIBRATION_BATCH) for c in columns), strict=True))
 
 
+def labelled_images(work: Workload | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The validation images and labels of a classification workload held as two tensors (the
+    built-in digits; a ``file.py:factory`` returning ``TensorDataset``\\ s): int8 is judged by
+    top-1 accuracy on them in ONNX Runtime, in large batches. None for any other workload."""
+    val = work.splits.val if work is not None else None
+    if isinstance(val, TensorDataset) and len(val.tensors) == 2 and isinstance(work.task, Classify):
+        return val.tensors[0], val.tensors[1]
+    return None
+
+
 def export_options(loaded: LoadedModel, config: QuantConfig,
                    work: Workload | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``export()`` keywords for the stripped model (held to the limit) and the dense one
     (ONNX only, measured for comparison: its drop does not fail the job). Judged by test accuracy
-    on the built-in data set, else (``--data``) by output cosine to float on the calibration batches."""
+    on labelled images held in memory (the digits), else by output cosine to float on the calibration batches."""
     batches = calibration_batches(loaded, work)
-    metric = accuracy_metric(loaded.dataset.x_test, loaded.dataset.y_test) if loaded.dataset is not None else None
+    labelled = labelled_images(work)
+    metric = accuracy_metric(*labelled) if labelled is not None else None
     stripped = {"quantize": config, "calibration": batches, "metric": metric}
     # The dense model has the starting weights: ranges learned by quantization-aware training are not its own.
     dense = {"quantize": config.with_(max_metric_drop=None, pt2=False, activation_ranges=()), "calibration": batches,
@@ -64,12 +74,13 @@ def section(artifacts: list[Artifact], dense_artifacts: list[Artifact], staging:
              "int8_dense": dense_by_format["onnx-int8"].path, "float_dense": dense_by_format["onnx"].path}
     floats = {"float_stripped": paths["float_stripped"], "int8_stripped": paths["float_stripped"],
               "int8_dense": paths["float_dense"], "float_dense": paths["float_dense"]}
-    if loaded.dataset is not None:
-        x, y = loaded.dataset.x_test, loaded.dataset.y_test
+    labelled = labelled_images(work)
+    if labelled is not None:
+        x, y = labelled
         test, first = [(x[i:i + 512],) for i in range(0, len(x), 512)], (x,)
         accuracy = accuracy_metric(x, y)
         scores = {name: accuracy.score(path) / 100 for name, path in paths.items()}
-        metric = {"name": "top1", "split": "test"}
+        metric = {"name": "top1", "split": "validation"}
     else:  # the --data workload; embeddings are compared with the float model's (the dense of each)
         test = [positional(batch) for batch in work.val_loader()]
         first = test[0]

@@ -5,7 +5,7 @@ they train the same function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,8 +49,7 @@ def build_parts(config: TrainConfig) -> RunParts:
         assert found is not None
         return RunParts(loaded, found)
     loaded = _digits_model(config)
-    assert loaded.dataset is not None
-    workload = digits_workload(loaded.dataset)
+    workload = digits_workload(load_digits_dataset())
     _check_fits(config, loaded, workload)
     return RunParts(loaded, workload)
 
@@ -116,9 +115,8 @@ def _digits_model(config: TrainConfig) -> LoadedModel:
     if config.model.split(":", 1)[0] in ("torchvision", "timm", "hf"):
         raise CtkError(f"--model {config.model!r} trains on your data: give --data (an image folder, text files or "
                        "file.py:factory returning (train, val) data sets)")
-    dataset = load_digits_dataset()
-    loaded = load_model(config.model, config.weights, config.input_shape or (DIGITS_EXAMPLE_BATCH, *dataset.x_train.shape[1:]))
-    return replace(loaded, dataset=dataset)
+    shape = config.input_shape or (DIGITS_EXAMPLE_BATCH, *load_digits_dataset().x_train.shape[1:])
+    return load_model(config.model, config.weights, shape)
 
 
 def _check_fits(config: TrainConfig, loaded: LoadedModel, workload: Workload) -> None:
