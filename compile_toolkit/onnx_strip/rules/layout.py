@@ -104,8 +104,9 @@ class Transpose(OnnxRule):
 
 class Regroup(OnnxRule):
     """A reshape of input 0 into the node's output shape (``Flatten``, ``Squeeze``, ``Unsqueeze``;
-    :class:`Reshape` adds its target constant). See the module docstring for the pairings, and
-    :meth:`_carrier` and :meth:`_rows_alike` for the merges and splits of attention's heads."""
+    :class:`Reshape` adds its target constant). See the module docstring for the pairings,
+    :meth:`_carrier` and :meth:`_rows_alike` for the merges and splits of attention's heads, and
+    :func:`_outer_sizes` for a run of several dims into several (a decomposed GroupNorm's)."""
 
     def _dst(self, ctx: OnnxContext, node: ir.Node) -> Shape:
         return ctx.out_shape(node)
@@ -120,13 +121,21 @@ class Regroup(OnnxRule):
         carried = {} if runs is None else {tuple(gi): c for gi, gj in runs
                                            if (c := self._carrier(ctx, dims, src, dst, gi, gj)) is not None}
         splits = {tuple(gj): gi for gi, gj in runs or []}
-        rest = None if runs is None else [(gi, gj) for gi, gj in runs if tuple(gi) not in carried]
+        divided = [(gi, gj) for gi, gj in runs or [] if _outer_sizes(src, dst, gi, gj) is not None]
+        rest = None if runs is None else [(gi, gj) for gi, gj in runs
+                                          if tuple(gi) not in carried and (gi, gj) not in divided]
         out = regroup_atoms(ctx, dims, src, dst, rest, reason,
                             lambda gj: _rows_alike(dims[splits[tuple(gj)][0]], dst, gj) or _shuffled(node, gj)
                             or _unpacked(node.outputs[0], gj[0]))
         for (gi, gj) in runs or []:
             if tuple(gi) in carried:
                 out[gj[0]] = _merged_atoms(ctx, dims, src, gi, carried[tuple(gi)], reason)
+        for gi, gj in divided:
+            out[gj[0]] = _divided_atoms(ctx, dims[gi[0]], _outer_sizes(src, dst, gi, gj), reason)
+            for k in gi[1:]:
+                ctx.pin(dims[k], reason)
+            for k in gj[1:]:
+                out[k] = ctx.fresh(dst[k], reason)
         return [out]
 
     @staticmethod
@@ -143,8 +152,15 @@ class Regroup(OnnxRule):
         return live[0] if len(live) == 1 and live[0] != gi[0] else None
 
     def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
-        src, dst = ctx.shape(node, 0), self._dst(ctx, node)
-        return [regroup_zeros(ctx.zeros(node, 0), src, dst, self._runs(ctx, node))]
+        src, dst, zeros = ctx.shape(node, 0), self._dst(ctx, node), ctx.zeros(node, 0)
+        runs = self._runs(ctx, node)
+        out = regroup_zeros(zeros, src, dst, runs)
+        for gi, gj in runs or []:  # a block of outer indices is zero where each is; a part of one where it is
+            sizes = _outer_sizes(src, dst, gi, gj)
+            if sizes is not None and zeros[gi[0]] is not None:
+                a, b = sizes
+                out[gj[0]] = zeros[gi[0]].reshape(b, -1).all(1) if a > b else np.repeat(zeros[gi[0]], b // a)
+        return [out]
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
         if dead_throughout(ctx, node):
@@ -157,7 +173,37 @@ class Regroup(OnnxRule):
                 grid = out_dead[gj[0]].reshape([src[k] for k in gi])
                 for axis, k in enumerate(gi):
                     masks[k] = grid.all(axis=tuple(a for a in range(len(gi)) if a != axis))
+            sizes = _outer_sizes(src, dst, gi, gj)
+            if sizes is not None and out_dead[gj[0]] is not None:
+                a, b = sizes
+                masks[gi[0]] = np.repeat(out_dead[gj[0]], a // b) if a > b else out_dead[gj[0]].reshape(a, -1).all(1)
         ctx.mark_dead(node, 0, masks)
+
+
+def _outer_sizes(src: Shape, dst: Shape, gi: list[int], gj: list[int]) -> tuple[int, int] | None:
+    """The outer dims' sizes ``(a, b)`` of a run of several static dims into several, where one
+    divides the other: a decomposed GroupNorm's ``[N, C, H, W] -> [N, G, C/G * H * W]`` (``a = C``,
+    ``b = G``) and its way back. Row-major, output index ``j`` of the outer dim holds input
+    indices ``j * a/b`` to ``(j + 1) * a/b`` where ``a > b`` (a group of channels: coupled into one
+    atom, as a split couples each block), and is part of input index ``j // (b/a)`` where ``b > a``
+    (each channel of a group: the group's atom repeated, as a merge repeats it); the inner dims of
+    both are pinned. ``None`` for any other run (:func:`~compile_toolkit.channels.shapes.regroup_atoms`
+    pins it whole)."""
+    if len(gi) < 2 or len(gj) < 2 or None in [src[k] for k in gi] + [dst[k] for k in gj]:
+        return None
+    a, b = src[gi[0]], dst[gj[0]]
+    return (a, b) if a != b and (a % b == 0 or b % a == 0) else None
+
+
+def _divided_atoms(ctx: OnnxContext, atoms: np.ndarray, sizes: tuple[int, int], reason: str) -> np.ndarray:
+    """The outer output dim's atoms of a run :func:`_outer_sizes` pairs."""
+    a, b = sizes
+    if b > a:
+        return np.repeat(atoms, b // a)
+    blocks = atoms.reshape(b, a // b)
+    for col in range(1, blocks.shape[1]):
+        ctx.join(blocks[:, 0], blocks[:, col], reason)
+    return blocks[:, 0].copy()
 
 
 def _match_ends(src: Shape, dst: Shape) -> Runs | None:
@@ -286,10 +332,12 @@ class Reshape(Regroup):
 
     def _dst(self, ctx: OnnxContext, node: ir.Node) -> Shape:
         """The output shape, with the sizes shape inference left symbolic that the target gives
-        (``Concat(Shape(x)[0], [-1])``: the ``-1`` is what the batch leaves)."""
+        (``Concat(Shape(x)[0], [-1])``: the ``-1`` is what the batch leaves; a known entry where
+        inference lost the input's shape, as after a ``Slice`` whose bounds are computed)."""
         out = ctx.out_shape(node)
-        inferred = _reshaped(ctx, node, self._target(ctx, node)) if None in out else None
-        return out if inferred is None else [i if o is None else o for o, i in zip(out, inferred, strict=True)]
+        if None not in out:
+            return out
+        return [i if o is None else o for o, i in zip(out, _reshaped(ctx, node, self._target(ctx, node)), strict=True)]
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
         target = self._target(ctx, node)
@@ -389,11 +437,11 @@ def _check_followed(node: ir.Node, change: ShapeChange) -> None:
                              f"its dims: entry {d} would be {size if known else 'symbolic'} after the strip, not {new[d]}")
 
 
-def _reshaped(ctx: OnnxContext, node: ir.Node, target: Sizes) -> Shape | None:
+def _reshaped(ctx: OnnxContext, node: ir.Node, target: Sizes) -> Shape:
     """The shape a ``Reshape`` target gives its input: a size as written, a ``0`` copying the
-    input's dim, an entry read from a symbolic dim as that dim, and the ``-1`` as what the others
-    leave, where the entries' symbolic dims are the input's (by name, as shape inference names
-    them); ``None`` where they are not."""
+    input's dim, and the ``-1`` as what the others leave where the entries read from symbolic
+    dims are the input's symbolic dims (by name, as shape inference names them); ``None`` for
+    the sizes that are not known so (an entry read from a symbolic dim, a ``-1`` among them)."""
     src, x = ctx.shape(node, 0), node.inputs[0]
     copies = not attr_int(node, "allowzero", 0)
     out: Shape = []
@@ -408,18 +456,14 @@ def _reshaped(ctx: OnnxContext, node: ir.Node, target: Sizes) -> Shape | None:
             symbols += [_symbol(x, j)] if src[j] is None else []
         elif known:
             out.append(int(size))
-        elif len(sources) == 1:
-            symbols.append(_symbol(*next(iter(sources))))
-            out.append(None)
         else:
-            return None
-    if None in symbols or sorted(symbols) != sorted(_symbol(x, d) for d, s in enumerate(src) if s is None):
-        return None
-    if rest is not None:
+            symbols.append(_symbol(*next(iter(sources))) if len(sources) == 1 else None)
+            out.append(None)
+    same = None not in symbols and sorted(symbols) == sorted(_symbol(x, d) for d, s in enumerate(src) if s is None)
+    if rest is not None and same:
         total, given = math.prod(s for s in src if s is not None), math.prod(s for s in out if s is not None)
-        if not given or total % given:
-            return None
-        out[rest] = total // given
+        if given and not total % given:
+            out[rest] = total // given
     return out
 
 
