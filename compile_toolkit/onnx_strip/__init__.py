@@ -13,10 +13,14 @@ a key/value head and the query heads that read it are one channel) carry it, ``M
 activations (``q @ k^T``, ``p @ v``: :mod:`.rules.products`) keeps each head a batch slice,
 ``Softmax`` pins only the keys it normalises over, and the merging ``Reshape`` hands the heads to
 the output projection. A head goes when it is zero or nobody reads it (a zero value head makes
-its queries and keys dead). Not followed, so named barriers: targets computed from ``Shape``
-through ``Equal``/``Where``/``ConstantOfShape`` (the TorchScript exporter's grouped-query repeat:
-the heads stay, the MLP neurons still go), batch-and-head merges with a symbolic batch, and fused
-attention ops (``com.microsoft`` ``Attention``/``MultiHeadAttention``, opset 23 ``Attention``).
+its queries and keys dead). The TorchScript exporter's forms are followed too: the grouped-query
+repeat's target computed through ``Equal``/``Where``/``ConstantOfShape``, a head merge whose
+``-1`` only the output projection's features tell (``reshape(*input_shape, -1)``), Swin's
+window attention (``Pad`` to whole windows, a fused ``qkv`` unpacked by ``Gather``, head reshapes
+whose targets are written as constants where their computed entries would not follow), and
+MaxViT's ``Einsum``. Not followed, so named barriers: batch-and-head merges with a symbolic
+batch, and fused attention ops (``com.microsoft`` ``Attention``/``MultiHeadAttention``, opset 23
+``Attention``).
 """
 
 from .strip import OnnxStripSummary, strip_onnx

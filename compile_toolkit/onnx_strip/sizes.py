@@ -30,7 +30,8 @@ from .evaluate import run_alone
 
 MOVES = {"Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Identity", "Flatten", "Expand", "Tile", "Transpose",
          "Concat"}  # each output entry is one entry of the moved inputs
-ARITHMETIC = {"Add", "Sub", "Mul", "Div", "Mod", "Max", "Min", "Neg", "Abs", "Floor", "Ceil", "Cast"}  # elementwise
+ARITHMETIC = {"Add", "Sub", "Mul", "Div", "Mod", "Max", "Min", "Neg", "Abs", "Floor", "Ceil", "Cast",
+              "Equal", "Where"}  # elementwise (``Where(Equal(s, -1), 1, s)``: how TorchScript's expand reads sizes)
 LARGEST = 64  # entries: a larger value is a tensor, not a shape
 
 
@@ -93,11 +94,15 @@ def _resized(ctx: OnnxContext, value: ir.Value, shape_of: Callable[[Key], Shape]
 
 
 def _shape_sizes(ctx: OnnxContext, node: ir.Node) -> Sizes:
+    """The sizes a ``Shape`` node reads. The length of a value that is itself computed from sizes
+    (``ConstantOfShape(Shape(target))``: TorchScript's ``expand`` reads its target's length) is a
+    rank, which no strip changes: read from no dim."""
     key = ctx.key(node, 0)
     shape = ctx.shapes[key]
     read = list(shape_read(node, len(shape)))
     sources = np.empty(len(read), dtype=object)
-    sources[:] = [frozenset({(key, d)}) for d in read]  # a symbolic dim has no atoms to pin, but a name
+    rank_only = key in ctx.sizes
+    sources[:] = [frozenset() if rank_only else frozenset({(key, d)}) for d in read]  # a symbolic dim: a name
     known = np.array([shape[d] is not None for d in read], dtype=bool)
     return Sizes(np.array([shape[d] or 0 for d in read], dtype=np.int64), known, sources)
 

@@ -142,7 +142,19 @@ class Expand(OnnxRule):
     sizes_read = (1,)
 
     def _shape(self, ctx: OnnxContext, node: ir.Node) -> list[int | None]:
-        return broadcast_shape(ctx, node, [0])
+        """The output's sizes, where shape inference left one symbolic: ``x``'s where it is not 1
+        (the target can only keep it), else the target's entry where it is known (a size-1 dim
+        of ``x`` takes it; a symbolic one broadcast against a size other than 1 is that size)."""
+        shape, x = list(ctx.out_shape(node)), ctx.shape(node, 0)
+        entries = _known_entries(ctx, node, 1)
+        for d in range(len(shape)):
+            k, j = d - (len(shape) - len(x)), d - (len(shape) - len(entries))
+            size, wanted = x[k] if k >= 0 else 1, entries[j] if j >= 0 else None
+            if shape[d] is None and size not in (None, 1):
+                shape[d] = size
+            elif shape[d] is None and wanted is not None and (wanted != 1 or size == 1):
+                shape[d] = wanted
+        return shape
 
     def couple(self, ctx: OnnxContext, node: ir.Node) -> list[Dims]:
         shape = self._shape(ctx, node)
@@ -192,6 +204,17 @@ class Expand(OnnxRule):
                 array[j] = new[d]
         if not np.array_equal(array, target):
             change.set_constant(1, array)
+
+
+def _known_entries(ctx: OnnxContext, node: ir.Node, index: int) -> list[int | None]:
+    """A small integer input's entries: a constant's, or those of a value computed from sizes
+    that are known (:mod:`..sizes`; ``None`` for the others); no entries for anything else."""
+    value = node.inputs[index]
+    if value in ctx.sizes:
+        sizes = ctx.sizes[value]
+        return [int(v) if k else None for v, k in zip(sizes.values.ravel(), sizes.known.ravel(), strict=True)]
+    array = ctx.array(node, index)
+    return [] if array is None else [int(v) for v in array.ravel()]
 
 
 def _same_atoms(ctx: OnnxContext, source: tuple[object, int], atoms: np.ndarray) -> bool:

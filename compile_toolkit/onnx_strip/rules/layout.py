@@ -21,7 +21,7 @@ from ...channels.context import mask
 from ...channels.rules.base import copy_facts, full, normalize_dim
 from ...channels.shapes import Runs, match_dims, regroup_atoms, regroup_dead, regroup_zeros
 from ...channels.solve import DimFacts, Dims
-from ..context import NotCovered, OnnxContext, Shape, Sizes, describe, leaf_constant
+from ..context import NotCovered, OnnxContext, Shape, Sizes, describe, leaf_constant, value_shape
 from ..sizes import pin_sources
 from .base import OnnxRule, ShapeChange, attr_int, attr_ints, dead_throughout
 
@@ -109,7 +109,13 @@ class Regroup(OnnxRule):
     :func:`_outer_sizes` for a run of several dims into several (a decomposed GroupNorm's)."""
 
     def _dst(self, ctx: OnnxContext, node: ir.Node) -> Shape:
-        return ctx.out_shape(node)
+        """The output's sizes, where shape inference left some symbolic (an input whose shape it
+        lost, as after an ``Add`` with a computed operand), from the input's and the op's axes."""
+        out = ctx.out_shape(node)
+        if None not in out:
+            return out
+        derived = _regrouped(ctx, node)
+        return out if derived is None else [d if o is None else o for o, d in zip(out, derived, strict=True)]
 
     def _runs(self, ctx: OnnxContext, node: ir.Node) -> Runs | None:
         return _match_ends(ctx.shape(node, 0), self._dst(ctx, node))
@@ -204,6 +210,28 @@ def _divided_atoms(ctx: OnnxContext, atoms: np.ndarray, sizes: tuple[int, int], 
     for col in range(1, blocks.shape[1]):
         ctx.join(blocks[:, 0], blocks[:, col], reason)
     return blocks[:, 0].copy()
+
+
+def _regrouped(ctx: OnnxContext, node: ir.Node) -> Shape | None:
+    """The output shape of ``Unsqueeze``, ``Squeeze`` (with axes) or ``Flatten`` from its input's
+    (``None`` where the axes are not constants, or for another op)."""
+    src, rank = ctx.shape(node, 0), len(ctx.out_shape(node))
+    if node.op_type == "Flatten":
+        axis = normalize_dim(attr_int(node, "axis", 1), len(src))
+        sizes = [src[:axis], src[axis:]]
+        return [None if None in part else math.prod(part) for part in sizes]
+    axes = attr_ints(node, "axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        array = ctx.array(node, 1)
+        axes = None if array is None else [int(a) for a in array.ravel()]
+    if axes is None or node.op_type not in ("Unsqueeze", "Squeeze"):
+        return None
+    if node.op_type == "Squeeze":
+        dropped = {normalize_dim(a, len(src)) for a in axes}
+        return [size for d, size in enumerate(src) if d not in dropped]
+    inserted = {normalize_dim(a, rank) for a in axes}
+    rest = iter(src)
+    return [1 if d in inserted else next(rest) for d in range(rank)]
 
 
 def _match_ends(src: Shape, dst: Shape) -> Runs | None:
@@ -464,7 +492,28 @@ def _reshaped(ctx: OnnxContext, node: ir.Node, target: Sizes) -> Shape:
         total, given = math.prod(s for s in src if s is not None), math.prod(s for s in out if s is not None)
         if given and not total % given:
             out[rest] = total // given
+    elif rest == len(out) - 1:
+        out[rest] = _required_features(node.outputs[0])
     return out
+
+
+def _required_features(value: ir.Value) -> int | None:
+    """The size of ``value``'s last dim that a reader multiplying it by a matrix of static shape
+    requires (``MatMul``, ``Gemm``: the inner dims must agree, so the model runs only where it is
+    that size): how a head-merging ``attn.reshape(*input_shape, -1)`` whose batch is read from
+    another tensor than the one reshaped (the TorchScript export of transformers' attention) is
+    known to give the output projection's features. ``None`` where no reader says so."""
+    for use in value.uses():
+        user = use.node
+        if use.idx != 0 or user.domain not in ("", "ai.onnx") or user.op_type not in ("MatMul", "Gemm"):
+            continue
+        matrix = value_shape(user.inputs[1])
+        if matrix is None or len(matrix) != 2 or (user.op_type == "Gemm" and attr_int(user, "transA", 0)):
+            continue
+        inner = matrix[1] if user.op_type == "Gemm" and attr_int(user, "transB", 0) else matrix[0]
+        if inner is not None:
+            return inner
+    return None
 
 
 def _symbol(key: object, dim: int) -> str | None:
