@@ -191,3 +191,47 @@ def test_a_head_only_partly_zero_is_kept(tmp_path, dynamo):
     weights = product_weights(tmp_path / "small.onnx")
     assert weights[(64, 48)] == 3 and weights[(48, 64)] == 1  # layer 0: 3 heads of 16 kept
     assert summary.parameters_before - summary.parameters_after == 3 * (64 * 16 + 16) + 16 * 64
+
+
+def window_attention(parts: range) -> nn.Module:
+    """torchvision's Swin window attention, 16 features in 4 heads of 4, windows of 4 x 4 shifted
+    by 2, head 1 zeroed in the ``parts`` of its fused ``qkv`` projection (0: q, 1: k, 2: v)."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    torch.manual_seed(0)
+    model = ShiftedWindowAttention(16, [4, 4], [2, 2], num_heads=4).eval()
+    with torch.no_grad():
+        for part in parts:
+            model.qkv.weight[part * 16 + 4:part * 16 + 8] = 0
+            model.qkv.bias[part * 16 + 4:part * 16 + 8] = 0
+    return model
+
+
+@pytest.mark.parametrize("parts, removed", [(range(3), 1), (range(2), 0)], ids=["whole-head", "value-kept"])
+def test_swin_window_attention_loses_a_zero_head_at_any_batch(tmp_path, parts, removed):
+    """The TorchScript export pads to whole windows (``Pad`` computed from sizes), unpacks the fused
+    ``qkv`` with ``Gather`` and splits the batch into batch and windows for the shift mask; a head
+    zero in q, k and v goes as in ``ctk.strip`` (its rows of ``qkv``, its column of the position
+    bias, its columns of ``proj``), the head reshapes' targets written as constants that run at
+    another batch too. A head whose values are not zero is kept (positive control)."""
+    import numpy as np
+    import onnxruntime
+
+    model, x = window_attention(parts), torch.randn(2, 8, 8, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(tmp_path / "swin.onnx"), dynamo=False, do_constant_folding=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    summary = strip_onnx(tmp_path / "swin.onnx", tmp_path / "small.onnx", latency=False)
+    stripped = ctk.strip(model, (x,))
+    assert summary.max_relative_error <= 1e-5 and summary.channels_removed == removed
+    shapes = {t.name: tuple(t.dims) for t in onnx.load(str(tmp_path / "small.onnx")).graph.initializer}
+    expected = {"qkv.weight": (48 - 12 * removed, 16), "qkv.bias": (48 - 12 * removed,),
+                "proj.weight": (16, 16 - 4 * removed), "relative_position_bias_table": (49, 4 - removed)}
+    assert {name: shapes[name] for name in expected} == expected == \
+        {name: tuple(stripped.get_parameter(name).shape) for name in expected}
+    other = torch.randn(3, 8, 8, 16)
+    session = onnxruntime.InferenceSession(str(tmp_path / "small.onnx"), providers=["CPUExecutionProvider"])
+    [out] = session.run(None, {"x": other.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(other).numpy(), rtol=1e-5, atol=1e-5)

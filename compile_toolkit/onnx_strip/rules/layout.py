@@ -230,6 +230,8 @@ def _regrouped(ctx: OnnxContext, node: ir.Node) -> Shape | None:
         dropped = {normalize_dim(a, len(src)) for a in axes}
         return [size for d, size in enumerate(src) if d not in dropped]
     inserted = {normalize_dim(a, rank) for a in axes}
+    if len(src) + len(inserted) != rank:
+        return None
     rest = iter(src)
     return [1 if d in inserted else next(rest) for d in range(rank)]
 
