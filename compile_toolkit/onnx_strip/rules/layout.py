@@ -5,9 +5,12 @@ Reshapes pair runs of input and output dimensions with equal sizes and move atom
 them with :mod:`compile_toolkit.channels.shapes`, the code of the ATen path's reshapes: a
 one-to-one dimension keeps its atoms, a merge (``Flatten`` of ``[N, C, H, W]``) repeats the
 outer dimension's atoms over the ``H*W`` features each channel becomes and pins the inner ones, a
-split couples each block of the input into one atom of the outer output dimension. Anything else
-pins every dimension involved. A ``Reshape`` target computed from sizes in the graph is followed
-(:mod:`..sizes`); one computed from anything else pins.
+split couples each block of the input into one atom of the outer output dimension, and a run of
+several dims into several whose outer sizes divide (a decomposed GroupNorm's ``[N, C, H, W] ->
+[N, G, -1]``) does either on its outer dims. Anything else pins every dimension involved. Where a
+symbolic size keeps the runs from pairing, equal trailing dims still pair one to one (a batch
+split into batch and windows). A ``Reshape`` target computed from sizes in the graph is followed
+(:mod:`..sizes`), or written as a constant; one computed from anything else pins.
 """
 
 from __future__ import annotations
@@ -470,8 +473,9 @@ def _check_followed(node: ir.Node, change: ShapeChange) -> None:
 def _reshaped(ctx: OnnxContext, node: ir.Node, target: Sizes) -> Shape:
     """The shape a ``Reshape`` target gives its input: a size as written, a ``0`` copying the
     input's dim, and the ``-1`` as what the others leave where the entries read from symbolic
-    dims are the input's symbolic dims (by name, as shape inference names them); ``None`` for
-    the sizes that are not known so (an entry read from a symbolic dim, a ``-1`` among them)."""
+    dims are the input's symbolic dims (by name, as shape inference names them) or, for a
+    trailing ``-1``, as what a reader requires (:func:`_required_features`); ``None`` for the
+    sizes that are not known so (an entry read from a symbolic dim, a ``-1`` among them)."""
     src, x = ctx.shape(node, 0), node.inputs[0]
     copies = not attr_int(node, "allowzero", 0)
     out: Shape = []
