@@ -94,10 +94,10 @@ def test_every_other_model_prunes_strips_and_exports_exactly(name, tmp_path):
 # TorchScript-exported attention once made ONNX Runtime insert a Reshape for Gemm from a batch the
 # strip had fixed in the file's shapes), Swin's (window attention loses heads: its padding is a
 # Pad whose pads are computed from sizes, its head reshapes' targets are written as constants) and
-# MaxViT's (attention written with Einsum). Swin V2 keeps more in ONNX (its zeroed bias slice is a
-# ScatterND).
+# MaxViT's (attention written with Einsum) and Swin V2's (its key bias zeroed in the forward is a
+# ScatterND onto constant rows, its zeros shaped by an Expand from the slice's sizes).
 ONNX_MODELS = [name for name in REPRESENTATIVE if not name.startswith(("swin", "maxvit", "vit"))] + [
-    "vit_b_32", "swin_t", "maxvit_t"]
+    "vit_b_32", "swin_t", "swin_v2_t", "maxvit_t"]
 
 
 def weights_as_onnx_holds_them(module: torch.nn.Module) -> int:

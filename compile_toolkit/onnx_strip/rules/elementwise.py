@@ -135,7 +135,7 @@ class Expand(OnnxRule):
     """``Expand(x, shape)``: ``x`` broadcast to ``shape`` (``torch.onnx``'s ``repeat_kv`` of
     grouped-query attention: ``[B, Hkv, 1, S, D] -> [B, Hkv, g, S, D]``). A dim ``x`` has at full
     size keeps its atoms; a size-1 dim broadcast over the output and a new leading dim get fresh
-    ones. The target's entry for a full-size dim that loses channels is rewritten; where the
+    ones, unless the target sizes them from one other dim, whose atoms they take. The target's entry for a full-size dim that loses channels is rewritten; where the
     target is computed from sizes (:mod:`..sizes`) the entry must be read from a dim with the
     very same atoms (it changes by itself) or be 1, else the dim is pinned."""
 
@@ -161,8 +161,27 @@ class Expand(OnnxRule):
         out = broadcast_couple(ctx, node, [0], shape)
         target = node.inputs[1]
         if target in ctx.sizes:
+            self._take_read_dims(ctx, node, ctx.sizes[target], shape, out)
             self._pin_unfollowed(ctx, node, ctx.sizes[target], shape, out)
         return [out]
+
+    def _take_read_dims(self, ctx: OnnxContext, node: ir.Node, target: Sizes, shape: list[int | None],
+                        out: Dims) -> None:
+        """A dim ``x`` lacks or has at size 1, broadcast to the size of one other dim (``zeros``
+        shaped like a slice: ``Expand(0, Shape(bias[n:2n]))``), takes that dim's atoms: its
+        entries are all equal, so it loses as many as the dim it was sized from, and the target,
+        computed again from that dim's kept size, says so."""
+        x_shape = ctx.shape(node, 0)
+        offset = len(shape) - target.values.size
+        for j, (known, sources) in enumerate(zip(target.known.ravel(), target.sources.ravel(), strict=True)):
+            d = j + offset
+            k = d - (len(shape) - len(x_shape))
+            if d < 0 or not known or len(sources) != 1 or shape[d] in (None, 1) or (k >= 0 and x_shape[k] != 1):
+                continue
+            key, dim = next(iter(sources))
+            atoms = ctx.atoms.get(key, [None] * (dim + 1))[dim]
+            if atoms is not None and atoms.size == shape[d]:
+                out[d] = atoms
 
     def _pin_unfollowed(self, ctx: OnnxContext, node: ir.Node, target: Sizes, shape: list[int | None],
                         out: Dims) -> None:
