@@ -17,6 +17,7 @@ no-op stub it ships for installs without that package.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import sys
 from collections.abc import Iterator
@@ -67,9 +68,22 @@ def runtime_name() -> str:
 
 def compile_model(xml_path: str, threads: int | None = None) -> Any:
     """The IR at ``xml_path`` compiled for the CPU in fp32 with ``threads`` inference threads
-    (default: as many as torch uses, as ONNX Runtime's sessions do)."""
+    (default: as many as torch uses, as ONNX Runtime's sessions do), by the process's one Core."""
     config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
-    return require().Core().compile_model(xml_path, DEVICE, config)
+    return core().compile_model(xml_path, DEVICE, config)
+
+
+@functools.cache
+def core() -> Any:
+    """The one ``openvino.Core`` of this process, kept for its lifetime.
+
+    Why one: OpenVINO 2026.4's CPU plugin gives the calling thread an alternate signal stack when a
+    Core first compiles, and when that Core goes puts back the stack that was set before it. With
+    two Cores alive at once and the first destroyed first (two IRs timed side by side), the thread
+    is left with the second Core's freed stack, and the next signal whose handler runs on that
+    stack (Python's handlers do: a SIGCHLD from a DataLoader worker or any subprocess that exits)
+    kills the process with SIGSEGV. It killed pytest workers here. One Core never goes away."""
+    return require().Core()
 
 
 def feed(inputs: Inputs) -> list[np.ndarray]:

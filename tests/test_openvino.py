@@ -16,6 +16,7 @@ import torch
 from test_cli import assert_clean_failure, run_cli  # tests/ is on sys.path (pytest rootdir)
 from test_export import TOL, make_model
 
+from compile_toolkit import openvino_runtime
 from compile_toolkit.cli import main
 from compile_toolkit.errors import CtkError, VerificationError
 from compile_toolkit.exporters import export, openvino_format
@@ -46,7 +47,7 @@ def test_small_cnn_ir_loads_and_matches_the_reference_with_fp32_pinned(tmp_path)
     assert 0 <= ir.max_abs_error < TOL and ir.static_batch is None
     weights = 4 * (model.conv.weight.numel() + model.fc.weight.numel())  # the batch norm folds into the conv
     assert os.path.getsize(tmp_path / "openvino" / "model.bin") >= weights  # fp32 weights, not fp16
-    core = openvino.Core()
+    core = openvino_runtime.core()
     pinned = core.compile_model(ir.path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     with torch.no_grad():
         for batch in (x[:1], x):  # dynamic batch
@@ -112,6 +113,36 @@ def test_openvino_sends_no_telemetry_and_writes_nothing_in_the_home_folder(tmp_p
            f"assert main(['export', '--formats', 'openvino', '--runtime', 'openvino', '--out', {str(tmp_path / 'out')!r}]) == 0; "
            "import openvino.tools.ovc.telemetry_utils as t; assert t.tm.__name__.endswith('telemetry_stub'), t.tm")
     assert not [name for name in home_after(job, tmp_path / "job") if name.startswith("intel")]
+
+
+_TWO_MODELS_THEN_A_CHILD = """
+import signal, subprocess, sys
+import torch
+from compile_toolkit import openvino_runtime
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+torch.onnx.export(model, (torch.randn(1, 3, 16, 16),), sys.argv[1], dynamo=False)
+if sys.argv[2] == "shared":
+    first, second = openvino_runtime.compile_model(sys.argv[1]), openvino_runtime.compile_model(sys.argv[1])
+else:
+    first, second = [openvino_runtime.require().Core().compile_model(sys.argv[1], "CPU") for _ in range(2)]
+del first   # the first goes first, as when two IRs timed side by side are released
+del second
+signal.signal(signal.SIGCHLD, lambda *args: None)   # a Python handler: DataLoader workers install one
+for _ in range(3):
+    subprocess.run(["true"])   # its exit raises SIGCHLD
+"""
+
+
+def test_two_compiled_models_leave_a_signal_stack_that_a_child_can_signal_on(tmp_path):
+    """OpenVINO's CPU plugin puts back a freed alternate signal stack when a second Core outlives the
+    first; the next Python-handled signal then kills the process (it killed pytest workers here).
+    The positive control shows the bug with a Core per model; the toolkit's one Core avoids it."""
+    def run_script(how: str) -> int:
+        return subprocess.run([sys.executable, "-c", _TWO_MODELS_THEN_A_CHILD, str(tmp_path / "m.onnx"), how],
+                              capture_output=True, timeout=300).returncode
+
+    assert run_script("a Core each") == -11  # SIGSEGV
+    assert run_script("shared") == 0
 
 
 def test_runtime_openvino_needs_the_format(tmp_path, capsys):
