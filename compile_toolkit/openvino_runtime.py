@@ -8,10 +8,11 @@ the model instead of 3e-7), which would fail the float check, or pass a loosened
 
 OpenVINO's model converter sends usage telemetry unless the user opted out in ``~/intel``: on
 ``import openvino`` it writes a client id into the home folder and forks the running process from a
-thread to post it. A fork of a process that runs torch's and ONNX Runtime's thread pools is unsafe
-(it killed pytest workers here at random), and a toolkit must not phone home for its user, so
+thread to post it. A fork of a process that runs torch's and ONNX Runtime's thread pools is unsafe,
+and a toolkit must not phone home for its user, so
 :func:`require` imports OpenVINO with the telemetry package hidden; the converter then uses the
-no-op stub it ships for installs without that package.
+no-op stub it ships for installs without that package. IRs are compiled by one Core per process
+(:func:`core`: why is a crash).
 """
 
 from __future__ import annotations
