@@ -24,7 +24,7 @@ from ..channels.rules.base import full
 from ..channels.solve import SolvedAnalysis, checked_facts
 from ..errors import summary
 from .context import Key, NotCovered, OnnxContext, describe, leaf_constant, value_shape
-from .rules import Barrier, Failed, OnnxRule, has_subgraph, rule_for
+from .rules import Barrier, Failed, FusedAttention, OnnxRule, has_subgraph, rule_for
 from .sizes import pin_sources, track
 
 
@@ -41,6 +41,14 @@ class OnnxChannelAnalysis(SolvedAnalysis):
     @property
     def channels_removed(self) -> int:
         return int(self.removable.sum())
+
+    @property
+    def barriers(self) -> list[str]:
+        """The solved analysis's barriers, and every fused attention node's reason even where no
+        group reached it (the shapes of ONNX Runtime's own ops are unknown to ONNX's inference, so
+        its weights meet no activation): its heads are kept all the same."""
+        fused = {rule.why(node) for node, rule in self.rules.items() if isinstance(rule, FusedAttention)}
+        return sorted(set(super().barriers) | fused)
 
 
 def analyze(model: ir.Model, overrides: Mapping[ir.Node, OnnxRule] | None = None) -> OnnxChannelAnalysis:

@@ -4,7 +4,9 @@ Each module of this package contributes a ``RULES`` table (``elementwise``, ``la
 ``layout``, ``pooling``); a new module is picked up without editing this file, and an op type in
 two tables is an error (:func:`compile_toolkit.channels.rules.merge_tables`, shared with the ATen
 rules). An op missing from the tables, an op of another domain (``com.microsoft``, a model-local
-function) and any node holding a subgraph (``If``, ``Loop``, ``Scan``) is a barrier.
+function) and any node holding a subgraph (``If``, ``Loop``, ``Scan``) is a barrier. ONNX Runtime's
+fused attention ops (:data:`FUSED_ATTENTION`) are barriers whose reason says what a user can do:
+strip the file before ``onnxruntime.transformers.optimizer`` fuses its attention.
 """
 
 from __future__ import annotations
@@ -28,8 +30,27 @@ RULES: dict[object, OnnxRule] = merge_tables(_module_tables())
 
 _BARRIER = Barrier()
 
+# What onnxruntime.transformers.optimizer writes for the attention of a BERT or GPT export: the
+# heads live inside the op (a packed q/k/v weight, ``num_heads``), which no rule reads.
+FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                   "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention")
+
+
+class FusedAttention(Barrier):
+    """A barrier that names ONNX Runtime's fused attention and the way around it."""
+
+    def why(self, node: ir.Node) -> str:
+        return (f"ONNX Runtime's fused attention com.microsoft::{node.op_type} at node {node.name or '(unnamed)'} "
+                f"has no channel rule: its heads are kept (strip the exported file before "
+                f"onnxruntime.transformers.optimizer fuses it)")
+
+
+_FUSED = FusedAttention()
+
 
 def rule_for(node: ir.Node) -> OnnxRule:
+    if node.domain == "com.microsoft" and node.op_type in FUSED_ATTENTION:
+        return _FUSED
     if node.domain not in ("", "ai.onnx") or has_subgraph(node):
         return _BARRIER
     return RULES.get(node.op_type, _BARRIER)
@@ -39,4 +60,5 @@ def has_subgraph(node: ir.Node) -> bool:
     return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values())
 
 
-__all__ = ["RULES", "Barrier", "Failed", "OnnxRule", "ShapeChange", "has_subgraph", "rule_for"]
+__all__ = ["FUSED_ATTENTION", "RULES", "Barrier", "Failed", "FusedAttention", "OnnxRule", "ShapeChange", "has_subgraph",
+           "rule_for"]
