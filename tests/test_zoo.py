@@ -13,14 +13,14 @@ import pytest
 import torch
 import torchvision
 from conftest import rel_error
-from zoo_models import barrier_ops, build
+from zoo_models import barrier_ops, build, export_onnx, input_side, weights_as_onnx_holds_them
 
 import compile_toolkit as ctk
 from compile_toolkit.metrics import count_flops, count_params
 
 TOLERANCE = 1e-4
 
-# family -> (smallest variant, smallest input side it takes)
+# family -> (smallest variant, smallest input side it takes: zoo_models.input_side)
 REPRESENTATIVE = {
     "resnet18": 64,
     "shufflenet_v2_x0_5": 64,
@@ -35,14 +35,6 @@ REPRESENTATIVE = {
     "mobilenet_v3_small": 64,
     "vit_b_32": 224,
 }
-
-
-def input_side(name: str) -> int:
-    if name in REPRESENTATIVE:
-        return REPRESENTATIVE[name]
-    if name == "inception_v3":
-        return 75
-    return 224 if name.startswith(("vit_", "swin_", "maxvit_")) else 64
 
 
 def cases(names: list[str], slow: bool) -> list:
@@ -100,28 +92,16 @@ ONNX_MODELS = [name for name in REPRESENTATIVE if not name.startswith(("swin", "
     "vit_b_32", "swin_t", "swin_v2_t", "maxvit_t"]
 
 
-def weights_as_onnx_holds_them(module: torch.nn.Module) -> int:
-    """Parameters plus batch-norm running statistics: an ONNX file with batch norms unfused holds both
-    as initializers (densenet, a batch norm on every concatenation, differs by 1.6% without them)."""
-    stats = sum(b.numel() for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var")))
-    return count_params(module) + stats
-
-
 @pytest.mark.parametrize("name", ONNX_MODELS)
 def test_the_onnx_file_of_a_pruned_model_strips_as_far_as_the_pytorch_model(name, tmp_path):
     """``torch.onnx.export`` of the pruned model (zeros inside, batch norms unfused), then
     ``ctk.strip_onnx``: verified in ONNX Runtime, and within 1% of what ``ctk.strip`` keeps."""
-    import warnings
-
     model = build(name)
     side = input_side(name)
     x = torch.randn(2, 3, side, side)
     ctk.prune(model, (x,), sparsity=0.4, structure="channel")
     stripped = weights_as_onnx_holds_them(ctk.strip(model, (x,)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(tmp_path / "pruned.onnx"), dynamo=False, do_constant_folding=False,
-                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    export_onnx(model, x, tmp_path / "pruned.onnx")
     summary = ctk.strip_onnx(tmp_path / "pruned.onnx", tmp_path / "small.onnx", latency=False)
     assert summary.max_relative_error <= 1e-5 and summary.channels_removed > 0
     assert abs(summary.parameters_after / stripped - 1) <= 0.01, (summary.parameters_after, stripped)

@@ -1,9 +1,11 @@
-"""torchvision classifiers as the zoo test (``test_zoo.py``) and the sweep (``tools/zoo_sweep.py``)
-build them, so that a sweep row and a test case are the same model."""
+"""torchvision classifiers as the zoo test (``test_zoo.py``) and the sweeps (``tools/zoo_sweep.py``,
+``tools/sweep_onnx_strip.py``) build, feed and export them, so that a sweep row and a test case
+are the same model."""
 
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torchvision
@@ -20,6 +22,30 @@ def build(name: str) -> nn.Module:
             if t.is_floating_point() and not t.any():
                 t.normal_(0, 0.1)
     return model
+
+
+def input_side(name: str) -> int:
+    """The smallest square input the model takes: 224 where position embeddings or windows are
+    made for it (ViT, Swin, MaxViT), 75 for Inception v3, 64 for every other convnet."""
+    if name == "inception_v3":
+        return 75
+    return 224 if name.startswith(("vit_", "swin_", "maxvit_")) else 64
+
+
+def export_onnx(model: nn.Module, x: torch.Tensor, path) -> None:
+    """The ONNX file a user of ``torch.onnx`` gets: the TorchScript exporter, batch norms unfused
+    (no constant folding), a dynamic batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+
+
+def weights_as_onnx_holds_them(module: nn.Module) -> int:
+    """Parameters plus batch-norm running statistics: an ONNX file with batch norms unfused holds both
+    as initializers (densenet, a batch norm on every concatenation, differs by 1.6% without them)."""
+    stats = sum(b.numel() for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var")))
+    return sum(p.numel() for p in module.parameters()) + stats
 
 
 def barrier_ops(reasons: list[str]) -> list[str]:
