@@ -57,6 +57,7 @@ def lift(gm: GraphModule, source: ExportedProgram, static_inputs: tuple[torch.Te
                   if spec.kind == InputKind.BUFFER}
     values, kinds = _lifted_values(gm, graph)
     user = [node for node in graph.nodes if node.op == "placeholder"]
+    _name_like(user, source.graph_signature.user_inputs)
     placeholders = _add_placeholders(graph, user, kinds)
     specs = [InputSpec(kind, TensorArgument(placeholders[target].name), target,
                        persistent.get(target, True) if kind == InputKind.BUFFER else None)
@@ -88,6 +89,21 @@ def _drop_guard_calls(graph: Graph) -> None:
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             graph.erase_node(node)
+
+
+def _name_like(user: list[Node], names: Sequence[str]) -> None:
+    """Give the user's inputs the source program's names. ``module()`` renames an input that shadows
+    a builtin (``input`` becomes ``input_1``), and ONNX's decomposition, which traces the program
+    again, names it after the signature: the two must agree."""
+    if len(user) != len(names):
+        raise CtkError(f"cannot lift: {len(user)} graph inputs for the source program's {len(names)}")
+    if not user:
+        return
+    taken = {node.name for node in user[0].graph.nodes} - {node.name for node in user}
+    for node, name in zip(user, names, strict=True):
+        if name in taken:
+            raise CtkError(f"cannot lift: input name {name} is taken by another node")
+        node.name = node.target = name
 
 
 def _lifted_values(gm: GraphModule, graph: Graph) -> tuple[dict[str, torch.Tensor], dict[str, InputKind]]:

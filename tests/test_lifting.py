@@ -136,3 +136,19 @@ def test_a_rewrite_that_writes_the_batch_as_a_constant_is_not_lifted_as_dynamic(
     rewritten.recompile()
     with pytest.raises(CtkError, match="cannot lift: the rewritten graph does not run at other input sizes"):
         lift(rewritten, source.program)
+
+
+def test_an_input_named_like_a_builtin_keeps_the_source_programs_name(tmp_path):
+    """``nn.Sequential`` takes ``input``, which ``module()`` renames ``input_1``; ONNX's decomposition
+    names it ``input`` again, and the program must agree or the ONNX export fails."""
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10)).eval()
+    with torch.no_grad():
+        model[0].weight[:3] = 0
+        model[0].bias[:3] = 0
+    x = torch.randn(8, 1, 8, 8)
+    with recording() as log:
+        stripped = ctk.strip(model, (x,))
+        (onnx,) = export(stripped, x, str(tmp_path / "out"), formats=("onnx",), reference=model)
+    assert log.lifted == ["the stripped graph"]
+    assert list(capture(stripped, (x,)).program.graph_signature.user_inputs) == ["input"]
+    assert onnx.max_abs_error < 1e-4
