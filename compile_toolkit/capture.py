@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from .errors import CtkError, summary
 from .lifting import lift
 from .pipeline import note_capture, note_lift, note_reuse
 
+T = TypeVar("T")
 Inputs = tuple[torch.Tensor, ...]  # a model's positional inputs as torch.export takes them; the one such type
 
 
@@ -117,29 +119,33 @@ class Capture:
         this one's graph (:mod:`.lifting`), or captured again where it cannot be."""
         if not self.dynamic_batch:
             return self.program
-        why = f"{type(self.module).__name__} at a static batch (XLA)"
-        try:
-            program = lift(self.program.module(), self.program, static_inputs=self.example_inputs)
-        except Exception as error:  # noqa: BLE001 - any failure: capture instead, with the reason reported
-            note_capture(f"{why}: not liftable ({summary(error)})")
-            return _export(self.module, self.example_inputs, dynamic=False)
-        note_lift(why)
-        return program
+        return _lifted_or_captured(
+            f"{type(self.module).__name__} at a static batch (XLA)",
+            lambda: lift(self.program.module(), self.program, static_inputs=self.example_inputs),
+            lambda: _export(self.module, self.example_inputs, dynamic=False))
 
 
 def adopt(rewritten: GraphModule, source: Capture, why: str) -> Capture:
     """The capture of ``rewritten``, a pass's rewrite of ``source.program.module()`` (strip's
     result), lifted from its graph without tracing the model again; later :func:`capture` calls
     of ``rewritten`` on the same inputs serve it. Where the graph cannot be lifted it is captured."""
+    adopted = _lifted_or_captured(
+        why, lambda: Capture(rewritten, source.example_inputs, lift(rewritten, source.program), source.dynamic_batch),
+        lambda: _capture(rewritten, source.example_inputs))
+    _remember(adopted, _ModelState.of(rewritten, source.example_inputs))
+    return adopted
+
+
+def _lifted_or_captured(why: str, lifted: Callable[[], T], captured: Callable[[], T]) -> T:
+    """``lifted()``, counted as a lift; where it fails, ``captured()``, counted as a capture with the reason."""
     try:
-        adopted = Capture(rewritten, source.example_inputs, lift(rewritten, source.program), source.dynamic_batch)
+        result = lifted()
     except Exception as error:  # noqa: BLE001 - any failure: capture instead, with the reason reported
-        adopted = _capture(rewritten, source.example_inputs)
+        result = captured()
         note_capture(f"{why}: not liftable ({summary(error)})")
     else:
         note_lift(why)
-    _remember(adopted)
-    return adopted
+    return result
 
 
 def capture(module: nn.Module, example_inputs: Inputs) -> Capture:
@@ -161,13 +167,12 @@ def capture(module: nn.Module, example_inputs: Inputs) -> Capture:
         return Capture(module, example_inputs, held[1], held[2])
     captured = _capture(module, example_inputs)
     note_capture(type(module).__name__ + ("" if held is None else f" again: {held[0].changed(state)}"))
-    _remember(captured)
+    _remember(captured, state)
     return captured
 
 
-def _remember(captured: Capture) -> None:
-    """Serve ``captured`` to the next :func:`capture` of its module in the state it has now."""
-    state = _ModelState.of(captured.module, captured.example_inputs)
+def _remember(captured: Capture, state: _ModelState) -> None:
+    """Serve ``captured`` to the next :func:`capture` of its module while the module is in ``state``."""
     _CAPTURED[captured.module] = (state, captured.program, captured.dynamic_batch)
 
 

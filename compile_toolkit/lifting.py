@@ -46,7 +46,7 @@ def lift(gm: GraphModule, source: ExportedProgram, static_inputs: tuple[torch.Te
 
     ``static_inputs``: fix every input shape to theirs (no symbolic dims); default: the source
     program's input shapes, symbolic batch included. Raises :class:`CtkError` for a graph this
-    cannot lift (a submodule call, a buffer mutation): the caller captures it instead.
+    cannot lift (a submodule call, a size the rewrite fixed): the caller captures it instead.
     """
     graph = copy.deepcopy(gm.graph)
     _drop_guard_calls(graph)
