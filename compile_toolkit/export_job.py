@@ -31,8 +31,9 @@ from .pruning.masks import check_masks
 from .pruning.prune_ import is_causal_lm
 from .pruning.recalibrate import recalibrate_batchnorm
 from .pruning.recipe import load_recipe
-from .quantize import QuantConfig, qat
+from .quantize import PT2E, OrtAuto, QuantizeConfig, qat
 from .quantize import job as quantize_job
+from .quantize.config import with_learned_ranges
 from .report import ExportReport, Latency, ModelMeasure
 from .strip import strip, strip_summary
 from .tasks import TASKS
@@ -157,17 +158,19 @@ class ExportJob:
         check_count("--seq-len", self.seq_len, 2, MAX_BATCH)
         if self.checkpoint is not None and self.weights is not None:
             raise CtkError("--checkpoint brings its own weights: drop --weights")
-        self.quant_config()
+        self.quant_configs()
 
-    def quant_config(self) -> QuantConfig | None:
-        """The --quantize options (or the --recipe's quantize: section) as a checked QuantConfig
-        (None without either)."""
+    def quant_configs(self) -> tuple[QuantizeConfig, ...]:
+        """The --quantize options (or the --recipe's quantize: section) as checked configs: ONNX
+        Runtime's int8, and PT2E where pt2 is exported (none without either)."""
         if self.recipe is not None:
-            return _recipe_quant_config(self)
-        if self.quantize is None:
-            return None
-        return QuantConfig(dtype=self.quantize, calibration_method=self.calibration_method,
-                           max_metric_drop=self.max_metric_drop).validate()
+            configs = _recipe_quant_configs(self)
+        elif self.quantize is not None:
+            configs = (OrtAuto(calibration_method=self.calibration_method,
+                               max_metric_drop=self.max_metric_drop).validate(), PT2E())
+        else:
+            return ()
+        return tuple(c for c in configs if not isinstance(c, PT2E) or "pt2" in self.formats)
 
 
 def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
@@ -184,11 +187,10 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
             raise CtkError(f"--formats hf writes a transformers causal LM folder; --model {job.model} is not one "
                            "(smollm2-135m, a GGUF decoder or an hf: causal LM)")
         dense = copy.deepcopy(loaded.module).eval()
-        quant_config = job.quant_config()
-        learned = qat.learned_ranges(trained.model_state) if trained is not None else {}
-        if quant_config and learned:  # a `ctk train --qat int8` checkpoint: its ranges, not a calibration
-            quant_config = quant_config.with_ranges(learned)
-        int8, dense_int8 = quantize_job.export_options(loaded, quant_config, work) if quant_config else ({}, {})
+        quant_configs = job.quant_configs()
+        if quant_configs and trained is not None:  # a `ctk train --qat int8` checkpoint: its ranges, not a calibration
+            quant_configs = with_learned_ranges(quant_configs, qat.learned_ranges(trained.model_state))
+        int8, dense_int8 = quantize_job.export_options(loaded, quant_configs, work) if quant_configs else ({}, {})
         with timed("measure dense model"):
             report = ExportReport(loaded.name, job.prune.sparsity if job.pruned else 0.0, list(loaded.notes),
                                   _measure(dense, loaded, work, dense))
@@ -225,7 +227,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         if work is not None:
             with timed(f"measure {work.task.metric} of the ONNX artifact in ONNX Runtime"):
                 report.metric = _metric_summary(report, work, next(a for a in artifacts if a.format == "onnx"), dense)
-        if quant_config:
+        if quant_configs:
             with timed("int8: test accuracy, sizes, latency at batch 1 and 8"):
                 report.quantization = quantize_job.section(artifacts, dense_artifacts, staging, loaded,
                                                            max(2, job.latency_rounds // 4), work)
@@ -337,16 +339,16 @@ def _lr(job: ExportJob, work: Workload) -> float:
     return TEXT_LR if isinstance(work.splits.val[0], dict) else IMAGE_LR  # token dicts: a transformer
 
 
-def _recipe_quant_config(job: ExportJob) -> QuantConfig:
+def _recipe_quant_configs(job: ExportJob) -> tuple[QuantizeConfig, ...]:
     """The recipe's quantize: section. Export prunes by --sparsity, not by a recipe (that is
     `ctk prune --recipe`, whose weights come here as --weights), so --pruned would ignore half of it."""
     if job.pruned:
         raise CtkError(f"--recipe {job.recipe}: ctk export takes only its quantize: section; prune by the recipe "
                        "with `ctk prune --recipe` and pass its pruned.safetensors as --weights, without --pruned")
-    config = load_recipe(job.recipe).quantize
-    if config is None:
+    configs = load_recipe(job.recipe).quantize
+    if not configs:
         raise CtkError(f"--recipe {job.recipe} has no quantize: section (the only one ctk export reads)")
-    return config
+    return configs
 
 
 def _read_checkpoint(job: ExportJob) -> Checkpoint:

@@ -19,7 +19,8 @@ from test_train import TINY_MODEL
 from compile_toolkit.cli import main
 from compile_toolkit.errors import CtkError
 from compile_toolkit.models import load_digits_dataset, load_model
-from compile_toolkit.quantize import QuantConfig, qat, quantize
+from compile_toolkit.quantize import OrtAuto, OrtDynamic, OrtStatic, qat, quantize
+from compile_toolkit.quantize.config import with_learned_ranges
 from compile_toolkit.training import TrainConfig, load_checkpoint, train
 
 # Channel pruning to 50% while training 2 epochs from the bundled weights (measured: test accuracy
@@ -153,12 +154,12 @@ def test_learned_ranges_of_another_model_and_bad_ranges_are_errors(runs, tmp_pat
     batches = [(load_digits_dataset().x_train[:8],)]
     with pytest.raises(CtkError, match=r"none of the 2 layers \(encoder.0, encoder.1, ...\) is a Conv/Gemm/MatMul"):
         quantize(float_path, str(tmp_path / "q.onnx"), batches,
-                 QuantConfig().with_ranges({"encoder.0": (0.0, 1.0), "encoder.1": (0.0, 2.0)}))
+                 OrtStatic().with_ranges({"encoder.0": (0.0, 1.0), "encoder.1": (0.0, 2.0)}))
     assert not (tmp_path / "q.onnx").exists()
     with pytest.raises(CtkError, match=r"activation range of 'fc1' must be finite with min <= max, got \[2.0, 1.0\]"):
-        QuantConfig().with_ranges({"fc1": (2.0, 1.0)})
-    with pytest.raises(CtkError, match="need static int8, not dynamic"):
-        QuantConfig(method="dynamic").with_ranges({"fc1": (0.0, 1.0)})
+        OrtAuto().with_ranges({"fc1": (2.0, 1.0)})
+    with pytest.raises(CtkError, match="need static int8, not OrtDynamic"):
+        with_learned_ranges((OrtDynamic(),), {"fc1": (0.0, 1.0)})
     with pytest.raises(CtkError, match="--qat: Sequential has no Conv2d or Linear layer"):
         qat.prepare_qat(torch.nn.Sequential(torch.nn.ReLU()))
 

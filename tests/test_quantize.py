@@ -15,7 +15,7 @@ import torch
 import compile_toolkit as ctk
 from compile_toolkit.cli import main
 from compile_toolkit.models import load_digits_dataset, load_model
-from compile_toolkit.quantize import Metric, QuantConfig, accuracy_metric, onnx_int8, quantize
+from compile_toolkit.quantize import Metric, OrtAuto, OrtDynamic, OrtStatic, accuracy_metric, onnx_int8, quantize
 from compile_toolkit.quantize import job as quantize_job
 
 # 30% without fine-tuning (batch norms re-estimated): 96% test accuracy, the quickest honest job.
@@ -110,7 +110,7 @@ def test_mixed_precision_keeps_the_layer_the_metric_needs_in_float(int8_job, tmp
 
     metric = Metric("classifier kept in float", score)
     result = quantize(float_path, str(tmp_path / "m.onnx"), _calibration(digits),
-                      QuantConfig(max_metric_drop=0.5), metric=metric)
+                      OrtAuto(max_metric_drop=0.5), metric=metric)
     assert classifier in result.kept_float and result.metric_drop == 0
     assert len(result.kept_float) <= 5 and len(result.sensitivity) == 10
     assert sorted(_float_compute_nodes(tmp_path / "m.onnx")) == sorted(result.kept_float)
@@ -138,7 +138,7 @@ def test_mixed_precision_keeps_exactly_the_int8_hostile_layer_in_float(tmp_path,
     stripped, example = _int8_hostile_stripped_digits()
     metric = accuracy_metric(digits.x_test, digits.y_test)
     artifacts = ctk.export(stripped, example, str(tmp_path / "out"), formats=("onnx",),
-                           quantize=QuantConfig(max_metric_drop=1.0), calibration=_calibration(digits, 256),
+                           quantize=OrtAuto(max_metric_drop=1.0), calibration=_calibration(digits, 256),
                            metric=metric)
     details = artifacts[-1].details
     path = tmp_path / "out" / "model.int8.onnx"
@@ -148,7 +148,7 @@ def test_mixed_precision_keeps_exactly_the_int8_hostile_layer_in_float(tmp_path,
     assert _float_compute_nodes(path) == hostile and len(details["quantized_nodes"]) == 9
     assert details["metric_drop"] <= 1.0 and metric.score(str(path)) == pytest.approx(details["int8_score"])
     all_int8 = quantize(str(tmp_path / "out" / "model.onnx"), str(tmp_path / "all.onnx"), _calibration(digits, 256),
-                        QuantConfig(max_metric_drop=None), metric=metric)
+                        OrtAuto(max_metric_drop=None), metric=metric)
     assert all_int8.metric_drop > 10 and all_int8.kept_float == []
 
 
@@ -156,15 +156,15 @@ def test_nodes_to_exclude_and_dynamic_int8(int8_job, tmp_path, digits):
     float_path = str(int8_job / "model.onnx")
     first = onnx_int8.compute_nodes(float_path)[0]
     kept = quantize(float_path, str(tmp_path / "k.onnx"), _calibration(digits),
-                    QuantConfig(nodes_to_exclude=(first,), max_metric_drop=None))
+                    OrtAuto(nodes_to_exclude=(first,), max_metric_drop=None))
     assert kept.kept_float == [first] and _float_compute_nodes(tmp_path / "k.onnx") == [first]
-    dynamic = quantize(float_path, str(tmp_path / "d.onnx"), _calibration(digits), QuantConfig(method="dynamic"),
+    dynamic = quantize(float_path, str(tmp_path / "d.onnx"), _calibration(digits), OrtDynamic(),
                        metric=accuracy_metric(digits.x_test, digits.y_test))
     ops = [n.op_type for n in onnx.load(str(tmp_path / "d.onnx")).graph.node]
     assert dynamic.method == "dynamic" and dynamic.integer_nodes == 10 and dynamic.kept_float == []
     assert ops.count("ConvInteger") == 8 and ops.count("MatMulInteger") == 2 and "Conv" not in ops
     with pytest.raises(ctk.CtkError, match="nodes_to_exclude names 'nope'"):
-        quantize(float_path, str(tmp_path / "x.onnx"), _calibration(digits), QuantConfig(nodes_to_exclude=("nope",)))
+        quantize(float_path, str(tmp_path / "x.onnx"), _calibration(digits), OrtAuto(nodes_to_exclude=("nope",)))
 
 
 def test_a_quantizer_that_silently_does_nothing_is_an_error(int8_job, tmp_path, digits, monkeypatch):
@@ -219,7 +219,7 @@ def test_bad_quantize_options_fail_before_any_work(tmp_path, capsys):
     assert main([*JOB, "--max-metric-drop", "-1", "--out", str(tmp_path / "o")]) == 1
     assert "max metric drop must be >= 0" in capsys.readouterr().err
     with pytest.raises(ctk.CtkError, match="calibration_method 'median'"):
-        QuantConfig(calibration_method="median").validate()
+        OrtStatic(calibration_method="median").validate()
 
 
 def test_static_int8_leaves_layernorm_and_where_in_float(tmp_path):
@@ -240,7 +240,7 @@ def test_static_int8_leaves_layernorm_and_where_in_float(tmp_path):
     mask = torch.rand(4, 8) > 0.3
     ctk.export(Block().eval(), (x, mask), str(tmp_path), formats=("onnx",))
     result = quantize(str(tmp_path / "model.onnx"), str(tmp_path / "q.onnx"), [(x, mask)],
-                      QuantConfig(method="static", max_metric_drop=None))
+                      OrtStatic(max_metric_drop=None))
     graph = onnx.load(str(tmp_path / "q.onnx")).graph
     producer = {out: node.op_type for node in graph.node for out in node.output}
     kept = [n for n in graph.node if n.op_type in ("LayerNormalization", "Where")]
@@ -270,8 +270,8 @@ def test_dynamic_sequence_length_quantizes_and_leaves_nothing_in_the_current_fol
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    for method in ("dynamic", "static"):
+    for method, config in (("dynamic", OrtDynamic()), ("static", OrtStatic())):
         result = quantize(str(tmp_path / "fp32" / "model.onnx"), str(tmp_path / f"{method}.onnx"),
-                          [(torch.randint(0, 50, (4, n)),) for n in (8, 12, 20)], QuantConfig(method=method))
+                          [(torch.randint(0, 50, (4, n)),) for n in (8, 12, 20)], config)
         assert len(result.quantized_nodes) == 1 == result.compute_nodes and result.int8_score > 99
     assert list(cwd.iterdir()) == []

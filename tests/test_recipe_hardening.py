@@ -156,7 +156,7 @@ def test_aliases_and_merges_within_the_limits_load(tmp_path):
 def test_a_long_list_within_the_limits_loads(tmp_path):
     names = ", ".join(f"node_{i}" for i in range(2000))
     recipe = load_recipe(write(tmp_path, ONE_SHOT + f"quantize: {{nodes_to_exclude: [{names}]}}\n"))
-    assert len(recipe.quantize.nodes_to_exclude) == 2000
+    assert len(recipe.quantize[0].nodes_to_exclude) == 2000
 
 
 def mlp() -> nn.Module:

@@ -95,6 +95,8 @@ BAD = [
     (f"{ONE_SHOT}quantize: {{nodes_to_exclude: node_Conv_0}}", "quantize.nodes_to_exclude must be a list, got"),
     (f"{ONE_SHOT}quantize: {{activation_type: int16}}", "quantize.activation_type must be one of uint8, int8"),
     (f"{ONE_SHOT}quantize: {{calibration: minmax}}", "quantize.calibration is not a field here"),
+    (f"{ONE_SHOT}quantize: {{method: dynamic, calibration_method: entropy}}",
+     "quantize.calibration_method is a static int8 field: dynamic int8 calibrates nothing"),
 ]
 
 

@@ -41,17 +41,18 @@ import compile_toolkit as ctk
 from compile_toolkit.export_job import ExportJob
 from compile_toolkit.export_job import run as run_job
 from compile_toolkit.metrics import compare_latency_many
-from compile_toolkit.quantize import QuantConfig, quantize
+from compile_toolkit.quantize import OrtAuto, OrtDynamic, OrtInt8, OrtStatic, quantize
 from compile_toolkit.quantize.evaluate import run_onnx
 from compile_toolkit.quantize.onnx_int8 import compute_nodes, layer_names
 from compile_toolkit.training import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-NO_LIMIT = QuantConfig(max_metric_drop=None, pt2=False)
+NO_LIMIT = OrtAuto(max_metric_drop=None)
+BY_METHOD = {"dynamic": OrtDynamic(max_metric_drop=None), "static": OrtStatic(max_metric_drop=None)}
 # MiniLM: dynamic; static with every MatMul int8; static with the layers that cost most kept in
 # float until the calibration sentences' output cosine is within 1 point (x100) of float.
-MINILM_RUNS = {"dynamic": NO_LIMIT.with_(method="dynamic"), "static": NO_LIMIT.with_(method="static"),
-               "static-mixed": NO_LIMIT.with_(method="static", max_metric_drop=1.0)}
+MINILM_RUNS = {"dynamic": BY_METHOD["dynamic"], "static": BY_METHOD["static"],
+               "static-mixed": BY_METHOD["static"].with_(max_metric_drop=1.0)}
 
 
 def resnet50(args: argparse.Namespace, folder: Path) -> dict:
@@ -184,14 +185,14 @@ def smollm2(args: argparse.Namespace, folder: Path) -> dict:
     return {"block": args.block, "heldout_tokens": args.block * args.llm_heldout, "models": rows, "seconds": seconds}
 
 
-def _llm_runs(fp32: Path, methods: list[str]) -> dict[str, QuantConfig]:
+def _llm_runs(fp32: Path, methods: list[str]) -> dict[str, OrtInt8]:
     """Each method on every layer, and each with the MLPs' ``down_proj`` kept in float (the layer
     whose input, SiLU(gate) x up, has the outliers; the mixed-precision search would take hours
     here: two minutes a probe, 211 layers)."""
     nodes = compute_nodes(str(fp32))
     down = tuple(n for n, layer in layer_names(str(fp32), nodes).items() if layer.endswith("down_proj"))
-    runs = {m: NO_LIMIT.with_(method=m) for m in methods}
-    return runs | {f"{m}-down_proj-float": NO_LIMIT.with_(method=m, nodes_to_exclude=down) for m in methods}
+    runs = {m: BY_METHOD[m] for m in methods}
+    return runs | {f"{m}-down_proj-float": BY_METHOD[m].with_(nodes_to_exclude=down) for m in methods}
 
 
 def _onnx_bytes(path: Path) -> int:

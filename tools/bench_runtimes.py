@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.table import Table
 
 import compile_toolkit as ctk
-from compile_toolkit.quantize import QuantConfig
+from compile_toolkit.quantize import OrtAuto
 from compile_toolkit.runtimes_report import section
 
-NO_LIMIT = QuantConfig(max_metric_drop=None, pt2=False)  # random weights: no accuracy to hold
+NO_LIMIT = OrtAuto(max_metric_drop=None)  # random weights: no accuracy to hold
 
 
 def measure(model_name: str, size: int, rounds: int, budget_s: float, folder: Path) -> dict:

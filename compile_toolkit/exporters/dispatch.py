@@ -10,8 +10,8 @@ from torch import nn
 
 from ..capture import Inputs, capture
 from ..errors import CtkError
-from ..quantize import Metric, QuantConfig
-from ..quantize.config import as_config
+from ..quantize import PT2E, Metric, QuantizeConfig
+from ..quantize.config import as_configs, ort_config
 from .artifact import Artifact
 from .checks import as_inputs, build_checks
 from .registry import BY_NAME, EXPORTERS, FOLLOWERS, ExportRun
@@ -26,7 +26,8 @@ ALL_FORMATS: tuple[str, ...] = (*FORMATS, "openvino", "hf")
 def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], out_dir: str,
            formats: Sequence[str] = FORMATS, reference: nn.Module | None = None,
            check_inputs: Sequence[Inputs] | None = None, atol: float = 1e-4,
-           rtol: float = 1e-4, sparse_onnx: bool = False, quantize: str | QuantConfig | None = None,
+           rtol: float = 1e-4, sparse_onnx: bool = False,
+           quantize: str | QuantizeConfig | Sequence[QuantizeConfig] | None = None,
            calibration: Iterable[Inputs] | None = None, metric: Metric | None = None,
            pretrained: nn.Module | None = None, tokenizer: object = None) -> list[Artifact]:
     """Write ``module`` to ``out_dir`` in each format and verify every artifact in its runtime.
@@ -43,11 +44,12 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     pruning; ONNX Runtime densifies them at load), verified like the others and returned right
     after the ``onnx`` artifact as format ``onnx-sparse``.
 
-    ``quantize="int8"`` (or a :class:`~compile_toolkit.quantize.QuantConfig`) also writes
-    ``model.int8.onnx`` (format ``onnx-int8``, after ``onnx``) quantized by ONNX Runtime and
-    calibrated on ``calibration`` (input batches), judged by ``metric`` (default: output cosine
-    to float) against ``max_metric_drop``; with ``pt2`` in ``formats`` also ``model.int8.pt2``
-    (``pt2-int8``, after ``pt2``) by torch's PT2E, where it quantizes the graph.
+    ``quantize`` (configs of :mod:`compile_toolkit.quantize`: ``OrtAuto``, ``OrtStatic`` or
+    ``OrtDynamic``, and ``PT2E``; ``"int8"`` is ``OrtAuto()``, plus ``PT2E()`` when ``pt2`` is in
+    ``formats``) also writes ``model.int8.onnx`` (format ``onnx-int8``, after ``onnx``) quantized
+    by ONNX Runtime and calibrated on ``calibration`` (input batches), judged by ``metric``
+    (default: output cosine to float) against ``max_metric_drop``; with ``PT2E`` also
+    ``model.int8.pt2`` (``pt2-int8``, after ``pt2``), where PT2E quantizes the graph.
 
     ``openvino`` (needs the optional ``openvino`` package) converts the verified ``model.onnx``
     (``onnx`` is added to ``formats`` when missing) to ``openvino/model.xml`` + ``model.bin``,
@@ -63,12 +65,12 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     if unknown:
         raise CtkError(f"unknown export format(s) {', '.join(map(repr, unknown))}; "
                        f"valid: {', '.join(ALL_FORMATS)}")
-    config = as_config(quantize) if quantize is not None else None
+    configs = _quantize_configs(quantize, wanted)
     asked = _with_sources(wanted)
-    derived = [name for name, on in ((SPARSE_ONNX, sparse_onnx), ("onnx-int8", config is not None)) if on]
+    derived = [name for name, on in ((SPARSE_ONNX, sparse_onnx), ("onnx-int8", bool(configs))) if on]
     for name in derived:
         if "onnx" not in asked:
-            what = "sparse_onnx=True converts" if name == SPARSE_ONNX else "quantize='int8' quantizes"
+            what = "sparse_onnx=True converts" if name == SPARSE_ONNX else "quantize makes model.int8.onnx from"
             raise CtkError(f"{what} the ONNX artifact: add 'onnx' to formats")
     run_names = _with_sources([*asked, *derived])
     given = {"calibration": calibration}
@@ -89,7 +91,7 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
         captured = capture(module, as_inputs(example_inputs))
         checks = build_checks(reference if reference is not None else module, captured.example_inputs,
                               check_inputs, captured.dynamic_batch, atol, rtol)
-        run = ExportRun(captured, checks, out_dir, module, config, calibration, metric, pretrained, tokenizer,
+        run = ExportRun(captured, checks, out_dir, module, configs, calibration, metric, pretrained, tokenizer,
                         started=started)
         for exporter in exporters:
             run.done.update(exporter.export(run))
@@ -97,6 +99,21 @@ def export(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
         for name, work in started.items():
             BY_NAME[name].close(work)
     return _in_order(asked, run.done)
+
+
+def _quantize_configs(quantize: str | QuantizeConfig | Sequence[QuantizeConfig] | None,
+                      formats: list[str]) -> tuple[QuantizeConfig, ...]:
+    """The quantization configs asked for; ``"int8"`` asks PT2E only where ``pt2`` is exported, and
+    PT2E asked for by config needs ``pt2`` and an ONNX Runtime config beside it."""
+    if quantize is None:
+        return ()
+    configs = as_configs(quantize)
+    if quantize == "int8" and "pt2" not in formats:
+        return tuple(c for c in configs if not isinstance(c, PT2E))
+    if any(isinstance(c, PT2E) for c in configs) and ("pt2" not in formats or ort_config(configs) is None):
+        raise CtkError("PT2E writes model.int8.pt2 beside model.int8.onnx: add 'pt2' and 'onnx' to formats and an "
+                       "ONNX Runtime config (OrtAuto, OrtStatic or OrtDynamic) to quantize")
+    return configs
 
 
 def _with_sources(names: list[str]) -> list[str]:

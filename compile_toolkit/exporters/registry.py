@@ -21,7 +21,7 @@ from torch import nn
 
 from ..capture import Capture, Inputs
 from ..errors import CtkError, VerificationError, summary
-from ..quantize import Metric, QuantConfig
+from ..quantize import Metric, QuantizeConfig
 from . import hf, onnx_format, openvino_format, pt2, torchscript
 from .artifact import Artifact, size_on_disk
 from .checks import CheckSet, shapes_of
@@ -41,7 +41,7 @@ class ExportRun:
     checks: CheckSet
     out_dir: str
     module: nn.Module
-    quantize: QuantConfig | None = None
+    quantize: tuple[QuantizeConfig, ...] = ()
     calibration: list[Inputs] | None = None
     metric: Metric | None = None
     pretrained: nn.Module | None = None

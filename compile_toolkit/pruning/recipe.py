@@ -24,7 +24,15 @@ from typing import Any
 
 from ..bounded_yaml import load_yaml_file
 from ..errors import CtkError, clip, shown
-from ..quantize.config import ACTIVATION_TYPES, CALIBRATION_METHODS, DTYPES, METHODS, QuantConfig
+from ..quantize.config import (
+    ACTIVATION_TYPES,
+    CALIBRATION_METHODS,
+    PT2E,
+    OrtAuto,
+    OrtDynamic,
+    OrtStatic,
+    QuantizeConfig,
+)
 from .configs import (
     ACTIVATION,
     CALIBRATED_METHODS,
@@ -81,7 +89,7 @@ class Recipe:
     regularization_epochs: int = 0
     calibration_size: int = 256
     seed: int = 0
-    quantize: QuantConfig | None = None
+    quantize: tuple[QuantizeConfig, ...] = ()
     pattern: str | None = None  # N:M of wanda and sparsegpt
     per_layer: bool = False
     calibration_samples: int | None = None  # sequences of calibration text (language-model methods)
@@ -144,7 +152,7 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
     options.update(_regularization_section(_Fields(top.take("regularization", dict, {}), source, "regularization.")))
     options["seed"] = top.take("seed", int, 0, minimum=0, maximum=MAX_SEED)
     quantize = top.take("quantize", dict, None)
-    options["quantize"] = None if quantize is None else _quantize_section(_Fields(quantize, source, "quantize."))
+    options["quantize"] = () if quantize is None else _quantize_section(_Fields(quantize, source, "quantize."))
     top.done()
     recipe = Recipe(
         source=source, method=method, schedule_type=schedule_type, schedule=schedule, rounds=rounds, pattern=pattern,
@@ -230,29 +238,41 @@ def _regularization_section(fields: _Fields) -> dict[str, Any]:
     return {"group_lasso": group_lasso, "bn_l1": bn_l1, "regularization_epochs": epochs}
 
 
-def _quantize_section(fields: _Fields) -> QuantConfig:
-    """int8 after strip (docs/quantization.md): the :class:`QuantConfig` fields, by the same names.
-    ``max_metric_drop: null`` measures without a limit."""
-    defaults = QuantConfig()
+# A recipe's quantize: method, and the ONNX Runtime config it builds.
+ORT_METHODS = {"auto": OrtAuto, "static": OrtStatic, "dynamic": OrtDynamic}
+STATIC_FIELDS = ("calibration_method", "activation_type")
+
+
+def _quantize_section(fields: _Fields) -> tuple[QuantizeConfig, ...]:
+    """int8 after strip (docs/quantization.md): ``method`` (auto, static, dynamic) picks the ONNX
+    Runtime config, the other keys are its fields by the same names (``max_metric_drop: null``
+    measures without a limit), and ``pt2`` (default true) adds PT2E for the ``.pt2`` program."""
+    fields.take("dtype", str, "int8", choices=("int8",))
+    kind = ORT_METHODS[fields.take("method", str, "auto", choices=tuple(ORT_METHODS))]
+    defaults = OrtStatic()
+    values = {
+        "per_channel": fields.take("per_channel", bool, defaults.per_channel),
+        "mixed_precision": fields.take("mixed_precision", bool, defaults.mixed_precision),
+        "max_float_fraction": fields.take("max_float_fraction", float, defaults.max_float_fraction, minimum=0),
+        "nodes_to_exclude": tuple(fields.take("nodes_to_exclude", list, [], items=str)),
+        "calibration_method": fields.take("calibration_method", str, defaults.calibration_method,
+                                          choices=CALIBRATION_METHODS),
+        "activation_type": fields.take("activation_type", str, defaults.activation_type, choices=ACTIVATION_TYPES),
+    }
     limit = fields.data.get("max_metric_drop", defaults.max_metric_drop)
-    config = QuantConfig(
-        dtype=fields.take("dtype", str, defaults.dtype, choices=DTYPES),
-        method=fields.take("method", str, defaults.method, choices=METHODS),
-        calibration_method=fields.take("calibration_method", str, defaults.calibration_method,
-                                       choices=CALIBRATION_METHODS),
-        activation_type=fields.take("activation_type", str, defaults.activation_type, choices=ACTIVATION_TYPES),
-        per_channel=fields.take("per_channel", bool, defaults.per_channel),
-        max_metric_drop=None if limit is None else fields.take("max_metric_drop", float, defaults.max_metric_drop, minimum=0),
-        mixed_precision=fields.take("mixed_precision", bool, defaults.mixed_precision),
-        max_float_fraction=fields.take("max_float_fraction", float, defaults.max_float_fraction, minimum=0),
-        nodes_to_exclude=tuple(fields.take("nodes_to_exclude", list, [], items=str)),
-        pt2=fields.take("pt2", bool, defaults.pt2),
-    )
+    values["max_metric_drop"] = None if limit is None else fields.take("max_metric_drop", float, limit, minimum=0)
     fields.seen.add("max_metric_drop")
+    pt2 = fields.take("pt2", bool, True)
     fields.done()
-    if config.max_float_fraction >= 1:
-        fields.fail("max_float_fraction", f"must be < 1 (some layers must be int8), got {config.max_float_fraction!r}")
-    return config
+    if kind is OrtDynamic:
+        for name in STATIC_FIELDS:
+            if name in fields.data:
+                fields.fail(name, "is a static int8 field: dynamic int8 calibrates nothing")
+            del values[name]
+    if values["max_float_fraction"] >= 1:
+        fields.fail("max_float_fraction", f"must be < 1 (some layers must be int8), got {values['max_float_fraction']!r}")
+    config = kind(**values)
+    return (config, PT2E()) if pt2 else (config,)
 
 
 def _method(method: str, top: _Fields) -> tuple[int, int] | None:

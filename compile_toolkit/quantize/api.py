@@ -20,18 +20,18 @@ import torch
 from ..errors import CtkError
 from ..onnx_runtime import session
 from .calibration import check_batches, feeds
-from .config import QuantConfig, as_config
+from .config import OrtAuto, OrtInt8, OrtStatic
 from .evaluate import Metric, fidelity_metric
 from .onnx_int8 import (
     NodeCount,
     activation_matmuls,
     compute_nodes,
+    has_conv,
     layer_names,
     learned_tensor_ranges,
     override_ranges,
     preprocess,
     quantize_onnx,
-    resolve_method,
 )
 
 SENSITIVITY_SHOWN = 10  # layers listed in the report, most sensitive first
@@ -74,7 +74,7 @@ class QuantResult:
 
 
 def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torch.Tensor] | torch.Tensor] | None,
-             config: QuantConfig | str = "int8", metric: Metric | None = None) -> QuantResult:
+             config: OrtInt8 | None = None, metric: Metric | None = None) -> QuantResult:
     """Quantize ``float_onnx`` to int8 into ``out_path`` and judge it by ``metric``.
 
     ``calibration``: input batches (tuples of tensors, or tensors for one-input models) that
@@ -85,25 +85,27 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
     metric falls by more than ``config.max_metric_drop`` even with the allowed share of layers
     kept in float; ``out_path`` is then not written.
     """
-    config = as_config(config)
+    config = _checked(config)
     batches = check_batches(calibration, float_onnx)
     with tempfile.TemporaryDirectory(prefix="ctk-int8-") as work:
         pre = os.path.join(work, "pre.onnx")
         preprocess(float_onnx, pre)
-        method = resolve_method(config, pre)
+        if isinstance(config, OrtAuto):
+            config = config.resolve(has_conv(pre))
+        method = config.METHOD
         unquantizable = activation_matmuls(pre) if method == "dynamic" else []
         calibration_feeds = feeds([i.name for i in session(pre).get_inputs()], batches)
         cache = os.path.join(work, "calibration.json")
 
         def attempt(exclude: Sequence[str], tag: str) -> tuple[str, NodeCount]:
             path = os.path.join(work, f"{tag}.onnx")
-            return path, quantize_onnx(pre, path, method, config, calibration_feeds, exclude, cache)
+            return path, quantize_onnx(pre, path, config, calibration_feeds, exclude, cache)
 
         fidelity = fidelity_metric(pre, batches)
         metric = metric or fidelity
         float_score = metric.score(pre)
         exclude = list(dict.fromkeys(config.nodes_to_exclude))
-        learned = learned_tensor_ranges(pre, config.activation_ranges)
+        learned = learned_tensor_ranges(pre, config.activation_ranges) if isinstance(config, OrtStatic) else {}
         path, count = attempt(exclude, "int8")
         if learned:  # the calibration cache now exists: learned ranges replace calibrated ones
             override_ranges(cache, learned)
@@ -127,7 +129,8 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
         kept_layers = layer_names(float_onnx, count.float_nodes)
         shutil.copyfile(path, out_path)
     return QuantResult(
-        path=out_path, method=method, calibration_method=config.calibration_method if method == "static" else None,
+        path=out_path, method=method,
+        calibration_method=config.calibration_method if isinstance(config, OrtStatic) else None,
         metric=metric.name, float_score=float_score, int8_score=score, metric_drop=drop,
         max_metric_drop=config.max_metric_drop, compute_nodes=len(count.quantized) + len(count.float_nodes),
         quantized_nodes=count.quantized, kept_float=count.float_nodes,
@@ -136,7 +139,17 @@ def quantize(float_onnx: str, out_path: str, calibration: Iterable[Sequence[torc
         sensitivity=dict(list(ranked.items())[:SENSITIVITY_SHOWN]), learned_inputs=learned)
 
 
-def _over(drop: float, config: QuantConfig) -> bool:
+def _checked(config: OrtInt8 | None) -> OrtInt8:
+    """``config`` validated (default :class:`OrtAuto`); CtkError for a config ONNX Runtime does not carry out."""
+    if config is None:
+        return OrtAuto()
+    if not isinstance(config, OrtInt8):
+        raise CtkError(f"quantize() makes an int8 ONNX file with ONNX Runtime: config must be OrtStatic, OrtDynamic "
+                       f"or OrtAuto, got {type(config).__name__}")
+    return config.validate()
+
+
+def _over(drop: float, config: OrtInt8) -> bool:
     return config.max_metric_drop is not None and drop > config.max_metric_drop
 
 

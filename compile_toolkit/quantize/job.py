@@ -17,7 +17,7 @@ from ..metrics import compare_latency_many
 from ..models import LoadedModel
 from ..tasks import Classify
 from ..workload import OnnxRuntimeModel, Workload, positional
-from .config import QuantConfig
+from .config import QuantizeConfig, ort_config
 from .evaluate import accuracy_metric, deviation
 
 # The key of each model's score in the report: the task's metric, top-1 as "accuracy" (a fraction).
@@ -47,7 +47,7 @@ def labelled_images(work: Workload | None) -> tuple[torch.Tensor, torch.Tensor] 
     return None
 
 
-def export_options(loaded: LoadedModel, config: QuantConfig,
+def export_options(loaded: LoadedModel, configs: tuple[QuantizeConfig, ...],
                    work: Workload | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``export()`` keywords for the stripped model (held to the limit) and the dense one
     (ONNX only, measured for comparison: its drop does not fail the job). Judged by test accuracy
@@ -55,10 +55,8 @@ def export_options(loaded: LoadedModel, config: QuantConfig,
     batches = calibration_batches(loaded, work)
     labelled = labelled_images(work)
     metric = accuracy_metric(*labelled) if labelled is not None else None
-    stripped = {"quantize": config, "calibration": batches, "metric": metric}
-    # The dense model has the starting weights: ranges learned by quantization-aware training are not its own.
-    dense = {"quantize": config.with_(max_metric_drop=None, pt2=False, activation_ranges=()), "calibration": batches,
-             "metric": metric}
+    stripped = {"quantize": configs, "calibration": batches, "metric": metric}
+    dense = {"quantize": ort_config(configs).measured_only(), "calibration": batches, "metric": metric}
     return stripped, dense
 
 

@@ -39,7 +39,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..errors import CtkError, summary
 from .calibration import Reader
-from .config import QuantConfig
+from .config import OrtDynamic, OrtStatic
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 # What static int8 puts Q/DQ around: the compute ops, Gather (an embedding table is a weight:
@@ -126,14 +126,6 @@ def has_conv(path: str) -> bool:
     return any(n.op_type == "Conv" for n in onnx.load(path, load_external_data=False).graph.node)
 
 
-def resolve_method(config: QuantConfig, pre_path: str) -> str:
-    """``static`` or ``dynamic``: ``auto`` is static where there are convolutions (their activation
-    ranges calibrate well and QDQ convs run as integer kernels), dynamic otherwise (transformers)."""
-    if config.method != "auto":
-        return config.method
-    return "static" if config.activation_ranges or has_conv(pre_path) else "dynamic"
-
-
 def learned_tensor_ranges(pre_path: str, ranges: Sequence[tuple[str, float, float]]) -> dict[str, tuple[float, float]]:
     """The learned input range of each layer (quantization-aware training) on the tensor its
     Conv/Gemm/MatMul node reads: the node whose weight initializer is ``<layer>.weight`` (torch's
@@ -166,11 +158,12 @@ def override_ranges(cache_path: str, ranges: dict[str, tuple[float, float]]) -> 
     save_tensors_data(data, cache_path)
 
 
-def quantize_onnx(pre_path: str, out_path: str, method: str, config: QuantConfig,
+def quantize_onnx(pre_path: str, out_path: str, config: OrtStatic | OrtDynamic,
                   feeds: Sequence[dict[str, np.ndarray]] | None, exclude: Sequence[str],
                   cache_path: str | None) -> NodeCount:
     """Quantize the pre-processed model into ``out_path`` with ``exclude`` kept in float; return
     the node count, after checking that every other compute node was quantized."""
+    method = config.METHOD
     wanted = compute_nodes(pre_path)
     unknown = sorted(set(exclude) - set(wanted))
     if unknown:
@@ -179,7 +172,7 @@ def quantize_onnx(pre_path: str, out_path: str, method: str, config: QuantConfig
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs progress and hints at WARNING
     try:
-        if method == "static":
+        if isinstance(config, OrtStatic):
             if not feeds:
                 raise CtkError("int8 static quantization needs calibration batches")
             quantize_static(pre_path, out_path, Reader(list(feeds)), quant_format=QuantFormat.QDQ,

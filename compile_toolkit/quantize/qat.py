@@ -13,7 +13,7 @@ checkpoints keep their names) with two ``FakeQuantize`` observers:
 - ``input_fake_quant``: uint8 per tensor, affine over [0, 255], its range an exponential moving
   average of the batches' min and max while training (frozen in eval mode): ONNX Runtime's
   uint8 activations. That range is what the training learned to live with; :func:`learned_ranges`
-  reads it back from a checkpoint, and ``QuantConfig(activation_ranges=...)`` puts it on the
+  reads it back from a checkpoint, and ``OrtStatic(activation_ranges=...)`` puts it on the
   layer's input in ``model.int8.onnx`` instead of a post-training calibration.
 
 Other conv types (1-d, 3-d, transposed), matmuls and embeddings get no fake quantization.
@@ -31,7 +31,6 @@ from torch.ao.quantization.qconfig import QConfig
 
 from ..errors import CtkError
 
-QAT_DTYPES = ("int8",)
 WEIGHT = "weight_fake_quant"
 INPUT = "input_fake_quant"
 _MIN, _MAX = f".{INPUT}.activation_post_process.min_val", f".{INPUT}.activation_post_process.max_val"
@@ -44,12 +43,6 @@ _WEIGHT_FQ = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserv
 _INPUT_FQ = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
                                    dtype=torch.quint8, qscheme=torch.per_tensor_affine)
 QCONFIG = QConfig(activation=_INPUT_FQ, weight=_WEIGHT_FQ)
-
-
-def check_qat(value: str | None) -> None:
-    """``None`` or a supported dtype; CtkError naming the option otherwise."""
-    if value is not None and value not in QAT_DTYPES:
-        raise CtkError(f"unknown --qat {value!r}; valid: {', '.join(QAT_DTYPES)}")
 
 
 def prepare_qat(model: nn.Module) -> list[str]:
@@ -84,7 +77,7 @@ def _fake_quantize_input(layer: nn.Module, args: tuple) -> tuple:
 
 def remove_qat(model: nn.Module) -> dict[str, tuple[float, float]]:
     """Put float Conv2d/Linear layers (the trained weights) back in place of the QAT ones and
-    return each layer's learned input range, for ``QuantConfig(activation_ranges=...)``."""
+    return each layer's learned input range, for ``OrtStatic(activation_ranges=...)``."""
     ranges = learned_ranges(model.state_dict())
     for name, module in list(model.named_modules()):
         if isinstance(module, tuple(_SWAPS.values())):

@@ -15,7 +15,7 @@ from ..errors import CtkError, shown
 from ..fileio import check_output_folder
 from ..models.registry import DEFAULT_SPEC
 from ..pruning.recipe import MAX_EPOCHS, MAX_SEED, load_recipe
-from ..quantize.qat import check_qat
+from ..quantize.config import QAT
 from ..tasks import TASKS
 from .mesh import parse_mesh
 from .strategies import STRATEGIES, STRATEGY_ENTRIES
@@ -190,7 +190,8 @@ class TrainConfig:
             raise CtkError("--cpu-offload only applies to --strategy fsdp")
         if self.tp_plan is not None and self.strategy != "tp":
             raise CtkError("--tp-plan only applies to --strategy tp")
-        check_qat(self.qat)
+        if self.qat is not None:
+            QAT(self.qat).validate()
         if self.qat is not None and self.strategy != "single":
             raise CtkError(f"--qat {self.qat} trains in one process: use --strategy single, not {self.strategy!r}")
         if self.resume and not self.checkpoint_dir:

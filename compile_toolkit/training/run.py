@@ -28,7 +28,8 @@ from ..models.weights import state_dict_mismatch
 from ..pruning.masks import Masks
 from ..pruning.recalibrate import recalibrate_batchnorm
 from ..pruning.sparsifier import Sparsifier
-from ..quantize.qat import float_state, prepare_qat, qat_state, remove_qat
+from ..quantize import QAT, quantize_
+from ..quantize.qat import float_state, qat_state, remove_qat
 from ..tasks import model_inputs
 from .batches import plan_steps, recalibration_loader
 from .checkpoint import Checkpoint, newest_intact_checkpoint, remove_dead_staging, save_checkpoint
@@ -87,7 +88,7 @@ def run_training(config: TrainConfig, strategy: Strategy, console: Console | Non
     trained = strategy.wrap(model)
     sparsifier = strategy.shard(model, build_sparsifier(config, model, plan.steps, parts.loaded.example_inputs))
     if config.qat is not None:  # after the sparsifier, whose channel analysis reads the float graph
-        _prepare_qat(model, checkpoint)
+        _prepare_qat(model, config, checkpoint)
     optimizer = build_optimizer(config, model)
     start = 0
     if checkpoint is not None:
@@ -281,9 +282,9 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config: TrainConfig)
     model.load_state_dict(state, strict=True)
 
 
-def _prepare_qat(model: nn.Module, checkpoint: Checkpoint | None) -> None:
+def _prepare_qat(model: nn.Module, config: TrainConfig, checkpoint: Checkpoint | None) -> None:
     """Fake quantization on the model, with the observers' state of a resumed checkpoint."""
-    prepare_qat(model)
+    quantize_(model, QAT(config.qat))
     if checkpoint is not None:
         unexpected = model.load_state_dict(qat_state(checkpoint.model_state), strict=False).unexpected_keys
         if unexpected:
