@@ -1,12 +1,15 @@
-"""The table of ONNX op rules, keyed by op type of the default domain.
+"""The table of ONNX op rules, keyed by op type for the default domain and by ``(domain, op
+type)`` for ONNX Runtime's ``com.microsoft`` ops.
 
 Each module of this package contributes a ``RULES`` table (``elementwise``, ``layers``,
-``layout``, ``pooling``); a new module is picked up without editing this file, and an op type in
-two tables is an error (:func:`compile_toolkit.channels.rules.merge_tables`, shared with the ATen
-rules). An op missing from the tables, an op of another domain (``com.microsoft``, a model-local
-function) and any node holding a subgraph (``If``, ``Loop``, ``Scan``) is a barrier. ONNX Runtime's
-fused attention ops (:data:`FUSED_ATTENTION`) are barriers whose reason says what a user can do:
-strip the file before ``onnxruntime.transformers.optimizer`` fuses its attention.
+``layout``, ``pooling``, ``contrib`` and ``fused_attention`` for ONNX Runtime's fused ops); a new
+module is picked up without editing this file, and an op in two tables is an error
+(:func:`compile_toolkit.channels.rules.merge_tables`, shared with the ATen rules). An op missing
+from the tables, an op of any other domain (a model-local function) and any node holding a
+subgraph (``If``, ``Loop``, ``Scan``) is a barrier named in the report. ONNX Runtime's fused
+attention ops without a rule (:data:`FUSED_ATTENTION`: ``GroupQueryAttention``, the packed and
+decoder forms) are barriers whose reason says what a user can do: strip the file before
+``onnxruntime.transformers.optimizer`` fuses its attention.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ RULES: dict[object, OnnxRule] = merge_tables(_module_tables())
 
 _BARRIER = Barrier()
 
-# What onnxruntime.transformers.optimizer writes for the attention of a BERT or GPT export: the
-# heads live inside the op (a packed q/k/v weight, ``num_heads``), which no rule reads.
-FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
-                   "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention")
+# What onnxruntime.transformers.optimizer writes for the attention of a BERT, GPT or Llama export
+# that no rule reads (``Attention`` and ``MultiHeadAttention`` have theirs, in ``fused_attention``):
+# the heads live inside the op, with a key/value cache or packed sequences.
+FUSED_ATTENTION = ("GroupQueryAttention", "PackedAttention", "PackedMultiHeadAttention",
+                   "DecoderMaskedMultiHeadAttention", "DecoderMaskedSelfAttention", "SparseAttention")
 
 
 class FusedAttention(Barrier):
@@ -49,9 +53,13 @@ _FUSED = FusedAttention()
 
 
 def rule_for(node: ir.Node) -> OnnxRule:
-    if node.domain == "com.microsoft" and node.op_type in FUSED_ATTENTION:
-        return _FUSED
-    if node.domain not in ("", "ai.onnx") or has_subgraph(node):
+    """The node's rule: a ``com.microsoft`` op by ``(domain, op type)``, a default-domain op by op
+    type; a barrier for anything else."""
+    if has_subgraph(node):
+        return _BARRIER
+    if node.domain == "com.microsoft":
+        return RULES.get((node.domain, node.op_type), _FUSED if node.op_type in FUSED_ATTENTION else _BARRIER)
+    if node.domain not in ("", "ai.onnx"):
         return _BARRIER
     return RULES.get(node.op_type, _BARRIER)
 

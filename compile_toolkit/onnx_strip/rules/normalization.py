@@ -1,4 +1,5 @@
-"""Ops that normalise over some dims: ``Softmax``/``LogSoftmax``, ``LayerNormalization``,
+"""Ops that normalise over some dims: ``Softmax``/``LogSoftmax``, ``LayerNormalization`` (and
+ONNX Runtime's ``SimplifiedLayerNormalization``, an RMS norm: the same rule without a shift),
 ``InstanceNormalization`` and ``GroupNormalization``.
 
 Every element of a normalised dim enters every other one's result (a softmax's sum, a layer
@@ -227,6 +228,7 @@ RULES: dict[str, OnnxRule] = {
     "Softmax": Softmax(),
     "LogSoftmax": Softmax(),
     "LayerNormalization": LayerNormalization(),
+    "SimplifiedLayerNormalization": LayerNormalization(),  # ONNX Runtime's RMS norm (default domain): no shift
     "InstanceNormalization": InstanceNormalization(),
     "GroupNormalization": GroupNormalization(),
 }
