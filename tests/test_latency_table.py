@@ -1,0 +1,74 @@
+"""The per-layer latency table: one-layer ONNX models timed in ONNX Runtime (real sessions, a few
+short rounds), cached as JSON per machine and runtime, reused by a second run without measuring,
+and measured again, with a warning, where the cache file is unreadable."""
+
+from __future__ import annotations
+
+import json
+
+import onnxruntime
+import pytest
+
+from compile_toolkit.latency.layers import Geometry
+from compile_toolkit.latency.onnx_layer import layer_input, layer_model
+from compile_toolkit.latency.table import CACHE_ENV, LatencyTable, cache_dir
+
+CONV = Geometry("conv", (16, 16), (3, 3), (1, 1), (1, 1))
+DEPTHWISE = Geometry("conv", (16, 16), (3, 3), (2, 2), (1, 1), depthwise=True, bias=False)
+LINEAR = Geometry("linear", (1,))
+CELLS = [(CONV, 8, 8), (CONV, 8, 16), (CONV, 16, 16), (DEPTHWISE, 16, 16), (LINEAR, 16, 4)]
+
+
+def table(folder, precision="fp32") -> LatencyTable:
+    return LatencyTable("ort", precision, folder=folder, rounds=2, iters=2, warmup=1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_each_cell_is_one_layer_that_runs_in_onnx_runtime_at_its_widths(precision):
+    for geometry, cin, cout in CELLS:
+        session = onnxruntime.InferenceSession(layer_model(geometry, cin, cout, 2, precision).SerializeToString())
+        (x,) = layer_input(geometry, cin, 2)
+        (y,) = session.run(None, {"x": x.numpy()})
+        assert y.shape[0] == 2 and y.shape[-1 if geometry.kind == "linear" else 1] == cout
+    if precision == "int8":  # the QDQ pattern ONNX Runtime's static quantizer writes: weights stored as int8
+        model = layer_model(CONV, 8, 16, 1, precision)
+        assert {t.data_type for t in model.graph.initializer} >= {3}  # onnx.TensorProto.INT8
+
+
+def test_the_table_is_cached_and_a_second_run_measures_nothing(tmp_path):
+    first = table(tmp_path)
+    first.ensure(CELLS)
+    assert first.measured == len(CELLS)
+    saved = json.loads(first.path.read_text())
+    assert saved["machine"]["runtime"] == "onnxruntime" and saved["machine"]["version"] == onnxruntime.__version__
+    assert len(saved["cells"]) == len(CELLS) and all(v > 0 for v in saved["cells"].values())
+    second = table(tmp_path)
+    second.ensure(CELLS)
+    assert second.measured == 0  # reused: nothing timed again
+    assert [second.ms(*c) for c in CELLS] == [first.ms(*c) for c in CELLS]
+    second.ensure([(CONV, 16, 8)])  # a new cell is measured alone and added
+    assert second.measured == 1 and len(json.loads(second.path.read_text())["cells"]) == len(CELLS) + 1
+    assert table(tmp_path, "int8").path == first.path  # one file per machine and runtime; precision in the key
+    assert not table(tmp_path, "int8").has(CELLS) and table(tmp_path).has(CELLS)
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary file left beside it
+
+
+def test_a_corrupt_cache_is_ignored_with_a_warning_and_measured_again(tmp_path):
+    first = table(tmp_path)
+    first.path.parent.mkdir(parents=True, exist_ok=True)
+    first.path.write_text('{"format": 1, "cells": {"fp32|b1|')  # cut off mid-write
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = table(tmp_path)
+    again.ensure(CELLS[:2])
+    assert again.measured == 2
+    assert len(json.loads(again.path.read_text())["cells"]) == 2  # replaced by a readable table
+    again.path.write_text(json.dumps({"format": 1, "machine": {"cpu": "another"}, "cells": {}}))
+    with pytest.warns(UserWarning, match="another format or machine"):
+        table(tmp_path)
+
+
+def test_the_cache_folder_is_ctk_cache_dir_or_the_users_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "lat"))
+    assert cache_dir() == tmp_path / "lat" and LatencyTable("ort").path.parent == tmp_path / "lat"
+    monkeypatch.delenv(CACHE_ENV)
+    assert str(cache_dir()).endswith(".cache/compile_toolkit/latency")
