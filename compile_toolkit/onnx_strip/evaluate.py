@@ -18,24 +18,27 @@ Params = list[np.ndarray | None]  # a node's inputs after the first: constants, 
 
 
 def run_alone(opsets: dict[str, int], chain: Sequence[ir.Node], params: Sequence[Params],
-              x: np.ndarray) -> list[np.ndarray] | None:
+              x: np.ndarray, float32: bool = False) -> list[np.ndarray] | None:
     """The outputs of the last node of ``chain`` run in ONNX Runtime with ``x`` as the first
     node's input 0 and ``params[k]`` as node ``k``'s other inputs, every input a constant;
-    ``None`` when the runtime refuses (a dtype it lacks, an output of unknown type)."""
+    ``None`` when the runtime refuses (a dtype it lacks, an output of unknown type).
+    ``float32``: run the chain's float32 twin (every bfloat16 input, output and type attribute
+    made float32, the values upcast exactly), as :mod:`.twin` runs a whole bfloat16 graph."""
+    dtype = (lambda d: as_float32(d)) if float32 else (lambda d: d)
     try:
-        previous = _constant("x", x, chain[0].inputs[0].dtype)
+        previous = _constant("x", x, dtype(chain[0].inputs[0].dtype))
         initializers = [previous]
         nodes = []
         for k, (node, arrays) in enumerate(zip(chain, params, strict=True)):
             inputs: list[ir.Value | None] = [previous]
             for i, array in enumerate(arrays, start=1):
-                value = None if array is None else _constant(f"p{k}_{i}", array, node.inputs[i].dtype)
+                value = None if array is None else _constant(f"p{k}_{i}", array, dtype(node.inputs[i].dtype))
                 inputs.append(value)
                 initializers += [value] if value is not None else []
             last = k == len(chain) - 1
-            outputs = [ir.Value(name=f"y{k}_{j}", type=ir.TensorType(v.dtype) if last else None)
+            outputs = [ir.Value(name=f"y{k}_{j}", type=ir.TensorType(dtype(v.dtype)) if last else None)
                        for j, v in enumerate(node.outputs)]
-            attributes = [_copy(a) for a in node.attributes.values()]
+            attributes = [_copy(float32_attribute(a) if float32 else a) for a in node.attributes.values()]
             nodes.append(ir.Node(node.domain, node.op_type, inputs, attributes=attributes, outputs=outputs))
             previous = outputs[0]
         graph = ir.Graph([], nodes[-1].outputs, nodes=nodes, initializers=initializers, opset_imports=dict(opsets))
@@ -48,10 +51,29 @@ def run_alone(opsets: dict[str, int], chain: Sequence[ir.Node], params: Sequence
         return None
 
 
+def as_float32(dtype: ir.DataType | None) -> ir.DataType | None:
+    """bfloat16 as float32, any other dtype as it is."""
+    return ir.DataType.FLOAT if dtype == ir.DataType.BFLOAT16 else dtype
+
+
+def float32_attribute(attr: ir.Attr) -> ir.Attr:
+    """``attr`` with bfloat16 made float32 (a new attribute; ``attr`` itself where it has none): a
+    type attribute naming it (``Cast``'s ``to``, ``EyeLike``'s ``dtype``) or a tensor attribute
+    holding it (a ``Constant``'s value)."""
+    if attr.type == ir.AttributeType.INT and attr.name in ("to", "dtype") and attr.as_int() == ir.DataType.BFLOAT16:
+        return ir.AttrInt64(attr.name, int(ir.DataType.FLOAT))
+    if attr.type == ir.AttributeType.TENSOR and attr.value.dtype == ir.DataType.BFLOAT16:
+        tensor = ir.tensor(attr.value.numpy().astype(np.float32), dtype=ir.DataType.FLOAT, name=attr.value.name)
+        return ir.AttrTensor(attr.name, tensor)
+    return attr
+
+
 def _constant(name: str, array: np.ndarray, dtype: ir.DataType | None) -> ir.Value:
     """An initializer holding ``array`` as ``dtype`` (the dtype numpy gives it where the graph
-    does not say)."""
+    does not say; a bfloat16 array given float32 is upcast)."""
     dtype = dtype or ir.DataType.from_numpy(array.dtype)
+    if dtype == ir.DataType.FLOAT and str(array.dtype) == "bfloat16":
+        array = array.astype(np.float32)
     return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
                     const_value=ir.tensor(array, dtype=dtype, name=name))
 

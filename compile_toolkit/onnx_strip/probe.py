@@ -5,8 +5,10 @@ channel zero, ``Sigmoid`` makes it 0.5, ``Clip`` depends on its bounds, ``HardSi
 ``beta``, a ``QuantizeLinear`` on its zero point. Rather than a table of formulas, the node (or a
 chain of nodes, such as a ``QuantizeLinear`` and the ``DequantizeLinear`` that reads it back) is
 run on a zero tensor with its own attributes and constant parameters in the runtime the file is
-meant for (the ATen path probes its ops the same way). Results are cached per ops, attributes,
-parameters, dtype and shape.
+meant for (the ATen path probes its ops the same way). A bfloat16 op that ONNX Runtime's CPU
+provider lacks is probed as its float32 twin (the same values, upcast exactly: a zero in float32
+rounds to a zero in bfloat16), as a bfloat16 strip is then verified (:mod:`.twin`). Results are
+cached per ops, attributes, parameters, dtype and shape.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def zeros_through(ctx: OnnxContext, chain: Sequence[ir.Node], shape: list[int]) 
     if key not in _CACHE:
         x = None if dtype is None else np.zeros(shape, dtype=dtype.numpy())
         outputs = None if x is None else run_alone(ctx.opsets, chain, params, x)
+        if outputs is None and dtype == ir.DataType.BFLOAT16:
+            outputs = run_alone(ctx.opsets, chain, params, x, float32=True)
         _CACHE[key] = None if outputs is None else outputs[0]
     return _CACHE[key]
 

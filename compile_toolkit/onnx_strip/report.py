@@ -36,6 +36,12 @@ def markdown(summary: OnnxStripSummary, source: str | os.PathLike, out: str | os
              f"(kept). {summary.channels_removed} channels removed (each coupled channel once); max relative error "
              f"in ONNX Runtime {summary.max_relative_error:.2e} (tolerance {summary.tolerance:.1e}).", "",
              "| | before | after | change |", "|---|---:|---:|---:|"]
+    if summary.verified_on == "float32 twin":
+        lines[2] += (" Verified on float32 twins of the input and the output (every bfloat16 weight and cast "
+                     "made float32): ONNX Runtime cannot run this bfloat16 file on the CPU, so its latency is not "
+                     "measured.")
+    if summary.external_data:
+        lines[2] += f" Weights in `{summary.external_data}` (external data)."
     lines += [f"| {' | '.join(row)} |" for row in summary_rows(summary)]
     lines += ["", f"FLOPs: {', '.join(summary.flops_ops)} of the main graph, 2 per multiply-add, one run on "
               f"{_shapes(summary.sample_shapes)}; other ops are not counted."]

@@ -13,16 +13,15 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-import torch
 
-from ..errors import CtkError, VerificationError, summary
-from ..fileio import staged_path
+from ..errors import CtkError, summary
 from ..passes.strip import StripGroup
 from .contrib_shapes import infer_shapes
 from .flops import COUNTED, count_flops
 from .measure import OnnxLatency, compare_latency, sample_shapes
 from .rewrite import StripChannels
-from .verify import Feeds, check_same_outputs, computed_float_dtypes, default_rtol, reference_outputs, sample_feeds
+from .verify import sample_feeds
+from .write import checker_error, reference_of, write_verified
 
 Source = str | os.PathLike | ir.Model | onnx.ModelProto
 
@@ -35,9 +34,12 @@ class OnnxStripSummary:
     the ops in ``flops_ops`` (:mod:`.flops`; ``flops_uncounted`` names nodes whose shapes were not
     known) for one run on inputs of ``sample_shapes``, where ``latency`` (``None`` when not asked
     for) was measured too; ``max_relative_error`` is the output file's error against the input in
-    ONNX Runtime, within ``tolerance``; ``weight_dtypes`` are the floating dtypes of the
-    initializers, which the output keeps; ``seconds`` is the strip and its verification (the
-    measurements not included)."""
+    ONNX Runtime, within ``tolerance``; ``verified_on`` says what ran there: ``"file"`` (the input
+    and the output), or ``"float32 twin"`` (a bfloat16 file ONNX Runtime cannot run on the CPU,
+    verified by running float32 twins of both, :mod:`.twin`; its latency is not measured);
+    ``external_data``: the output's weights file (``None`` when they are inline); ``weight_dtypes``
+    are the floating dtypes of the initializers, which the output keeps; ``seconds`` is the strip
+    and its verification (the measurements not included)."""
 
     channels_removed: int
     groups: list[StripGroup]
@@ -56,6 +58,8 @@ class OnnxStripSummary:
     tolerance: float
     weight_dtypes: list[str]
     seconds: float
+    verified_on: str = "file"
+    external_data: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able form that reports store."""
@@ -72,28 +76,31 @@ def strip_onnx(source: Source, out_path: str | os.PathLike, rtol: float | None =
     input types, and compared with the source's outputs; a drift beyond ``rtol`` of the largest
     output raises :class:`~compile_toolkit.errors.VerificationError` and nothing is written.
     ``rtol`` defaults to the precision the graph computes in (:func:`~.verify.default_rtol`:
-    1e-5 for float32, 9.8e-3 for float16). A file ONNX Runtime cannot run (bfloat16 convolutions
-    on the CPU) is refused: no strip of it could be verified.
+    1e-5 for float32, 9.8e-3 for float16). A bfloat16 file ONNX Runtime cannot run (its CPU
+    provider has no bfloat16 convolution) is verified on float32 twins of the input and the
+    output (:mod:`.twin`), at float32's tolerance, and written in bfloat16; any other file ONNX
+    Runtime cannot run is refused: no strip of it could be verified. Weights beyond
+    :data:`~.write.INLINE_LIMIT_BYTES` are written to ``OUT.data`` beside the output.
 
     ``latency``: also time the input against the output in ONNX Runtime (up to about
     :data:`~.measure.LATENCY_BUDGET_S` seconds; :func:`~.measure.compare_latency`); the rest of the
     summary costs a shape inference.
     """
     start = time.perf_counter()
-    reference = _reference(source, out_path)
-    model = _private_copy(source, reference)
-    size_before = _stored_bytes(reference, model)
+    path = _reference(source, out_path)
+    model = _private_copy(source, path)
+    size_before = _stored_bytes(path, model)
     ir.external_data.load_to_model(model)
     infer_shapes(model)
     feeds = sample_feeds(model, samples, seed)
-    expected = _expected_outputs(source, reference, model, feeds)
+    ref = reference_of(_name(source, path), path, model, feeds)
     before = parameter_count(model)
-    tolerance = default_rtol(model) if rtol is None else rtol
+    tolerance = ref.tolerance(model) if rtol is None else rtol
     result = StripChannels()(model)
-    error = _write_verified(model, out_path, _checker_error(reference) is None, expected, feeds, tolerance)
+    written = write_verified(model, out_path, checker_error(path) is None, ref, tolerance)
     seconds = time.perf_counter() - start
     analysis = result.analysis
-    flops_before, flops_after = count_flops(reference, feeds[0]), count_flops(str(out_path), feeds[0])
+    flops_before, flops_after = count_flops(path, feeds[0]), count_flops(str(out_path), feeds[0])
     return OnnxStripSummary(
         channels_removed=analysis.channels_removed,
         groups=[StripGroup(g.carriers, g.size, g.size - g.removable, g.pinned_reason) for g in analysis.groups],
@@ -105,13 +112,15 @@ def strip_onnx(source: Source, out_path: str | os.PathLike, rtol: float | None =
         flops_ops=list(COUNTED),
         flops_uncounted=sorted(set(flops_before.uncounted) | set(flops_after.uncounted)),
         file_bytes_before=size_before,
-        file_bytes_after=os.path.getsize(out_path),
-        latency=compare_latency(reference, str(out_path), feeds[0]) if latency else None,
+        file_bytes_after=written.file_bytes,
+        latency=compare_latency(path, str(out_path), feeds[0]) if latency and not ref.twin else None,
         sample_shapes=sample_shapes(feeds[0]),
-        max_relative_error=error,
+        max_relative_error=written.max_relative_error,
         tolerance=tolerance,
         weight_dtypes=weight_dtypes(model),
         seconds=seconds,
+        verified_on="float32 twin" if ref.twin else "file",
+        external_data=None if written.external_data is None else str(written.external_data),
     )
 
 
@@ -121,55 +130,15 @@ def parameter_count(model: ir.Model) -> int:
                if v.shape is not None and not v.is_graph_input())
 
 
-def _write_verified(model: ir.Model, out_path: str | os.PathLike, source_valid: bool,
-                    expected: list[list[torch.Tensor]], feeds: list[Feeds], tolerance: float) -> float:
-    """Save the stripped model at ``out_path`` only once ONNX Runtime gives the source's outputs
-    from it (and ``onnx.checker`` passes it, where it passes the source); its relative error."""
-    with staged_path(out_path) as tmp:
-        ir.save(model, tmp)
-        problem = _checker_error(str(tmp)) if source_valid else None
-        if problem is not None:
-            raise VerificationError(f"the stripped ONNX file is not valid ONNX (its source is): {problem}")
-        return check_same_outputs(expected, str(tmp), feeds, tolerance)
-
-
 def weight_dtypes(model: ir.Model) -> list[str]:
     """The floating dtypes of the main graph's initializers (``float32``, ``float16``, ``bfloat16``)."""
     found = {v.dtype for v in model.graph.initializers.values() if v.dtype is not None and v.dtype.is_floating_point()}
     return sorted(str(np.dtype(d.numpy())) for d in found)
 
 
-def _expected_outputs(source: Source, reference: str | bytes, model: ir.Model,
-                      feeds: list[Feeds]) -> list[list[torch.Tensor]]:
-    """The source's outputs on the sample inputs; a file ONNX Runtime cannot run is refused in one
-    line (in bfloat16, named as such: the CPU provider has no bfloat16 Conv, Gemm or MatMul)."""
-    try:
-        return reference_outputs(reference, feeds)
-    except CtkError:
-        raise
-    except Exception as error:  # noqa: BLE001 - the runtime's refusal of the user's file, in one line
-        name = _name(source, reference)
-        dtypes = {d for d in (computed_float_dtypes(model) | {v.dtype for v in model.graph.initializers.values()})
-                  if d is not None}
-        if ir.DataType.BFLOAT16 in dtypes:
-            raise CtkError(f"{name} computes in bfloat16, which ONNX Runtime cannot run on the CPU ({summary(error)}), "
-                           "so no strip of it can be verified: convert it to float32 or float16 first") from error
-        raise CtkError(f"ONNX Runtime cannot run {name}, so no strip of it can be verified: {summary(error)}") from error
-
-
 def _name(source: Source, reference: str | bytes) -> str:
     """How errors name the source: its path, or that it was given in memory."""
     return f"ONNX file {source}" if isinstance(reference, str) else "the ONNX model given in memory"
-
-
-def _checker_error(model: str | bytes) -> str | None:
-    """What ``onnx.checker`` finds wrong with a model, or ``None``. The output is held to the
-    checker only where its source passes it: files from other tools often do not."""
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as error:
-        return summary(error)
-    return None
 
 
 def _reference(source: Source, out_path: str | os.PathLike) -> str | bytes:

@@ -35,14 +35,16 @@ def computed_float_dtypes(model: ir.Model) -> set[ir.DataType]:
             if v.dtype is not None and v.dtype.is_floating_point()}
 
 
-def default_rtol(model: ir.Model) -> float:
+def default_rtol(model: ir.Model, bfloat16_as_float32: bool = False) -> float:
     """The verification tolerance for a model: :data:`FLOAT32_RTOL`, or ``ROUNDING_UNITS`` units of
     rounding of the lowest precision it computes in (float16: 20 * 2**-11 = 9.8e-3; bfloat16:
     7.8e-2). Why 20 units: the strip of a 50%-pruned ResNet-18 in float16 (224 x 224) moved the
     output by 3.8e-5 of its largest value, and the same float16 file against its float32 source
     differs by 4.2e-4, so a deep float16 net may drift some units of 2**-11 on summation order
-    alone; a wrongly removed channel moves outputs by far more (the tests' positive controls)."""
-    units = [UNIT_ROUNDOFF[d] for d in computed_float_dtypes(model) if d in UNIT_ROUNDOFF]
+    alone; a wrongly removed channel moves outputs by far more (the tests' positive controls).
+    ``bfloat16_as_float32``: the tolerance of the model's float32 twin (:mod:`.twin`)."""
+    dtypes = computed_float_dtypes(model) - ({ir.DataType.BFLOAT16} if bfloat16_as_float32 else set())
+    units = [UNIT_ROUNDOFF[d] for d in dtypes if d in UNIT_ROUNDOFF]
     return max([FLOAT32_RTOL, *(ROUNDING_UNITS * u for u in units)])
 
 
@@ -90,7 +92,8 @@ def run(model: str | bytes, feeds: list[Feeds]) -> list[list[torch.Tensor]]:
     return [[torch.from_numpy(np.asarray(o)) for o in sess.run(None, feed)] for feed in feeds]
 
 
-def check_same_outputs(reference: list[list[torch.Tensor]], candidate: str, feeds: list[Feeds], rtol: float) -> float:
+def check_same_outputs(reference: list[list[torch.Tensor]], candidate: str | bytes, feeds: list[Feeds],
+                       rtol: float) -> float:
     """The candidate file's largest relative error against ``reference``; raises
     :class:`VerificationError` beyond ``rtol``."""
     try:
