@@ -47,10 +47,6 @@ Step = Callable[[str], AbstractContextManager]
 # Dense files, of those formats among the written ones: sizes for comparison; ONNX (always written) or
 # the OpenVINO IR for latency.
 DENSE_FORMATS = ("torchscript", "pt2", "onnx", "openvino")
-# --runtime: what the latency step is called, the file it times (dense/ and stripped) and how.
-LATENCY_RUNTIMES = {"ort": ("ONNX Runtime", Path("model.onnx"), metrics.compare_latency_ms),
-                    "openvino": ("OpenVINO", Path(openvino_format.FILENAME, openvino_format.XML),
-                                 metrics.compare_openvino_latency_ms)}
 LATENCY_BUDGET_S = 30.0  # the timed rounds of the latency comparison, at most (a 135 M LLM: ~0.2 s a run)
 IMAGE_LR, TEXT_LR = 5e-3, 1e-4  # Adam; a pretrained transformer forgets at the small convnets' rate
 IMPORTANCE_SAMPLES = 128  # training inputs the data-driven importance is measured on
@@ -73,7 +69,7 @@ class ExportJob:
                                       "widths)", FORMATS, parse=comma_list)
     runtime: str = option("--runtime", "where report.json's dense-vs-stripped latency is measured: ort (ONNX Runtime, "
                           "model.onnx; the default) or openvino (OpenVINO's CPU runtime in fp32, openvino/model.xml; "
-                          "needs openvino in --formats)", "ort", choices=tuple(LATENCY_RUNTIMES))
+                          "needs openvino in --formats)", "ort", choices=tuple(metrics.RUNTIMES))
     target_speedup: float | None = option(
         "--target-speedup", "with --pruned: prune as little as meets this speedup over the dense model in --runtime on "
         "this machine, measured (each candidate sparsity pruned, stripped, exported and timed), instead of --sparsity",
@@ -134,8 +130,9 @@ class ExportJob:
         unknown = [f for f in self.formats if f not in ALL_FORMATS]
         if unknown:
             raise CtkError(f"unknown format {unknown[0]!r}; valid formats: {', '.join(ALL_FORMATS)}")
-        if self.runtime == "openvino" and "openvino" not in self.formats:
-            raise CtkError("--runtime openvino times the OpenVINO IR: add openvino to --formats")
+        timed = metrics.RUNTIMES[self.runtime].formats["fp32"]
+        if timed not in self.formats and timed != "onnx":  # ONNX is always written
+            raise CtkError(f"--runtime {self.runtime} times the {timed} artifact: add {timed} to --formats")
         if "openvino" in self.formats:
             openvino_runtime.require()
         self.prune.validate()
@@ -219,8 +216,8 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         with timed("export dense model for comparison"):
             dense_artifacts = export(dense, loaded.example_inputs, str(staging / "dense"),
                                      tuple(f for f in DENSE_FORMATS if f in formats), **dense_int8)
-        with timed(f"{LATENCY_RUNTIMES[job.runtime][0]} latency, dense vs stripped"):
-            report.latency = _latency(report, staging, loaded, job.latency_rounds, job.runtime)
+        with timed(f"{metrics.RUNTIMES[job.runtime].title} latency, dense vs stripped"):
+            report.latency = _latency(report, artifacts, dense_artifacts, loaded, job.latency_rounds, job.runtime)
         if report.pruning and "target" in report.pruning:  # the measured speedup beside the target
             report.pruning["target"].update(speedup=report.latency.speedup,
                                             met=report.latency.speedup >= job.target_speedup)
@@ -234,8 +231,9 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         if "openvino" in formats:
             with timed("ONNX Runtime and OpenVINO latency of every model, batch 1 and 8"):
                 onnx_artifact = next(a for a in artifacts if a.format == "onnx")
-                report.runtimes = runtimes_report.section(staging, loaded.example_inputs, onnx_artifact.static_batch,
-                                                          max(2, job.latency_rounds // 4), LATENCY_BUDGET_S)
+                report.runtimes = runtimes_report.section(artifacts, dense_artifacts, staging, loaded.example_inputs,
+                                                          onnx_artifact.static_batch, max(2, job.latency_rounds // 4),
+                                                          LATENCY_BUDGET_S)
         report.artifacts = [_relative(a.to_dict(), staging) for a in artifacts]
         report.sparse_onnx = _sparse_onnx_ratio(artifacts)
         report.dense.artifacts = [_relative(a.to_dict(), staging) for a in dense_artifacts]
@@ -315,10 +313,12 @@ def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn
 
 def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -> TargetChoice:
     """The sparsity that meets ``--target-speedup`` in ``--runtime``, chosen by measured probes."""
-    name, path, compare = LATENCY_RUNTIMES[job.runtime]
+    runtime = metrics.RUNTIMES[job.runtime]
+    name, compare = runtime.title, runtime.compare
     calibration = _importance_inputs(job, work)
     config = job.prune.config(loaded.module, calibrated=calibration is not None)
-    artifact = ("onnx" if job.runtime == "ort" else "openvino", path)
+    fmt = runtime.formats["fp32"]
+    artifact = (fmt, Path(openvino_format.FILENAME, openvino_format.XML) if fmt == "openvino" else Path("model.onnx"))
     with timed(f"choose the sparsity for {job.target_speedup:g}x in {name} (pruned, stripped and timed probes)"):
         return choose_sparsity(loaded.module, loaded.example_inputs, config, job.target_speedup, job.runtime,
                                artifact, compare, calibration)
@@ -409,12 +409,14 @@ def _metric_summary(report: ExportReport, work: Workload, onnx: Artifact, dense:
     return {"name": work.task.metric, "split": "validation", **rounded}
 
 
-def _latency(report: ExportReport, staging: Path, loaded: LoadedModel, rounds: int, runtime: str) -> Latency:
+def _latency(report: ExportReport, artifacts: list[Artifact], dense_artifacts: list[Artifact], loaded: LoadedModel,
+             rounds: int, runtime: str) -> Latency:
     """Dense against stripped at batch 1 in ``runtime`` (``--runtime``), alternated rounds."""
-    _, path, compare = LATENCY_RUNTIMES[runtime]
+    timed = metrics.RUNTIMES[runtime]
+    fmt = timed.formats["fp32"]
+    dense, stripped = (next(a.path for a in written if a.format == fmt) for written in (dense_artifacts, artifacts))
     batch1 = tuple(t[:1] for t in loaded.example_inputs)
-    timing = compare(str(staging / "dense" / path), str(staging / path), batch1, rounds=rounds,
-                     budget_s=LATENCY_BUDGET_S)
+    timing = timed.compare(dense, stripped, batch1, rounds=rounds, budget_s=LATENCY_BUDGET_S)
     report.dense.latency_ms = timing["a_ms"]
     report.stripped.latency_ms = timing["b_ms"]
     return Latency(runtime, timing["ratio"], timing["rounds"])

@@ -9,6 +9,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -96,18 +97,7 @@ def compare_latency_ms(onnx_a: str, onnx_b: str, inputs: Inputs, rounds: int = 2
     the warm-up's runs time them: 60 rounds of 10 runs suit a small convnet, not a language
     model's prefill at a fifth of a second a run.
     """
-    return _compare(_ort_runner(onnx_a, inputs, threads), _ort_runner(onnx_b, inputs, threads),
-                    rounds, warmup, iters, budget_s)
-
-
-def compare_openvino_latency_ms(xml_a: str, xml_b: str, inputs: Inputs, rounds: int = 20,
-                                threads: int | None = None, warmup: int = 10,
-                                iters: int = 10, budget_s: float | None = None) -> dict[str, float]:
-    """:func:`compare_latency_ms` for two OpenVINO IRs in OpenVINO's CPU runtime (the same rounds,
-    alternation and ratios), compiled as they were verified: fp32 inference precision pinned
-    (:func:`~compile_toolkit.openvino_runtime.compile_model`)."""
-    return _compare(_openvino_runner(xml_a, inputs, threads), _openvino_runner(xml_b, inputs, threads),
-                    rounds, warmup, iters, budget_s)
+    return RUNTIMES["ort"].compare(onnx_a, onnx_b, inputs, rounds, threads, warmup, iters, budget_s)
 
 
 def _compare(run_a: Runner, run_b: Runner, rounds: int, warmup: int, iters: int,
@@ -141,6 +131,31 @@ def _openvino_runner(xml_path: str, inputs: Inputs, threads: int | None) -> Runn
     return functools.partial(request.infer, openvino_runtime.feed(inputs))
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """A runtime model files are timed in: its name in reports, the export format it runs at each
+    precision, and how one file of it runs on fixed inputs."""
+
+    name: str
+    title: str
+    formats: dict[str, str]  # precision -> the export format whose file this runtime runs
+    runner: Callable[[str, Inputs, int | None], Runner]
+
+    def compare(self, path_a: str, path_b: str, inputs: Inputs, rounds: int = 20, threads: int | None = None,
+                warmup: int = 10, iters: int = 10, budget_s: float | None = None) -> dict[str, float]:
+        """Latency of file A against file B in this runtime: see :func:`compare_latency_ms`. An
+        OpenVINO IR is compiled as it was verified (fp32 inference precision pinned)."""
+        return _compare(self.runner(path_a, inputs, threads), self.runner(path_b, inputs, threads), rounds, warmup,
+                        iters, budget_s)
+
+
+# Where a model file can be timed (``--runtime``), by name: every table of runtimes reads this one.
+RUNTIMES = {runtime.name: runtime for runtime in (
+    Runtime("ort", "ONNX Runtime", {"fp32": "onnx", "int8": "onnx-int8"}, _ort_runner),
+    Runtime("openvino", "OpenVINO", {"fp32": "openvino", "int8": "openvino-int8"}, _openvino_runner),
+)}
+
+
 def _time_runs(run: Runner, iters: int) -> list[float]:
     """A block of ``iters`` timed runs after one untimed run: the first run after another model's
     finds the caches and the vector units in that model's state (a small int8 model then runs 2x
@@ -165,17 +180,13 @@ def compare_latency_many(onnx_paths: dict[str, str], inputs: Inputs, rounds: int
                             warmup, iters)
 
 
-RUNTIMES = ("ort", "openvino")  # where a model file can be timed: ONNX Runtime (.onnx), OpenVINO (.xml)
-
-
 def compare_runtimes(models: dict[str, tuple[str, str]], inputs: Inputs, rounds: int = 20,
                      threads: int | None = None, warmup: int = 10, iters: int = 10,
                      budget_s: float | None = None) -> dict[str, dict[str, float]]:
     """:func:`compare_latency_many` across runtimes: ``models`` maps a name to ``(runtime, path)``
     (:data:`RUNTIMES`), the first being the baseline of the speedups; an OpenVINO IR is compiled as
     it was verified (fp32 pinned). ``budget_s`` caps the rounds as in :func:`compare_latency_ms`."""
-    runners = {name: (_ort_runner if runtime == "ort" else _openvino_runner)(path, inputs, threads)
-               for name, (runtime, path) in models.items()}
+    runners = {name: RUNTIMES[runtime].runner(path, inputs, threads) for name, (runtime, path) in models.items()}
     return _compare_many(runners, rounds, warmup, iters, budget_s)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from . import runtimes_report
+from .metrics import RUNTIMES
 from .units import byte_size, si
 
 
@@ -93,7 +94,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
     if "latency_ms" in dense:
-        runtime = "OpenVINO" if report.get("latency_runtime") == "openvino" else "ORT"  # ctk export --runtime
+        runtime = RUNTIMES[report.get("latency_runtime", "ort")].title  # ctk export --runtime
         rows.append(
             (f"{runtime} latency, batch 1", f"{dense['latency_ms']:.3f} ms", f"{stripped['latency_ms']:.3f} ms", f"{report['speedup']:.2f}x faster")
         )

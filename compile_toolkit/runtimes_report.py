@@ -17,30 +17,30 @@ from typing import Any
 import torch
 
 from .capture import Inputs
-from .metrics import compare_runtimes
+from .exporters import Artifact
+from .metrics import RUNTIMES, compare_runtimes
 
-# (runtime, precision) -> the file of that model, relative to its folder (the output or dense/)
-FILES = {("ort", "fp32"): Path("model.onnx"), ("ort", "int8"): Path("model.int8.onnx"),
-         ("openvino", "fp32"): Path("openvino/model.xml"), ("openvino", "int8"): Path("openvino/model.int8.xml")}
 BASELINE = "dense fp32 ort"
 BATCHES = (1, 8)
 
 
-def section(staging: Path, example_inputs: Inputs, static_batch: int | None, rounds: int,
-            budget_s: float) -> dict[str, Any]:
+def section(artifacts: list[Artifact], dense_artifacts: list[Artifact], staging: Path, example_inputs: Inputs,
+            static_batch: int | None, rounds: int, budget_s: float) -> dict[str, Any]:
     """``{"baseline", "batches", "models": {"<dense|stripped> <fp32|int8> <ort|openvino>": {"model",
-    "precision", "runtime", "file", "latency_ms_batch<B>", "speedup_batch<B>"}}}`` for the files
-    found in ``staging`` and ``staging/dense``; a model fixed to ``static_batch`` is timed at that
-    batch only. ``budget_s`` bounds the rounds of each batch."""
+    "precision", "runtime", "file", "latency_ms_batch<B>", "speedup_batch<B>"}}}`` for the artifacts
+    (in ``staging``) that a runtime of :data:`~compile_toolkit.metrics.RUNTIMES` runs; a model fixed
+    to ``static_batch`` is timed at that batch only. ``budget_s`` bounds the rounds of each batch."""
     models: dict[str, tuple[str, str]] = {}
     entries: dict[str, dict[str, Any]] = {}
-    for model, folder in (("dense", staging / "dense"), ("stripped", staging)):
-        for (runtime, precision), file in FILES.items():
-            if (folder / file).is_file():
-                name = f"{model} {precision} {runtime}"
-                models[name] = (runtime, str(folder / file))
-                entries[name] = {"model": model, "precision": precision, "runtime": runtime,
-                                 "file": str((folder / file).relative_to(staging))}
+    for model, written in (("dense", dense_artifacts), ("stripped", artifacts)):
+        paths = {a.format: Path(a.path) for a in written}
+        for runtime in RUNTIMES.values():
+            for precision, fmt in runtime.formats.items():
+                if fmt in paths:
+                    name = f"{model} {precision} {runtime.name}"
+                    models[name] = (runtime.name, str(paths[fmt]))
+                    entries[name] = {"model": model, "precision": precision, "runtime": runtime.name,
+                                     "file": str(paths[fmt].relative_to(staging))}
     batches = (static_batch,) if static_batch else BATCHES
     for batch in batches:
         timing = compare_runtimes(models, _at_batch(example_inputs, batch), rounds=rounds, budget_s=budget_s)

@@ -40,11 +40,12 @@ def measure(model_name: str, size: int, rounds: int, budget_s: float, folder: Pa
     example = (torch.randn(2, 3, size, size),)
     calibration = [(torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
     options = {"formats": ("onnx", "openvino"), "quantize": NO_LIMIT, "calibration": calibration}
-    ctk.export(model, example, str(folder / "dense"), **options)
+    dense = ctk.export(model, example, str(folder / "dense"), **options)
     ctk.prune(model, example, sparsity=0.5, structure="channel")
     stripped = ctk.strip(model, example)
-    ctk.export(stripped, example, str(folder), reference=model, **options)
-    return {"model": model_name, "image_size": size, **section(folder, example, None, rounds, budget_s)}
+    artifacts = ctk.export(stripped, example, str(folder), reference=model, **options)
+    return {"model": model_name, "image_size": size,
+            **section(artifacts, dense, folder, example, None, rounds, budget_s)}
 
 
 def table(result: dict) -> Table:
