@@ -159,3 +159,51 @@ def test_hand_zeroed_heads_go_through_attention_and_a_head_with_live_values_stay
                                       if t.name == "Attention_0_qkv_weight"))
     assert np.count_nonzero(~kept.any(0)) == 2 * size  # head 3's zero queries and keys are still there
     assert summary.parameters_before - summary.parameters_after == 2 * (3 * (HIDDEN + 1) * size + size * HIDDEN)
+
+
+class GPT2Hidden(nn.Module):
+    """GPT-2's hidden states from ids and an attention mask, without the cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, attention_mask=mask, use_cache=False)[0]
+
+
+def test_fused_gpt2_strips_like_ctk_strip_through_skip_layer_norms_without_statistics(tmp_path):
+    """A tiny GPT-2 (hidden 64, 4 heads, 2 layers, inner 128) with half its heads and neurons
+    zeroed, fused by the optimizer for ``gpt2``: ``SkipLayerNormalization`` writes only its norm
+    and its sum (the statistics omitted), ``FastGelu`` its neurons. The strip removes what
+    ``ctk.strip`` removes from the PyTorch model, within 1%, exactly in ORT."""
+    from onnxruntime.transformers import optimizer
+    from test_onnx_strip_attention import TOKENS, VOCAB, trained
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=2 * TOKENS, n_embd=HIDDEN, n_layer=2, n_head=HEADS, n_inner=128,
+                        attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+    model, x = trained(GPT2Hidden(GPT2Model(config))), ids()
+    inputs = (x, torch.ones_like(x))
+    ctk.prune(model, inputs, sparsity=0.5, structure="head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, str(tmp_path / "gpt2.onnx"), dynamo=False, input_names=["ids", "mask"],
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in ("ids", "mask")})
+        fused = optimizer.optimize_model(str(tmp_path / "gpt2.onnx"), model_type="gpt2", num_heads=HEADS,
+                                         hidden_size=HIDDEN, opt_level=0)
+    fused.save_model_to_file(str(tmp_path / "fused.onnx"))
+    norms = [n for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node if n.op_type == "SkipLayerNormalization"]
+    assert len(norms) == 4 and all(list(n.output[1:3]) in ([], ["", ""]) for n in norms)
+
+    summary = strip_onnx(tmp_path / "fused.onnx", tmp_path / "small.onnx", latency=False)
+    assert summary.max_relative_error <= 1e-5
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in ctk.strip(model, inputs).parameters())
+    removed = summary.parameters_before - summary.parameters_after
+    assert summary.parameters_before == before and abs(removed - (before - after)) <= 0.01 * (before - after)
+    weights = shapes(tmp_path / "small.onnx")
+    assert weights["model.h.0.attn.c_attn.weight"] == weights["model.h.1.attn.c_attn.weight"] == (HIDDEN, 96)
+    assert weights["model.h.0.mlp.c_fc.weight"] == (HIDDEN, 64)
+    assert not any("SkipLayerNormalization" in b for b in summary.barriers)

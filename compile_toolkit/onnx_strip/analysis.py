@@ -150,9 +150,16 @@ def _unknown(ctx: OnnxContext, node: ir.Node, keys: list[Key | None]) -> str | N
         if key is not None and key not in ctx.atoms:
             return f"the shape of input {value.name} is unknown"
     for value in node.outputs:
-        if value not in ctx.shapes:
+        if value not in ctx.shapes and not omitted(value):
             return f"the shape of output {value.name} is unknown"
     return None
+
+
+def omitted(value: ir.Value) -> bool:
+    """An optional output the node was not asked for (an empty name: ONNX Runtime's
+    ``SkipLayerNormalization`` writing only its sum, after two skipped statistics): it has no
+    shape, and its rule gives it no facts."""
+    return not value.name and not value.uses() and not value.is_graph_output()
 
 
 def _pin_captured(ctx: OnnxContext, node: ir.Node) -> None:

@@ -49,10 +49,15 @@ class SkipLayerNormalization(OnnxRule):
                 ctx.join(dims[-1], ctx.dims(node, i)[0], reason)
         ctx.pin(dims[-1], reason)
         out: list[Dims] = []
-        for j in range(len(node.outputs)):
-            stats = j in (1, 2)
-            out.append([*dims[:-1], ctx.fresh(ctx.out_shape(node, j)[-1], reason)] if stats else list(dims))
+        for j, value in enumerate(node.outputs):
+            if value not in ctx.shapes:  # omitted (the optimizer often skips the statistics): no facts
+                out.append(None)
+            else:
+                out.append([*dims[:-1], ctx.fresh(ctx.shapes[value][-1], reason)] if j in (1, 2) else list(dims))
         return out
+
+    def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
+        return [None if v not in ctx.shapes else ctx.no_facts(ctx.shapes[v]) for v in node.outputs]
 
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
         rows_dead(ctx, node, range(len(ctx.shape(node, 0)) - 1, len(ctx.shape(node, 0))))

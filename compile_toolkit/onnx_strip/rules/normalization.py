@@ -30,8 +30,9 @@ from .base import OnnxRule, ShapeChange, attr_float, attr_int, dead_throughout, 
 
 def rows_dead(ctx: OnnxContext, node: ir.Node, normalised: range) -> None:
     """Dead facts of input 0 of a node whose outputs all share its leading dims: a row no
-    output reads is dead; an element of a normalised dim never is (the row reads all of them)."""
-    deads = [d for d in (ctx.out_dead(node, j) for j in range(len(node.outputs))) if not all_dead(d)]
+    output reads is dead; an element of a normalised dim never is (the row reads all of them).
+    An output without facts (an omitted optional one) is read by nobody."""
+    deads = [d for d in (ctx.dead.get(v) for v in node.outputs) if d is not None and not all_dead(d)]
     shape = ctx.shape(node, 0)
     if not deads:
         ctx.mark_dead(node, 0, [mask(s, True) for s in shape])
