@@ -41,6 +41,15 @@ def layer_model(geometry: Geometry, cin: int, cout: int, batch: int, precision: 
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
+def identity_model(geometry: Geometry, cin: int, batch: int) -> onnx.ModelProto:
+    """A model that returns its input: what a call into the runtime costs without any layer."""
+    shape = input_shape(geometry, cin, batch)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
 def input_shape(geometry: Geometry, cin: int, batch: int) -> list[int]:
     if geometry.kind == "linear":
         rows = geometry.spatial[0]
