@@ -1,0 +1,74 @@
+"""The channel groups whose widths are chosen, as the knapsack reads them: each prunable coupled
+group of the channel analysis (the one ``ctk.prune`` scores and strip removes), its candidate
+widths, and the importance kept at each by the same criterion :class:`~..pruning.configs.Channels`
+names, so the channels the choice counts as kept are those ``prune_`` keeps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from ..capture import Inputs
+from ..channels import ChannelGroup
+from ..errors import CtkError
+from ..pruning.channel_groups import ParameterChannels, parameter_channels
+from ..pruning.configs import Channels
+from ..pruning.importance import Calibration, ScoreContext, importance_criterion
+from ..pruning.patterns import matches
+from .layers import Layer, compute_layers
+from .widths import GroupOption, candidate_widths, kept_importance
+
+
+@dataclass(frozen=True)
+class WidthPlan:
+    """What the choice works on: the analysis, the groups it chooses (``options``, with the
+    analysis group of each in ``groups``) and the compute layers they feed and read."""
+
+    channels: ParameterChannels
+    groups: list[ChannelGroup]
+    options: list[GroupOption]
+    layers: list[Layer]
+
+
+def width_plan(model: nn.Module, example_inputs: Inputs, config: Channels, calibration: Calibration | None,
+               points: int, max_sparsity: float) -> WidthPlan:
+    """The groups of ``model`` that ``config`` may prune (its ``ignore`` respected), with
+    ``points`` candidate widths each, none pruned past ``max_sparsity``, scored by
+    ``config.importance``."""
+    if config.structure != "channel":
+        raise CtkError(f"widths chosen by measured latency prune coupled channel groups (structure 'channel'); "
+                       f"structure {config.structure!r} is not supported yet")
+    criterion = importance_criterion(config.importance)
+    criterion.check(calibration)
+    channels = parameter_channels(model, example_inputs)
+    analysis = channels.analysis
+    names = {name for name, _ in model.named_parameters()}
+    chosen = [g for g in analysis.groups if _choosable(g, names, config.ignore)]
+    candidates = np.concatenate([np.zeros(0, dtype=np.int64), *(g.prunable for g in chosen)])
+    scores, scored = criterion.score(ScoreContext(model, analysis, channels.params, channels.slices, candidates,
+                                                  config.seed, calibration))
+    groups, options = [], []
+    for group in chosen:
+        removable = group.prunable[scored[group.prunable]]
+        if not len(removable):
+            continue
+        smallest = max(group.size - len(removable), math.ceil((1 - max_sparsity) * group.size))
+        widths = candidate_widths(group.size, smallest, points)
+        groups.append(group)
+        options.append(GroupOption(group.index, group.size, widths,
+                                   kept_importance(scores[removable], group.size, widths)))
+    if not options:
+        raise CtkError(f"{type(model).__name__} has no channel group to prune (every group is pinned or ignored): "
+                       "no width to choose")
+    layers = compute_layers(analysis, {option.index: k for k, option in enumerate(options)})
+    return WidthPlan(channels, groups, options, layers)
+
+
+def _choosable(group: ChannelGroup, names: set[str], ignore: tuple[str, ...]) -> bool:
+    """A group with prunable channels, carried by a parameter, none of them ignored."""
+    carriers = [c.rpartition(":")[0] for c in group.carriers]
+    return (len(group.prunable) > 0 and any(n in names for n in carriers)
+            and not any(matches(n, ignore) for n in carriers))

@@ -1,0 +1,121 @@
+"""Widths chosen by measured latency: a knapsack over the coupled channel groups, costed by the
+per-layer latency table (real ONNX Runtime sessions on tiny models). Controls: layers that cost
+the same get the same widths, layers that cost very differently do not; the choice keeps at least
+the importance of uniform widths at the same predicted latency; a width the runtime runs slower
+than a wider one is never chosen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compile_toolkit.latency.groups import width_plan
+from compile_toolkit.latency.layers import Dim, Geometry, Layer
+from compile_toolkit.latency.table import LatencyTable
+from compile_toolkit.latency.widths import GroupOption, LayerCosts, WidthChooser, candidate_widths, undominated
+from compile_toolkit.pruning.configs import Channels
+
+
+class Branches(nn.Module):
+    """Parallel branches, each a 3x3 convolution (its own channel group) then another to 16
+    outputs, concatenated: every group touches only its own branch, and a branch's ``stride``
+    sets its cost per channel."""
+
+    def __init__(self, strides: tuple[int, ...], width: int = 32) -> None:
+        super().__init__()
+        self.a = nn.ModuleList(nn.Conv2d(3, width, 3, stride=s, padding=1) for s in strides)
+        self.b = nn.ModuleList(nn.Conv2d(width, 16, 3, padding=1) for _ in strides)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(torch.relu(a(x))).mean((2, 3)) for a, b in zip(self.a, self.b, strict=True)], 1)
+
+
+def graded_weights(model: Branches) -> Branches:
+    """Every branch's channels alike, channel ``k`` of each weighing ``1 / (1 + k / 8)``: every
+    group has the same importance curve, with diminishing returns as real channels have, so only
+    cost can make the widths differ."""
+    with torch.no_grad():
+        for a, b in zip(model.a, model.b, strict=True):
+            grade = 1 / (1 + torch.arange(a.out_channels) / 8)
+            a.weight.copy_(0.1 * grade.view(-1, 1, 1, 1) * torch.sign(torch.randn_like(a.weight)))
+            a.bias.copy_(0.1 * grade)
+            b.weight.copy_(0.1 * grade.view(1, -1, 1, 1) * torch.sign(torch.randn_like(b.weight)))
+    return model
+
+
+def chooser_for(model: nn.Module, folder, points: int = 8) -> tuple[WidthChooser, list[int]]:
+    plan = width_plan(model, (torch.randn(2, 3, 64, 64),), Channels(), None, points, 0.9)
+    table = LatencyTable("ort", folder=folder, rounds=8, iters=5, warmup=2)
+    return WidthChooser(plan.options, LayerCosts(plan.layers, plan.options, table)), [o.index for o in plan.options]
+
+
+class FakeTable:
+    """A latency table with made-up cells: one group's width alone sets the layer's time."""
+
+    def __init__(self, ms: dict[int, float]) -> None:
+        self.cells = ms
+
+    def ensure(self, cells) -> None:
+        assert all(cout in self.cells for _, _, cout in cells)
+
+    def ms(self, geometry: Geometry, cin: int, cout: int) -> float:
+        return self.cells[cout]
+
+
+def test_groups_that_cost_the_same_keep_the_same_width():
+    """Three identical groups, cost convex in the width: the choice is uniform. (Measured costs
+    need not be convex: ONNX Runtime runs 24 channels slower than 32 here, and then the best mix
+    of identical groups may legitimately differ by a step or two between widths run well.)"""
+    widths = (8, 16, 24, 32, 40, 48, 56, 64)
+    grade = [sum(1 / (1 + k / 8) for k in range(w)) for w in widths]
+    options = [GroupOption(g, 64, widths, tuple(grade)) for g in range(3)]
+    layers = [Layer(f"conv{g}.weight", Geometry("conv", (8, 8), (3, 3)), Dim(3, ()), Dim(0, ((g, 64),)))
+              for g in range(3)]
+    table = FakeTable({w: 0.01 * w + 0.001 * w * w / 64 for w in widths})
+    chooser = WidthChooser(options, LayerCosts(layers, options, table))
+    for fraction in (0.3, 0.5, 0.7):
+        chosen = chooser.choose(chooser.dense().predicted_ms * fraction)
+        assert max(chosen.widths) - min(chosen.widths) <= 8, chosen  # at most one step apart
+        assert chosen.predicted_ms <= chooser.dense().predicted_ms * fraction
+
+
+def test_branches_that_cost_very_differently_get_different_widths(tmp_path):
+    """Positive control: branch 0 runs at 64x64, the others at 16x16 (16x fewer positions), so a
+    channel of branch 0 costs far more latency for the same importance and goes first."""
+    chooser, _ = chooser_for(graded_weights(Branches((1, 4, 4), 64)).eval(), tmp_path)
+    costly, cheap, cheap_too = chooser.choose(chooser.dense().predicted_ms / 2).widths
+    assert costly <= 32 and costly < min(cheap, cheap_too), (costly, cheap, cheap_too)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_the_choice_keeps_at_least_the_importance_of_uniform_widths_at_their_latency(tmp_path, fraction):
+    chooser, _ = chooser_for(Branches((1, 2, 4)).eval(), tmp_path)  # random weights: unequal importance
+    uniform = chooser.uniform(fraction)
+    chosen = chooser.choose(uniform.predicted_ms)
+    assert chosen.predicted_ms <= uniform.predicted_ms
+    assert chosen.importance >= uniform.importance
+    assert chosen.importance > chooser.smallest().importance
+
+
+def one_group(ms: dict[int, float]) -> WidthChooser:
+    option = GroupOption(0, 32, (8, 16, 24, 32), (1.0, 2.0, 3.0, 4.0))
+    layer = Layer("conv.weight", Geometry("conv", (8, 8), (3, 3)), Dim(3, ()), Dim(0, ((0, 32),)))
+    return WidthChooser([option], LayerCosts([layer], [option], FakeTable(ms)))
+
+
+def test_a_width_the_runtime_runs_slower_than_a_wider_one_is_never_chosen():
+    slow_24 = one_group({8: 1.0, 16: 2.0, 24: 3.5, 32: 3.0})  # 24 channels measured slower than 32
+    assert undominated([1.0, 2.0, 3.5, 3.0]) == [True, True, False, True]
+    chosen = {slow_24.choose(budget / 10).widths[0] for budget in range(5, 50)}
+    assert 24 not in chosen and chosen == {8, 16, 32}
+    assert slow_24.choose(3.2).widths == (32,)  # within budget, the wider and faster one
+    # control: the same cell measured below 32's is chosen where it is the widest that fits
+    assert one_group({8: 1.0, 16: 2.0, 24: 2.8, 32: 3.0}).choose(2.9).widths == (24,)
+
+
+def test_candidate_widths_are_multiples_of_8_with_uniform_fractions_and_the_pruning_floor():
+    assert candidate_widths(64, 7, 8) == (8, 16, 24, 32, 40, 48, 56, 64)
+    assert candidate_widths(2048, 205, 8) == (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
+    assert candidate_widths(256, 100, 8) == (128, 160, 192, 224, 256)  # none below the floor
+    assert candidate_widths(12, 2, 4) == (3, 6, 9, 12)  # small groups: exact fractions
