@@ -28,12 +28,13 @@ class PipelineLog:
     """``captures``: why each capture ran (the model captured, and what made a new one needed);
     ``reused``: captures served again for an unchanged model; ``lifted``: programs made from a
     rewritten graph without a capture (:mod:`~compile_toolkit.lifting`), and for what;
-    ``analyses``: channel analyses run."""
+    ``analyses``: why each channel analysis ran (the weights it read change between pruning and
+    strip, so each model state is analysed once)."""
 
     captures: list[str] = field(default_factory=list)
     reused: int = 0
     lifted: list[str] = field(default_factory=list)
-    analyses: int = 0
+    analyses: list[str] = field(default_factory=list)
     stages: list[Stage] = field(default_factory=list)
 
     @contextlib.contextmanager
@@ -48,7 +49,8 @@ class PipelineLog:
     def to_dict(self) -> dict[str, Any]:
         """The report's ``pipeline`` section."""
         return {"captures": len(self.captures), "capture_reasons": list(self.captures), "captures_reused": self.reused,
-                "programs_lifted": list(self.lifted), "analyses": self.analyses, "stages": [asdict(s) for s in self.stages]}
+                "programs_lifted": list(self.lifted), "analyses": len(self.analyses),
+                "analysis_reasons": list(self.analyses), "stages": [asdict(s) for s in self.stages]}
 
 
 _CURRENT: ContextVar[PipelineLog | None] = ContextVar("ctk_pipeline_log", default=None)
@@ -80,6 +82,6 @@ def note_reuse() -> None:
         log.reused += 1
 
 
-def note_analysis() -> None:
+def note_analysis(reason: str) -> None:
     if (log := _CURRENT.get()) is not None:
-        log.analyses += 1
+        log.analyses.append(reason)

@@ -147,7 +147,7 @@ def markdown(report: dict[str, Any]) -> str:
               f"({'; '.join(pipeline['capture_reasons'])}), {pipeline['captures_reused']} reused; "
               f"{len(pipeline['programs_lifted'])} programs lifted from rewritten graphs without a capture "
               f"({'; '.join(pipeline['programs_lifted']) or 'none'}); "
-              f"{pipeline['analyses']} channel analyses.", "", "Seconds per stage:", ""]
+              f"{pipeline['analyses']} channel analyses ({'; '.join(pipeline['analysis_reasons']) or 'none'}).", "", "Seconds per stage:", ""]
     lines += [f"- {stage['name']}: {stage['seconds']:.2f}" for stage in pipeline["stages"]]
     return "\n".join(lines) + "\n"
 

@@ -152,8 +152,8 @@ def _freeing(gm: GraphModule, roots: list[Node]) -> list[Node]:
     """The roots whose folding frees channels: an index of the root's result whose channel the
     analysis pins while it reads the subgraph, and leaves free (and carried by an activation) when
     it reads the result as a constant, as it will once folded."""
-    as_read = analyze(gm)
-    as_folded = analyze(gm, {root: _Constant() for root in roots})
+    as_read = analyze(gm, why="constant folding: channels as the subgraphs are read")
+    as_folded = analyze(gm, {root: _Constant() for root in roots}, "constant folding: channels once folded")
     carried = _in_activations(as_folded)
     return [root for root in roots
             if (_pinned(as_read, root) & ~_pinned(as_folded, root) & _at(as_folded, root, carried)).any()]

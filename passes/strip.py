@@ -27,7 +27,8 @@ class StripPass(GraphPass):
     def __call__(self, gm: GraphModule) -> PassResult:
         failed: dict[Node, Failed] = {}
         while True:  # a node whose rewrite raises is undone, made a barrier, and analysed again
-            analysis = analyze(gm, failed)
+            why = "strip: zero and dead channels" if not failed else f"strip again: {list(failed.values())[-1].reason}"
+            analysis = analyze(gm, failed, why)
             removed = int(analysis.removable.sum())
             fault = _rewrite_shapes(gm, analysis) if removed else None
             if fault is None:

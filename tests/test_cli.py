@@ -63,6 +63,8 @@ def test_main_job_captures_each_model_state_once(main_job):
     assert pipeline["programs_lifted"] == ["the stripped graph", "GraphModule at a static batch (XLA)"]
     assert pipeline["captures"] == 2 and pipeline["captures_reused"] == 2
     assert pipeline["analyses"] == 2  # prune's and strip's: the weights changed in between
+    assert pipeline["analysis_reasons"] == ["coupled groups of DigitsResNet with its weights now (pruning)",
+                                            "strip: zero and dead channels"]
     assert [stage["name"] for stage in pipeline["stages"]][:3] == ["load model", "measure dense model",
                                                                    "prune 50% of channels (l1, coupled groups)"]
     assert "2 captures with torch.export" in (out / "report.md").read_text()

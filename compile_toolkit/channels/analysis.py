@@ -46,14 +46,16 @@ class ChannelAnalysis(SolvedAnalysis):
     gm: GraphModule
 
 
-def analyze(gm: GraphModule, overrides: Mapping[Node, OpRule] | None = None) -> ChannelAnalysis:
+def analyze(gm: GraphModule, overrides: Mapping[Node, OpRule] | None = None,
+            why: str = "channel analysis") -> ChannelAnalysis:
     """Run the channel analysis on a graph module from ``torch.export(...).module()``.
 
     ``overrides`` replace the rules of some nodes (the strip pass makes a node whose shape
     rewrite failed a barrier and analyses again). A rule that raises becomes a :class:`Failed`
-    barrier naming the op, the node and the error: the analysis never stops on one op.
+    barrier naming the op, the node and the error: the analysis never stops on one op. ``why``
+    is what the job's pipeline log records for it.
     """
-    note_analysis()
+    note_analysis(why)
     values = {n.target: _fetch(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     ctx = Context(values)
     nodes = list(gm.graph.nodes)

@@ -51,7 +51,7 @@ def parameter_channels(model: nn.Module, example_inputs: tuple[torch.Tensor, ...
     a channel with zero scale and shift is zero whatever its statistics."""
     gm = capture(model, example_inputs).program.module()
     folds = ConstantFolding()(gm).details
-    analysis = analyze(gm)
+    analysis = analyze(gm, why=f"coupled groups of {type(model).__name__} with its weights now (pruning)")
     params = {name: v for name, v in analysis.ctx.values.items() if isinstance(v, nn.Parameter) and name not in folds}
     slices = _slices(analysis, params)
     renamed = _carried_through_folds(analysis, folds, params, slices)
