@@ -7,8 +7,14 @@ coupled group alike, lowest importance first), stripped, exported and verified, 
 the dense model in the chosen runtime as the report's latency is (alternated rounds, median of
 ratios). The probes bisect between no pruning and :data:`MAX_SPARSITY` for the smallest sparsity
 that meets the target, which keeps the most channels; a target that even :data:`MAX_SPARSITY`
-misses is one clear line before any fine-tuning. Widths here are uniform across groups: choosing
-each group's width from a measured per-layer latency table is the next step (issue 23).
+misses is one clear line before any fine-tuning. Widths there are uniform across groups.
+
+:func:`choose_widths` chooses each group's width instead (issue 23): a knapsack over the coupled
+groups costed by a per-layer latency table measured in the runtime and cached
+(:mod:`.latency`), then the same end-to-end check as the probes: the stripped model exported and
+timed against the dense one; where the measured speedup misses the band ``[target, 1.1 * target]``
+the latency budget is corrected from the probes so far (latency is close to linear in the
+predicted latency) and the widths are chosen again, a few rounds.
 """
 
 from __future__ import annotations
@@ -25,13 +31,22 @@ from torch import nn
 from .capture import Inputs
 from .errors import CtkError
 from .exporters import export
+from .latency.groups import WidthPlan, width_plan
+from .latency.overrides import group_keys, width_config
+from .latency.table import LatencyTable
+from .latency.widths import Choice, LayerCosts, WidthChooser
 from .pruning.configs import Channels
+from .pruning.importance import Calibration
 from .pruning.prune_ import PruneData, prune_
 from .strip import strip
 
 MAX_SPARSITY = 0.9  # the most of every group a probe prunes
 RESOLUTION = 0.05  # the bisection stops when the sparsity bracket is this narrow
 Compare = Callable[..., dict[str, float]]  # metrics.compare_latency_ms or its OpenVINO twin
+WIDTH_POINTS = 8  # candidate widths per group: k/8 of its channels, multiples of 8 where that wide
+TOLERANCE = 0.10  # the measured speedup of chosen widths lands in [target, (1 + TOLERANCE) * target]
+AIM = 1.04  # where in that band the budget correction aims
+WIDTH_ROUNDS = 4  # choices timed end to end after the smallest widths' probe
 
 
 @dataclass
@@ -61,11 +76,7 @@ def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels,
     """The smallest sparsity of ``config`` (its own is ignored) whose stripped model runs ``target``
     times faster than ``module`` in ``runtime``: ``artifact`` is the export format timed and its
     file in the output folder (``("onnx", "model.onnx")``), ``compare`` the timing of two such files."""
-    if not isinstance(config, Channels):
-        raise CtkError(f"--target-speedup chooses widths of coupled channel groups, heads and neurons of the graph; "
-                       f"not for {type(config).__name__} pruning")
-    if not target > 1:
-        raise CtkError(f"--target-speedup must be above 1 (a speedup over the dense model), got {target}")
+    _check(config, target)
     batch1 = tuple(t[:1] for t in example_inputs)
     with tempfile.TemporaryDirectory(prefix="ctk-target-") as folder:
         dense = _exported(copy.deepcopy(module), example_inputs, artifact, Path(folder) / "dense")
@@ -102,3 +113,125 @@ def _exported(module: nn.Module, example_inputs: Inputs, artifact: tuple[str, Pa
     fmt, file = artifact
     export(module, example_inputs, str(folder), formats=(fmt,), reference=reference)
     return folder / file
+
+
+@dataclass
+class WidthProbe:
+    """One choice timed end to end: the predicted-latency budget it was chosen for, its predicted
+    latency (ms, the table's sum) and the measured speedup of its stripped model."""
+
+    budget_ms: float
+    predicted_ms: float
+    speedup: float
+
+
+@dataclass
+class WidthChoice:
+    """Each group's width for ``target`` speedup in ``runtime``: ``config`` prunes them
+    (``Channels`` with one override per group), ``widths`` say which (a carrier, channels, kept),
+    ``sparsity`` is the share of the groups' channels removed, ``probe_speedup`` what the chosen
+    widths measured; ``probes`` every end-to-end timing in order (the first: the smallest widths);
+    ``table`` the latency table's file and how many cells this run measured."""
+
+    target: float
+    runtime: str
+    precision: str
+    sparsity: float
+    probe_speedup: float
+    predicted_ms: float
+    dense_predicted_ms: float
+    within_tolerance: bool
+    widths: list[dict[str, Any]]
+    probes: list[WidthProbe]
+    table: dict[str, Any]
+    config: Channels = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["config"]
+        return data
+
+
+def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, target: float, runtime: str,
+                  artifact: tuple[str, Path], compare: Compare, calibration: Calibration | None = None,
+                  rounds: int = 12, budget_s: float = 10.0, precision: str = "fp32",
+                  table: LatencyTable | None = None) -> WidthChoice:
+    """Each coupled group's width so that ``module``'s stripped model runs ``target`` times faster
+    in ``runtime`` (within :data:`TOLERANCE` above), keeping the most ``config.importance``;
+    the arguments as :func:`choose_sparsity`'s. ``precision`` is what the latency table times
+    (``int8`` where the deployed model is quantized); ``table`` a table to use (default: the
+    runtime's cached one for this machine). A target that even the smallest widths miss is one
+    CtkError after a single probe."""
+    _check(config, target)
+    plan = width_plan(module, example_inputs, config, calibration, WIDTH_POINTS, MAX_SPARSITY)
+    table = table or LatencyTable(runtime, precision)
+    chooser = WidthChooser(plan.options, LayerCosts(plan.layers, plan.options, table))
+    dense = chooser.dense()
+    names = {name for name, _ in module.named_parameters()}
+    batch1 = tuple(t[:1] for t in example_inputs)
+    probes: list[tuple[Choice, WidthProbe]] = []
+    with tempfile.TemporaryDirectory(prefix="ctk-widths-") as folder:
+        dense_file = _exported(copy.deepcopy(module), example_inputs, artifact, Path(folder) / "dense")
+
+        def probe(choice: Choice, budget_ms: float) -> float:
+            pruned = copy.deepcopy(module)
+            prune_(pruned, width_config(config, plan.groups, choice.widths, names), PruneData(example_inputs, calibration))
+            path = _exported(strip(pruned, example_inputs), example_inputs, artifact,
+                             Path(folder) / f"probe{len(probes)}", reference=pruned)
+            speedup = compare(str(dense_file), str(path), batch1, rounds=rounds, budget_s=budget_s)["ratio"]
+            probes.append((choice, WidthProbe(budget_ms, choice.predicted_ms, speedup)))
+            return speedup
+
+        smallest = chooser.smallest()
+        if probe(smallest, smallest.predicted_ms) < target:
+            raise CtkError(f"--target-speedup {target:g} cannot be met in {runtime} on this machine: the narrowest "
+                           f"widths allowed (at most {MAX_SPARSITY:.0%} of every channel group pruned) run only "
+                           f"{probes[0][1].speedup:.2f}x faster (ask for at most that)")
+        for _ in range(WIDTH_ROUNDS):
+            budget = _next_budget(dense.predicted_ms, [p for _, p in probes], target)
+            choice = chooser.choose(budget)
+            if any(choice.widths == done.widths for done, _ in probes):
+                break  # the correction leads back to widths already timed
+            if target <= probe(choice, budget) <= (1 + TOLERANCE) * target:
+                break
+    return _width_choice(plan, config, target, runtime, precision, dense, probes, table, names)
+
+
+def _check(config: Channels, target: float) -> None:
+    if not isinstance(config, Channels):
+        raise CtkError(f"--target-speedup chooses widths of coupled channel groups, heads and neurons of the graph; "
+                       f"not for {type(config).__name__} pruning")
+    if not target > 1:
+        raise CtkError(f"--target-speedup must be above 1 (a speedup over the dense model), got {target}")
+
+
+def _next_budget(dense_ms: float, probes: list[WidthProbe], target: float) -> float:
+    """The predicted latency expected to measure ``AIM * target``: the measured relative latency
+    (1 / speedup) is taken as linear in the predicted one, through the dense model (1 at
+    ``dense_ms``) and the probes, and read between the two points nearest the goal."""
+    points = sorted({(dense_ms, 1.0), *((p.predicted_ms, 1 / p.speedup) for p in probes)})
+    goal = 1 / (AIM * target)
+    below = [p for p in points if p[1] <= goal]
+    above = [p for p in points if p[1] > goal]
+    if below and above:
+        (x0, y0), (x1, y1) = max(below), min(above)
+    else:  # every probe on one side: extrapolate from the two nearest the goal
+        (x0, y0), (x1, y1) = sorted(points, key=lambda p: abs(p[1] - goal))[:2]
+    if y1 == y0 or x1 == x0:
+        return x0 * goal / y0
+    return x0 + (goal - y0) * (x1 - x0) / (y1 - y0)
+
+
+def _width_choice(plan: WidthPlan, config: Channels, target: float, runtime: str, precision: str, dense: Choice,
+                  probes: list[tuple[Choice, WidthProbe]], table: LatencyTable, names: set[str]) -> WidthChoice:
+    """The choice to keep: of the probes that met the target, the one that prunes least."""
+    met = [(choice, p) for choice, p in probes if p.speedup >= target]
+    choice, best = min(met, key=lambda item: item[1].speedup)
+    sizes = sum(o.size for o in plan.options)
+    widths = [{"group": group.index, "carrier": carrier, "channels": option.size, "kept": width}
+              for group, option, width, carrier in zip(plan.groups, plan.options, choice.widths,
+                                                        group_keys(plan.groups, names), strict=True)]
+    return WidthChoice(target, runtime, precision, round(1 - sum(choice.widths) / sizes, 4), best.speedup,
+                       choice.predicted_ms, dense.predicted_ms, best.speedup <= (1 + TOLERANCE) * target,
+                       widths, [p for _, p in probes], {"path": str(table.path), "measured": table.measured},
+                       width_config(config, plan.groups, choice.widths, names))

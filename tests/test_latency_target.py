@@ -1,0 +1,104 @@
+"""Widths chosen by measured latency, end to end: the choice as a ``Channels`` config that
+``prune_`` applies exactly (strip verifies the pruned model), timed stripped against the dense
+model in ONNX Runtime until the measured speedup meets the target, with the latency table reused
+by a second run; a target that even the narrowest widths miss is one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import compile_toolkit as ctk
+from compile_toolkit.errors import CtkError
+from compile_toolkit.latency.groups import width_plan
+from compile_toolkit.latency.overrides import width_config
+from compile_toolkit.latency.table import LatencyTable
+from compile_toolkit.latency_target import MAX_SPARSITY, TOLERANCE, choose_widths
+from compile_toolkit.metrics import compare_latency_ms
+from compile_toolkit.pruning.configs import Channels
+from compile_toolkit.pruning.prune_ import PruneData, prune_
+
+ONNX = ("onnx", Path("model.onnx"))
+
+
+class Tiny(nn.Module):
+    """A residual stage with norms, then convolutions with neither bias nor norm (a weight that
+    carries two groups is all that names them), then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                                   nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))
+        self.down = nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False)
+        self.mid = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        x = torch.relu(self.mid(torch.relu(self.down(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def inputs() -> tuple[torch.Tensor]:
+    return (torch.randn(2, 3, 32, 32),)
+
+
+def table(folder) -> LatencyTable:
+    return LatencyTable("ort", folder=folder, rounds=4, iters=3, warmup=1)
+
+
+def test_chosen_widths_are_pruned_exactly_and_strip_verifies_the_model():
+    model, x = Tiny().eval(), inputs()
+    plan = width_plan(model, x, Channels(), None, 8, MAX_SPARSITY)
+    assert sorted(o.size for o in plan.options) == [32, 32, 64, 64]  # stream, block, down, mid
+    widths = [o.widths[k] for o, k in zip(plan.options, (1, 4, 2, 6), strict=True)]  # every group its own
+    names = {n for n, _ in model.named_parameters()}
+    config = width_config(Channels(), plan.groups, widths, names)
+    assert config.sparsity == 0 and set(config.overrides) <= names
+    prune_(model, config, PruneData(x, None))
+    stripped = ctk.strip(model, x)  # raises unless the stripped model computes what the pruned one does
+    shapes = dict(stripped.named_parameters())
+    for group, width in zip(plan.groups, widths, strict=True):
+        for carrier in group.carriers:
+            name, _, dim = carrier.rpartition(":")
+            if name in shapes:
+                assert shapes[name].shape[int(dim)] == width, (carrier, width)
+
+
+def test_the_measured_speedup_meets_the_target_and_a_second_run_reuses_the_table(tmp_path):
+    model, x = Tiny().eval(), inputs()
+    choice = choose_widths(model, x, Channels(), 1.5, "ort", ONNX, compare_latency_ms, rounds=6, budget_s=2.0,
+                           table=table(tmp_path))
+    assert choice.probe_speedup >= 1.5 and choice.table["measured"] > 0
+    assert choice.within_tolerance == (choice.probe_speedup <= (1 + TOLERANCE) * 1.5)
+    assert choice.probes[0].predicted_ms < choice.predicted_ms < choice.dense_predicted_ms  # first: the narrowest
+    assert 0 < choice.sparsity < MAX_SPARSITY and len(choice.widths) == 4
+    assert json.loads(json.dumps(choice.to_dict()))["target"] == 1.5
+    prune_(model, choice.config, PruneData(x, None))
+    ctk.strip(model, x)  # verified: the chosen pruning strips exactly
+    again = choose_widths(Tiny().eval(), x, Channels(), 1.5, "ort", ONNX, compare_latency_ms, rounds=6, budget_s=2.0,
+                          table=table(tmp_path))
+    assert again.table["measured"] == 0  # every cell read from the cache
+
+
+def test_a_target_the_narrowest_widths_miss_is_one_line(tmp_path):
+    with pytest.raises(CtkError) as error:
+        choose_widths(Tiny().eval(), inputs(), Channels(), 1000.0, "ort", ONNX, compare_latency_ms, rounds=4,
+                      budget_s=1.0, table=table(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message and "--target-speedup 1000 cannot be met in ort" in message
+    assert f"{MAX_SPARSITY:.0%}" in message
+
+
+def test_only_channel_groups_are_chosen_and_the_options_are_checked_first():
+    for config, target, needle in ((Channels(structure="head"), 2.0, "structure 'head'"),
+                                   (Channels(), 0.9, "above 1"),
+                                   (ctk.pruning.configs.Magnitude(), 2.0, "not for Magnitude")):
+        with pytest.raises(CtkError, match=needle):
+            choose_widths(Tiny().eval(), inputs(), config, target, "ort", ONNX, compare_latency_ms)
