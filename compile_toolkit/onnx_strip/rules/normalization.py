@@ -12,7 +12,7 @@ A group norm normalises each group of channels together: the channels of a group
 channel (the ATen rule, ``channels/rules/norms.py``), so a group goes whole and no other group's
 statistics see it, and ``num_groups`` follows. ``torch.onnx`` (both exporters) writes it as a
 ``Reshape`` to ``[N, G, -1]``, an ``InstanceNormalization`` of the ``G`` rows and a ``Reshape``
-back; those reshapes give each group one atom (:func:`.layout._outer_sizes`), and the instance
+back; those reshapes give each group one atom (:func:`.reshape._outer_sizes`), and the instance
 norm keeps each row to itself.
 """
 
