@@ -37,6 +37,7 @@ from .latency.table import LatencyTable
 from .latency.widths import Choice, LayerCosts, WidthChooser
 from .pruning.configs import Channels
 from .pruning.importance import Calibration
+from .pruning.patterns import check_sparsity
 from .pruning.prune_ import PruneData, prune_
 from .strip import strip
 
@@ -155,15 +156,17 @@ class WidthChoice:
 def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, target: float, runtime: str,
                   artifact: tuple[str, Path], compare: Compare, calibration: Calibration | None = None,
                   rounds: int = 12, budget_s: float = 10.0, precision: str = "fp32",
-                  table: LatencyTable | None = None) -> WidthChoice:
+                  table: LatencyTable | None = None, max_sparsity: float = MAX_SPARSITY) -> WidthChoice:
     """Each coupled group's width so that ``module``'s stripped model runs ``target`` times faster
     in ``runtime`` (within :data:`TOLERANCE` above), keeping the most ``config.importance``;
     the arguments as :func:`choose_sparsity`'s. ``precision`` is what the latency table times
     (``int8`` where the deployed model is quantized); ``table`` a table to use (default: the
-    runtime's cached one for this machine). A target that even the smallest widths miss is one
-    CtkError after a single probe."""
+    runtime's cached one for this machine); ``max_sparsity`` the most of any group pruned (the
+    narrowest width allowed). A target that even the narrowest widths miss is one CtkError after a
+    single probe."""
     _check(config, target)
-    plan = width_plan(module, example_inputs, config, calibration, WIDTH_POINTS, MAX_SPARSITY)
+    check_sparsity(max_sparsity, "max_sparsity")
+    plan = width_plan(module, example_inputs, config, calibration, WIDTH_POINTS, max_sparsity)
     table = table or LatencyTable(runtime, precision)
     chooser = WidthChooser(plan.options, LayerCosts(plan.layers, plan.options, table))
     dense = chooser.dense()
@@ -185,7 +188,7 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
         smallest = chooser.smallest()
         if probe(smallest, smallest.predicted_ms) < target:
             raise CtkError(f"--target-speedup {target:g} cannot be met in {runtime} on this machine: the narrowest "
-                           f"widths allowed (at most {MAX_SPARSITY:.0%} of every channel group pruned) run only "
+                           f"widths allowed (at most {max_sparsity:.0%} of every channel group pruned) run only "
                            f"{probes[0][1].speedup:.2f}x faster (ask for at most that)")
         for _ in range(WIDTH_ROUNDS):
             budget = _next_budget(dense.predicted_ms, [p for _, p in probes], target)
