@@ -3,9 +3,9 @@ Runtime by ``strip_onnx``: neurons go through ``QuickGelu``, ``Gelu`` and ``Fast
 where the input is and the op maps zero plus its bias to zero, as ORT computes it), hidden
 features stay pinned by ``SimplifiedLayerNormalization`` and ``SkipSimplifiedLayerNormalization``;
 ``Attention`` with unequal ``qkv_hidden_sizes`` loses a head and rewrites both attributes; an
-``Attention`` with a present cache and an unknown ``com.microsoft`` op are barriers that name
-themselves. Positive controls: a zero neuron whose bias makes ``FastGelu`` nonzero is kept; a
-head whose values are live is kept."""
+``Attention`` with a present cache, ``GroupQueryAttention`` and an unknown ``com.microsoft`` op
+are barriers that name themselves. Positive controls: a zero neuron whose bias makes
+``FastGelu`` nonzero is kept; the zero heads behind a barrier are kept."""
 
 from __future__ import annotations
 

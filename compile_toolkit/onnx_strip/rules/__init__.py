@@ -2,8 +2,8 @@
 type)`` for ONNX Runtime's ``com.microsoft`` ops.
 
 Each module of this package contributes a ``RULES`` table (``elementwise``, ``layers``,
-``layout``, ``pooling``, ``contrib`` and ``fused_attention`` for ONNX Runtime's fused ops); a new
-module is picked up without editing this file, and an op in two tables is an error
+``layout``, ``reshape``, ``pooling``; ``contrib`` and ``fused_attention`` for ONNX Runtime's
+fused ops); a new module is picked up without editing this file, and an op in two tables is an error
 (:func:`compile_toolkit.channels.rules.merge_tables`, shared with the ATen rules). An op missing
 from the tables, an op of any other domain (a model-local function) and any node holding a
 subgraph (``If``, ``Loop``, ``Scan``) is a barrier named in the report. ONNX Runtime's fused
