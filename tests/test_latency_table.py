@@ -67,6 +67,15 @@ def test_a_corrupt_cache_is_ignored_with_a_warning_and_measured_again(tmp_path):
         table(tmp_path)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_openvino_has_its_own_table_timed_in_openvino(tmp_path, precision):
+    pytest.importorskip("openvino")
+    ov = LatencyTable("openvino", precision, folder=tmp_path, rounds=2, iters=2, warmup=1)
+    ov.ensure(CELLS[:3])
+    assert ov.measured == 3 and all(ov.ms(*c) > 0 for c in CELLS[:3])
+    assert ov.machine["runtime"] == "openvino" and ov.path != table(tmp_path).path
+
+
 def test_the_cache_folder_is_ctk_cache_dir_or_the_users_cache(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "lat"))
     assert cache_dir() == tmp_path / "lat" and LatencyTable("ort").path.parent == tmp_path / "lat"

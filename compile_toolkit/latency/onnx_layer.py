@@ -3,6 +3,10 @@ at given channel widths, in fp32 or as int8 QDQ (quantize/dequantize pairs aroun
 per output channel, bias int32: the pattern ONNX Runtime's static quantizer writes, which ONNX
 Runtime fuses into QLinearConv / QLinearMatMul and OpenVINO reads natively).
 
+ONNX Runtime runs int8 convolutions in NHWC, so a lone int8 layer pays a transpose on each side
+that a whole model pays once at its ends; the table keeps that (it grows with the widths like the
+activation traffic a model has anyway), and the end-to-end check corrects the total.
+
 Written with ``onnx.helper`` rather than exported from torch: thousands of cells are timed, and a
 one-node graph needs no tracer. Weight values do not change a dense kernel's time; they are random
 (never zero) so that no runtime can skip work.
