@@ -5,16 +5,23 @@ ONNX's inference knows the default domain only, so behind a ``com.microsoft`` op
 ``BiasGelu``) every value has no shape, and the analysis would make each node a barrier for it.
 ONNX Runtime's symbolic shape inference knows its own ops; it is asked only where values lack a
 shape, and only fills those: a shape ONNX inferred is never replaced. Where it fails, the values
-stay unknown and their nodes stay barriers that say so.
+stay unknown and their nodes stay barriers that say so. It is handed the graph with its large
+initializers as typed inputs without data (it reads the values of shape constants only), so a
+model of any size costs no copy of its weights and stays under protobuf's 2 GB.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from .context import leaf_constant
+from .flops import SHAPE_DATA_ELEMENTS
 
 
 def infer_shapes(model: ir.Model) -> list[str]:
@@ -47,7 +54,8 @@ def _symbolic_shapes(model: ir.Model) -> dict[str, tuple[ir.Shape, ir.DataType |
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     try:
-        inferred = SymbolicShapeInference.infer_shapes(ir.to_proto(model), auto_merge=True, guess_output_rank=False)
+        inferred = SymbolicShapeInference.infer_shapes(_without_weights(model), auto_merge=True,
+                                                       guess_output_rank=False)
     except Exception:  # noqa: BLE001 - its failure leaves the values unknown: their nodes become barriers
         return {}
     if inferred is None:
@@ -61,3 +69,37 @@ def _symbolic_shapes(model: ir.Model) -> dict[str, tuple[ir.Shape, ir.DataType |
         dtype = ir.DataType(tensor.elem_type) if tensor.elem_type != onnx.TensorProto.UNDEFINED else None
         found[info.name] = (ir.Shape(dims), dtype)
     return found
+
+
+def _without_weights(model: ir.Model) -> onnx.ModelProto:
+    """``model``'s protobuf with every initializer over :data:`~.flops.SHAPE_DATA_ELEMENTS`
+    elements a typed graph input without data (the model is left as it was)."""
+    large = [v for v in model.graph.initializers.values() if v.const_value is not None and not v.is_graph_input()
+             and v.const_value.size > SHAPE_DATA_ELEMENTS]
+    tensors = [v.const_value for v in large]
+    try:
+        for value in large:
+            value.const_value = None
+        with _quiet("onnx_ir.serde"):  # it warns of each initializer without data, as asked
+            proto = ir.to_proto(model)
+    finally:
+        for value, tensor in zip(large, tensors, strict=True):
+            value.const_value = tensor
+    names = {v.name for v in large}
+    typed = [info for info in proto.graph.value_info if info.name in names]
+    proto.graph.input.extend(typed)
+    kept = [info for info in proto.graph.value_info if info.name not in names]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    return proto
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
