@@ -227,9 +227,9 @@ def _next_budget(dense_ms: float, probes: list[WidthProbe], target: float) -> fl
 
 def _width_choice(plan: WidthPlan, config: Channels, target: float, runtime: str, precision: str, dense: Choice,
                   probes: list[tuple[Choice, WidthProbe]], table: LatencyTable, names: set[str]) -> WidthChoice:
-    """The choice to keep: of the probes that met the target, the one that prunes least."""
+    """The choice to keep: of the probes that met the target, the one that keeps most importance."""
     met = [(choice, p) for choice, p in probes if p.speedup >= target]
-    choice, best = min(met, key=lambda item: item[1].speedup)
+    choice, best = max(met, key=lambda item: item[0].importance)
     sizes = sum(o.size for o in plan.options)
     widths = [{"group": group.index, "carrier": carrier, "channels": option.size, "kept": width}
               for group, option, width, carrier in zip(plan.groups, plan.options, choice.widths,
