@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import compile_toolkit as ctk
+from compile_toolkit.channels import ChannelGroup
 from compile_toolkit.errors import CtkError
 from compile_toolkit.latency.groups import width_plan
 from compile_toolkit.latency.overrides import width_config
@@ -69,6 +71,15 @@ def test_chosen_widths_are_pruned_exactly_and_strip_verifies_the_model():
             name, _, dim = carrier.rpartition(":")
             if name in shapes:
                 assert shapes[name].shape[int(dim)] == width, (carrier, width)
+
+
+def test_groups_that_share_every_carrier_cannot_be_told_apart_and_say_so():
+    """Two groups carried only by the same two weights (no norm or bias of their own): no parameter
+    name can give each its own width, and the refusal names them."""
+    shared = ["a.weight:0", "b.weight:1"]
+    groups = [ChannelGroup(k, np.arange(4) + 4 * k, shared, None, np.arange(4) + 4 * k) for k in range(2)]
+    with pytest.raises(CtkError, match=r"group 0 \(a.weight\), group 1 \(b.weight\) share every carrier"):
+        width_config(Channels(), groups, [2, 3], {"a.weight", "b.weight"})
 
 
 def test_the_measured_speedup_meets_the_target_and_a_second_run_reuses_the_table(tmp_path):
