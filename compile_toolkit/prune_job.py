@@ -25,6 +25,7 @@ from .fileio import save_safetensors
 from .job_options import force_option, input_shape_option, model_option, out_option, weights_option
 from .models import LoadedModel, load_model
 from .models.hf_specs import is_gguf_spec
+from .models.loaded import TokenModel
 from .models.registry import DEFAULT_SPEC
 from .models.weights import fit_state_dict, read_weights
 from .options import option, options_of
@@ -173,11 +174,11 @@ def _held_masks(loaded: LoadedModel, weights: str | None) -> Masks:
     if weights is None:
         return {}
     held = _load_weights(loaded.named_module, weights, loaded.notes)
-    return {f"model.{k}": v for k, v in held.items()} if loaded.task else held
+    return loaded.module.outer_names(held) if isinstance(loaded.module, TokenModel) else held
 
 
 def _unwrapped(loaded: LoadedModel, masks: Masks) -> Masks:
-    return {k.removeprefix("model."): v for k, v in masks.items()} if loaded.task else masks
+    return loaded.module.inner_names(masks) if isinstance(loaded.module, TokenModel) else masks
 
 
 def _load_weights(module: nn.Module, path: str, notes: list[str]) -> Masks:

@@ -121,7 +121,7 @@ def load_hf(spec: str, task: str | None, input_shape: tuple[int, ...] | None,
     if task == "embed":
         info = _drop_unsaved_pooler(model, info)
     _check_loading_info(spec, folder, model, info, swapped_head=task != hf_task(spec), resized_head=bool(num_classes))
-    wrapper = {"classify": SequenceLogits, "causal-lm": CausalLMLogits, "embed": HiddenStates}[task]
+    wrapper = {w.TASK: w for w in (SequenceLogits, CausalLMLogits, HiddenStates)}[task]
     notes = []
     saved = len(_hf_config(spec).get("id2label") or {}) if hf_task(spec) == "classify" else None
     if num_classes and saved and saved != num_classes:

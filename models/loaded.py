@@ -3,9 +3,9 @@ make two loads of one spec the same model on the same example."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -14,6 +14,29 @@ from compile_toolkit.errors import CtkError, summary
 
 INPUT_SEED = 0
 INIT_SEED = 0
+V = TypeVar("V")
+
+
+class TokenModel(nn.Module):
+    """A ``transformers`` model seen as a function of token tensors (the task wrappers of
+    :mod:`compile_toolkit.llm.wrap`): the handle that maps parameter names. ``model`` is the model
+    inside, whose names weights files and ``save_pretrained`` use; here they carry :attr:`PREFIX`.
+    ``TASK`` is the task whose tensor it returns (``causal-lm``, ``classify``, ``embed``)."""
+
+    PREFIX = "model."
+    TASK = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def outer_names(self, named: Mapping[str, V]) -> dict[str, V]:
+        """``named`` (keyed by the inner model's names) keyed by this module's names."""
+        return {self.PREFIX + name: value for name, value in named.items()}
+
+    def inner_names(self, named: Mapping[str, V]) -> dict[str, V]:
+        """``named`` (keyed by this module's names) keyed by the inner model's names."""
+        return {name.removeprefix(self.PREFIX): value for name, value in named.items()}
 
 
 @dataclass(frozen=True)
@@ -38,7 +61,7 @@ class LoadedModel:
     @property
     def pretrained(self) -> nn.Module | None:
         """The ``transformers`` model a task wrapper holds (``hf:`` folders, GGUF files), else None."""
-        return self.module.model if self.task else None
+        return self.module.model if isinstance(self.module, TokenModel) else None
 
     @property
     def named_module(self) -> nn.Module:

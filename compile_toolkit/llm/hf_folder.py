@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import CtkError
+from ..models.loaded import TokenModel
 
 
 def save_stripped_pretrained(
@@ -73,7 +74,7 @@ def _parameters(stripped: nn.Module, model: PreTrainedModel) -> dict:
     names = set(dict(model.named_parameters()))
     found = dict(stripped.named_parameters())
     embedding = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
-    for prefix in ("", "model."):
+    for prefix in ("", TokenModel.PREFIX):
         renamed = {n[len(prefix):]: p.detach() for n, p in found.items() if n.startswith(prefix)}
         if model.config.tie_word_embeddings and embedding not in renamed and "lm_head.weight" in renamed:
             renamed[embedding] = renamed.pop("lm_head.weight")

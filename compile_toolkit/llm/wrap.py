@@ -11,39 +11,34 @@ names.
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from ..models.loaded import TokenModel
 
 
-class CausalLMLogits(nn.Module):
+class CausalLMLogits(TokenModel):
     """``input_ids [B, T] -> logits [B, T, V]`` with ``use_cache=False``: one tensor out, which
     every exporter and runtime takes, and no ``DynamicCache`` for ``torch.export`` to flatten."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    TASK = "causal-lm"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-class SequenceLogits(nn.Module):
+class SequenceLogits(TokenModel):
     """``input_ids, attention_mask [B, T] -> logits [B, classes]`` of a sequence classifier."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    TASK = "classify"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-class HiddenStates(nn.Module):
+class HiddenStates(TokenModel):
     """``input_ids, attention_mask [B, T] -> last_hidden_state [B, T, F]`` of a base model, the
     tensor the embed task mean-pools."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    TASK = "embed"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

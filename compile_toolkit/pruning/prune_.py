@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CtkError
+from ..models.loaded import TokenModel
 from .configs import DECODER_STEPS, NM, Channels, DecoderStructures, DecoderWeights, Magnitude, PruneConfig
 from .masks import Masks
 from .schedule import GradualSchedule
@@ -119,8 +120,9 @@ def _decoder_weights(model: nn.Module, config: DecoderWeights, data: PruneData) 
     tokens = data.tokens or []
     if config.METHOD != "magnitude" and not tokens:
         raise CtkError(f"{type(config).__name__} pruning needs tokens (calibration text)")
-    report = prune_llm(_causal_lm(model, config), tokens, config.METHOD, config.sparsity, config.pattern)
-    return Pruned(_with_samples(report.to_dict(), tokens), _prefixed(report.masks))
+    wrapper = _causal_lm(model, config)
+    report = prune_llm(wrapper.model, tokens, config.METHOD, config.sparsity, config.pattern)
+    return Pruned(_with_samples(report.to_dict(), tokens), wrapper.outer_names(report.masks))
 
 
 @register(DecoderStructures, needs=("tokens",))
@@ -129,12 +131,13 @@ def _decoder_structures(model: nn.Module, config: DecoderStructures, data: Prune
 
     if config.structure not in DECODER_STEPS:
         raise CtkError(f"unknown decoder structure {config.structure!r}; choose from {', '.join(DECODER_STEPS)}")
-    inner = _causal_lm(model, config)
+    wrapper = _causal_lm(model, config)
     masks: Masks = {}
     steps = []
     for structure in DECODER_STEPS[config.structure]:
-        report = prune_llm_structured(inner, data.tokens, structure, config.sparsity, uniform=not config.per_layer)
-        masks.update(_prefixed(report.masks))
+        report = prune_llm_structured(wrapper.model, data.tokens, structure, config.sparsity,
+                                      uniform=not config.per_layer)
+        masks.update(wrapper.outer_names(report.masks))
         steps.append(report.to_dict())
     summary = {"structure": config.structure, "sparsity": config.sparsity, "uniform": not config.per_layer,
                "importance": config.importance, "steps": steps, "seconds": sum(s["seconds"] for s in steps)}
@@ -143,23 +146,16 @@ def _decoder_structures(model: nn.Module, config: DecoderStructures, data: Prune
 
 
 def is_causal_lm(module: nn.Module) -> bool:
-    """Whether ``module`` wraps a ``transformers`` causal LM as ``.model`` (what the ``hf:`` and
+    """Whether ``module`` is a ``transformers`` causal LM's logits wrapper (what the ``hf:`` and
     GGUF loaders give a causal-lm task)."""
-    inner = getattr(module, "model", None)
-    return getattr(inner, "config", None) is not None and hasattr(inner, "lm_head")
+    return isinstance(module, TokenModel) and module.TASK == "causal-lm"
 
 
-def _causal_lm(module: nn.Module, config: PruneConfig) -> nn.Module:
+def _causal_lm(module: nn.Module, config: PruneConfig) -> TokenModel:
     if not is_causal_lm(module):
         raise CtkError(f"{type(config).__name__} pruning works on the decoder layers of a causal language model "
                        f"(smollm2-135m, a GGUF file, an hf: causal LM); {type(module).__name__} is not one")
-    return module.model
-
-
-def _prefixed(masks: Masks) -> Masks:
-    """The language-model pruners' masks under the wrapper's names (``model.`` first), so
-    fine-tuning holds them on the module that was given."""
-    return {f"model.{name}": mask for name, mask in masks.items()}
+    return module
 
 
 def _with_samples(summary: dict[str, Any], tokens: list[torch.Tensor]) -> dict[str, Any]:
