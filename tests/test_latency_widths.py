@@ -44,10 +44,10 @@ def graded_weights(model: Branches) -> Branches:
     return model
 
 
-def chooser_for(model: nn.Module, folder, points: int = 8) -> tuple[WidthChooser, list[int]]:
-    plan = width_plan(model, (torch.randn(2, 3, 64, 64),), Channels(), None, points, 0.9)
+def chooser_for(model: nn.Module, folder) -> tuple[WidthChooser, LatencyTable]:
+    plan = width_plan(model, (torch.randn(2, 3, 64, 64),), Channels(), None, 8, 0.9)
     table = LatencyTable("ort", folder=folder, rounds=8, iters=5, warmup=2)
-    return WidthChooser(plan.options, LayerCosts(plan.layers, plan.options, table)), [o.index for o in plan.options]
+    return WidthChooser(plan.options, LayerCosts(plan.layers, plan.options, table)), table
 
 
 class FakeTable:
@@ -83,7 +83,9 @@ def test_groups_that_cost_the_same_keep_the_same_width():
 def test_branches_that_cost_very_differently_get_different_widths(tmp_path):
     """Positive control: branch 0 runs at 64x64, the others at 16x16 (16x fewer positions), so a
     channel of branch 0 costs far more latency for the same importance and goes first."""
-    chooser, _ = chooser_for(graded_weights(Branches((1, 4, 4), 64)).eval(), tmp_path)
+    chooser, table = chooser_for(graded_weights(Branches((1, 4, 4), 64)).eval(), tmp_path)
+    # layers of equal geometry are measured once: 4 geometries (two strides, two convolutions) of 8 widths
+    assert len(chooser.costs.layers) == 6 and table.measured == 4 * 8
     costly, cheap, cheap_too = chooser.choose(chooser.dense().predicted_ms / 2).widths
     assert costly <= 32 and costly < min(cheap, cheap_too), (costly, cheap, cheap_too)
 
