@@ -27,7 +27,8 @@ from compile_toolkit.cli import main
 from compile_toolkit.errors import CtkError
 from compile_toolkit.training import TrainConfig, train
 from compile_toolkit.training.launch import Nodes, check_launch
-from compile_toolkit.training.tp import check_plan_shapes, derive_plan
+from compile_toolkit.training.tp_check import check_plan_shapes
+from compile_toolkit.training.tp_plan import derive_plan
 
 TIMEOUT = 180
 FACTORIES = TINY_MODEL + '''

@@ -18,7 +18,7 @@ from torch import nn
 
 from compile_toolkit.errors import CtkError, shown
 from compile_toolkit.pruning import load_recipe
-from compile_toolkit.training.tp import read_plan
+from compile_toolkit.training.tp_plan import read_plan
 
 SHORT = 300  # characters: an error is one line a person reads
 

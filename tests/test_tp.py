@@ -17,7 +17,7 @@ from torch import nn
 
 from compile_toolkit.errors import CtkError
 from compile_toolkit.training import TrainConfig, load_checkpoint, train
-from compile_toolkit.training.tp import derive_plan, read_plan
+from compile_toolkit.training.tp_plan import derive_plan, read_plan
 
 MLP = """
 from torch import nn

@@ -8,7 +8,7 @@ output layer, 2.1M parameters by default, 17x the digits model; ``cnn``, a resid
 convolution, with a pooled linear head. The tool starts ``--ranks`` gloo workers under torchrun's
 agent (NCCL with CUDA); each builds a model three times from the same seed and wraps it with the
 toolkit's own code: DDP (``DistributedDataParallel``), FSDP2 (``fsdp.shard``: each block and the
-root) and TP (``tp.derive_plan`` on a 1xN mesh: each block's first layer split by outputs, its
+root) and TP (``tp_plan.derive_plan`` on a 1xN mesh: each block's first layer split by outputs, its
 second by inputs, the batch norm between them by channel; the rest replicated). Every step is a
 sparse-training step of the one loop's kind: forward, loss, backward, masked gradients, SGD,
 masks re-applied (50% magnitude masks, split like the weights).
@@ -115,7 +115,7 @@ def _wrap(strategy: str, model: nn.Module, device: torch.device, world: int) -> 
     from torch.nn.parallel import DistributedDataParallel
 
     from compile_toolkit.training.fsdp import shard
-    from compile_toolkit.training.tp import derive_plan, parallel_styles
+    from compile_toolkit.training.tp_plan import derive_plan, parallel_styles
 
     model.to(device)
     if strategy == "ddp":

@@ -119,9 +119,10 @@ def check_launch(config: TrainConfig, nproc: int, max_restarts: int, nodes: Node
 
 def _check_plan(config: TrainConfig, size: int) -> None:
     """``--tp-plan`` read against the model, and run on two validation samples with its layers cut
-    to one rank's shard (:func:`~.tp.check_plan_shapes`): the model is built here once, shapes only."""
+    to one rank's shard (:func:`~.tp_check.check_plan_shapes`): the model is built here once, shapes only."""
     from .run_setup import build_parts
-    from .tp import check_plan_shapes, read_plan
+    from .tp_check import check_plan_shapes
+    from .tp_plan import read_plan
 
     parts = build_parts(config)
     model = parts.loaded.module
