@@ -19,13 +19,14 @@ from .errors import CtkError
 from .exporters import ALL_FORMATS, FORMATS, Artifact, export, openvino_format
 from .exporters import hf as hf_format
 from .job_options import force_option, input_shape_option, model_option, out_option, weights_option
-from .latency_target import TargetChoice, choose_sparsity
+from .latency_target import TargetChoice, WidthChoice, choose_sparsity, choose_widths
 from .models import LoadedModel
 from .models.weights import state_dict_mismatch
 from .options import comma_list, option, options_of
 from .outdir import check_out_option, default_out, job_inputs, staged_folder
 from .pipeline import PipelineLog, recording
 from .pruning import apply_masks
+from .pruning.configs import Channels
 from .pruning.llm.plan import PruneOptions, finish, prune_with
 from .pruning.masks import check_masks
 from .pruning.prune_ import is_causal_lm
@@ -197,10 +198,12 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
             report.sparsity = report.pruning["sparsity"]
         elif job.pruned:
             target = _target(job, loaded, work, timed) if job.target_speedup is not None else None
-            if target is not None:
+            if isinstance(target, TargetChoice):  # one sparsity for every group
                 job = replace(job, prune=replace(job.prune, sparsity=target.sparsity))
+            if target is not None:
                 report.sparsity = target.sparsity
-            report.pruning = _prune(job, loaded, work, dense, timed)
+            report.pruning = _prune(job, loaded, work, dense, timed, target.config if isinstance(target, WidthChoice)
+                                    else None)
             if target is not None:
                 report.pruning["target"] = target.to_dict()
         with timed("capture and strip"):
@@ -279,14 +282,18 @@ def _timer(log: PipelineLog, step: Step | None) -> Callable[[str], AbstractConte
     return timed
 
 
-def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn.Module, timed) -> dict[str, Any]:
-    """Prune as the options say (:mod:`compile_toolkit.pruning.llm.plan`), then fine-tune with
-    the masks held (or re-estimate batch norms); block pruning's identity blocks go last."""
+def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn.Module, timed,
+           config: Channels | None = None) -> dict[str, Any]:
+    """Prune as the options say (:mod:`compile_toolkit.pruning.llm.plan`), or by ``config`` (the
+    widths ``--target-speedup`` chose), then fine-tune with the masks held (or re-estimate batch
+    norms); block pruning's identity blocks go last."""
     options = job.prune
     calibration = _importance_inputs(job, work)
-    with timed(options.describe(is_causal_lm(loaded.module), calibrated=calibration is not None)):
+    what = ("prune each channel group to the width chosen for the target" if config is not None
+            else options.describe(is_causal_lm(loaded.module), calibrated=calibration is not None))
+    with timed(what):
         result = prune_with(loaded.module, loaded.example_inputs, options,
-                            work.token_batches if work is not None else None, calibration)
+                            work.token_batches if work is not None else None, calibration, config)
     summary = result.summary
     summary["accuracy_before_finetune"] = _metric(loaded.module, work, dense)
     changed = job.finetune and work is not None and job.finetune_epochs
@@ -311,14 +318,21 @@ def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn
     return summary
 
 
-def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -> TargetChoice:
-    """The sparsity that meets ``--target-speedup`` in ``--runtime``, chosen by measured probes."""
+def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -> TargetChoice | WidthChoice:
+    """What meets ``--target-speedup`` in ``--runtime``: each channel group's width, chosen over the
+    runtime's measured per-layer latency table and checked end to end (channels); one sparsity for
+    every group, chosen by measured probes (heads and neurons, which the table does not cover)."""
     runtime = metrics.RUNTIMES[job.runtime]
     name, compare = runtime.title, runtime.compare
     calibration = _importance_inputs(job, work)
     config = job.prune.config(loaded.module, calibrated=calibration is not None)
     fmt = runtime.formats["fp32"]
     artifact = (fmt, Path(openvino_format.FILENAME, openvino_format.XML) if fmt == "openvino" else Path("model.onnx"))
+    if isinstance(config, Channels) and config.structure == "channel":
+        with timed(f"choose each channel group's width for {job.target_speedup:g}x in {name} (per-layer latency "
+                   "table, timed end to end)"):
+            return choose_widths(loaded.module, loaded.example_inputs, config, job.target_speedup, job.runtime,
+                                 artifact, compare, calibration)
     with timed(f"choose the sparsity for {job.target_speedup:g}x in {name} (pruned, stripped and timed probes)"):
         return choose_sparsity(loaded.module, loaded.example_inputs, config, job.target_speedup, job.runtime,
                                artifact, compare, calibration)

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +15,11 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 torch.set_num_threads(1)
+# Latency tables measured by --target-speedup jobs go to a folder of this test process, not the
+# user's cache (timed at one thread on a loaded machine, they are not this machine's table).
+if "CTK_CACHE_DIR" not in os.environ:
+    os.environ["CTK_CACHE_DIR"] = tempfile.mkdtemp(prefix="ctk-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CTK_CACHE_DIR"], ignore_errors=True)
 
 
 def rel_error(reference, candidate) -> float:

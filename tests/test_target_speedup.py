@@ -1,42 +1,65 @@
-"""``ctk export --pruned --target-speedup X``: the sparsity is chosen by measured probes in the
-deployment runtime (pruned, stripped, exported, verified and timed), the smallest that meets the
-target; the report puts the final measured speedup beside it; an unreachable target is one line."""
+"""``ctk export --pruned --target-speedup X``: each channel group's width chosen over the
+runtime's measured per-layer latency table, checked end to end (pruned, stripped, exported,
+verified and timed against the dense model), the model pruned to exactly those widths; the report
+puts the final measured speedup beside the target; an unreachable target is one line. Heads and
+neurons, which the table does not cover, take one sparsity chosen by bisection over probes."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from test_cli import assert_clean_failure, run_cli
 
-from compile_toolkit.latency_target import MAX_SPARSITY, RESOLUTION
+from compile_toolkit.latency_target import MAX_SPARSITY, RESOLUTION, choose_sparsity
+from compile_toolkit.metrics import compare_latency_ms
+from compile_toolkit.models import load_model
+from compile_toolkit.pruning.configs import Channels
 
 
-def test_the_job_prunes_as_little_as_meets_the_target_and_reports_the_measured_speedup(tmp_path, capsys):
+def test_the_job_prunes_each_group_to_its_chosen_width_and_reports_the_measured_speedup(tmp_path, capsys):
     out = tmp_path / "out"
     status, err = run_cli(["export", "--pruned", "--target-speedup", "1.3", "--no-finetune", "--formats", "onnx",
                            "--out", str(out)], capsys)
     assert status == 0, err
     report = json.loads((out / "report.json").read_text())
     target = report["pruning"]["target"]
-    probes = target["probes"]
-    assert target["target"] == 1.3 and target["runtime"] == "ort"
-    assert probes[0]["sparsity"] == MAX_SPARSITY and probes[0]["speedup"] >= 1.3
-    assert 0 < target["sparsity"] <= MAX_SPARSITY and report["sparsity"] == target["sparsity"]
-    chosen = [p for p in probes if p["sparsity"] == target["sparsity"]]
-    assert chosen and chosen[-1]["speedup"] >= 1.3 == target["target"]  # the chosen sparsity met the target
-    # bisection: every probe below the chosen sparsity missed the target, and the bracket closed
-    below = [p["sparsity"] for p in probes if p["sparsity"] < target["sparsity"]]
-    assert all(p["speedup"] < 1.3 for p in probes if p["sparsity"] < target["sparsity"])
-    assert target["sparsity"] - max(below, default=0.0) <= RESOLUTION
-    assert report["pruning"]["sparsity"] == target["sparsity"]  # the model was pruned at the chosen sparsity
+    assert target["target"] == 1.3 and target["runtime"] == "ort" and target["precision"] == "fp32"
+    assert target["table"]["measured"] > 0 and Path(target["table"]["path"]).is_file()  # measured, then cached
+    assert target["probes"][0]["speedup"] >= 1.3  # the narrowest widths: the target can be met
+    assert target["probe_speedup"] >= 1.3 and target["probe_speedup"] in [p["speedup"] for p in target["probes"]]
+    checked = 0
+    for width in target["widths"]:  # the model was pruned to exactly the chosen widths
+        mine = [g for g in report["pruning"]["groups"]
+                if any(c.rpartition(":")[0] == width["carrier"] for c in g["carriers"])]
+        if len(mine) == 1:  # a carrier of this group alone (a norm's scale)
+            assert mine[0]["channels"] - mine[0]["pruned"] == width["kept"], (width, mine)
+            checked += 1
+    assert checked >= len(target["widths"]) / 2 and any(w["kept"] < w["channels"] for w in target["widths"])
+    assert report["sparsity"] == target["sparsity"] > 0
     assert target["speedup"] == report["speedup"] and target["met"] == (report["speedup"] >= 1.3)
+
+
+def test_one_sparsity_for_every_group_is_the_smallest_that_meets_the_target():
+    """The bisection heads and neurons use, on the digits model's channels: every probe below the
+    chosen sparsity missed the target, and the bracket closed."""
+    loaded = load_model("digits-resnet")
+    choice = choose_sparsity(loaded.module, loaded.example_inputs, Channels(), 1.3, "ort",
+                             ("onnx", Path("model.onnx")), compare_latency_ms, rounds=6, budget_s=3.0)
+    probes = choice.probes
+    assert probes[0].sparsity == MAX_SPARSITY and probes[0].speedup >= 1.3
+    assert 0 < choice.sparsity <= MAX_SPARSITY and choice.probe_speedup >= 1.3
+    below = [p.sparsity for p in probes if p.sparsity < choice.sparsity]
+    assert all(p.speedup < 1.3 for p in probes if p.sparsity < choice.sparsity)
+    assert choice.sparsity - max(below, default=0.0) <= RESOLUTION
 
 
 def test_an_unreachable_target_is_one_line_before_any_fine_tuning(tmp_path, capsys):
     out = tmp_path / "out"
     status, err = run_cli(["export", "--pruned", "--target-speedup", "1000", "--formats", "onnx", "--out", str(out)],
                           capsys)
-    assert_clean_failure(status, err, "--target-speedup 1000 cannot be met in ort", f"{MAX_SPARSITY:.0%}")
+    assert_clean_failure(status, err, "--target-speedup 1000 cannot be met in ort", "narrowest widths",
+                         f"{MAX_SPARSITY:.0%}")
     assert "fine-tune" not in err and not out.exists()
 
 

@@ -153,12 +153,14 @@ class PruneOptions:
 
 
 def prune_with(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], options: PruneOptions,
-               batches: Batches | None, calibration: list[tuple[torch.Tensor, ...]] | None = None) -> Pruned:
-    """Prune ``module`` in place as ``options`` say: their config (:meth:`PruneOptions.config`)
-    carried out by :func:`~compile_toolkit.pruning.prune_.prune_`. ``batches`` gives calibration
-    text for the language-model pruners, ``calibration`` model inputs that let the graph pruner
-    rank channels by the data."""
-    config = options.config(module, calibrated=calibration is not None)
+               batches: Batches | None, calibration: list[tuple[torch.Tensor, ...]] | None = None,
+               config: PruneConfig | None = None) -> Pruned:
+    """Prune ``module`` in place as ``options`` say: their config (:meth:`PruneOptions.config`), or
+    ``config`` where a job chose one itself (``--target-speedup``'s per-group widths), carried out
+    by :func:`~compile_toolkit.pruning.prune_.prune_`. ``batches`` gives calibration text for the
+    language-model pruners, ``calibration`` model inputs that let the graph pruner rank channels
+    by the data."""
+    config = config or options.config(module, calibrated=calibration is not None)
     tokens = None
     if options.calibrated() and isinstance(config, DecoderWeights | DecoderStructures):
         if batches is None:
