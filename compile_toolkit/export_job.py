@@ -7,51 +7,40 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from . import metrics, openvino_runtime, runtimes_report
+from . import export_measure, export_prune, metrics, openvino_runtime, runtimes_report
 from .errors import CtkError
-from .exporters import ALL_FORMATS, FORMATS, Artifact, export, openvino_format
+from .export_prune import IMAGE_LR, TEXT_LR
+from .exporters import ALL_FORMATS, FORMATS, export
 from .exporters import hf as hf_format
 from .job_options import force_option, input_shape_option, model_option, out_option, weights_option
-from .latency_target import TargetChoice, WidthChoice, choose_sparsity, choose_widths
 from .models import LoadedModel
-from .models.weights import state_dict_mismatch
 from .options import comma_list, option, options_of
 from .outdir import check_out_option, default_out, job_inputs, staged_folder
 from .pipeline import PipelineLog, recording
-from .pruning import apply_masks
-from .pruning.configs import Channels
-from .pruning.llm.plan import PruneOptions, finish, prune_with
-from .pruning.masks import check_masks
+from .pruning.llm.plan import PruneOptions
 from .pruning.prune_ import is_causal_lm
-from .pruning.recalibrate import recalibrate_batchnorm
 from .pruning.recipe import load_recipe
 from .quantize import PT2E, OrtAuto, QuantizeConfig, qat
 from .quantize import job as quantize_job
 from .quantize.config import with_learned_ranges
-from .report import ExportReport, Latency, ModelMeasure
+from .report import ExportReport
 from .strip import strip, strip_summary
 from .tasks import TASKS
 from .training.checkpoint import Checkpoint, load_checkpoint
 from .training.config import MAX_BATCH, MAX_EPOCHS, check_count
-from .training.finetune import finetune
-from .workload import DEFAULT_SEQ_LEN, OnnxRuntimeModel, PositionalInputs, Workload, load_workload
+from .workload import DEFAULT_SEQ_LEN, PositionalInputs, load_workload
 
 Step = Callable[[str], AbstractContextManager]
 
 # Dense files, of those formats among the written ones: sizes for comparison; ONNX (always written) or
 # the OpenVINO IR for latency.
 DENSE_FORMATS = ("torchscript", "pt2", "onnx", "openvino")
-LATENCY_BUDGET_S = 30.0  # the timed rounds of the latency comparison, at most (a 135 M LLM: ~0.2 s a run)
-IMAGE_LR, TEXT_LR = 5e-3, 1e-4  # Adam; a pretrained transformer forgets at the small convnets' rate
-IMPORTANCE_SAMPLES = 128  # training inputs the data-driven importance is measured on
-METRIC_DIGITS = 4  # significant digits of report.json's metric: ONNX Runtime equals PyTorch to these
 
 
 @dataclass
@@ -191,26 +180,13 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
         int8, dense_int8 = quantize_job.export_options(loaded, quant_configs, work) if quant_configs else ({}, {})
         with timed("measure dense model"):
             report = ExportReport(loaded.name, job.prune.sparsity if job.pruned else 0.0, list(loaded.notes),
-                                  _measure(dense, loaded, work, dense))
-        if trained is not None:
-            with timed(f"load sparse-trained checkpoint {trained.path}"):
-                report.pruning = _apply_checkpoint(trained, job, loaded, work, dense)
-            report.sparsity = report.pruning["sparsity"]
-        elif job.pruned:
-            target = _target(job, loaded, work, timed) if job.target_speedup is not None else None
-            if isinstance(target, TargetChoice):  # one sparsity for every group
-                job = replace(job, prune=replace(job.prune, sparsity=target.sparsity))
-            if target is not None:
-                report.sparsity = target.sparsity
-            report.pruning = _prune(job, loaded, work, dense, timed, target.config if isinstance(target, WidthChoice)
-                                    else None)
-            if target is not None:
-                report.pruning["target"] = target.to_dict()
+                                  export_measure.measure(dense, loaded, work, dense))
+        export_prune.run(job, loaded, work, dense, report, trained, timed)
         with timed("capture and strip"):
             stripped = strip(loaded.module, loaded.example_inputs)
         report.strip = strip_summary(stripped).to_dict()
         with timed("measure stripped model"):
-            report.stripped = _measure(PositionalInputs(stripped), loaded, work, dense)
+            report.stripped = export_measure.measure(PositionalInputs(stripped), loaded, work, dense)
         formats = _formats(job, stripped, loaded, report)
         with timed(f"export and verify {', '.join(formats)}"):
             artifacts = export(stripped, loaded.example_inputs, str(staging), formats, reference=loaded.module,
@@ -220,13 +196,15 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
             dense_artifacts = export(dense, loaded.example_inputs, str(staging / "dense"),
                                      tuple(f for f in DENSE_FORMATS if f in formats), **dense_int8)
         with timed(f"{metrics.RUNTIMES[job.runtime].title} latency, dense vs stripped"):
-            report.latency = _latency(report, artifacts, dense_artifacts, loaded, job.latency_rounds, job.runtime)
+            report.latency = export_measure.latency(report, artifacts, dense_artifacts, loaded, job.latency_rounds,
+                                                    job.runtime)
         if report.pruning and "target" in report.pruning:  # the measured speedup beside the target
             report.pruning["target"].update(speedup=report.latency.speedup,
                                             met=report.latency.speedup >= job.target_speedup)
         if work is not None:
             with timed(f"measure {work.task.metric} of the ONNX artifact in ONNX Runtime"):
-                report.metric = _metric_summary(report, work, next(a for a in artifacts if a.format == "onnx"), dense)
+                report.metric = export_measure.metric_summary(report, work, next(a for a in artifacts if a.format == "onnx"),
+                                                              dense)
         if quant_configs:
             with timed("int8: test accuracy, sizes, latency at batch 1 and 8"):
                 report.quantization = quantize_job.section(artifacts, dense_artifacts, staging, loaded,
@@ -236,12 +214,12 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
                 onnx_artifact = next(a for a in artifacts if a.format == "onnx")
                 report.runtimes = runtimes_report.section(artifacts, dense_artifacts, staging, loaded.example_inputs,
                                                           onnx_artifact.static_batch, max(2, job.latency_rounds // 4),
-                                                          LATENCY_BUDGET_S)
+                                                          export_measure.LATENCY_BUDGET_S)
         report.artifacts = [_relative(a.to_dict(), staging) for a in artifacts]
-        report.sparse_onnx = _sparse_onnx_ratio(artifacts)
+        report.sparse_onnx = export_measure.sparse_onnx_ratio(artifacts)
         report.dense.artifacts = [_relative(a.to_dict(), staging) for a in dense_artifacts]
         report.pipeline = log.to_dict()
-        report.environment = _environment()
+        report.environment = export_measure.environment()
         report.write(staging)
     report.out = str(job.out_dir)
     return report.to_dict()
@@ -261,16 +239,6 @@ def _formats(job: ExportJob, stripped: nn.Module, loaded: LoadedModel, report: E
     return formats
 
 
-def _sparse_onnx_ratio(artifacts: list) -> dict[str, Any] | None:
-    """The sparse ONNX file's size against the same graph with dense initializers (what
-    unstructured zeros save on disk), when it was written."""
-    sizes = {a.format: a.size_bytes for a in artifacts}
-    if "onnx-sparse" not in sizes:
-        return None
-    dense, sparse = sizes["onnx"], sizes["onnx-sparse"]
-    return {"onnx_bytes": dense, "sparse_bytes": sparse, "ratio": sparse / dense}
-
-
 def _timer(log: PipelineLog, step: Step | None) -> Callable[[str], AbstractContextManager]:
     """``timed(name)``: a block shown as a progress step and timed as a stage of ``log``."""
 
@@ -280,77 +248,6 @@ def _timer(log: PipelineLog, step: Step | None) -> Callable[[str], AbstractConte
             yield
 
     return timed
-
-
-def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn.Module, timed,
-           config: Channels | None = None) -> dict[str, Any]:
-    """Prune as the options say (:mod:`compile_toolkit.pruning.llm.plan`), or by ``config`` (the
-    widths ``--target-speedup`` chose), then fine-tune with the masks held (or re-estimate batch
-    norms); block pruning's identity blocks go last."""
-    options = job.prune
-    calibration = _importance_inputs(job, work)
-    what = ("prune each channel group to the width chosen for the target" if config is not None
-            else options.describe(is_causal_lm(loaded.module), calibrated=calibration is not None))
-    with timed(what):
-        result = prune_with(loaded.module, loaded.example_inputs, options,
-                            work.token_batches if work is not None else None, calibration, config)
-    summary = result.summary
-    summary["accuracy_before_finetune"] = _metric(loaded.module, work, dense)
-    changed = job.finetune and work is not None and job.finetune_epochs
-    if changed:
-        distill = job.distill or work.task.needs_teacher  # no labels (embed): the teacher is the target
-        how = " from the dense model (distillation)" if distill else ""
-        with timed(f"fine-tune {job.finetune_epochs} epochs with masks held{how}"):
-            summary["finetune_losses"] = finetune(loaded.module, work.splits.train, result.masks,
-                                                  epochs=job.finetune_epochs, lr=_lr(job, work),
-                                                  batch_size=job.batch_size, task=work.task,
-                                                  teacher=dense if distill else None)
-        summary["distilled"] = distill
-    elif work is not None:
-        # Batch norms would keep the dense network's statistics (digits-resnet at 50%: 15% test accuracy
-        # with them, 54% re-estimated); fine-tuning re-estimates them anyway.
-        with timed("re-estimate batch-norm statistics (no fine-tuning)"):
-            summary["batchnorm_recalibrated"] = changed = recalibrate_batchnorm(loaded.module, work.calibration_inputs())
-    summary.update(finish(loaded.module, result))  # exact: the model computes the same
-    # Neither fine-tuned nor re-estimated, the model is the one just measured (a language model's
-    # evaluation is a forward pass over the whole held-out text: not worth doing twice).
-    summary["accuracy"] = _metric(loaded.module, work, dense) if changed else summary["accuracy_before_finetune"]
-    return summary
-
-
-def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -> TargetChoice | WidthChoice:
-    """What meets ``--target-speedup`` in ``--runtime``: each channel group's width, chosen over the
-    runtime's measured per-layer latency table and checked end to end (channels); one sparsity for
-    every group, chosen by measured probes (heads and neurons, which the table does not cover)."""
-    runtime = metrics.RUNTIMES[job.runtime]
-    name, compare = runtime.title, runtime.compare
-    calibration = _importance_inputs(job, work)
-    config = job.prune.config(loaded.module, calibrated=calibration is not None)
-    fmt = runtime.formats["fp32"]
-    artifact = (fmt, Path(openvino_format.FILENAME, openvino_format.XML) if fmt == "openvino" else Path("model.onnx"))
-    if isinstance(config, Channels) and config.structure == "channel":
-        with timed(f"choose each channel group's width for {job.target_speedup:g}x in {name} (per-layer latency "
-                   "table, timed end to end)"):
-            return choose_widths(loaded.module, loaded.example_inputs, config, job.target_speedup, job.runtime,
-                                 artifact, compare, calibration)
-    with timed(f"choose the sparsity for {job.target_speedup:g}x in {name} (pruned, stripped and timed probes)"):
-        return choose_sparsity(loaded.module, loaded.example_inputs, config, job.target_speedup, job.runtime,
-                               artifact, compare, calibration)
-
-
-def _importance_inputs(job: ExportJob, work: Workload | None) -> list[tuple[torch.Tensor, ...]] | None:
-    """Training inputs that rank the channels when the user gives ``--data``: how much the output
-    depends on each channel on their inputs (on pretrained MiniLM it beats L1 and random, which L1
-    does not for heads: docs/pruning.md). The built-in digits job keeps L1, its published baseline."""
-    if job.data is None or work is None:
-        return None
-    return list(work.calibration_inputs(IMPORTANCE_SAMPLES))
-
-
-def _lr(job: ExportJob, work: Workload) -> float:
-    if job.lr is not None:
-        return job.lr
-    return TEXT_LR if isinstance(work.splits.val[0], dict) else IMAGE_LR  # token dicts: a transformer
 
 
 def _recipe_quant_configs(job: ExportJob) -> tuple[QuantizeConfig, ...]:
@@ -374,74 +271,8 @@ def _read_checkpoint(job: ExportJob) -> Checkpoint:
     return checkpoint
 
 
-def _apply_checkpoint(checkpoint: Checkpoint, job: ExportJob, loaded: LoadedModel,
-                      work: Workload | None, dense: nn.Module) -> dict[str, Any]:
-    """Put the checkpoint's weights and masks into the model instead of pruning here: the masks
-    were chosen during training, so re-pruning would throw that work away."""
-    source = f"--checkpoint {checkpoint.path}"
-    state = qat.float_state(checkpoint.model_state)  # a QAT run's fake-quantization state is not weights
-    problem = state_dict_mismatch(loaded.module.state_dict(), state)
-    if problem:
-        raise CtkError(f"{source} does not fit --model {job.model!r}: {problem}")
-    loaded.module.load_state_dict(state, strict=True)
-    masks = checkpoint.sparsifier_state["masks"]
-    check_masks(loaded.module, masks, source)
-    apply_masks(loaded.module, masks)
-    kept = sum(int(mask.sum()) for mask in masks.values())
-    total = sum(mask.numel() for mask in masks.values())
-    return {
-        "checkpoint": str(checkpoint.path),
-        "step": checkpoint.step,
-        "sparsity": 1 - kept / total if total else 0.0,
-        "masked_weights": sorted(masks),
-        "qat": checkpoint.meta.get("config", {}).get("qat"),  # "int8": --quantize int8 takes its learned ranges
-        "accuracy": _metric(loaded.module, work, dense),
-    }
-
-
-def _measure(module: nn.Module, loaded: LoadedModel, work: Workload | None, dense: nn.Module) -> ModelMeasure:
-    return ModelMeasure(metrics.count_params(module), metrics.count_flops(module, loaded.example_inputs),
-                        _metric(module, work, dense))
-
-
-def _metric(module: nn.Module, work: Workload | None, dense: nn.Module) -> float | None:
-    """The task's metric on the validation split; the embed task's is the cosine to ``dense``."""
-    return work.evaluate(module, dense) if work is not None else None
-
-
-def _metric_summary(report: ExportReport, work: Workload, onnx: Artifact, dense: nn.Module) -> dict[str, Any]:
-    """The task's metric on the validation split for the dense, pruned and stripped models and
-    for the ONNX file as ONNX Runtime runs it (a static-batch file reads full batches only), to
-    :data:`METRIC_DIGITS` significant digits: float rounding below them is no difference in the
-    metric, so the ONNX value reads equal to the stripped model's."""
-    static = onnx.static_batch
-    loader = work.val_loader(static, drop_last=True) if static else work.val_loader()
-    onnx_value = work.task.evaluate(OnnxRuntimeModel(onnx.path), loader, dense)[work.task.metric]
-    values = {"dense": report.dense.accuracy, "pruned": (report.pruning or {}).get("accuracy"),
-              "stripped": report.stripped.accuracy, "onnx": onnx_value}
-    rounded = {k: None if v is None else float(f"{v:.{METRIC_DIGITS}g}") for k, v in values.items()}
-    return {"name": work.task.metric, "split": "validation", **rounded}
-
-
-def _latency(report: ExportReport, artifacts: list[Artifact], dense_artifacts: list[Artifact], loaded: LoadedModel,
-             rounds: int, runtime: str) -> Latency:
-    """Dense against stripped at batch 1 in ``runtime`` (``--runtime``), alternated rounds."""
-    timed = metrics.RUNTIMES[runtime]
-    fmt = timed.formats["fp32"]
-    dense, stripped = (next(a.path for a in written if a.format == fmt) for written in (dense_artifacts, artifacts))
-    batch1 = tuple(t[:1] for t in loaded.example_inputs)
-    timing = timed.compare(dense, stripped, batch1, rounds=rounds, budget_s=LATENCY_BUDGET_S)
-    report.dense.latency_ms = timing["a_ms"]
-    report.stripped.latency_ms = timing["b_ms"]
-    return Latency(runtime, timing["ratio"], timing["rounds"])
-
-
 def _relative(entry: dict[str, Any], staging: Path) -> dict[str, Any]:
     entry["path"] = str(Path(entry["path"]).relative_to(staging))
     return entry
 
 
-def _environment() -> dict[str, str]:
-    import onnxruntime
-
-    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
