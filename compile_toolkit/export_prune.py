@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,7 +15,6 @@ from torch import nn
 from . import metrics
 from .errors import CtkError
 from .export_measure import metric
-from .exporters import openvino_format
 from .latency_target import TargetChoice, WidthChoice, choose_sparsity, choose_widths
 from .models import LoadedModel
 from .models.weights import state_dict_mismatch
@@ -101,20 +99,17 @@ def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -
     """What meets ``--target-speedup`` in ``--runtime``: each channel group's width, chosen over the
     runtime's measured per-layer latency table and checked end to end (channels); one sparsity for
     every group, chosen by measured probes (heads and neurons, which the table does not cover)."""
-    runtime = metrics.RUNTIMES[job.runtime]
-    name, compare = runtime.title, runtime.compare
+    name = metrics.RUNTIMES[job.runtime].title
     calibration = _importance_inputs(job, work)
     config = job.prune.config(loaded.module, calibrated=calibration is not None)
-    fmt = runtime.formats["fp32"]
-    artifact = (fmt, Path(openvino_format.FILENAME, openvino_format.XML) if fmt == "openvino" else Path("model.onnx"))
     if isinstance(config, Channels) and config.structure == "channel":
         with timed(f"choose each channel group's width for {job.target_speedup:g}x in {name} (per-layer latency "
                    "table, timed end to end)"):
             return choose_widths(loaded.module, loaded.example_inputs, config, job.target_speedup, job.runtime,
-                                 artifact, compare, calibration)
+                                 calibration)
     with timed(f"choose the sparsity for {job.target_speedup:g}x in {name} (pruned, stripped and timed probes)"):
         return choose_sparsity(loaded.module, loaded.example_inputs, config, job.target_speedup, job.runtime,
-                               artifact, compare, calibration)
+                               calibration)
 
 
 def _importance_inputs(job: ExportJob, work: Workload | None) -> list[tuple[torch.Tensor, ...]] | None:

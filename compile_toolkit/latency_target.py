@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from .latency.groups import WidthPlan, width_plan
 from .latency.overrides import group_keys, width_config
 from .latency.table import LatencyTable
 from .latency.widths import Choice, LayerCosts, WidthChooser
+from .metrics import RUNTIMES
 from .pruning.configs import Channels
 from .pruning.importance import Calibration
 from .pruning.patterns import check_sparsity
@@ -43,7 +43,6 @@ from .strip import strip
 
 MAX_SPARSITY = 0.9  # the most of every group a probe prunes
 RESOLUTION = 0.05  # the bisection stops when the sparsity bracket is this narrow
-Compare = Callable[..., dict[str, float]]  # metrics.compare_latency_ms or its OpenVINO twin
 WIDTH_POINTS = 8  # candidate widths per group: k/8 of its channels, multiples of 8 where that wide
 TOLERANCE = 0.10  # the measured speedup of chosen widths lands in [target, (1 + TOLERANCE) * target]
 AIM = 1.04  # where in that band the budget correction aims
@@ -72,23 +71,23 @@ class TargetChoice:
 
 
 def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels, target: float, runtime: str,
-                    artifact: tuple[str, Path], compare: Compare, calibration: list[Inputs] | None = None,
+                    calibration: list[Inputs] | None = None,
                     rounds: int = 12, budget_s: float = 10.0) -> TargetChoice:
     """The smallest sparsity of ``config`` (its own is ignored) whose stripped model runs ``target``
-    times faster than ``module`` in ``runtime``: ``artifact`` is the export format timed and its
-    file in the output folder (``("onnx", "model.onnx")``), ``compare`` the timing of two such files."""
-    _check(config, target)
+    times faster than ``module`` in ``runtime`` (a name of :data:`~compile_toolkit.metrics.RUNTIMES`,
+    whose fp32 format is exported and timed)."""
+    _check(config, target, runtime)
     batch1 = tuple(t[:1] for t in example_inputs)
     with tempfile.TemporaryDirectory(prefix="ctk-target-") as folder:
-        dense = _exported(copy.deepcopy(module), example_inputs, artifact, Path(folder) / "dense")
+        dense = _exported(copy.deepcopy(module), example_inputs, runtime, Path(folder) / "dense")
         choice = TargetChoice(target, runtime, MAX_SPARSITY, 0.0)
 
         def probe(sparsity: float) -> float:
             pruned = copy.deepcopy(module)
             prune_(pruned, replace(config, sparsity=sparsity), PruneData(example_inputs, calibration))
-            path = _exported(strip(pruned, example_inputs), example_inputs, artifact,
+            path = _exported(strip(pruned, example_inputs), example_inputs, runtime,
                              Path(folder) / f"probe{len(choice.probes)}", reference=pruned)
-            speedup = compare(str(dense), str(path), batch1, rounds=rounds, budget_s=budget_s)["ratio"]
+            speedup = RUNTIMES[runtime].compare(dense, path, batch1, rounds=rounds, budget_s=budget_s)["ratio"]
             choice.probes.append(Probe(sparsity, speedup))
             return speedup
 
@@ -108,12 +107,12 @@ def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels,
     return choice
 
 
-def _exported(module: nn.Module, example_inputs: Inputs, artifact: tuple[str, Path], folder: Path,
-              reference: nn.Module | None = None) -> Path:
-    """The verified file of ``artifact``'s format for ``module`` under ``folder``."""
-    fmt, file = artifact
-    export(module, example_inputs, str(folder), formats=(fmt,), reference=reference)
-    return folder / file
+def _exported(module: nn.Module, example_inputs: Inputs, runtime: str, folder: Path,
+              reference: nn.Module | None = None) -> str:
+    """The verified file that ``runtime`` runs in fp32 (its format, exported) of ``module`` under ``folder``."""
+    fmt = RUNTIMES[runtime].formats["fp32"]
+    artifacts = export(module, example_inputs, str(folder), formats=(fmt,), reference=reference)
+    return next(a.path for a in artifacts if a.format == fmt)
 
 
 @dataclass
@@ -154,7 +153,7 @@ class WidthChoice:
 
 
 def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, target: float, runtime: str,
-                  artifact: tuple[str, Path], compare: Compare, calibration: Calibration | None = None,
+                  calibration: Calibration | None = None,
                   rounds: int = 12, budget_s: float = 10.0, precision: str = "fp32",
                   table: LatencyTable | None = None, max_sparsity: float = MAX_SPARSITY) -> WidthChoice:
     """Each coupled group's width so that ``module``'s stripped model runs ``target`` times faster
@@ -164,7 +163,7 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
     runtime's cached one for this machine); ``max_sparsity`` the most of any group pruned (the
     narrowest width allowed). A target that even the narrowest widths miss is one CtkError after a
     single probe."""
-    _check(config, target)
+    _check(config, target, runtime)
     check_sparsity(max_sparsity, "max_sparsity")
     plan = width_plan(module, example_inputs, config, calibration, WIDTH_POINTS, max_sparsity)
     table = table or LatencyTable(runtime, precision)
@@ -174,14 +173,14 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
     batch1 = tuple(t[:1] for t in example_inputs)
     probes: list[tuple[Choice, WidthProbe]] = []
     with tempfile.TemporaryDirectory(prefix="ctk-widths-") as folder:
-        dense_file = _exported(copy.deepcopy(module), example_inputs, artifact, Path(folder) / "dense")
+        dense_file = _exported(copy.deepcopy(module), example_inputs, runtime, Path(folder) / "dense")
 
         def probe(choice: Choice, budget_ms: float) -> float:
             pruned = copy.deepcopy(module)
             prune_(pruned, width_config(config, plan.groups, choice.widths, names), PruneData(example_inputs, calibration))
-            path = _exported(strip(pruned, example_inputs), example_inputs, artifact,
+            path = _exported(strip(pruned, example_inputs), example_inputs, runtime,
                              Path(folder) / f"probe{len(probes)}", reference=pruned)
-            speedup = compare(str(dense_file), str(path), batch1, rounds=rounds, budget_s=budget_s)["ratio"]
+            speedup = RUNTIMES[runtime].compare(dense_file, path, batch1, rounds=rounds, budget_s=budget_s)["ratio"]
             probes.append((choice, WidthProbe(budget_ms, choice.predicted_ms, speedup)))
             return speedup
 
@@ -200,7 +199,9 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
     return _width_choice(plan, config, target, runtime, precision, dense, probes, table, names)
 
 
-def _check(config: Channels, target: float) -> None:
+def _check(config: Channels, target: float, runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise CtkError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if not isinstance(config, Channels):
         raise CtkError(f"--target-speedup chooses widths of coupled channel groups, heads and neurons of the graph; "
                        f"not for {type(config).__name__} pruning")

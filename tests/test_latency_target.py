@@ -6,7 +6,6 @@ by a second run; a target that even the narrowest widths miss is one line."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +19,8 @@ from compile_toolkit.latency.groups import width_plan
 from compile_toolkit.latency.overrides import width_config
 from compile_toolkit.latency.table import LatencyTable
 from compile_toolkit.latency_target import MAX_SPARSITY, TOLERANCE, choose_widths
-from compile_toolkit.metrics import compare_latency_ms
 from compile_toolkit.pruning.configs import Channels
 from compile_toolkit.pruning.prune_ import PruneData, prune_
-
-ONNX = ("onnx", Path("model.onnx"))
 
 
 class Tiny(nn.Module):
@@ -84,7 +80,7 @@ def test_groups_that_share_every_carrier_cannot_be_told_apart_and_say_so():
 
 def test_the_measured_speedup_meets_the_target_and_a_second_run_reuses_the_table(tmp_path):
     model, x = Tiny().eval(), inputs()
-    choice = choose_widths(model, x, Channels(), 1.5, "ort", ONNX, compare_latency_ms, rounds=6, budget_s=2.0,
+    choice = choose_widths(model, x, Channels(), 1.5, "ort", rounds=6, budget_s=2.0,
                            table=table(tmp_path))
     assert choice.probe_speedup >= 1.5 and choice.table["measured"] > 0
     assert choice.within_tolerance == (choice.probe_speedup <= (1 + TOLERANCE) * 1.5)
@@ -93,14 +89,14 @@ def test_the_measured_speedup_meets_the_target_and_a_second_run_reuses_the_table
     assert json.loads(json.dumps(choice.to_dict()))["target"] == 1.5
     prune_(model, choice.config, PruneData(x, None))
     ctk.strip(model, x)  # verified: the chosen pruning strips exactly
-    again = choose_widths(Tiny().eval(), x, Channels(), 1.5, "ort", ONNX, compare_latency_ms, rounds=6, budget_s=2.0,
+    again = choose_widths(Tiny().eval(), x, Channels(), 1.5, "ort", rounds=6, budget_s=2.0,
                           table=table(tmp_path))
     assert again.table["measured"] == 0  # every cell read from the cache
 
 
 def test_a_target_the_narrowest_widths_miss_is_one_line(tmp_path):
     with pytest.raises(CtkError) as error:
-        choose_widths(Tiny().eval(), inputs(), Channels(), 1000.0, "ort", ONNX, compare_latency_ms, rounds=4,
+        choose_widths(Tiny().eval(), inputs(), Channels(), 1000.0, "ort", rounds=4,
                       budget_s=1.0, table=table(tmp_path))
     message = str(error.value)
     assert "\n" not in message and "--target-speedup 1000 cannot be met in ort" in message
@@ -112,4 +108,6 @@ def test_only_channel_groups_are_chosen_and_the_options_are_checked_first():
                                    (Channels(), 0.9, "above 1"),
                                    (ctk.pruning.configs.Magnitude(), 2.0, "not for Magnitude")):
         with pytest.raises(CtkError, match=needle):
-            choose_widths(Tiny().eval(), inputs(), config, target, "ort", ONNX, compare_latency_ms)
+            choose_widths(Tiny().eval(), inputs(), config, target, "ort")
+    with pytest.raises(CtkError, match="runtime must be one of ort, openvino, got 'tvm'"):
+        choose_widths(Tiny().eval(), inputs(), Channels(), 2.0, "tvm")

@@ -12,7 +12,6 @@ from pathlib import Path
 from test_cli import assert_clean_failure, run_cli
 
 from compile_toolkit.latency_target import MAX_SPARSITY, RESOLUTION, choose_sparsity
-from compile_toolkit.metrics import compare_latency_ms
 from compile_toolkit.models import load_model
 from compile_toolkit.pruning.configs import Channels
 
@@ -44,8 +43,7 @@ def test_one_sparsity_for_every_group_is_the_smallest_that_meets_the_target():
     """The bisection heads and neurons use, on the digits model's channels: every probe below the
     chosen sparsity missed the target, and the bracket closed."""
     loaded = load_model("digits-resnet")
-    choice = choose_sparsity(loaded.module, loaded.example_inputs, Channels(), 1.3, "ort",
-                             ("onnx", Path("model.onnx")), compare_latency_ms, rounds=6, budget_s=3.0)
+    choice = choose_sparsity(loaded.module, loaded.example_inputs, Channels(), 1.3, "ort", rounds=6, budget_s=3.0)
     probes = choice.probes
     assert probes[0].sparsity == MAX_SPARSITY and probes[0].speedup >= 1.3
     assert 0 < choice.sparsity <= MAX_SPARSITY and choice.probe_speedup >= 1.3
