@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
@@ -167,7 +168,10 @@ def _propagate(gm: GraphModule, lifted: list[torch.Tensor], user: list[Node], so
         inputs = [mode.from_tensor(t, static_shapes=True) for t in lifted] + user_values
     for node in gm.graph.nodes:
         node.meta.pop("tensor_meta", None)
-    with mode.shape_env.suppress_guards():
+    # The python dispatcher, as torch.export traces with: without it a composite op such as
+    # aten.linear on a [batch, tokens, features] input decomposes through C++ kernels that fix
+    # both sizes to their examples (measured: a decoder's q_proj came out [5, (s70*s72)//5, 32]).
+    with mode.shape_env.suppress_guards(), enable_python_dispatcher():
         FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
     _check_symbolic(gm, lifted, user_values, mode.shape_env)
 

@@ -152,3 +152,28 @@ def test_an_input_named_like_a_builtin_keeps_the_source_programs_name(tmp_path):
     assert log.lifted == ["the stripped graph"]
     assert list(capture(stripped, (x,)).program.graph_signature.user_inputs) == ["input"]
     assert onnx.max_abs_error < 1e-4
+
+
+def test_a_decoder_with_pruned_heads_lifts_with_batch_and_length_dynamic(tmp_path):
+    """A grouped-query Llama (transformers) with half its key/value groups zeroed: strip and export
+    capture it once, the stripped graph is lifted with batch and length symbolic (its q/k/v
+    projections propagate as [batch, tokens, features] only under the python dispatcher, as
+    torch.export traces), and the program runs at another batch and length."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compile_toolkit.llm import CausalLMLogits
+
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = CausalLMLogits(LlamaForCausalLM(config).eval()).eval()
+    ids = torch.randint(0, 100, (5, 20))
+    with recording() as log:
+        ctk.prune(model, (ids,), sparsity=0.5, structure="head")
+        stripped = ctk.strip(model, (ids,))
+        artifacts = export(stripped, ids, str(tmp_path / "out"), formats=("pt2", "onnx"), reference=model)
+    assert log.captures == ["CausalLMLogits"] and log.lifted == ["the stripped graph"]
+    assert ctk.strip_summary(stripped).channels_removed > 0
+    program = capture(stripped, (ids,)).program
+    other = torch.randint(0, 100, (3, 11))
+    assert rel_error(model(other), program.module()(other)) < 1e-5
+    assert all(a.max_abs_error < 1e-4 for a in artifacts)
