@@ -117,6 +117,24 @@ def test_attention_with_a_cache_and_an_unknown_op_are_named_barriers(tmp_path):
     assert any("com.microsoft::Unheard at node y" in b for b in analysis.barriers)
 
 
+def test_symbolic_shape_inference_that_gives_up_leaves_nothing_in_the_current_folder(tmp_path, monkeypatch):
+    """An op neither ONNX nor ONNX Runtime's symbolic inference knows: the latter gives up and saves
+    the half-inferred model (``sym_shape_infer_temp.onnx`` and a data file) into the current folder;
+    the strip runs it in a scratch folder, and the user's folder stays empty."""
+    from onnx_ir import load
+
+    from compile_toolkit.onnx_strip.contrib_shapes import infer_shapes
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), ms_node("Unheard", ["h"], ["u"]),
+             helper.make_node("Relu", ["u"], ["y"])]
+    onnx.save(model(nodes, {"w": weights(16, 2048)}, 16, ["y"]), str(tmp_path / "unknown.onnx"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert "u" in infer_shapes(load(str(tmp_path / "unknown.onnx")))  # the unknown op's output stays unshaped
+    assert list(cwd.iterdir()) == []
+
+
 def test_grouped_query_attention_is_a_named_barrier_that_keeps_its_heads(tmp_path):
     """GroupQueryAttention (4 query heads of 8 over 2 key/value heads) has no rule: its key/value
     head 1 and the query heads sharing it are zero and kept all the same, and the report says

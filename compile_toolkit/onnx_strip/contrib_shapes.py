@@ -12,7 +12,9 @@ model of any size costs no copy of its weights and stays under protobuf's 2 GB.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -50,12 +52,15 @@ def _unshaped(graph: ir.Graph) -> list[ir.Value]:
 
 def _symbolic_shapes(model: ir.Model) -> dict[str, tuple[ir.Shape, ir.DataType | None]]:
     """Shape and dtype per value name from ``onnxruntime.tools.symbolic_shape_infer`` (symbolic
-    dims as names); empty where it fails on this graph (an op it does not know either)."""
+    dims as names); empty where it fails on this graph (an op it does not know either). Where its
+    inference is incomplete it saves the half-inferred model as ``sym_shape_infer_temp.onnx`` and
+    data files into the current folder, so it runs in a scratch folder: the user's stays as it was."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    proto = _without_weights(model)
     try:
-        inferred = SymbolicShapeInference.infer_shapes(_without_weights(model), auto_merge=True,
-                                                       guess_output_rank=False)
+        with tempfile.TemporaryDirectory(prefix="ctk-shapes-") as scratch, contextlib.chdir(scratch):
+            inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
     except Exception:  # noqa: BLE001 - its failure leaves the values unknown: their nodes become barriers
         return {}
     if inferred is None:
