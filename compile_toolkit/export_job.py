@@ -61,8 +61,10 @@ class ExportJob:
                           "model.onnx; the default) or openvino (OpenVINO's CPU runtime in fp32, openvino/model.xml; "
                           "needs openvino in --formats)", "ort", choices=tuple(metrics.RUNTIMES))
     target_speedup: float | None = option(
-        "--target-speedup", "with --pruned: prune as little as meets this speedup over the dense model in --runtime on "
-        "this machine, measured (each candidate sparsity pruned, stripped, exported and timed), instead of --sparsity",
+        "--target-speedup", "with --pruned: choose each channel group's width so the stripped model runs this many "
+        "times faster than the dense one in --runtime on this machine, keeping the most importance (a per-layer "
+        "latency table measured and cached, then checked end to end), instead of --sparsity; heads and neurons "
+        "take one sparsity bisected over timed probes",
         parse=float)
     out: str | None = out_option("ctk-out/<model>")
     finetune: bool = option("--no-finetune", "skip fine-tuning after pruning (batch-norm statistics are still "
