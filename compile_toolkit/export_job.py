@@ -64,7 +64,7 @@ class ExportJob:
         "--target-speedup", "with --pruned: choose each channel group's width so the stripped model runs this many "
         "times faster than the dense one in --runtime on this machine, keeping the most importance (a per-layer "
         "latency table measured and cached, then checked end to end), instead of --sparsity; heads and neurons "
-        "take one sparsity bisected over timed probes",
+        "(a causal LM's too, timed as prefill at --seq-len) take one sparsity bisected over timed probes",
         parse=float)
     out: str | None = out_option("ctk-out/<model>")
     finetune: bool = option("--no-finetune", "skip fine-tuning after pruning (batch-norm statistics are still "

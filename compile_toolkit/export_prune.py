@@ -19,10 +19,10 @@ from .latency_target import TargetChoice, WidthChoice, choose_sparsity, choose_w
 from .models import LoadedModel
 from .models.weights import state_dict_mismatch
 from .pruning import apply_masks
-from .pruning.configs import Channels
+from .pruning.configs import Channels, DecoderStructures
 from .pruning.llm.plan import finish, prune_with
 from .pruning.masks import check_masks
-from .pruning.prune_ import is_causal_lm
+from .pruning.prune_ import PruneData, is_causal_lm
 from .pruning.recalibrate import recalibrate_batchnorm
 from .quantize import qat
 from .report import ExportReport
@@ -107,9 +107,14 @@ def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -
                    "table, timed end to end)"):
             return choose_widths(loaded.module, loaded.example_inputs, config, job.target_speedup, job.runtime,
                                  calibration)
+    tokens = None
+    if isinstance(config, DecoderStructures):  # a causal LM's pruner calibrates on text
+        if work is None:
+            raise CtkError("--target-speedup on a language model calibrates on text: give --data (pydoc, or a text file)")
+        tokens = work.token_batches(job.prune.calibration_samples)
     with timed(f"choose the sparsity for {job.target_speedup:g}x in {name} (pruned, stripped and timed probes)"):
         return choose_sparsity(loaded.module, loaded.example_inputs, config, job.target_speedup, job.runtime,
-                               calibration)
+                               PruneData(loaded.example_inputs, calibration, tokens))
 
 
 def _importance_inputs(job: ExportJob, work: Workload | None) -> list[tuple[torch.Tensor, ...]] | None:

@@ -35,7 +35,7 @@ from .latency.overrides import group_keys, width_config
 from .latency.table import LatencyTable
 from .latency.widths import Choice, LayerCosts, WidthChooser
 from .metrics import RUNTIMES
-from .pruning.configs import Channels
+from .pruning.configs import Channels, DecoderStructures
 from .pruning.importance import Calibration
 from .pruning.patterns import check_sparsity
 from .pruning.prune_ import PruneData, prune_
@@ -47,6 +47,8 @@ WIDTH_POINTS = 8  # candidate widths per group: k/8 of its channels, multiples o
 TOLERANCE = 0.10  # the measured speedup of chosen widths lands in [target, (1 + TOLERANCE) * target]
 AIM = 1.04  # where in that band the budget correction aims
 WIDTH_ROUNDS = 4  # choices timed end to end after the smallest widths' probe
+# A causal LM's structures that strip removes (blocks and query heads leave the module before capture).
+DECODER_TARGETS = ("neuron", "attention_head", "head")
 
 
 @dataclass
@@ -58,33 +60,42 @@ class Probe:
 @dataclass
 class TargetChoice:
     """The sparsity chosen for ``target`` speedup in ``runtime``, the speedup its probe measured,
-    and every probe in the order run."""
+    every probe in the order run, and the input shapes timed (a language model's prefill length)."""
 
     target: float
     runtime: str
     sparsity: float
     probe_speedup: float
+    timed_inputs: list[list[int]] = field(default_factory=list)
     probes: list[Probe] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels, target: float, runtime: str,
-                    calibration: list[Inputs] | None = None,
+def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels | DecoderStructures, target: float,
+                    runtime: str, data: PruneData | None = None,
                     rounds: int = 12, budget_s: float = 10.0) -> TargetChoice:
     """The smallest sparsity of ``config`` (its own is ignored) whose stripped model runs ``target``
     times faster than ``module`` in ``runtime`` (a name of :data:`~compile_toolkit.metrics.RUNTIMES`,
-    whose fp32 format is exported and timed)."""
-    _check(config, target, runtime)
+    whose fp32 format is exported and timed at batch 1 on the example inputs: a language model's
+    prefill at their length). ``config``: channel groups, heads or neurons of the graph, or a
+    causal LM's MLP neurons and key/value groups (:data:`DECODER_TARGETS`, calibrated on
+    ``data.tokens``); ``data``: what its pruner reads."""
+    _check_target(target, runtime)
+    if not (isinstance(config, Channels) or isinstance(config, DecoderStructures)
+            and config.structure in DECODER_TARGETS):
+        raise CtkError(f"--target-speedup bisects the sparsity of channel groups, heads and neurons of the graph, or "
+                       f"of a causal LM's {', '.join(DECODER_TARGETS)}; not for {_described(config)}")
+    data = data or PruneData()
     batch1 = tuple(t[:1] for t in example_inputs)
     with tempfile.TemporaryDirectory(prefix="ctk-target-") as folder:
         dense = _exported(copy.deepcopy(module), example_inputs, runtime, Path(folder) / "dense")
-        choice = TargetChoice(target, runtime, MAX_SPARSITY, 0.0)
+        choice = TargetChoice(target, runtime, MAX_SPARSITY, 0.0, [list(t.shape) for t in batch1])
 
         def probe(sparsity: float) -> float:
             pruned = copy.deepcopy(module)
-            prune_(pruned, replace(config, sparsity=sparsity), PruneData(example_inputs, calibration))
+            prune_(pruned, replace(config, sparsity=sparsity), replace(data, example_inputs=example_inputs))
             path = _exported(strip(pruned, example_inputs), example_inputs, runtime,
                              Path(folder) / f"probe{len(choice.probes)}", reference=pruned)
             speedup = RUNTIMES[runtime].compare(dense, path, batch1, rounds=rounds, budget_s=budget_s)["ratio"]
@@ -94,7 +105,7 @@ def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels,
         choice.probe_speedup = probe(MAX_SPARSITY)
         if choice.probe_speedup < target:
             raise CtkError(f"--target-speedup {target:g} cannot be met in {runtime} on this machine: pruning "
-                           f"{MAX_SPARSITY:.0%} of every channel group runs only {choice.probe_speedup:.2f}x faster "
+                           f"{MAX_SPARSITY:.0%} of every group runs only {choice.probe_speedup:.2f}x faster "
                            f"(ask for at most that)")
         low = 0.0
         while choice.sparsity - low > RESOLUTION:
@@ -163,7 +174,9 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
     runtime's cached one for this machine); ``max_sparsity`` the most of any group pruned (the
     narrowest width allowed). A target that even the narrowest widths miss is one CtkError after a
     single probe."""
-    _check(config, target, runtime)
+    _check_target(target, runtime)
+    if not isinstance(config, Channels):
+        raise CtkError(f"--target-speedup chooses widths of coupled channel groups; not for {_described(config)}")
     check_sparsity(max_sparsity, "max_sparsity")
     plan = width_plan(module, example_inputs, config, calibration, WIDTH_POINTS, max_sparsity)
     table = table or LatencyTable(runtime, precision)
@@ -199,14 +212,16 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
     return _width_choice(plan, config, target, runtime, precision, dense, probes, table, names)
 
 
-def _check(config: Channels, target: float, runtime: str) -> None:
+def _check_target(target: float, runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise CtkError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    if not isinstance(config, Channels):
-        raise CtkError(f"--target-speedup chooses widths of coupled channel groups, heads and neurons of the graph; "
-                       f"not for {type(config).__name__} pruning")
     if not target > 1:
         raise CtkError(f"--target-speedup must be above 1 (a speedup over the dense model), got {target}")
+
+
+def _described(config: object) -> str:
+    structure = getattr(config, "structure", None)
+    return f"{type(config).__name__} pruning" + (f" of {structure}" if structure else "")
 
 
 def _next_budget(dense_ms: float, probes: list[WidthProbe], target: float) -> float:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
 from test_cli import assert_clean_failure, run_cli
 
+from compile_toolkit.errors import CtkError
 from compile_toolkit.latency_target import MAX_SPARSITY, RESOLUTION, choose_sparsity
 from compile_toolkit.models import load_model
 from compile_toolkit.pruning.configs import Channels
@@ -70,3 +73,30 @@ def test_target_speedup_options_are_checked_before_any_work(tmp_path, capsys):
         status, err = run_cli(["export", *args, "--out", str(tmp_path / "out")], capsys)
         assert_clean_failure(status, err, needle)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_causal_lm_prunes_as_few_mlp_neurons_as_meet_the_target_at_its_prefill_length():
+    """A Llama whose MLPs dominate its cost: the neurons' sparsity is bisected over probes pruned
+    on calibration tokens, stripped, exported and timed at batch 1 over the example's 64 tokens
+    (the prefill length the choice states); a structure that leaves the module before capture
+    (blocks) is refused in one line."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compile_toolkit.llm import CausalLMLogits
+    from compile_toolkit.pruning.configs import DecoderStructures
+    from compile_toolkit.pruning.prune_ import PruneData
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = CausalLMLogits(LlamaForCausalLM(config).eval()).eval()
+    ids = torch.randint(0, 64, (2, 64))
+    tokens = [torch.randint(0, 64, (4, 64)) for _ in range(2)]
+    choice = choose_sparsity(model, (ids,), DecoderStructures("neuron", 0.5), 1.3, "ort",
+                             PruneData(tokens=tokens), rounds=6, budget_s=3.0)
+    assert choice.timed_inputs == [[1, 64]]
+    assert choice.probes[0].sparsity == MAX_SPARSITY and choice.probes[0].speedup >= 1.3
+    assert 0 < choice.sparsity < MAX_SPARSITY and choice.probe_speedup >= 1.3
+    assert all(p.speedup < 1.3 for p in choice.probes if p.sparsity < choice.sparsity)
+    with pytest.raises(CtkError, match="not for DecoderStructures pruning of block"):
+        choose_sparsity(model, (ids,), DecoderStructures("block", 0.5), 1.3, "ort", PruneData(tokens=tokens))
