@@ -81,3 +81,33 @@ def test_the_cache_folder_is_ctk_cache_dir_or_the_users_cache(monkeypatch, tmp_p
     assert cache_dir() == tmp_path / "lat" and LatencyTable("ort").path.parent == tmp_path / "lat"
     monkeypatch.delenv(CACHE_ENV)
     assert str(cache_dir()).endswith(".cache/compile_toolkit/latency")
+
+
+def test_an_onnx_runtime_cell_is_the_layers_kernels_not_the_layout_changes_around_it(tmp_path):
+    """A lone fp32 convolution runs in ONNX Runtime's blocked layout, reordering its input and
+    output (which a whole model does once): the profiled cell counts the convolution's kernel,
+    less than the session's wall time; a model of boundary nodes only has no kernel to count."""
+    import statistics
+    import time
+
+    import onnx
+
+    from compile_toolkit.latency.onnx_layer import identity_model
+    from compile_toolkit.latency.profiled import kernel_ms
+    from compile_toolkit.onnx_runtime import feeds, session
+
+    geometry = Geometry("conv", (28, 28), (1, 1), (2, 2), bias=False)
+    inputs = layer_input(geometry, 256, 1)
+    conv, identity = tmp_path / "conv.onnx", tmp_path / "identity.onnx"
+    onnx.save(layer_model(geometry, 256, 512, 1, "fp32"), str(conv))
+    onnx.save(identity_model(geometry, 256, 1), str(identity))
+    assert kernel_ms(str(identity), inputs, 1, 5, 1) == 0.0
+    cell = kernel_ms(str(conv), inputs, 1, 20, 3)
+    sess = session(str(conv), 1)
+    feed = feeds(sess, inputs)
+    walls = []
+    for _ in range(20):
+        started = time.perf_counter()
+        sess.run(None, feed)
+        walls.append((time.perf_counter() - started) * 1000)
+    assert 0 < cell < statistics.median(walls)

@@ -6,11 +6,14 @@ Why measured: a runtime's kernels are fast at some widths and slow at others (in
 blocks of channels: VNNI, AMX tiles), which FLOPs do not say. Why cached: a ResNet-50 table is
 thousands of timed cells, and neither the machine nor the runtime changes between two exports.
 
-Each cell is one layer as an ONNX model (:mod:`.onnx_layer`), timed as shared/FACTS.md says a
-deployed model is: cells with the same input (one geometry and input width, every output width)
-are timed together by :func:`~compile_toolkit.metrics.compare_runtimes`, a warm-up, then rounds of
-blocks of runs (one untimed run first), the order rotated and flipped every round, the median of
-each block and the median over rounds. A cell's key names the precision, batch, geometry and
+Each cell is one layer as an ONNX model (:mod:`.onnx_layer`). In ONNX Runtime a cell is what the
+profiler says the layer's own kernels take (:mod:`.profiled`): timed alone, a layer also pays the
+layout changes a whole model pays once, and wall times summed to 2.7x the model's on ResNet-50
+while profiled kernels summed to within 6% of it. In OpenVINO, cells with the same input (one
+geometry and input width, every output width) are timed together as shared/FACTS.md says a
+deployed model is, by :func:`~compile_toolkit.metrics.compare_runtimes` (a warm-up, then rounds of
+blocks of runs, one untimed run first, the order rotated and flipped every round, the median of
+each block and over rounds), less the time of a model that only passes the input through. A cell's key names the precision, batch, geometry and
 widths; the file's name, the machine (CPU model, cores), the runtime and its version and the
 threads. A cache file that cannot be read is ignored with a warning and measured again.
 """
@@ -35,10 +38,11 @@ from ..errors import CtkError
 from ..fileio import staged_path
 from .layers import Geometry
 from .onnx_layer import PRECISIONS, identity_model, layer_input, layer_model
+from .profiled import kernel_ms
 
 CACHE_ENV = "CTK_CACHE_DIR"
 DEFAULT_CACHE = Path("~/.cache/compile_toolkit/latency")
-FORMAT = 1  # the cache file's layout; a file of another layout is measured again
+FORMAT = 2  # the cache file's layout and how its cells were timed; another one is measured again
 PASS_THROUGH = "identity"  # the model timed beside each row: the cost of a call, not of a layer
 FLOOR = 0.05  # a cell is at least this share of its measured time, however close to a bare call
 Cell = tuple[Geometry, int, int]  # a layer's geometry, input channels, output channels
@@ -120,6 +124,24 @@ class LatencyTable:
         self._write()
 
     def _measure_row(self, geometry: Geometry, cin: int, outs: list[int]) -> dict[str, float]:
+        """Cells of one geometry and input width: profiled kernels in ONNX Runtime, wall times in OpenVINO."""
+        if self.runtime == "ort":
+            return self._profiled_row(geometry, cin, outs)
+        return self._timed_row(geometry, cin, outs)
+
+    def _profiled_row(self, geometry: Geometry, cin: int, outs: list[int]) -> dict[str, float]:
+        """Each cell's compute kernels as ONNX Runtime's profiler times them (:mod:`.profiled`)."""
+        inputs = layer_input(geometry, cin, self.batch)
+        cells = {}
+        with tempfile.TemporaryDirectory(prefix="ctk-latency-") as folder:
+            for cout in outs:
+                path = str(Path(folder) / f"{cout}.onnx")
+                onnx.save(layer_model(geometry, cin, cout, self.batch, self.precision), path)
+                cells[self.key(geometry, cin, cout)] = kernel_ms(path, inputs, self.threads, self.rounds * self.iters,
+                                                                 self.warmup)
+        return cells
+
+    def _timed_row(self, geometry: Geometry, cin: int, outs: list[int]) -> dict[str, float]:
         """Cells of one geometry and input width, timed together on one input, each less the time
         of a model that only passes the input through (timed with them): a call into the runtime
         costs the same for every layer (about 0.01 ms in ONNX Runtime, 0.1 ms in OpenVINO), and a

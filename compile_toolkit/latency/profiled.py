@@ -1,0 +1,59 @@
+"""One layer's time in ONNX Runtime as its profiler sees the layer's own kernels.
+
+A layer timed alone pays what a whole model pays once: the call into the runtime, and the layout
+changes around it (fp32 convolutions run in ONNX Runtime's blocked NCHWc layout, and a lone layer
+reorders its input into it and its output back; int8 ones transpose to NHWC and back). Measured on
+the uniform 50% ResNet-50, its convolutions take 6.0 ms inside the model while one-layer wall
+times summed to 16.7 ms, and the excess ran from 1.3x to 5.9x layer by layer, in proportion to
+tensors rather than arithmetic: it ranked widths wrongly (docs/results.md). So a cell is the sum
+of the layer's compute kernels in the profiler's per-node times, without the layout and
+quantize-at-the-boundary nodes, median over runs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import onnxruntime
+
+from ..capture import Inputs
+from ..onnx_runtime import feeds
+
+# Nodes a lone layer needs only at its boundaries, which a whole model runs once, not per layer.
+BOUNDARY_OPS = frozenset({"ReorderInput", "ReorderOutput", "Transpose", "QuantizeLinear", "DequantizeLinear",
+                          "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+
+
+def kernel_ms(path: str, inputs: Inputs, threads: int, runs: int, warmup: int) -> float:
+    """Median over ``runs`` (after ``warmup`` untimed ones) of the summed kernel time, in ms, of
+    the model's nodes other than :data:`BOUNDARY_OPS`."""
+    with tempfile.TemporaryDirectory(prefix="ctk-profile-") as folder:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "layer")
+        sess = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = feeds(sess, inputs)
+        for _ in range(warmup + runs):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    return statistics.median(_per_run(events)[warmup:])
+
+
+def _per_run(events: list[dict]) -> list[float]:
+    """The compute kernels' total (ms) of each ``model_run`` event, in order."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    totals = [0.0] * len(spans)
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        if event.get("args", {}).get("op_name") in BOUNDARY_OPS:
+            continue
+        for index, (start, end) in enumerate(spans):
+            if start <= event["ts"] <= end:
+                totals[index] += event["dur"] / 1000.0
+                break
+    return totals
