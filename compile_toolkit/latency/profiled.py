@@ -1,8 +1,10 @@
-"""One layer's time in ONNX Runtime as its profiler sees the layer's own kernels.
+"""One layer's time as the runtime's profiler sees the layer's own kernels (ONNX Runtime's
+profiler, OpenVINO's performance counters).
 
 A layer timed alone pays what a whole model pays once: the call into the runtime, and the layout
 changes around it (fp32 convolutions run in ONNX Runtime's blocked NCHWc layout, and a lone layer
-reorders its input into it and its output back; int8 ones transpose to NHWC and back). Measured on
+reorders its input into it and its output back; int8 ones transpose to NHWC and back; OpenVINO
+reorders to and from its own blocked layouts likewise). Measured on
 the uniform 50% ResNet-50, its convolutions take 6.0 ms inside the model while one-layer wall
 times summed to 16.7 ms, and the excess ran from 1.3x to 5.9x layer by layer, in proportion to
 tensors rather than arithmetic: it ranked widths wrongly (docs/results.md). So a cell is the sum
@@ -19,12 +21,15 @@ from pathlib import Path
 
 import onnxruntime
 
+from .. import openvino_runtime
 from ..capture import Inputs
 from ..onnx_runtime import feeds
 
 # Nodes a lone layer needs only at its boundaries, which a whole model runs once, not per layer.
 BOUNDARY_OPS = frozenset({"ReorderInput", "ReorderOutput", "Transpose", "QuantizeLinear", "DequantizeLinear",
                           "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+# OpenVINO's CPU plugin's names for the same (its layout reorders, inputs and outputs).
+OPENVINO_BOUNDARY = frozenset({"Reorder", "Parameter", "Result", "Input", "Output", "Transpose", "Reshape"})
 
 
 def kernel_ms(path: str, inputs: Inputs, threads: int, runs: int, warmup: int) -> float:
@@ -41,6 +46,22 @@ def kernel_ms(path: str, inputs: Inputs, threads: int, runs: int, warmup: int) -
             sess.run(None, feed)
         events = json.loads(Path(sess.end_profiling()).read_text())
     return statistics.median(_per_run(events)[warmup:])
+
+
+def openvino_kernel_ms(path: str, inputs: Inputs, threads: int, runs: int, warmup: int) -> float:
+    """:func:`kernel_ms` in OpenVINO's CPU runtime (fp32 inference precision pinned, as every IR
+    here is run): the executed nodes' ``real_time`` from its performance counters, other than
+    :data:`OPENVINO_BOUNDARY`, median over runs."""
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True}
+    request = openvino_runtime.core().compile_model(path, openvino_runtime.DEVICE, config).create_infer_request()
+    feed = openvino_runtime.feed(inputs)
+    totals = []
+    for index in range(warmup + runs):
+        request.infer(feed)
+        if index >= warmup:
+            totals.append(sum(info.real_time.total_seconds() * 1000 for info in request.profiling_info
+                              if info.status.name != "NOT_RUN" and info.node_type not in OPENVINO_BOUNDARY))
+    return statistics.median(totals)
 
 
 def _per_run(events: list[dict]) -> list[float]:

@@ -6,16 +6,13 @@ Why measured: a runtime's kernels are fast at some widths and slow at others (in
 blocks of channels: VNNI, AMX tiles), which FLOPs do not say. Why cached: a ResNet-50 table is
 thousands of timed cells, and neither the machine nor the runtime changes between two exports.
 
-Each cell is one layer as an ONNX model (:mod:`.onnx_layer`). In ONNX Runtime a cell is what the
-profiler says the layer's own kernels take (:mod:`.profiled`): timed alone, a layer also pays the
-layout changes a whole model pays once, and wall times summed to 2.7x the model's on ResNet-50
-while profiled kernels summed to within 6% of it. In OpenVINO, cells with the same input (one
-geometry and input width, every output width) are timed together as shared/FACTS.md says a
-deployed model is, by :func:`~compile_toolkit.metrics.compare_runtimes` (a warm-up, then rounds of
-blocks of runs, one untimed run first, the order rotated and flipped every round, the median of
-each block and over rounds), less the time of a model that only passes the input through. A cell's key names the precision, batch, geometry and
-widths; the file's name, the machine (CPU model, cores), the runtime and its version and the
-threads. A cache file that cannot be read is ignored with a warning and measured again.
+Each cell is one layer as an ONNX model (:mod:`.onnx_layer`), and its value is what the runtime's
+profiler says the layer's own kernels take (:mod:`.profiled`: ONNX Runtime's profiler, OpenVINO's
+performance counters), median over runs after a warm-up: timed alone, a layer also pays the call
+and the layout changes a whole model pays once, and on ResNet-50 one-layer wall times summed to
+2.7x the model's convolutions while profiled kernels summed to within 6% of them. A cell's key
+names the precision, batch, geometry and widths; the file's name, the machine (CPU model, cores),
+the runtime and its version and the threads. A cache file that cannot be read is ignored with a warning and measured again.
 """
 
 from __future__ import annotations
@@ -37,14 +34,12 @@ from .. import metrics
 from ..errors import CtkError
 from ..fileio import staged_path
 from .layers import Geometry
-from .onnx_layer import PRECISIONS, identity_model, layer_input, layer_model
-from .profiled import kernel_ms
+from .onnx_layer import PRECISIONS, layer_input, layer_model
+from .profiled import kernel_ms, openvino_kernel_ms
 
 CACHE_ENV = "CTK_CACHE_DIR"
 DEFAULT_CACHE = Path("~/.cache/compile_toolkit/latency")
-FORMAT = 2  # the cache file's layout and how its cells were timed; another one is measured again
-PASS_THROUGH = "identity"  # the model timed beside each row: the cost of a call, not of a layer
-FLOOR = 0.05  # a cell is at least this share of its measured time, however close to a bare call
+FORMAT = 3  # the cache file's layout and how its cells were timed; another one is measured again
 Cell = tuple[Geometry, int, int]  # a layer's geometry, input channels, output channels
 
 
@@ -124,39 +119,18 @@ class LatencyTable:
         self._write()
 
     def _measure_row(self, geometry: Geometry, cin: int, outs: list[int]) -> dict[str, float]:
-        """Cells of one geometry and input width: profiled kernels in ONNX Runtime, wall times in OpenVINO."""
-        if self.runtime == "ort":
-            return self._profiled_row(geometry, cin, outs)
-        return self._timed_row(geometry, cin, outs)
-
-    def _profiled_row(self, geometry: Geometry, cin: int, outs: list[int]) -> dict[str, float]:
-        """Each cell's compute kernels as ONNX Runtime's profiler times them (:mod:`.profiled`)."""
+        """Cells of one geometry and input width: each the layer's kernels as the runtime's
+        profiler times them (:mod:`.profiled`)."""
+        measure = kernel_ms if self.runtime == "ort" else openvino_kernel_ms
         inputs = layer_input(geometry, cin, self.batch)
         cells = {}
         with tempfile.TemporaryDirectory(prefix="ctk-latency-") as folder:
             for cout in outs:
                 path = str(Path(folder) / f"{cout}.onnx")
                 onnx.save(layer_model(geometry, cin, cout, self.batch, self.precision), path)
-                cells[self.key(geometry, cin, cout)] = kernel_ms(path, inputs, self.threads, self.rounds * self.iters,
-                                                                 self.warmup)
+                cells[self.key(geometry, cin, cout)] = measure(path, inputs, self.threads, self.rounds * self.iters,
+                                                               self.warmup)
         return cells
-
-    def _timed_row(self, geometry: Geometry, cin: int, outs: list[int]) -> dict[str, float]:
-        """Cells of one geometry and input width, timed together on one input, each less the time
-        of a model that only passes the input through (timed with them): a call into the runtime
-        costs the same for every layer (about 0.01 ms in ONNX Runtime, 0.1 ms in OpenVINO), and a
-        whole model pays it once, not once per layer."""
-        with tempfile.TemporaryDirectory(prefix="ctk-latency-") as folder:
-            models = {PASS_THROUGH: (self.runtime, str(Path(folder) / "identity.onnx"))}
-            onnx.save(identity_model(geometry, cin, self.batch), models[PASS_THROUGH][1])
-            for cout in outs:
-                path = Path(folder) / f"{cout}.onnx"
-                onnx.save(layer_model(geometry, cin, cout, self.batch, self.precision), str(path))
-                models[self.key(geometry, cin, cout)] = (self.runtime, str(path))
-            inputs = layer_input(geometry, cin, self.batch)
-            timing = metrics.compare_runtimes(models, inputs, self.rounds, self.threads, self.warmup, self.iters)
-        call = timing[PASS_THROUGH]["ms"]
-        return {key: max(timing[key]["ms"] - call, FLOOR * timing[key]["ms"]) for key in models if key != PASS_THROUGH}
 
     def _read(self) -> dict[str, float]:
         """The cached cells, or none (with a warning) where the file is unreadable or not a table."""
