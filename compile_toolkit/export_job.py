@@ -66,6 +66,9 @@ class ExportJob:
         "latency table measured and cached, then checked end to end), instead of --sparsity; heads and neurons "
         "(a causal LM's too, timed as prefill at --seq-len) take one sparsity bisected over timed probes",
         parse=float)
+    target_latency_ms: float | None = option(
+        "--target-latency-ms", "with --pruned: as --target-speedup, for a batch-1 latency in ms in --runtime instead "
+        "(the dense model is timed first; the target is its latency over this)", parse=float)
     out: str | None = out_option("ctk-out/<model>")
     finetune: bool = option("--no-finetune", "skip fine-tuning after pruning (batch-norm statistics are still "
                             "re-estimated)", True, negated=True)
@@ -128,13 +131,7 @@ class ExportJob:
         if "openvino" in self.formats:
             openvino_runtime.require()
         self.prune.validate()
-        if self.target_speedup is not None:
-            if not self.pruned:
-                raise CtkError("--target-speedup chooses how much to prune: add --pruned")
-            if self.prune.sparsity != PruneOptions().sparsity:
-                raise CtkError("--target-speedup chooses the sparsity: drop --sparsity")
-            if not (math.isfinite(self.target_speedup) and self.target_speedup > 1):
-                raise CtkError(f"--target-speedup must be a finite number above 1, got {self.target_speedup}")
+        self._validate_target()
         given = self.prune.given()
         if given and not self.pruned:
             raise CtkError(f"{given[0]} says how to prune: add --pruned")
@@ -148,6 +145,20 @@ class ExportJob:
         if self.checkpoint is not None and self.weights is not None:
             raise CtkError("--checkpoint brings its own weights: drop --weights")
         self.quant_configs()
+
+    def _validate_target(self) -> None:
+        if self.target_speedup is not None and self.target_latency_ms is not None:
+            raise CtkError("--target-speedup and --target-latency-ms both say how fast: give one")
+        flag, value, low = (("--target-speedup", self.target_speedup, 1.0) if self.target_latency_ms is None
+                            else ("--target-latency-ms", self.target_latency_ms, 0.0))
+        if value is None:
+            return
+        if not self.pruned:
+            raise CtkError(f"{flag} chooses how much to prune: add --pruned")
+        if self.prune.sparsity != PruneOptions().sparsity:
+            raise CtkError(f"{flag} chooses the sparsity: drop --sparsity")
+        if not (math.isfinite(value) and value > low):
+            raise CtkError(f"{flag} must be a finite number above {low:g}, got {value}")
 
     def quant_configs(self) -> tuple[QuantizeConfig, ...]:
         """The --quantize options (or the --recipe's quantize: section) as checked configs: ONNX
@@ -201,8 +212,7 @@ def run(job: ExportJob, step: Step | None = None) -> dict[str, Any]:
             report.latency = export_measure.latency(report, artifacts, dense_artifacts, loaded, job.latency_rounds,
                                                     job.runtime)
         if report.pruning and "target" in report.pruning:  # the measured speedup beside the target
-            report.pruning["target"].update(speedup=report.latency.speedup,
-                                            met=report.latency.speedup >= job.target_speedup)
+            report.pruning["target"].update(export_prune.target_met(job, report))
         if work is not None:
             with timed(f"measure {work.task.metric} of the ONNX artifact in ONNX Runtime"):
                 report.metric = export_measure.metric_summary(report, work, next(a for a in artifacts if a.format == "onnx"),

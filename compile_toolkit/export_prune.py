@@ -15,7 +15,7 @@ from torch import nn
 from . import metrics
 from .errors import CtkError
 from .export_measure import metric
-from .latency_target import TargetChoice, WidthChoice, choose_sparsity, choose_widths
+from .latency_target import TargetChoice, WidthChoice, choose_sparsity, choose_widths, speedup_for_latency
 from .models import LoadedModel
 from .models.weights import state_dict_mismatch
 from .pruning import apply_masks
@@ -49,7 +49,8 @@ def run(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn.Mo
         return
     if not job.pruned:
         return
-    target = _target(job, loaded, work, timed) if job.target_speedup is not None else None
+    targeted = job.target_speedup is not None or job.target_latency_ms is not None
+    target = _target(job, loaded, work, timed) if targeted else None
     if isinstance(target, TargetChoice):  # one sparsity for every group
         job = replace(job, prune=replace(job.prune, sparsity=target.sparsity))
     if target is not None:
@@ -102,19 +103,33 @@ def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -
     name = metrics.RUNTIMES[job.runtime].title
     calibration = _importance_inputs(job, work)
     config = job.prune.config(loaded.module, calibrated=calibration is not None)
+    speedup = job.target_speedup
+    if speedup is None:
+        with timed(f"time the dense model in {name} for --target-latency-ms {job.target_latency_ms:g}"):
+            speedup = speedup_for_latency(loaded.module, loaded.example_inputs, job.target_latency_ms, job.runtime)
     if isinstance(config, Channels) and config.structure == "channel":
-        with timed(f"choose each channel group's width for {job.target_speedup:g}x in {name} (per-layer latency "
+        with timed(f"choose each channel group's width for {speedup:.3g}x in {name} (per-layer latency "
                    "table, timed end to end)"):
-            return choose_widths(loaded.module, loaded.example_inputs, config, job.target_speedup, job.runtime,
-                                 calibration)
+            return choose_widths(loaded.module, loaded.example_inputs, config, speedup, job.runtime, calibration)
     tokens = None
     if isinstance(config, DecoderStructures):  # a causal LM's pruner calibrates on text
         if work is None:
             raise CtkError("--target-speedup on a language model calibrates on text: give --data (pydoc, or a text file)")
         tokens = work.token_batches(job.prune.calibration_samples)
-    with timed(f"choose the sparsity for {job.target_speedup:g}x in {name} (pruned, stripped and timed probes)"):
-        return choose_sparsity(loaded.module, loaded.example_inputs, config, job.target_speedup, job.runtime,
+    with timed(f"choose the sparsity for {speedup:.3g}x in {name} (pruned, stripped and timed probes)"):
+        return choose_sparsity(loaded.module, loaded.example_inputs, config, speedup, job.runtime,
                                PruneData(loaded.example_inputs, calibration, tokens))
+
+
+def target_met(job: ExportJob, report: ExportReport) -> dict[str, Any]:
+    """The final measured speedup (and batch-1 latency) beside the target, and whether it was met:
+    a latency target is met by the stripped model's measured latency, not by the speedup it was
+    converted to."""
+    measured = {"speedup": report.latency.speedup, "latency_ms": report.stripped.latency_ms}
+    if job.target_latency_ms is not None:
+        return {**measured, "target_latency_ms": job.target_latency_ms,
+                "met": report.stripped.latency_ms <= job.target_latency_ms}
+    return {**measured, "met": report.latency.speedup >= job.target_speedup}
 
 
 def _importance_inputs(job: ExportJob, work: Workload | None) -> list[tuple[torch.Tensor, ...]] | None:

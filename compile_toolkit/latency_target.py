@@ -118,6 +118,23 @@ def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels 
     return choice
 
 
+def speedup_for_latency(module: nn.Module, example_inputs: Inputs, latency_ms: float, runtime: str) -> float:
+    """The speedup over ``module`` that a batch-1 latency of ``latency_ms`` in ``runtime`` asks
+    for, ``module`` exported and timed there now (``--target-latency-ms``: a budget in ms is a
+    speedup over the dense model as this machine runs it). A budget the dense model already meets,
+    is one CtkError."""
+    if not (latency_ms > 0):
+        raise CtkError(f"--target-latency-ms must be above 0, got {latency_ms}")
+    batch1 = tuple(t[:1] for t in example_inputs)
+    with tempfile.TemporaryDirectory(prefix="ctk-target-") as folder:
+        path = _exported(copy.deepcopy(module), example_inputs, runtime, Path(folder) / "dense")
+        dense_ms = RUNTIMES[runtime].latency_ms(path, batch1)
+    if dense_ms <= latency_ms:
+        raise CtkError(f"--target-latency-ms {latency_ms:g}: the dense model already runs in {dense_ms:.3g} ms in "
+                       f"{runtime} on this machine; nothing needs pruning (ask for less)")
+    return dense_ms / latency_ms
+
+
 def _exported(module: nn.Module, example_inputs: Inputs, runtime: str, folder: Path,
               reference: nn.Module | None = None) -> str:
     """The verified file that ``runtime`` runs in fp32 (its format, exported) of ``module`` under ``folder``."""

@@ -75,10 +75,7 @@ def ort_latency_ms(onnx_path: str, inputs: Inputs, threads: int | None = None,
     """Median wall time in ms of ``InferenceSession.run`` on ``inputs`` (CPU provider,
     ``threads`` intra-op threads, default :func:`default_threads`). The median, because single
     runs on a shared machine have a long tail of slow outliers."""
-    run = _ort_runner(onnx_path, inputs, threads)
-    for _ in range(warmup):
-        run()
-    return statistics.median(_time_runs(run, iters))
+    return RUNTIMES["ort"].latency_ms(onnx_path, inputs, threads, warmup, iters)
 
 
 def compare_latency_ms(onnx_a: str, onnx_b: str, inputs: Inputs, rounds: int = 20,
@@ -140,6 +137,14 @@ class Runtime:
     title: str
     formats: dict[str, str]  # precision -> the export format whose file this runtime runs
     runner: Callable[[str, Inputs, int | None], Runner]
+
+    def latency_ms(self, path: str, inputs: Inputs, threads: int | None = None, warmup: int = 10,
+                   iters: int = 50) -> float:
+        """Median wall time in ms of one run of the file on ``inputs`` after ``warmup`` runs."""
+        run = self.runner(path, inputs, threads)
+        for _ in range(warmup):
+            run()
+        return statistics.median(_time_runs(run, iters))
 
     def compare(self, path_a: str, path_b: str, inputs: Inputs, rounds: int = 20, threads: int | None = None,
                 warmup: int = 10, iters: int = 10, budget_s: float | None = None) -> dict[str, float]:

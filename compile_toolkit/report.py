@@ -132,6 +132,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"Note: {note}" for note in report["notes"]] + [""]
     lines += ["| | dense | stripped | change |", "|---|---:|---:|---:|"]
     lines += [f"| {' | '.join(row)} |" for row in summary_rows(report)]
+    lines += _target_lines((report.get("pruning") or {}).get("target"))
     lines += ["", "## Artifacts", "", "| format | path | size | max abs error | runtime |", "|---|---|---:|---:|---|"]
     for a in report["artifacts"]:
         lines.append(f"| {a['format']} | `{a['path']}` | {byte_size(a['size_bytes'])} | {a['max_abs_error']:.2e} | {a['runtime']} |")
@@ -150,6 +151,23 @@ def markdown(report: dict[str, Any]) -> str:
               f"{pipeline['analyses']} channel analyses ({'; '.join(pipeline['analysis_reasons']) or 'none'}).", "", "Seconds per stage:", ""]
     lines += [f"- {stage['name']}: {stage['seconds']:.2f}" for stage in pipeline["stages"]]
     return "\n".join(lines) + "\n"
+
+
+def _target_lines(target: dict[str, Any] | None) -> list[str]:
+    """``--target-speedup`` / ``--target-latency-ms``: what was asked, how it was chosen, what the
+    final export measured."""
+    if not target or "met" not in target:
+        return []
+    runtime = RUNTIMES[target["runtime"]].title
+    how = ("each channel group's width chosen over the per-layer latency table" if "widths" in target
+           else f"one sparsity ({target['sparsity']:.0%}) bisected over {len(target['probes'])} timed probes")
+    if "target_latency_ms" in target:
+        asked = f"{target['target_latency_ms']:g} ms at batch 1 (a {target['target']:.2f}x speedup)"
+        got = f"{target['latency_ms']:.3f} ms ({target['speedup']:.2f}x)"
+    else:
+        asked, got = f"{target['target']:g}x at batch 1", f"{target['speedup']:.2f}x"
+    return ["", f"Target: {asked} in {runtime}; {how}; measured after export: {got}, "
+                f"{'met' if target['met'] else 'NOT met'}."]
 
 
 def _quantization_lines(section: dict[str, Any] | None) -> list[str]:

@@ -6,15 +6,19 @@ neurons, which the table does not cover, take one sparsity chosen by bisection o
 
 from __future__ import annotations
 
+import copy
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from test_cli import assert_clean_failure, run_cli
 
+import compile_toolkit as ctk
 from compile_toolkit.errors import CtkError
-from compile_toolkit.latency_target import MAX_SPARSITY, RESOLUTION, choose_sparsity
+from compile_toolkit.latency_target import MAX_SPARSITY, RESOLUTION, choose_sparsity, speedup_for_latency
+from compile_toolkit.metrics import RUNTIMES
 from compile_toolkit.models import load_model
 from compile_toolkit.pruning.configs import Channels
 
@@ -40,6 +44,24 @@ def test_the_job_prunes_each_group_to_its_chosen_width_and_reports_the_measured_
     assert checked >= len(target["widths"]) / 2 and any(w["kept"] < w["channels"] for w in target["widths"])
     assert report["sparsity"] == target["sparsity"] > 0
     assert target["speedup"] == report["speedup"] and target["met"] == (report["speedup"] >= 1.3)
+    assert target["latency_ms"] == report["stripped"]["latency_ms"]
+    verdict = "met" if target["met"] else "NOT met"
+    assert "Target: 1.3x at batch 1 in ONNX Runtime; each channel group's width" in (out / "report.md").read_text()
+    assert f"{target['speedup']:.2f}x, {verdict}." in (out / "report.md").read_text()
+
+
+def test_a_latency_budget_is_the_speedup_over_the_dense_model_as_timed_here():
+    """``--target-latency-ms``: the dense model is timed in the runtime, the budget becomes a
+    speedup over it; a budget the dense model already meets is one line."""
+    loaded = load_model("digits-resnet")
+    module, example = loaded.module, loaded.example_inputs
+    with tempfile.TemporaryDirectory() as folder:
+        path = ctk.export(copy.deepcopy(module), example, folder, formats=("onnx",))[0].path
+        dense_ms = RUNTIMES["ort"].latency_ms(path, tuple(t[:1] for t in example))
+    speedup = speedup_for_latency(module, example, dense_ms / 2, "ort")
+    assert 1.4 < speedup < 2.8  # twice as fast, within this machine's run-to-run noise
+    with pytest.raises(CtkError, match=r"--target-latency-ms 1e\+06: the dense model already runs in .* ms in ort"):
+        speedup_for_latency(module, example, 1e6, "ort")
 
 
 def test_one_sparsity_for_every_group_is_the_smallest_that_meets_the_target():
@@ -69,7 +91,11 @@ def test_target_speedup_options_are_checked_before_any_work(tmp_path, capsys):
                          (["--pruned", "--target-speedup", "2", "--sparsity", "0.3"], "drop --sparsity"),
                          (["--pruned", "--target-speedup", "0.5"], "above 1"),
                          (["--pruned", "--target-speedup", "nan"], "above 1"),
-                         (["--pruned", "--target-speedup", "2", "--method", "wanda"], "--method wanda prunes the decoder")):
+                         (["--pruned", "--target-speedup", "2", "--method", "wanda"], "--method wanda prunes the decoder"),
+                         (["--pruned", "--target-latency-ms", "0"], "--target-latency-ms must be a finite number above 0"),
+                         (["--target-latency-ms", "5"], "add --pruned"),
+                         (["--pruned", "--target-latency-ms", "5", "--sparsity", "0.3"], "drop --sparsity"),
+                         (["--pruned", "--target-latency-ms", "5", "--target-speedup", "2"], "give one")):
         status, err = run_cli(["export", *args, "--out", str(tmp_path / "out")], capsys)
         assert_clean_failure(status, err, needle)
         assert not (tmp_path / "out").exists()
