@@ -111,3 +111,28 @@ def test_an_onnx_runtime_cell_is_the_layers_kernels_not_the_layout_changes_aroun
         sess.run(None, feed)
         walls.append((time.perf_counter() - started) * 1000)
     assert 0 < cell < statistics.median(walls)
+
+
+def test_a_strided_1x1_int8_layer_runs_its_convolution_in_int8_in_openvino(tmp_path):
+    """OpenVINO moves a lone strided 1x1 convolution's stride onto its input, and the pooling it
+    inserts there runs the int8 layer's convolution in fp32 (the control); with the dequantized
+    input shared (as a bottleneck's shortcut shares it in ResNet-50) the stride stays and the
+    convolution runs in int8, as it does in the whole model."""
+    pytest.importorskip("openvino")
+    import onnx
+
+    from compile_toolkit import openvino_runtime
+
+    geometry = Geometry("conv", (28, 28), (1, 1), (2, 2))
+
+    def convolutions(shared: bool) -> list[str]:
+        path = str(tmp_path / f"shared{int(shared)}.onnx")
+        onnx.save(layer_model(geometry, 64, 128, 1, "int8", shared_input=shared), path)
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1, "PERF_COUNT": True}
+        request = openvino_runtime.core().compile_model(path, "CPU", config).create_infer_request()
+        request.infer(openvino_runtime.feed(layer_input(geometry, 64, 1)))
+        return [i.exec_type for i in request.profiling_info if i.node_type == "Convolution" and i.status.name != "NOT_RUN"]
+
+    unshared, shared = convolutions(False), convolutions(True)
+    assert len(unshared) == len(shared) == 1
+    assert "f32" in unshared[0].lower() and "i8" in shared[0].lower(), (unshared, shared)

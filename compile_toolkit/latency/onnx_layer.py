@@ -26,9 +26,19 @@ OPSET = 17
 PRECISIONS = ("fp32", "int8")
 
 
-def layer_model(geometry: Geometry, cin: int, cout: int, batch: int, precision: str) -> onnx.ModelProto:
+def layer_model(geometry: Geometry, cin: int, cout: int, batch: int, precision: str,
+                shared_input: bool = False) -> onnx.ModelProto:
     """The layer of ``geometry`` with ``cin`` input and ``cout`` output channels, input batch
-    ``batch``, in ``precision`` (:data:`PRECISIONS`)."""
+    ``batch``, in ``precision`` (:data:`PRECISIONS`). ``shared_input``: in int8, the dequantized
+    input is also an output of the graph, as a block's input in a model feeds more than one layer.
+
+    Why OpenVINO needs ``shared_input``: it moves a strided 1x1 convolution's stride onto the
+    layer's input when nothing else reads it, and in a lone int8 layer the pooling node it inserts
+    there breaks the quantized pattern, so the convolution runs in fp32 (``brgconv_avx512_1x1_f32``
+    between a dequantize and a requantize). In ResNet-50 the input of such a convolution (a
+    bottleneck's shortcut) also feeds the block's first convolution, the stride stays, and it runs
+    in int8 (``brgconv_avx512_amx_1x1_I8``); with the input shared, the lone layer does too. ONNX
+    Runtime keeps the plain layer: a dequantize that leaves the graph is not fused into QLinearConv."""
     if precision not in PRECISIONS:
         raise CtkError(f"latency table precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     rng = np.random.default_rng(cin * 100003 + cout)
@@ -40,8 +50,11 @@ def layer_model(geometry: Geometry, cin: int, cout: int, batch: int, precision: 
         out = builder.conv(source, geometry, cin, cout, rng)
     builder.output(out, "y")
     shape = input_shape(geometry, cin, batch)
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if shared_input and builder.int8:
+        outputs.append(helper.make_tensor_value_info(source, TensorProto.FLOAT, shape))
     graph = helper.make_graph(builder.nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], builder.initializers)
+                              outputs, builder.initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 

@@ -39,7 +39,7 @@ from .profiled import kernel_ms, openvino_kernel_ms
 
 CACHE_ENV = "CTK_CACHE_DIR"
 DEFAULT_CACHE = Path("~/.cache/compile_toolkit/latency")
-FORMAT = 3  # the cache file's layout and how its cells were timed; another one is measured again
+FORMAT = 4  # the cache file's layout and how its cells were timed; another one is measured again
 Cell = tuple[Geometry, int, int]  # a layer's geometry, input channels, output channels
 
 
@@ -127,7 +127,8 @@ class LatencyTable:
         with tempfile.TemporaryDirectory(prefix="ctk-latency-") as folder:
             for cout in outs:
                 path = str(Path(folder) / f"{cout}.onnx")
-                onnx.save(layer_model(geometry, cin, cout, self.batch, self.precision), path)
+                onnx.save(layer_model(geometry, cin, cout, self.batch, self.precision,
+                                      shared_input=self.runtime == "openvino"), path)
                 cells[self.key(geometry, cin, cout)] = measure(path, inputs, self.threads, self.rounds * self.iters,
                                                                self.warmup)
         return cells
