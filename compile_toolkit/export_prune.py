@@ -15,6 +15,7 @@ from torch import nn
 from . import metrics
 from .errors import CtkError
 from .export_measure import metric
+from .latency.groups import WIDTH_STRUCTURES
 from .latency_target import TargetChoice, WidthChoice, choose_sparsity, choose_widths, speedup_for_latency
 from .models import LoadedModel
 from .models.weights import state_dict_mismatch
@@ -97,9 +98,10 @@ def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn
 
 
 def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -> TargetChoice | WidthChoice:
-    """What meets ``--target-speedup`` in ``--runtime``: each channel group's width, chosen over the
-    runtime's measured per-layer latency table and checked end to end (channels); one sparsity for
-    every group, chosen by measured probes (heads and neurons, which the table does not cover)."""
+    """What meets ``--target-speedup`` (or ``--target-latency-ms``) in ``--runtime``: each channel
+    or neuron group's width, chosen over the runtime's measured per-layer latency table and checked
+    end to end; one sparsity for every group, chosen by measured probes, for what the table does not
+    cover (attention heads, a causal LM's structures)."""
     name = metrics.RUNTIMES[job.runtime].title
     calibration = _importance_inputs(job, work)
     config = job.prune.config(loaded.module, calibrated=calibration is not None)
@@ -107,8 +109,8 @@ def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -
     if speedup is None:
         with timed(f"time the dense model in {name} for --target-latency-ms {job.target_latency_ms:g}"):
             speedup = speedup_for_latency(loaded.module, loaded.example_inputs, job.target_latency_ms, job.runtime)
-    if isinstance(config, Channels) and config.structure == "channel":
-        with timed(f"choose each channel group's width for {speedup:.3g}x in {name} (per-layer latency "
+    if isinstance(config, Channels) and config.structure in WIDTH_STRUCTURES:
+        with timed(f"choose each {config.structure} group's width for {speedup:.3g}x in {name} (per-layer latency "
                    "table, timed end to end)"):
             return choose_widths(loaded.module, loaded.example_inputs, config, speedup, job.runtime, calibration)
     tokens = None

@@ -47,6 +47,10 @@ WIDTH_POINTS = 8  # candidate widths per group: k/8 of its channels, multiples o
 TOLERANCE = 0.10  # the measured speedup of chosen widths lands in [target, (1 + TOLERANCE) * target]
 AIM = 1.04  # where in that band the budget correction aims
 WIDTH_ROUNDS = 4  # choices timed end to end after the smallest widths' probe
+# A probe's timing: this many alternated rounds, fewer where they would take longer than the budget.
+# A small model needs many: digits-resnet runs in tens of microseconds, and 12 rounds of it (what
+# probes had) measured 1.5x where the export's own 60 rounds then measured 1.42x.
+PROBE_ROUNDS, PROBE_BUDGET_S = 100, 10.0
 # A causal LM's structures that strip removes (blocks and query heads leave the module before capture).
 DECODER_TARGETS = ("neuron", "attention_head", "head")
 
@@ -75,7 +79,7 @@ class TargetChoice:
 
 def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels | DecoderStructures, target: float,
                     runtime: str, data: PruneData | None = None,
-                    rounds: int = 12, budget_s: float = 10.0) -> TargetChoice:
+                    rounds: int = PROBE_ROUNDS, budget_s: float = PROBE_BUDGET_S) -> TargetChoice:
     """The smallest sparsity of ``config`` (its own is ignored) whose stripped model runs ``target``
     times faster than ``module`` in ``runtime`` (a name of :data:`~compile_toolkit.metrics.RUNTIMES`,
     whose fp32 format is exported and timed at batch 1 on the example inputs: a language model's
@@ -182,9 +186,10 @@ class WidthChoice:
 
 def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, target: float, runtime: str,
                   calibration: Calibration | None = None,
-                  rounds: int = 12, budget_s: float = 10.0, precision: str = "fp32",
+                  rounds: int = PROBE_ROUNDS, budget_s: float = PROBE_BUDGET_S, precision: str = "fp32",
                   table: LatencyTable | None = None, max_sparsity: float = MAX_SPARSITY) -> WidthChoice:
-    """Each coupled group's width so that ``module``'s stripped model runs ``target`` times faster
+    """Each coupled group's width (every channel group, or with structure ``neuron`` the groups of
+    linear layers alone) so that ``module``'s stripped model runs ``target`` times faster
     in ``runtime`` (within :data:`TOLERANCE` above), keeping the most ``config.importance``;
     the arguments as :func:`choose_sparsity`'s. ``precision`` is what the latency table times
     (``int8`` where the deployed model is quantized); ``table`` a table to use (default: the
@@ -193,7 +198,8 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
     single probe."""
     _check_target(target, runtime)
     if not isinstance(config, Channels):
-        raise CtkError(f"--target-speedup chooses widths of coupled channel groups; not for {_described(config)}")
+        raise CtkError(f"--target-speedup chooses widths of coupled channel or neuron groups; not for "
+                       f"{_described(config)}")
     check_sparsity(max_sparsity, "max_sparsity")
     plan = width_plan(module, example_inputs, config, calibration, WIDTH_POINTS, max_sparsity)
     table = table or LatencyTable(runtime, precision)
@@ -217,7 +223,7 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
         smallest = chooser.smallest()
         if probe(smallest, smallest.predicted_ms) < target:
             raise CtkError(f"--target-speedup {target:g} cannot be met in {runtime} on this machine: the narrowest "
-                           f"widths allowed (at most {max_sparsity:.0%} of every channel group pruned) run only "
+                           f"widths allowed (at most {max_sparsity:.0%} of every group pruned) run only "
                            f"{probes[0][1].speedup:.2f}x faster (ask for at most that)")
         for _ in range(WIDTH_ROUNDS):
             budget = _next_budget(dense.predicted_ms, [p for _, p in probes], target)

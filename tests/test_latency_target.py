@@ -47,6 +47,21 @@ def inputs() -> tuple[torch.Tensor]:
     return (torch.randn(2, 3, 32, 32),)
 
 
+class Mlps(nn.Module):
+    """Two residual MLP blocks over tokens, 64 and 256 hidden units: their hidden units are neuron
+    groups; the model's width, its input and output, cannot be pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(32), nn.Linear(32, hidden), nn.GELU(),
+                                                  nn.Linear(hidden, 32)) for hidden in (64, 256))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
 def table(folder) -> LatencyTable:
     return LatencyTable("ort", folder=folder, rounds=4, iters=3, warmup=1)
 
@@ -103,7 +118,7 @@ def test_a_target_the_narrowest_widths_miss_is_one_line(tmp_path):
     assert f"{MAX_SPARSITY:.0%}" in message
 
 
-def test_only_channel_groups_are_chosen_and_the_options_are_checked_first():
+def test_only_channel_and_neuron_groups_are_chosen_and_the_options_are_checked_first():
     for config, target, needle in ((Channels(structure="head"), 2.0, "structure 'head'"),
                                    (Channels(), 0.9, "above 1"),
                                    (ctk.pruning.configs.Magnitude(), 2.0, "not for Magnitude")):
@@ -111,3 +126,21 @@ def test_only_channel_groups_are_chosen_and_the_options_are_checked_first():
             choose_widths(Tiny().eval(), inputs(), config, target, "ort")
     with pytest.raises(CtkError, match="runtime must be one of ort, openvino, got 'tvm'"):
         choose_widths(Tiny().eval(), inputs(), Channels(), 2.0, "tvm")
+
+
+def test_neuron_widths_are_chosen_for_the_groups_of_linear_layers_alone():
+    """Structure ``neuron``: each MLP's hidden units are a group whose width is costed by its two
+    linear layers at the tokens per sample the example has (a dynamic sequence length at the
+    example's value); the chosen widths prune and strip exactly; a model of convolutions has no
+    such group and says so."""
+    model, x = Mlps().eval(), (torch.randn(2, 16, 32),)
+    plan = width_plan(model, x, Channels(structure="neuron"), None, 8, MAX_SPARSITY)
+    assert [o.size for o in plan.options] == [64, 256]
+    assert [layer.geometry.key() for layer in plan.layers] == ["linear|rows16|bias1"] * 4
+    widths = [plan.options[0].widths[2], plan.options[1].widths[5]]
+    names = {n for n, _ in model.named_parameters()}
+    prune_(model, width_config(Channels(structure="neuron"), plan.groups, widths, names), PruneData(x, None))
+    stripped = dict(ctk.strip(model, x).named_parameters())
+    assert [stripped[f"blocks.{k}.1.weight"].shape[0] for k in (0, 1)] == widths
+    with pytest.raises(CtkError, match="Tiny has no neuron group"):
+        width_plan(Tiny().eval(), inputs(), Channels(structure="neuron"), None, 8, MAX_SPARSITY)

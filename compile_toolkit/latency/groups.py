@@ -1,5 +1,5 @@
 """The channel groups whose widths are chosen, as the knapsack reads them: each prunable coupled
-group of the channel analysis (the one ``ctk.prune`` scores and strip removes), its candidate
+group of the channel analysis (or, for structure ``neuron``, each group of linear layers alone) (the one ``ctk.prune`` scores and strip removes), its candidate
 widths, and the importance kept at each by the same criterion :class:`~..pruning.configs.Channels`
 names, so the channels the choice counts as kept are those ``prune_`` keeps."""
 
@@ -18,8 +18,13 @@ from ..pruning.channel_groups import ParameterChannels, parameter_channels
 from ..pruning.configs import Channels
 from ..pruning.importance import Calibration, ScoreContext, importance_criterion
 from ..pruning.patterns import matches
+from ..pruning.structured import group_kinds
 from .layers import Layer, compute_layers
 from .widths import GroupOption, candidate_widths, kept_importance
+
+# Structures whose widths the latency table can cost: coupled channel groups (convolutions and
+# linears), or only the neuron groups of linear layers (a transformer's MLPs; not its heads).
+WIDTH_STRUCTURES = ("channel", "neuron")
 
 
 @dataclass(frozen=True)
@@ -38,15 +43,18 @@ def width_plan(model: nn.Module, example_inputs: Inputs, config: Channels, calib
     """The groups of ``model`` that ``config`` may prune (its ``ignore`` respected), with
     ``points`` candidate widths each, none pruned past ``max_sparsity``, scored by
     ``config.importance``."""
-    if config.structure != "channel":
-        raise CtkError(f"widths chosen by measured latency prune coupled channel groups (structure 'channel'); "
-                       f"structure {config.structure!r} is not supported yet")
+    if config.structure not in WIDTH_STRUCTURES:
+        raise CtkError(f"widths chosen by measured latency prune coupled channel groups or neurons (structure "
+                       f"{' or '.join(map(repr, WIDTH_STRUCTURES))}); structure {config.structure!r} is not "
+                       "supported yet")
     criterion = importance_criterion(config.importance)
     criterion.check(calibration)
     channels = parameter_channels(model, example_inputs)
     analysis = channels.analysis
     names = {name for name, _ in model.named_parameters()}
-    chosen = [g for g in analysis.groups if _choosable(g, names, config.ignore)]
+    kinds = group_kinds(analysis, channels.params)
+    chosen = [g for g, kind in zip(analysis.groups, kinds, strict=True)
+              if _choosable(g, names, config.ignore) and (config.structure == "channel" or kind == "neuron")]
     candidates = np.concatenate([np.zeros(0, dtype=np.int64), *(g.prunable for g in chosen)])
     scores, scored = criterion.score(ScoreContext(model, analysis, channels.params, channels.slices, candidates,
                                                   config.seed, calibration))
@@ -61,7 +69,8 @@ def width_plan(model: nn.Module, example_inputs: Inputs, config: Channels, calib
         options.append(GroupOption(group.index, group.size, widths,
                                    kept_importance(scores[removable], group.size, widths)))
     if not options:
-        raise CtkError(f"{type(model).__name__} has no channel group to prune (every group is pinned or ignored): "
+        what = "channel group" if config.structure == "channel" else "neuron group (of linear layers alone)"
+        raise CtkError(f"{type(model).__name__} has no {what} to prune (every group is pinned or ignored): "
                        "no width to choose")
     layers = compute_layers(analysis, {option.index: k for k, option in enumerate(options)})
     return WidthPlan(channels, groups, options, layers)

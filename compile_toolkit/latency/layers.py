@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import hint_int
 
 from ..channels import ChannelAnalysis
 
@@ -122,9 +123,9 @@ def _layer(analysis: ChannelAnalysis, group_of: np.ndarray, node: fx.Node) -> La
     source, weight = node.args[0], node.args[1]
     if not (isinstance(source, fx.Node) and isinstance(weight, fx.Node) and weight.op == "get_attr"):
         return None
-    shape = tuple(source.meta["val"].shape)
-    if any(not isinstance(s, int) for s in shape[1:]):
-        return None  # a symbolic size other than the batch: no one geometry to measure
+    shape = _example_shape(source)
+    if shape is None:
+        return None
     has_bias = len(node.args) > 2 and node.args[2] is not None
     if node.target in _LINEARS:
         geometry = Geometry("linear", (math.prod(shape[1:-1]),), bias=has_bias)
@@ -139,6 +140,15 @@ def _layer(analysis: ChannelAnalysis, group_of: np.ndarray, node: fx.Node) -> La
     if cin is None or cout is None:
         return None
     return Layer(str(weight.target), geometry, cin, cout)
+
+
+def _example_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """``node``'s shape at the example inputs: a dynamic size (a text model's sequence length) at
+    the example's value, which is what the probes time; None where a size has no such value."""
+    try:
+        return tuple(hint_int(size) for size in node.meta["val"].shape)
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        return None
 
 
 def _conv_geometry(node: fx.Node, shape: tuple, has_bias: bool) -> Geometry | None:

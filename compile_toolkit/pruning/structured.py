@@ -101,7 +101,7 @@ def prune(
         raise CtkError(f"structure={structure!r} needs attention heads, and {type(model).__name__} has none "
                        "(no scaled_dot_product_attention, no product of two activations over a heads dim); "
                        "use structure='channel'")
-    kinds = [_kind(g, params, heads) for g in analysis.groups]
+    kinds = group_kinds(analysis, params)
     if structure == "neuron" and "neuron" not in kinds:
         raise CtkError(f"structure='neuron' needs groups carried only by linear layers, and {type(model).__name__} "
                        "has none; use structure='channel'")
@@ -160,6 +160,13 @@ def _group_sparsity(group: ChannelGroup, sparsity: float, overrides: dict[str, f
         if any(matches(n, [pattern]) for n in names):
             return float(value)
     return sparsity
+
+
+def group_kinds(analysis: ChannelAnalysis, params: dict[str, torch.Tensor]) -> list[str]:
+    """Each group's kind, as the report names it: ``head``, ``neuron``, ``channel`` or ``buffer``
+    (:func:`_kind`)."""
+    heads = _head_components(analysis)
+    return [_kind(g, params, heads) for g in analysis.groups]
 
 
 def _head_components(analysis: ChannelAnalysis) -> np.ndarray:
