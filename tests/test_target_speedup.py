@@ -126,3 +126,20 @@ def test_a_causal_lm_prunes_as_few_mlp_neurons_as_meet_the_target_at_its_prefill
     assert all(p.speedup < 1.3 for p in choice.probes if p.sparsity < choice.sparsity)
     with pytest.raises(CtkError, match="not for DecoderStructures pruning of block"):
         choose_sparsity(model, (ids,), DecoderStructures("block", 0.5), 1.3, "ort", PruneData(tokens=tokens))
+
+
+def test_a_latency_target_is_met_by_the_measured_latency_not_by_the_speedup_it_became():
+    from types import SimpleNamespace
+
+    from compile_toolkit.export_job import ExportJob
+    from compile_toolkit.export_prune import target_met
+
+    def report(speedup: float, stripped_ms: float) -> SimpleNamespace:
+        return SimpleNamespace(latency=SimpleNamespace(speedup=speedup), stripped=SimpleNamespace(latency_ms=stripped_ms))
+
+    by_ms = ExportJob(pruned=True, target_latency_ms=5.0)
+    assert target_met(by_ms, report(1.9, 4.9)) == {"speedup": 1.9, "latency_ms": 4.9, "target_latency_ms": 5.0,
+                                                   "met": True}
+    assert not target_met(by_ms, report(2.5, 5.1))["met"]  # faster than asked relative to dense, still too slow
+    by_speedup = ExportJob(pruned=True, target_speedup=2.0)
+    assert target_met(by_speedup, report(2.0, 9.0))["met"] and not target_met(by_speedup, report(1.99, 1.0))["met"]

