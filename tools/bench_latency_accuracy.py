@@ -11,9 +11,10 @@ exported twice by the main job (``ctk export --pruned``, the same fine-tuning an
   pruned, stripped, timed probes), so that both stand at the same measured speedup, not merely
   both above T (the chosen widths may land anywhere in [T, 1.1 T]).
 
-Models: the built-in digits-resnet (channel groups, L1, fine-tuned on the digits, test top-1) and
+Models: the built-in digits-resnet (channel groups, L1, fine-tuned on the digits, test top-1),
 all-MiniLM-L6-v2 (MLP neurons, ``--structure neuron``, scored on pydoc paragraphs, distilled from
-the dense model, cosine to its embeddings on held-out paragraphs). Both exports are then timed
+the dense model, cosine to its embeddings on held-out paragraphs) and torchvision ResNet-50
+(random weights, no data: speed only, where timing is stable). Both exports are then timed
 again with the dense model in one run (blocks of runs after an untimed one, order rotated and
 flipped every round, medians of per-round ratios), so their speedups compare on the same footing;
 the table gives each one's metric, its speedup in the job and in the joint run, and whether the
@@ -83,7 +84,15 @@ def minilm(folder: Path, epochs: int, seq_len: int = 64) -> Subject:
                    "cosine to dense")
 
 
-SUBJECTS = {"digits": digits, "minilm": minilm}
+def resnet50(folder: Path, epochs: int) -> Subject:
+    """torchvision ResNet-50 at 224 px, random weights and no data: latency only (is the export's
+    measured speedup within 10% above its target at a size where timing is stable?)."""
+    spec = "torchvision:resnet50"
+    return Subject("resnet50", {"model": spec, "input_shape": "1,3,224,224", "finetune": False}, "channel",
+                   lambda: load_model(spec, input_shape=(1, 3, 224, 224)), "none")
+
+
+SUBJECTS = {"digits": digits, "minilm": minilm, "resnet50": resnet50}
 
 
 def exported(job: ExportJob) -> dict:
@@ -135,9 +144,13 @@ def table(rows: list[dict], epochs: int) -> Table:
     for r in rows:
         out.add_row(r["model"], f"{r['target']:g}x", r["widths"], f"{r['sparsity']:.1%}", f"{r['params']:,}",
                     f"{r['flops'] / 1e6:.2f}", f"{r['job_speedup']:.2f}x", f"{r['joint_speedup']:.2f}x",
-                    "yes" if r["within_band"] else "no", f"{r['metric_name']} {r['metric']:.4f}",
-                    f"{r['dense_metric']:.4f}")
+                    "yes" if r["within_band"] else "no", _metric(r["metric_name"], r["metric"]),
+                    _metric("", r["dense_metric"]))
     return out
+
+
+def _metric(name: str, value: float | None) -> str:
+    return "-" if value is None else f"{name} {value:.4f}".strip()
 
 
 def main() -> None:
