@@ -143,3 +143,33 @@ def test_a_latency_target_is_met_by_the_measured_latency_not_by_the_speedup_it_b
     assert not target_met(by_ms, report(2.5, 5.1))["met"]  # faster than asked relative to dense, still too slow
     by_speedup = ExportJob(pruned=True, target_speedup=2.0)
     assert target_met(by_speedup, report(2.0, 9.0))["met"] and not target_met(by_speedup, report(1.99, 1.0))["met"]
+
+
+def test_a_transformers_encoder_prunes_each_mlp_to_the_neuron_width_chosen_for_the_target(tmp_path, capsys):
+    """``--structure neuron`` on an hf: encoder whose MLPs dominate its cost: each layer's neurons
+    get their own width from the latency table (linear layers at the sequence length), the choice
+    is timed end to end and the model is pruned to exactly those widths."""
+    from test_workloads import corpus_txt, save_tokenizer
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "bert"
+    tokenizer = save_tokenizer(folder)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=1024, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    out = tmp_path / "out"
+    status, err = run_cli(["export", "--pruned", "--model", f"hf:{folder}", "--data", str(corpus_txt(tmp_path / "c.txt")),
+                           "--seq-len", "64", "--batch-size", "8", "--structure", "neuron", "--target-speedup", "1.2",
+                           "--no-finetune",
+                           "--formats", "onnx", "--out", str(out)], capsys)
+    assert status == 0, err
+    report = json.loads((out / "report.json").read_text())
+    target = report["pruning"]["target"]
+    assert [w["channels"] for w in target["widths"]] == [1024, 1024]  # the two MLPs, nothing else
+    assert target["probe_speedup"] >= 1.2 and any(w["kept"] < 1024 for w in target["widths"])
+    for width in target["widths"]:  # pruned to exactly the chosen widths
+        group = next(g for g in report["pruning"]["groups"]
+                     if any(c.rpartition(":")[0] == width["carrier"] for c in g["carriers"]))
+        assert group["channels"] - group["pruned"] == width["kept"], (width, group)
+    assert "choose each neuron group's width for 1.2x" in err and report["strip"]["channels_removed"] > 0
