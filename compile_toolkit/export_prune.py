@@ -16,7 +16,7 @@ from . import metrics
 from .errors import CtkError
 from .export_measure import metric
 from .latency.groups import WIDTH_STRUCTURES
-from .latency_target import TargetChoice, WidthChoice, choose_sparsity, choose_widths, speedup_for_latency
+from .latency_target import LatencyBudget, TargetChoice, WidthChoice, choose_sparsity, choose_widths
 from .models import LoadedModel
 from .models.weights import state_dict_mismatch
 from .pruning import apply_masks
@@ -105,21 +105,21 @@ def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -
     name = metrics.RUNTIMES[job.runtime].title
     calibration = _importance_inputs(job, work)
     config = job.prune.config(loaded.module, calibrated=calibration is not None)
-    speedup = job.target_speedup
-    if speedup is None:
-        with timed(f"time the dense model in {name} for --target-latency-ms {job.target_latency_ms:g}"):
-            speedup = speedup_for_latency(loaded.module, loaded.example_inputs, job.target_latency_ms, job.runtime)
+    if job.target_speedup is not None:
+        target, asked = job.target_speedup, f"{job.target_speedup:g}x"
+    else:
+        target, asked = LatencyBudget(job.target_latency_ms), f"{job.target_latency_ms:g} ms"
     if isinstance(config, Channels) and config.structure in WIDTH_STRUCTURES:
-        with timed(f"choose each {config.structure} group's width for {speedup:.3g}x in {name} (per-layer latency "
+        with timed(f"choose each {config.structure} group's width for {asked} in {name} (per-layer latency "
                    "table, timed end to end)"):
-            return choose_widths(loaded.module, loaded.example_inputs, config, speedup, job.runtime, calibration)
+            return choose_widths(loaded.module, loaded.example_inputs, config, target, job.runtime, calibration)
     tokens = None
     if isinstance(config, DecoderStructures):  # a causal LM's pruner calibrates on text
         if work is None:
             raise CtkError("--target-speedup on a language model calibrates on text: give --data (pydoc, or a text file)")
         tokens = work.token_batches(job.prune.calibration_samples)
-    with timed(f"choose the sparsity for {speedup:.3g}x in {name} (pruned, stripped and timed probes)"):
-        return choose_sparsity(loaded.module, loaded.example_inputs, config, speedup, job.runtime,
+    with timed(f"choose the sparsity for {asked} in {name} (pruned, stripped and timed probes)"):
+        return choose_sparsity(loaded.module, loaded.example_inputs, config, target, job.runtime,
                                PruneData(loaded.example_inputs, calibration, tokens))
 
 

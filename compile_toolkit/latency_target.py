@@ -55,6 +55,27 @@ PROBE_ROUNDS, PROBE_BUDGET_S = 100, 10.0
 DECODER_TARGETS = ("neuron", "attention_head", "head")
 
 
+@dataclass(frozen=True)
+class LatencyBudget:
+    """A target given as a batch-1 latency in ms (``--target-latency-ms``) instead of a speedup:
+    it becomes the speedup over the dense model as the runtime runs it here now, timed on the dense
+    file the choice exports anyway."""
+
+    ms: float
+
+    def speedup(self, dense_file: str, inputs: Inputs, runtime: str) -> float:
+        """The speedup over ``dense_file`` (timed in ``runtime`` on ``inputs``) that the budget asks
+        for; one CtkError where the dense model already meets it."""
+        dense_ms = RUNTIMES[runtime].latency_ms(dense_file, inputs)
+        if dense_ms <= self.ms:
+            raise CtkError(f"--target-latency-ms {self.ms:g}: the dense model already runs in {dense_ms:.3g} ms in "
+                           f"{runtime} on this machine; nothing needs pruning (ask for less)")
+        return dense_ms / self.ms
+
+
+Target = float | LatencyBudget  # a speedup over the dense model, or a latency budget
+
+
 @dataclass
 class Probe:
     sparsity: float
@@ -77,15 +98,16 @@ class TargetChoice:
         return asdict(self)
 
 
-def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels | DecoderStructures, target: float,
+def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels | DecoderStructures, target: Target,
                     runtime: str, data: PruneData | None = None,
                     rounds: int = PROBE_ROUNDS, budget_s: float = PROBE_BUDGET_S) -> TargetChoice:
     """The smallest sparsity of ``config`` (its own is ignored) whose stripped model runs ``target``
     times faster than ``module`` in ``runtime`` (a name of :data:`~compile_toolkit.metrics.RUNTIMES`,
     whose fp32 format is exported and timed at batch 1 on the example inputs: a language model's
-    prefill at their length). ``config``: channel groups, heads or neurons of the graph, or a
-    causal LM's MLP neurons and key/value groups (:data:`DECODER_TARGETS`, calibrated on
-    ``data.tokens``); ``data``: what its pruner reads."""
+    prefill at their length); ``target`` may be a :class:`LatencyBudget` instead. ``config``:
+    channel groups, heads or neurons of the graph, or a causal LM's MLP neurons and key/value
+    groups (:data:`DECODER_TARGETS`, calibrated on ``data.tokens``); ``data``: what its pruner
+    reads."""
     _check_target(target, runtime)
     if not (isinstance(config, Channels) or isinstance(config, DecoderStructures)
             and config.structure in DECODER_TARGETS):
@@ -95,6 +117,7 @@ def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels 
     batch1 = tuple(t[:1] for t in example_inputs)
     with tempfile.TemporaryDirectory(prefix="ctk-target-") as folder:
         dense = _exported(copy.deepcopy(module), example_inputs, runtime, Path(folder) / "dense")
+        asked, target = target, _speedup(target, dense, batch1, runtime)
         choice = TargetChoice(target, runtime, MAX_SPARSITY, 0.0, [list(t.shape) for t in batch1])
 
         def probe(sparsity: float) -> float:
@@ -108,7 +131,7 @@ def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels 
 
         choice.probe_speedup = probe(MAX_SPARSITY)
         if choice.probe_speedup < target:
-            raise CtkError(f"--target-speedup {target:g} cannot be met in {runtime} on this machine: pruning "
+            raise CtkError(f"{_flag(asked, target)} cannot be met in {runtime} on this machine: pruning "
                            f"{MAX_SPARSITY:.0%} of every group runs only {choice.probe_speedup:.2f}x faster "
                            f"(ask for at most that)")
         low = 0.0
@@ -120,23 +143,6 @@ def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels 
             else:
                 low = middle
     return choice
-
-
-def speedup_for_latency(module: nn.Module, example_inputs: Inputs, latency_ms: float, runtime: str) -> float:
-    """The speedup over ``module`` that a batch-1 latency of ``latency_ms`` in ``runtime`` asks
-    for, ``module`` exported and timed there now (``--target-latency-ms``: a budget in ms is a
-    speedup over the dense model as this machine runs it). A budget the dense model already meets,
-    is one CtkError."""
-    if not (latency_ms > 0):
-        raise CtkError(f"--target-latency-ms must be above 0, got {latency_ms}")
-    batch1 = tuple(t[:1] for t in example_inputs)
-    with tempfile.TemporaryDirectory(prefix="ctk-target-") as folder:
-        path = _exported(copy.deepcopy(module), example_inputs, runtime, Path(folder) / "dense")
-        dense_ms = RUNTIMES[runtime].latency_ms(path, batch1)
-    if dense_ms <= latency_ms:
-        raise CtkError(f"--target-latency-ms {latency_ms:g}: the dense model already runs in {dense_ms:.3g} ms in "
-                       f"{runtime} on this machine; nothing needs pruning (ask for less)")
-    return dense_ms / latency_ms
 
 
 def _exported(module: nn.Module, example_inputs: Inputs, runtime: str, folder: Path,
@@ -184,7 +190,7 @@ class WidthChoice:
         return data
 
 
-def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, target: float, runtime: str,
+def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, target: Target, runtime: str,
                   calibration: Calibration | None = None,
                   rounds: int = PROBE_ROUNDS, budget_s: float = PROBE_BUDGET_S, precision: str = "fp32",
                   table: LatencyTable | None = None, max_sparsity: float = MAX_SPARSITY) -> WidthChoice:
@@ -210,6 +216,7 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
     probes: list[tuple[Choice, WidthProbe]] = []
     with tempfile.TemporaryDirectory(prefix="ctk-widths-") as folder:
         dense_file = _exported(copy.deepcopy(module), example_inputs, runtime, Path(folder) / "dense")
+        asked, target = target, _speedup(target, dense_file, batch1, runtime)
 
         def probe(choice: Choice, budget_ms: float) -> float:
             pruned = copy.deepcopy(module)
@@ -222,7 +229,7 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
 
         smallest = chooser.smallest()
         if probe(smallest, smallest.predicted_ms) < target:
-            raise CtkError(f"--target-speedup {target:g} cannot be met in {runtime} on this machine: the narrowest "
+            raise CtkError(f"{_flag(asked, target)} cannot be met in {runtime} on this machine: the narrowest "
                            f"widths allowed (at most {max_sparsity:.0%} of every group pruned) run only "
                            f"{probes[0][1].speedup:.2f}x faster (ask for at most that)")
         for _ in range(WIDTH_ROUNDS):
@@ -235,11 +242,25 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
     return _width_choice(plan, config, target, runtime, precision, dense, probes, table, names)
 
 
-def _check_target(target: float, runtime: str) -> None:
+def _check_target(target: Target, runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise CtkError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    if not target > 1:
+    if isinstance(target, LatencyBudget):
+        if not target.ms > 0:
+            raise CtkError(f"--target-latency-ms must be above 0, got {target.ms}")
+    elif not target > 1:
         raise CtkError(f"--target-speedup must be above 1 (a speedup over the dense model), got {target}")
+
+
+def _speedup(target: Target, dense_file: str, inputs: Inputs, runtime: str) -> float:
+    return target.speedup(dense_file, inputs, runtime) if isinstance(target, LatencyBudget) else target
+
+
+def _flag(asked: Target, speedup: float) -> str:
+    """The option as the user gave it, for a message."""
+    if isinstance(asked, LatencyBudget):
+        return f"--target-latency-ms {asked.ms:g} ({speedup:.2f}x)"
+    return f"--target-speedup {speedup:g}"
 
 
 def _described(config: object) -> str:

@@ -17,7 +17,7 @@ from test_cli import assert_clean_failure, run_cli
 
 import compile_toolkit as ctk
 from compile_toolkit.errors import CtkError
-from compile_toolkit.latency_target import MAX_SPARSITY, RESOLUTION, choose_sparsity, speedup_for_latency
+from compile_toolkit.latency_target import MAX_SPARSITY, RESOLUTION, LatencyBudget, choose_sparsity
 from compile_toolkit.metrics import RUNTIMES
 from compile_toolkit.models import load_model
 from compile_toolkit.pruning.configs import Channels
@@ -57,11 +57,12 @@ def test_a_latency_budget_is_the_speedup_over_the_dense_model_as_timed_here():
     module, example = loaded.module, loaded.example_inputs
     with tempfile.TemporaryDirectory() as folder:
         path = ctk.export(copy.deepcopy(module), example, folder, formats=("onnx",))[0].path
-        dense_ms = RUNTIMES["ort"].latency_ms(path, tuple(t[:1] for t in example))
-    speedup = speedup_for_latency(module, example, dense_ms / 2, "ort")
-    assert 1.4 < speedup < 2.8  # twice as fast, within this machine's run-to-run noise
-    with pytest.raises(CtkError, match=r"--target-latency-ms 1e\+06: the dense model already runs in .* ms in ort"):
-        speedup_for_latency(module, example, 1e6, "ort")
+        batch1 = tuple(t[:1] for t in example)
+        dense_ms = RUNTIMES["ort"].latency_ms(path, batch1)
+        speedup = LatencyBudget(dense_ms / 2).speedup(path, batch1, "ort")
+        assert 1.4 < speedup < 2.8  # twice as fast, within this machine's run-to-run noise
+        with pytest.raises(CtkError, match=r"--target-latency-ms 1e\+06: the dense model already runs in .* ms in ort"):
+            LatencyBudget(1e6).speedup(path, batch1, "ort")
 
 
 def test_one_sparsity_for_every_group_is_the_smallest_that_meets_the_target():

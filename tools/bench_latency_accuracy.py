@@ -41,6 +41,7 @@ from rich.table import Table
 from compile_toolkit.errors import CtkError
 from compile_toolkit.export_job import ExportJob
 from compile_toolkit.export_job import run as run_job
+from compile_toolkit.exporters import onnx_format
 from compile_toolkit.latency_target import TOLERANCE, choose_sparsity
 from compile_toolkit.metrics import compare_runtimes
 from compile_toolkit.models import LoadedModel, load_model
@@ -98,15 +99,14 @@ SUBJECTS = {"digits": digits, "minilm": minilm, "resnet50": resnet50}
 def exported(job: ExportJob) -> dict:
     torch.manual_seed(0)
     report = run_job(job)
-    return {"report": report, "onnx": str(Path(job.out) / "model.onnx"),
-            "dense_onnx": str(Path(job.out) / "dense" / "model.onnx")}
+    return {"report": report, "onnx": str(Path(job.out) / onnx_format.FILENAME),
+            "dense_onnx": str(Path(job.out) / "dense" / onnx_format.FILENAME)}
 
 
-def uniform_sparsity(subject: Subject, target: float) -> float:
+def uniform_sparsity(loaded: LoadedModel, structure: str, target: float) -> float:
     """The smallest sparsity of every group alike that meets ``target`` (which channels go does not
     change the stripped shapes, so L1 ranks them here)."""
-    loaded = subject.load()
-    config = Channels(structure=subject.structure)
+    config = Channels(structure=structure)
     return choose_sparsity(loaded.module, loaded.example_inputs, config, target, "ort").sparsity
 
 
@@ -115,10 +115,11 @@ def rows_for(subject: Subject, target: float, rounds: int, folder: Path) -> list
     chosen = exported(ExportJob(target_speedup=target, prune=PruneOptions(structure=subject.structure),
                                 out=str(folder / f"chosen-{target:g}"), **common))
     matched = chosen["report"]["speedup"]  # uniform widths at the chosen export's measured speedup
-    sparsity = uniform_sparsity(subject, matched)
+    loaded = subject.load()
+    sparsity = uniform_sparsity(loaded, subject.structure, matched)
     uniform = exported(ExportJob(prune=PruneOptions(sparsity=sparsity, structure=subject.structure),
                                  out=str(folder / f"uniform-{target:g}"), **common))
-    example = subject.load().example_inputs
+    example = loaded.example_inputs
     timing = compare_runtimes({"dense": ("ort", chosen["dense_onnx"]), "chosen": ("ort", chosen["onnx"]),
                                "uniform": ("ort", uniform["onnx"])}, tuple(t[:1] for t in example), rounds=rounds,
                               budget_s=60.0)

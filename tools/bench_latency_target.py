@@ -32,6 +32,7 @@ from rich.table import Table
 from torch import nn
 
 import compile_toolkit as ctk
+from compile_toolkit.exporters import int8, onnx_format
 from compile_toolkit.latency.groups import WidthPlan, width_plan
 from compile_toolkit.latency.overrides import width_config
 from compile_toolkit.latency.table import LatencyTable
@@ -45,7 +46,7 @@ from compile_toolkit.quantize import OrtAuto
 NO_LIMIT = OrtAuto(max_metric_drop=None)  # random weights: no accuracy to hold
 FLOPS_MATCH = 0.02  # the chosen widths' FLOPs within this share of the uniform model's
 BISECTIONS = 16  # latency budgets tried to match the FLOPs
-FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+FILES = {"fp32": onnx_format.FILENAME, "int8": int8.ONNX_FILENAME}  # what ctk.export writes
 
 
 @dataclass

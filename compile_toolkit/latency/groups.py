@@ -1,7 +1,8 @@
 """The channel groups whose widths are chosen, as the knapsack reads them: each prunable coupled
-group of the channel analysis (or, for structure ``neuron``, each group of linear layers alone) (the one ``ctk.prune`` scores and strip removes), its candidate
-widths, and the importance kept at each by the same criterion :class:`~..pruning.configs.Channels`
-names, so the channels the choice counts as kept are those ``prune_`` keeps."""
+group of the channel analysis (the one ``ctk.prune`` scores and strip removes; for structure
+``neuron`` only the groups of linear layers alone), its candidate widths, and the importance kept
+at each by the same criterion :class:`~..pruning.configs.Channels` names, so the channels the
+choice counts as kept are those ``prune_`` keeps."""
 
 from __future__ import annotations
 

@@ -85,7 +85,28 @@ def _out_dead(ctx: OnnxContext, node: ir.Node) -> np.ndarray:
     return np.zeros(ctx.out_shape(node)[-1], dtype=bool) if dead is None else dead
 
 
-class Attention(OnnxRule):
+class _FusedAttention(OnnxRule):
+    """What both fused forms share: the output's value features are zero where
+    :meth:`_out_zero` says, and a removed head lowers ``num_heads``."""
+
+    def _sizes(self, ctx: OnnxContext, node: ir.Node) -> tuple[list[int], int]:
+        """The query, key and value feature counts and the number of heads (or NotCovered)."""
+        raise NotImplementedError
+
+    def _out_zero(self, ctx: OnnxContext, node: ir.Node, sizes: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
+        sizes, _ = self._sizes(ctx, node)
+        out = ctx.no_facts(ctx.out_shape(node))
+        out[-1] = self._out_zero(ctx, node, sizes)
+        return [out]
+
+    def rewrite(self, node: ir.Node, change: ShapeChange) -> None:
+        _rewrite_heads(node, change, attr_int(node, "num_heads", 0))
+
+
+class Attention(_FusedAttention):
     """``Attention(input, weights, bias, mask_index)``: ``input`` ``[B, S, D]`` times the packed
     weight ``[D, Hq + Hk + Hv]`` (``Hq = Hk = Hv`` unless ``qkv_hidden_sizes`` says otherwise)
     plus ``bias``, split into query, key and value; the output is ``[B, S, Hv]``."""
@@ -123,12 +144,6 @@ class Attention(OnnxRule):
         fed = outputs_zero(nonzero_pairs(ctx, node, 1)[:, v].T, ctx.zeros(node, 0)[-1])
         return fed & zero_vector(ctx, node, 2, sum(sizes))[v]
 
-    def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
-        sizes, _ = self._sizes(ctx, node)
-        out = ctx.no_facts(ctx.out_shape(node))
-        out[-1] = self._out_zero(ctx, node, sizes)
-        return [out]
-
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
         sizes, heads = self._sizes(ctx, node)
         if all_dead(ctx.out_dead(node)):
@@ -142,11 +157,8 @@ class Attention(OnnxRule):
         unread = inputs_unread(nonzero_pairs(ctx, node, 1).T, columns_dead)
         ctx.mark_dead(node, 0, [ctx.out_dead(node)[0], mask(shape[1], False), unread])
 
-    def rewrite(self, node: ir.Node, change: ShapeChange) -> None:
-        _rewrite_heads(node, change, attr_int(node, "num_heads", 0))
 
-
-class MultiHeadAttention(OnnxRule):
+class MultiHeadAttention(_FusedAttention):
     """``MultiHeadAttention(query, key, value, bias, key_padding_mask)``: query ``[B, S, Dq]``,
     key ``[B, L, Dq]`` and value ``[B, L, Dv]`` (already projected), ``bias`` ``[2 Dq + Dv]``
     added to them; the output is ``[B, S, Dv]``."""
@@ -184,12 +196,6 @@ class MultiHeadAttention(OnnxRule):
         bias = zero_vector(ctx, node, 3, sum(sizes))[sizes[0] + sizes[1]:]
         return bias & (np.zeros(sizes[2], dtype=bool) if fed is None else fed)
 
-    def zero(self, ctx: OnnxContext, node: ir.Node) -> list[DimFacts]:
-        sizes, _ = self._sizes(ctx, node)
-        out = ctx.no_facts(ctx.out_shape(node))
-        out[-1] = self._out_zero(ctx, node, sizes)
-        return [out]
-
     def dead(self, ctx: OnnxContext, node: ir.Node) -> None:
         sizes, heads = self._sizes(ctx, node)
         if all_dead(ctx.out_dead(node)):
@@ -202,9 +208,6 @@ class MultiHeadAttention(OnnxRule):
         for i, dead in enumerate(features):
             shape = ctx.shape(node, i)
             ctx.mark_dead(node, i, [mask(shape[0], False), mask(shape[1], False), dead])
-
-    def rewrite(self, node: ir.Node, change: ShapeChange) -> None:
-        _rewrite_heads(node, change, attr_int(node, "num_heads", 0))
 
 
 RULES: dict[object, OnnxRule] = {
