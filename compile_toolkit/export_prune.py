@@ -15,6 +15,7 @@ from torch import nn
 from . import metrics
 from .errors import CtkError
 from .export_measure import metric
+from .latency.decoder import DECODER_WIDTHS
 from .latency.groups import WIDTH_STRUCTURES
 from .latency_target import LatencyBudget, TargetChoice, WidthChoice, choose_sparsity, choose_widths
 from .models import LoadedModel
@@ -99,9 +100,10 @@ def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn
 
 def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -> TargetChoice | WidthChoice:
     """What meets ``--target-speedup`` (or ``--target-latency-ms``) in ``--runtime``: each channel
-    or neuron group's width, chosen over the runtime's measured per-layer latency table and checked
-    end to end; one sparsity for every group, chosen by measured probes, for what the table does not
-    cover (attention heads, a causal LM's structures)."""
+    or neuron group's width (a causal LM's: each decoder layer's neurons or key/value groups),
+    chosen over the runtime's measured per-layer latency table and checked end to end; one sparsity
+    for every group, chosen by measured probes, for what the table does not cover (attention heads
+    of the graph, a causal LM's neurons and key/value groups together)."""
     name = metrics.RUNTIMES[job.runtime].title
     calibration = _importance_inputs(job, work)
     config = job.prune.config(loaded.module, calibrated=calibration is not None)
@@ -109,18 +111,19 @@ def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -
         target, asked = job.target_speedup, f"{job.target_speedup:g}x"
     else:
         target, asked = LatencyBudget(job.target_latency_ms), f"{job.target_latency_ms:g} ms"
-    if isinstance(config, Channels) and config.structure in WIDTH_STRUCTURES:
-        with timed(f"choose each {config.structure} group's width for {asked} in {name} (per-layer latency "
-                   "table, timed end to end)"):
-            return choose_widths(loaded.module, loaded.example_inputs, config, target, job.runtime, calibration)
     tokens = None
     if isinstance(config, DecoderStructures):  # a causal LM's pruner calibrates on text
         if work is None:
             raise CtkError("--target-speedup on a language model calibrates on text: give --data (pydoc, or a text file)")
         tokens = work.token_batches(job.prune.calibration_samples)
+    data = PruneData(loaded.example_inputs, calibration, tokens)
+    if (isinstance(config, Channels) and config.structure in WIDTH_STRUCTURES
+            or isinstance(config, DecoderStructures) and config.structure in DECODER_WIDTHS):
+        with timed(f"choose each {config.structure} group's width for {asked} in {name} (per-layer latency "
+                   "table, timed end to end)"):
+            return choose_widths(loaded.module, loaded.example_inputs, config, target, job.runtime, data)
     with timed(f"choose the sparsity for {asked} in {name} (pruned, stripped and timed probes)"):
-        return choose_sparsity(loaded.module, loaded.example_inputs, config, target, job.runtime,
-                               PruneData(loaded.example_inputs, calibration, tokens))
+        return choose_sparsity(loaded.module, loaded.example_inputs, config, target, job.runtime, data)
 
 
 def target_met(job: ExportJob, report: ExportReport) -> dict[str, Any]:

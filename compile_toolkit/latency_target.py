@@ -30,13 +30,13 @@ from torch import nn
 from .capture import Inputs
 from .errors import CtkError
 from .exporters import export
-from .latency.groups import WidthPlan, width_plan
-from .latency.overrides import group_keys, width_config
+from .latency.decoder import DECODER_WIDTHS, decoder_plan
+from .latency.groups import width_plan
+from .latency.plan import WidthPlan
 from .latency.table import LatencyTable
 from .latency.widths import Choice, LayerCosts, WidthChooser
 from .metrics import RUNTIMES
 from .pruning.configs import Channels, DecoderStructures
-from .pruning.importance import Calibration
 from .pruning.patterns import check_sparsity
 from .pruning.prune_ import PruneData, prune_
 from .strip import strip
@@ -166,10 +166,11 @@ class WidthProbe:
 @dataclass
 class WidthChoice:
     """Each group's width for ``target`` speedup in ``runtime``: ``config`` prunes them
-    (``Channels`` with one override per group), ``widths`` say which (a carrier, channels, kept),
-    ``sparsity`` is the share of the groups' channels removed, ``probe_speedup`` what the chosen
-    widths measured; ``probes`` every end-to-end timing in order (the first: the smallest widths);
-    ``table`` the latency table's file and how many cells this run measured."""
+    (``Channels`` with one override per group, or a causal LM's ``DecoderStructures`` with the
+    units each layer keeps), ``widths`` say which (a carrier, channels, kept), ``sparsity`` is the
+    share of the groups' channels removed, ``probe_speedup`` what the chosen widths measured;
+    ``probes`` every end-to-end timing in order (the first: the smallest widths); ``table`` the
+    latency table's file and how many cells this run measured."""
 
     target: float
     runtime: str
@@ -182,7 +183,7 @@ class WidthChoice:
     widths: list[dict[str, Any]]
     probes: list[WidthProbe]
     table: dict[str, Any]
-    config: Channels = field(repr=False)
+    config: Channels | DecoderStructures = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -190,28 +191,26 @@ class WidthChoice:
         return data
 
 
-def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, target: Target, runtime: str,
-                  calibration: Calibration | None = None,
+def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels | DecoderStructures, target: Target,
+                  runtime: str, data: PruneData | None = None,
                   rounds: int = PROBE_ROUNDS, budget_s: float = PROBE_BUDGET_S, precision: str = "fp32",
                   table: LatencyTable | None = None, max_sparsity: float = MAX_SPARSITY) -> WidthChoice:
-    """Each coupled group's width (every channel group, or with structure ``neuron`` the groups of
-    linear layers alone) so that ``module``'s stripped model runs ``target`` times faster
-    in ``runtime`` (within :data:`TOLERANCE` above), keeping the most ``config.importance``;
-    the arguments as :func:`choose_sparsity`'s. ``precision`` is what the latency table times
-    (``int8`` where the deployed model is quantized); ``table`` a table to use (default: the
-    runtime's cached one for this machine); ``max_sparsity`` the most of any group pruned (the
-    narrowest width allowed). A target that even the narrowest widths miss is one CtkError after a
-    single probe."""
+    """Each group's width (every coupled channel group, or with structure ``neuron`` the groups of
+    linear layers alone; a causal LM's MLP neurons or key/value groups in each decoder layer,
+    ``DecoderStructures`` scored on ``data.tokens``) so that ``module``'s stripped model runs
+    ``target`` times faster in ``runtime`` (within :data:`TOLERANCE` above), keeping the most
+    importance; the arguments as :func:`choose_sparsity`'s. ``precision`` is what the latency
+    table times (``int8`` where the deployed model is quantized); ``table`` a table to use
+    (default: the runtime's cached one for this machine); ``max_sparsity`` the most of any group
+    pruned (the narrowest width allowed). A target that even the narrowest widths miss is one
+    CtkError after a single probe."""
     _check_target(target, runtime)
-    if not isinstance(config, Channels):
-        raise CtkError(f"--target-speedup chooses widths of coupled channel or neuron groups; not for "
-                       f"{_described(config)}")
     check_sparsity(max_sparsity, "max_sparsity")
-    plan = width_plan(module, example_inputs, config, calibration, WIDTH_POINTS, max_sparsity)
+    data = replace(data or PruneData(), example_inputs=example_inputs)
+    plan = _plan(module, example_inputs, config, data, max_sparsity)
     table = table or LatencyTable(runtime, precision)
     chooser = WidthChooser(plan.options, LayerCosts(plan.layers, plan.options, table))
     dense = chooser.dense()
-    names = {name for name, _ in module.named_parameters()}
     batch1 = tuple(t[:1] for t in example_inputs)
     probes: list[tuple[Choice, WidthProbe]] = []
     with tempfile.TemporaryDirectory(prefix="ctk-widths-") as folder:
@@ -220,7 +219,7 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
 
         def probe(choice: Choice, budget_ms: float) -> float:
             pruned = copy.deepcopy(module)
-            prune_(pruned, width_config(config, plan.groups, choice.widths, names), PruneData(example_inputs, calibration))
+            prune_(pruned, plan.config(choice.widths), data)
             path = _exported(strip(pruned, example_inputs), example_inputs, runtime,
                              Path(folder) / f"probe{len(probes)}", reference=pruned)
             speedup = RUNTIMES[runtime].compare(dense_file, path, batch1, rounds=rounds, budget_s=budget_s)["ratio"]
@@ -239,7 +238,18 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels, t
                 break  # the correction leads back to widths already timed
             if target <= probe(choice, budget) <= (1 + TOLERANCE) * target:
                 break
-    return _width_choice(plan, config, target, runtime, precision, dense, probes, table, names)
+    return _width_choice(plan, target, runtime, precision, dense, probes, table)
+
+
+def _plan(module: nn.Module, example_inputs: Inputs, config: Channels | DecoderStructures, data: PruneData,
+          max_sparsity: float) -> WidthPlan:
+    """The groups whose widths ``config`` lets the knapsack choose, with their layers."""
+    if isinstance(config, Channels):
+        return width_plan(module, example_inputs, config, data.calibration, WIDTH_POINTS, max_sparsity)
+    if isinstance(config, DecoderStructures) and config.structure in DECODER_WIDTHS:
+        return decoder_plan(module, example_inputs, config, data.tokens or [], WIDTH_POINTS, max_sparsity)
+    raise CtkError(f"--target-speedup chooses widths of coupled channel or neuron groups, or of a causal LM's "
+                   f"{' or '.join(DECODER_WIDTHS)}; not for {_described(config)}")
 
 
 def _check_target(target: Target, runtime: str) -> None:
@@ -285,16 +295,13 @@ def _next_budget(dense_ms: float, probes: list[WidthProbe], target: float) -> fl
     return x0 + (goal - y0) * (x1 - x0) / (y1 - y0)
 
 
-def _width_choice(plan: WidthPlan, config: Channels, target: float, runtime: str, precision: str, dense: Choice,
-                  probes: list[tuple[Choice, WidthProbe]], table: LatencyTable, names: set[str]) -> WidthChoice:
+def _width_choice(plan: WidthPlan, target: float, runtime: str, precision: str, dense: Choice,
+                  probes: list[tuple[Choice, WidthProbe]], table: LatencyTable) -> WidthChoice:
     """The choice to keep: of the probes that met the target, the one that keeps most importance."""
     met = [(choice, p) for choice, p in probes if p.speedup >= target]
     choice, best = max(met, key=lambda item: item[0].importance)
     sizes = sum(o.size for o in plan.options)
-    widths = [{"group": group.index, "carrier": carrier, "channels": option.size, "kept": width}
-              for group, option, width, carrier in zip(plan.groups, plan.options, choice.widths,
-                                                        group_keys(plan.groups, names), strict=True)]
     return WidthChoice(target, runtime, precision, round(1 - sum(choice.widths) / sizes, 4), best.speedup,
                        choice.predicted_ms, dense.predicted_ms, best.speedup <= (1 + TOLERANCE) * target,
-                       widths, [p for _, p in probes], {"path": str(table.path), "measured": table.measured},
-                       width_config(config, plan.groups, choice.widths, names))
+                       plan.described(choice.widths), [p for _, p in probes],
+                       {"path": str(table.path), "measured": table.measured}, plan.config(choice.widths))

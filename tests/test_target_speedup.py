@@ -23,7 +23,8 @@ from compile_toolkit.models import load_model
 from compile_toolkit.pruning.configs import Channels
 
 
-def test_the_job_prunes_each_group_to_its_chosen_width_and_reports_the_measured_speedup(tmp_path, capsys):
+def test_the_job_prunes_each_group_to_its_chosen_width_and_reports_the_measured_speedup(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CTK_CACHE_DIR", str(tmp_path / "cache"))  # its own table: other tests time digits-resnet too
     out = tmp_path / "out"
     status, err = run_cli(["export", "--pruned", "--target-speedup", "1.3", "--no-finetune", "--formats", "onnx",
                            "--out", str(out)], capsys)
@@ -127,6 +128,48 @@ def test_a_causal_lm_prunes_as_few_mlp_neurons_as_meet_the_target_at_its_prefill
     assert all(p.speedup < 1.3 for p in choice.probes if p.sparsity < choice.sparsity)
     with pytest.raises(CtkError, match="not for DecoderStructures pruning of block"):
         choose_sparsity(model, (ids,), DecoderStructures("block", 0.5), 1.3, "ort", PruneData(tokens=tokens))
+
+
+def test_a_causal_lm_keeps_each_layers_mlp_neurons_by_their_importance_at_the_latency_target():
+    """Each decoder layer's MLP neurons are a group of its own, costed by its projections at the
+    prefill length: a layer whose activation is held by a few neurons (layer 0 here) gives up more
+    of the rest than a layer whose neurons all matter alike (positive control: the layers differ
+    in nothing else); the chosen widths meet the target as timed end to end and are pruned
+    exactly. Key/value groups plan the same way; a structure that is not a width is refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compile_toolkit.latency.decoder import decoder_plan
+    from compile_toolkit.latency_target import choose_widths
+    from compile_toolkit.llm import CausalLMLogits
+    from compile_toolkit.pruning.configs import DecoderStructures
+    from compile_toolkit.pruning.prune_ import PruneData, prune_
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = CausalLMLogits(LlamaForCausalLM(config).eval()).eval()
+    with torch.no_grad():
+        model.model.model.layers[0].mlp.up_proj.weight[:64] *= 20  # 64 neurons carry layer 0's activation
+    ids = torch.randint(0, 64, (2, 64))
+    tokens = [torch.randint(0, 64, (4, 64)) for _ in range(2)]
+    choice = choose_widths(model, (ids,), DecoderStructures("neuron"), 1.3, "ort", PruneData(tokens=tokens),
+                           rounds=6, budget_s=1.0)
+    kept = [w["kept"] for w in choice.widths]
+    assert [w["channels"] for w in choice.widths] == [1024, 1024] and choice.probe_speedup >= 1.3
+    assert kept[0] < kept[1] <= 1024, kept
+    assert choice.config.kept == {"neuron": tuple(kept)}
+    pruned = copy.deepcopy(model)
+    prune_(pruned, choice.config, PruneData(tokens=tokens))
+    for layer, width in zip(pruned.model.model.layers, kept, strict=True):
+        assert int(layer.mlp.gate_proj.weight.any(1).sum()) == width
+        assert int(layer.mlp.down_proj.weight.any(0).sum()) == width
+    assert pruned.model.model.layers[0].mlp.up_proj.weight[:64].any(1).all()  # the strong neurons stay
+
+    heads = decoder_plan(model, (ids,), DecoderStructures("attention_head"), tokens, 8, 0.9)
+    assert [o.size for o in heads.options] == [2, 2] and [o.widths for o in heads.options] == [(1, 2), (1, 2)]
+    assert [layer.cout.width((1, 2), (2, 2)) for layer in heads.layers[:3]] == [32, 16, 16]  # q, k, v of layer 0
+    with pytest.raises(CtkError, match="not for DecoderStructures pruning of block"):
+        choose_widths(model, (ids,), DecoderStructures("block"), 1.3, "ort", PruneData(tokens=tokens))
 
 
 def test_a_latency_target_is_met_by_the_measured_latency_not_by_the_speedup_it_became():

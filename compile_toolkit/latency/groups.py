@@ -7,7 +7,9 @@ choice counts as kept are those ``prune_`` keeps."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -21,6 +23,7 @@ from ..pruning.importance import Calibration, ScoreContext, importance_criterion
 from ..pruning.patterns import matches
 from ..pruning.structured import group_kinds
 from .layers import Layer, compute_layers
+from .overrides import group_keys, width_config
 from .widths import GroupOption, candidate_widths, kept_importance
 
 # Structures whose widths the latency table can cost: coupled channel groups (convolutions and
@@ -29,18 +32,30 @@ WIDTH_STRUCTURES = ("channel", "neuron")
 
 
 @dataclass(frozen=True)
-class WidthPlan:
-    """What the choice works on: the analysis, the groups it chooses (``options``, with the
-    analysis group of each in ``groups``) and the compute layers they feed and read."""
+class ChannelPlan:
+    """A :class:`~.plan.WidthPlan` over a captured graph: the analysis, the groups it chooses
+    (``options``, with the analysis group of each in ``groups``), the compute layers they feed and
+    read, and the config whose overrides apply a choice (``base``, pruning the model whose
+    parameter ``names`` the overrides may name)."""
 
     channels: ParameterChannels
     groups: list[ChannelGroup]
     options: list[GroupOption]
     layers: list[Layer]
+    base: Channels
+    names: frozenset[str]
+
+    def config(self, widths: Sequence[int]) -> Channels:
+        return width_config(self.base, self.groups, widths, set(self.names))
+
+    def described(self, widths: Sequence[int]) -> list[dict[str, Any]]:
+        return [{"group": group.index, "carrier": carrier, "channels": option.size, "kept": width}
+                for group, option, width, carrier in zip(self.groups, self.options, widths,
+                                                          group_keys(self.groups, set(self.names)), strict=True)]
 
 
 def width_plan(model: nn.Module, example_inputs: Inputs, config: Channels, calibration: Calibration | None,
-               points: int, max_sparsity: float) -> WidthPlan:
+               points: int, max_sparsity: float) -> ChannelPlan:
     """The groups of ``model`` that ``config`` may prune (its ``ignore`` respected), with
     ``points`` candidate widths each, none pruned past ``max_sparsity``, scored by
     ``config.importance``."""
@@ -74,7 +89,7 @@ def width_plan(model: nn.Module, example_inputs: Inputs, config: Channels, calib
         raise CtkError(f"{type(model).__name__} has no {what} to prune (every group is pinned or ignored): "
                        "no width to choose")
     layers = compute_layers(analysis, {option.index: k for k, option in enumerate(options)})
-    return WidthPlan(channels, groups, options, layers)
+    return ChannelPlan(channels, groups, options, layers, config, frozenset(names))
 
 
 def _choosable(group: ChannelGroup, names: set[str], ignore: tuple[str, ...]) -> bool:

@@ -116,12 +116,15 @@ class DecoderStructures:
     """Zero ``sparsity`` of a causal LM's ``structure``: ``neuron`` (MLP), ``attention_head``
     (whole key/value groups with their query heads), ``head`` (both), ``query_head`` (the same
     number in every group) or ``block``, scored by ``importance`` on calibration text
-    (``activation``; ``influence`` for blocks); ``per_layer`` lets each layer keep its own width."""
+    (``activation``; ``influence`` for blocks); ``per_layer`` lets each layer keep its own width.
+    ``kept`` gives the widths themselves instead of ``sparsity``: per step (``neuron``,
+    ``kv_group``), the units each decoder layer keeps (what a latency target chose)."""
 
     structure: str = "neuron"
     sparsity: float = 0.25
     importance: str = ACTIVATION
     per_layer: bool = False
+    kept: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def default_importance(structure: str) -> str:

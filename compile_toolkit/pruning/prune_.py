@@ -136,10 +136,11 @@ def _decoder_structures(model: nn.Module, config: DecoderStructures, data: Prune
     steps = []
     for structure in DECODER_STEPS[config.structure]:
         report = prune_llm_structured(wrapper.model, data.tokens, structure, config.sparsity,
-                                      uniform=not config.per_layer)
+                                      uniform=not config.per_layer, kept=config.kept.get(structure))
         masks.update(wrapper.outer_names(report.masks))
         steps.append(report.to_dict())
-    summary = {"structure": config.structure, "sparsity": config.sparsity, "uniform": not config.per_layer,
+    summary = {"structure": config.structure, "sparsity": config.sparsity,
+               "uniform": not config.per_layer and not config.kept,
                "importance": config.importance, "steps": steps, "seconds": sum(s["seconds"] for s in steps)}
     return Pruned(_with_samples(summary, data.tokens), masks, blocks=config.structure == "block",
                   query_heads=config.structure == "query_head")

@@ -21,7 +21,9 @@
 Only zeros are written: :func:`compile_toolkit.strip` then removes the units and heads exactly,
 rewriting the head counts and view sizes in the graph. ``uniform=True`` prunes the same count in
 every layer (the result is still an ordinary ``transformers`` config); ``uniform=False`` ranks
-all layers together by score relative to their layer's mean, keeping at least one per layer.
+all layers together by score relative to their layer's mean, keeping at least one per layer;
+``kept`` gives each layer's count itself (neurons or key/value groups: the widths a latency
+target chose, :mod:`compile_toolkit.latency.decoder`).
 
 Query heads, like blocks, are removed from the module rather than by strip: the channel
 analysis treats a key/value head and the query heads that read it (through ``repeat_kv``'s
@@ -48,6 +50,7 @@ from ..patterns import check_sparsity
 from .layers import decoder_layers
 
 STRUCTURES = ("neuron", "kv_group", "query_head", "block")
+WIDTHS = ("neuron", "kv_group")  # the structures a layer may keep any number of
 
 
 @dataclass
@@ -69,21 +72,27 @@ def prune_llm_structured(
     structure: str = "neuron",
     sparsity: float = 0.25,
     uniform: bool = True,
+    kept: Sequence[int] | None = None,
 ) -> StructuredReport:
     """Zero ``sparsity`` of the MLP neurons, key/value groups or query heads (of every key/value
-    group) of every decoder layer, lowest calibration importance first (see the module docstring)."""
+    group) of every decoder layer, lowest calibration importance first (see the module docstring);
+    with ``kept`` (neurons or key/value groups) layer ``i`` keeps ``kept[i]`` instead."""
     start = time.perf_counter()
     if structure not in STRUCTURES:
         raise CtkError(f"unknown structured LLM pruning {structure!r}; choose from {', '.join(STRUCTURES)}")
     check_sparsity(sparsity)
+    if kept is not None and structure not in WIDTHS:
+        raise CtkError(f"per-layer kept counts choose {' or '.join(WIDTHS)} widths; not {structure!r}")
     if not calibration_batches:
         raise CtkError("structured LLM pruning needs calibration_batches (token ids of calibration text)")
     prefix, layers = decoder_layers(model)
     heads, kv_heads, head_dim = _attention_shape(model)
     if structure == "block":
         return _prune_blocks(model, prefix, layers, calibration_batches, sparsity, start)
-    scores = _scores(model, layers, calibration_batches, structure, heads, kv_heads, head_dim)
-    if structure == "query_head":
+    scores = unit_scores(model, calibration_batches, structure)
+    if kept is not None:
+        pruned = _lowest(scores, _kept_counts(scores, kept, structure))
+    elif structure == "query_head":
         pruned = _choose_query_heads(scores, kv_heads, sparsity, uniform)
     else:
         pruned = _choose(scores, sparsity, uniform, structure)
@@ -96,10 +105,12 @@ def prune_llm_structured(
             per_group = 1 if structure == "query_head" else heads // kv_heads
             masks.update(_group_masks(name, layer, remove, per_group, head_dim, kv=structure == "kv_group"))
     apply_masks(model, masks)
+    if kept is not None:  # the share the given widths removed
+        sparsity = round(sum(len(r) for r in pruned) / sum(len(s) for s in scores), 4)
     return StructuredReport(
         structure=structure,
         sparsity=sparsity,
-        uniform=uniform,
+        uniform=uniform and kept is None,
         kept=[len(s) - len(r) for s, r in zip(scores, pruned, strict=True)],
         total=[len(s) for s in scores],
         seconds=time.perf_counter() - start,
@@ -119,11 +130,12 @@ def _attention_shape(model: nn.Module) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def _scores(
-    model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Tensor], structure: str,
-    heads: int, kv_heads: int, head_dim: int,
-) -> list[torch.Tensor]:
-    """Per layer, the mean importance of each unit over the calibration tokens (dense model)."""
+def unit_scores(model: nn.Module, batches: Sequence[torch.Tensor], structure: str) -> list[torch.Tensor]:
+    """Per decoder layer, the mean importance of each unit of ``structure`` (``neuron``,
+    ``kv_group`` or ``query_head``) over the calibration tokens ``batches``, as the module
+    docstring says (the model as it is: the dense one when pruning starts)."""
+    _, layers = decoder_layers(model)
+    heads, kv_heads, _ = _attention_shape(model)
     sums: list[torch.Tensor | None] = [None] * len(layers)
     tokens = [0]
 
@@ -157,7 +169,23 @@ def _choose(scores: list[torch.Tensor], sparsity: float, uniform: bool, structur
         counts = [min(int((s / s.mean() <= threshold).sum()), len(s) - 1) for s in scores]
     if sum(counts) == 0 and sparsity > 0:
         raise CtkError(f"sparsity {sparsity} removes no {structure} (layers have {len(scores[0])}); raise it")
+    return _lowest(scores, counts)
+
+
+def _lowest(scores: list[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor]:
+    """Per layer, the indices of its ``counts[i]`` lowest-scoring units."""
     return [torch.sort(s, stable=True).indices[:c] for s, c in zip(scores, counts, strict=True)]
+
+
+def _kept_counts(scores: list[torch.Tensor], kept: Sequence[int], structure: str) -> list[int]:
+    """Units removed per layer when layer ``i`` keeps ``kept[i]`` of them (1 to all)."""
+    if len(kept) != len(scores):
+        raise CtkError(f"kept {structure} counts name {len(kept)} decoder layers; the model has {len(scores)}")
+    bad = [(i, k, len(s)) for i, (k, s) in enumerate(zip(kept, scores, strict=True)) if not 1 <= k <= len(s)]
+    if bad:
+        i, k, size = bad[0]
+        raise CtkError(f"decoder layer {i} cannot keep {k} {structure} units: it has {size} (keep 1 to {size})")
+    return [len(s) - int(k) for s, k in zip(scores, kept, strict=True)]
 
 
 def _choose_query_heads(scores: list[torch.Tensor], kv_heads: int, sparsity: float, uniform: bool) -> list[torch.Tensor]:
