@@ -10,11 +10,13 @@ that meets the target, which keeps the most channels; a target that even :data:`
 misses is one clear line before any fine-tuning. Widths there are uniform across groups.
 
 :func:`choose_widths` chooses each group's width instead (issue 23): a knapsack over the coupled
-groups costed by a per-layer latency table measured in the runtime and cached
-(:mod:`.latency`), then the same end-to-end check as the probes: the stripped model exported and
-timed against the dense one; where the measured speedup misses the band ``[target, 1.1 * target]``
-the latency budget is corrected from the probes so far (latency is close to linear in the
-predicted latency) and the widths are chosen again, a few rounds.
+groups (a causal LM's: each decoder layer's MLP neurons or key/value groups) costed by a per-layer
+latency table measured in the runtime and cached (:mod:`.latency`), then the same end-to-end
+check as the probes: the stripped model exported and timed against the dense one; where the
+measured speedup misses the band ``[target, 1.1 * target]`` the latency budget is corrected from
+the probes so far (latency is close to linear in the predicted latency) and the widths are chosen
+again, a few rounds. A causal LM's neurons and key/value groups together (``head``) still take one
+bisected sparsity: their importances have no common scale.
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ class WidthChoice:
     units each layer keeps), ``widths`` say which (a carrier, channels, kept), ``sparsity`` is the
     share of the groups' channels removed, ``probe_speedup`` what the chosen widths measured;
     ``probes`` every end-to-end timing in order (the first: the smallest widths); ``table`` the
-    latency table's file and how many cells this run measured."""
+    latency table's file and how many cells this run measured; ``timed_inputs`` the input shapes
+    timed (a language model's prefill length)."""
 
     target: float
     runtime: str
@@ -183,6 +186,7 @@ class WidthChoice:
     widths: list[dict[str, Any]]
     probes: list[WidthProbe]
     table: dict[str, Any]
+    timed_inputs: list[list[int]]
     config: Channels | DecoderStructures = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,7 +242,7 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels | 
                 break  # the correction leads back to widths already timed
             if target <= probe(choice, budget) <= (1 + TOLERANCE) * target:
                 break
-    return _width_choice(plan, target, runtime, precision, dense, probes, table)
+    return _width_choice(plan, target, runtime, precision, dense, probes, table, batch1)
 
 
 def _plan(module: nn.Module, example_inputs: Inputs, config: Channels | DecoderStructures, data: PruneData,
@@ -296,7 +300,7 @@ def _next_budget(dense_ms: float, probes: list[WidthProbe], target: float) -> fl
 
 
 def _width_choice(plan: WidthPlan, target: float, runtime: str, precision: str, dense: Choice,
-                  probes: list[tuple[Choice, WidthProbe]], table: LatencyTable) -> WidthChoice:
+                  probes: list[tuple[Choice, WidthProbe]], table: LatencyTable, timed: Inputs) -> WidthChoice:
     """The choice to keep: of the probes that met the target, the one that keeps most importance."""
     met = [(choice, p) for choice, p in probes if p.speedup >= target]
     choice, best = max(met, key=lambda item: item[0].importance)
@@ -304,4 +308,5 @@ def _width_choice(plan: WidthPlan, target: float, runtime: str, precision: str, 
     return WidthChoice(target, runtime, precision, round(1 - sum(choice.widths) / sizes, 4), best.speedup,
                        choice.predicted_ms, dense.predicted_ms, best.speedup <= (1 + TOLERANCE) * target,
                        plan.described(choice.widths), [p for _, p in probes],
-                       {"path": str(table.path), "measured": table.measured}, plan.config(choice.widths))
+                       {"path": str(table.path), "measured": table.measured}, [list(t.shape) for t in timed],
+                       plan.config(choice.widths))

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from . import runtimes_report
 from .metrics import RUNTIMES
+from .strip import RTOL
 from .units import byte_size, si
 
 
@@ -139,7 +140,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _quantization_lines(report.get("quantization"))
     lines += runtimes_report.markdown_lines(report.get("runtimes"))
     strip = report["strip"]
-    lines += ["", "## Strip", "", f"Channels removed: {strip['channels_removed']}; max relative error {strip['max_relative_error']:.2e}.", ""]
+    held = f" (allowed {strip['tolerance']:.2g}: the model's own float32 rounding)" if strip.get("tolerance", 0) > RTOL else ""
+    lines += ["", "## Strip", "", f"Channels removed: {strip['channels_removed']}; max relative error "
+              f"{strip['max_relative_error']:.2e}{held}.", ""]
     lines += ["| group (first carrier) | channels | kept | kept because |", "|---|---:|---:|---|"]
     for g in strip["groups"]:
         lines.append(f"| `{g['carriers'][0]}` | {g['channels']} | {g['kept']} | {g['kept_because'] or ''} |")

@@ -54,12 +54,15 @@ class StripGroup:
 @dataclass(frozen=True)
 class StripSummary:
     """What a strip removed and what kept the rest; ``max_relative_error`` is the stripped
-    module's error against the original model, ``None`` until ``ctk.strip`` has measured it."""
+    module's error against the original model, ``None`` until ``ctk.strip`` has measured it, and
+    ``tolerance`` the relative error it was held to (more than asked only where the model's own
+    float32 rounding is larger)."""
 
     channels_removed: int
     groups: list[StripGroup] = field(default_factory=list)
     barriers: list[str] = field(default_factory=list)
     max_relative_error: float | None = None
+    tolerance: float | None = None
 
     @classmethod
     def of(cls, analysis: ChannelAnalysis) -> StripSummary:

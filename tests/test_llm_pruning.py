@@ -360,6 +360,33 @@ def test_structured_bad_input():
     assert all(int((p == 0).sum()) == 0 for p in model.parameters() if p.dim() == 2)
 
 
+def test_heads_and_neurons_together_prune_what_the_sparsity_reaches_and_kept_widths_exactly():
+    """``head`` at a quarter: no key/value group of two goes, the neurons do (no error: one step
+    of two removes nothing, which a latency target's bisection reaches); a sparsity that removes
+    nothing at all is one line. ``kept`` prunes each layer to its own width; a width a layer does
+    not have, or a step the structure does not take, is named."""
+    from compile_toolkit.pruning.configs import DecoderStructures
+    from compile_toolkit.pruning.prune_ import PruneData, prune_
+
+    data = PruneData(tokens=calibration())
+    pruned = prune_(CausalLMLogits(tiny("llama")), DecoderStructures("head", 0.25), data)
+    kv, neuron = pruned.summary["steps"]
+    assert kv["kept"] == kv["total"] == [2, 2] and neuron["kept"] == [96, 96] and neuron["total"] == [128, 128]
+    with pytest.raises(CtkError, match="sparsity 0.001 removes no kv_group and no neuron; raise it"):
+        prune_(CausalLMLogits(tiny("llama")), DecoderStructures("head", 0.001), data)
+
+    model = CausalLMLogits(tiny("llama"))
+    pruned = prune_(model, DecoderStructures("head", kept={"neuron": (5, 128), "kv_group": (1, 2)}), data)
+    assert [s["kept"] for s in pruned.summary["steps"]] == [[1, 2], [5, 128]] and not pruned.summary["uniform"]
+    layers = model.model.model.layers
+    assert [int(layer.mlp.up_proj.weight.any(1).sum()) for layer in layers] == [5, 128]
+    assert [int(layer.self_attn.k_proj.weight.any(1).sum()) for layer in layers] == [16, 32]
+    with pytest.raises(CtkError, match="decoder layer 1 cannot keep 129 neuron units: it has 128"):
+        prune_(CausalLMLogits(tiny("llama")), DecoderStructures("neuron", kept={"neuron": (5, 129)}), data)
+    with pytest.raises(CtkError, match="'neuron' has no step 'kv_group'"):
+        prune_(CausalLMLogits(tiny("llama")), DecoderStructures("neuron", kept={"kv_group": (1, 1)}), data)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_uniform_widths_save_as_a_transformers_folder(arch, tmp_path):
     """Half the key/value groups and a quarter of the neurons go in every layer; the stripped

@@ -132,13 +132,21 @@ def _decoder_structures(model: nn.Module, config: DecoderStructures, data: Prune
     if config.structure not in DECODER_STEPS:
         raise CtkError(f"unknown decoder structure {config.structure!r}; choose from {', '.join(DECODER_STEPS)}")
     wrapper = _causal_lm(model, config)
+    names = DECODER_STEPS[config.structure]
+    unknown = sorted(set(config.kept) - set(names))
+    if unknown:
+        raise CtkError(f"DecoderStructures of {config.structure!r} has no step {unknown[0]!r} to keep widths of "
+                       f"(its steps: {', '.join(names)})")
     masks: Masks = {}
     steps = []
-    for structure in DECODER_STEPS[config.structure]:
+    for structure in names:  # with several steps, one may remove nothing at a small sparsity; not all
         report = prune_llm_structured(wrapper.model, data.tokens, structure, config.sparsity,
-                                      uniform=not config.per_layer, kept=config.kept.get(structure))
+                                      uniform=not config.per_layer, kept=config.kept.get(structure),
+                                      required=len(names) == 1)
         masks.update(wrapper.outer_names(report.masks))
         steps.append(report.to_dict())
+    if config.sparsity > 0 and not config.kept and all(s["kept"] == s["total"] for s in steps):
+        raise CtkError(f"sparsity {config.sparsity} removes no {' and no '.join(names)}; raise it")
     summary = {"structure": config.structure, "sparsity": config.sparsity,
                "uniform": not config.per_layer and not config.kept,
                "importance": config.importance, "steps": steps, "seconds": sum(s["seconds"] for s in steps)}

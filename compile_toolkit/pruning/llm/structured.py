@@ -73,10 +73,13 @@ def prune_llm_structured(
     sparsity: float = 0.25,
     uniform: bool = True,
     kept: Sequence[int] | None = None,
+    required: bool = True,
 ) -> StructuredReport:
     """Zero ``sparsity`` of the MLP neurons, key/value groups or query heads (of every key/value
     group) of every decoder layer, lowest calibration importance first (see the module docstring);
-    with ``kept`` (neurons or key/value groups) layer ``i`` keeps ``kept[i]`` instead."""
+    with ``kept`` (neurons or key/value groups) layer ``i`` keeps ``kept[i]`` instead.
+    ``required=False`` lets a sparsity remove no neuron or key/value group (one step of several:
+    a quarter of three key/value groups is none, and the neurons still go)."""
     start = time.perf_counter()
     if structure not in STRUCTURES:
         raise CtkError(f"unknown structured LLM pruning {structure!r}; choose from {', '.join(STRUCTURES)}")
@@ -95,7 +98,7 @@ def prune_llm_structured(
     elif structure == "query_head":
         pruned = _choose_query_heads(scores, kv_heads, sparsity, uniform)
     else:
-        pruned = _choose(scores, sparsity, uniform, structure)
+        pruned = _choose(scores, sparsity, uniform, structure, required)
     masks: Masks = {}
     for i, (layer, remove) in enumerate(zip(layers, pruned, strict=True)):
         name = f"{prefix}.{i}"
@@ -158,8 +161,10 @@ def unit_scores(model: nn.Module, batches: Sequence[torch.Tensor], structure: st
     return [s / tokens[0] for s in sums]
 
 
-def _choose(scores: list[torch.Tensor], sparsity: float, uniform: bool, structure: str) -> list[torch.Tensor]:
-    """Indices to remove per layer, keeping at least one unit in each."""
+def _choose(scores: list[torch.Tensor], sparsity: float, uniform: bool, structure: str,
+            required: bool = True) -> list[torch.Tensor]:
+    """Indices to remove per layer, keeping at least one unit in each; with ``required``, a
+    sparsity that removes none is an error."""
     if uniform:
         counts = [min(int(len(s) * sparsity), len(s) - 1) for s in scores]
     else:
@@ -167,7 +172,7 @@ def _choose(scores: list[torch.Tensor], sparsity: float, uniform: bool, structur
         total = min(int(len(relative) * sparsity), len(relative) - len(scores))
         threshold = torch.sort(relative, stable=True).values[total - 1] if total else -1.0
         counts = [min(int((s / s.mean() <= threshold).sum()), len(s) - 1) for s in scores]
-    if sum(counts) == 0 and sparsity > 0:
+    if required and sum(counts) == 0 and sparsity > 0:
         raise CtkError(f"sparsity {sparsity} removes no {structure} (layers have {len(scores[0])}); raise it")
     return _lowest(scores, counts)
 
