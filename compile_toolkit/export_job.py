@@ -61,11 +61,11 @@ class ExportJob:
                           "model.onnx; the default) or openvino (OpenVINO's CPU runtime in fp32, openvino/model.xml; "
                           "needs openvino in --formats)", "ort", choices=tuple(metrics.RUNTIMES))
     target_speedup: float | None = option(
-        "--target-speedup", "with --pruned: choose each channel (or, with --structure neuron, neuron) group's width "
-        "so the stripped model runs this many times faster than the dense one in --runtime on this machine, keeping "
-        "the most importance (a per-layer latency table measured and cached, then checked end to end), instead of "
-        "--sparsity; heads (and a causal LM's structures, timed as prefill at --seq-len) take one sparsity bisected "
-        "over timed probes",
+        "--target-speedup", "with --pruned: choose each group's width (channels, or by --structure neurons and "
+        "attention heads; a causal LM's neurons or key/value groups per decoder layer, timed as prefill at "
+        "--seq-len) so the stripped model runs this many times faster than the dense one in --runtime on this "
+        "machine, keeping the most importance (a per-layer latency table measured and cached, then checked end to "
+        "end), instead of --sparsity; a causal LM's --structure head takes one sparsity bisected over timed probes",
         parse=float)
     target_latency_ms: float | None = option(
         "--target-latency-ms", "with --pruned: as --target-speedup, for a batch-1 latency in ms in --runtime instead "

@@ -100,10 +100,10 @@ def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn
 
 def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -> TargetChoice | WidthChoice:
     """What meets ``--target-speedup`` (or ``--target-latency-ms``) in ``--runtime``: each channel
-    or neuron group's width (a causal LM's: each decoder layer's neurons or key/value groups),
-    chosen over the runtime's measured per-layer latency table and checked end to end; one sparsity
-    for every group, chosen by measured probes, for what the table does not cover (attention heads
-    of the graph, a causal LM's neurons and key/value groups together)."""
+    neuron or attention head group's width (a causal LM's: each decoder layer's neurons or key/value
+    groups), chosen over the runtime's measured per-layer latency table and checked end to end; one
+    sparsity for every group, chosen by measured probes, for a causal LM's neurons and key/value
+    groups together (their importances have no common scale)."""
     name = metrics.RUNTIMES[job.runtime].title
     calibration = _importance_inputs(job, work)
     config = job.prune.config(loaded.module, calibrated=calibration is not None)

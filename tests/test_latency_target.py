@@ -118,14 +118,50 @@ def test_a_target_the_narrowest_widths_miss_is_one_line(tmp_path):
     assert f"{MAX_SPARSITY:.0%}" in message
 
 
-def test_only_channel_and_neuron_groups_are_chosen_and_the_options_are_checked_first():
-    for config, target, needle in ((Channels(structure="head"), 2.0, "structure 'head'"),
-                                   (Channels(), 0.9, "above 1"),
+def test_the_options_are_checked_first():
+    for config, target, needle in ((Channels(), 0.9, "above 1"),
                                    (ctk.pruning.configs.Magnitude(), 2.0, "not for Magnitude")):
         with pytest.raises(CtkError, match=needle):
             choose_widths(Tiny().eval(), inputs(), config, target, "ort")
     with pytest.raises(CtkError, match="runtime must be one of ort, openvino, got 'tvm'"):
         choose_widths(Tiny().eval(), inputs(), Channels(), 2.0, "tvm")
+
+
+class Attention(nn.Module):
+    """One transformer layer written out: 4 heads of 16 over ``scaled_dot_product_attention``,
+    then an MLP of 256 hidden units; the model's width (its input) cannot be pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(64, 64) for _ in range(4))
+        self.up, self.down = nn.Linear(64, 256), nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (proj(x).view(b, t, 4, 16).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        heads = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.o(heads.transpose(1, 2).reshape(b, t, 64))
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize(("structure", "sizes"), [("attention_head", [4]), ("head", [4, 256])])
+def test_attention_heads_get_a_width_in_heads_costed_by_their_projections(structure, sizes):
+    """Structures ``attention_head`` and ``head``: a group of attention heads counts heads (as
+    ``ctk.prune`` does), its width moves the query, key and value outputs and the output
+    projection's input by whole heads, and the chosen widths prune and strip exactly."""
+    model, x = Attention().eval(), (torch.randn(2, 16, 64),)
+    plan = width_plan(model, x, Channels(structure=structure), None, 8, MAX_SPARSITY)
+    assert [o.size for o in plan.options] == sizes and plan.options[0].widths == (1, 2, 3, 4)
+    chosen = {"q.weight", "k.weight", "v.weight", "o.weight", *(("up.weight", "down.weight") if structure == "head" else ())}
+    assert {layer.name for layer in plan.layers if layer.groups()} == chosen
+    assert {layer.geometry.key() for layer in plan.layers} == {"linear|rows16|bias1"}
+    widths = [2, *([plan.options[1].widths[3]] if structure == "head" else [])]
+    q = next(layer for layer in plan.layers if layer.name == "q.weight")
+    assert q.cout.width(widths, sizes) == 32  # two heads of 16
+    prune_(model, plan.config(widths), PruneData(x, None))
+    stripped = dict(ctk.strip(model, x).named_parameters())
+    assert stripped["q.weight"].shape[0] == stripped["o.weight"].shape[1] == 32
+    assert stripped["up.weight"].shape[0] == (widths[1] if structure == "head" else 256)
 
 
 def test_neuron_widths_are_chosen_for_the_groups_of_linear_layers_alone():

@@ -1,8 +1,8 @@
 """``ctk export --pruned --target-speedup X``: each channel group's width chosen over the
 runtime's measured per-layer latency table, checked end to end (pruned, stripped, exported,
 verified and timed against the dense model), the model pruned to exactly those widths; the report
-puts the final measured speedup beside the target; an unreachable target is one line. Heads and
-neurons, which the table does not cover, take one sparsity chosen by bisection over probes."""
+puts the final measured speedup beside the target; an unreachable target is one line. A causal
+LM's neurons and key/value groups together take one sparsity chosen by bisection over probes."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_the_job_prunes_each_group_to_its_chosen_width_and_reports_the_measured_
     assert target["speedup"] == report["speedup"] and target["met"] == (report["speedup"] >= 1.3)
     assert target["latency_ms"] == report["stripped"]["latency_ms"]
     verdict = "met" if target["met"] else "NOT met"
-    assert "Target: 1.3x at batch 1 in ONNX Runtime; each channel group's width" in (out / "report.md").read_text()
+    assert "Target: 1.3x at batch 1 in ONNX Runtime; each group's width" in (out / "report.md").read_text()
     assert f"{target['speedup']:.2f}x, {verdict}." in (out / "report.md").read_text()
 
 

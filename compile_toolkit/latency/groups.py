@@ -1,8 +1,9 @@
 """The channel groups whose widths are chosen, as the knapsack reads them: each prunable coupled
 group of the channel analysis (the one ``ctk.prune`` scores and strip removes; for structure
-``neuron`` only the groups of linear layers alone), its candidate widths, and the importance kept
-at each by the same criterion :class:`~..pruning.configs.Channels` names, so the channels the
-choice counts as kept are those ``prune_`` keeps."""
+``neuron`` only the groups of linear layers alone, for ``attention_head`` the groups of attention
+heads, each head a channel, for ``head`` both), its candidate widths, and the importance kept at
+each by the same criterion :class:`~..pruning.configs.Channels` names, so the channels the choice
+counts as kept are those ``prune_`` keeps."""
 
 from __future__ import annotations
 
@@ -21,14 +22,18 @@ from ..pruning.channel_groups import ParameterChannels, parameter_channels
 from ..pruning.configs import Channels
 from ..pruning.importance import Calibration, ScoreContext, importance_criterion
 from ..pruning.patterns import matches
-from ..pruning.structured import group_kinds
+from ..pruning.structured import STRUCTURES, group_candidates
 from .layers import Layer, compute_layers
 from .overrides import group_keys, width_config
 from .widths import GroupOption, candidate_widths, kept_importance
 
-# Structures whose widths the latency table can cost: coupled channel groups (convolutions and
-# linears), or only the neuron groups of linear layers (a transformer's MLPs; not its heads).
-WIDTH_STRUCTURES = ("channel", "neuron")
+# The structures whose groups' widths the table costs: every coupled group; a transformer's MLP
+# neurons; its attention heads (a group's channels are heads, costed by its projections: the
+# attention's own products are not in the table, and the end-to-end correction makes up for them);
+# or heads and neurons. What each prunes is what ``ctk.prune`` prunes (``structured.group_candidates``).
+WIDTH_STRUCTURES = STRUCTURES
+_NOUNS = {"channel": "channel group", "neuron": "neuron group (of linear layers alone)",
+          "attention_head": "attention head group", "head": "attention head or neuron group"}
 
 
 @dataclass(frozen=True)
@@ -60,40 +65,37 @@ def width_plan(model: nn.Module, example_inputs: Inputs, config: Channels, calib
     ``points`` candidate widths each, none pruned past ``max_sparsity``, scored by
     ``config.importance``."""
     if config.structure not in WIDTH_STRUCTURES:
-        raise CtkError(f"widths chosen by measured latency prune coupled channel groups or neurons (structure "
-                       f"{' or '.join(map(repr, WIDTH_STRUCTURES))}); structure {config.structure!r} is not "
-                       "supported yet")
+        raise CtkError(f"widths chosen by measured latency prune structure {', '.join(map(repr, WIDTH_STRUCTURES))}; "
+                       f"not {config.structure!r}")
     criterion = importance_criterion(config.importance)
     criterion.check(calibration)
     channels = parameter_channels(model, example_inputs)
     analysis = channels.analysis
     names = {name for name, _ in model.named_parameters()}
-    kinds = group_kinds(analysis, channels.params)
-    chosen = [g for g, kind in zip(analysis.groups, kinds, strict=True)
-              if _choosable(g, names, config.ignore) and (config.structure == "channel" or kind == "neuron")]
-    candidates = np.concatenate([np.zeros(0, dtype=np.int64), *(g.prunable for g in chosen)])
+    chosen = [(g, size, prunable) for g, (size, prunable)
+              in zip(analysis.groups, group_candidates(analysis, channels.params, config.structure), strict=True)
+              if len(prunable) and _choosable(g, names, config.ignore)]
+    candidates = np.concatenate([np.zeros(0, dtype=np.int64), *(prunable for _, _, prunable in chosen)])
     scores, scored = criterion.score(ScoreContext(model, analysis, channels.params, channels.slices, candidates,
                                                   config.seed, calibration))
     groups, options = [], []
-    for group in chosen:
-        removable = group.prunable[scored[group.prunable]]
+    for group, size, prunable in chosen:
+        removable = prunable[scored[prunable]]
         if not len(removable):
             continue
-        smallest = max(group.size - len(removable), math.ceil((1 - max_sparsity) * group.size))
-        widths = candidate_widths(group.size, smallest, points)
+        smallest = max(size - len(removable), math.ceil((1 - max_sparsity) * size))
+        widths = candidate_widths(size, smallest, points)
         groups.append(group)
-        options.append(GroupOption(group.index, group.size, widths,
-                                   kept_importance(scores[removable], group.size, widths)))
+        options.append(GroupOption(group.index, size, widths, kept_importance(scores[removable], size, widths)))
     if not options:
-        what = "channel group" if config.structure == "channel" else "neuron group (of linear layers alone)"
-        raise CtkError(f"{type(model).__name__} has no {what} to prune (every group is pinned or ignored): "
-                       "no width to choose")
+        raise CtkError(f"{type(model).__name__} has no {_NOUNS[config.structure]} to prune (every group is pinned "
+                       "or ignored): no width to choose")
     layers = compute_layers(analysis, {option.index: k for k, option in enumerate(options)})
     return ChannelPlan(channels, groups, options, layers, config, frozenset(names))
 
 
 def _choosable(group: ChannelGroup, names: set[str], ignore: tuple[str, ...]) -> bool:
-    """A group with prunable channels, carried by a parameter, none of them ignored."""
+    """A group carried by a parameter, none of them ignored."""
     carriers = [c.rpartition(":")[0] for c in group.carriers]
-    return (len(group.prunable) > 0 and any(n in names for n in carriers)
+    return (any(n in names for n in carriers)
             and not any(matches(n, ignore) for n in carriers))

@@ -169,6 +169,15 @@ def group_kinds(analysis: ChannelAnalysis, params: dict[str, torch.Tensor]) -> l
     return [_kind(g, params, heads) for g in analysis.groups]
 
 
+def group_candidates(analysis: ChannelAnalysis, params: dict[str, torch.Tensor],
+                     structure: str) -> list[tuple[int, np.ndarray]]:
+    """Each group's (channel count, prunable channels) under ``structure``, as :func:`prune`
+    ranks and counts them (a group of attention heads counts heads)."""
+    heads = _head_components(analysis)
+    kinds = group_kinds(analysis, params)
+    return [_candidates(g, kind, structure, heads) for g, kind in zip(analysis.groups, kinds, strict=True)]
+
+
 def _head_components(analysis: ChannelAnalysis) -> np.ndarray:
     """Component id -> whether it is an attention head (see :func:`attention_heads`)."""
     heads = np.zeros(analysis.components.count, dtype=bool)
