@@ -102,15 +102,17 @@ class TargetChoice:
 
 def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels | DecoderStructures, target: Target,
                     runtime: str, data: PruneData | None = None,
-                    rounds: int = PROBE_ROUNDS, budget_s: float = PROBE_BUDGET_S) -> TargetChoice:
+                    rounds: int = PROBE_ROUNDS, budget_s: float = PROBE_BUDGET_S,
+                    max_sparsity: float = MAX_SPARSITY) -> TargetChoice:
     """The smallest sparsity of ``config`` (its own is ignored) whose stripped model runs ``target``
     times faster than ``module`` in ``runtime`` (a name of :data:`~compile_toolkit.metrics.RUNTIMES`,
     whose fp32 format is exported and timed at batch 1 on the example inputs: a language model's
     prefill at their length); ``target`` may be a :class:`LatencyBudget` instead. ``config``:
     channel groups, heads or neurons of the graph, or a causal LM's MLP neurons and key/value
     groups (:data:`DECODER_TARGETS`, calibrated on ``data.tokens``); ``data``: what its pruner
-    reads."""
+    reads; ``max_sparsity``: the most it prunes (its first probe)."""
     _check_target(target, runtime)
+    check_sparsity(max_sparsity, "max_sparsity")
     if not (isinstance(config, Channels) or isinstance(config, DecoderStructures)
             and config.structure in DECODER_TARGETS):
         raise CtkError(f"--target-speedup bisects the sparsity of channel groups, heads and neurons of the graph, or "
@@ -120,7 +122,7 @@ def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels 
     with tempfile.TemporaryDirectory(prefix="ctk-target-") as folder:
         dense = _exported(copy.deepcopy(module), example_inputs, runtime, Path(folder) / "dense")
         asked, target = target, _speedup(target, dense, batch1, runtime)
-        choice = TargetChoice(target, runtime, MAX_SPARSITY, 0.0, [list(t.shape) for t in batch1])
+        choice = TargetChoice(target, runtime, max_sparsity, 0.0, [list(t.shape) for t in batch1])
 
         def probe(sparsity: float) -> float:
             pruned = copy.deepcopy(module)
@@ -131,10 +133,10 @@ def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels 
             choice.probes.append(Probe(sparsity, speedup))
             return speedup
 
-        choice.probe_speedup = probe(MAX_SPARSITY)
+        choice.probe_speedup = probe(max_sparsity)
         if choice.probe_speedup < target:
             raise CtkError(f"{_flag(asked, target)} cannot be met in {runtime} on this machine: pruning "
-                           f"{MAX_SPARSITY:.0%} of every group runs only {choice.probe_speedup:.2f}x faster "
+                           f"{max_sparsity:.0%} of every group runs only {choice.probe_speedup:.2f}x faster "
                            f"(ask for at most that)")
         low = 0.0
         while choice.sparsity - low > RESOLUTION:
