@@ -12,8 +12,9 @@ exported twice by the main job (``ctk export --pruned``, the same fine-tuning an
   both above T (the chosen widths may land anywhere in [T, 1.1 T]).
 
 Models: the built-in digits-resnet (channel groups, L1, fine-tuned on the digits, test top-1),
-all-MiniLM-L6-v2 (MLP neurons, ``--structure neuron``, scored on pydoc paragraphs, distilled from
-the dense model, cosine to its embeddings on held-out paragraphs), SmolLM2-135M (each decoder
+all-MiniLM-L6-v2 (MLP neurons, ``--structure neuron``, or attention heads and neurons, ``head``;
+scored on pydoc paragraphs, distilled from the dense model, cosine to its embeddings on held-out
+paragraphs), SmolLM2-135M (each decoder
 layer's MLP neurons, scored by their activation on pydoc text, distilled from the dense model,
 held-out perplexity; prefill of 128 tokens) and torchvision ResNet-50 (random weights, no data:
 speed only, where timing is stable). Both exports are then timed
@@ -32,7 +33,7 @@ import argparse
 import json
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,13 @@ def resnet50(folder: Path, epochs: int) -> Subject:
 # the largest logit), past the exporter's check; at 192 (1/8) it passes.
 NARROWEST = 1 - 1 / WIDTH_POINTS
 
-SUBJECTS = {"digits": digits, "minilm": minilm, "smollm2": smollm2, "resnet50": resnet50}
+def minilm_heads(folder: Path, epochs: int) -> Subject:
+    """all-MiniLM-L6-v2 as :func:`minilm`, its attention heads and MLP neurons pruned (``--structure head``)."""
+    return replace(minilm(folder, epochs), name="all-MiniLM-L6-v2 (heads and neurons)", structure="head")
+
+
+SUBJECTS = {"digits": digits, "minilm": minilm, "minilm-heads": minilm_heads, "smollm2": smollm2,
+            "resnet50": resnet50}
 
 
 def exported(job: ExportJob) -> dict:
