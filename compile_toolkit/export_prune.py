@@ -15,9 +15,14 @@ from torch import nn
 from . import metrics
 from .errors import CtkError
 from .export_measure import metric
-from .latency.decoder import DECODER_WIDTHS
-from .latency.groups import WIDTH_STRUCTURES
-from .latency_target import LatencyBudget, TargetChoice, WidthChoice, choose_sparsity, choose_widths
+from .latency_target import (
+    LatencyBudget,
+    TargetChoice,
+    WidthChoice,
+    choose_sparsity,
+    choose_widths,
+    chooses_widths,
+)
 from .models import LoadedModel
 from .models.weights import state_dict_mismatch
 from .pruning import apply_masks
@@ -117,8 +122,7 @@ def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -
             raise CtkError("--target-speedup on a language model calibrates on text: give --data (pydoc, or a text file)")
         tokens = work.token_batches(job.prune.calibration_samples)
     data = PruneData(loaded.example_inputs, calibration, tokens)
-    if (isinstance(config, Channels) and config.structure in WIDTH_STRUCTURES
-            or isinstance(config, DecoderStructures) and config.structure in DECODER_WIDTHS):
+    if chooses_widths(config):
         with timed(f"choose each {config.structure} group's width for {asked} in {name} (per-layer latency "
                    "table, timed end to end)"):
             return choose_widths(loaded.module, loaded.example_inputs, config, target, job.runtime, data)

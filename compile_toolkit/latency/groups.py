@@ -27,11 +27,10 @@ from .layers import Layer, compute_layers
 from .overrides import group_keys, width_config
 from .widths import GroupOption, candidate_widths, kept_importance
 
-# The structures whose groups' widths the table costs: every coupled group; a transformer's MLP
-# neurons; its attention heads (a group's channels are heads, costed by its projections: the
-# attention's own products are not in the table, and the end-to-end correction makes up for them);
-# or heads and neurons. What each prunes is what ``ctk.prune`` prunes (``structured.group_candidates``).
-WIDTH_STRUCTURES = STRUCTURES
+# What each structure chooses widths for, as ctk.prune prunes it (structured.group_candidates): every
+# group; a transformer's MLP neurons; its attention heads (a group's channels are heads, costed by
+# its projections: the attention's own products are not in the table, and the end-to-end
+# correction makes up for them); or heads and neurons.
 _NOUNS = {"channel": "channel group", "neuron": "neuron group (of linear layers alone)",
           "attention_head": "attention head group", "head": "attention head or neuron group"}
 
@@ -51,12 +50,12 @@ class ChannelPlan:
     names: frozenset[str]
 
     def config(self, widths: Sequence[int]) -> Channels:
-        return width_config(self.base, self.groups, widths, set(self.names))
+        return width_config(self.base, self.groups, widths, self.names)
 
     def described(self, widths: Sequence[int]) -> list[dict[str, Any]]:
         return [{"group": group.index, "carrier": carrier, "channels": option.size, "kept": width}
                 for group, option, width, carrier in zip(self.groups, self.options, widths,
-                                                          group_keys(self.groups, set(self.names)), strict=True)]
+                                                          group_keys(self.groups, self.names), strict=True)]
 
 
 def width_plan(model: nn.Module, example_inputs: Inputs, config: Channels, calibration: Calibration | None,
@@ -64,9 +63,8 @@ def width_plan(model: nn.Module, example_inputs: Inputs, config: Channels, calib
     """The groups of ``model`` that ``config`` may prune (its ``ignore`` respected), with
     ``points`` candidate widths each, none pruned past ``max_sparsity``, scored by
     ``config.importance``."""
-    if config.structure not in WIDTH_STRUCTURES:
-        raise CtkError(f"widths chosen by measured latency prune structure {', '.join(map(repr, WIDTH_STRUCTURES))}; "
-                       f"not {config.structure!r}")
+    if config.structure not in STRUCTURES:
+        raise CtkError(f"unknown structure {config.structure!r}; choose from {', '.join(STRUCTURES)}")
     criterion = importance_criterion(config.importance)
     criterion.check(calibration)
     channels = parameter_channels(model, example_inputs)

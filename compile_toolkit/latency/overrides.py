@@ -9,7 +9,7 @@ channels the width leaves (``prune``'s count is ``floor(sparsity * size)``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import replace
 
 from ..channels import ChannelGroup
@@ -18,7 +18,7 @@ from ..pruning.configs import Channels
 
 
 def width_config(config: Channels, groups: Sequence[ChannelGroup], widths: Sequence[int],
-                 names: set[str]) -> Channels:
+                 names: Set[str]) -> Channels:
     """``config`` pruning each of ``groups`` to its width in ``widths`` and nothing else
     (``names``: the model's parameter names, the only ones a pattern may name)."""
     carriers = _carriers(groups, names)
@@ -28,7 +28,7 @@ def width_config(config: Channels, groups: Sequence[ChannelGroup], widths: Seque
     return replace(config, sparsity=0.0, round_to=1, overrides=overrides)
 
 
-def group_keys(groups: Sequence[ChannelGroup], names: set[str]) -> list[str]:
+def group_keys(groups: Sequence[ChannelGroup], names: Set[str]) -> list[str]:
     """The parameter that names each group in the overrides: of its carriers, the one that carries
     the fewest of ``groups`` (ties by name)."""
     carriers = _carriers(groups, names)
@@ -39,7 +39,7 @@ def group_keys(groups: Sequence[ChannelGroup], names: set[str]) -> list[str]:
     return [min(params, key=lambda n: (carried[n], n)) for params in carriers]
 
 
-def _carriers(groups: Sequence[ChannelGroup], names: set[str]) -> list[set[str]]:
+def _carriers(groups: Sequence[ChannelGroup], names: Set[str]) -> list[set[str]]:
     return [{c.rpartition(":")[0] for c in g.carriers} & names for g in groups]
 
 

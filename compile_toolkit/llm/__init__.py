@@ -2,7 +2,7 @@
 logits-only wrapper for capture and export. Pruning methods live in
 :mod:`compile_toolkit.pruning.llm`."""
 
-from .data import SPLITS, TokenBlocks, pydoc_blocks, pydoc_topics
+from .data import SPLITS, TokenBlocks, pydoc_blocks, pydoc_topics, write_pydoc_folder
 from .hf_folder import save_stripped_pretrained
 from .perplexity import logits_of, perplexity
 from .smollm2 import cache_root, gguf_path, load_smollm2
@@ -19,5 +19,6 @@ __all__ = [
     "perplexity",
     "pydoc_blocks",
     "pydoc_topics",
+    "write_pydoc_folder",
     "save_stripped_pretrained",
 ]

@@ -13,8 +13,10 @@ into blocks (the tail shorter than a block is dropped).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from pydoc_data.topics import topics
 
 import torch
@@ -32,6 +34,23 @@ def pydoc_topics(split: str) -> list[str]:
     if split not in SPLITS:
         raise CtkError(f"unknown pydoc split {split!r}; choose from {', '.join(SPLITS)}")
     return [topics[name] for name in sorted(topics) if _assignment()[name] == split]
+
+
+def write_pydoc_folder(folder: Path, train: tuple[str, int], val: tuple[str, int]) -> Path:
+    """``folder`` with ``train.jsonl`` and ``val.jsonl``: the first whole topics of a part (name,
+    characters) until that many characters are reached, one JSON line each: a text data folder
+    for ``--data``. (A .txt file would make each line a row, with an end-of-text token in place of
+    every line break: SmolLM2's dense perplexity 76.6 instead of 27.0 on such text.)"""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (split, chars) in (("train", train), ("val", val)):
+        chosen, size = [], 0
+        for text in pydoc_topics(split):
+            if size >= chars:
+                break
+            chosen.append(text)
+            size += len(text)
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in chosen))
+    return folder
 
 
 @cache
