@@ -136,3 +136,31 @@ def test_a_strided_1x1_int8_layer_runs_its_convolution_in_int8_in_openvino(tmp_p
     unshared, shared = convolutions(False), convolutions(True)
     assert len(unshared) == len(shared) == 1
     assert "f32" in unshared[0].lower() and "i8" in shared[0].lower(), (unshared, shared)
+
+
+@pytest.mark.parametrize(("geometry", "precision", "kernel"), [
+    (Geometry("conv", (28, 28), (3, 3), (1, 1), (1, 1)), "int8", "Convolution"),
+    (Geometry("linear", (16,)), "int8", "FullyConnected"),
+    (Geometry("conv", (28, 28), (3, 3), (1, 1), (1, 1)), "fp32", "Convolution"),
+])
+def test_an_openvino_cell_counts_the_layers_own_kernel_not_its_boundary_quantize(tmp_path, geometry, precision,
+                                                                              kernel):
+    """A lone int8 layer quantizes its input and dequantizes its output in ``Subgraph`` nodes that
+    a whole model fuses into the convolutions around them: the cell counts the compute node only,
+    and the boundary nodes it leaves out did run (the control)."""
+    pytest.importorskip("openvino")
+    import onnx
+
+    from compile_toolkit import openvino_runtime
+    from compile_toolkit.latency.profiled import openvino_kernels
+
+    path = str(tmp_path / "layer.onnx")
+    onnx.save(layer_model(geometry, 32, 64, 1, precision, shared_input=True), path)
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1, "PERF_COUNT": True}
+    request = openvino_runtime.core().compile_model(path, "CPU", config).create_infer_request()
+    request.infer(openvino_runtime.feed(layer_input(geometry, 32, 1)))
+    counted = openvino_kernels(request)
+    ran = [i for i in request.profiling_info if i.status.name != "NOT_RUN"]
+    assert [i.node_type for i in counted] == [kernel] and counted[0].real_time.total_seconds() > 0
+    left_out = {i.node_type for i in ran} - {kernel}
+    assert left_out >= ({"Subgraph"} if precision == "int8" else {"Reorder"}), left_out

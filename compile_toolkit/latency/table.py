@@ -39,7 +39,7 @@ from .profiled import kernel_ms, openvino_kernel_ms
 
 CACHE_ENV = "CTK_CACHE_DIR"
 DEFAULT_CACHE = Path("~/.cache/compile_toolkit/latency")
-FORMAT = 4  # the cache file's layout and how its cells were timed; another one is measured again
+FORMAT = 5  # the cache file's layout and how its cells were timed; another one is measured again
 Cell = tuple[Geometry, int, int]  # a layer's geometry, input channels, output channels
 
 

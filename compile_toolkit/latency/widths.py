@@ -87,16 +87,10 @@ class LayerCosts:
     def __init__(self, layers: Sequence[Layer], options: Sequence[GroupOption], table: LatencyTable) -> None:
         self.layers = list(layers)
         self.sizes = [o.size for o in options]
-        self._grids = [(_grid(layer.cin, options), _grid(layer.cout, options)) for layer in self.layers]
-        table.ensure(self.cells())
+        self._grids = _grids(self.layers, options)
+        table.ensure(table_cells(self.layers, options))
         self._ms = [np.array([[table.ms(layer.geometry, *_widths(layer, cin, cout)) for cout in outs] for cin in ins])
                     for layer, (ins, outs) in zip(self.layers, self._grids, strict=True)]
-
-    def cells(self) -> list[Cell]:
-        """Every table cell the layers' grids need (a depthwise layer's widths are one)."""
-        return sorted({(layer.geometry, *_widths(layer, cin, cout)) for layer, (ins, outs)
-                       in zip(self.layers, self._grids, strict=True) for cin in ins for cout in outs},
-                      key=lambda c: (c[0].key(), c[1], c[2]))
 
     def layer_ms(self, i: int, widths: Sequence[int]) -> float:
         layer = self.layers[i]
@@ -110,6 +104,18 @@ class LayerCosts:
 
     def total(self, widths: Sequence[int]) -> float:
         return sum(self.layer_ms(i, widths) for i in range(len(self.layers)))
+
+
+def table_cells(layers: Sequence[Layer], options: Sequence[GroupOption]) -> list[Cell]:
+    """Every table cell that costing ``layers`` at the options' widths needs (a depthwise layer's
+    widths are one)."""
+    return sorted({(layer.geometry, *_widths(layer, cin, cout)) for layer, (ins, outs)
+                   in zip(layers, _grids(layers, options), strict=True) for cin in ins for cout in outs},
+                  key=lambda c: (c[0].key(), c[1], c[2]))
+
+
+def _grids(layers: Sequence[Layer], options: Sequence[GroupOption]) -> list[tuple[list[int], list[int]]]:
+    return [(_grid(layer.cin, options), _grid(layer.cout, options)) for layer in layers]
 
 
 def _grid(dim: Dim, options: Sequence[GroupOption]) -> list[int]:
