@@ -33,3 +33,15 @@ def rel_error(reference, candidate) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The modules whose tests take longest (each 15-70 s: torchvision transformers through every
+# exporter, the strip fuzz, multi-rank torchrun jobs). Collected last by name, they ran at the end
+# of one worker's share, and the other worker, out of tests, waited for the last of them; run
+# first, the short tests fill the end of both workers' time.
+LONGEST_FIRST = ("test_zoo.py", "test_fuzz_strip.py", "test_tp.py", "test_fsdp.py", "test_target_speedup.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: file order otherwise
