@@ -120,6 +120,7 @@ def resnet50(folder: Path, epochs: int) -> Subject:
 # the largest logit), past the exporter's check; at 192 (1/8) it passes.
 NARROWEST = 1 - 1 / WIDTH_POINTS
 
+
 def minilm_heads(folder: Path, epochs: int) -> Subject:
     """all-MiniLM-L6-v2 as :func:`minilm`, its attention heads and MLP neurons pruned (``--structure head``)."""
     return replace(minilm(folder, epochs), name="all-MiniLM-L6-v2 (heads and neurons)", structure="head")

@@ -47,7 +47,14 @@ from compile_toolkit.latency.groups import width_plan
 from compile_toolkit.latency.layers import Layer
 from compile_toolkit.latency.plan import WidthPlan
 from compile_toolkit.latency.table import Cell, LatencyTable
-from compile_toolkit.latency.widths import Choice, GroupOption, LayerCosts, WidthChooser, table_cells
+from compile_toolkit.latency.widths import (
+    Choice,
+    GroupOption,
+    LayerCosts,
+    WidthChooser,
+    table_cells,
+    uniform_picks,
+)
 from compile_toolkit.latency_target import MAX_SPARSITY, WIDTH_POINTS
 from compile_toolkit.metrics import compare_runtimes, count_flops
 from compile_toolkit.pruning.configs import Channels
@@ -84,7 +91,7 @@ def flops_valued(plan: WidthPlan) -> list[GroupOption]:
     """The plan's options valued by FLOPs: each width's value is the FLOPs of the layers the group
     touches at that width, every other group at its uniform 50% width (FLOPs linearised there)."""
     sizes = [o.size for o in plan.options]
-    half = [o.widths[min(range(len(o.widths)), key=lambda j: abs(o.widths[j] - o.size / 2))] for o in plan.options]
+    half = [o.widths[j] for o, j in zip(plan.options, uniform_picks(plan.options, 0.5), strict=True)]
     valued = []
     for g, option in enumerate(plan.options):
         layers = [layer for layer in plan.layers if g in layer.groups()]

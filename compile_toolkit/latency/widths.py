@@ -68,6 +68,11 @@ def candidate_widths(size: int, smallest: int, points: int, align: int = 8) -> t
     return tuple(sorted(w for w in widths if w >= min(smallest, size)))
 
 
+def uniform_picks(options: Sequence[GroupOption], fraction: float) -> list[int]:
+    """Each option's candidate nearest ``fraction`` of its size (the wider one on a tie), by index."""
+    return [min(range(len(o.widths)), key=lambda j, o=o: (abs(o.widths[j] - fraction * o.size), -j)) for o in options]
+
+
 def undominated(costs: Sequence[float]) -> list[bool]:
     """Whether each candidate (ascending widths) is cheaper than every wider one: a width whose
     measured cost is not below a wider candidate's is one the runtime runs badly."""
@@ -88,7 +93,7 @@ class LayerCosts:
         self.layers = list(layers)
         self.sizes = [o.size for o in options]
         self._grids = _grids(self.layers, options)
-        table.ensure(table_cells(self.layers, options))
+        table.ensure(_cells(self.layers, self._grids))
         self._ms = [np.array([[table.ms(layer.geometry, *_widths(layer, cin, cout)) for cout in outs] for cin in ins])
                     for layer, (ins, outs) in zip(self.layers, self._grids, strict=True)]
 
@@ -109,8 +114,12 @@ class LayerCosts:
 def table_cells(layers: Sequence[Layer], options: Sequence[GroupOption]) -> list[Cell]:
     """Every table cell that costing ``layers`` at the options' widths needs (a depthwise layer's
     widths are one)."""
+    return _cells(layers, _grids(layers, options))
+
+
+def _cells(layers: Sequence[Layer], grids: Sequence[tuple[list[int], list[int]]]) -> list[Cell]:
     return sorted({(layer.geometry, *_widths(layer, cin, cout)) for layer, (ins, outs)
-                   in zip(layers, _grids(layers, options), strict=True) for cin in ins for cout in outs},
+                   in zip(layers, grids, strict=True) for cin in ins for cout in outs},
                   key=lambda c: (c[0].key(), c[1], c[2]))
 
 
@@ -178,7 +187,7 @@ class WidthChooser:
 
     def uniform(self, fraction: float) -> Choice:
         """Every group at the candidate nearest ``fraction`` of its size (the same pruning everywhere)."""
-        return self.choice(self._uniform_picks(fraction))
+        return self.choice(uniform_picks(self.options, fraction))
 
     def choose(self, budget_ms: float) -> Choice:
         """The widths that keep the most importance with a predicted latency within ``budget_ms``
@@ -246,14 +255,10 @@ class WidthChooser:
                 low = middle
         return found
 
-    def _uniform_picks(self, fraction: float) -> list[int]:
-        return [min(range(len(o.widths)), key=lambda j, o=o: (abs(o.widths[j] - fraction * o.size), -j))
-                for o in self.options]
-
     def _widest_uniform(self, budget_ms: float) -> list[int] | None:
         """The uniform widths of the largest fraction (on a fine grid) that fit ``budget_ms``."""
         for step in range(100, 0, -1):
-            picks = self._uniform_picks(step / 100)
+            picks = uniform_picks(self.options, step / 100)
             if self.costs.total(self.widths(picks)) <= budget_ms:
                 return picks
         return None
