@@ -1,8 +1,9 @@
 """Every torchvision classification model: prune 40% of its channels, strip, and nothing changes.
 
 One model per architecture family runs in the default suite (the smallest variant at the smallest
-input it takes), but for MaxViT (``ONNX_FILE_SLOW``); every other classification model of
-torchvision runs under ``-m slow``. Each must
+input it takes; ViT, Swin and ConvNeXt with two blocks per stage, ``SHALLOW``), but for MaxViT
+(``ONNX_FILE_SLOW``); every other classification model of torchvision, and those three at full
+depth, run under ``-m slow``. Each must
 strip every channel pruning zeroed, compute what the pruned model computes (to 1e-4 of the output's
 largest magnitude, on inputs strip never saw), get smaller in parameters and FLOPs, export to ONNX
 and match the pruned model in ONNX Runtime, with no op left without a channel rule. The
@@ -23,19 +24,13 @@ from compile_toolkit.metrics import count_flops, count_params
 
 TOLERANCE = 1e-4
 
-# family -> (smallest variant, smallest input side it takes: zoo_models.input_side)
-REPRESENTATIVE = {
-    "resnet18": 64,
-    "shufflenet_v2_x0_5": 64,
-    "swin_t": 224,
-    "convnext_tiny": 64,
-    "efficientnet_b0": 64,
-    "densenet121": 64,
-    "googlenet": 64,
-    "regnet_x_400mf": 64,
-    "mobilenet_v3_small": 64,
-    "vit_b_32": 224,
-}
+# One per family: its smallest variant, run at the smallest input it takes (zoo_models.input_side).
+REPRESENTATIVE = ["resnet18", "shufflenet_v2_x0_5", "swin_t", "convnext_tiny", "efficientnet_b0", "densenet121",
+                  "googlenet", "regnet_x_400mf", "mobilenet_v3_small", "vit_b_32"]
+# Deep ones run with two blocks in each run of blocks (zoo_models.build's ``blocks``: ViT 12 -> 2,
+# Swin's third stage 6 -> 2, ConvNeXt's stages 3/3/9/3 -> 2), which keeps every op, coupling and
+# shifted window: 10 s instead of 45 s for ViT; at full depth they run under ``-m slow``.
+SHALLOW, SHALLOW_BLOCKS = ("swin_t", "convnext_tiny", "vit_b_32"), 2
 
 
 def cases(names: list[str], slow: bool) -> list:
@@ -44,19 +39,19 @@ def cases(names: list[str], slow: bool) -> list:
 
 
 ALL = torchvision.models.list_models(module=torchvision.models)
-OTHERS = [name for name in ALL if name not in REPRESENTATIVE]
 # Models whose own ONNX file strips a construct of its own, run with that check under ``-m slow``
-# (72 s each, with the suite at 14:56 of its 15 minutes; their rules have unit tests of their own):
-# swin_v2_t, a second Swin: zero_ into a bias slice (a ScatterND in its file), cosine attention
-# (F.normalize); maxvit_t: attention written with Einsum (test_rules, test_onnx_strip_ops).
-ONNX_FILE_SLOW = ["swin_v2_t", "maxvit_t"]
+# (72 s each; their rules have unit tests of their own): swin_v2_t, a second Swin: zero_ into a bias
+# slice (a ScatterND in its file), cosine attention (F.normalize); maxvit_t: attention written with
+# Einsum (test_rules, test_onnx_strip_ops); and the shallow representatives at full depth.
+ONNX_FILE_SLOW = ["swin_v2_t", "maxvit_t", *SHALLOW]
+OTHERS = [name for name in ALL if name not in REPRESENTATIVE and name not in ONNX_FILE_SLOW]
 
 
-def prune_strip_export(name: str, tmp_path, onnx_file: bool = False) -> None:
-    """Prune, strip, check and export ``name``; with ``onnx_file`` also strip the pruned model's own
-    ONNX file (the pruning and the PyTorch strip shared, not repeated: zoo models are the suite's
-    most expensive captures)."""
-    model = build(name)
+def prune_strip_export(name: str, tmp_path, onnx_file: bool = False, blocks: int | None = None) -> None:
+    """Prune, strip, check and export ``name`` (``blocks``: as ``zoo_models.build``'s); with
+    ``onnx_file`` also strip the pruned model's own ONNX file (the pruning and the PyTorch strip
+    shared, not repeated: zoo models are the suite's most expensive captures)."""
+    model = build(name, blocks)
     side = input_side(name)
     x = torch.randn(2, 3, side, side)
     report = ctk.prune(model, (x,), sparsity=0.4, structure="channel")
@@ -103,7 +98,7 @@ def onnx_file_strips_as_far_as_the_pytorch_model(model: torch.nn.Module, x: torc
 
 @pytest.mark.parametrize("name", cases(list(REPRESENTATIVE), slow=False))
 def test_representative_model_prunes_strips_and_exports_exactly_and_so_does_its_onnx_file(name, tmp_path):
-    prune_strip_export(name, tmp_path, onnx_file=True)
+    prune_strip_export(name, tmp_path, onnx_file=True, blocks=SHALLOW_BLOCKS if name in SHALLOW else None)
 
 
 @pytest.mark.parametrize("name", cases(ONNX_FILE_SLOW, slow=True))
@@ -111,6 +106,6 @@ def test_a_slow_model_prunes_strips_and_exports_exactly_and_so_does_its_onnx_fil
     prune_strip_export(name, tmp_path, onnx_file=True)
 
 
-@pytest.mark.parametrize("name", cases([name for name in OTHERS if name not in ONNX_FILE_SLOW], slow=True))
+@pytest.mark.parametrize("name", cases(OTHERS, slow=True))
 def test_every_other_model_prunes_strips_and_exports_exactly(name, tmp_path):
     prune_strip_export(name, tmp_path)

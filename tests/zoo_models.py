@@ -12,11 +12,17 @@ import torchvision
 from torch import nn
 
 
-def build(name: str) -> nn.Module:
+def build(name: str, blocks: int | None = None) -> nn.Module:
     """The model with seeded random weights; tensors its init leaves all zero (ViT's head, biases,
-    BN means) get small random values, so no output is zero whatever the input."""
+    BN means) get small random values, so no output is zero whatever the input. With ``blocks``,
+    every run of more than that many blocks of one kind (a ViT's encoder, a Swin or ConvNeXt
+    stage) keeps its first ``blocks``: the same ops and couplings in a graph a fraction the size."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
+    if blocks is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Sequential) and len(module) > blocks and len({type(m) for m in module}) == 1:
+                del module[blocks:]
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             if t.is_floating_point() and not t.any():
