@@ -93,7 +93,7 @@ def test_an_onnx_runtime_cell_is_the_layers_kernels_not_the_layout_changes_aroun
     import onnx
 
     from compile_toolkit.latency.onnx_layer import identity_model
-    from compile_toolkit.latency.profiled import kernel_ms
+    from compile_toolkit.latency.profiled import OrtKernels, interleaved_ms
     from compile_toolkit.onnx_runtime import feeds, session
 
     geometry = Geometry("conv", (28, 28), (1, 1), (2, 2), bias=False)
@@ -101,8 +101,9 @@ def test_an_onnx_runtime_cell_is_the_layers_kernels_not_the_layout_changes_aroun
     conv, identity = tmp_path / "conv.onnx", tmp_path / "identity.onnx"
     onnx.save(layer_model(geometry, 256, 512, 1, "fp32"), str(conv))
     onnx.save(identity_model(geometry, 256, 1), str(identity))
-    assert kernel_ms(str(identity), inputs, 1, 5, 1) == 0.0
-    cell = kernel_ms(str(conv), inputs, 1, 20, 3)
+    timers = [OrtKernels(str(path), inputs, 1, tmp_path) for path in (identity, conv)]
+    nothing, cell = interleaved_ms(timers, 4, 5, 3)
+    assert nothing == 0.0
     sess = session(str(conv), 1)
     feed = feeds(sess, inputs)
     walls = []
@@ -164,3 +165,49 @@ def test_an_openvino_cell_counts_the_layers_own_kernel_not_its_boundary_quantize
     assert [i.node_type for i in counted] == [kernel] and counted[0].real_time.total_seconds() > 0
     left_out = {i.node_type for i in ran} - {kernel}
     assert left_out >= ({"Subgraph"} if precision == "int8" else {"Reorder"}), left_out
+
+
+class _Scripted:
+    """A timer whose runs take the given times in turn (a stand-in for a layer's profiler)."""
+
+    def __init__(self, times: list[float]) -> None:
+        self._times, self._ran = times, 0
+
+    def run(self) -> None:
+        self._ran += 1
+
+    def totals(self) -> list[float]:
+        return self._times[:self._ran]
+
+
+def test_a_cell_is_the_lowest_round_median_so_a_slow_stretch_does_not_become_the_cell():
+    """Rounds across a row's cells: a stretch in which the machine was busy (every run of one round
+    slow) does not decide the cell, where the median of the runs back to back would have; the
+    warm-up runs are not timed, and every cell runs the same number of times."""
+    from compile_toolkit.latency.profiled import interleaved_ms
+
+    warmup, rounds, iters = 2, 4, 3
+    busy = [9.0] * warmup + [5.0] * iters * 3 + [1.0] * iters  # three slow rounds back to back, then one quiet
+    steady = [9.0] * warmup + [2.0, 2.1, 1.9] * rounds
+    timers = [_Scripted(busy), _Scripted(steady)]
+    assert interleaved_ms(timers, rounds, iters, warmup) == [1.0, 2.0]
+    assert all(t._ran == warmup + rounds * iters for t in timers)
+
+
+def test_an_int8_convolution_cell_reads_a_relu_output_and_writes_int8():
+    """A CNN's convolutions read what a ReLU wrote (the static quantizer's zero point: 0) and their
+    output is requantized for the next layer; a linear layer reads a LayerNorm's centred output
+    (zero point 128). OpenVINO's AMX convolutions pay a zero-point compensation for 128 (a lone 3x3
+    at 56x56 took 2-3x as long), and an output zero point of 0 lets it fold the output's
+    dequantize into the convolution, which then writes fp32 (a 1x1 at 56x56 took 2x as long)."""
+    from onnx import numpy_helper
+
+    from compile_toolkit.latency.onnx_layer import CENTRED_ZERO_POINT, OUTPUT_ZERO_POINT, RELU_ZERO_POINT
+
+    def zero_points(geometry: Geometry) -> dict[str, int]:
+        model = layer_model(geometry, 8, 16, 1, "int8")
+        return {t.name: int(numpy_helper.to_array(t)) for t in model.graph.initializer if t.name in ("x_zero", "y_zero")}
+
+    assert zero_points(CONV) == {"x_zero": RELU_ZERO_POINT, "y_zero": OUTPUT_ZERO_POINT} == {"x_zero": 0, "y_zero": 128}
+    assert zero_points(LINEAR) == {"x_zero": CENTRED_ZERO_POINT, "y_zero": OUTPUT_ZERO_POINT} == {"x_zero": 128,
+                                                                                             "y_zero": 128}

@@ -9,16 +9,16 @@ the uniform 50% ResNet-50, its convolutions take 6.0 ms inside the model while o
 times summed to 16.7 ms, and the excess ran from 1.3x to 5.9x layer by layer, in proportion to
 tensors rather than arithmetic: it ranked widths wrongly (docs/results.md). So a cell is the sum
 of the layer's compute kernels in the profiler's per-node times, without the layout and
-quantize-at-the-boundary nodes, median over runs.
+quantize-at-the-boundary nodes, timed in rounds (:func:`interleaved_ms`).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import onnxruntime
 
@@ -39,35 +39,80 @@ OPENVINO_BOUNDARY = frozenset({"Reorder", "Parameter", "Result", "Input", "Outpu
                                "Subgraph", "FakeQuantize"})
 
 
-def kernel_ms(path: str, inputs: Inputs, threads: int, runs: int, warmup: int) -> float:
-    """Median over ``runs`` (after ``warmup`` untimed ones) of the summed kernel time, in ms, of
-    the model's nodes other than :data:`BOUNDARY_OPS`."""
-    with tempfile.TemporaryDirectory(prefix="ctk-profile-") as folder:
+class KernelTimer(Protocol):
+    """One layer's model ready to run: :meth:`run` runs it once, :meth:`totals` gives each run's
+    compute-kernel time (ms) in order."""
+
+    def run(self) -> None: ...
+
+    def totals(self) -> list[float]: ...
+
+
+class OrtKernels:
+    """A model in an ONNX Runtime session with its profiler on; a run's total is the summed kernel
+    time of its nodes other than :data:`BOUNDARY_OPS`."""
+
+    def __init__(self, path: str, inputs: Inputs, threads: int, folder: Path) -> None:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.enable_profiling = True
-        options.profile_file_prefix = str(Path(folder) / "layer")
-        sess = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feed = feeds(sess, inputs)
-        for _ in range(warmup + runs):
-            sess.run(None, feed)
-        events = json.loads(Path(sess.end_profiling()).read_text())
-    return statistics.median(_per_run(events)[warmup:])
+        options.profile_file_prefix = str(folder / Path(path).stem)
+        self._session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self._feed = feeds(self._session, inputs)
+
+    def run(self) -> None:
+        self._session.run(None, self._feed)
+
+    def totals(self) -> list[float]:
+        """Ends the profiling: call once, after the last run."""
+        return _per_run(json.loads(Path(self._session.end_profiling()).read_text()))
 
 
-def openvino_kernel_ms(path: str, inputs: Inputs, threads: int, runs: int, warmup: int) -> float:
-    """:func:`kernel_ms` in OpenVINO's CPU runtime (fp32 inference precision pinned, as every IR
-    here is run): the executed nodes' ``real_time`` from its performance counters, other than
-    :data:`OPENVINO_BOUNDARY`, median over runs."""
-    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True}
-    request = openvino_runtime.core().compile_model(path, openvino_runtime.DEVICE, config).create_infer_request()
-    feed = openvino_runtime.feed(inputs)
-    totals = []
-    for index in range(warmup + runs):
-        request.infer(feed)
-        if index >= warmup:
-            totals.append(sum(info.real_time.total_seconds() * 1000 for info in openvino_kernels(request)))
-    return statistics.median(totals)
+class OpenvinoKernels:
+    """A model compiled by OpenVINO's CPU plugin (fp32 inference precision pinned, as every IR here
+    is run) with performance counters on; a run's total is the executed nodes' ``real_time``
+    other than :data:`OPENVINO_BOUNDARY`."""
+
+    def __init__(self, path: str, inputs: Inputs, threads: int) -> None:
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True}
+        self._request = openvino_runtime.core().compile_model(path, openvino_runtime.DEVICE, config).create_infer_request()
+        self._feed = openvino_runtime.feed(inputs)
+        self._totals: list[float] = []
+
+    def run(self) -> None:
+        self._request.infer(self._feed)
+        self._totals.append(sum(info.real_time.total_seconds() * 1000 for info in openvino_kernels(self._request)))
+
+    def totals(self) -> list[float]:
+        return list(self._totals)
+
+
+def interleaved_ms(timers: Sequence[KernelTimer], rounds: int, iters: int, warmup: int) -> list[float]:
+    """Each timer's kernel time (ms): ``warmup`` untimed runs of each, then ``rounds`` rounds in
+    which every timer runs ``iters`` times in turn (the order rotated and reversed from round to
+    round); a timer's time is the lowest of its rounds' medians.
+
+    Why rounds across the timers (a table row's cells) and not each cell's runs back to back: a
+    stretch of runs catches whatever the machine does meanwhile, and a cell timed in one stretch
+    kept it. In a ResNet-50 OpenVINO int8 table so timed, a 1x1 convolution at 28x28 from 64 to
+    256 channels measured 0.184 ms where its neighbouring widths took 0.040 and 0.050 ms and the
+    same layer inside the whole model 0.038 ms; four layers of uniform 50% widths use that cell,
+    and the table put the uniform model 46% above its measured time. Why the lowest median: a
+    slow stretch only ever adds time."""
+    for timer in timers:
+        for _ in range(warmup):
+            timer.run()
+    order = list(range(len(timers)))
+    for index in range(rounds):
+        turn = order[index % len(order):] + order[:index % len(order)] if order else []
+        for k in (turn if index % 2 == 0 else turn[::-1]):
+            for _ in range(iters):
+                timers[k].run()
+    lowest = []
+    for timer in timers:
+        timed = timer.totals()[warmup:]
+        lowest.append(min(statistics.median(timed[r * iters:(r + 1) * iters]) for r in range(rounds)))
+    return lowest
 
 
 def openvino_kernels(request: Any) -> list[Any]:

@@ -8,7 +8,8 @@ thousands of timed cells, and neither the machine nor the runtime changes betwee
 
 Each cell is one layer as an ONNX model (:mod:`.onnx_layer`), and its value is what the runtime's
 profiler says the layer's own kernels take (:mod:`.profiled`: ONNX Runtime's profiler, OpenVINO's
-performance counters), median over runs after a warm-up: timed alone, a layer also pays the call
+performance counters), the lowest of a few rounds' medians after a warm-up, the rounds taken across
+the cells of a row (:func:`.profiled.interleaved_ms`): timed alone, a layer also pays the call
 and the layout changes a whole model pays once, and on ResNet-50 one-layer wall times summed to
 2.7x the model's convolutions while profiled kernels summed to within 6% of them. A cell's key
 names the precision, batch, geometry and widths; the file's name, the machine (CPU model, cores),
@@ -35,11 +36,11 @@ from ..errors import CtkError
 from ..fileio import staged_path
 from .layers import Geometry
 from .onnx_layer import PRECISIONS, layer_input, layer_model
-from .profiled import kernel_ms, openvino_kernel_ms
+from .profiled import KernelTimer, OpenvinoKernels, OrtKernels, interleaved_ms
 
 CACHE_ENV = "CTK_CACHE_DIR"
 DEFAULT_CACHE = Path("~/.cache/compile_toolkit/latency")
-FORMAT = 5  # the cache file's layout and how its cells were timed; another one is measured again
+FORMAT = 6  # the cache file's layout and how its cells were timed; another one is measured again
 Cell = tuple[Geometry, int, int]  # a layer's geometry, input channels, output channels
 
 
@@ -79,7 +80,7 @@ class LatencyTable:
     ``measured`` counts the cells this table timed itself (none when the cache had them all)."""
 
     def __init__(self, runtime: str = "ort", precision: str = "fp32", batch: int = 1, threads: int | None = None,
-                 folder: Path | None = None, rounds: int = 4, iters: int = 5, warmup: int = 2) -> None:
+                 folder: Path | None = None, rounds: int = 4, iters: int = 5, warmup: int = 5) -> None:
         if precision not in PRECISIONS:
             raise CtkError(f"latency table precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.runtime, self.precision, self.batch = runtime, precision, batch
@@ -120,18 +121,18 @@ class LatencyTable:
 
     def _measure_row(self, geometry: Geometry, cin: int, outs: list[int]) -> dict[str, float]:
         """Cells of one geometry and input width: each the layer's kernels as the runtime's
-        profiler times them (:mod:`.profiled`)."""
-        measure = kernel_ms if self.runtime == "ort" else openvino_kernel_ms
+        profiler times them, in rounds across the row's cells (:func:`.profiled.interleaved_ms`)."""
         inputs = layer_input(geometry, cin, self.batch)
-        cells = {}
         with tempfile.TemporaryDirectory(prefix="ctk-latency-") as folder:
+            timers: list[KernelTimer] = []
             for cout in outs:
                 path = str(Path(folder) / f"{cout}.onnx")
                 onnx.save(layer_model(geometry, cin, cout, self.batch, self.precision,
                                       shared_input=self.runtime == "openvino"), path)
-                cells[self.key(geometry, cin, cout)] = measure(path, inputs, self.threads, self.rounds * self.iters,
-                                                               self.warmup)
-        return cells
+                timers.append(OrtKernels(path, inputs, self.threads, Path(folder)) if self.runtime == "ort"
+                              else OpenvinoKernels(path, inputs, self.threads))
+            cells = interleaved_ms(timers, self.rounds, self.iters, self.warmup)
+        return {self.key(geometry, cin, cout): ms for cout, ms in zip(outs, cells, strict=True)}
 
     def _read(self) -> dict[str, float]:
         """The cached cells, or none (with a warning) where the file is unreadable or not a table."""
