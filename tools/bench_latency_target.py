@@ -119,26 +119,29 @@ def flops_matched(chooser: WidthChooser, plan: WidthPlan, goal: int) -> Choice:
 
 
 def nudged(chooser: WidthChooser, plan: WidthPlan, choice: Choice, goal: int) -> Choice:
-    """``choice`` with single groups moved one candidate width, the move that changes the FLOPs
-    least each time (narrower above ``goal``, wider below), until its FLOPs are within half of
-    :data:`FLOPS_MATCH` of ``goal``. Why: the table makes some widths nearly free (an int8 kernel
-    whose time steps with AMX tiles), so a budget 1% higher can buy 10% more FLOPs, and the
-    bisection can end on either side of the band."""
+    """``choice`` with single groups moved one candidate width (narrower above ``goal``, wider
+    below) until its FLOPs are within half of :data:`FLOPS_MATCH` of ``goal``: each time the move
+    with the lowest predicted latency among those that stay on the band's near side of the far
+    edge, else the one that changes the FLOPs least. Why: the table makes some widths nearly free
+    (an int8 kernel's time steps with AMX tiles), so a budget 1% higher can buy 10% more FLOPs,
+    and the bisection can end on either side of the band."""
+    band = FLOPS_MATCH / 2
     picks = [option.widths.index(width) for option, width in zip(chooser.options, choice.widths, strict=True)]
     flops = predicted_flops(plan, chooser.widths(picks))
-    while abs(flops / goal - 1) > FLOPS_MATCH / 2:
+    while abs(flops / goal - 1) > band:
         step = -1 if flops > goal else 1
         moves = []
         for g, option in enumerate(chooser.options):
             if 0 <= picks[g] + step < len(option.widths):
                 moved = [*picks[:g], picks[g] + step, *picks[g + 1:]]
-                change = abs(predicted_flops(plan, chooser.widths(moved)) - flops)
-                if change > 0:
-                    moves.append((change, moved))
+                moved_flops = predicted_flops(plan, chooser.widths(moved))
+                if moved_flops != flops:
+                    moves.append((moved_flops, chooser.costs.total(chooser.widths(moved)), moved))
         if not moves:
             break
-        moved = min(moves, key=lambda move: move[0])[1]
-        moved_flops = predicted_flops(plan, chooser.widths(moved))
+        inside = [m for m in moves if abs(m[0] / goal - 1) <= band or (m[0] > goal) == (flops > goal)]
+        moved_flops, _, moved = (min(inside, key=lambda m: m[1]) if inside
+                                 else min(moves, key=lambda m: abs(m[0] - flops)))
         if (moved_flops > goal) != (flops > goal) and abs(moved_flops - goal) >= abs(flops - goal):
             break  # the smallest move jumps past the band: keep the nearer side
         picks, flops = moved, moved_flops
