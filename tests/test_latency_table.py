@@ -8,6 +8,7 @@ import json
 
 import onnxruntime
 import pytest
+import torch
 
 from compile_toolkit.latency.layers import Geometry
 from compile_toolkit.latency.onnx_layer import layer_input, layer_model
@@ -194,20 +195,40 @@ def test_a_cell_is_the_lowest_round_median_so_a_slow_stretch_does_not_become_the
     assert all(t._ran == warmup + rounds * iters for t in timers)
 
 
-def test_an_int8_convolution_cell_reads_a_relu_output_and_writes_int8():
-    """A CNN's convolutions read what a ReLU wrote (the static quantizer's zero point: 0) and their
-    output is requantized for the next layer; a linear layer reads a LayerNorm's centred output
-    (zero point 128). OpenVINO's AMX convolutions pay a zero-point compensation for 128 (a lone 3x3
-    at 56x56 took 2-3x as long), and an output zero point of 0 lets it fold the output's
-    dequantize into the convolution, which then writes fp32 (a 1x1 at 56x56 took 2x as long)."""
+def test_an_int8_cell_reads_a_relu_output_at_zero_point_0_and_anything_else_at_128():
+    """The static quantizer gives a ReLU's output (range [0, max]) zero point 0 and a value centred
+    on 0 (an image, a normalisation's or a SiLU's output) one inside its range; OpenVINO's AMX
+    convolutions pay a zero-point compensation for the latter (a lone 3x3 at 56x56 took 2-3x as
+    long), so a cell quantizes its input as the layer's producer does. Its output stays at 128: with
+    0 OpenVINO folds the dequantize into the convolution, which then writes fp32 (a 1x1 at 56x56
+    took 2x as long), where in a model it writes int8 for the next layer."""
+    from dataclasses import replace
+
     from onnx import numpy_helper
 
-    from compile_toolkit.latency.onnx_layer import CENTRED_ZERO_POINT, OUTPUT_ZERO_POINT, RELU_ZERO_POINT
-
-    def zero_points(geometry: Geometry) -> dict[str, int]:
+    def zero_points(geometry: Geometry) -> tuple[int, int]:
         model = layer_model(geometry, 8, 16, 1, "int8")
-        return {t.name: int(numpy_helper.to_array(t)) for t in model.graph.initializer if t.name in ("x_zero", "y_zero")}
+        values = {t.name: int(numpy_helper.to_array(t)) for t in model.graph.initializer if t.name.endswith("_zero")
+                  and not t.dims}
+        return values["x_zero"], values["y_zero"]
 
-    assert zero_points(CONV) == {"x_zero": RELU_ZERO_POINT, "y_zero": OUTPUT_ZERO_POINT} == {"x_zero": 0, "y_zero": 128}
-    assert zero_points(LINEAR) == {"x_zero": CENTRED_ZERO_POINT, "y_zero": OUTPUT_ZERO_POINT} == {"x_zero": 128,
-                                                                                             "y_zero": 128}
+    assert zero_points(replace(CONV, unsigned_input=True)) == zero_points(replace(LINEAR, unsigned_input=True)) == (0, 128)
+    assert zero_points(CONV) == zero_points(LINEAR) == (128, 128)
+    assert replace(CONV, unsigned_input=True).key() != CONV.key()  # cached as different cells
+
+
+def test_a_layer_reads_an_unsigned_input_where_its_producer_is_a_relu_through_pooling_and_reshapes():
+    """The stem reads the image (signed), the next layer a ReLU's output through a max pool, a
+    layer after a SiLU is signed, and a linear layer after a ReLU, a mean and a flatten is not."""
+    from torch import nn
+
+    from compile_toolkit.latency.groups import width_plan
+    from compile_toolkit.pruning.configs import Channels
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.SiLU(),
+                          nn.Conv2d(16, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 4)).eval()
+    plan = width_plan(model, (torch.randn(2, 3, 16, 16),), Channels(), None, 8, 0.9)
+    assert [(layer.geometry.kind, layer.geometry.unsigned_input) for layer in plan.layers] == [
+        ("conv", False), ("conv", True), ("conv", False), ("linear", True)]

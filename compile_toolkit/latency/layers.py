@@ -11,8 +11,9 @@ channels a group's width removes are those the channel analysis couples, not one
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -23,6 +24,16 @@ from ..channels import ChannelAnalysis
 
 _CONVOLUTIONS = {torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
 _LINEARS = {torch.ops.aten.linear.default}
+_aten = torch.ops.aten
+# Ops whose output is never negative, ops with a lower bound argument (non-negative when it is),
+# and ops whose output is non-negative when their inputs are (pooling, reshaping, concatenation).
+_NON_NEGATIVE = {_aten.relu.default, _aten.relu_.default, _aten.relu6.default, _aten.sigmoid.default,
+                 _aten.hardsigmoid.default}
+_LOWER_BOUNDED = {_aten.hardtanh.default, _aten.hardtanh_.default, _aten.clamp.default, _aten.clamp_min.default}
+_SIGN_KEEPING = {_aten.max_pool2d.default, _aten.max_pool2d_with_indices.default, _aten.avg_pool2d.default,
+                 _aten.adaptive_avg_pool2d.default, _aten.mean.dim, _aten.flatten.using_ints, _aten.view.default,
+                 _aten.reshape.default, _aten.permute.default, _aten.transpose.int, _aten.clone.default,
+                 _aten.contiguous.default, _aten.dropout.default, _aten.cat.default, operator.getitem}
 
 
 @dataclass(frozen=True)
@@ -38,15 +49,19 @@ class Geometry:
     dilation: tuple[int, int] = (1, 1)
     depthwise: bool = False  # one group per channel: in and out widths are one width
     bias: bool = True
+    # The input is never negative (a ReLU's output): quantized to int8 at zero point 0, which the
+    # runtimes' int8 kernels run without a zero-point compensation (:mod:`.onnx_layer`).
+    unsigned_input: bool = False
 
     def key(self) -> str:
         """The table's name for layers of this geometry (equal geometries are measured once)."""
+        sign = f"|u{int(self.unsigned_input)}"
         if self.kind == "linear":
-            return f"linear|rows{self.spatial[0]}|bias{int(self.bias)}"
+            return f"linear|rows{self.spatial[0]}|bias{int(self.bias)}{sign}"
         size = "x".join(map(str, self.spatial))
         return (f"conv|{size}|k{self.kernel[0]}x{self.kernel[1]}|s{self.stride[0]}x{self.stride[1]}"
                 f"|p{self.padding[0]}x{self.padding[1]}|d{self.dilation[0]}x{self.dilation[1]}"
-                f"|dw{int(self.depthwise)}|bias{int(self.bias)}")
+                f"|dw{int(self.depthwise)}|bias{int(self.bias)}{sign}")
 
     def output_spatial(self) -> tuple[int, ...]:
         if self.kind == "linear":
@@ -128,18 +143,37 @@ def _layer(analysis: ChannelAnalysis, group_of: np.ndarray, node: fx.Node) -> La
         return None
     has_bias = len(node.args) > 2 and node.args[2] is not None
     if node.target in _LINEARS:
-        geometry = Geometry("linear", (math.prod(shape[1:-1]),), bias=has_bias)
+        geometry = Geometry("linear", (math.prod(shape[1:-1]),), bias=has_bias,
+                            unsigned_input=non_negative(source))
         channel_dim = len(shape) - 1
     else:
         geometry = _conv_geometry(node, shape, has_bias)
         if geometry is None:
             return None
+        geometry = replace(geometry, unsigned_input=non_negative(source))
         channel_dim = 1
     cin = _dim(analysis, group_of, source, channel_dim)
     cout = _dim(analysis, group_of, node, channel_dim)
     if cin is None or cout is None:
         return None
     return Layer(str(weight.target), geometry, cin, cout)
+
+
+def non_negative(node: fx.Node) -> bool:
+    """Whether ``node``'s value is never negative by its op: a ReLU (or a clamp at 0 or above, a
+    sigmoid), or pooling, reshaping or concatenating such values. A graph input, a normalisation's
+    or a SiLU's output is not: its int8 zero point lies inside its range."""
+    if node.op != "call_function":
+        return False
+    if node.target in _NON_NEGATIVE:
+        return True
+    if node.target in _LOWER_BOUNDED:
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min", node.kwargs.get("min_val", -1.0))
+        return isinstance(low, int | float) and low >= 0
+    if node.target in _SIGN_KEEPING:
+        inputs = node.args[0] if node.target == _aten.cat.default else node.args[:1]
+        return bool(inputs) and all(isinstance(a, fx.Node) and non_negative(a) for a in inputs)
+    return False
 
 
 def _example_shape(node: fx.Node) -> tuple[int, ...] | None:

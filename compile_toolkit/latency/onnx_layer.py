@@ -24,12 +24,14 @@ from .layers import Geometry
 
 OPSET = 17
 PRECISIONS = ("fp32", "int8")
-# The uint8 zero point of an int8 layer's activations. A CNN's convolutions read what a ReLU wrote
-# (range [0, max]: the static quantizer's zero point is 0); a transformer's linear layers read a
-# LayerNorm's output, centred on 0. The zero point changes the kernel: with 128, OpenVINO's AMX
-# convolutions pay a zero-point compensation that costs most at padded borders, and a lone 3x3
-# convolution at 56x56, 32 to 32 channels, took 0.10 ms against 0.039 ms with 0 and 0.024-0.036 ms
-# inside ResNet-50 (1x1 convolutions: 0.0385 and 0.036 ms).
+# The uint8 zero point of an int8 layer's input: 0 where the layer reads a ReLU's output (range
+# [0, max]: what the static quantizer gives it; ``Geometry.unsigned_input``), 128 for a value
+# centred on 0 (an image, a LayerNorm's or a SiLU's output). The zero point changes the kernel: with
+# 128, OpenVINO's AMX convolutions pay a zero-point compensation that costs most at padded borders,
+# and a lone 3x3 convolution at 56x56, 32 to 32 channels, took 0.10 ms against 0.039-0.048 ms with
+# 0, and 0.024-0.036 ms inside ResNet-50, where it reads a ReLU. The output's zero point stays 128:
+# with 0, OpenVINO folds the output's dequantize into the convolution, which then writes fp32 where
+# inside a model it writes int8 for the next layer (a 1x1 at 56x56: 0.14 against 0.06 ms).
 RELU_ZERO_POINT, CENTRED_ZERO_POINT, OUTPUT_ZERO_POINT = 0, 128, 128
 
 
@@ -49,7 +51,7 @@ def layer_model(geometry: Geometry, cin: int, cout: int, batch: int, precision: 
     if precision not in PRECISIONS:
         raise CtkError(f"latency table precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     rng = np.random.default_rng(cin * 100003 + cout)
-    builder = _Builder(precision == "int8", RELU_ZERO_POINT if geometry.kind == "conv" else CENTRED_ZERO_POINT)
+    builder = _Builder(precision == "int8", RELU_ZERO_POINT if geometry.unsigned_input else CENTRED_ZERO_POINT)
     source = builder.activation("x")
     if geometry.kind == "linear":
         out = builder.linear(source, cin, cout, geometry.bias, rng)
