@@ -154,7 +154,7 @@ def test_attention_heads_get_a_width_in_heads_costed_by_their_projections(struct
     assert [o.size for o in plan.options] == sizes and plan.options[0].widths == (1, 2, 3, 4)
     chosen = {"q.weight", "k.weight", "v.weight", "o.weight", *(("up.weight", "down.weight") if structure == "head" else ())}
     assert {layer.name for layer in plan.layers if layer.groups()} == chosen
-    assert {layer.geometry.key() for layer in plan.layers} == {"linear|rows16|bias1"}
+    assert {layer.geometry.key() for layer in plan.layers} == {"linear|rows16|bias1|u0"}  # signed inputs
     widths = [2, *([plan.options[1].widths[3]] if structure == "head" else [])]
     q = next(layer for layer in plan.layers if layer.name == "q.weight")
     assert q.cout.width(widths, sizes) == 32  # two heads of 16
@@ -172,7 +172,7 @@ def test_neuron_widths_are_chosen_for_the_groups_of_linear_layers_alone():
     model, x = Mlps().eval(), (torch.randn(2, 16, 32),)
     plan = width_plan(model, x, Channels(structure="neuron"), None, 8, MAX_SPARSITY)
     assert [o.size for o in plan.options] == [64, 256]
-    assert [layer.geometry.key() for layer in plan.layers] == ["linear|rows16|bias1"] * 4
+    assert [layer.geometry.key() for layer in plan.layers] == ["linear|rows16|bias1|u0"] * 4  # LayerNorm, GELU: signed
     widths = [plan.options[0].widths[2], plan.options[1].widths[5]]
     names = {n for n, _ in model.named_parameters()}
     prune_(model, width_config(Channels(structure="neuron"), plan.groups, widths, names), PruneData(x, None))
