@@ -247,7 +247,7 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels | 
             choice = chooser.choose(budget)
             if any(choice.widths == done.widths for done, _ in probes):
                 break  # the correction leads back to widths already timed
-            if (1 + MARGIN) * target <= probe(choice, budget) <= (1 + TOLERANCE) * target:
+            if _in_band(probe(choice, budget), target):
                 break
     return _width_choice(plan, target, runtime, precision, dense, probes, table, batch1)
 
@@ -312,12 +312,17 @@ def _next_budget(dense_ms: float, probes: list[WidthProbe], target: float) -> fl
     return x0 + (goal - y0) * (x1 - x0) / (y1 - y0)
 
 
+def _in_band(speedup: float, target: float) -> bool:
+    """Whether a probe's measured speedup is in ``[(1 + MARGIN) * target, (1 + TOLERANCE) * target]``."""
+    return (1 + MARGIN) * target <= speedup <= (1 + TOLERANCE) * target
+
+
 def _width_choice(plan: WidthPlan, target: float, runtime: str, precision: str, dense: Choice,
                   probes: list[tuple[Choice, WidthProbe]], table: LatencyTable, timed: Inputs) -> WidthChoice:
     """The choice to keep: of the probes that met the target, the one that keeps most importance,
     among those within the band above the :data:`MARGIN` where there are any."""
     met = [(choice, p) for choice, p in probes if p.speedup >= target]
-    safe = [(choice, p) for choice, p in met if (1 + MARGIN) * target <= p.speedup <= (1 + TOLERANCE) * target]
+    safe = [(choice, p) for choice, p in met if _in_band(p.speedup, target)]
     choice, best = max(safe or met, key=lambda item: item[0].importance)
     sizes = sum(o.size for o in plan.options)
     return WidthChoice(target, runtime, precision, round(1 - sum(choice.widths) / sizes, 4), best.speedup,

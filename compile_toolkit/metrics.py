@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ from . import openvino_runtime
 from .capture import Inputs
 from .errors import CtkError, summary
 from .onnx_runtime import feeds, session
+
+T = TypeVar("T")
 
 Runner = Callable[[], object]  # one inference of a model on fixed inputs, as latency timing calls it
 
@@ -105,7 +108,7 @@ def _compare(run_a: Runner, run_b: Runner, rounds: int, warmup: int, iters: int,
             "rounds": timing["a"]["rounds"]}
 
 
-def _round_order(names: list[str], round_index: int) -> list[str]:
+def round_order(names: list[T], round_index: int) -> list[T]:
     """The order of one round: rotated every two rounds and reversed every other one (A B C, C B A,
     B C A, A C B, ...), so that over the rounds each model runs in every position and after every
     other model. Reversal alone would leave the middle model always in the middle, always right
@@ -179,7 +182,7 @@ def compare_latency_many(onnx_paths: dict[str, str], inputs: Inputs, rounds: int
                          iters: int = 10) -> dict[str, dict[str, float]]:
     """:func:`compare_latency_ms` for more than two models: ``{name: {"ms", "speedup"}}``, where
     ``speedup`` is the median over rounds of (first model's time / this model's time) within the
-    round. The order changes every round (:func:`_round_order`) so that the position bias of this
+    round. The order changes every round (:func:`round_order`) so that the position bias of this
     kind of machine cancels."""
     return compare_runtimes({name: ("ort", path) for name, path in onnx_paths.items()}, inputs, rounds, threads,
                             warmup, iters)
@@ -208,7 +211,7 @@ def _compare_many(runners: dict[str, Runner], rounds: int, warmup: int, iters: i
     names = list(runners)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):
-        for name in _round_order(names, round_index):
+        for name in round_order(names, round_index):
             times[name].append(statistics.median(_time_runs(runners[name], iters)))
     base = times[names[0]]
     return {name: {"ms": statistics.median(ts),

@@ -24,6 +24,7 @@ import onnxruntime
 
 from .. import openvino_runtime
 from ..capture import Inputs
+from ..metrics import round_order
 from ..onnx_runtime import feeds
 
 # Nodes a lone layer needs only at its boundaries, which a whole model runs once, not per layer.
@@ -89,8 +90,8 @@ class OpenvinoKernels:
 
 def interleaved_ms(timers: Sequence[KernelTimer], rounds: int, iters: int, warmup: int) -> list[float]:
     """Each timer's kernel time (ms): ``warmup`` untimed runs of each, then ``rounds`` rounds in
-    which every timer runs ``iters`` times in turn (the order rotated and reversed from round to
-    round); a timer's time is the lowest of its rounds' medians.
+    which every timer runs ``iters`` times in turn (in :func:`~compile_toolkit.metrics.round_order`,
+    as whole models are timed); a timer's time is the lowest of its rounds' medians.
 
     Why rounds across the timers (a table row's cells) and not each cell's runs back to back: a
     stretch of runs catches whatever the machine does meanwhile, and a cell timed in one stretch
@@ -102,12 +103,10 @@ def interleaved_ms(timers: Sequence[KernelTimer], rounds: int, iters: int, warmu
     for timer in timers:
         for _ in range(warmup):
             timer.run()
-    order = list(range(len(timers)))
     for index in range(rounds):
-        turn = order[index % len(order):] + order[:index % len(order)] if order else []
-        for k in (turn if index % 2 == 0 else turn[::-1]):
+        for timer in round_order(list(timers), index):
             for _ in range(iters):
-                timers[k].run()
+                timer.run()
     lowest = []
     for timer in timers:
         timed = timer.totals()[warmup:]
