@@ -65,7 +65,7 @@ class ExportJob:
         "attention heads; a causal LM's neurons or key/value groups per decoder layer, timed as prefill at "
         "--seq-len) so the stripped model runs this many times faster than the dense one in --runtime on this "
         "machine, keeping the most importance (a per-layer latency table measured and cached, then checked end to "
-        "end), instead of --sparsity; a causal LM's --structure head takes one sparsity bisected over timed probes",
+        "end), instead of --sparsity; a causal LM's --structure head chooses neurons and key/value groups together",
         parse=float)
     target_latency_ms: float | None = option(
         "--target-latency-ms", "with --pruned: as --target-speedup, for a batch-1 latency in ms in --runtime instead "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,14 +14,7 @@ from torch import nn
 from . import metrics
 from .errors import CtkError
 from .export_measure import metric
-from .latency_target import (
-    LatencyBudget,
-    TargetChoice,
-    WidthChoice,
-    choose_sparsity,
-    choose_widths,
-    chooses_widths,
-)
+from .latency_target import LatencyBudget, WidthChoice, choose_widths
 from .models import LoadedModel
 from .models.weights import state_dict_mismatch
 from .pruning import apply_masks
@@ -58,17 +50,15 @@ def run(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn.Mo
         return
     targeted = job.target_speedup is not None or job.target_latency_ms is not None
     target = _target(job, loaded, work, timed) if targeted else None
-    if isinstance(target, TargetChoice):  # one sparsity for every group
-        job = replace(job, prune=replace(job.prune, sparsity=target.sparsity))
     if target is not None:
         report.sparsity = target.sparsity
-    report.pruning = _prune(job, loaded, work, dense, timed, target.config if isinstance(target, WidthChoice) else None)
+    report.pruning = _prune(job, loaded, work, dense, timed, target.config if target is not None else None)
     if target is not None:
         report.pruning["target"] = target.to_dict()
 
 
 def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn.Module, timed,
-           config: Channels | None = None) -> dict[str, Any]:
+           config: Channels | DecoderStructures | None = None) -> dict[str, Any]:
     """Prune as the options say (:mod:`compile_toolkit.pruning.llm.plan`), or by ``config`` (the
     widths ``--target-speedup`` chose), then fine-tune with the masks held (or re-estimate batch
     norms); block pruning's identity blocks go last."""
@@ -103,12 +93,11 @@ def _prune(job: ExportJob, loaded: LoadedModel, work: Workload | None, dense: nn
     return summary
 
 
-def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -> TargetChoice | WidthChoice:
-    """What meets ``--target-speedup`` (or ``--target-latency-ms``) in ``--runtime``: each channel
-    neuron or attention head group's width (a causal LM's: each decoder layer's neurons or key/value
-    groups), chosen over the runtime's measured per-layer latency table and checked end to end; one
-    sparsity for every group, chosen by measured probes, for a causal LM's neurons and key/value
-    groups together (their importances have no common scale)."""
+def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -> WidthChoice:
+    """What meets ``--target-speedup`` (or ``--target-latency-ms``) in ``--runtime``: each channel,
+    neuron or attention head group's width (a causal LM's: each decoder layer's neurons, key/value
+    groups, or both), chosen over the runtime's measured per-layer latency table and checked end to
+    end."""
     name = metrics.RUNTIMES[job.runtime].title
     calibration = _importance_inputs(job, work)
     config = job.prune.config(loaded.module, calibrated=calibration is not None)
@@ -122,12 +111,9 @@ def _target(job: ExportJob, loaded: LoadedModel, work: Workload | None, timed) -
             raise CtkError("--target-speedup on a language model calibrates on text: give --data (pydoc, or a text file)")
         tokens = work.token_batches(job.prune.calibration_samples)
     data = PruneData(loaded.example_inputs, calibration, tokens)
-    if chooses_widths(config):
-        with timed(f"choose each {config.structure} group's width for {asked} in {name} (per-layer latency "
-                   "table, timed end to end)"):
-            return choose_widths(loaded.module, loaded.example_inputs, config, target, job.runtime, data)
-    with timed(f"choose the sparsity for {asked} in {name} (pruned, stripped and timed probes)"):
-        return choose_sparsity(loaded.module, loaded.example_inputs, config, target, job.runtime, data)
+    with timed(f"choose each {config.structure} group's width for {asked} in {name} (per-layer latency "
+               "table, timed end to end)"):
+        return choose_widths(loaded.module, loaded.example_inputs, config, target, job.runtime, data)
 
 
 def target_met(job: ExportJob, report: ExportReport) -> dict[str, Any]:

@@ -10,13 +10,13 @@ that meets the target, which keeps the most channels; a target that even :data:`
 misses is one clear line before any fine-tuning. Widths there are uniform across groups.
 
 :func:`choose_widths` chooses each group's width instead (issue 23): a knapsack over the coupled
-groups (a causal LM's: each decoder layer's MLP neurons or key/value groups) costed by a per-layer
+groups (a causal LM's: each decoder layer's MLP neurons, key/value groups, or both) costed by a per-layer
 latency table measured in the runtime and cached (:mod:`.latency`), then the same end-to-end
 check as the probes: the stripped model exported and timed against the dense one; where the
 measured speedup misses the band ``[1.02 * target, 1.1 * target]`` the latency budget is corrected from
 the probes so far (latency is close to linear in the predicted latency) and the widths are chosen
-again, a few rounds. A causal LM's neurons and key/value groups together (``head``) still take one
-bisected sparsity: their importances have no common scale.
+again, a few rounds. ``ctk export`` takes this one; :func:`choose_sparsity` (uniform widths) is the
+baseline the benchmarks compare it with.
 """
 
 from __future__ import annotations
@@ -58,8 +58,6 @@ WIDTH_ROUNDS = 4  # choices timed end to end after the smallest widths' probe
 # A small model needs many: digits-resnet runs in tens of microseconds, and 12 rounds of it (what
 # probes had) measured 1.5x where the export's own 60 rounds then measured 1.42x.
 PROBE_ROUNDS, PROBE_BUDGET_S = 100, 10.0
-# A causal LM's structures that strip removes (blocks and query heads leave the module before capture).
-DECODER_TARGETS = ("neuron", "attention_head", "head")
 
 
 @dataclass(frozen=True)
@@ -114,14 +112,11 @@ def choose_sparsity(module: nn.Module, example_inputs: Inputs, config: Channels 
     whose fp32 format is exported and timed at batch 1 on the example inputs: a language model's
     prefill at their length); ``target`` may be a :class:`LatencyBudget` instead. ``config``:
     channel groups, heads or neurons of the graph, or a causal LM's MLP neurons and key/value
-    groups (:data:`DECODER_TARGETS`, calibrated on ``data.tokens``); ``data``: what its pruner
+    groups (:data:`DECODER_WIDTHS`, calibrated on ``data.tokens``); ``data``: what its pruner
     reads; ``max_sparsity``: the most it prunes (its first probe)."""
     _check_target(target, runtime)
     check_sparsity(max_sparsity, "max_sparsity")
-    if not (isinstance(config, Channels) or isinstance(config, DecoderStructures)
-            and config.structure in DECODER_TARGETS):
-        raise CtkError(f"--target-speedup bisects the sparsity of channel groups, heads and neurons of the graph, or "
-                       f"of a causal LM's {', '.join(DECODER_TARGETS)}; not for {_described(config)}")
+    _check_structure(config)
     data = data or PruneData()
     batch1 = tuple(t[:1] for t in example_inputs)
     with tempfile.TemporaryDirectory(prefix="ctk-target-") as folder:
@@ -207,7 +202,7 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels | 
                   rounds: int = PROBE_ROUNDS, budget_s: float = PROBE_BUDGET_S, precision: str = "fp32",
                   table: LatencyTable | None = None, max_sparsity: float = MAX_SPARSITY) -> WidthChoice:
     """Each group's width (every coupled channel group, or with structure ``neuron`` the groups of
-    linear layers alone; a causal LM's MLP neurons or key/value groups in each decoder layer,
+    linear layers alone; a causal LM's MLP neurons, key/value groups or both in each decoder layer,
     ``DecoderStructures`` scored on ``data.tokens``) so that ``module``'s stripped model runs
     ``target`` times faster in ``runtime`` (within :data:`TOLERANCE` above), keeping the most
     importance; the arguments as :func:`choose_sparsity`'s. ``precision`` is what the latency
@@ -252,21 +247,23 @@ def choose_widths(module: nn.Module, example_inputs: Inputs, config: Channels | 
     return _width_choice(plan, target, runtime, precision, dense, probes, table, batch1)
 
 
-def chooses_widths(config: object) -> bool:
-    """Whether :func:`choose_widths` takes ``config``: any structure of the graph's coupled groups,
-    or a causal LM's neurons or key/value groups alone."""
-    return isinstance(config, Channels) or isinstance(config, DecoderStructures) and config.structure in DECODER_WIDTHS
-
-
 def _plan(module: nn.Module, example_inputs: Inputs, config: Channels | DecoderStructures, data: PruneData,
           max_sparsity: float) -> WidthPlan:
     """The groups whose widths ``config`` lets the knapsack choose, with their layers."""
+    _check_structure(config)
     if isinstance(config, Channels):
         return width_plan(module, example_inputs, config, data.calibration, WIDTH_POINTS, max_sparsity)
-    if chooses_widths(config):
-        return decoder_plan(module, example_inputs, config, data.tokens or [], WIDTH_POINTS, max_sparsity)
-    raise CtkError(f"--target-speedup chooses widths of coupled channel or neuron groups, or of a causal LM's "
-                   f"{' or '.join(DECODER_WIDTHS)}; not for {_described(config)}")
+    return decoder_plan(module, example_inputs, config, data.tokens or [], WIDTH_POINTS, max_sparsity)
+
+
+def _check_structure(config: object) -> None:
+    """One CtkError unless ``config`` prunes what a target can set the widths of: the graph's
+    coupled groups, or a causal LM's structures that strip removes (blocks and query heads leave
+    the module before capture)."""
+    if not (isinstance(config, Channels) or isinstance(config, DecoderStructures)
+            and config.structure in DECODER_WIDTHS):
+        raise CtkError(f"--target-speedup sets the widths of channel groups, heads and neurons of the graph, or of a "
+                       f"causal LM's {', '.join(DECODER_WIDTHS)}; not for {_described(config)}")
 
 
 def _check_target(target: Target, runtime: str) -> None:

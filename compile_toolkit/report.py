@@ -162,8 +162,7 @@ def _target_lines(target: dict[str, Any] | None) -> list[str]:
     if not target or "met" not in target:
         return []
     runtime = RUNTIMES[target["runtime"]].title
-    how = ("each group's width chosen over the per-layer latency table" if "widths" in target
-           else f"one sparsity ({target['sparsity']:.0%}) bisected over {len(target['probes'])} timed probes")
+    how = "each group's width chosen over the per-layer latency table"
     if "target_latency_ms" in target:
         asked = f"{target['target_latency_ms']:g} ms at batch 1 (a {target['target']:.2f}x speedup)"
         got = f"{target['latency_ms']:.3f} ms ({target['speedup']:.2f}x)"

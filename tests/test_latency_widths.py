@@ -121,3 +121,48 @@ def test_candidate_widths_are_multiples_of_8_with_uniform_fractions_and_the_prun
     assert candidate_widths(2048, 205, 8) == (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
     assert candidate_widths(256, 100, 8) == (128, 160, 192, 224, 256)  # none below the floor
     assert candidate_widths(12, 2, 4) == (3, 6, 9, 12)  # small groups: exact fractions
+
+
+def test_a_causal_lms_neurons_and_key_value_groups_are_chosen_on_one_scale(tmp_path):
+    """``head`` puts each decoder layer's key/value groups and MLP neurons in one knapsack, worth
+    their contribution to the residual stream over their layer's total: every layer weighs alike
+    (its dense units are worth 1 in all), and within a layer, what a unit adds. Positive control:
+    layer 0's attention and layer 1's MLP add almost nothing (their output projections scaled by
+    1e-3); the layers are otherwise alike and cost the same, so the choice cuts layer 1's neurons
+    and keeps layer 0's, and keeps no more key/value groups in layer 0 than in layer 1. The chosen
+    widths prune exactly (real table: ONNX Runtime cells)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compile_toolkit.latency.decoder import decoder_plan
+    from compile_toolkit.llm import CausalLMLogits
+    from compile_toolkit.pruning.configs import DecoderStructures
+    from compile_toolkit.pruning.prune_ import PruneData, prune_
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = CausalLMLogits(LlamaForCausalLM(config).eval()).eval()
+    layers = model.model.model.layers
+    with torch.no_grad():
+        layers[0].self_attn.o_proj.weight *= 1e-3
+        layers[1].mlp.down_proj.weight *= 1e-3
+    tokens = [torch.randint(0, 64, (4, 32)) for _ in range(2)]
+    plan = decoder_plan(model, (torch.randint(0, 64, (1, 32)),), DecoderStructures("head"), tokens, 8, 0.9)
+    assert plan.steps == ("kv_group", "neuron")
+    assert [o.size for o in plan.options] == [2, 2, 512, 512] and len(plan.layers) == 2 * (4 + 3)
+    for layer in (0, 1):  # each layer's units, attention and MLP together, are worth 1
+        assert plan.options[layer].importance[-1] + plan.options[2 + layer].importance[-1] == pytest.approx(1)
+    assert plan.options[0].importance[-1] < 0.01 and plan.options[3].importance[-1] < 0.01
+
+    table = LatencyTable("ort", folder=tmp_path, rounds=2, iters=3, warmup=1)
+    chooser = WidthChooser(plan.options, LayerCosts(plan.layers, plan.options, table))
+    chosen = chooser.choose(0.8 * chooser.dense().predicted_ms)
+    kv, neurons = chosen.widths[:2], chosen.widths[2:]
+    assert neurons[1] < neurons[0] and kv[0] <= kv[1], chosen
+    assert plan.config(chosen.widths).kept == {"kv_group": kv, "neuron": neurons}
+    prune_(model, plan.config(chosen.widths), PruneData(tokens=tokens))
+    for layer, groups, width in zip(layers, kv, neurons, strict=True):
+        assert int(layer.mlp.gate_proj.weight.any(1).sum()) == width
+        assert int(layer.self_attn.k_proj.weight.any(1).sum()) == groups * 16  # head_dim 16
+    assert [w["carrier"] for w in plan.described(chosen.widths)] == [
+        "decoder layer 0 key/value groups", "decoder layer 1 key/value groups",
+        "decoder layer 0 neurons", "decoder layer 1 neurons"]

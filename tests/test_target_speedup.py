@@ -1,8 +1,8 @@
 """``ctk export --pruned --target-speedup X``: each channel group's width chosen over the
 runtime's measured per-layer latency table, checked end to end (pruned, stripped, exported,
 verified and timed against the dense model), the model pruned to exactly those widths; the report
-puts the final measured speedup beside the target; an unreachable target is one line. A causal
-LM's neurons and key/value groups together take one sparsity chosen by bisection over probes."""
+puts the final measured speedup beside the target; an unreachable target is one line. The
+uniform baseline (one sparsity bisected over probes) is tested here too."""
 
 from __future__ import annotations
 
@@ -104,8 +104,8 @@ def test_target_speedup_options_are_checked_before_any_work(tmp_path, capsys):
 
 
 def test_a_causal_lms_heads_and_neurons_together_are_probed_pruned_on_calibration_text():
-    """``head`` (key/value groups and neurons, which the table does not weigh together) takes one
-    bisected sparsity: its first probe prunes 90% of both on the calibration tokens, strips,
+    """The uniform baseline of ``head`` (key/value groups and neurons) bisects one sparsity: its
+    first probe prunes 90% of both on the calibration tokens, strips,
     exports and times the prefill at batch 1, and a target beyond it is one line naming the
     speedup it measured; a structure that leaves the module before capture (blocks) is refused.
     The bisection itself: test_one_sparsity_for_every_group_is_the_smallest_that_meets_the_target."""

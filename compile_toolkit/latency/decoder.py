@@ -1,15 +1,22 @@
 """A causal LM's width plan (:class:`~.plan.WidthPlan`): each decoder layer's MLP neurons
-(structure ``neuron``) or key/value groups with their query heads (``attention_head``) is a group
-whose width the knapsack chooses, scored by the same calibration importance that
-:func:`~..pruning.llm.structured.prune_llm_structured` removes units by, and costed by the layer's
-projections at the prefill length.
+(structure ``neuron``), its key/value groups with their query heads (``attention_head``), or both
+(``head``) are groups whose widths the knapsack chooses, scored by the same calibration importance
+that :func:`~..pruning.llm.structured.prune_llm_structured` removes units by, and costed by the
+layer's projections at the prefill length.
 
 Why not the channel analysis: a decoder's units are removed by its module-level pruner (scored on
 calibration text, ``DecoderStructures``), and its layers are known by name, so the compute layers
-are read from the modules. Each layer's scores are divided by their mean, as ``per_layer``
-pruning ranks them, so every layer's units weigh alike in total and the knapsack moves width to
-the layers whose units differ most. Neurons and key/value groups are not chosen together: their
-scores (an activation, and a contribution to the attention's output) have no common scale."""
+are read from the modules.
+
+Importance on one scale. A single structure's scores are divided by their layer's mean, as
+``per_layer`` pruning ranks them, so every layer's units weigh alike in total and the knapsack moves
+width to the layers whose units differ most. Neurons and key/value groups together need scores that
+compare with each other: each unit's mean contribution norm to the residual stream, the vector it
+adds to a token's hidden state (a key/value group's is its pruning score, ``||W_o[:, g] x_g||``; a
+neuron's is its mean ``|activation|`` times the norm of its ``down_proj`` column), divided by the
+sum of all of its layer's units' contributions, so that again every layer weighs alike and
+within a layer attention and MLP weigh what they add. The units a width removes are still the
+pruner's (lowest pruning score first); only what they are worth is read on the common scale."""
 
 from __future__ import annotations
 
@@ -24,39 +31,54 @@ from torch import nn
 from ..capture import Inputs
 from ..errors import CtkError
 from ..models.loaded import TokenModel
-from ..pruning.configs import DecoderStructures
+from ..pruning.configs import DECODER_STEPS, DecoderStructures
 from ..pruning.llm.layers import decoder_layers
 from ..pruning.llm.structured import unit_scores
 from .layers import Dim, Geometry, Layer
 from .widths import GroupOption, candidate_widths, kept_importance
 
-# The causal-LM structures whose per-layer widths the latency table can cost, and the pruner's step for each.
-DECODER_WIDTHS = {"neuron": "neuron", "attention_head": "kv_group"}
+# The causal-LM structures whose per-layer widths the latency table can cost (their pruner steps:
+# DECODER_STEPS).
+DECODER_WIDTHS = ("neuron", "attention_head", "head")
+_UNITS = {"neuron": "neurons", "kv_group": "key/value groups"}
 
 
 @dataclass(frozen=True)
 class DecoderPlan:
-    """Each decoder layer's units of ``step`` as one group (``options[i]``: layer ``i``), the
-    projections they set (``layers``), and ``base``, the config a choice's ``kept`` completes."""
+    """Each decoder layer's units of each of ``steps`` as one group (``options[s * layers + i]``:
+    step ``s`` of layer ``i``), the projections they set (``layers``), and ``base``, the config a
+    choice's ``kept`` completes."""
 
-    step: str
+    steps: tuple[str, ...]
     options: list[GroupOption]
     layers: list[Layer]
     base: DecoderStructures
 
     def config(self, widths: Sequence[int]) -> DecoderStructures:
-        return replace(self.base, kept={self.step: tuple(int(w) for w in widths)})
+        return replace(self.base, kept={step: tuple(int(w) for w in part) for step, part in self._split(widths)})
 
     def described(self, widths: Sequence[int]) -> list[dict[str, Any]]:
-        unit = "neurons" if self.step == "neuron" else "key/value groups"
-        return [{"group": option.index, "carrier": f"decoder layer {option.index} {unit}", "channels": option.size,
-                 "kept": int(width)} for option, width in zip(self.options, widths, strict=True)]
+        count = len(self.options) // len(self.steps)
+        return [{"group": option.index, "carrier": f"decoder layer {option.index % count} {_UNITS[step]}",
+                 "channels": option.size, "kept": int(width)}
+                for step, part in self._split(widths)
+                for option, width in zip(self.options[option_range(self, step)], part, strict=True)]
+
+    def _split(self, widths: Sequence[int]) -> list[tuple[str, Sequence[int]]]:
+        return [(step, list(widths)[option_range(self, step)]) for step in self.steps]
+
+
+def option_range(plan: DecoderPlan, step: str) -> slice:
+    """Where ``step``'s groups (one per decoder layer) are in ``plan.options``."""
+    count = len(plan.options) // len(plan.steps)
+    s = plan.steps.index(step)
+    return slice(s * count, (s + 1) * count)
 
 
 def decoder_plan(model: nn.Module, example_inputs: Inputs, config: DecoderStructures, tokens: Sequence[torch.Tensor],
                  points: int, max_sparsity: float) -> DecoderPlan:
-    """The plan of ``model`` (a causal LM's logits wrapper) for ``config.structure``, each layer
-    with ``points`` candidate widths (none past ``max_sparsity``, at least one unit), scored on
+    """The plan of ``model`` (a causal LM's logits wrapper) for ``config.structure``, each layer's
+    group with ``points`` candidate widths (none past ``max_sparsity``, at least one unit), scored on
     ``tokens`` (calibration text); the layers timed at the example's prefill length."""
     if config.structure not in DECODER_WIDTHS:
         raise CtkError(f"a causal LM's widths are chosen by measured latency for structure "
@@ -66,19 +88,39 @@ def decoder_plan(model: nn.Module, example_inputs: Inputs, config: DecoderStruct
                        f"{type(model).__name__} is not one")
     if not tokens:
         raise CtkError("a causal LM's widths are scored on calibration text: give tokens")
-    step = DECODER_WIDTHS[config.structure]
-    scores = unit_scores(model.model, tokens, step)
-    options = []
-    for i, score in enumerate(scores):
-        size = len(score)
-        smallest = max(1, math.ceil((1 - max_sparsity) * size))
-        widths = candidate_widths(size, smallest, points)
-        options.append(GroupOption(i, size, widths, kept_importance((score / score.mean()).numpy(), size, widths)))
-    rows = int(example_inputs[0].shape[-1])  # batch 1's tokens: the prefill the probes time
+    steps = DECODER_STEPS[config.structure]
     prefix, blocks = decoder_layers(model.model)
-    layers = [layer for i, block in enumerate(blocks)
-              for layer in _projections(f"{model.PREFIX}{prefix}.{i}", block, step, i, rows)]
-    return DecoderPlan(step, options, layers, config)
+    scores = {step: unit_scores(model.model, tokens, step) for step in steps}
+    worth = _worth(scores, blocks)
+    options = []
+    for s, step in enumerate(steps):
+        for i, (score, value) in enumerate(zip(scores[step], worth[step], strict=True)):
+            size = len(score)
+            widths = candidate_widths(size, max(1, math.ceil((1 - max_sparsity) * size)), points)
+            importance = kept_importance(value.numpy(), size, widths, order=score.numpy())
+            options.append(GroupOption(s * len(blocks) + i, size, widths, importance))
+    rows = int(example_inputs[0].shape[-1])  # batch 1's tokens: the prefill the probes time
+    layers = [layer for s, step in enumerate(steps) for i, block in enumerate(blocks)
+              for layer in _projections(f"{model.PREFIX}{prefix}.{i}", block, step, s * len(blocks) + i, rows)]
+    return DecoderPlan(steps, options, layers, config)
+
+
+def _worth(scores: dict[str, list[torch.Tensor]], blocks: nn.ModuleList) -> dict[str, list[torch.Tensor]]:
+    """What each unit is worth to the knapsack, as the module docstring says: one structure's
+    scores over their layer's mean; several structures' contributions over their layer's total."""
+    if len(scores) == 1:
+        return {step: [s / s.mean() for s in layer_scores] for step, layer_scores in scores.items()}
+    contributions = {step: [_contribution(step, s, block) for s, block in zip(layer_scores, blocks, strict=True)]
+                     for step, layer_scores in scores.items()}
+    totals = [sum(float(c[i].sum()) for c in contributions.values()) for i in range(len(blocks))]
+    return {step: [c / total for c, total in zip(layer, totals, strict=True)] for step, layer in contributions.items()}
+
+
+def _contribution(step: str, scores: torch.Tensor, block: nn.Module) -> torch.Tensor:
+    """Each unit's mean contribution norm to the residual stream, from its pruning score."""
+    if step == "kv_group":
+        return scores
+    return scores * block.get_submodule("mlp.down_proj").weight.detach().float().norm(dim=0)
 
 
 def _projections(name: str, block: nn.Module, step: str, g: int, rows: int) -> list[Layer]:

@@ -308,10 +308,14 @@ class WidthChooser:
         return picks
 
 
-def kept_importance(scores: np.ndarray, size: int, widths: Sequence[int]) -> tuple[float, ...]:
-    """The importance a group keeps at each width: all its scores but the ``size - width`` lowest
-    (channels that cannot be removed are not in ``scores`` and count the same at every width)."""
-    ascending = np.sort(np.asarray(scores, dtype=np.float64))
-    removed = np.concatenate([[0.0], np.cumsum(ascending)])
-    total = float(ascending.sum())
-    return tuple(total - float(removed[min(len(ascending), size - w)]) for w in widths)
+def kept_importance(scores: np.ndarray, size: int, widths: Sequence[int],
+                    order: np.ndarray | None = None) -> tuple[float, ...]:
+    """The importance a group keeps at each width: all its scores but those of the ``size - width``
+    channels removed, the lowest ``order`` first (default: the scores themselves, where the pruner
+    ranks channels by what they are worth); channels that cannot be removed are not in ``scores``
+    and count the same at every width."""
+    scores = np.asarray(scores, dtype=np.float64)
+    in_removal_order = scores[np.argsort(scores if order is None else order, kind="stable")]
+    removed = np.concatenate([[0.0], np.cumsum(in_removal_order)])
+    total = float(scores.sum())
+    return tuple(total - float(removed[min(len(scores), size - w)]) for w in widths)
