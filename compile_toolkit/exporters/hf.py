@@ -10,22 +10,31 @@ anything is written.
 
 from __future__ import annotations
 
+from importlib.metadata import version
+from typing import TYPE_CHECKING
+
 import torch
-import transformers
 from torch import nn
 
 from ..capture import Inputs
 from ..errors import CtkError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# transformers is imported where a folder is written or read: importing it costs every ctk process
+# half a second (each torchrun worker included) and only a causal LM's export needs it.
 FILENAME = "hf"
-RUNTIME = f"transformers {transformers.__version__} AutoModelForCausalLM"
+RUNTIME = f"transformers {version('transformers')} AutoModelForCausalLM"
 
 
 def problem(stripped: nn.Module, pretrained: object) -> str:
     """Why ``stripped`` cannot be written as a folder of ``pretrained``'s class; empty when it can."""
+    from transformers import PreTrainedModel
+
     from ..llm.hf_folder import stripped_config  # loads transformers' models (and torch_xla with them): only here
 
-    if not isinstance(pretrained, transformers.PreTrainedModel) or not hasattr(pretrained, "lm_head"):
+    if not isinstance(pretrained, PreTrainedModel) or not hasattr(pretrained, "lm_head"):
         return f"hf writes a transformers causal LM, and the model is {type(pretrained).__name__}"
     try:
         stripped_config(stripped, pretrained)
@@ -34,7 +43,7 @@ def problem(stripped: nn.Module, pretrained: object) -> str:
     return ""
 
 
-def write(stripped: nn.Module, pretrained: transformers.PreTrainedModel, tokenizer: object, path: str) -> None:
+def write(stripped: nn.Module, pretrained: PreTrainedModel, tokenizer: object, path: str) -> None:
     from ..llm.hf_folder import save_stripped_pretrained
 
     reason = problem(stripped, pretrained)
@@ -47,6 +56,8 @@ def write(stripped: nn.Module, pretrained: transformers.PreTrainedModel, tokeniz
 def run(path: str, inputs: list[Inputs]) -> list[list[torch.Tensor]]:
     """Logits of the folder loaded back, for each check input (``input_ids`` and, when given, the
     ``attention_mask``, as the wrapped model takes them)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     model.eval()
     return [[model(*batch, use_cache=False).logits] for batch in inputs]
