@@ -125,7 +125,8 @@ def test_candidate_widths_are_multiples_of_8_with_uniform_fractions_and_the_prun
 
 def test_a_causal_lms_neurons_and_key_value_groups_are_chosen_on_one_scale(tmp_path):
     """``head`` puts each decoder layer's key/value groups and MLP neurons in one knapsack, worth
-    their contribution to the residual stream over their layer's total: every layer weighs alike
+    their energy in the residual stream (the mean squared norm of what they add) over their
+    layer's total: every layer weighs alike
     (its dense units are worth 1 in all), and within a layer, what a unit adds. Positive control:
     layer 0's attention and layer 1's MLP add almost nothing (their output projections scaled by
     1e-3); the layers are otherwise alike and cost the same, so the choice cuts layer 1's neurons

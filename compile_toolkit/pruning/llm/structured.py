@@ -133,10 +133,12 @@ def _attention_shape(model: nn.Module) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def unit_scores(model: nn.Module, batches: Sequence[torch.Tensor], structure: str) -> list[torch.Tensor]:
+def unit_scores(model: nn.Module, batches: Sequence[torch.Tensor], structure: str, power: int = 1) -> list[torch.Tensor]:
     """Per decoder layer, the mean importance of each unit of ``structure`` (``neuron``,
     ``kv_group`` or ``query_head``) over the calibration tokens ``batches``, as the module
-    docstring says (the model as it is: the dense one when pruning starts)."""
+    docstring says (the model as it is: the dense one when pruning starts). ``power=2`` gives the
+    mean square instead (``|activation|^2``, ``||W_o[:, g] x_g||^2``): an energy, which adds over
+    units whose contributions do not correlate."""
     _, layers = decoder_layers(model)
     heads, kv_heads, _ = _attention_shape(model)
     sums: list[torch.Tensor | None] = [None] * len(layers)
@@ -145,12 +147,12 @@ def unit_scores(model: nn.Module, batches: Sequence[torch.Tensor], structure: st
     def hook(i: int, module: nn.Linear, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         if structure == "neuron":
-            value = x.abs().sum(0)
+            value = x.abs().pow(power).sum(0)
         else:  # contribution of each group (query head) to o_proj's output: W_o[:, g] x_g, per token
             units = kv_heads if structure == "kv_group" else heads
             per_group = x.view(len(x), units, -1)
             weight = module.weight.float().view(module.out_features, units, -1)
-            value = torch.einsum("tgd,ogd->tgo", per_group, weight).norm(dim=-1).sum(0)
+            value = torch.einsum("tgd,ogd->tgo", per_group, weight).norm(dim=-1).pow(power).sum(0)
         sums[i] = value if sums[i] is None else sums[i] + value
         if i == 0:
             tokens[0] += len(x)
