@@ -58,24 +58,18 @@ class DecoderPlan:
     base: DecoderStructures
 
     def config(self, widths: Sequence[int]) -> DecoderStructures:
-        return replace(self.base, kept={step: tuple(int(w) for w in part) for step, part in self._split(widths)})
+        return replace(self.base, kept={step: tuple(int(w) for w in part) for step, part in self._per_step(widths)})
 
     def described(self, widths: Sequence[int]) -> list[dict[str, Any]]:
+        return [{"group": option.index, "carrier": f"decoder layer {layer} {_UNITS[step]}", "channels": option.size,
+                 "kept": int(width)}
+                for (step, options), (_, part) in zip(self._per_step(self.options), self._per_step(widths), strict=True)
+                for layer, (option, width) in enumerate(zip(options, part, strict=True))]
+
+    def _per_step(self, values: Sequence[Any]) -> list[tuple[str, list[Any]]]:
+        """``values`` (one per option) cut into each step's, one per decoder layer."""
         count = len(self.options) // len(self.steps)
-        return [{"group": option.index, "carrier": f"decoder layer {option.index % count} {_UNITS[step]}",
-                 "channels": option.size, "kept": int(width)}
-                for step, part in self._split(widths)
-                for option, width in zip(self.options[option_range(self, step)], part, strict=True)]
-
-    def _split(self, widths: Sequence[int]) -> list[tuple[str, Sequence[int]]]:
-        return [(step, list(widths)[option_range(self, step)]) for step in self.steps]
-
-
-def option_range(plan: DecoderPlan, step: str) -> slice:
-    """Where ``step``'s groups (one per decoder layer) are in ``plan.options``."""
-    count = len(plan.options) // len(plan.steps)
-    s = plan.steps.index(step)
-    return slice(s * count, (s + 1) * count)
+        return [(step, list(values[s * count:(s + 1) * count])) for s, step in enumerate(self.steps)]
 
 
 def decoder_plan(model: nn.Module, example_inputs: Inputs, config: DecoderStructures, tokens: Sequence[torch.Tensor],
