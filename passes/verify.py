@@ -45,14 +45,17 @@ class Deviation:
 
 
 def deviation(reference: Sequence[Sequence[torch.Tensor]], candidate: Sequence[Sequence[torch.Tensor]],
-              tolerance: Tolerance = Tolerance(0.0)) -> Deviation:
-    """Compare every output of every input (outputs of another count or shape are infinitely far)."""
+              tolerance: Tolerance = Tolerance(0.0),
+              allowance: Sequence[Sequence[float]] | None = None) -> Deviation:
+    """Compare every output of every input (outputs of another count or shape are infinitely far);
+    ``allowance`` widens each output's bound by that much (per input, per output)."""
     worst = Deviation()
-    for ref_outs, cand_outs in zip(reference, candidate, strict=True):
+    for i, (ref_outs, cand_outs) in enumerate(zip(reference, candidate, strict=True)):
         if len(ref_outs) != len(cand_outs):
             return Deviation(math.inf, math.inf, math.inf)
-        for ref, cand in zip(ref_outs, cand_outs, strict=True):
-            worst = _worse(worst, _output_deviation(ref, cand, tolerance))
+        for k, (ref, cand) in enumerate(zip(ref_outs, cand_outs, strict=True)):
+            extra = allowance[i][k] if allowance is not None else 0.0
+            worst = _worse(worst, _output_deviation(ref, cand, tolerance, extra))
     return worst
 
 
@@ -68,7 +71,7 @@ def output_scale(output: torch.Tensor) -> float:
     return float(output.detach().double().abs().nan_to_num(nan=0.0, posinf=0.0).max())
 
 
-def _output_deviation(ref: torch.Tensor, cand: torch.Tensor, tolerance: Tolerance) -> Deviation:
+def _output_deviation(ref: torch.Tensor, cand: torch.Tensor, tolerance: Tolerance, extra: float = 0.0) -> Deviation:
     if tuple(ref.shape) != tuple(cand.shape):
         return Deviation(math.inf, math.inf, math.inf)
     if not ref.numel():
@@ -78,7 +81,7 @@ def _output_deviation(ref: torch.Tensor, cand: torch.Tensor, tolerance: Toleranc
     error = float(torch.where(same, torch.zeros_like(r), (r - c).abs()).nan_to_num(nan=math.inf, posinf=math.inf).max())
     scale = output_scale(ref)
     relative = error / max(scale, 1e-12) if error else 0.0
-    return Deviation(error, relative, max(0.0, error - tolerance.bound(scale)))
+    return Deviation(error, relative, max(0.0, error - tolerance.bound(scale) - extra))
 
 
 def _worse(a: Deviation, b: Deviation) -> Deviation:

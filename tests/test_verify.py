@@ -171,3 +171,34 @@ def test_passes_and_exporters_share_one_tolerance_per_output():
     with pytest.raises(VerificationError, match="onnx: max abs error"):
         checks.max_error("onnx", [0], off)
     assert deviation(reference, [[torch.tensor([100.0, -50.0])]], tolerance).excess == INF  # an output missing
+
+
+class Cancels(nn.Module):
+    """``(x + 1e4) - 1e4``: float32 keeps x to about 1e-3 (the spacing of floats near 1e4), float64 exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 1e4) - 1e4
+
+
+def test_an_artifact_within_the_references_own_float32_rounding_passes_and_a_real_error_does_not():
+    """An artifact that computes the exact values (as a runtime that folds ``+ c - c`` would) is
+    up to 5e-4 from the float32 reference, over the rule's bound for outputs near 2 (2e-4 + 1e-4);
+    twice the reference's own float32 error (measured against float64) is added to the bound
+    where the rule fails, so it passes. Controls: without the reference model the same artifact
+    fails, and an error of 1e-2 fails with the allowance, named in the message."""
+    from compile_toolkit.exporters.checks import CheckSet, build_checks, float32_rounding
+
+    x = torch.randn(4, 64)
+    checks = build_checks(Cancels(), (x,), None, False, atol=1e-4, rtol=1e-4)
+    exact = [[inputs[0].clone()] for inputs in checks.inputs]
+    rounding = float32_rounding(Cancels(), checks.inputs[0], checks.expected[0])
+    assert 1e-4 < rounding[0] <= 5e-4  # half the float spacing near 1e4 (2**-10)
+    assert checks.max_error("onnx", [0, 1], exact) == pytest.approx(max(
+        float((e[0] - x[0]).abs().max()) for e, x in zip(checks.expected, exact, strict=True)))
+    strict = CheckSet(checks.inputs, checks.expected, checks.tolerance)
+    with pytest.raises(VerificationError, match=r"onnx: max abs error .* \(rtol 0.0001 of each output's largest value "
+                                                 r"\+ atol 0.0001\) against the reference"):
+        strict.max_error("onnx", [0, 1], exact)
+    wrong = [[outputs[0] + 1e-2] for outputs in exact]
+    with pytest.raises(VerificationError, match=r"\+ twice the reference's own float32 error \(0.000[1-5]"):
+        checks.max_error("onnx", [0, 1], wrong)
