@@ -41,7 +41,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from compile_toolkit.errors import CtkError, VerificationError
+from compile_toolkit.errors import CtkError
 from compile_toolkit.export_job import ExportJob
 from compile_toolkit.export_job import run as run_job
 from compile_toolkit.exporters import onnx_format
@@ -119,7 +119,6 @@ def resnet50(folder: Path, epochs: int) -> Subject:
 # SmolLM2 pruned to 154 of 1536 neurons (90%) ran in ONNX Runtime 0.0118 from PyTorch (3.3e-4 of
 # the largest logit), past the exporter's check; at 192 (1/8) it passes.
 NARROWEST = 1 - 1 / WIDTH_POINTS
-UNIFORM_RETRIES = 3
 
 
 def minilm_heads(folder: Path, epochs: int) -> Subject:
@@ -147,20 +146,10 @@ def exported(job: ExportJob) -> dict:
 def uniform_sparsity(loaded: LoadedModel, data: PruneData, structure: str, target: float) -> float:
     """The smallest sparsity of every group alike that meets ``target`` (which channels go does not
     change the stripped shapes, so L1 ranks them here; a causal LM's neurons, its calibration), at
-    most the narrowest candidate width the chosen widths may take.
-
-    A probe whose ONNX file misses the export's tolerance stops a bisection (SmolLM2's key/value
-    groups and neurons at 65.6%: 1.45e-4 of the largest logit where the rule allows 1e-4, and
-    5e-5 at 43.8%, 76.6% and 87.5%); the bisection then starts again from a bound 1% lower, which
-    moves every probe to other widths. Each retry is printed."""
+    most the narrowest candidate width the chosen widths may take."""
     config = DecoderStructures(structure) if data.tokens else Channels(structure=structure)
-    for retry in range(UNIFORM_RETRIES):
-        try:
-            return choose_sparsity(loaded.module, loaded.example_inputs, config, target, "ort", data,
-                                   max_sparsity=NARROWEST - retry / 100).sparsity
-        except VerificationError as error:
-            Console().print(f"uniform bisection from {NARROWEST - retry / 100:.3f}: {error}; starting again")
-    raise CtkError(f"uniform widths: {UNIFORM_RETRIES} bisections each met a probe that failed verification")
+    return choose_sparsity(loaded.module, loaded.example_inputs, config, target, "ort", data,
+                           max_sparsity=NARROWEST).sparsity
 
 
 def rows_for(subject: Subject, target: float, rounds: int, folder: Path) -> list[dict]:
