@@ -14,10 +14,10 @@ exported twice by the main job (``ctk export --pruned``, the same fine-tuning an
 Models: the built-in digits-resnet (channel groups, L1, fine-tuned on the digits, test top-1),
 all-MiniLM-L6-v2 (MLP neurons, ``--structure neuron``, or attention heads and neurons, ``head``;
 scored on pydoc paragraphs, distilled from the dense model, cosine to its embeddings on held-out
-paragraphs), SmolLM2-135M (each decoder
-layer's MLP neurons, scored by their activation on pydoc text, or its key/value groups and neurons,
-``head``; distilled from the dense model, held-out perplexity; prefill of 128 tokens) and torchvision ResNet-50 (random weights, no data:
-speed only, where timing is stable). Both exports are then timed
+paragraphs), SmolLM2-135M (each decoder layer's MLP neurons,
+scored by their activation on pydoc text, or its key/value groups and neurons, ``head``; distilled
+from the dense model, held-out perplexity; prefill of 128 tokens) and torchvision ResNet-50 (random
+weights, no data: speed only, where timing is stable). Both exports are then timed
 again with the dense model in one run (blocks of runs after an untimed one, order rotated and
 flipped every round, medians of per-round ratios), so their speedups compare on the same footing;
 the table gives each one's metric, its speedup in the job and in the joint run, and whether the
@@ -128,7 +128,7 @@ def minilm_heads(folder: Path, epochs: int) -> Subject:
 
 def smollm2_heads(folder: Path, epochs: int) -> Subject:
     """SmolLM2-135M as :func:`smollm2`, each decoder layer's key/value groups and MLP neurons
-    pruned (``--structure head``: one knapsack, both worth their contribution to the residual stream)."""
+    pruned (``--structure head``: one knapsack, each unit worth its energy in the residual stream)."""
     return replace(smollm2(folder, epochs), name="SmolLM2-135M (key/value groups and neurons)", structure="head")
 
 
