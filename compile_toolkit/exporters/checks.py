@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -64,6 +64,7 @@ class CheckSet:
     expected: list[list[torch.Tensor]]
     tolerance: Tolerance
     reference: nn.Module | None = None
+    _rounding: dict[int, list[float]] = field(default_factory=dict, repr=False, compare=False)
 
     def runnable(self, fmt: str, static_shapes: list[tuple[int, ...]] | None) -> list[int]:
         """Indices of the check inputs an artifact can run: all of them, or for a static-shape
@@ -85,7 +86,7 @@ class CheckSet:
         found = deviation(expected, outputs, self.tolerance)
         rounding = ""
         if found.excess > 0 and self.reference is not None:
-            errors = [float32_rounding(self.reference, self.inputs[i], self.expected[i]) for i in indices]
+            errors = [self._float32_error(i) for i in indices]
             found = deviation(expected, outputs, self.tolerance, [[2 * e for e in per] for per in errors])
             rounding = f" + twice the reference's own float32 error ({max(max(per, default=0.0) for per in errors):.3g})"
         if found.excess > 0:
@@ -93,6 +94,12 @@ class CheckSet:
                                     f"{self.tolerance.rtol:g} of each output's largest value + atol "
                                     f"{self.tolerance.atol:g}{rounding}) against the reference")
         return found.max_abs
+
+    def _float32_error(self, index: int) -> list[float]:
+        """:func:`float32_rounding` of check input ``index``, measured once for every format that needs it."""
+        if index not in self._rounding:
+            self._rounding[index] = float32_rounding(self.reference, self.inputs[index], self.expected[index])
+        return self._rounding[index]
 
     def deviation(self, fmt: str, indices: Sequence[int],
                   outputs: Sequence[Sequence[torch.Tensor]]) -> float:
