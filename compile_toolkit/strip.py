@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -16,7 +15,7 @@ from .passes.dce import DeadCodeElimination
 from .passes.fold import ConstantFolding
 from .passes.manager import PassManager
 from .passes.strip import StripPass, StripSummary
-from .passes.verify import check_close, outputs_of, relative_error, require_no_nan, sample_inputs
+from .passes.verify import check_close, float64_outputs, outputs_of, relative_error, require_no_nan, sample_inputs
 
 RTOL = 1e-5  # what a strip may change, relative to each output's largest value
 _SUMMARY_KEY = "ctk_strip"  # where in ``GraphModule.meta`` (which deep copies keep) the summary lives
@@ -79,18 +78,10 @@ def _stripped(model: nn.Module, example_inputs: Inputs, inputs: list[Inputs], re
 
 def float32_rounding(model: nn.Module, inputs: Sequence[Inputs], reference: list[list[torch.Tensor]]) -> float | None:
     """How far ``model``'s float32 outputs on ``inputs`` (``reference``) are from its float64
-    outputs, relative to each output's largest value: the error float32 itself makes. None for a
-    model that is not all float32, or does not run in float64 (its code may fix a dtype)."""
-    params = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    if not params or any(t.dtype != torch.float32 for t in params):
-        return None
-    wide_inputs = [tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in x)
-                   for x in inputs]
-    try:
-        wide = copy.deepcopy(model).double()
-        with eval_mode(wide):
-            exact = outputs_of(wide, wide_inputs)
-    except Exception:  # the model's own code refused float64: no measure, and the strict check stands
+    outputs, relative to each output's largest value: the error float32 itself makes. None where
+    :func:`~compile_toolkit.passes.verify.float64_outputs` has no float64 outputs."""
+    exact = float64_outputs(model, inputs)
+    if exact is None:
         return None
     return relative_error(exact, [[t.double() for t in outputs] for outputs in reference])
 

@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from compile_toolkit.capture import Inputs
+from compile_toolkit.capture import Inputs, eval_mode
 from compile_toolkit.errors import CtkError, VerificationError
 
 
 def outputs_of(fn: Callable, inputs: Sequence[Inputs]) -> list[list[torch.Tensor]]:
     with torch.inference_mode():
         return [[t.detach().clone() for t in tree_leaves(fn(*x)) if isinstance(t, torch.Tensor)] for x in inputs]
+
+
+def float64_outputs(model: nn.Module, inputs: Sequence[Inputs]) -> list[list[torch.Tensor]] | None:
+    """``model``'s outputs on ``inputs`` computed in float64 (a copy of it, floating inputs
+    widened): what its float32 outputs would be without rounding, the yardstick for how far float32
+    itself is off. None for a model with weights not in float32 or whose code refuses float64."""
+    params = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if any(t.dtype != torch.float32 for t in params):
+        return None
+    wide_inputs = [tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in x)
+                   for x in inputs]
+    try:
+        wide = copy.deepcopy(model).double()
+        with eval_mode(wide):
+            return outputs_of(wide, wide_inputs)
+    except Exception:  # the model's own code fixes a dtype or a quantized op: no measure, the strict rule stands
+        return None
 
 
 @dataclass(frozen=True)
