@@ -116,6 +116,29 @@ def test_a_width_the_runtime_runs_slower_than_a_wider_one_is_never_chosen():
     assert one_group({8: 1.0, 16: 2.0, 24: 2.8, 32: 3.0}).choose(2.9).widths == (24,)
 
 
+def test_the_budget_walks_past_widths_already_timed_to_the_next_untimed_ones():
+    """Widths that measured just past the band (here 8 channels: 2.9x for a 2x target, over
+    2.2x) and that the budget correction leads back to are walked past, up to the next untimed
+    widths (16); widths that measured too slow (16 at 1.95x, under 2.04x) walk down. Controls:
+    where the next widths were timed on the other side of the band, nothing is left to time."""
+    from compile_toolkit.latency_target import WidthProbe, _untimed
+
+    chooser = one_group({8: 1.0, 16: 2.0, 24: 3.0, 32: 4.0})
+    dense = chooser.dense().predicted_ms
+
+    def timed(*measured: tuple[int, float]) -> list:
+        return [(chooser.choose(ms), WidthProbe(ms, ms, speedup)) for ms, speedup in
+                ((float(w) / 8, speedup) for w, speedup in measured)]
+
+    walked = _untimed(chooser, 1.5, dense, timed((8, 2.9)), 2.0)
+    assert walked is not None and walked[0].widths == (16,) and 2.0 <= walked[1] < 2.2
+    walked = _untimed(chooser, 2.5, dense, timed((16, 1.95)), 2.0)
+    assert walked is not None and walked[0].widths == (8,) and walked[1] < 2.0
+    assert chooser.choose(1.5).widths == (8,) and chooser.choose(2.5).widths == (16,)
+    assert _untimed(chooser, 1.5, dense, timed((8, 2.9), (16, 1.8)), 2.0) is None
+    assert _untimed(chooser, 1.5, dense, timed((8, 2.1)), 2.0) is None  # in the band: done
+
+
 def test_candidate_widths_are_multiples_of_8_with_uniform_fractions_and_the_pruning_floor():
     assert candidate_widths(64, 7, 8) == (8, 16, 24, 32, 40, 48, 56, 64)
     assert candidate_widths(2048, 205, 8) == (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
