@@ -117,8 +117,8 @@ def test_a_width_the_runtime_runs_slower_than_a_wider_one_is_never_chosen():
 
 
 def test_the_budget_walks_past_widths_already_timed_to_the_next_untimed_ones():
-    """Widths that measured just past the band (here 8 channels: 2.9x for a 2x target, over
-    2.2x) and that the budget correction leads back to are walked past, up to the next untimed
+    """Widths that measured past the band (here 8 channels: 2.9x for a 2x target, over
+    2.16x) and that the budget correction leads back to are walked past, up to the next untimed
     widths (16); widths that measured too slow (16 at 1.95x, under 2.04x) walk down. Controls:
     where the next widths were timed on the other side of the band, nothing is left to time."""
     from compile_toolkit.latency_target import WidthProbe, _untimed
