@@ -339,13 +339,21 @@ def _in_band(speedup: float, target: float) -> bool:
     return (1 + MARGIN) * target <= speedup <= (1 + TOLERANCE - MARGIN) * target
 
 
-def _width_choice(plan: WidthPlan, target: float, runtime: str, precision: str, dense: Choice,
-                  probes: list[tuple[Choice, WidthProbe]], table: LatencyTable, timed: Inputs) -> WidthChoice:
-    """The choice to keep: of the probes that met the target, the one that keeps most importance,
-    among those within the band less its :data:`MARGIN` where there are any."""
+def _kept(probes: list[tuple[Choice, WidthProbe]], target: float) -> tuple[Choice, WidthProbe]:
+    """Of the probes within the band less its :data:`MARGIN`, the one that keeps most importance;
+    where none is, of those that met the target, the one measured nearest the band's middle (the
+    most importance would be the one nearest the target, the likeliest to measure below it again)."""
     met = [(choice, p) for choice, p in probes if p.speedup >= target]
     safe = [(choice, p) for choice, p in met if _in_band(p.speedup, target)]
-    choice, best = max(safe or met, key=lambda item: item[0].importance)
+    if safe:
+        return max(safe, key=lambda item: item[0].importance)
+    return min(met, key=lambda item: abs(item[1].speedup / target - AIM))
+
+
+def _width_choice(plan: WidthPlan, target: float, runtime: str, precision: str, dense: Choice,
+                  probes: list[tuple[Choice, WidthProbe]], table: LatencyTable, timed: Inputs) -> WidthChoice:
+    """The :class:`WidthChoice` of the probe :func:`_kept` keeps."""
+    choice, best = _kept(probes, target)
     sizes = sum(o.size for o in plan.options)
     return WidthChoice(target, runtime, precision, round(1 - sum(choice.widths) / sizes, 4), best.speedup,
                        choice.predicted_ms, dense.predicted_ms, best.speedup <= (1 + TOLERANCE) * target,

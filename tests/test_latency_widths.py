@@ -139,6 +139,22 @@ def test_the_budget_walks_past_widths_already_timed_to_the_next_untimed_ones():
     assert _untimed(chooser, 1.5, dense, timed((8, 2.1)), 2.0) is None  # in the band: done
 
 
+def test_the_kept_probe_is_the_most_important_in_the_band_else_the_nearest_its_middle():
+    """Probes for 1.5x (band less its margins: 1.53x-1.62x): with one inside, the most important
+    of those inside; with none, the one nearest 1.575x, not the more important one just over the
+    target (1.505x measured 1.507x in its report, and could as well have read 1.497x)."""
+    from compile_toolkit.latency.widths import Choice
+    from compile_toolkit.latency_target import WidthProbe, _kept
+
+    def probe(speedup: float, importance: float) -> tuple:
+        return Choice((int(importance),), 1.0, importance), WidthProbe(1.0, 1.0, speedup)
+
+    narrowest, fast, slow, inside = probe(2.52, 1), probe(1.623, 2), probe(1.505, 3), probe(1.60, 2.5)
+    assert _kept([narrowest, fast, slow], 1.5) == fast
+    assert _kept([narrowest, fast, slow, inside], 1.5) == inside
+    assert _kept([narrowest, probe(1.45, 4)], 1.5) == narrowest  # below the target: never kept
+
+
 def test_candidate_widths_are_multiples_of_8_with_uniform_fractions_and_the_pruning_floor():
     assert candidate_widths(64, 7, 8) == (8, 16, 24, 32, 40, 48, 56, 64)
     assert candidate_widths(2048, 205, 8) == (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
