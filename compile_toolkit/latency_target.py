@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -318,20 +319,45 @@ def _untimed(chooser: WidthChooser, budget: float, dense_ms: float, probes: list
     latency (up while the timed widths ran faster than the band, down while slower) to the first
     widths not yet timed. Without it, widths that measured just past the band's edge ended the
     search though wider ones lay between them and the target (digits-resnet at 1.5x: 1.66x).
-    None where the walk turns back or leaves ``(0, dense_ms)``: nothing untimed lies between."""
+    Where the walk turns back (the knapsack offers nothing between), one group moves one width
+    (:func:`_neighbour`); None where nothing untimed is left."""
     timed = {choice.widths: p.speedup for choice, p in probes}
-    direction = 0
+    direction, last = 0, None
     while 0 < budget < dense_ms:
         choice = chooser.choose(budget)
         if choice.widths not in timed:
             return choice, budget
         speedup = timed[choice.widths]
         wanted = 1 if speedup > (1 + TOLERANCE - MARGIN) * target else -1 if speedup < (1 + MARGIN) * target else 0
-        if wanted == 0 or wanted == -direction:
+        if wanted == 0:
             return None
-        direction = wanted
+        if wanted == -direction:
+            break
+        direction, last = wanted, choice
         budget += direction * WALK * dense_ms
-    return None
+    neighbour = _neighbour(chooser, last.widths, direction, timed) if last is not None else None
+    return (neighbour, neighbour.predicted_ms) if neighbour is not None else None
+
+
+def _neighbour(chooser: WidthChooser, widths: tuple[int, ...], direction: int,
+               timed: Collection[tuple[int, ...]]) -> Choice | None:
+    """``widths`` with one group one candidate wider (``direction`` 1) or narrower (-1), not yet
+    timed: the move that changes the predicted latency least, then the one that keeps the most
+    importance. The table's cells of a model as small as digits-resnet are whole microseconds
+    (ONNX Runtime's profiler), so the knapsack sees no step between widths that measured 1.95x
+    and 2.19x; a single group's step is the smallest change there is."""
+    picks = [option.widths.index(w) for option, w in zip(chooser.options, widths, strict=True)]
+    here = chooser.choice(picks)
+    moves = []
+    for g, option in enumerate(chooser.options):
+        j = picks[g] + direction
+        if 0 <= j < len(option.widths):
+            moved = chooser.choice([*picks[:g], j, *picks[g + 1:]])
+            if moved.widths not in timed:
+                moves.append(moved)
+    if not moves:
+        return None
+    return min(moves, key=lambda c: (abs(c.predicted_ms - here.predicted_ms), -c.importance))
 
 
 def _in_band(speedup: float, target: float) -> bool:

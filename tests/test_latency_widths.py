@@ -139,6 +139,24 @@ def test_the_budget_walks_past_widths_already_timed_to_the_next_untimed_ones():
     assert _untimed(chooser, 1.5, dense, timed((8, 2.1)), 2.0) is None  # in the band: done
 
 
+def test_where_the_knapsack_offers_nothing_between_one_group_moves_one_width():
+    """Two groups costing the same per width: from (16, 16), the untimed moves one width wider
+    are (24, 16) and (16, 24), alike in predicted latency, and the one keeping more importance
+    (group 1's channels weigh more) is taken; one narrower, (8, 16) loses less than (16, 8).
+    Timed widths are skipped: with (16, 24) timed, (24, 16) is next; with every move timed, None."""
+    from compile_toolkit.latency_target import _neighbour
+
+    widths = (8, 16, 24, 32)
+    options = [GroupOption(0, 32, widths, (1.0, 2.0, 3.0, 4.0)), GroupOption(1, 32, widths, (2.0, 4.0, 6.0, 8.0))]
+    layers = [Layer(f"conv{g}.weight", Geometry("conv", (8, 8), (3, 3)), Dim(3, ()), Dim(0, ((g, 32),)))
+              for g in range(2)]
+    chooser = WidthChooser(options, LayerCosts(layers, options, FakeTable({8: 1.0, 16: 2.0, 24: 3.0, 32: 4.0})))
+    assert _neighbour(chooser, (16, 16), 1, set()).widths == (16, 24)
+    assert _neighbour(chooser, (16, 16), -1, set()).widths == (8, 16)
+    assert _neighbour(chooser, (16, 16), 1, {(16, 24)}).widths == (24, 16)
+    assert _neighbour(chooser, (16, 16), 1, {(16, 24), (24, 16)}) is None
+
+
 def test_the_kept_probe_is_the_most_important_in_the_band_else_the_nearest_its_middle():
     """Probes for 1.5x (band less its margins: 1.53x-1.62x): with one inside, the most important
     of those inside; with none, the one nearest 1.575x, not the more important one just over the
