@@ -204,23 +204,24 @@ def compare_runtimes(models: dict[str, tuple[str, str]], inputs: Inputs, rounds:
 def _compare_many(makers: dict[str, Callable[[], Runner]], rounds: int, warmup: int, iters: int,
                   budget_s: float | None = None) -> dict[str, dict[str, float]]:
     """The alternated rounds of :func:`compare_latency_many`; ``makers`` open a session of each
-    model (several where its runs are short: :data:`SESSIONS`), and a model's time in a round is
-    its fastest session's block."""
+    model (:data:`SESSIONS` of a model whose warm-up runs took under :data:`SESSIONS_BELOW_MS`, the median),
+    and a model's time in a round is its fastest session's block."""
     sessions = {name: [make()] for name, make in makers.items()}
-    started = time.perf_counter()
+    spent: dict[str, list[float]] = {name: [] for name in makers}
     for _ in range(warmup):
-        for (run,) in sessions.values():
+        for name, (run,) in sessions.items():
+            started = time.perf_counter()
             run()
-    per_run_ms = (time.perf_counter() - started) * 1000.0 / max(1, warmup * len(makers))
-    if warmup and per_run_ms < SESSIONS_BELOW_MS:
-        for name, make in makers.items():
+            spent[name].append(time.perf_counter() - started)
+    per_run_s = {name: statistics.median(times) if times else 0.0 for name, times in spent.items()}
+    for name, make in makers.items():
+        if warmup and per_run_s[name] * 1000.0 < SESSIONS_BELOW_MS:
             sessions[name] += [make() for _ in range(SESSIONS - 1)]
-        for runs in sessions.values():
-            for run in runs[1:]:
+            for run in sessions[name][1:]:
                 for _ in range(warmup):
                     run()
     if budget_s is not None and warmup:
-        per_round = per_run_ms / 1000.0 * iters * sum(len(runs) for runs in sessions.values())
+        per_round = sum(per_run_s[name] * iters * len(runs) for name, runs in sessions.items())
         rounds = min(rounds, max(4, int(budget_s / per_round) // 2 * 2))
     names = list(makers)
     times: dict[str, list[float]] = {name: [] for name in names}
