@@ -335,19 +335,18 @@ def _untimed(chooser: WidthChooser, budget: float, dense_ms: float, probes: list
             break
         direction, last = wanted, choice
         budget += direction * WALK * dense_ms
-    neighbour = _neighbour(chooser, last.widths, direction, timed) if last is not None else None
+    neighbour = _neighbour(chooser, last, direction, timed) if last is not None else None
     return (neighbour, neighbour.predicted_ms) if neighbour is not None else None
 
 
-def _neighbour(chooser: WidthChooser, widths: tuple[int, ...], direction: int,
+def _neighbour(chooser: WidthChooser, here: Choice, direction: int,
                timed: Collection[tuple[int, ...]]) -> Choice | None:
-    """``widths`` with one group one candidate wider (``direction`` 1) or narrower (-1), not yet
+    """``here`` with one group one candidate wider (``direction`` 1) or narrower (-1), not yet
     timed: the move that changes the predicted latency least, then the one that keeps the most
     importance. The table's cells of a model as small as digits-resnet are whole microseconds
     (ONNX Runtime's profiler), so the knapsack sees no step between widths that measured 1.95x
     and 2.19x; a single group's step is the smallest change there is."""
-    picks = [option.widths.index(w) for option, w in zip(chooser.options, widths, strict=True)]
-    here = chooser.choice(picks)
+    picks = [option.widths.index(w) for option, w in zip(chooser.options, here.widths, strict=True)]
     moves = []
     for g, option in enumerate(chooser.options):
         j = picks[g] + direction

@@ -151,10 +151,11 @@ def test_where_the_knapsack_offers_nothing_between_one_group_moves_one_width():
     layers = [Layer(f"conv{g}.weight", Geometry("conv", (8, 8), (3, 3)), Dim(3, ()), Dim(0, ((g, 32),)))
               for g in range(2)]
     chooser = WidthChooser(options, LayerCosts(layers, options, FakeTable({8: 1.0, 16: 2.0, 24: 3.0, 32: 4.0})))
-    assert _neighbour(chooser, (16, 16), 1, set()).widths == (16, 24)
-    assert _neighbour(chooser, (16, 16), -1, set()).widths == (8, 16)
-    assert _neighbour(chooser, (16, 16), 1, {(16, 24)}).widths == (24, 16)
-    assert _neighbour(chooser, (16, 16), 1, {(16, 24), (24, 16)}) is None
+    middle = chooser.choice([1, 1])  # (16, 16)
+    assert _neighbour(chooser, middle, 1, set()).widths == (16, 24)
+    assert _neighbour(chooser, middle, -1, set()).widths == (8, 16)
+    assert _neighbour(chooser, middle, 1, {(16, 24)}).widths == (24, 16)
+    assert _neighbour(chooser, middle, 1, {(16, 24), (24, 16)}) is None
 
 
 def test_the_kept_probe_is_the_most_important_in_the_band_else_the_nearest_its_middle():
